@@ -1,0 +1,111 @@
+"""Python API: load a target/draft pair once, then generate text from prompts.
+
+    from dovetail.api import Dovetail
+    dt = Dovetail()                        # the packaged default pair, fetched on first use
+    out = dt.generate("def fib(n):", max_new_tokens=64)
+    out["text"], out["stats"]["mean_accepted"]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from transformers import AutoConfig
+
+from dovetail.config import EngineConfig
+from dovetail.engine import GenerationResult, SpeculativeEngine
+from dovetail.errors import UserError
+from dovetail.models.cached_lm import CachedLM
+from dovetail.models.draft import DraftProposer
+from dovetail.models.loading import draft_vocab_limit, eos_token_ids, load_causal_lm, load_tokenizer
+from dovetail.models.target import TargetVerifier
+from dovetail.models.verification import SamplingParams
+from dovetail.store import ModelStore, resolve_model
+
+
+def _log(msg: str) -> None:
+    print(f"[dovetail] {msg}", file=sys.stderr, flush=True)
+
+
+class Dovetail:
+    """Resolves and fetches the models and loads the tokenizer at once; loads the weights on
+    ``load()`` or the first generation, so bad input can be refused before the slow part."""
+
+    def __init__(self, config: EngineConfig | None = None, store: ModelStore | None = None, verbose: bool = True):
+        self.config = config or EngineConfig()
+        self._say = _log if verbose else (lambda msg: None)
+        self.target_dir = resolve_model(self.config.target, store)
+        self.draft_dir = resolve_model(self.config.draft, store) if self.config.draft else None
+        self.tokenizer = load_tokenizer(self.target_dir)
+        self.target_config = AutoConfig.from_pretrained(self.target_dir)
+        self._engine: SpeculativeEngine | None = None
+
+    @property
+    def engine(self) -> SpeculativeEngine:
+        if self._engine is None:
+            self.load()
+        return self._engine
+
+    def load(self) -> "Dovetail":
+        if self._engine is not None:
+            return self
+        cfg = self.config
+        torch.set_num_threads(cfg.threads)
+        t0 = time.perf_counter()
+        target_model = load_causal_lm(self.target_dir, linear_kernel=cfg.target_kernel)
+        draft = None
+        if self.draft_dir is not None:
+            draft_model = load_causal_lm(self.draft_dir, precision=cfg.draft_precision)
+            limit = draft_vocab_limit(self.tokenizer, load_tokenizer(self.draft_dir),
+                                      target_model.config.vocab_size, draft_model.config.vocab_size)
+            draft = DraftProposer(CachedLM(draft_model), cfg.tree, vocab_limit=limit)
+        self._engine = SpeculativeEngine(TargetVerifier(CachedLM(target_model)), draft,
+                                         eos_token_ids(target_model, self.tokenizer))
+        self._engine.generate([int(self.tokenizer.encode("def")[0])] * 2, 2)  # warm up kernels and caches
+        self._say(f"target {cfg.target} (fp32, {cfg.target_kernel} linears); "
+                  + (f"draft {cfg.draft} ({cfg.draft_precision}), tree {cfg.tree}; " if draft
+                     else "no draft (target-only decoding); ")
+                  + f"{cfg.threads} threads; loaded in {time.perf_counter() - t0:.1f}s")
+        return self
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.target_config, "max_position_embeddings", 1 << 30))
+
+    def check_request(self, prompt_ids: list[int], max_new_tokens: int) -> None:
+        """Refuse a request before any model work (the engine checks again)."""
+        if max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if len(prompt_ids) >= self.context_length:
+            raise UserError(f"the prompt has {len(prompt_ids)} tokens; the target's context is {self.context_length}")
+
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        if not prompt or not prompt.strip():
+            raise UserError("the prompt is empty")
+        if chat:
+            if not self.tokenizer.chat_template:
+                raise UserError(f"target {self.config.target} has no chat template; drop --chat")
+            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                        add_generation_prompt=True, tokenize=False)
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        return self.tokenizer.encode(prompt)
+
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 128,
+                     params: SamplingParams = SamplingParams(), speculate: bool = True,
+                     on_tokens=None) -> GenerationResult:
+        return self.engine.generate(prompt_ids, max_new_tokens, params, speculate=speculate, on_tokens=on_tokens)
+
+    def generate(self, prompt: str, max_new_tokens: int = 128, params: SamplingParams = SamplingParams(),
+                 chat: bool = False, speculate: bool = True, on_tokens=None) -> dict:
+        """The CLI's ``--json`` object: text, token ids, prompt ids and statistics."""
+        prompt_ids = self.encode(prompt, chat)
+        self.check_request(prompt_ids, max_new_tokens)
+        result = self.generate_ids(prompt_ids, max_new_tokens, params, speculate, on_tokens)
+        return {
+            "text": self.tokenizer.decode(result.token_ids, skip_special_tokens=True),
+            "token_ids": result.token_ids,
+            "prompt_token_ids": prompt_ids,
+            "stats": result.stats.to_dict(self.engine.depth if speculate else 0),
+        }

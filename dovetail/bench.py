@@ -1,0 +1,242 @@
+"""``python launch.py bench``: HumanEval greedy decoding, side by side in one run.
+
+Methods (same prompts, same target weights, one process, run one after another):
+  target      target-only HF ``generate()`` (stock kernels): the baseline
+  hf_assisted HF assisted generation with the same draft model (fp32, stock kernels)
+  dovetail_*  Dovetail with each requested tree (chains and trees)
+
+It also measures the forward-cost curves behind the design: target forward time by tokens
+per forward with stock and with Dovetail's linear kernel, and draft cost per tree level.
+Results go to ``bench/results/<name>.json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dovetail.errors import UserError
+
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results"
+DEFAULT_TREES = ("chain:3", "chain:5", "4,2,2", "8,4,2")
+CURVE_TOKENS = (1, 2, 3, 4, 5, 8, 16, 32)
+
+
+def add_bench_args(p) -> None:
+    from dovetail.cli import _add_model_args
+
+    _add_model_args(p)
+    p.add_argument("--prompts", type=int, default=10, help="number of HumanEval problems (from the first)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--trees", default=";".join(DEFAULT_TREES), help="';'-separated tree shapes for Dovetail runs")
+    p.add_argument("--methods", default="target,hf_assisted,dovetail", help="comma-separated subset")
+    p.add_argument("--no-curves", action="store_true", help="skip the forward-cost curves")
+    p.add_argument("--name", default="humaneval", help="results file stem under bench/results/")
+
+
+def machine_info() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
+        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
+    return {"cpu": cpu, "cores": len(__import__("os").sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__, "dtype": "float32"}
+
+
+def humaneval_prompts(tokenizer, count: int) -> list[list[int]]:
+    from dovetail.store import humaneval_problems
+
+    problems = humaneval_problems()[:count]
+    prompts = []
+    for problem in problems:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"Complete the following Python function.\n\n{problem['prompt']}"}],
+            add_generation_prompt=True, tokenize=False)
+        prompts.append(tokenizer.encode(text, add_special_tokens=False))
+    return prompts
+
+
+def _median_ms(fn, reps: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return round(statistics.median(times) * 1e3, 1)
+
+
+@torch.inference_mode()
+def forward_curve(model, tokens=CURVE_TOKENS, context: int = 300) -> dict[int, float]:
+    """Median forward time (ms) by tokens per forward, over a KV cache of ``context`` tokens."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    model(input_ids=torch.randint(100, 1000, (1, context)), cache=cache, logits_to_keep=1)
+    curve = {}
+    for n in tokens:
+        ids = torch.randint(100, 1000, (1, n))
+
+        def step():
+            model(input_ids=ids, cache=cache)
+            cache.crop(-n)
+
+        curve[n] = _median_ms(step)
+    return curve
+
+
+def run_bench(args) -> int:
+    from dovetail.api import Dovetail
+    from dovetail.config import parse_tree
+    from dovetail.models.fast_linear import set_linear_kernel
+    from dovetail.models.loading import load_causal_lm
+
+    if args.prompts < 1 or args.max_new_tokens < 1:
+        raise UserError("--prompts and --max-new-tokens must be >= 1")
+    methods = set(args.methods.split(","))
+    if methods - {"target", "hf_assisted", "dovetail"}:
+        raise UserError(f"unknown methods {sorted(methods - {'target', 'hf_assisted', 'dovetail'})}")
+    trees = [parse_tree(t) for t in args.trees.split(";") if t]
+    from dovetail.cli import _engine_config
+
+    config = _engine_config(args)
+    dt = Dovetail(config).load()
+    tokenizer, engine = dt.tokenizer, dt.engine
+    target = engine.target.lm.model
+    prompts = humaneval_prompts(tokenizer, args.prompts)
+    eos = sorted(engine.eos)
+    report = {"machine": machine_info(), "settings": {
+        "target": config.target, "draft": config.draft, "draft_precision": config.draft_precision,
+        "target_kernel": config.target_kernel, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+        "greedy": True, "prompt_tokens": [len(p) for p in prompts]}, "methods": {}}
+
+    def hf_generate(**extra):
+        outs, seconds = [], 0.0
+        for ids in prompts:
+            x = torch.tensor([ids])
+            t0 = time.perf_counter()
+            out = target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.max_new_tokens,
+                                  do_sample=False, eos_token_id=eos, pad_token_id=eos[0], **extra)
+            seconds += time.perf_counter() - t0
+            outs.append(out[0, len(ids):].tolist())
+        return outs, seconds
+
+    def record(name, outs, seconds, extra=None):
+        tokens = sum(len(o) for o in outs)
+        entry = {"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 3)}
+        if reference is not None:
+            entry["identical_to_target"] = [o == r for o, r in zip(outs, reference)]
+        entry.update(extra or {})
+        report["methods"][name] = entry
+        print(f"[bench] {name}: {entry['tokens_per_s']:.2f} tok/s ({tokens} tokens, {seconds:.0f}s)"
+              + (f", identical {sum(entry['identical_to_target'])}/{len(outs)}" if reference else ""),
+              file=sys.stderr, flush=True)
+        _write(report, args.name)
+
+    reference = None
+    if "target" in methods:
+        set_linear_kernel(target, "stock")
+        outs, seconds = hf_generate()
+        record("target", outs, seconds)
+        reference = outs
+    if "hf_assisted" in methods and config.draft:
+        assistant = load_causal_lm(dt.draft_dir)  # fp32, stock kernels: HF's own way
+        set_linear_kernel(target, "stock")
+        outs, seconds = hf_generate(assistant_model=assistant)
+        record("hf_assisted", outs, seconds)
+        del assistant
+    set_linear_kernel(target, config.target_kernel if config.target_kernel != "mkldnn" else "stock")
+    if "dovetail" in methods and engine.draft:
+        for shape in tqdm(trees, desc="dovetail trees", file=sys.stderr):
+            engine.draft.shape, engine.draft.builder.shape = shape, shape
+            outs, seconds, steps, accepted, draft_s, verify_s = [], 0.0, 0, [], 0.0, 0.0
+            for ids in prompts:
+                result = engine.generate(ids, args.max_new_tokens)
+                outs.append(result.token_ids)
+                seconds += result.stats.total_s
+                steps += result.stats.steps
+                accepted += result.stats.accepted_per_step
+                draft_s += result.stats.draft_s
+                verify_s += result.stats.verify_s
+            from dovetail.engine import GenerationStats
+
+            merged = GenerationStats(accepted_per_step=accepted)
+            record(f"dovetail[{shape}]", outs, seconds, {
+                "tree": str(shape), "steps": steps, "mean_accepted": round(merged.mean_accepted, 3),
+                "acceptance_by_position": [round(x, 3) for x in merged.acceptance_by_position(shape.depth)],
+                "draft_s": round(draft_s, 2), "verify_s": round(verify_s, 2)})
+    _add_ratios(report)
+    if not args.no_curves:
+        report["curves"] = _curves(dt, target)
+    report["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    path = _write(report, args.name)
+    _plot(report, path.with_suffix(".png"))
+    print(json.dumps({k: {kk: v[kk] for kk in ("tokens_per_s", "vs_target", "vs_hf_assisted") if kk in v}
+                      for k, v in report["methods"].items()}, indent=1))
+    print(f"[bench] wrote {path} and {path.with_suffix('.png')}", file=sys.stderr)
+    return 0
+
+
+def _curves(dt, target) -> dict:
+    from dovetail.models.fast_linear import set_linear_kernel
+
+    curves = {}
+    for kernel in ("stock", "mm"):
+        set_linear_kernel(target, kernel)
+        curves[f"target_{kernel}_ms"] = forward_curve(target)
+        print(f"[bench] target forward ms ({kernel}): {curves[f'target_{kernel}_ms']}", file=sys.stderr)
+    set_linear_kernel(target, dt.config.target_kernel if dt.config.target_kernel != "mkldnn" else "stock")
+    if dt.engine.draft:
+        curves[f"draft_{dt.config.draft_precision}_ms"] = forward_curve(dt.engine.draft.lm.model, (1, 2, 4, 8, 10))
+        print(f"[bench] draft forward ms: {curves[f'draft_{dt.config.draft_precision}_ms']}", file=sys.stderr)
+    return curves
+
+
+def _add_ratios(report: dict) -> None:
+    methods = report["methods"]
+    for entry in methods.values():
+        for base in ("target", "hf_assisted"):
+            if base in methods:
+                entry[f"vs_{base}"] = round(entry["tokens_per_s"] / methods[base]["tokens_per_s"], 3)
+
+
+def _write(report: dict, name: str) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    return path
+
+
+def _plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    names = list(report["methods"])
+    speeds = [report["methods"][n]["tokens_per_s"] for n in names]
+    axes[0].barh(names, speeds, color=["#888" if not n.startswith("dovetail") else "#2a7" for n in names])
+    for i, v in enumerate(speeds):
+        axes[0].text(v, i, f" {v:.2f}", va="center")
+    axes[0].set_xlabel("tokens/s (HumanEval, greedy)")
+    axes[0].set_title(f"{report['settings']['target']} on {report['machine']['cpu']}, "
+                      f"{report['machine']['cores']} cores")
+    for label, curve in report.get("curves", {}).items():
+        xs = [int(k) for k in curve]
+        axes[1].plot(xs, list(curve.values()), marker="o", label=label)
+    axes[1].set_xscale("log", base=2)
+    axes[1].set_xlabel("tokens per forward (KV cache 300)")
+    axes[1].set_ylabel("forward ms")
+    axes[1].legend()
+    axes[1].set_title("forward cost by block size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

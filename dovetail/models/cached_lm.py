@@ -1,0 +1,102 @@
+"""An HF causal LM with a KV cache that takes tree-shaped blocks and commits one path.
+
+The cache holds ``committed`` entries (a causal prefix) followed by *pending* entries: draft-tree
+nodes written by ``forward_tree`` during the current step. A tree block attends to the whole
+committed prefix, to the pending entries that are its ancestors, and to its own ancestors inside
+the block (a 4D float mask, positions ``base + depth``). ``commit(path)`` keeps the pending entries
+on one root-to-leaf path, moves them to contiguous positions right after the prefix, and drops
+the rest. Any transformers Llama/Qwen2/Mistral-style model works: only its forward is used.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from dovetail.models.tree import ancestry_matrix
+
+
+class CachedLM:
+    def __init__(self, model: torch.nn.Module):
+        self.model = model.eval()
+        self.config = model.config
+        self.dtype = model.dtype
+        self.reset()
+
+    # -- state ---------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.cache = DynamicCache(config=self.config)
+        self.committed = 0
+        self._pending_nodes: list[int] = []
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    # -- forwards ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def extend(self, tokens, logits_to_keep: int = 1) -> torch.Tensor:
+        """Append committed tokens causally; return logits of the last ``logits_to_keep`` positions."""
+        if self._pending_nodes:
+            raise RuntimeError("commit the pending tree before extending the prefix")
+        ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64)).view(1, -1)
+        positions = torch.arange(self.committed, self.committed + ids.shape[1]).view(1, -1)
+        out = self.model(input_ids=ids, position_ids=positions, cache=self.cache,
+                         use_cache=True, logits_to_keep=logits_to_keep)
+        self.committed += ids.shape[1]
+        return out.logits[0].float()
+
+    @torch.inference_mode()
+    def forward_tree(self, tokens: np.ndarray, parents: np.ndarray, nodes, base_position: int) -> torch.Tensor:
+        """Write tree ``nodes`` (indices into ``tokens``/``parents``) as pending entries.
+
+        Later calls of the same step may add deeper nodes (the tree may have grown meanwhile;
+        node ids must stay stable) whose ancestors are pending or in the prefix. Returns the
+        logits of the given nodes, [len(nodes), vocab].
+        """
+        nodes = np.asarray(nodes, dtype=np.int64)
+        anc = ancestry_matrix(np.asarray(parents, dtype=np.int64))
+        depth = anc.sum(1) - 1
+        visible = anc[nodes]  # [m, n] ancestry rows of the new nodes
+        cols = np.concatenate([np.asarray(self._pending_nodes, dtype=np.int64), nodes])
+        allowed = np.ones((len(nodes), self.committed + len(cols)), dtype=bool)
+        allowed[:, self.committed:] = visible[:, cols]
+        mask = torch.zeros(allowed.shape, dtype=self.dtype)
+        mask.masked_fill_(torch.from_numpy(~allowed), torch.finfo(self.dtype).min)
+        ids = torch.as_tensor(tokens[nodes], dtype=torch.long).view(1, -1)
+        positions = torch.as_tensor(base_position + depth[nodes]).view(1, -1)
+        out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask[None, None],
+                         cache=self.cache, use_cache=True)
+        self._pending_nodes.extend(int(n) for n in nodes)
+        return out.logits[0].float()
+
+    def commit(self, path) -> int:
+        """Keep the pending entries of ``path`` (tree nodes, root first), in order, contiguous.
+
+        Entries are kept while the path's nodes are pending; returns how many were kept, so the
+        caller knows which path tokens still have to be fed.
+        """
+        where = {node: i for i, node in enumerate(self._pending_nodes)}
+        kept = []
+        for node in path:
+            if node not in where:
+                break
+            kept.append(where[node])
+        if self._pending_nodes:
+            index = torch.tensor([*range(self.committed), *(self.committed + i for i in kept)])
+            for layer in self.cache.layers:
+                layer.keys = layer.keys.index_select(2, index)
+                layer.values = layer.values.index_select(2, index)
+        self.committed += len(kept)
+        self._pending_nodes = []
+        return len(kept)
+
+    def rollback(self, length: int) -> None:
+        """Drop everything after the first ``length`` committed entries (and any pending)."""
+        self.commit([])
+        drop = self.committed - length
+        if drop > 0:
+            self.cache.crop(-drop)
+            self.committed = length
+

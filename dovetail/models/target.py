@@ -1,0 +1,44 @@
+"""The target side: prefill, verify a draft tree in one forward, accept, commit.
+
+Only plain data goes in and out (token ids, tree arrays), so an actor can wrap it unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dovetail.models.cached_lm import CachedLM
+from dovetail.models.tree import DraftTree
+from dovetail.models.verification import (Acceptance, SamplingParams, accept_greedy, accept_sampling,
+                                          sample_token, target_probs)
+
+
+class TargetVerifier:
+    def __init__(self, lm: CachedLM):
+        self.lm = lm
+        self.params = SamplingParams()
+        self.generator: torch.Generator | None = None
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.lm.config, "max_position_embeddings", 1 << 30))
+
+    def start(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Prefill the prompt and return the first generated token."""
+        self.lm.reset()
+        self.params = params
+        self.generator = None if params.greedy else params.generator()
+        logits = self.lm.extend(prompt_ids)
+        if params.greedy:
+            return int(logits[-1].argmax())
+        return sample_token(target_probs(logits[-1:], params)[0], self.generator)
+
+    def verify(self, tree: DraftTree) -> Acceptance:
+        """One forward over the whole tree (root = last committed token), accept, commit the path."""
+        logits = self.lm.forward_tree(tree.tokens, tree.parents, range(len(tree)), self.lm.committed)
+        if self.params.greedy:
+            acceptance = accept_greedy(tree, logits)
+        else:
+            acceptance = accept_sampling(tree, target_probs(logits, self.params), self.generator)
+        self.lm.commit(acceptance.path)
+        return acceptance

@@ -1,0 +1,145 @@
+"""Draft token trees: structure, ancestry masks, and EAGLE-2-style growth and pruning.
+
+A tree's node 0 is the *root*: the last committed token, whose KV entry nobody has computed yet.
+Every other node is a draft token; ``parents[i] < i`` always (nodes are stored parent-first), so
+position ids are ``prefix_length + depth`` and a node may attend to its ancestors and itself.
+A chain of k tokens is the tree with ``top_k=1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """Tree budget: ``total_tokens`` nodes incl. the root, ``depth`` draft levels, ``top_k`` children
+    per expanded node and expanded nodes per level (EAGLE-2's knobs)."""
+
+    total_tokens: int = 5
+    depth: int = 4
+    top_k: int = 1
+
+    def __post_init__(self):
+        if self.depth < 1 or self.top_k < 1 or self.total_tokens < 2:
+            raise ValueError(f"tree needs depth>=1, top_k>=1, total_tokens>=2; got {self}")
+
+    @classmethod
+    def chain(cls, length: int) -> "TreeShape":
+        return cls(total_tokens=length + 1, depth=length, top_k=1)
+
+    @classmethod
+    def parse(cls, text: str) -> "TreeShape":
+        """``"16,7,10"`` (total_tokens, depth, top_k) or ``"chain:4"``."""
+        if text.startswith("chain:"):
+            return cls.chain(int(text.split(":", 1)[1]))
+        total, depth, top_k = (int(x) for x in text.split(","))
+        return cls(total, depth, top_k)
+
+    def __str__(self) -> str:
+        if self.top_k == 1 and self.total_tokens == self.depth + 1:
+            return f"chain:{self.depth}"
+        return f"{self.total_tokens},{self.depth},{self.top_k}"
+
+
+@dataclass
+class DraftTree:
+    """Tokens and parent links of a draft tree (node 0 = root). Plain arrays: it crosses processes."""
+
+    tokens: np.ndarray  # int64 [n]
+    parents: np.ndarray  # int64 [n], parents[0] == -1
+
+    def __post_init__(self):
+        self.tokens = np.asarray(self.tokens, dtype=np.int64)
+        self.parents = np.asarray(self.parents, dtype=np.int64)
+        if self.parents[0] != -1 or np.any(self.parents[1:] >= np.arange(1, len(self.parents))):
+            raise ValueError("tree must be stored parent-first with parents[0] == -1")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def depths(self) -> np.ndarray:
+        depth = np.zeros(len(self), dtype=np.int64)
+        for i in range(1, len(self)):
+            depth[i] = depth[self.parents[i]] + 1
+        return depth
+
+    def ancestry(self) -> np.ndarray:
+        """Boolean [n, n]: ``A[i, j]`` is True when node j is node i or one of its ancestors."""
+        return ancestry_matrix(self.parents)
+
+    def children(self, node: int) -> np.ndarray:
+        return np.flatnonzero(self.parents == node)
+
+    def path_to(self, node: int) -> list[int]:
+        path = []
+        while node >= 0:
+            path.append(node)
+            node = int(self.parents[node])
+        return path[::-1]
+
+
+def ancestry_matrix(parents: np.ndarray) -> np.ndarray:
+    n = len(parents)
+    anc = np.eye(n, dtype=bool)
+    for i in range(1, n):
+        anc[i] |= anc[parents[i]]
+    return anc
+
+
+class TreeBuilder:
+    """Grows a tree level by level from a scoring callback, EAGLE-2 style.
+
+    ``expand(nodes, tokens, parents)`` gets the nodes to expand and the tree grown so far; it must return, for each given node, the draft's log-probabilities of the next
+    token (a [len(nodes), vocab] array or tensor). Level 0 expands the root; each following level
+    expands the ``top_k`` best new nodes by cumulative log-probability; finally the best
+    ``total_tokens - 1`` nodes overall (plus the root) are kept. Ties go to shallower, earlier nodes,
+    so the kept set always contains every kept node's parent.
+    """
+
+    def __init__(self, shape: TreeShape):
+        self.shape = shape
+
+    def build(self, root_token: int, expand) -> tuple[DraftTree, np.ndarray]:
+        """Return the pruned tree and, for each kept node, its id during growth (the ids that
+        ``expand`` saw: a draft cache keyed by them maps back through this array)."""
+        import torch
+
+        k = self.shape.top_k
+        tokens, parents, scores = [root_token], [-1], [0.0]
+        frontier = [0]
+        for level in range(self.shape.depth):
+            logp = expand(frontier, np.array(tokens), np.array(parents))
+            top = torch.topk(torch.as_tensor(logp), k, dim=-1)
+            cand_scores = (torch.tensor([scores[f] for f in frontier])[:, None] + top.values).flatten()
+            cand_parent = torch.tensor(frontier).repeat_interleave(k)
+            cand_tokens = top.indices.flatten()
+            first_new = len(tokens)
+            tokens += cand_tokens.tolist()
+            parents += cand_parent.tolist()
+            scores += cand_scores.tolist()
+            if level + 1 < self.shape.depth:
+                best = torch.topk(cand_scores, min(k, len(cand_scores))).indices.sort().values
+                frontier = [first_new + int(i) for i in best]
+        return self._prune(np.array(tokens), np.array(parents), np.array(scores))
+
+    def _prune(self, tokens, parents, scores) -> tuple[DraftTree, np.ndarray]:
+        keep_n = min(self.shape.total_tokens - 1, len(tokens) - 1)
+        order = np.lexsort((np.arange(1, len(tokens)), -scores[1:]))[:keep_n] + 1
+        kept = np.zeros(len(tokens), dtype=bool)
+        kept[0] = True
+        kept[order] = True
+        # Close under ancestry (float ties can otherwise orphan a node), then renumber parent-first.
+        for i in sorted(np.flatnonzero(kept), reverse=True):
+            j = parents[i]
+            while j >= 0 and not kept[j]:
+                kept[j] = True
+                j = parents[j]
+        index = np.flatnonzero(kept)
+        remap = -np.ones(len(tokens), dtype=np.int64)
+        remap[index] = np.arange(len(index))
+        new_parents = np.where(parents[index] >= 0, remap[np.maximum(parents[index], 0)], -1)
+        return DraftTree(tokens[index], new_parents), index

@@ -1,0 +1,120 @@
+"""Verification of a draft tree against the target's logits: greedy and lossless sampling.
+
+Greedy: walk from the root, follow the child whose token equals the target's argmax, stop when
+none does; the target's argmax at the last accepted node is the bonus token.
+
+Sampling: multi-candidate rejection sampling. The draft picks children deterministically (top-k),
+so each candidate's proposal distribution is a point mass and ``min(1, p/q)`` is ``p(c)``. Try
+siblings in order; accept child c with probability p(c); on rejection remove c from p and
+renormalise (the residual); if every child fails, sample the bonus from the residual. Each
+step then emits exactly the target's (warped) next-token distribution, so the output is
+distributed as target-only sampling. Temperature, top-k and top-p are applied to the target's
+logits first (in HF's order), so the guarantee covers them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dovetail.errors import UserError
+from dovetail.models.tree import DraftTree
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` disable those filters."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not np.isfinite(self.temperature) or self.temperature < 0:
+            raise UserError(f"temperature must be >= 0, got {self.temperature}")
+        if not (0 < self.top_p <= 1):
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise UserError(f"top_k must be >= 0, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def generator(self) -> torch.Generator:
+        gen = torch.Generator()
+        gen.manual_seed(self.seed if self.seed is not None else int(torch.seed()))
+        return gen
+
+
+def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Warp logits [n, V] into sampling probabilities: temperature, then top-k, then top-p."""
+    scores = logits.float() / params.temperature
+    if params.top_k > 0 and params.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if params.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=False)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cumulative <= (1 - params.top_p)
+        remove_sorted[..., -1:] = False  # always keep the most likely token
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        scores = scores.masked_fill(remove, -float("inf"))
+    return scores.softmax(dim=-1)
+
+
+@dataclass
+class Acceptance:
+    """Result of verifying one tree: the accepted root-to-node path and the committed tokens
+    (accepted draft tokens followed by the bonus token)."""
+
+    path: list[int]
+    tokens: list[int]
+
+    @property
+    def accepted_draft_tokens(self) -> int:
+        return len(self.path) - 1
+
+
+def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> Acceptance:
+    best = logits.argmax(dim=-1).tolist()
+    path, node = [0], 0
+    while True:
+        children = tree.children(node)
+        match = [c for c in children if tree.tokens[c] == best[node]]
+        if not match:
+            break
+        node = int(match[0])
+        path.append(node)
+    return Acceptance(path, [int(tree.tokens[n]) for n in path[1:]] + [best[node]])
+
+
+def accept_sampling(tree: DraftTree, probs: torch.Tensor, generator: torch.Generator) -> Acceptance:
+    path, node = [0], 0
+    while True:
+        residual = probs[node].double().clone()
+        for child in tree.children(node):
+            token = int(tree.tokens[child])
+            if torch.rand((), generator=generator, dtype=torch.float64) < residual[token]:
+                node = int(child)
+                path.append(node)
+                break
+            residual = _remove(residual, token)
+        else:
+            bonus = int(torch.multinomial(residual, 1, generator=generator))
+            return Acceptance(path, [int(tree.tokens[n]) for n in path[1:]] + [bonus])
+
+
+def _remove(p: torch.Tensor, token: int) -> torch.Tensor:
+    """The residual max(p - onehot(token), 0), renormalised (rejecting a point-mass proposal)."""
+    p = p.clone()
+    p[token] = 0.0
+    total = p.sum()
+    return p / total if total > 0 else p
+
+
+def sample_token(probs: torch.Tensor, generator: torch.Generator) -> int:
+    return int(torch.multinomial(probs.double(), 1, generator=generator))
