@@ -63,7 +63,7 @@ class Dovetail:
             draft = DraftProposer(CachedLM(draft_model), cfg.tree, vocab_limit=limit)
         self._engine = SpeculativeEngine(TargetVerifier(CachedLM(target_model)), draft,
                                          eos_token_ids(target_model, self.tokenizer))
-        self._engine.generate([int(self.tokenizer.encode("def")[0])] * 2, 2)  # warm up kernels and caches
+        self._engine.generate([0, 1], 2)  # warm up kernels and allocations before the first request
         self._say(f"target {cfg.target} (fp32, {cfg.target_kernel} linears); "
                   + (f"draft {cfg.draft} ({cfg.draft_precision}), tree {cfg.tree}; " if draft
                      else "no draft (target-only decoding); ")

@@ -24,6 +24,7 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     """A random model with peaked (non-uniform) next-token distributions, so ties are rare."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), dtype=torch.float32)
+    model.generation_config.eos_token_id = None  # callers say which EOS they want
     return model.eval()
 
 
@@ -35,6 +36,17 @@ def perturbed(model, scale: float, seed: int = 1):
         for p in draft.parameters():
             p.add_(torch.randn_like(p) * scale * p.std())
     return draft
+
+
+def tiny_tokenizer(vocab: int = VOCAB, extra: tuple[str, ...] = ()):
+    """A word-level tokenizer: ids 0-2 are <pad>, </s>, <unk>; then words w3, w4, ..."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "</s>", "<unk>"] + [f"w{i}" for i in range(3, vocab)] + list(extra)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: int | None = None) -> list[int]:

@@ -1,0 +1,89 @@
+"""The CLI contract (DESIGN.md section 4): JSON output, and status 2 with one line on bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dovetail.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def run(tiny_model_dirs, isolated_home, capsys):
+    def _run(*args, models=True):
+        argv = ["generate", *args]
+        if models:
+            argv += ["--target", str(tiny_model_dirs["target"]), "--draft", str(tiny_model_dirs["draft"]),
+                     "--threads", "1"]
+        code = main(argv)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return _run
+
+
+def _one_line_error(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and err.strip().splitlines()[-1] == lines[0], err
+    return lines[0]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", ""], "prompt is empty"),
+    (["--prompt", "   "], "prompt is empty"),
+    (["--prompt", "w5", "--max-new-tokens", "0"], "max-new-tokens must be >= 1"),
+    (["--prompt", "w5", "--temperature", "-0.5"], "temperature must be >= 0"),
+    (["--prompt", "w5", "--top-p", "0"], "top_p must be in (0, 1]"),
+    (["--prompt", "w5", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["--prompt", "w5", "--top-k", "-2"], "top_k must be >= 0"),
+    (["--prompt", "w5", "--tree", "16,7"], "bad tree"),
+    (["--prompt", " ".join(["w7"] * 70)], "the target's context is 64"),
+])
+def test_bad_input_exits_2_with_one_line(run, args, message):
+    code, out, err = run(*args)
+    assert code == 2 and out == ""
+    assert message in _one_line_error(err)
+
+
+def test_unknown_model_name_and_missing_directory(run, tmp_path):
+    code, _, err = run("--prompt", "w5", "--target", "no-such-model", models=False)
+    assert code == 2 and "unknown model 'no-such-model'" in _one_line_error(err)
+    code, _, err = run("--prompt", "w5", "--target", str(tmp_path / "missing"), models=False)
+    assert code == 2 and "not an existing directory" in _one_line_error(err)
+
+
+def test_json_output_contract(run):
+    code, out, err = run("--prompt", "w5 w9 w11", "--max-new-tokens", "12", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert set(result) == {"text", "token_ids", "prompt_token_ids", "stats"}
+    assert result["prompt_token_ids"] == [5, 9, 11]
+    assert 1 <= len(result["token_ids"]) <= 12
+    stats = result["stats"]
+    for key in ("new_tokens", "steps", "mean_accepted", "tokens_per_s", "draft_s", "verify_s",
+                "acceptance_by_position"):
+        assert key in stats
+    assert stats["new_tokens"] == len(result["token_ids"])
+
+
+def test_chat_and_seeded_sampling(run):
+    args = ("--prompt", "w5 w6", "--chat", "--json", "--temperature", "0.8", "--top-k", "20", "--seed", "3")
+    first, second = run(*args), run(*args)
+    assert first[0] == 0 and second[0] == 0
+    result, again = json.loads(first[1]), json.loads(second[1])
+    assert result["token_ids"] == again["token_ids"] and result["text"] == again["text"]
+    assert result["prompt_token_ids"][:1] == [2]  # "<s>" from the chat template is <unk> in this vocab
+
+
+def test_real_process_exit_status_and_single_error_line(isolated_home):
+    proc = subprocess.run([sys.executable, "launch.py", "generate", "--prompt", "x", "--top-p", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == ["error: top_p must be in (0, 1], got 2.0"]
+    proc = subprocess.run([sys.executable, "launch.py", "generate"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1

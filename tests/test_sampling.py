@@ -1,0 +1,112 @@
+"""Sampling is lossless: speculative samples follow the target's own (warped) distribution."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from dovetail.errors import UserError
+from dovetail.models import verification
+from dovetail.models.verification import SamplingParams, target_probs
+from test_greedy_identity import make_engine
+from tiny_models import perturbed, tiny_model
+
+VOCAB = 8
+PROMPT = [3, 5, 7]
+PARAMS = dict(temperature=0.9, top_p=0.95, top_k=6)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.5, 20, 0.6)])
+def test_warping_matches_hf_warpers(temperature, top_k, top_p):
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
+    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    expected = scores.softmax(-1)
+    got = target_probs(logits, SamplingParams(temperature, top_p, top_k))
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.01), dict(top_k=-1),
+                                 dict(temperature=float("nan"))])
+def test_bad_sampling_params_are_refused(bad):
+    with pytest.raises(UserError):
+        SamplingParams(**bad)
+
+
+def exact_joint(target, params, length=3):
+    """The target's exact (warped) distribution over its first ``length`` sampled tokens."""
+    probs = {}
+    with torch.inference_mode():
+        for seq in itertools.product(range(VOCAB), repeat=length - 1):
+            logits = target(torch.tensor([PROMPT + list(seq)])).logits[0, len(PROMPT) - 1:].float()
+            step = target_probs(logits, params).double().numpy()
+            prefix_p = np.prod([step[i, seq[i]] for i in range(length - 1)])
+            for last in range(VOCAB):
+                probs[seq + (last,)] = prefix_p * step[length - 1, last]
+    return probs
+
+
+def sample_counts(engine, params, n, length=3):
+    counts = {}
+    for seed in range(n):
+        p = SamplingParams(params.temperature, params.top_p, params.top_k, seed=seed)
+        out = tuple(engine.generate(PROMPT, length, p).token_ids)
+        counts[out] = counts.get(out, 0) + 1
+    return counts
+
+
+def chi_square_pvalue(counts, probs, n):
+    """Goodness of fit on the joint, cells with expected count < 5 pooled into one."""
+    keys = sorted(probs, key=probs.get, reverse=True)
+    big = [k for k in keys if probs[k] * n >= 5]
+    observed = [counts.get(k, 0) for k in big] + [n - sum(counts.get(k, 0) for k in big)]
+    expected = [probs[k] * n for k in big] + [n * (1 - sum(probs[k] for k in big))]
+    return stats.chisquare(observed, expected).pvalue
+
+
+@pytest.fixture(scope="module")
+def pair():
+    target = tiny_model("llama", seed=11, vocab_size=VOCAB, initializer_range=0.5, num_hidden_layers=1,
+                        eos_token_id=None)
+    return target, perturbed(target, 0.6, seed=12)
+
+
+@pytest.fixture(scope="module")
+def exact(pair):
+    return exact_joint(pair[0], SamplingParams(**PARAMS))
+
+
+N = 2500
+
+
+@pytest.mark.parametrize("shape", ["chain:3", "6,2,3"])
+def test_speculative_samples_match_target_distribution(pair, exact, shape):
+    from dovetail.models.tree import TreeShape
+
+    engine = make_engine(*pair, TreeShape.parse(shape), eos=-1)
+    counts = sample_counts(engine, SamplingParams(**PARAMS), N)
+    assert chi_square_pvalue(counts, exact, N) > 1e-3
+
+
+def test_broken_acceptance_rule_is_detected(pair, exact, monkeypatch):
+    """Sibling trials without removing the rejected token's mass (a classic bug) must fail."""
+    from dovetail.models.tree import TreeShape
+
+    monkeypatch.setattr(verification, "_remove", lambda p, token: p)
+    engine = make_engine(*pair, TreeShape.parse("6,2,3"), eos=-1)
+    counts = sample_counts(engine, SamplingParams(**PARAMS), N)
+    assert chi_square_pvalue(counts, exact, N) < 1e-6
+
+
+def test_same_seed_same_output(pair):
+    from dovetail.models.tree import TreeShape
+
+    engine = make_engine(*pair, TreeShape.chain(3), eos=-1)
+    params = SamplingParams(**PARAMS, seed=123)
+    assert engine.generate(PROMPT, 12, params).token_ids == engine.generate(PROMPT, 12, params).token_ids
