@@ -96,6 +96,8 @@ def forward_curve(model, tokens=CURVE_TOKENS, context: int = 300) -> dict[int, f
 def run_bench(args) -> int:
     from dovetail.api import Dovetail
     from dovetail.config import parse_tree
+    from dovetail.engine import GenerationStats
+    from dovetail.models.cached_lm import CachedLM
     from dovetail.models.fast_linear import set_linear_kernel
     from dovetail.models.loading import load_causal_lm
 
@@ -141,6 +143,18 @@ def run_bench(args) -> int:
               file=sys.stderr, flush=True)
         _write(report, args.name)
 
+    def run_dovetail(name, shape):
+        engine.draft.shape, engine.draft.builder.shape = shape, shape
+        results = [engine.generate(ids, args.max_new_tokens) for ids in prompts]
+        merged = GenerationStats(accepted_per_step=[a for r in results for a in r.stats.accepted_per_step])
+        record(name, [r.token_ids for r in results], sum(r.stats.total_s for r in results), {
+            "tree": str(shape), "steps": sum(r.stats.steps for r in results),
+            "mean_accepted": round(merged.mean_accepted, 3),
+            "acceptance_by_position": [round(x, 3) for x in merged.acceptance_by_position(shape.depth)],
+            "draft_s": round(sum(r.stats.draft_s for r in results), 2),
+            "verify_s": round(sum(r.stats.verify_s for r in results), 2),
+            "prefill_s": round(sum(r.stats.prefill_s for r in results), 2)})
+
     reference = None
     if "target" in methods:
         set_linear_kernel(target, "stock")
@@ -152,27 +166,18 @@ def run_bench(args) -> int:
         set_linear_kernel(target, "stock")
         outs, seconds = hf_generate(assistant_model=assistant)
         record("hf_assisted", outs, seconds)
+        if "dovetail" in methods and engine.draft:
+            # The same fp32 draft HF used, under Dovetail's loop: separates loop from draft precision.
+            set_linear_kernel(target, config.target_kernel if config.target_kernel != "mkldnn" else "stock")
+            quantised = engine.draft.lm
+            engine.draft.lm = CachedLM(assistant)
+            run_dovetail(f"dovetail[{trees[0]}, fp32 draft]", trees[0])
+            engine.draft.lm = quantised
         del assistant
     set_linear_kernel(target, config.target_kernel if config.target_kernel != "mkldnn" else "stock")
     if "dovetail" in methods and engine.draft:
         for shape in tqdm(trees, desc="dovetail trees", file=sys.stderr):
-            engine.draft.shape, engine.draft.builder.shape = shape, shape
-            outs, seconds, steps, accepted, draft_s, verify_s = [], 0.0, 0, [], 0.0, 0.0
-            for ids in prompts:
-                result = engine.generate(ids, args.max_new_tokens)
-                outs.append(result.token_ids)
-                seconds += result.stats.total_s
-                steps += result.stats.steps
-                accepted += result.stats.accepted_per_step
-                draft_s += result.stats.draft_s
-                verify_s += result.stats.verify_s
-            from dovetail.engine import GenerationStats
-
-            merged = GenerationStats(accepted_per_step=accepted)
-            record(f"dovetail[{shape}]", outs, seconds, {
-                "tree": str(shape), "steps": steps, "mean_accepted": round(merged.mean_accepted, 3),
-                "acceptance_by_position": [round(x, 3) for x in merged.acceptance_by_position(shape.depth)],
-                "draft_s": round(draft_s, 2), "verify_s": round(verify_s, 2)})
+            run_dovetail(f"dovetail[{shape}]", shape)
     _add_ratios(report)
     if not args.no_curves:
         report["curves"] = _curves(dt, target)
