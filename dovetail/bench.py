@@ -144,7 +144,7 @@ def run_bench(args) -> int:
         _write(report, args.name)
 
     def run_dovetail(name, shape):
-        engine.draft.shape, engine.draft.builder.shape = shape, shape
+        engine.draft.set_shape(shape)
         results = [engine.generate(ids, args.max_new_tokens) for ids in prompts]
         merged = GenerationStats(accepted_per_step=[a for r in results for a in r.stats.accepted_per_step])
         record(name, [r.token_ids for r in results], sum(r.stats.total_s for r in results), {

@@ -17,12 +17,16 @@ from dovetail.models.tree import DraftTree, TreeBuilder, TreeShape
 class DraftProposer:
     def __init__(self, lm: CachedLM, shape: TreeShape, vocab_limit: int | None = None):
         self.lm = lm
-        self.shape = shape
-        self.builder = TreeBuilder(shape)
+        self.set_shape(shape)
         # Draft ids at or above vocab_limit do not exist for the target: never propose them.
         self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < lm.vocab_size else None
         self._tree: DraftTree | None = None
         self._grown_ids: np.ndarray | None = None
+
+    def set_shape(self, shape: TreeShape) -> None:
+        """Change the tree budget (takes effect from the next request)."""
+        self.shape = shape
+        self.builder = TreeBuilder(shape)
 
     def start(self, prompt_ids: list[int]) -> None:
         self.lm.reset()

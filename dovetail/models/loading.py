@@ -34,7 +34,7 @@ def load_causal_lm(path: str | Path, *, linear_kernel: str = "stock", precision:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+            return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
     return accelerate_linears(model, linear_kernel)
 
 
