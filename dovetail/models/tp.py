@@ -1,0 +1,174 @@
+"""Tensor-parallel sharding of an HF decoder across CPU sockets (Megatron layout, gpt-fast style).
+
+Per decoder layer, shard r of n holds:
+  q/k/v projections: the rows of its attention heads (q heads and GQA KV heads split evenly)
+  o projection:      the matching input columns -> partial sums, all-reduced
+  gate/up:           its slice of the MLP intermediate dimension
+  down projection:   the matching input columns -> partial sums, all-reduced
+  LM head:           its slice of the vocabulary -> logits all-gathered
+Embeddings and norms are replicated. HF attention infers the head count from the projection
+width, so the stock modules run unchanged on the slices.
+
+Each shard reads only its own slices from the safetensors files (``safe_open(...).get_slice``),
+so peak memory is about model/n plus the replicated parts, never the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from dovetail.errors import UserError
+from dovetail.models.fast_linear import accelerate_linears
+
+
+class Collective(Protocol):
+    """The two collectives a shard needs; implementations: gloo (``torch.distributed``), or
+    ``LocalCollective`` for a single shard."""
+
+    world_size: int
+    rank: int
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    def all_gather_last_dim(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+
+class LocalCollective:
+    world_size, rank = 1, 0
+
+    def all_reduce(self, tensor):
+        return tensor
+
+    def all_gather_last_dim(self, tensor):
+        return tensor
+
+
+class TorchDistributedCollective:
+    """Collectives over an initialised ``torch.distributed`` process group (gloo on CPU)."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
+
+    def all_reduce(self, tensor):
+        self.dist.all_reduce(tensor)
+        return tensor
+
+    def all_gather_last_dim(self, tensor):
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        self.dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=-1)
+
+
+def check_shardable(config, world_size: int) -> None:
+    """Refuse a sharding that does not divide the model evenly, naming what does not divide."""
+    sizes = {"attention heads": config.num_attention_heads,
+             "KV heads": getattr(config, "num_key_value_heads", config.num_attention_heads),
+             "MLP intermediate size": config.intermediate_size, "vocabulary": config.vocab_size}
+    bad = [f"{name} ({size})" for name, size in sizes.items() if size % world_size]
+    if world_size < 1 or bad:
+        raise UserError(f"cannot split this model into {world_size} shards: {', '.join(bad) or 'need >= 1'} "
+                        f"not divisible by {world_size}")
+
+
+# parameter name pattern -> (dimension to split, which size governs it)
+_SPLITS = [
+    (re.compile(r"\.self_attn\.q_proj\.(weight|bias)$"), 0, "q"),
+    (re.compile(r"\.self_attn\.[kv]_proj\.(weight|bias)$"), 0, "kv"),
+    (re.compile(r"\.self_attn\.o_proj\.weight$"), 1, "q"),
+    (re.compile(r"\.mlp\.(gate|up)_proj\.weight$"), 0, "mlp"),
+    (re.compile(r"\.mlp\.down_proj\.weight$"), 1, "mlp"),
+    (re.compile(r"^lm_head\.weight$"), 0, "vocab"),
+]
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return {name: path / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    single = path / "model.safetensors"
+    with safe_open(single, "pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def load_shard(path: str | Path, collective: Collective, linear_kernel: str = "mm") -> nn.Module:
+    """Build this rank's shard of the model in ``path``, reading only its slices."""
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    n, r = collective.world_size, collective.rank
+    check_shardable(config, n)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", config.num_attention_heads)
+    span = {"q": config.num_attention_heads * head_dim // n, "kv": kv_heads * head_dim // n,
+            "mlp": config.intermediate_size // n, "vocab": config.vocab_size // n}
+    with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers real
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    files = _weight_files(path)
+    tied = getattr(config, "tie_word_embeddings", False)
+    state = {}
+    handles: dict[Path, object] = {}
+    for name in model.state_dict():
+        source = "model.embed_tokens.weight" if (tied and name == "lm_head.weight") else name
+        file = files[source]
+        handle = handles.get(file) or handles.setdefault(file, safe_open(file, "pt"))
+        tensor_slice = handle.get_slice(source)
+        rule = next(((dim, kind) for pattern, dim, kind in _SPLITS if pattern.search(name)), None)
+        if rule is None or n == 1:
+            tensor = tensor_slice[:]
+        else:
+            dim, kind = rule
+            lo, hi = r * span[kind], (r + 1) * span[kind]
+            tensor = tensor_slice[lo:hi] if dim == 0 else tensor_slice[:, lo:hi]
+        if r > 0 and re.search(r"\.(o_proj|down_proj)\.bias$", name):
+            tensor = torch.zeros_like(tensor)  # a row-parallel bias is added once, not once per shard
+        state[name] = tensor.to(torch.float32).contiguous()
+    for name, tensor in state.items():  # slices do not match the full config's shapes: place them
+        module_name, _, param_name = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        setattr(module, param_name, nn.Parameter(tensor, requires_grad=False))
+        if isinstance(module, nn.Linear) and param_name == "weight":
+            module.out_features, module.in_features = tensor.shape
+    del state, handles
+    if tied and n == 1:
+        model.tie_weights()
+    model.eval()
+    accelerate_linears(model, linear_kernel)
+    if n > 1:
+        for layer in model.model.layers:
+            layer.self_attn.o_proj = _Reduced(layer.self_attn.o_proj, collective)
+            layer.mlp.down_proj = _Reduced(layer.mlp.down_proj, collective)
+        model.lm_head = _Gathered(model.lm_head, collective)
+    return model
+
+
+class _Reduced(nn.Module):
+    """A row-parallel linear: local partial product, then an all-reduce (sum) across shards."""
+
+    def __init__(self, inner: nn.Module, collective: Collective):
+        super().__init__()
+        self.inner, self.collective = inner, collective
+
+    def forward(self, x):
+        return self.collective.all_reduce(self.inner(x))
+
+
+class _Gathered(nn.Module):
+    """A vocabulary-parallel LM head: local logits, all-gathered into the full vocabulary."""
+
+    def __init__(self, inner: nn.Module, collective: Collective):
+        super().__init__()
+        self.inner, self.collective = inner, collective
+
+    def forward(self, x):
+        return self.collective.all_gather_last_dim(self.inner(x))

@@ -1,0 +1,159 @@
+"""Typed, versioned control messages (msgpack). Arrays travel as ``ArrayRef``s into shared memory.
+
+Every message is a dataclass with a ``KIND`` tag. ``encode`` writes ``{"v", "kind", fields...}``;
+``decode`` checks the version, the kind and the field names and types, and raises
+``ProtocolError`` (never anything else) on a malformed or unknown message, so a receiver can log
+it and carry on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be decoded: wrong version, unknown kind, missing or mistyped fields."""
+
+
+@dataclass(frozen=True)
+class ArrayRef:
+    """Where an array lies: shared-memory segment, byte offset, dtype string, shape."""
+
+    segment: str
+    offset: int
+    dtype: str
+    shape: list[int]
+
+
+_KINDS: dict[str, type] = {}
+
+
+def message(kind: str):
+    """Class decorator: register a dataclass as the message type for ``kind``."""
+
+    def register(cls):
+        cls = dataclass(frozen=True)(cls)
+        cls.KIND = kind
+        _KINDS[kind] = cls
+        return cls
+
+    return register
+
+
+@message("start")
+class StartRequest:
+    request_id: str
+    prompt: ArrayRef
+    sampling: dict = field(default_factory=dict)
+
+
+@message("propose")
+class ProposeTree:
+    """Coordinator -> draft: tokens committed since the last proposal; grow the next tree."""
+
+    request_id: str
+    step: int
+    new_tokens: list[int]
+
+
+@message("tree")
+class TreeProposal:
+    """Draft -> coordinator/target: a draft tree (node 0 = root) as two int64 arrays."""
+
+    request_id: str
+    step: int
+    tokens: ArrayRef
+    parents: ArrayRef
+
+
+@message("verify")
+class VerifyTree:
+    request_id: str
+    step: int
+    tokens: ArrayRef
+    parents: ArrayRef
+
+
+@message("accepted")
+class Accepted:
+    """Target -> coordinator: the accepted path (tree nodes) and the committed tokens."""
+
+    request_id: str
+    step: int
+    path: list[int]
+    tokens: list[int]
+
+
+@message("error")
+class ErrorReport:
+    request_id: str
+    error: str
+
+
+@message("shutdown")
+class Shutdown:
+    reason: str = ""
+
+
+def encode(msg) -> bytes:
+    if _KINDS.get(getattr(msg, "KIND", None)) is not type(msg):
+        raise ProtocolError(f"not a protocol message: {type(msg).__name__}")
+    body = {"v": PROTOCOL_VERSION, "kind": msg.KIND}
+    body.update(dataclasses.asdict(msg))
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def decode(data: bytes):
+    try:
+        body = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"undecodable message ({type(exc).__name__}: {exc})") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(f"message must be a map, got {type(body).__name__}")
+    if body.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {body.get('v')!r} != {PROTOCOL_VERSION}")
+    cls = _KINDS.get(body.get("kind"))
+    if cls is None:
+        raise ProtocolError(f"unknown message kind {body.get('kind')!r}")
+    fields = {k: v for k, v in body.items() if k not in ("v", "kind")}
+    return cls(**_check_fields(cls, fields))
+
+
+def _check_fields(cls, fields: dict) -> dict:
+    kind = getattr(cls, "KIND", cls.__name__)
+    hints = typing.get_type_hints(cls)
+    declared = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(fields) - set(declared)
+    if unknown:
+        raise ProtocolError(f"{kind}: unknown fields {sorted(unknown)}")
+    out = {}
+    for name, f in declared.items():
+        if name not in fields:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ProtocolError(f"{kind}: missing field {name!r}")
+            continue
+        out[name] = _coerce(kind, name, hints[name], fields[name])
+    return out
+
+
+def _coerce(kind: str, name: str, hint, value):
+    if hint is ArrayRef:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{kind}.{name}: expected an array reference")
+        return ArrayRef(**_check_fields(ArrayRef, value))
+    origin = typing.get_origin(hint) or hint
+    if origin is list:
+        (item,) = typing.get_args(hint) or (object,)
+        if not isinstance(value, list) or (item is int and not all(type(v) is int for v in value)):
+            raise ProtocolError(f"{kind}.{name}: expected a list of {getattr(item, '__name__', item)}")
+        return value
+    if origin in (int, str, dict) and not (isinstance(value, origin) and not isinstance(value, bool)):
+        raise ProtocolError(f"{kind}.{name}: expected {origin.__name__}, got {type(value).__name__}")
+    return value
+

@@ -1,0 +1,111 @@
+"""Named shared-memory arenas: arrays cross processes as ``ArrayRef``s, read as zero-copy views.
+
+One process owns (creates, writes, unlinks) an arena; others attach read-only by name. Arrays
+are written at increasing offsets and the write position wraps around, so a reader must be done
+with a view before the writer laps it (the protocol's request/reply rhythm guarantees it: one
+step's arrays are consumed before the next step's are written).
+
+Segment names start with ``dovetail_<owner pid>_``, so ``remove_orphaned_segments`` can find
+and delete what a crashed owner left in /dev/shm.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from multiprocessing import resource_tracker, shared_memory
+from pathlib import Path
+
+import numpy as np
+
+from dovetail.protocol.messages import ArrayRef
+
+PREFIX = "dovetail_"
+ALIGN = 64
+
+
+class ShmArena:
+    def __init__(self, size: int = 1 << 20, name: str | None = None):
+        """Create an arena of ``size`` bytes (owner), or attach to the existing ``name`` (reader)."""
+        self.owner = name is None
+        if self.owner:
+            name = f"{PREFIX}{os.getpid()}_{secrets.token_hex(4)}"
+            self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+        else:
+            self._shm = shared_memory.SharedMemory(name=name)
+            # Readers must not let Python's resource tracker unlink the owner's segment at exit.
+            resource_tracker.unregister(self._shm._name, "shared_memory")
+        self.name = name
+        self.size = self._shm.size
+        self._cursor = 0
+
+    def put(self, array) -> ArrayRef:
+        """Copy ``array`` into the arena (owner only) and return its reference."""
+        if not self.owner:
+            raise PermissionError("only the owner writes into an arena")
+        array = np.ascontiguousarray(array)
+        if array.nbytes > self.size:
+            raise ValueError(f"array of {array.nbytes} bytes does not fit an arena of {self.size}")
+        start = -(-self._cursor // ALIGN) * ALIGN
+        if start + array.nbytes > self.size:
+            start = 0
+        np.ndarray(array.shape, array.dtype, buffer=self._shm.buf, offset=start)[...] = array
+        self._cursor = start + array.nbytes
+        return ArrayRef(self.name, start, array.dtype.str, list(array.shape))
+
+    def view(self, ref: ArrayRef) -> np.ndarray:
+        """A read-only zero-copy numpy view of ``ref`` (which must point into this arena)."""
+        if ref.segment != self.name:
+            raise ValueError(f"reference into {ref.segment!r}, not this arena {self.name!r}")
+        dtype = np.dtype(ref.dtype)
+        nbytes = dtype.itemsize * int(np.prod(ref.shape, dtype=np.int64))
+        if ref.offset < 0 or ref.offset + nbytes > self.size:
+            raise ValueError(f"reference outside the arena: offset {ref.offset}, {nbytes} bytes")
+        out = np.ndarray(tuple(ref.shape), dtype, buffer=self._shm.buf, offset=ref.offset)
+        out.flags.writeable = False
+        return out
+
+    def close(self) -> None:
+        """Detach; the owner also unlinks the segment. Views must be dropped first."""
+        if self._shm is None:
+            return
+        try:
+            self._shm.close()
+        except BufferError:  # a view is still alive: leave the mapping, still unlink below
+            pass
+        if self.owner:
+            try:
+                self._shm.unlink()
+            except FileNotFoundError:
+                pass
+        self._shm = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def remove_orphaned_segments(shm_dir: str = "/dev/shm") -> list[str]:
+    """Delete Dovetail segments whose owner process no longer exists; return their names."""
+    removed = []
+    for path in Path(shm_dir).glob(f"{PREFIX}*"):
+        try:
+            pid = int(path.name[len(PREFIX):].split("_", 1)[0])
+        except ValueError:
+            continue
+        if not _alive(pid):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,111 @@
+"""Protocol: msgpack round trips, malformed messages, shared-memory views, zmq channels."""
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import msgpack
+import numpy as np
+import pytest
+
+from dovetail.protocol import messages as m
+from dovetail.protocol.channel import Channel, ipc_address
+from dovetail.protocol.shm import PREFIX, ShmArena, remove_orphaned_segments
+
+
+def _segments():
+    return {p for p in os.listdir("/dev/shm") if p.startswith(PREFIX)}
+
+
+@pytest.fixture
+def arena():
+    before = _segments()
+    with ShmArena(4096) as a:
+        yield a
+    assert _segments() == before  # nothing leaked
+
+
+def test_messages_round_trip(arena):
+    ref = arena.put(np.arange(5, dtype=np.int64))
+    for msg in (m.StartRequest("r1", ref, {"temperature": 0.5}), m.ProposeTree("r1", 3, [4, 5, 6]),
+                m.TreeProposal("r1", 3, ref, ref), m.Accepted("r1", 3, [0, 2], [7, 8]),
+                m.ErrorReport("r1", "boom"), m.Shutdown()):
+        assert m.decode(m.encode(msg)) == msg
+
+
+@pytest.mark.parametrize("payload,why", [
+    (b"\xc1garbage", "undecodable"),
+    (msgpack.packb([1, 2]), "must be a map"),
+    (msgpack.packb({"v": 99, "kind": "shutdown"}), "protocol version"),
+    (msgpack.packb({"v": 1, "kind": "launch_missiles"}), "unknown message kind"),
+    (msgpack.packb({"v": 1, "kind": "propose", "request_id": "r", "step": 1}), "missing field 'new_tokens'"),
+    (msgpack.packb({"v": 1, "kind": "propose", "request_id": "r", "step": "1", "new_tokens": []}), "expected int"),
+    (msgpack.packb({"v": 1, "kind": "propose", "request_id": "r", "step": 1, "new_tokens": ["a"]}), "list of int"),
+    (msgpack.packb({"v": 1, "kind": "accepted", "request_id": "r", "step": 1, "path": [], "tokens": [],
+                    "extra": 1}), "unknown fields"),
+    (msgpack.packb({"v": 1, "kind": "tree", "request_id": "r", "step": 1, "tokens": 5, "parents": 5}),
+     "array reference"),
+])
+def test_malformed_messages_raise_protocol_error(payload, why):
+    with pytest.raises(m.ProtocolError, match=why):
+        m.decode(payload)
+
+
+def test_arena_views_are_zero_copy_and_read_only(arena):
+    tokens = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int64)
+    ref = arena.put(tokens)
+    reader = ShmArena(name=arena.name)
+    view = reader.view(ref)
+    assert np.array_equal(view, tokens) and not view.flags.writeable
+    arena.put(np.zeros(1, dtype=np.int64))  # a later write elsewhere leaves the view intact
+    assert np.array_equal(view, tokens)
+    del view
+    reader.close()
+    with pytest.raises(ValueError, match="outside the arena"):
+        arena.view(m.ArrayRef(arena.name, 4000, "<i8", [100]))
+    with pytest.raises(PermissionError):
+        ShmArena(name=arena.name).put(tokens)
+
+
+def test_arena_wraps_around(arena):
+    refs = [arena.put(np.full(100, i, dtype=np.float32)) for i in range(20)]
+    assert min(r.offset for r in refs) == 0 and max(r.offset for r in refs) + 400 <= arena.size
+    assert np.all(arena.view(refs[-1]) == 19)
+
+
+def test_orphaned_segments_of_a_killed_owner_are_removed():
+    code = textwrap.dedent("""
+        import os, signal
+        from multiprocessing import resource_tracker
+        from dovetail.protocol.shm import ShmArena
+        a = ShmArena(1024)
+        print(a.name, flush=True)
+        # The worst crash: Python's resource tracker (which would unlink leaked segments at
+        # exit) is killed too, as when a whole actor process group is SIGKILLed.
+        os.kill(resource_tracker._resource_tracker._pid, signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    name = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip()
+    assert name in _segments()
+    assert name in remove_orphaned_segments()
+    assert name not in _segments()
+
+
+def test_channel_round_trip_and_malformed_message_is_dropped(tmp_path, caplog):
+    address = ipc_address(tmp_path, "link")
+    server, client = Channel(address, bind=True), Channel(address, bind=False)
+    try:
+        client.send(m.ProposeTree("r", 1, [1, 2]))
+        assert server.recv(timeout_ms=2000) == m.ProposeTree("r", 1, [1, 2])
+        with caplog.at_level(logging.ERROR, logger="dovetail.protocol"):
+            client.send_raw(b"not msgpack at all \xc1")
+            assert server.recv(timeout_ms=2000) is None
+        assert "malformed message" in caplog.text
+        client.send(m.Shutdown("done"))  # the channel still works afterwards
+        assert server.recv(timeout_ms=2000) == m.Shutdown("done")
+        assert server.recv(timeout_ms=10) is None  # timeout
+    finally:
+        server.close()
+        client.close()
