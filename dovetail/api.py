@@ -19,7 +19,8 @@ from dovetail.engine import GenerationResult, SpeculativeEngine
 from dovetail.errors import UserError
 from dovetail.models.cached_lm import CachedLM
 from dovetail.models.draft import DraftProposer
-from dovetail.models.loading import draft_vocab_limit, eos_token_ids, load_causal_lm, load_tokenizer
+from dovetail.models.loading import (draft_vocab_limit, eos_token_ids, eos_token_ids_from_config, load_causal_lm,
+                                     load_tokenizer)
 from dovetail.models.target import TargetVerifier
 from dovetail.models.verification import SamplingParams
 from dovetail.store import ModelStore, resolve_model
@@ -51,6 +52,8 @@ class Dovetail:
     def load(self) -> "Dovetail":
         if self._engine is not None:
             return self
+        if self.config.engine == "actors":
+            return self._load_actors()
         cfg = self.config
         torch.set_num_threads(cfg.threads)
         t0 = time.perf_counter()
@@ -69,6 +72,35 @@ class Dovetail:
                      else "no draft (target-only decoding); ")
                   + f"{cfg.threads} threads; loaded in {time.perf_counter() - t0:.1f}s")
         return self
+
+    def _load_actors(self) -> "Dovetail":
+        from dovetail.actors.system import ActorEngine
+
+        cfg = self.config
+        t0 = time.perf_counter()
+        limit, eos = None, eos_token_ids_from_config(self.target_dir, self.tokenizer)
+        if self.draft_dir is not None:
+            draft_config = AutoConfig.from_pretrained(self.draft_dir)
+            limit = draft_vocab_limit(self.tokenizer, load_tokenizer(self.draft_dir),
+                                      self.target_config.vocab_size, draft_config.vocab_size)
+        self._engine = ActorEngine(self.target_dir, self.draft_dir, cfg, eos, self.context_length, limit, self._say)
+        self._say(f"actor engine up in {time.perf_counter() - t0:.1f}s: target {cfg.target} "
+                  f"({len(self._engine.plan.shards)} shard(s)), "
+                  + (f"draft {cfg.draft} ({cfg.draft_precision}), tree {cfg.tree}, "
+                     f"pipelining {'on' if cfg.pipeline else 'off'}" if self.draft_dir else "no draft"))
+        return self
+
+    def close(self) -> None:
+        """Release the engine (stops the actor system, if any)."""
+        if self._engine is not None and hasattr(self._engine, "shutdown"):
+            self._engine.shutdown()
+        self._engine = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     @property
     def context_length(self) -> int:

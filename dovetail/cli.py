@@ -14,7 +14,7 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub at run time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from dovetail.errors import UserError  # noqa: E402
+from dovetail.errors import EngineError, UserError  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 
@@ -41,14 +41,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree", default=None, help="TOTAL,DEPTH,TOP_K (e.g. 16,7,10) or chain:K")
     p.add_argument("--draft-precision", choices=("int8", "fp32"), default="int8")
     p.add_argument("--target-kernel", choices=("mm", "mkldnn", "stock"), default="mm")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: all CPUs)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch threads of the in-process engine (default: all CPUs)")
+    p.add_argument("--engine", choices=("actors", "inprocess"), default="actors",
+                   help="actors: Ray actor system (default); inprocess: one process, no Ray")
+    p.add_argument("--sockets", default=None,
+                   help='virtual sockets as CPU lists, e.g. "0|1" or "0-7|8-15" (default: NUMA nodes)')
+    p.add_argument("--shards", type=_positive_int, default=None, help="target shards (default: one per socket)")
+    p.add_argument("--no-pipeline", action="store_true", help="draft only after each verification")
+    p.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
 
 
 def _engine_config(args):
     from dovetail.config import EngineConfig, parse_tree
 
     kwargs = dict(target=args.target, draft=None if args.no_draft else args.draft,
-                  draft_precision=args.draft_precision, target_kernel=args.target_kernel)
+                  draft_precision=args.draft_precision, target_kernel=args.target_kernel, engine=args.engine,
+                  sockets=args.sockets, shards=args.shards, pipeline=not args.no_pipeline, address=args.address)
     if args.tree:
         kwargs["tree"] = parse_tree(args.tree)
     if args.threads:
@@ -102,10 +111,10 @@ def cmd_generate(args) -> int:
     dovetail = Dovetail(_engine_config(args))
     prompt_ids = dovetail.encode(args.prompt, args.chat)
     dovetail.check_request(prompt_ids, args.max_new_tokens)
-    dovetail.load()
-    stream = None if args.json else _TextStream(dovetail.tokenizer)
-    result = dovetail.generate_ids(prompt_ids, args.max_new_tokens, params, on_tokens=stream)
-    stats = result.stats.to_dict(dovetail.engine.depth)
+    with dovetail.load():
+        stream = None if args.json else _TextStream(dovetail.tokenizer)
+        result = dovetail.generate_ids(prompt_ids, args.max_new_tokens, params, on_tokens=stream)
+        stats = result.stats.to_dict(dovetail.engine.depth)
     if args.json:
         text = dovetail.tokenizer.decode(result.token_ids, skip_special_tokens=True)
         print(json.dumps({"text": text, "token_ids": result.token_ids, "prompt_token_ids": prompt_ids,
@@ -149,6 +158,9 @@ def main(argv=None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

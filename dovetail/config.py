@@ -14,6 +14,7 @@ from dovetail.store import DEFAULT_DRAFT, DEFAULT_TARGET
 # verifying up to ~5 tokens costs about one target step with the "mm" kernel, so a 4-token
 # chain wins over wider trees, whose extra draft levels and verify rows cost more than they gain.
 DEFAULT_TREE = TreeShape.chain(3)
+ENGINES = ("actors", "inprocess")
 
 
 @dataclass
@@ -23,7 +24,12 @@ class EngineConfig:
     tree: TreeShape = field(default_factory=lambda: DEFAULT_TREE)
     target_kernel: str = "mm"
     draft_precision: str = "int8"
-    threads: int = field(default_factory=default_threads)
+    threads: int = field(default_factory=default_threads)  # in-process engine only (actors: the plan)
+    engine: str = "actors"  # "actors": the Ray actor system; "inprocess": one process, no Ray
+    sockets: str | None = None  # virtual sockets, e.g. "0|1" (default: the machine's NUMA nodes)
+    shards: int | None = None  # target shards (default: one per socket)
+    pipeline: bool = True  # draft the next block while the current one is verified
+    address: str | None = None  # join this Ray cluster instead of starting one
 
     def __post_init__(self):
         if isinstance(self.tree, str):
@@ -32,6 +38,14 @@ class EngineConfig:
             raise UserError(f"target kernel must be one of {KERNELS}, got {self.target_kernel!r}")
         if self.draft_precision not in DRAFT_PRECISIONS:
             raise UserError(f"draft precision must be one of {DRAFT_PRECISIONS}, got {self.draft_precision!r}")
+        if self.engine not in ENGINES:
+            raise UserError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.shards is not None and self.shards < 1:
+            raise UserError(f"shards must be >= 1, got {self.shards}")
+        if self.sockets is not None:
+            from dovetail.topology import parse_sockets
+
+            parse_sockets(self.sockets)
         if self.threads < 1:
             raise UserError(f"threads must be >= 1, got {self.threads}")
 

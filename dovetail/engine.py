@@ -85,18 +85,8 @@ class SpeculativeEngine:
         draft = self.draft if speculate else None
         stats = GenerationStats()
         t0 = time.perf_counter()
-        out: list[int] = []
-
-        def commit(tokens: list[int]) -> bool:
-            """Append tokens up to an EOS or the budget; return True when generation is done."""
-            for i, tok in enumerate(tokens):
-                if tok in self.eos or len(out) + i + 1 >= max_new_tokens:
-                    tokens = tokens[: i + 1]
-                    break
-            out.extend(tokens)
-            if on_tokens:
-                on_tokens(tokens)
-            return bool(tokens) and (tokens[-1] in self.eos or len(out) >= max_new_tokens)
+        out = OutputBuffer(max_new_tokens, self.eos, on_tokens)
+        commit = out.add
 
         new_tokens = [self.target.start(prompt_ids, params)]
         if draft:
@@ -114,15 +104,37 @@ class SpeculativeEngine:
             stats.accepted_per_step.append(acceptance.accepted_draft_tokens)
             new_tokens = acceptance.tokens
             done = commit(new_tokens)
-        stats.new_tokens = len(out)
+        stats.new_tokens = len(out.tokens)
         stats.total_s = time.perf_counter() - t0
-        return GenerationResult(out, stats)
+        return GenerationResult(out.tokens, stats)
 
     def _validate(self, prompt_ids: list[int], max_new_tokens: int) -> None:
-        if len(prompt_ids) == 0:
-            raise UserError("the prompt is empty")
-        if max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        context = self.target.context_length
-        if len(prompt_ids) >= context:
-            raise UserError(f"the prompt has {len(prompt_ids)} tokens; the target's context is {context}")
+        validate_request(prompt_ids, max_new_tokens, self.target.context_length)
+
+
+def validate_request(prompt_ids: list[int], max_new_tokens: int, context: int) -> None:
+    if len(prompt_ids) == 0:
+        raise UserError("the prompt is empty")
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if len(prompt_ids) >= context:
+        raise UserError(f"the prompt has {len(prompt_ids)} tokens; the target's context is {context}")
+
+
+class OutputBuffer:
+    """A request's output: takes each step's committed tokens, stops at EOS or the token budget."""
+
+    def __init__(self, max_new_tokens: int, eos: set[int], on_tokens=None):
+        self.max_new_tokens, self.eos, self.on_tokens = max_new_tokens, eos, on_tokens
+        self.tokens: list[int] = []
+
+    def add(self, tokens: list[int]) -> bool:
+        """Append tokens up to an EOS or the budget; return True when generation is done."""
+        for i, tok in enumerate(tokens):
+            if tok in self.eos or len(self.tokens) + i + 1 >= self.max_new_tokens:
+                tokens = tokens[: i + 1]
+                break
+        self.tokens.extend(tokens)
+        if self.on_tokens:
+            self.on_tokens(tokens)
+        return bool(tokens) and (tokens[-1] in self.eos or len(self.tokens) >= self.max_new_tokens)

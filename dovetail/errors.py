@@ -3,3 +3,7 @@
 
 class UserError(ValueError):
     """Bad input or an impossible request: shown as one line, never as a traceback."""
+
+
+class EngineError(RuntimeError):
+    """A request failed inside the engine (a worker failed or died); the engine itself recovers."""

@@ -18,7 +18,7 @@ def run(tiny_model_dirs, isolated_home, capsys):
         argv = ["generate", *args]
         if models:
             argv += ["--target", str(tiny_model_dirs["target"]), "--draft", str(tiny_model_dirs["draft"]),
-                     "--threads", "1"]
+                     "--threads", "1"] + ([] if "--engine" in args else ["--engine", "inprocess"])
         code = main(argv)
         out, err = capsys.readouterr()
         return code, out, err
@@ -42,6 +42,9 @@ def _one_line_error(err: str) -> str:
     (["--prompt", "w5", "--top-k", "-2"], "top_k must be >= 0"),
     (["--prompt", "w5", "--tree", "16,7"], "bad tree"),
     (["--prompt", " ".join(["w7"] * 70)], "the target's context is 64"),
+    (["--prompt", "w5", "--sockets", "0|0"], "share CPUs"),
+    (["--prompt", "w5", "--sockets", "0-x"], "bad CPU list"),
+    (["--prompt", "w5", "--engine", "actors", "--sockets", "0", "--shards", "2"], "2 target shards but only 1 CPU"),
 ])
 def test_bad_input_exits_2_with_one_line(run, args, message):
     code, out, err = run(*args)
@@ -87,3 +90,14 @@ def test_real_process_exit_status_and_single_error_line(isolated_home):
     proc = subprocess.run([sys.executable, "launch.py", "generate"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_actor_engine_end_to_end_matches_in_process(tiny_model_dirs, isolated_home):
+    """The default engine (Ray actors, two virtual sockets) through a real launch.py process."""
+    base = [sys.executable, "launch.py", "generate", "--prompt", "w5 w9 w11", "--max-new-tokens", "16", "--json",
+            "--target", str(tiny_model_dirs["target"]), "--draft", str(tiny_model_dirs["draft"])]
+    actors = subprocess.run(base + ["--sockets", "0|1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    inproc = subprocess.run(base + ["--engine", "inprocess"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert actors.returncode == 0, actors.stderr[-2000:]
+    assert "placement plan" in actors.stderr and "target shard 1/2" in actors.stderr
+    assert json.loads(actors.stdout)["token_ids"] == json.loads(inproc.stdout)["token_ids"]

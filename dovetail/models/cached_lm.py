@@ -22,6 +22,7 @@ class CachedLM:
         self.model = model.eval()
         self.config = model.config
         self.dtype = model.dtype
+        self.device = next(model.parameters()).device  # the draft may live on a GPU
         self.reset()
 
     # -- state ---------------------------------------------------------------------------
@@ -40,8 +41,8 @@ class CachedLM:
         """Append committed tokens causally; return logits of the last ``logits_to_keep`` positions."""
         if self._pending_nodes:
             raise RuntimeError("commit the pending tree before extending the prefix")
-        ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64)).view(1, -1)
-        positions = torch.arange(self.committed, self.committed + ids.shape[1]).view(1, -1)
+        ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64), device=self.device).view(1, -1)
+        positions = torch.arange(self.committed, self.committed + ids.shape[1], device=self.device).view(1, -1)
         out = self.model(input_ids=ids, position_ids=positions, cache=self.cache,
                          use_cache=True, logits_to_keep=logits_to_keep)
         self.committed += ids.shape[1]
@@ -64,9 +65,9 @@ class CachedLM:
         allowed[:, self.committed:] = visible[:, cols]
         mask = torch.zeros(allowed.shape, dtype=self.dtype)
         mask.masked_fill_(torch.from_numpy(~allowed), torch.finfo(self.dtype).min)
-        ids = torch.as_tensor(tokens[nodes], dtype=torch.long).view(1, -1)
-        positions = torch.as_tensor(base_position + depth[nodes]).view(1, -1)
-        out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask[None, None],
+        ids = torch.as_tensor(tokens[nodes], dtype=torch.long, device=self.device).view(1, -1)
+        positions = torch.as_tensor(base_position + depth[nodes], device=self.device).view(1, -1)
+        out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask.to(self.device)[None, None],
                          cache=self.cache, use_cache=True)
         self._pending_nodes.extend(int(n) for n in nodes)
         return out.logits[0].float()
@@ -84,7 +85,7 @@ class CachedLM:
                 break
             kept.append(where[node])
         if self._pending_nodes:
-            index = torch.tensor([*range(self.committed), *(self.committed + i for i in kept)])
+            index = torch.tensor([*range(self.committed), *(self.committed + i for i in kept)], device=self.device)
             for layer in self.cache.layers:
                 layer.keys = layer.keys.index_select(2, index)
                 layer.values = layer.values.index_select(2, index)

@@ -44,7 +44,21 @@ def load_tokenizer(path: str | Path):
 
 def eos_token_ids(model, tokenizer) -> list[int]:
     """The EOS ids HF ``generate()`` would stop on (generation config first, then tokenizer)."""
-    eos = getattr(model.generation_config, "eos_token_id", None)
+    return _eos_ids(getattr(model.generation_config, "eos_token_id", None), tokenizer)
+
+
+def eos_token_ids_from_config(path: str | Path, tokenizer) -> list[int]:
+    """``eos_token_ids`` without loading the weights (reads generation_config.json)."""
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:  # no generation_config.json: HF falls back to the model config
+        eos = getattr(AutoConfig.from_pretrained(path), "eos_token_id", None)
+    return _eos_ids(eos, tokenizer)
+
+
+def _eos_ids(eos, tokenizer) -> list[int]:
     if eos is None:
         eos = tokenizer.eos_token_id
     if eos is None:

@@ -6,7 +6,8 @@ Per decoder layer, shard r of n holds:
   gate/up:           its slice of the MLP intermediate dimension
   down projection:   the matching input columns -> partial sums, all-reduced
   LM head:           its slice of the vocabulary -> logits all-gathered
-Embeddings and norms are replicated. HF attention infers the head count from the projection
+  embeddings:        its slice of the vocabulary -> rows outside it are zero, all-reduced
+Norms are replicated. A tied LM head shares its shard's embedding slice. HF attention infers the head count from the projection
 width, so the stock modules run unchanged on the slices.
 
 Each shard reads only its own slices from the safetensors files (``safe_open(...).get_slice``),
@@ -90,6 +91,7 @@ _SPLITS = [
     (re.compile(r"\.mlp\.(gate|up)_proj\.weight$"), 0, "mlp"),
     (re.compile(r"\.mlp\.down_proj\.weight$"), 1, "mlp"),
     (re.compile(r"^lm_head\.weight$"), 0, "vocab"),
+    (re.compile(r"^model\.embed_tokens\.weight$"), 0, "vocab"),
 ]
 
 
@@ -116,14 +118,18 @@ def load_shard(path: str | Path, collective: Collective, linear_kernel: str = "m
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     files = _weight_files(path)
     tied = getattr(config, "tie_word_embeddings", False)
-    state = {}
+    state: dict[str, torch.Tensor] = {}
+    loaded: dict[str, torch.Tensor] = {}  # source name -> this shard's slice (a tied head reuses it)
     handles: dict[Path, object] = {}
     for name in model.state_dict():
         source = "model.embed_tokens.weight" if (tied and name == "lm_head.weight") else name
+        if source in loaded:
+            state[name] = loaded[source]
+            continue
         file = files[source]
         handle = handles.get(file) or handles.setdefault(file, safe_open(file, "pt"))
         tensor_slice = handle.get_slice(source)
-        rule = next(((dim, kind) for pattern, dim, kind in _SPLITS if pattern.search(name)), None)
+        rule = next(((dim, kind) for pattern, dim, kind in _SPLITS if pattern.search(source)), None)
         if rule is None or n == 1:
             tensor = tensor_slice[:]
         else:
@@ -132,16 +138,14 @@ def load_shard(path: str | Path, collective: Collective, linear_kernel: str = "m
             tensor = tensor_slice[lo:hi] if dim == 0 else tensor_slice[:, lo:hi]
         if r > 0 and re.search(r"\.(o_proj|down_proj)\.bias$", name):
             tensor = torch.zeros_like(tensor)  # a row-parallel bias is added once, not once per shard
-        state[name] = tensor.to(torch.float32).contiguous()
+        state[name] = loaded[source] = tensor.to(torch.float32).contiguous()
     for name, tensor in state.items():  # slices do not match the full config's shapes: place them
         module_name, _, param_name = name.rpartition(".")
         module = model.get_submodule(module_name)
         setattr(module, param_name, nn.Parameter(tensor, requires_grad=False))
         if isinstance(module, nn.Linear) and param_name == "weight":
             module.out_features, module.in_features = tensor.shape
-    del state, handles
-    if tied and n == 1:
-        model.tie_weights()
+    del state, loaded, handles
     model.eval()
     accelerate_linears(model, linear_kernel)
     if n > 1:
@@ -149,7 +153,23 @@ def load_shard(path: str | Path, collective: Collective, linear_kernel: str = "m
             layer.self_attn.o_proj = _Reduced(layer.self_attn.o_proj, collective)
             layer.mlp.down_proj = _Reduced(layer.mlp.down_proj, collective)
         model.lm_head = _Gathered(model.lm_head, collective)
+        model.model.embed_tokens = _VocabParallelEmbedding(model.model.embed_tokens, r * span["vocab"], collective)
     return model
+
+
+class _VocabParallelEmbedding(nn.Module):
+    """This shard's rows of the embedding; ids outside them embed to zero; all-reduced."""
+
+    def __init__(self, inner: nn.Embedding, first_id: int, collective: Collective):
+        super().__init__()
+        self.inner, self.first_id, self.collective = inner, first_id, collective
+        self.weight = inner.weight  # HF code reads embed_tokens.weight (dtype, tying)
+
+    def forward(self, ids):
+        local = ids - self.first_id
+        outside = (local < 0) | (local >= self.inner.weight.shape[0])
+        out = self.inner(local.masked_fill(outside, 0))
+        return self.collective.all_reduce(out.masked_fill(outside[..., None], 0.0))
 
 
 class _Reduced(nn.Module):

@@ -29,6 +29,11 @@ class Channel:
         self._socket.setsockopt(zmq.LINGER, 0)
         (self._socket.bind if bind else self._socket.connect)(address)
 
+    @property
+    def socket(self) -> zmq.Socket:
+        """The zmq socket (for a ``zmq.Poller`` watching several channels)."""
+        return self._socket
+
     def send(self, msg) -> None:
         self._socket.send(encode(msg), copy=False)
 

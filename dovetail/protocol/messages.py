@@ -48,6 +48,9 @@ def message(kind: str):
 
 @message("start")
 class StartRequest:
+    """Coordinator -> draft and shards: prefill ``prompt`` (shard rank 0 answers ``Accepted``
+    with the first token). ``sampling``: SamplingParams fields, the seed always set."""
+
     request_id: str
     prompt: ArrayRef
     sampling: dict = field(default_factory=dict)
@@ -62,18 +65,33 @@ class ProposeTree:
     new_tokens: list[int]
 
 
+@message("predraft")
+class Predraft:
+    """Coordinator -> draft, while the shards verify: bet on the tree under verification and grow
+    the next one. ``settled``: the previous step's outcome when it matched the previous bet."""
+
+    request_id: str
+    step: int
+    settled: list[int] = field(default_factory=list)
+
+
 @message("tree")
 class TreeProposal:
-    """Draft -> coordinator/target: a draft tree (node 0 = root) as two int64 arrays."""
+    """Draft -> coordinator: a draft tree (node 0 = root) as two int32 arrays in shared memory;
+    ``guess``: the committed tokens it bets on (predraft only); ``compute_s``: draft time."""
 
     request_id: str
     step: int
     tokens: ArrayRef
     parents: ArrayRef
+    guess: list[int] = field(default_factory=list)
+    compute_s: float = 0.0
 
 
 @message("verify")
 class VerifyTree:
+    """Coordinator -> every shard: verify this tree (the arrays stay in the draft's arena)."""
+
     request_id: str
     step: int
     tokens: ArrayRef
@@ -82,12 +100,14 @@ class VerifyTree:
 
 @message("accepted")
 class Accepted:
-    """Target -> coordinator: the accepted path (tree nodes) and the committed tokens."""
+    """Shard rank 0 -> coordinator: the accepted path (tree nodes), the committed tokens
+    (accepted draft tokens + the bonus), and the shard's compute time."""
 
     request_id: str
     step: int
     path: list[int]
     tokens: list[int]
+    compute_s: float = 0.0
 
 
 @message("error")
@@ -153,7 +173,9 @@ def _coerce(kind: str, name: str, hint, value):
         if not isinstance(value, list) or (item is int and not all(type(v) is int for v in value)):
             raise ProtocolError(f"{kind}.{name}: expected a list of {getattr(item, '__name__', item)}")
         return value
-    if origin in (int, str, dict) and not (isinstance(value, origin) and not isinstance(value, bool)):
+    if origin is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin in (int, float, str, dict) and not (isinstance(value, origin) and not isinstance(value, bool)):
         raise ProtocolError(f"{kind}.{name}: expected {origin.__name__}, got {type(value).__name__}")
     return value
 

@@ -33,8 +33,10 @@ class ShmArena:
             self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
         else:
             self._shm = shared_memory.SharedMemory(name=name)
-            # Readers must not let Python's resource tracker unlink the owner's segment at exit.
-            resource_tracker.unregister(self._shm._name, "shared_memory")
+            # Readers must not let Python's resource tracker unlink the owner's segment at exit
+            # (unless the owner is this very process: its registration is the owner's).
+            if _owner_pid(name) != os.getpid():
+                resource_tracker.unregister(self._shm._name, "shared_memory")
         self.name = name
         self.size = self._shm.size
         self._cursor = 0
@@ -91,14 +93,18 @@ def remove_orphaned_segments(shm_dir: str = "/dev/shm") -> list[str]:
     """Delete Dovetail segments whose owner process no longer exists; return their names."""
     removed = []
     for path in Path(shm_dir).glob(f"{PREFIX}*"):
-        try:
-            pid = int(path.name[len(PREFIX):].split("_", 1)[0])
-        except ValueError:
-            continue
-        if not _alive(pid):
+        pid = _owner_pid(path.name)
+        if pid is not None and not _alive(pid):
             path.unlink(missing_ok=True)
             removed.append(path.name)
     return removed
+
+
+def _owner_pid(name: str) -> int | None:
+    try:
+        return int(name[len(PREFIX):].split("_", 1)[0])
+    except ValueError:
+        return None
 
 
 def _alive(pid: int) -> bool:

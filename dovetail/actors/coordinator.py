@@ -1,0 +1,306 @@
+"""Coordinator actor: owns the draft and target-shard actors and runs each request's loop.
+
+Per step (pipelined)::
+
+    shards  <- VerifyTree(tree k)            | draft <- Predraft: bet that tree k's greedy path
+    acc     <- shard 0 (Accepted)            |   is accepted + its own bonus guess, grow tree k+1
+    bet     <- draft (TreeProposal, guess)   |
+    acc.tokens == bet.guess ? tree k+1 = bet.tree (draft time hidden behind verification)
+                            : tree k+1 <- draft ProposeTree(acc.tokens) (bet discarded, redraft)
+
+With pipelining off the draft only ever gets ``ProposeTree``, after each verification.
+
+Failures: an ``ErrorReport`` from a worker, or a worker that stops answering pings, fails the
+request with a clear error; the coordinator then kills and restarts every worker (a shard group
+cannot lose a member: gloo collectives would hang), so the next request runs on a fresh group.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import ray
+import zmq
+
+from dovetail.engine import GenerationStats, OutputBuffer
+from dovetail.placement import Plan
+from dovetail.protocol.channel import Channel, ipc_address
+from dovetail.protocol.messages import (Accepted, ErrorReport, Predraft, ProposeTree, Shutdown, StartRequest,
+                                        TreeProposal, VerifyTree)
+from dovetail.protocol.shm import ShmArena, remove_orphaned_segments
+
+log = logging.getLogger("dovetail.coordinator")
+
+PING_EVERY_S = 1.0  # how long a reply may be silent before the coordinator checks the workers are alive
+
+
+class WorkerFailure(RuntimeError):
+    """A draft or shard actor failed or died during a request."""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What the coordinator needs to (re)start its workers."""
+
+    plan: Plan
+    target_dir: str
+    draft_dir: str | None
+    tree: str
+    target_kernel: str = "mm"
+    draft_precision: str = "int8"
+    vocab_limit: int | None = None
+    run_dir: str = "/tmp/dovetail-run"
+
+
+@dataclass
+class ActorStats(GenerationStats):
+    """``GenerationStats`` plus where the time went in the actor system."""
+
+    pipelined: bool = False
+    bets: int = 0
+    bets_held: int = 0
+    draft_hidden_s: float = 0.0  # draft compute that ran while the shards verified, and was used
+    draft_wait_s: float = 0.0  # coordinator blocked on the draft
+    verify_wait_s: float = 0.0  # coordinator blocked on the shards
+    protocol_s: float = 0.0  # waits not explained by compute: messages, wake-ups, copies
+    bytes_draft_target: int = 0  # tree arrays + token ids between draft and target
+
+    @property
+    def overlap(self) -> float:
+        """Share of draft compute hidden behind verification."""
+        return self.draft_hidden_s / self.draft_s if self.draft_s > 0 else 0.0
+
+    def to_dict(self, depth: int | None = None) -> dict:
+        out = super().to_dict(depth)
+        out["overlap"] = round(self.overlap, 4)
+        out["bytes_per_token"] = round(self.bytes_draft_target / max(self.new_tokens, 1), 2)
+        return out
+
+
+@dataclass
+class _Inbox:
+    """A channel plus the messages that arrived while the coordinator waited on another one."""
+
+    name: str
+    channel: Channel
+    actor: object
+    pending: list = field(default_factory=list)
+
+
+class Coordinator:
+    def __init__(self, spec: WorkerSpec, eos_token_ids: list[int]):
+        self.spec = spec
+        self.eos = set(eos_token_ids)
+        self.generation = 0
+        self.run_dir = Path(spec.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.arena = ShmArena(1 << 20)  # prompts
+        self.workers_info: dict = {}
+        self._start_workers()
+
+    # -- worker lifecycle --------------------------------------------------------------------
+    def _start_workers(self) -> None:
+        from dovetail.actors.draft_worker import DraftWorker
+        from dovetail.actors.target_shard import TargetShard
+
+        self.generation += 1
+        spec, plan, gen = self.spec, self.spec.plan, self.generation
+        env = {"runtime_env": {"env_vars": {"GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1"}}}
+        group_file = str(self.run_dir / f"gloo-{gen}-{secrets.token_hex(3)}")
+        self.shards: list[_Inbox] = []
+        for shard in plan.shards:
+            address = ipc_address(self.run_dir, f"shard{shard.rank}-{gen}")
+            channel = Channel(address, bind=True)
+            actor = ray.remote(TargetShard).options(num_cpus=0, max_restarts=0, **env).remote(
+                spec.target_dir, shard.rank, len(plan.shards), shard.cpus, shard.numa_node, group_file, address,
+                spec.target_kernel)
+            self.shards.append(_Inbox(f"target shard {shard.rank}", channel, actor))
+        self.draft: _Inbox | None = None
+        if plan.draft is not None and spec.draft_dir is not None:
+            address = ipc_address(self.run_dir, f"draft-{gen}")
+            channel = Channel(address, bind=True)
+            d = plan.draft
+            actor = ray.remote(DraftWorker).options(num_cpus=0, num_gpus=1 if d.device == "cuda" else 0,
+                                                     max_restarts=0, **env).remote(
+                spec.draft_dir, spec.tree, d.device, d.cpus, address, spec.draft_precision, spec.vocab_limit)
+            self.draft = _Inbox("draft", channel, actor)
+        inboxes = self._inboxes()
+        infos = ray.get([box.actor.ready.remote() for box in inboxes])
+        self.workers_info = {box.name: info for box, info in zip(inboxes, infos)}
+        self.poller = zmq.Poller()
+        for box in inboxes:
+            self.poller.register(box.channel.socket, zmq.POLLIN)
+
+    def _inboxes(self) -> list[_Inbox]:
+        return self.shards + ([self.draft] if self.draft else [])
+
+    def _stop_workers(self, graceful: bool) -> None:
+        if graceful:
+            for box in self._inboxes():
+                box.channel.send(Shutdown("coordinator stopping"))
+            time.sleep(0.3)  # let the loops close their arenas
+        for box in self._inboxes():
+            box.channel.close()
+            ray.kill(box.actor, no_restart=True)
+        self.shards, self.draft = [], None
+        remove_orphaned_segments()
+
+    def restart_workers(self) -> None:
+        self._stop_workers(graceful=False)
+        time.sleep(0.5)  # let the killed processes exit before their segments are swept
+        remove_orphaned_segments()
+        self._start_workers()
+
+    @ray.method(concurrency_group="control")
+    def info(self) -> dict:
+        return {"generation": self.generation, "workers": self.workers_info, "plan": self.spec.plan.describe()}
+
+    @ray.method(concurrency_group="control")
+    def ping(self) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        self._stop_workers(graceful=True)
+        self.arena.close()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    # -- messaging ---------------------------------------------------------------------------
+    def _recv(self, box: _Inbox, kind: type, request_id: str, step: int):
+        """Wait for ``box``'s reply of type ``kind`` for this step; raise ``WorkerFailure`` on an
+        error report from any worker, or when a worker has died."""
+        while True:
+            for i, msg in enumerate(box.pending):
+                if isinstance(msg, kind) and msg.request_id == request_id and msg.step == step:
+                    del box.pending[i]
+                    return msg
+            ready = dict(self.poller.poll(PING_EVERY_S * 1000))
+            if not ready:
+                self._check_alive()
+                continue
+            for other in self._inboxes():
+                if other.channel.socket in ready:
+                    msg = other.channel.recv(timeout_ms=0)
+                    if isinstance(msg, ErrorReport):
+                        dead = self._dead_workers()  # a peer's death shows up as a collective's error
+                        cause = f"{', '.join(dead)} died" if dead else f"{other.name} failed"
+                        raise WorkerFailure(f"{cause}: {other.name} reported {msg.error.splitlines()[0][:300]}")
+                    if msg is not None:
+                        other.pending.append(msg)
+
+    def _check_alive(self) -> None:
+        dead = self._dead_workers()
+        if dead:
+            raise WorkerFailure(f"{', '.join(dead)} died")
+
+    def _dead_workers(self) -> list[str]:
+        """Names of the workers that do not answer a ping (their process is gone or stuck)."""
+        boxes = self._inboxes()
+        pings = [box.actor.ping.remote() for box in boxes]
+        dead = []
+        for box, ref in zip(boxes, pings):
+            try:
+                ray.get(ref, timeout=30)
+            except Exception:
+                dead.append(box.name)
+        return dead
+
+    # -- the request loop --------------------------------------------------------------------
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: dict, speculate: bool = True,
+                 pipeline: bool = True):
+        """Stream the request: yields each step's committed tokens (lists), then a final dict
+        ``{"stats": ActorStats}`` or ``{"error": str}``. After an error the workers are restarted."""
+        request_id = secrets.token_hex(6)
+        chunks: list[list[int]] = []
+        stats = ActorStats()
+        try:
+            for _ in self._run(request_id, prompt_ids, max_new_tokens, sampling, speculate, pipeline, stats, chunks):
+                while chunks:
+                    yield chunks.pop(0)
+            yield {"stats": stats}
+        except WorkerFailure as exc:
+            log.error("request %s failed: %s; restarting the workers", request_id, exc)
+            message = f"request failed: {exc}"
+            try:
+                self.restart_workers()
+                message += " (the workers were restarted; later requests run normally)"
+            except Exception as restart_exc:  # keep the coordinator alive; the next request retries
+                message += f" (restarting the workers failed too: {restart_exc})"
+            yield {"error": message}
+
+    def _run(self, rid, prompt_ids, max_new_tokens, sampling, speculate, pipeline, stats: ActorStats, chunks):
+        t0 = time.perf_counter()
+        out = OutputBuffer(max_new_tokens, self.eos, chunks.append)
+        draft = self.draft if speculate else None
+        pipeline = bool(pipeline and draft)
+        stats.pipelined = pipeline
+        start = StartRequest(rid, self.arena.put(np.asarray(prompt_ids, dtype=np.int32)), sampling)
+        for box in self.shards + ([draft] if draft else []):
+            box.channel.send(start)
+        first = self._recv(self.shards[0], Accepted, rid, 0)
+        stats.prefill_s = time.perf_counter() - t0
+        done = out.add(first.tokens)
+        yield
+        new_tokens, step, settled = first.tokens, 0, []
+        tree = self._propose(draft, rid, step + 1, new_tokens, stats) if draft and not done else None
+        while not done:
+            step += 1
+            verify_msg = (VerifyTree(rid, step, tree.tokens, tree.parents) if draft
+                          else VerifyTree(rid, step, *self._root_only(new_tokens[-1])))
+            t_send = time.perf_counter()
+            for box in self.shards:
+                box.channel.send(verify_msg)
+            if pipeline:
+                draft.channel.send(Predraft(rid, step + 1, settled))
+            acc = self._recv(self.shards[0], Accepted, rid, step)
+            t_acc = time.perf_counter()
+            stats.verify_wait_s += t_acc - t_send
+            stats.verify_s += acc.compute_s
+            stats.protocol_s += max(0.0, t_acc - t_send - acc.compute_s)
+            stats.steps += 1
+            stats.accepted_per_step.append(len(acc.path) - 1)
+            stats.bytes_draft_target += 8 * len(acc.tokens)
+            done = out.add(acc.tokens)
+            yield
+            new_tokens, settled = acc.tokens, []
+            if pipeline:
+                bet = self._recv(draft, TreeProposal, rid, step + 1)
+                wait = time.perf_counter() - t_acc
+                stats.draft_wait_s += wait
+                stats.draft_s += bet.compute_s
+                stats.bets += 1
+                if bet.guess == acc.tokens:
+                    stats.bets_held += 1
+                    stats.draft_hidden_s += max(0.0, bet.compute_s - wait)
+                    stats.bytes_draft_target += self._tree_bytes(bet)
+                    tree, settled = bet, acc.tokens
+                    continue
+            if not done and draft:
+                tree = self._propose(draft, rid, step + 1, new_tokens, stats)
+        stats.new_tokens = len(out.tokens)
+        stats.total_s = time.perf_counter() - t0
+
+    def _propose(self, draft: _Inbox, rid: str, step: int, new_tokens: list[int], stats: ActorStats) -> TreeProposal:
+        t = time.perf_counter()
+        draft.channel.send(ProposeTree(rid, step, new_tokens))
+        tree = self._recv(draft, TreeProposal, rid, step)
+        wait = time.perf_counter() - t
+        stats.draft_wait_s += wait
+        stats.draft_s += tree.compute_s
+        stats.protocol_s += max(0.0, wait - tree.compute_s)
+        stats.bytes_draft_target += self._tree_bytes(tree) + 8 * len(new_tokens)
+        return tree
+
+    def _root_only(self, token: int):
+        """Speculation off: a one-node tree (the last token) in the coordinator's arena."""
+        return self.arena.put(np.array([token], dtype=np.int32)), self.arena.put(np.array([-1], dtype=np.int32))
+
+    @staticmethod
+    def _tree_bytes(tree: TreeProposal) -> int:
+        return sum(np.dtype(ref.dtype).itemsize * int(np.prod(ref.shape)) for ref in (tree.tokens, tree.parents))
+

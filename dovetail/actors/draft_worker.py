@@ -1,0 +1,71 @@
+"""Draft actor: the small draft LM and its KV cache, on the GPU when there is one.
+
+It answers ``ProposeTree`` (grow the tree after these committed tokens) and ``Predraft`` (bet on
+the tree now under verification and grow the next one). Trees go out as int32 arrays in this
+actor's shared-memory arena; the coordinator forwards the references to the shards unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from dovetail.actors.worker import ChannelWorker, Timer, pin_to, rss_bytes
+from dovetail.models.cached_lm import CachedLM
+from dovetail.models.draft import DraftProposer
+from dovetail.models.loading import load_causal_lm
+from dovetail.models.tree import DraftTree, TreeShape
+from dovetail.protocol.messages import Predraft, ProposeTree, StartRequest, TreeProposal
+from dovetail.protocol.shm import ShmArena
+
+
+class DraftWorker(ChannelWorker):
+    handlers = {StartRequest: "start", ProposeTree: "propose", Predraft: "predraft"}
+
+    def __init__(self, model_dir: str, tree: str, device: str, cpus: tuple[int, ...], address: str,
+                 precision: str = "int8", vocab_limit: int | None = None):
+        if device == "cuda":
+            model = load_causal_lm(model_dir).to("cuda", torch.bfloat16)
+            self.placement = "cuda"
+        else:
+            self.placement = pin_to(cpus, None)
+            model = load_causal_lm(model_dir, precision=precision)
+        self.proposer = DraftProposer(CachedLM(model), TreeShape.parse(tree), vocab_limit)
+        self.proposer.start([0, 1])  # warm-up
+        self.proposer.propose([1])
+        self.arena = ShmArena(1 << 20)
+        self._serve(address, "draft")
+
+    def ready(self) -> dict:
+        return {"pid": os.getpid(), "cpus": sorted(os.sched_getaffinity(0)), "peak_rss": rss_bytes(),
+                "placement": self.placement, "arena": self.arena.name}
+
+    def start(self, msg: StartRequest) -> None:
+        self.proposer.start(self.view(msg.prompt).tolist())
+
+    def propose(self, msg: ProposeTree) -> None:
+        with Timer() as t:
+            if self.proposer.betting:
+                tree, _ = self.proposer.resolve(msg.new_tokens)
+            else:
+                tree = self.proposer.propose(msg.new_tokens)
+        self._send(msg, tree, [], t.seconds)
+
+    def predraft(self, msg: Predraft) -> None:
+        with Timer() as t:
+            if msg.settled:
+                _, held = self.proposer.resolve(msg.settled)
+                if not held:
+                    raise RuntimeError("the coordinator settled a bet that did not hold")
+            guess, tree = self.proposer.predraft()
+        self._send(msg, tree, guess, t.seconds)
+
+    def _send(self, msg, tree: DraftTree, guess: list[int], seconds: float) -> None:
+        self.channel.send(TreeProposal(msg.request_id, msg.step, self.arena.put(tree.tokens.astype(np.int32)),
+                                       self.arena.put(tree.parents.astype(np.int32)), guess, seconds))
+
+    def _close(self) -> None:
+        super()._close()
+        self.arena.close()

@@ -1,0 +1,124 @@
+"""Driver side of the actor system: start (or join) Ray, plan placement, start the coordinator.
+
+``ActorEngine`` has the in-process engine's ``generate`` signature, so the CLI, the Python API
+and the server use either one unchanged.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import secrets
+import shutil
+import sys
+from pathlib import Path
+
+import ray
+
+from dovetail.actors.coordinator import ActorStats, Coordinator, WorkerSpec
+from dovetail.engine import GenerationResult, validate_request
+from dovetail.errors import EngineError
+from dovetail.models.verification import SamplingParams
+from dovetail.placement import Plan, make_plan, model_bytes
+from dovetail.protocol.shm import remove_orphaned_segments
+from dovetail.store import dovetail_home
+from dovetail.topology import Topology, detect, parse_sockets
+
+log = logging.getLogger("dovetail")
+
+UNIX_PATH_ROOM = 48  # ray and zmq put sockets under these dirs; unix socket paths max out at 107 bytes
+
+
+def short_dir(name: str) -> Path:
+    """``$DOVETAIL_HOME/name``, or a /tmp path when that is too long to hold unix sockets."""
+    path = dovetail_home() / name
+    if len(str(path)) > UNIX_PATH_ROOM:
+        path = Path("/tmp") / f"dovetail-{os.getuid()}-{name}"
+    return path
+
+
+def resolve_topology(sockets: str | None) -> Topology:
+    return parse_sockets(sockets) if sockets else detect()
+
+
+def start_ray(address: str | None, topology: Topology) -> bool:
+    """Start a local Ray (no dashboard, temp dir under the cache) or join ``address``; return
+    whether this call connected (and so should disconnect at shutdown)."""
+    if ray.is_initialized():
+        return False
+    kwargs = dict(include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=len(topology.cpus), num_gpus=len(topology.gpus), _temp_dir=str(short_dir("ray")), **kwargs)
+    return True
+
+
+class ActorEngine:
+    def __init__(self, target_dir: Path, draft_dir: Path | None, config, eos_token_ids: list[int],
+                 context_length: int, vocab_limit: int | None = None, say=lambda msg: None):
+        self.config, self.context_length = config, context_length
+        topology = resolve_topology(config.sockets)
+        draft_bytes = model_bytes(draft_dir) if draft_dir else None
+        if draft_bytes and config.draft_precision == "int8":
+            draft_bytes //= 2  # int8 linears, fp32 embedding: about half the fp32 size
+        self.plan: Plan = make_plan(topology, model_bytes(target_dir), draft_bytes, config.shards)
+        say(self.plan.describe())
+        self._owns_ray = start_ray(config.address, topology)
+        self.run_dir = short_dir("run") / secrets.token_hex(4)
+        spec = WorkerSpec(self.plan, str(target_dir), str(draft_dir) if draft_dir else None, str(config.tree),
+                          config.target_kernel, config.draft_precision, vocab_limit, str(self.run_dir))
+        coordinator_actor = ray.remote(num_cpus=0, max_restarts=-1, concurrency_groups={"control": 1})(Coordinator)
+        self.coordinator = coordinator_actor.remote(spec, list(eos_token_ids))
+        self.info = ray.get(self.coordinator.info.remote())
+        for name, worker in self.info["workers"].items():
+            say(f"{name}: pid {worker['pid']}, CPUs {worker['cpus']}, peak RSS {worker['peak_rss'] / 2**30:.2f} GiB")
+        atexit.register(self.shutdown)
+
+    @property
+    def depth(self) -> int:
+        return self.config.tree.depth if self.plan.draft else 0
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(),
+                 speculate: bool = True, on_tokens=None, pipeline: bool | None = None) -> GenerationResult:
+        validate_request(prompt_ids, max_new_tokens, self.context_length)
+        max_new_tokens = min(max_new_tokens, self.context_length - len(prompt_ids))
+        sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                        seed=params.seed if params.seed is not None else secrets.randbits(63))
+        pipeline = self.config.pipeline if pipeline is None else pipeline
+        stream = self.coordinator.generate.options(num_returns="streaming").remote(
+            list(map(int, prompt_ids)), max_new_tokens, sampling, speculate, pipeline)
+        tokens: list[int] = []
+        for ref in stream:
+            item = ray.get(ref)
+            if isinstance(item, list):
+                tokens.extend(item)
+                if on_tokens:
+                    on_tokens(item)
+            elif "error" in item:
+                raise EngineError(item["error"])
+            else:
+                stats: ActorStats = item["stats"]
+                return GenerationResult(tokens, stats)
+        raise EngineError("the coordinator ended the request without a result")
+
+    def shutdown(self) -> None:
+        """Stop the workers and the coordinator, leave no shared memory or sockets behind."""
+        if getattr(self, "coordinator", None) is None:
+            return
+        atexit.unregister(self.shutdown)
+        try:
+            ray.get(self.coordinator.shutdown.remote(), timeout=30)
+        except Exception as exc:  # a stuck or dead coordinator: killing it takes its workers along
+            print(f"[dovetail] coordinator did not stop cleanly ({type(exc).__name__}); killing it", file=sys.stderr)
+        try:
+            ray.kill(self.coordinator, no_restart=True)
+        except Exception:
+            pass
+        self.coordinator = None
+        if self._owns_ray:
+            ray.shutdown()
+        remove_orphaned_segments()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+

@@ -1,0 +1,105 @@
+"""What the draft and target-shard actors share: pinning, and a message loop on a zmq channel.
+
+The loop runs in a daemon thread, so the actor's Ray methods (``ready``, ``ping``) still answer
+while it works. A handler's exception becomes an ``ErrorReport`` to the coordinator; a malformed
+or unknown message is logged and dropped. Neither stops the loop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+import time
+
+import torch
+
+from dovetail.protocol.channel import Channel
+from dovetail.protocol.messages import ArrayRef, ErrorReport, Shutdown
+from dovetail.protocol.shm import ShmArena
+
+log = logging.getLogger("dovetail.actors")
+
+_SYS_SET_MEMPOLICY = {"x86_64": 238, "aarch64": 237}
+_MPOL_PREFERRED = 1
+
+
+def pin_to(cpus: tuple[int, ...], numa_node: int | None) -> str:
+    """Pin this process to ``cpus``, size torch's thread pool to them and, on a real NUMA node,
+    prefer that node's memory (first touch after pinning does the rest). Returns what was done."""
+    os.sched_setaffinity(0, cpus)
+    torch.set_num_threads(len(cpus))
+    if numa_node is None:
+        return "first-touch"
+    number = _SYS_SET_MEMPOLICY.get(os.uname().machine)
+    if number is None:
+        return "first-touch (no set_mempolicy on this architecture)"
+    mask = ctypes.c_ulong(1 << numa_node)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(number, _MPOL_PREFERRED, ctypes.byref(mask), ctypes.sizeof(mask) * 8 + 1) != 0:
+        return f"first-touch (set_mempolicy failed: errno {ctypes.get_errno()})"
+    return f"preferred NUMA node {numa_node}"
+
+
+def rss_bytes() -> int:
+    """Peak resident memory of this process (VmHWM)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class ChannelWorker:
+    """Base of the actors that serve the coordinator over one channel (subclasses fill ``handlers``)."""
+
+    handlers: dict[type, str] = {}
+
+    def _serve(self, address: str, name: str) -> None:
+        self.channel = Channel(address, bind=False)
+        self._arenas: dict[str, ShmArena] = {}
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def ping(self) -> bool:
+        return self._thread.is_alive()
+
+    def view(self, ref: ArrayRef):
+        """A zero-copy read-only view of an array another process put in shared memory."""
+        arena = self._arenas.get(ref.segment)
+        if arena is None:
+            arena = self._arenas[ref.segment] = ShmArena(name=ref.segment)
+        return arena.view(ref)
+
+    def _loop(self) -> None:
+        while True:
+            msg = self.channel.recv()
+            if msg is None:
+                continue  # malformed: already logged by the channel
+            if isinstance(msg, Shutdown):
+                break
+            handler = self.handlers.get(type(msg))
+            if handler is None:
+                log.error("%s: no handler for %s message, dropped", self._thread.name, msg.KIND)
+                continue
+            try:
+                getattr(self, handler)(msg)
+            except Exception as exc:  # report, never die: the coordinator decides what fails
+                log.exception("%s failed on %s", self._thread.name, msg.KIND)
+                self.channel.send(ErrorReport(getattr(msg, "request_id", ""), f"{type(exc).__name__}: {exc}"))
+        self._close()
+
+    def _close(self) -> None:
+        for arena in self._arenas.values():
+            arena.close()
+        self._arenas.clear()
+        self.channel.close()
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start

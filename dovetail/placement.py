@@ -1,0 +1,146 @@
+"""Placement plan: which actor runs where (CPUs, GPU, threads, memory), checked before any load.
+
+    topology = parse_sockets("0|1") or detect()
+    plan = make_plan(topology, target_bytes, draft_bytes, shards=None)   # one shard per socket
+    print(plan.describe())
+
+Without a GPU the draft gets one core of its own, taken from the largest socket when that socket
+has more than one (so the draft and the target can work at the same time); otherwise it shares
+the CPUs of the last shard, and the plan says so. Impossible plans (more shards than cores, a
+model that does not fit the RAM) raise ``UserError`` naming the problem.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from dovetail.errors import UserError
+from dovetail.topology import Socket, Topology
+
+GiB = 1 << 30
+PROCESS_OVERHEAD = int(0.6 * GiB)  # torch + ray worker baseline per actor process
+
+
+@dataclass(frozen=True)
+class ShardPlacement:
+    rank: int
+    cpus: tuple[int, ...]
+    numa_node: int | None
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
+class DraftPlacement:
+    device: str  # "cuda" or "cpu"
+    cpus: tuple[int, ...]
+    shares_cpus: bool
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    shards: tuple[ShardPlacement, ...]
+    draft: DraftPlacement | None
+    topology: Topology
+
+    def describe(self) -> str:
+        lines = [f"placement plan ({self.topology.source}; {len(self.topology.sockets)} socket(s), "
+                 f"GPUs: {', '.join(self.topology.gpus) or 'none'}):"]
+        for s in self.shards:
+            policy = f"NUMA node {s.numa_node} memory" if s.numa_node is not None else "first-touch memory"
+            lines.append(f"  target shard {s.rank}/{len(self.shards)}: CPUs {_cpus(s.cpus)} ({len(s.cpus)} threads), "
+                         f"{policy}, ~{s.memory_bytes / GiB:.1f} GiB")
+        if self.draft is not None:
+            d = self.draft
+            where = "GPU 0" if d.device == "cuda" else f"CPUs {_cpus(d.cpus)} ({len(d.cpus)} threads)"
+            share = ", shares its CPUs with the target (no overlap possible)" if d.shares_cpus else ""
+            lines.append(f"  draft: {where}, ~{d.memory_bytes / GiB:.1f} GiB{share}")
+        lines.append("  coordinator: no reserved CPU (waits on zmq)")
+        return "\n".join(lines)
+
+
+def _cpus(cpus) -> str:
+    return ",".join(map(str, cpus))
+
+
+def model_bytes(path: str | Path) -> int:
+    """Bytes of the weights in an HF folder (fp32 after loading: bf16/fp16 files count double)."""
+    path = Path(path)
+    total = 0
+    for file in path.glob("*.safetensors"):
+        total += file.stat().st_size
+    config = (path / "config.json")
+    if config.exists() and re.search(r'"(torch_)?dtype":\s*"(bfloat16|float16)"', config.read_text()):
+        total *= 2
+    return total
+
+
+def available_memory() -> int:
+    text = Path("/proc/meminfo").read_text()
+    match = re.search(r"MemAvailable:\s+(\d+) kB", text)
+    return int(match.group(1)) * 1024 if match else 1 << 62
+
+
+def make_plan(topology: Topology, target_bytes: int, draft_bytes: int | None, shards: int | None = None,
+              draft_on_gpu: bool | None = None, memory_available: int | None = None) -> Plan:
+    """Shards over sockets (``shards`` defaults to one per socket; more shards split sockets evenly)."""
+    groups = _shard_groups(topology.sockets, len(topology.sockets) if shards is None else shards)
+    gpu = bool(topology.gpus) if draft_on_gpu is None else draft_on_gpu
+    draft = None
+    if draft_bytes is not None:
+        if gpu:
+            draft = DraftPlacement("cuda", (), False, draft_bytes)
+        else:
+            groups, draft = _carve_draft_cpu(groups, draft_bytes)
+    n = len(groups)
+    per_shard = target_bytes // n + PROCESS_OVERHEAD
+    placed = tuple(ShardPlacement(i, cpus, node, per_shard) for i, (cpus, node, _) in enumerate(groups))
+    _check_memory(placed, draft, groups, memory_available if memory_available is not None else available_memory())
+    return Plan(placed, draft, topology)
+
+
+def _shard_groups(sockets: tuple[Socket, ...], shards: int) -> list[tuple[tuple[int, ...], int | None, int | None]]:
+    """(cpus, numa node, socket memory) per shard."""
+    total_cpus = sum(len(s.cpus) for s in sockets)
+    if shards < 1:
+        raise UserError(f"need at least one target shard, got {shards}")
+    if shards > total_cpus:
+        raise UserError(f"{shards} target shards but only {total_cpus} CPU core(s): at most one shard per core")
+    if shards <= len(sockets):
+        return [(s.cpus, s.numa_node, s.memory_bytes) for s in sockets[:shards]]
+    if shards % len(sockets):
+        raise UserError(f"{shards} shards cannot be spread evenly over {len(sockets)} sockets")
+    per = shards // len(sockets)
+    groups = []
+    for s in sockets:
+        if len(s.cpus) < per:
+            raise UserError(f"socket {s.index} has {len(s.cpus)} CPU(s), too few for {per} shards")
+        size = len(s.cpus) // per
+        for i in range(per):
+            cpus = s.cpus[i * size:(i + 1) * size] if i < per - 1 else s.cpus[i * size:]
+            groups.append((cpus, s.numa_node, s.memory_bytes // per if s.memory_bytes else None))
+    return groups
+
+
+def _carve_draft_cpu(groups, draft_bytes):
+    """Give the draft the last CPU of the largest shard group when that group can spare one."""
+    largest = max(range(len(groups)), key=lambda i: (len(groups[i][0]), i))
+    cpus, node, mem = groups[largest]
+    if len(cpus) > 1:
+        groups = list(groups)
+        groups[largest] = (cpus[:-1], node, mem)
+        return groups, DraftPlacement("cpu", cpus[-1:], False, draft_bytes + PROCESS_OVERHEAD)
+    return groups, DraftPlacement("cpu", groups[-1][0], True, draft_bytes + PROCESS_OVERHEAD)
+
+
+def _check_memory(shards, draft, groups, available: int) -> None:
+    need = sum(s.memory_bytes for s in shards) + (draft.memory_bytes if draft and draft.device == "cpu" else 0)
+    if need > available:
+        raise UserError(f"the plan needs ~{need / GiB:.1f} GiB of RAM but only {available / GiB:.1f} GiB is available: "
+                        f"use a smaller model or a machine with more memory")
+    for shard, (_, _, socket_mem) in zip(shards, groups):
+        if socket_mem and shard.memory_bytes > socket_mem:
+            raise UserError(f"target shard {shard.rank} needs ~{shard.memory_bytes / GiB:.1f} GiB but its NUMA node "
+                            f"has {socket_mem / GiB:.1f} GiB: use more shards")

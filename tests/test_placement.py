@@ -1,0 +1,52 @@
+"""Placement plans: one shard per socket, the draft's own core, impossible plans refused."""
+
+import pytest
+
+from dovetail.errors import UserError
+from dovetail.placement import GiB, make_plan
+from dovetail.topology import Socket, Topology
+
+TWO_SOCKETS = Topology((Socket(0, (0, 1, 2, 3), 64 * GiB, 0), Socket(1, (4, 5, 6, 7), 64 * GiB, 1)))
+
+
+def test_one_shard_per_socket_and_a_core_for_the_draft():
+    plan = make_plan(TWO_SOCKETS, 6 * GiB, 1 * GiB, memory_available=100 * GiB)
+    assert [s.cpus for s in plan.shards] == [(0, 1, 2, 3), (4, 5, 6)]
+    assert [s.numa_node for s in plan.shards] == [0, 1]
+    assert plan.draft.cpus == (7,) and not plan.draft.shares_cpus
+    text = plan.describe()
+    assert "target shard 1/2: CPUs 4,5,6 (3 threads), NUMA node 1" in text and "draft: CPUs 7" in text
+
+
+def test_gpu_draft_leaves_the_cpus_to_the_target():
+    gpu = Topology(TWO_SOCKETS.sockets, ("H100",))
+    plan = make_plan(gpu, 6 * GiB, 1 * GiB, memory_available=100 * GiB)
+    assert plan.draft.device == "cuda" and [len(s.cpus) for s in plan.shards] == [4, 4]
+
+
+def test_more_shards_split_sockets_evenly():
+    plan = make_plan(TWO_SOCKETS, 6 * GiB, None, shards=4, memory_available=100 * GiB)
+    assert [s.cpus for s in plan.shards] == [(0, 1), (2, 3), (4, 5), (6, 7)]
+
+
+def test_virtual_single_core_sockets_share_with_the_draft():
+    plan = make_plan(Topology((Socket(0, (0,)), Socket(1, (1,)))), GiB, GiB, memory_available=100 * GiB)
+    assert plan.draft.shares_cpus and "no overlap possible" in plan.describe()
+
+
+@pytest.mark.parametrize("kwargs,why", [
+    (dict(shards=9), "9 target shards but only 8 CPU core"),
+    (dict(shards=3), "cannot be spread evenly"),
+    (dict(shards=0), "at least one target shard"),
+    (dict(target_bytes=300 * GiB), "needs ~.* GiB of RAM but only 100.0 GiB"),
+])
+def test_impossible_plans_are_refused(kwargs, why):
+    args = dict(target_bytes=6 * GiB, draft_bytes=GiB, memory_available=100 * GiB) | kwargs
+    with pytest.raises(UserError, match=why):
+        make_plan(TWO_SOCKETS, **args)
+
+
+def test_a_shard_larger_than_its_numa_node_is_refused():
+    small = Topology((Socket(0, (0, 1), 4 * GiB, 0),))
+    with pytest.raises(UserError, match="its NUMA node has 4.0 GiB"):
+        make_plan(small, 6 * GiB, None, memory_available=100 * GiB)
