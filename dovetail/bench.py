@@ -40,7 +40,9 @@ def add_bench_args(p) -> None:
     p.add_argument("--trees", default=";".join(DEFAULT_TREES), help="';'-separated tree shapes for Dovetail runs")
     p.add_argument("--methods", default="target,hf_assisted,dovetail", help="comma-separated subset")
     p.add_argument("--no-curves", action="store_true", help="skip the forward-cost curves")
-    p.add_argument("--name", default="humaneval", help="results file stem under bench/results/")
+    p.add_argument("--suite", choices=("humaneval", "actors"), default="humaneval",
+                   help="humaneval: methods side by side; actors: the actor system vs the in-process engine")
+    p.add_argument("--name", default=None, help="results file stem under bench/results/ (default: the suite)")
 
 
 def machine_info() -> dict:
@@ -103,13 +105,19 @@ def run_bench(args) -> int:
 
     if args.prompts < 1 or args.max_new_tokens < 1:
         raise UserError("--prompts and --max-new-tokens must be >= 1")
+    args.name = args.name or args.suite
     methods = set(args.methods.split(","))
     if methods - {"target", "hf_assisted", "dovetail"}:
         raise UserError(f"unknown methods {sorted(methods - {'target', 'hf_assisted', 'dovetail'})}")
     trees = [parse_tree(t) for t in args.trees.split(";") if t]
     from dovetail.cli import _engine_config
 
+    if args.suite == "actors":
+        from dovetail.bench_actors import run_actor_bench
+
+        return run_actor_bench(args)
     config = _engine_config(args)
+    config.engine = "inprocess"  # this suite compares decoding loops inside one process
     dt = Dovetail(config).load()
     tokenizer, engine = dt.tokenizer, dt.engine
     target = engine.target.lm.model

@@ -33,7 +33,7 @@ def _shard_worker(rank, world, init_file, model_dir, draft_dir, out):
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_two_shards_match_the_full_model(tmp_path, arch):
-    target = tiny_model(arch, seed=21, num_key_value_heads=2)
+    target = tiny_model(arch, seed=21, num_key_value_heads=2, pad_token_id=90)  # padding row outside shard 0
     target.save_pretrained(tmp_path / "model")
     draft = perturbed(target, 0.05)
     torch.save(draft, tmp_path / "draft.pt")
@@ -68,3 +68,19 @@ def test_one_shard_is_the_whole_model(tmp_path):
 def test_uneven_sharding_is_refused():
     with pytest.raises(UserError, match=r"KV heads \(2\)"):
         check_shardable(tiny_config("qwen2", kv_heads=2, num_attention_heads=6), 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slice_reader_matches_safetensors(tmp_path, dtype):
+    from safetensors.torch import save_file
+
+    from dovetail.models.tp import SliceReader
+
+    tensors = {"a": torch.randn(37, 21).to(dtype), "b": torch.randn(5).to(dtype)}
+    save_file(tensors, tmp_path / "x.safetensors")
+    reader = SliceReader(tmp_path / "x.safetensors")
+    reader.CHUNK_BYTES = 64  # force several row blocks for the column slice
+    assert torch.equal(reader.read("a"), tensors["a"]) and torch.equal(reader.read("b"), tensors["b"])
+    assert torch.equal(reader.read("a", 0, 3, 11), tensors["a"][3:11])
+    assert torch.equal(reader.read("a", 1, 4, 19), tensors["a"][:, 4:19])
+    reader.close()

@@ -158,7 +158,11 @@ class Coordinator:
         self._start_workers()
 
     @ray.method(concurrency_group="control")
-    def info(self) -> dict:
+    def info(self, refresh: bool = False) -> dict:
+        """Plan and workers (pid, CPUs, peak RSS); ``refresh`` asks the workers again."""
+        if refresh:
+            boxes = self._inboxes()
+            self.workers_info = dict(zip((b.name for b in boxes), ray.get([b.actor.ready.remote() for b in boxes])))
         return {"generation": self.generation, "workers": self.workers_info, "plan": self.spec.plan.describe()}
 
     @ray.method(concurrency_group="control")

@@ -10,20 +10,22 @@ Per decoder layer, shard r of n holds:
 Norms are replicated. A tied LM head shares its shard's embedding slice. HF attention infers the head count from the projection
 width, so the stock modules run unchanged on the slices.
 
-Each shard reads only its own slices from the safetensors files (``safe_open(...).get_slice``),
-so peak memory is about model/n plus the replicated parts, never the whole model.
+Each shard reads only its own slices' bytes from the safetensors files (``SliceReader``), so its
+peak memory is about model/n plus the replicated norms, never the whole model.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
+import struct
 from pathlib import Path
 from typing import Protocol
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -100,8 +102,65 @@ def _weight_files(path: Path) -> dict[str, Path]:
     if index.exists():
         return {name: path / file for name, file in json.loads(index.read_text())["weight_map"].items()}
     single = path / "model.safetensors"
-    with safe_open(single, "pt") as f:
-        return {name: single for name in f.keys()}
+    return {name: single for name in SliceReader(single).names()}
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+class SliceReader:
+    """Row or column slices of the tensors in one safetensors file, read with ``preadv``.
+
+    safetensors' own loader memory-maps the file, and every page a slice touches then counts
+    in this process's resident memory (a column slice touches all of a matrix's pages). Reading
+    only the slice's bytes keeps a shard's peak memory at its own share of the model.
+    """
+
+    CHUNK_BYTES = 32 << 20  # column slices are cut from row blocks of about this size
+
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_RDONLY)
+        (size,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+        self.header = json.loads(os.pread(self.fd, size, 8))
+        self.header.pop("__metadata__", None)
+        self.data_start = 8 + size
+
+    def names(self) -> list[str]:
+        return list(self.header)
+
+    def read(self, name: str, dim: int | None = None, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """The whole tensor (``dim=None``), rows ``lo:hi`` (``dim=0``) or columns (``dim=1``, 2-D)."""
+        info = self.header[name]
+        dtype, shape = _DTYPES[info["dtype"]], list(info["shape"])
+        start = self.data_start + info["data_offsets"][0]
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        if dim is None:
+            return self._read_rows(start, dtype, shape)
+        if dim == 0:
+            return self._read_rows(start + lo * row_bytes, dtype, [hi - lo, *shape[1:]])
+        rows, cols = shape
+        out = torch.empty(rows, hi - lo, dtype=dtype)
+        step = max(1, self.CHUNK_BYTES // row_bytes)
+        for r in range(0, rows, step):
+            block = self._read_rows(start + r * row_bytes, dtype, [min(step, rows - r), cols])
+            out[r:r + len(block)] = block[:, lo:hi]
+        return out
+
+    def _read_rows(self, offset: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+        out = torch.empty(shape, dtype=dtype)
+        view = memoryview(out.view(torch.uint8).numpy()).cast("B") if out.numel() else memoryview(b"")
+        done = 0
+        while done < len(view):
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise OSError(f"unexpected end of safetensors data at byte {offset + done}")
+            done += n
+        return out
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def load_shard(path: str | Path, collective: Collective, linear_kernel: str = "mm") -> nn.Module:
@@ -120,22 +179,20 @@ def load_shard(path: str | Path, collective: Collective, linear_kernel: str = "m
     tied = getattr(config, "tie_word_embeddings", False)
     state: dict[str, torch.Tensor] = {}
     loaded: dict[str, torch.Tensor] = {}  # source name -> this shard's slice (a tied head reuses it)
-    handles: dict[Path, object] = {}
+    readers: dict[Path, SliceReader] = {}
     for name in model.state_dict():
         source = "model.embed_tokens.weight" if (tied and name == "lm_head.weight") else name
         if source in loaded:
             state[name] = loaded[source]
             continue
         file = files[source]
-        handle = handles.get(file) or handles.setdefault(file, safe_open(file, "pt"))
-        tensor_slice = handle.get_slice(source)
+        reader = readers.get(file) or readers.setdefault(file, SliceReader(file))
         rule = next(((dim, kind) for pattern, dim, kind in _SPLITS if pattern.search(source)), None)
         if rule is None or n == 1:
-            tensor = tensor_slice[:]
+            tensor = reader.read(source)
         else:
             dim, kind = rule
-            lo, hi = r * span[kind], (r + 1) * span[kind]
-            tensor = tensor_slice[lo:hi] if dim == 0 else tensor_slice[:, lo:hi]
+            tensor = reader.read(source, dim, r * span[kind], (r + 1) * span[kind])
         if r > 0 and re.search(r"\.(o_proj|down_proj)\.bias$", name):
             tensor = torch.zeros_like(tensor)  # a row-parallel bias is added once, not once per shard
         state[name] = loaded[source] = tensor.to(torch.float32).contiguous()
@@ -145,7 +202,9 @@ def load_shard(path: str | Path, collective: Collective, linear_kernel: str = "m
         setattr(module, param_name, nn.Parameter(tensor, requires_grad=False))
         if isinstance(module, nn.Linear) and param_name == "weight":
             module.out_features, module.in_features = tensor.shape
-    del state, loaded, handles
+    for reader in readers.values():
+        reader.close()
+    del state, loaded, readers
     model.eval()
     accelerate_linears(model, linear_kernel)
     if n > 1:
@@ -168,7 +227,7 @@ class _VocabParallelEmbedding(nn.Module):
     def forward(self, ids):
         local = ids - self.first_id
         outside = (local < 0) | (local >= self.inner.weight.shape[0])
-        out = self.inner(local.masked_fill(outside, 0))
+        out = nn.functional.embedding(local.masked_fill(outside, 0), self.weight)  # no padding_idx: it may lie outside
         return self.collective.all_reduce(out.masked_fill(outside[..., None], 0.0))
 
 

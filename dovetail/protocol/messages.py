@@ -9,6 +9,7 @@ it and carry on.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, field
 
@@ -125,7 +126,9 @@ def encode(msg) -> bytes:
     if _KINDS.get(getattr(msg, "KIND", None)) is not type(msg):
         raise ProtocolError(f"not a protocol message: {type(msg).__name__}")
     body = {"v": PROTOCOL_VERSION, "kind": msg.KIND}
-    body.update(dataclasses.asdict(msg))
+    for name in _schema(type(msg))[1]:
+        value = getattr(msg, name)
+        body[name] = value.__dict__ if isinstance(value, ArrayRef) else value
     return msgpack.packb(body, use_bin_type=True)
 
 
@@ -145,10 +148,15 @@ def decode(data: bytes):
     return cls(**_check_fields(cls, fields))
 
 
+@functools.cache
+def _schema(cls) -> tuple[dict, dict]:
+    """(type hints, declared fields) of a message class, computed once (get_type_hints is slow)."""
+    return typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+
+
 def _check_fields(cls, fields: dict) -> dict:
     kind = getattr(cls, "KIND", cls.__name__)
-    hints = typing.get_type_hints(cls)
-    declared = {f.name: f for f in dataclasses.fields(cls)}
+    hints, declared = _schema(cls)
     unknown = set(fields) - set(declared)
     if unknown:
         raise ProtocolError(f"{kind}: unknown fields {sorted(unknown)}")

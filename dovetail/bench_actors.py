@@ -1,0 +1,192 @@
+"""``python launch.py bench --suite actors``: the actor system against the in-process engine.
+
+One run, same prompts (HumanEval through the chat template), greedy:
+  inprocess           the in-process engine, all cores, sequential draft then verify (the baseline)
+  actors[1 shard]     draft on its own core, the target shard on the rest; pipelining on and off
+  actors[2 shards]    the CPUs split into two virtual sockets, one shard each; pipelining on and off
+
+Per configuration it reports tokens/s, tau, a per-step time breakdown (draft the coordinator
+waited for, verification, protocol/transfer, idle), the overlap, the bytes moved between draft and
+target per token, and each shard's peak RSS. Micro-benchmarks: a hot-path message round trip
+(msgpack over zmq ipc + a shared-memory array, between two processes) and a gloo all-reduce of
+one hidden-state row. Results: ``bench/results/<name>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from dovetail.bench import RESULTS_DIR, humaneval_prompts, machine_info
+
+
+def run_actor_bench(args) -> int:
+    from dovetail.api import Dovetail
+    from dovetail.cli import _engine_config
+
+    base = _engine_config(args)
+    report = {"machine": machine_info(), "settings": {
+        "target": base.target, "draft": base.draft, "tree": str(base.tree), "draft_precision": base.draft_precision,
+        "prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "greedy": True}, "configs": {}}
+    report["micro"] = {"message_round_trip_us": message_round_trip_us(), "gloo_allreduce_us": gloo_allreduce_us()}
+    _say(f"micro: {report['micro']}")
+
+    base.engine = "inprocess"
+    dt = Dovetail(base).load()
+    prompts = humaneval_prompts(dt.tokenizer, args.prompts)
+    reference = _run(report, "inprocess", dt, prompts, None, {"threads": base.threads})
+    dt.close()
+    del dt
+
+    cpus = sorted(os.sched_getaffinity(0))
+    for label, sockets in (("1 shard", None), ("2 shards", "|".join(map(str, cpus)) if len(cpus) > 1 else None)):
+        if sockets is None and label != "1 shard":
+            continue
+        config = _engine_config(args)
+        config.engine, config.sockets = "actors", sockets
+        dt = Dovetail(config).load()
+        info = _ray_get(dt.engine.coordinator.info.remote(refresh=True))
+        for pipeline in (True, False):
+            name = f"actors[{label}, pipeline {'on' if pipeline else 'off'}]"
+            _run(report, name, dt, prompts, reference, {"plan": info["plan"]}, pipeline=pipeline)
+        info = _ray_get(dt.engine.coordinator.info.remote(refresh=True))
+        report["configs"][f"actors[{label}, pipeline on]"]["workers_peak_rss_gib"] = {
+            name: round(w["peak_rss"] / 2**30, 2) for name, w in info["workers"].items()}
+        dt.close()
+    _ratios(report)
+    path = RESULTS_DIR / f"{args.name}.json"
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps({k: {kk: v.get(kk) for kk in ("tokens_per_s", "vs_inprocess", "overlap", "step_ms")}
+                      for k, v in report["configs"].items()}, indent=1))
+    _say(f"wrote {path}")
+    return 0
+
+
+def _ray_get(ref):
+    import ray
+
+    return ray.get(ref)
+
+
+def _say(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _run(report, name, dt, prompts, reference, extra, **kw):
+    results = [dt.engine.generate(ids, report["settings"]["max_new_tokens"], **kw) for ids in prompts]
+    outs = [r.token_ids for r in results]
+    tokens, seconds = sum(map(len, outs)), sum(r.stats.total_s for r in results)
+    steps = sum(r.stats.steps for r in results)
+    entry = {"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 3),
+             "steps": steps, "mean_accepted": round(tokens / max(steps + len(prompts), 1), 3), **extra}
+    total = lambda field: sum(getattr(r.stats, field, 0.0) for r in results)  # noqa: E731
+    if reference is not None:
+        entry["identical_to_inprocess"] = [o == r for o, r in zip(outs, reference)]
+        per_step = lambda field: round(1000 * total(field) / max(steps, 1), 2)  # noqa: E731
+        exposed_draft = total("draft_wait_s")  # time the coordinator waited on the draft, messages included
+        entry["step_ms"] = {
+            "total": round(1000 * (seconds - total("prefill_s")) / max(steps, 1), 2),
+            "draft_compute": per_step("draft_s"), "draft_waited": round(1000 * exposed_draft / max(steps, 1), 2),
+            "verify_compute": per_step("verify_s"), "protocol": per_step("protocol_s")}
+        entry["step_ms"]["idle"] = round(entry["step_ms"]["total"] - entry["step_ms"]["verify_compute"]
+                                         - entry["step_ms"]["draft_waited"], 2)
+        entry["overlap"] = round(total("draft_hidden_s") / max(total("draft_s"), 1e-9), 3)
+        entry["bets_held"] = f"{int(total('bets_held'))}/{int(total('bets'))}"
+        entry["bytes_per_token"] = round(total("bytes_draft_target") / max(tokens, 1), 2)
+        entry["protocol_share"] = round(total("protocol_s") / max(seconds, 1e-9), 4)
+    else:
+        entry["step_ms"] = {"total": round(1000 * (seconds - total("prefill_s")) / max(steps, 1), 2),
+                            "draft_compute": round(1000 * total("draft_s") / max(steps, 1), 2),
+                            "verify_compute": round(1000 * total("verify_s") / max(steps, 1), 2)}
+    report["configs"][name] = entry
+    _say(f"{name}: {entry['tokens_per_s']:.2f} tok/s, steps {steps}, step ms {entry['step_ms']}"
+         + (f", overlap {entry['overlap']}, bets {entry['bets_held']}, identical "
+            f"{sum(entry['identical_to_inprocess'])}/{len(outs)}" if reference is not None else ""))
+    return outs
+
+
+def _ratios(report) -> None:
+    base = report["configs"]["inprocess"]["tokens_per_s"]
+    for entry in report["configs"].values():
+        entry["vs_inprocess"] = round(entry["tokens_per_s"] / base, 3)
+
+
+# -- micro-benchmarks ------------------------------------------------------------------------------
+def _echo(address: str, n: int) -> None:
+    from dovetail.protocol.channel import Channel
+    from dovetail.protocol.messages import Accepted
+    from dovetail.protocol.shm import ShmArena
+
+    channel, arenas = Channel(address, bind=False), {}
+    for _ in range(n):
+        msg = channel.recv()
+        arena = arenas.get(msg.tokens.segment) or arenas.setdefault(msg.tokens.segment, ShmArena(name=msg.tokens.segment))
+        tokens = arena.view(msg.tokens)
+        channel.send(Accepted(msg.request_id, msg.step, [0], [int(tokens[-1])], 0.0))
+    for arena in arenas.values():
+        arena.close()
+    channel.close()
+
+
+def message_round_trip_us(n: int = 2000) -> float:
+    """Median round trip of a VerifyTree (4-node tree in shm) and its Accepted reply, two processes."""
+    from dovetail.protocol.channel import Channel, ipc_address
+    from dovetail.protocol.messages import VerifyTree
+    from dovetail.protocol.shm import ShmArena
+
+    with tempfile.TemporaryDirectory(prefix="dt-") as tmp, ShmArena(1 << 16) as arena:
+        address = ipc_address(tmp, "echo")
+        channel = Channel(address, bind=True)
+        child = mp.get_context("spawn").Process(target=_echo, args=(address, n))
+        child.start()
+        times = []
+        for step in range(n):
+            t0 = time.perf_counter()
+            tokens = arena.put(np.arange(4, dtype=np.int32) + step)
+            parents = arena.put(np.array([-1, 0, 1, 2], dtype=np.int32))
+            channel.send(VerifyTree("r", step, tokens, parents))
+            channel.recv()
+            times.append(time.perf_counter() - t0)
+        child.join(10)
+        channel.close()
+    return round(1e6 * statistics.median(times[100:]), 1)
+
+
+def _gloo_worker(rank: int, init_file: str, hidden: int, n: int, out) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    x = torch.ones(1, hidden)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        dist.all_reduce(x)
+        times.append(time.perf_counter() - t0)
+    if rank == 0:
+        out.put(statistics.median(times[50:]))
+    dist.destroy_process_group()
+
+
+def gloo_allreduce_us(hidden: int = 1536, n: int = 1000) -> float:
+    """Median gloo all-reduce of one fp32 hidden row between two processes (what a layer pays twice)."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="dt-") as tmp:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        procs = [ctx.Process(target=_gloo_worker, args=(r, f"{tmp}/init", hidden, n, out)) for r in range(2)]
+        for p in procs:
+            p.start()
+        result = out.get(timeout=120)
+        for p in procs:
+            p.join(30)
+    return round(1e6 * result, 1)
