@@ -90,17 +90,17 @@ class Dovetail:
                      f"pipelining {'on' if cfg.pipeline else 'off'}" if self.draft_dir else "no draft"))
         return self
 
-    def close(self) -> None:
+    def close(self, graceful: bool = True) -> None:
         """Release the engine (stops the actor system, if any)."""
         if self._engine is not None and hasattr(self._engine, "shutdown"):
-            self._engine.shutdown()
+            self._engine.shutdown(graceful)
         self._engine = None
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        self.close(graceful=exc_type is not KeyboardInterrupt)  # Ctrl-C: stop now, still clean up
 
     @property
     def context_length(self) -> int:

@@ -35,7 +35,9 @@ def run_actor_bench(args) -> int:
     report = {"machine": machine_info(), "settings": {
         "target": base.target, "draft": base.draft, "tree": str(base.tree), "draft_precision": base.draft_precision,
         "prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "greedy": True}, "configs": {}}
-    report["micro"] = {"message_round_trip_us": message_round_trip_us(), "gloo_allreduce_us": gloo_allreduce_us()}
+    report["micro"] = {"message_round_trip_us": message_round_trip_us(),
+                       "raw_zmq_round_trip_us": message_round_trip_us(raw=True),
+                       "gloo_allreduce_us": allreduce_us("gloo"), "shm_allreduce_us": allreduce_us("shm")}
     _say(f"micro: {report['micro']}")
 
     base.engine = "inprocess"
@@ -120,13 +122,16 @@ def _ratios(report) -> None:
 
 
 # -- micro-benchmarks ------------------------------------------------------------------------------
-def _echo(address: str, n: int) -> None:
+def _echo(address: str, n: int, raw: bool) -> None:
     from dovetail.protocol.channel import Channel
     from dovetail.protocol.messages import Accepted
     from dovetail.protocol.shm import ShmArena
 
     channel, arenas = Channel(address, bind=False), {}
     for _ in range(n):
+        if raw:
+            channel.send_raw(channel.socket.recv())
+            continue
         msg = channel.recv()
         arena = arenas.get(msg.tokens.segment) or arenas.setdefault(msg.tokens.segment, ShmArena(name=msg.tokens.segment))
         tokens = arena.view(msg.tokens)
@@ -136,54 +141,71 @@ def _echo(address: str, n: int) -> None:
     channel.close()
 
 
-def message_round_trip_us(n: int = 2000) -> float:
-    """Median round trip of a VerifyTree (4-node tree in shm) and its Accepted reply, two processes."""
+def message_round_trip_us(n: int = 2000, raw: bool = False) -> float:
+    """Median round trip of a VerifyTree (4-node tree in shm) and its Accepted reply between two
+    processes; ``raw``: the same bytes without encoding, decoding or shm (zmq's own floor)."""
     from dovetail.protocol.channel import Channel, ipc_address
-    from dovetail.protocol.messages import VerifyTree
+    from dovetail.protocol.messages import VerifyTree, encode
     from dovetail.protocol.shm import ShmArena
 
     with tempfile.TemporaryDirectory(prefix="dt-") as tmp, ShmArena(1 << 16) as arena:
         address = ipc_address(tmp, "echo")
         channel = Channel(address, bind=True)
-        child = mp.get_context("spawn").Process(target=_echo, args=(address, n))
+        child = mp.get_context("spawn").Process(target=_echo, args=(address, n, raw))
         child.start()
+        parents = np.array([-1, 0, 1, 2], dtype=np.int32)
+        payload = encode(VerifyTree("r", 0, arena.put(parents), arena.put(parents)))
         times = []
         for step in range(n):
             t0 = time.perf_counter()
-            tokens = arena.put(np.arange(4, dtype=np.int32) + step)
-            parents = arena.put(np.array([-1, 0, 1, 2], dtype=np.int32))
-            channel.send(VerifyTree("r", step, tokens, parents))
-            channel.recv()
+            if raw:
+                channel.send_raw(payload)
+                channel.socket.recv()
+            else:
+                channel.send(VerifyTree("r", step, arena.put(np.arange(4, dtype=np.int32) + step), arena.put(parents)))
+                channel.recv()
             times.append(time.perf_counter() - t0)
         child.join(10)
         channel.close()
     return round(1e6 * statistics.median(times[100:]), 1)
 
 
-def _gloo_worker(rank: int, init_file: str, hidden: int, n: int, out) -> None:
+def _allreduce_worker(kind: str, rank: int, group: str, hidden: int, n: int, out) -> None:
     import torch
-    import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    if kind == "gloo":
+        import torch.distributed as dist
+
+        from dovetail.models.collectives import TorchDistributedCollective
+
+        dist.init_process_group("gloo", init_method=f"file://{group}", rank=rank, world_size=2)
+        collective = TorchDistributedCollective()
+    else:
+        from dovetail.models.collectives import ShmCollective
+
+        collective = ShmCollective(group, 2, rank)
     x = torch.ones(1, hidden)
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
-        dist.all_reduce(x)
+        collective.all_reduce(x)
         times.append(time.perf_counter() - t0)
     if rank == 0:
         out.put(statistics.median(times[50:]))
-    dist.destroy_process_group()
 
 
-def gloo_allreduce_us(hidden: int = 1536, n: int = 1000) -> float:
-    """Median gloo all-reduce of one fp32 hidden row between two processes (what a layer pays twice)."""
+def allreduce_us(kind: str, hidden: int = 1536, n: int = 1000) -> float:
+    """Median all-reduce of one fp32 hidden row between two processes (each layer does two)."""
+    from dovetail.models.collectives import shm_collective_bytes
+    from dovetail.protocol.shm import ShmArena
+
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    with tempfile.TemporaryDirectory(prefix="dt-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="dt-") as tmp, ShmArena(shm_collective_bytes(2)) as arena:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        procs = [ctx.Process(target=_gloo_worker, args=(r, f"{tmp}/init", hidden, n, out)) for r in range(2)]
+        group = f"{tmp}/init" if kind == "gloo" else arena.name
+        procs = [ctx.Process(target=_allreduce_worker, args=(kind, r, group, hidden, n, out)) for r in range(2)]
         for p in procs:
             p.start()
         result = out.get(timeout=120)

@@ -15,6 +15,7 @@ from dovetail.store import DEFAULT_DRAFT, DEFAULT_TARGET
 # chain wins over wider trees, whose extra draft levels and verify rows cost more than they gain.
 DEFAULT_TREE = TreeShape.chain(3)
 ENGINES = ("actors", "inprocess")
+COLLECTIVES = ("shm", "gloo")
 
 
 @dataclass
@@ -30,6 +31,7 @@ class EngineConfig:
     shards: int | None = None  # target shards (default: one per socket)
     pipeline: bool = True  # draft the next block while the current one is verified
     address: str | None = None  # join this Ray cluster instead of starting one
+    collective: str = "shm"  # how target shards all-reduce: "shm" (shared memory, faster here) or "gloo"
 
     def __post_init__(self):
         if isinstance(self.tree, str):
@@ -40,6 +42,8 @@ class EngineConfig:
             raise UserError(f"draft precision must be one of {DRAFT_PRECISIONS}, got {self.draft_precision!r}")
         if self.engine not in ENGINES:
             raise UserError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.collective not in COLLECTIVES:
+            raise UserError(f"collective must be one of {COLLECTIVES}, got {self.collective!r}")
         if self.shards is not None and self.shards < 1:
             raise UserError(f"shards must be >= 1, got {self.shards}")
         if self.sockets is not None:

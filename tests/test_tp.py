@@ -5,23 +5,26 @@ import torch
 import torch.multiprocessing as mp
 
 from dovetail.errors import UserError
+from dovetail.models.collectives import shm_collective_bytes
+from dovetail.protocol.shm import ShmArena
 from dovetail.models.tp import LocalCollective, check_shardable, load_shard
 from tiny_models import VOCAB, hf_greedy, perturbed, tiny_config, tiny_model
 
 PROMPT = [5, 17, 33, 2, 90, 41, 7]
 
 
-def _shard_worker(rank, world, init_file, model_dir, draft_dir, out):
+def _shard_worker(rank, world, init_file, model_dir, draft_dir, out, segment):
     import torch.distributed as dist
 
-    from dovetail.models.tp import TorchDistributedCollective
+    from dovetail.models.collectives import ShmCollective, TorchDistributedCollective
     from test_greedy_identity import make_engine
     from dovetail.models.tree import TreeShape
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        shard = load_shard(model_dir, TorchDistributedCollective())
+        collective = ShmCollective(segment, world, rank, slot_bytes=4096) if segment else TorchDistributedCollective()
+        shard = load_shard(model_dir, collective)
         draft = torch.load(draft_dir, weights_only=False)
         tokens = make_engine(shard, draft, TreeShape(8, 4, 2)).generate(PROMPT, 30).token_ids
         with torch.inference_mode():
@@ -31,22 +34,25 @@ def _shard_worker(rank, world, init_file, model_dir, draft_dir, out):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_two_shards_match_the_full_model(tmp_path, arch):
+@pytest.mark.parametrize("arch,collective", [("qwen2", "gloo"), ("llama", "gloo"), ("qwen2", "shm")])
+def test_two_shards_match_the_full_model(tmp_path, arch, collective):
     target = tiny_model(arch, seed=21, num_key_value_heads=2, pad_token_id=90)  # padding row outside shard 0
     target.save_pretrained(tmp_path / "model")
     draft = perturbed(target, 0.05)
     torch.save(draft, tmp_path / "draft.pt")
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_shard_worker, args=(r, 2, tmp_path / "init", tmp_path / "model",
-                                                     tmp_path / "draft.pt", out)) for r in range(2)]
+    arena = ShmArena(shm_collective_bytes(2, slot_bytes=4096)) if collective == "shm" else None  # small slots: chunking
+    procs = [ctx.Process(target=_shard_worker, args=(r, 2, tmp_path / "init", tmp_path / "model", tmp_path / "draft.pt",
+                                                     out, arena.name if arena else None)) for r in range(2)]
     for p in procs:
         p.start()
     results = dict((r, (tok, logits)) for r, tok, logits in (out.get(timeout=120) for _ in procs))
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
+    if arena:
+        arena.close()
     with torch.inference_mode():
         full_logits = target(torch.tensor([PROMPT])).logits[0]
     expected = hf_greedy(target, PROMPT, 30, eos=1)

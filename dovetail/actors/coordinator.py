@@ -29,6 +29,7 @@ import ray
 import zmq
 
 from dovetail.engine import GenerationStats, OutputBuffer
+from dovetail.models.collectives import shm_collective_bytes
 from dovetail.placement import Plan
 from dovetail.protocol.channel import Channel, ipc_address
 from dovetail.protocol.messages import (Accepted, ErrorReport, Predraft, ProposeTree, Shutdown, StartRequest,
@@ -56,6 +57,7 @@ class WorkerSpec:
     draft_precision: str = "int8"
     vocab_limit: int | None = None
     run_dir: str = "/tmp/dovetail-run"
+    collective: str = "shm"  # how shards all-reduce: "shm" (shared memory) or "gloo"
 
 
 @dataclass
@@ -112,14 +114,18 @@ class Coordinator:
         self.generation += 1
         spec, plan, gen = self.spec, self.spec.plan, self.generation
         env = {"runtime_env": {"env_vars": {"GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1"}}}
-        group_file = str(self.run_dir / f"gloo-{gen}-{secrets.token_hex(3)}")
+        group = str(self.run_dir / f"gloo-{gen}-{secrets.token_hex(3)}")
+        self.group_arena = None
+        if spec.collective == "shm" and len(plan.shards) > 1:
+            self.group_arena = ShmArena(shm_collective_bytes(len(plan.shards)))
+            group = self.group_arena.name
         self.shards: list[_Inbox] = []
         for shard in plan.shards:
             address = ipc_address(self.run_dir, f"shard{shard.rank}-{gen}")
             channel = Channel(address, bind=True)
             actor = ray.remote(TargetShard).options(num_cpus=0, max_restarts=0, **env).remote(
-                spec.target_dir, shard.rank, len(plan.shards), shard.cpus, shard.numa_node, group_file, address,
-                spec.target_kernel)
+                spec.target_dir, shard.rank, len(plan.shards), shard.cpus, shard.numa_node, group, address,
+                spec.target_kernel, spec.collective)
             self.shards.append(_Inbox(f"target shard {shard.rank}", channel, actor))
         self.draft: _Inbox | None = None
         if plan.draft is not None and spec.draft_dir is not None:
@@ -149,6 +155,9 @@ class Coordinator:
             box.channel.close()
             ray.kill(box.actor, no_restart=True)
         self.shards, self.draft = [], None
+        if self.group_arena is not None:
+            self.group_arena.close()
+            self.group_arena = None
         remove_orphaned_segments()
 
     def restart_workers(self) -> None:

@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import ray
@@ -68,7 +69,8 @@ class ActorEngine:
         self._owns_ray = start_ray(config.address, topology)
         self.run_dir = short_dir("run") / secrets.token_hex(4)
         spec = WorkerSpec(self.plan, str(target_dir), str(draft_dir) if draft_dir else None, str(config.tree),
-                          config.target_kernel, config.draft_precision, vocab_limit, str(self.run_dir))
+                          config.target_kernel, config.draft_precision, vocab_limit, str(self.run_dir),
+                          config.collective)
         coordinator_actor = ray.remote(num_cpus=0, max_restarts=-1, concurrency_groups={"control": 1})(Coordinator)
         self.coordinator = coordinator_actor.remote(spec, list(eos_token_ids))
         self.info = ray.get(self.coordinator.info.remote())
@@ -103,22 +105,42 @@ class ActorEngine:
                 return GenerationResult(tokens, stats)
         raise EngineError("the coordinator ended the request without a result")
 
-    def shutdown(self) -> None:
-        """Stop the workers and the coordinator, leave no shared memory or sockets behind."""
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stop the workers and the coordinator; leave no shared memory or sockets behind.
+
+        ``graceful=False`` (Ctrl-C) kills the coordinator at once: Ray then kills the workers it
+        owns, and their shared-memory segments are swept once their processes are gone."""
         if getattr(self, "coordinator", None) is None:
             return
         atexit.unregister(self.shutdown)
+        if graceful:
+            try:
+                ray.get(self.coordinator.shutdown.remote(), timeout=30)
+            except Exception as exc:  # stuck or dead: killing it takes its workers along
+                print(f"[dovetail] coordinator did not stop cleanly ({type(exc).__name__}); killing it",
+                      file=sys.stderr)
         try:
-            ray.get(self.coordinator.shutdown.remote(), timeout=30)
-        except Exception as exc:  # a stuck or dead coordinator: killing it takes its workers along
-            print(f"[dovetail] coordinator did not stop cleanly ({type(exc).__name__}); killing it", file=sys.stderr)
+            workers = ray.get(self.coordinator.info.remote(), timeout=5)["workers"]
+        except Exception:
+            workers = self.info["workers"]
         try:
             ray.kill(self.coordinator, no_restart=True)
         except Exception:
             pass
         self.coordinator = None
+        _wait_for_exit([w["pid"] for w in workers.values()], timeout_s=10)
         if self._owns_ray:
             ray.shutdown()
         remove_orphaned_segments()
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
+
+def _wait_for_exit(pids: list[int], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)

@@ -1,7 +1,7 @@
 """Target shard actor: one tensor-parallel slice of the CPU target, pinned to one socket.
 
-Every shard gets the same messages and runs the same forward; the layers all-reduce over gloo
-(``torch.distributed``) inside each forward, so every shard ends with the same logits and makes
+Every shard gets the same messages and runs the same forward; the layers all-reduce inside each
+forward (through shared memory by default, or gloo), so every shard ends with the same logits and makes
 the same (seeded) acceptance decision. Only rank 0 answers the coordinator.
 """
 
@@ -14,7 +14,8 @@ from dovetail.actors.worker import ChannelWorker, Timer, pin_to, rss_bytes
 from dovetail.models.cached_lm import CachedLM
 from dovetail.models.target import TargetVerifier
 from dovetail.models.tree import DraftTree
-from dovetail.models.tp import LocalCollective, TorchDistributedCollective, load_shard
+from dovetail.models.collectives import LocalCollective, ShmCollective, TorchDistributedCollective
+from dovetail.models.tp import load_shard
 from dovetail.models.verification import SamplingParams
 from dovetail.protocol.messages import Accepted, StartRequest, VerifyTree
 
@@ -25,24 +26,18 @@ class TargetShard(ChannelWorker):
     handlers = {StartRequest: "start", VerifyTree: "verify"}
 
     def __init__(self, model_dir: str, rank: int, world_size: int, cpus: tuple[int, ...], numa_node: int | None,
-                 group_file: str, address: str, kernel: str = "mm"):
+                 group: str, address: str, kernel: str = "mm", collective: str = "shm"):
+        """``group``: the shared-memory segment (``collective="shm"``) or gloo's rendezvous file."""
         self.rank = rank
         self.memory_policy = pin_to(cpus, numa_node)  # before loading: first touch lands locally
-        if world_size > 1:
-            import torch.distributed as dist
-
-            dist.init_process_group("gloo", init_method=f"file://{group_file}", rank=rank,
-                                    world_size=world_size, timeout=GROUP_TIMEOUT)
-            collective = TorchDistributedCollective()
-        else:
-            collective = LocalCollective()
-        self.verifier = TargetVerifier(CachedLM(load_shard(model_dir, collective, kernel)))
+        self.collective = _collective(collective, group, world_size, rank)
+        self.verifier = TargetVerifier(CachedLM(load_shard(model_dir, self.collective, kernel)))
         self.verifier.start([0, 1], SamplingParams())  # warm-up (every rank runs it: collectives pair up)
         self._serve(address, f"target-shard-{rank}")
 
     def ready(self) -> dict:
         return {"pid": os.getpid(), "cpus": sorted(os.sched_getaffinity(0)), "peak_rss": rss_bytes(),
-                "memory_policy": self.memory_policy}
+                "memory_policy": self.memory_policy, "collective": type(self.collective).__name__}
 
     def start(self, msg: StartRequest) -> None:
         with Timer() as t:
@@ -55,3 +50,15 @@ class TargetShard(ChannelWorker):
             acceptance = self.verifier.verify(DraftTree(self.view(msg.tokens), self.view(msg.parents)))
         if self.rank == 0:
             self.channel.send(Accepted(msg.request_id, msg.step, acceptance.path, acceptance.tokens, t.seconds))
+
+
+def _collective(kind: str, group: str, world_size: int, rank: int):
+    if world_size == 1:
+        return LocalCollective()
+    if kind == "shm":
+        return ShmCollective(group, world_size, rank, timeout_s=GROUP_TIMEOUT.total_seconds())
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{group}", rank=rank, world_size=world_size,
+                            timeout=GROUP_TIMEOUT)
+    return TorchDistributedCollective()

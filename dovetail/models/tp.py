@@ -22,56 +22,14 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Protocol
-
 import torch
 from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dovetail.errors import UserError
+from dovetail.models.collectives import Collective, LocalCollective, TorchDistributedCollective  # noqa: F401
 from dovetail.models.fast_linear import accelerate_linears
-
-
-class Collective(Protocol):
-    """The two collectives a shard needs; implementations: gloo (``torch.distributed``), or
-    ``LocalCollective`` for a single shard."""
-
-    world_size: int
-    rank: int
-
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor: ...
-
-    def all_gather_last_dim(self, tensor: torch.Tensor) -> torch.Tensor: ...
-
-
-class LocalCollective:
-    world_size, rank = 1, 0
-
-    def all_reduce(self, tensor):
-        return tensor
-
-    def all_gather_last_dim(self, tensor):
-        return tensor
-
-
-class TorchDistributedCollective:
-    """Collectives over an initialised ``torch.distributed`` process group (gloo on CPU)."""
-
-    def __init__(self):
-        import torch.distributed as dist
-
-        self.dist = dist
-        self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
-
-    def all_reduce(self, tensor):
-        self.dist.all_reduce(tensor)
-        return tensor
-
-    def all_gather_last_dim(self, tensor):
-        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        self.dist.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts, dim=-1)
 
 
 def check_shardable(config, world_size: int) -> None:
