@@ -2,7 +2,8 @@
 
 One run, same prompts (HumanEval through the chat template), greedy:
   inprocess           the in-process engine, all cores, sequential draft then verify (the baseline)
-  actors[1 shard]     draft on its own core, the target shard on the rest; pipelining on and off
+  actors[1 shard, draft takes turns]   same resources as inprocess, across processes (its overhead)
+  actors[1 shard, draft on its own core]  the target shard on the rest; pipelining on and off
   actors[2 shards]    the CPUs split into two virtual sockets, one shard each; pipelining on and off
 
 Per configuration it reports tokens/s, tau, a per-step time breakdown (draft the coordinator
@@ -48,19 +49,21 @@ def run_actor_bench(args) -> int:
     del dt
 
     cpus = sorted(os.sched_getaffinity(0))
-    for label, sockets in (("1 shard", None), ("2 shards", "|".join(map(str, cpus)) if len(cpus) > 1 else None)):
-        if sockets is None and label != "1 shard":
-            continue
+    setups = [("1 shard, draft takes turns on all cores", None, "shared", (False,)),
+              ("1 shard, draft on its own core", None, "auto", (True, False))]
+    if len(cpus) > 1:
+        setups.append(("2 shards", "|".join(map(str, cpus)), "auto", (True, False)))
+    for label, sockets, draft_cpus, pipelines in setups:
         config = _engine_config(args)
-        config.engine, config.sockets = "actors", sockets
+        config.engine, config.sockets, config.draft_cpus = "actors", sockets, draft_cpus
         dt = Dovetail(config).load()
         info = _ray_get(dt.engine.coordinator.info.remote(refresh=True))
-        for pipeline in (True, False):
+        for pipeline in pipelines:
             name = f"actors[{label}, pipeline {'on' if pipeline else 'off'}]"
             _run(report, name, dt, prompts, reference, {"plan": info["plan"]}, pipeline=pipeline)
         info = _ray_get(dt.engine.coordinator.info.remote(refresh=True))
-        report["configs"][f"actors[{label}, pipeline on]"]["workers_peak_rss_gib"] = {
-            name: round(w["peak_rss"] / 2**30, 2) for name, w in info["workers"].items()}
+        report["configs"][name]["workers_peak_rss_gib"] = {
+            worker: round(w["peak_rss"] / 2**30, 2) for worker, w in info["workers"].items()}
         dt.close()
     _ratios(report)
     path = RESULTS_DIR / f"{args.name}.json"

@@ -50,6 +50,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", type=_positive_int, default=None, help="target shards (default: one per socket)")
     p.add_argument("--no-pipeline", action="store_true", help="draft only after each verification")
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
+    p.add_argument("--draft-cpus", default="auto",
+                   help='without a GPU: "auto" (a core of its own), "shared" (take turns with the target) or a CPU list')
     p.add_argument("--collective", choices=("shm", "gloo"), default="shm",
                    help="how target shards all-reduce (default: shared memory)")
 
@@ -60,7 +62,7 @@ def _engine_config(args):
     kwargs = dict(target=args.target, draft=None if args.no_draft else args.draft,
                   draft_precision=args.draft_precision, target_kernel=args.target_kernel, engine=args.engine,
                   sockets=args.sockets, shards=args.shards, pipeline=not args.no_pipeline, address=args.address,
-                  collective=args.collective)
+                  collective=args.collective, draft_cpus=args.draft_cpus)
     if args.tree:
         kwargs["tree"] = parse_tree(args.tree)
     if args.threads:

@@ -32,6 +32,7 @@ class EngineConfig:
     pipeline: bool = True  # draft the next block while the current one is verified
     address: str | None = None  # join this Ray cluster instead of starting one
     collective: str = "shm"  # how target shards all-reduce: "shm" (shared memory, faster here) or "gloo"
+    draft_cpus: str = "auto"  # without a GPU: "auto" (a core of its own), "shared", or a CPU list
 
     def __post_init__(self):
         if isinstance(self.tree, str):
@@ -42,6 +43,10 @@ class EngineConfig:
             raise UserError(f"draft precision must be one of {DRAFT_PRECISIONS}, got {self.draft_precision!r}")
         if self.engine not in ENGINES:
             raise UserError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.draft_cpus not in ("auto", "shared"):
+            from dovetail.topology import parse_cpu_list
+
+            parse_cpu_list(self.draft_cpus)
         if self.collective not in COLLECTIVES:
             raise UserError(f"collective must be one of {COLLECTIVES}, got {self.collective!r}")
         if self.shards is not None and self.shards < 1:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dovetail.errors import UserError
-from dovetail.topology import Socket, Topology
+from dovetail.topology import Socket, Topology, parse_cpu_list
 
 GiB = 1 << 30
 PROCESS_OVERHEAD = int(0.6 * GiB)  # torch + ray worker baseline per actor process
@@ -84,14 +84,22 @@ def available_memory() -> int:
 
 
 def make_plan(topology: Topology, target_bytes: int, draft_bytes: int | None, shards: int | None = None,
-              draft_on_gpu: bool | None = None, memory_available: int | None = None) -> Plan:
-    """Shards over sockets (``shards`` defaults to one per socket; more shards split sockets evenly)."""
+              draft_on_gpu: bool | None = None, memory_available: int | None = None,
+              draft_cpus: str = "auto") -> Plan:
+    """Shards over sockets (``shards`` defaults to one per socket; more shards split sockets evenly).
+
+    ``draft_cpus`` (no GPU): "auto" carves one core for the draft, "shared" runs it on the last
+    shard's CPUs (the draft and the target then take turns), or "4,5" gives it those CPUs."""
     groups = _shard_groups(topology.sockets, len(topology.sockets) if shards is None else shards)
     gpu = bool(topology.gpus) if draft_on_gpu is None else draft_on_gpu
     draft = None
     if draft_bytes is not None:
         if gpu:
             draft = DraftPlacement("cuda", (), False, draft_bytes)
+        elif draft_cpus == "shared":
+            draft = DraftPlacement("cpu", groups[-1][0], True, draft_bytes + PROCESS_OVERHEAD)
+        elif draft_cpus != "auto":
+            groups, draft = _reserve_draft_cpus(groups, parse_cpu_list(draft_cpus), draft_bytes)
         else:
             groups, draft = _carve_draft_cpu(groups, draft_bytes)
     n = len(groups)
@@ -133,6 +141,16 @@ def _carve_draft_cpu(groups, draft_bytes):
         groups[largest] = (cpus[:-1], node, mem)
         return groups, DraftPlacement("cpu", cpus[-1:], False, draft_bytes + PROCESS_OVERHEAD)
     return groups, DraftPlacement("cpu", groups[-1][0], True, draft_bytes + PROCESS_OVERHEAD)
+
+
+def _reserve_draft_cpus(groups, cpus: tuple[int, ...], draft_bytes):
+    known = {c for g in groups for c in g[0]}
+    if not cpus or set(cpus) - known:
+        raise UserError(f"draft CPUs {list(cpus)} must be among the planned CPUs {sorted(known)}")
+    groups = [(tuple(c for c in g[0] if c not in cpus), g[1], g[2]) for g in groups]
+    if any(not g[0] for g in groups):
+        raise UserError(f"giving the draft CPUs {list(cpus)} leaves a target shard without CPUs")
+    return groups, DraftPlacement("cpu", tuple(cpus), False, draft_bytes + PROCESS_OVERHEAD)
 
 
 def _check_memory(shards, draft, groups, available: int) -> None:

@@ -50,3 +50,12 @@ def test_a_shard_larger_than_its_numa_node_is_refused():
     small = Topology((Socket(0, (0, 1), 4 * GiB, 0),))
     with pytest.raises(UserError, match="its NUMA node has 4.0 GiB"):
         make_plan(small, 6 * GiB, None, memory_available=100 * GiB)
+
+
+def test_draft_cpus_can_be_shared_or_chosen():
+    shared = make_plan(TWO_SOCKETS, 6 * GiB, GiB, memory_available=100 * GiB, draft_cpus="shared")
+    assert shared.draft.shares_cpus and shared.draft.cpus == (4, 5, 6, 7) and len(shared.shards[1].cpus) == 4
+    chosen = make_plan(TWO_SOCKETS, 6 * GiB, GiB, memory_available=100 * GiB, draft_cpus="0,1")
+    assert chosen.draft.cpus == (0, 1) and chosen.shards[0].cpus == (2, 3)
+    with pytest.raises(UserError, match="leaves a target shard without CPUs"):
+        make_plan(TWO_SOCKETS, 6 * GiB, GiB, memory_available=100 * GiB, draft_cpus="0-3")

@@ -64,7 +64,8 @@ class ActorEngine:
         draft_bytes = model_bytes(draft_dir) if draft_dir else None
         if draft_bytes and config.draft_precision == "int8":
             draft_bytes //= 2  # int8 linears, fp32 embedding: about half the fp32 size
-        self.plan: Plan = make_plan(topology, model_bytes(target_dir), draft_bytes, config.shards)
+        self.plan: Plan = make_plan(topology, model_bytes(target_dir), draft_bytes, config.shards,
+                                    draft_cpus=config.draft_cpus)
         say(self.plan.describe())
         self._owns_ray = start_ray(config.address, topology)
         self.run_dir = short_dir("run") / secrets.token_hex(4)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
-from dovetail.actors.worker import ChannelWorker, Timer, pin_to, rss_bytes
+from dovetail.actors.worker import ChannelWorker, Timer, lean_loading, pin_to, rss_bytes
 from dovetail.models.cached_lm import CachedLM
 from dovetail.models.target import TargetVerifier
 from dovetail.models.tree import DraftTree
@@ -31,7 +31,8 @@ class TargetShard(ChannelWorker):
         self.rank = rank
         self.memory_policy = pin_to(cpus, numa_node)  # before loading: first touch lands locally
         self.collective = _collective(collective, group, world_size, rank)
-        self.verifier = TargetVerifier(CachedLM(load_shard(model_dir, self.collective, kernel)))
+        with lean_loading():
+            self.verifier = TargetVerifier(CachedLM(load_shard(model_dir, self.collective, kernel)))
         self.verifier.start([0, 1], SamplingParams())  # warm-up (every rank runs it: collectives pair up)
         self._serve(address, f"target-shard-{rank}")
 
