@@ -12,7 +12,7 @@ import os
 import numpy as np
 import torch
 
-from dovetail.actors.worker import ChannelWorker, Timer, pin_to, rss_bytes
+from dovetail.actors.worker import ChannelWorker, Timer, lean_loading, pin_to, rss_bytes
 from dovetail.models.cached_lm import CachedLM
 from dovetail.models.draft import DraftProposer
 from dovetail.models.loading import load_causal_lm
@@ -31,7 +31,8 @@ class DraftWorker(ChannelWorker):
             self.placement = "cuda"
         else:
             self.placement = pin_to(cpus, None)
-            model = load_causal_lm(model_dir, precision=precision)
+            with lean_loading():
+                model = load_causal_lm(model_dir, precision=precision)
         self.proposer = DraftProposer(CachedLM(model), TreeShape.parse(tree), vocab_limit)
         self.proposer.start([0, 1])  # warm-up
         self.proposer.propose([1])
