@@ -18,12 +18,14 @@ from dovetail.config import EngineConfig
 from dovetail.engine import GenerationResult, SpeculativeEngine
 from dovetail.errors import UserError
 from dovetail.models.cached_lm import CachedLM
+from dovetail.models.dgf import is_drafter_dir, load_drafter, shared_frozen_tensors
 from dovetail.models.draft import DraftProposer
+from dovetail.models.feature_draft import FeatureDraftProposer
 from dovetail.models.loading import (draft_vocab_limit, eos_token_ids, eos_token_ids_from_config, load_causal_lm,
                                      load_tokenizer)
 from dovetail.models.target import TargetVerifier
 from dovetail.models.verification import SamplingParams
-from dovetail.store import ModelStore, resolve_model
+from dovetail.store import ModelStore, resolve_draft, resolve_model
 
 
 def _log(msg: str) -> None:
@@ -38,7 +40,8 @@ class Dovetail:
         self.config = config or EngineConfig()
         self._say = _log if verbose else (lambda msg: None)
         self.target_dir = resolve_model(self.config.target, store)
-        self.draft_dir = resolve_model(self.config.draft, store) if self.config.draft else None
+        self.draft_dir = resolve_draft(self.config.draft, self.config.target, store) if self.config.draft else None
+        self.feature_drafter = self.draft_dir is not None and is_drafter_dir(self.draft_dir)
         self.tokenizer = load_tokenizer(self.target_dir)
         self.target_config = AutoConfig.from_pretrained(self.target_dir)
         self._engine: SpeculativeEngine | None = None
@@ -59,17 +62,20 @@ class Dovetail:
         t0 = time.perf_counter()
         target_model = load_causal_lm(self.target_dir, linear_kernel=cfg.target_kernel)
         draft = None
-        if self.draft_dir is not None:
+        if self.feature_drafter:
+            drafter = load_drafter(self.draft_dir, self.target_dir, frozen=shared_frozen_tensors(target_model))
+            draft = FeatureDraftProposer(CachedLM(drafter), cfg.tree)
+        elif self.draft_dir is not None:
             draft_model = load_causal_lm(self.draft_dir, precision=cfg.draft_precision)
             limit = draft_vocab_limit(self.tokenizer, load_tokenizer(self.draft_dir),
                                       target_model.config.vocab_size, draft_model.config.vocab_size)
             draft = DraftProposer(CachedLM(draft_model), cfg.tree, vocab_limit=limit)
-        self._engine = SpeculativeEngine(TargetVerifier(CachedLM(target_model)), draft,
+        target = TargetVerifier(CachedLM(target_model, keep_hidden=self.feature_drafter))
+        self._engine = SpeculativeEngine(target, draft,
                                          eos_token_ids(target_model, self.tokenizer))
         self._engine.generate([0, 1], 2)  # warm up kernels and allocations before the first request
         self._say(f"target {cfg.target} (fp32, {cfg.target_kernel} linears); "
-                  + (f"draft {cfg.draft} ({cfg.draft_precision}), tree {cfg.tree}; " if draft
-                     else "no draft (target-only decoding); ")
+                  + (f"draft {self.draft_label}, tree {cfg.tree}; " if draft else "no draft (target-only decoding); ")
                   + f"{cfg.threads} threads; loaded in {time.perf_counter() - t0:.1f}s")
         return self
 
@@ -79,15 +85,16 @@ class Dovetail:
         cfg = self.config
         t0 = time.perf_counter()
         limit, eos = None, eos_token_ids_from_config(self.target_dir, self.tokenizer)
-        if self.draft_dir is not None:
+        if self.draft_dir is not None and not self.feature_drafter:
             draft_config = AutoConfig.from_pretrained(self.draft_dir)
             limit = draft_vocab_limit(self.tokenizer, load_tokenizer(self.draft_dir),
                                       self.target_config.vocab_size, draft_config.vocab_size)
         self._engine = ActorEngine(self.target_dir, self.draft_dir, cfg, eos, self.context_length, limit, self._say)
         self._say(f"actor engine up in {time.perf_counter() - t0:.1f}s: target {cfg.target} "
                   f"({len(self._engine.plan.shards)} shard(s)), "
-                  + (f"draft {cfg.draft} ({cfg.draft_precision}), tree {cfg.tree}, "
-                     f"pipelining {'on' if cfg.pipeline else 'off'}" if self.draft_dir else "no draft"))
+                  + (f"draft {self.draft_label}, tree {cfg.tree}, pipelining "
+                     + ("off (the feature drafter does not bet)" if self.feature_drafter else
+                        "on" if cfg.pipeline else "off") if self.draft_dir else "no draft"))
         return self
 
     def close(self, graceful: bool = True) -> None:
@@ -101,6 +108,13 @@ class Dovetail:
 
     def __exit__(self, exc_type, exc, tb):
         self.close(graceful=exc_type is not KeyboardInterrupt)  # Ctrl-C: stop now, still clean up
+
+    @property
+    def draft_label(self) -> str:
+        """Which draft proposes: the Dovetail feature drafter (and its folder) or a draft model."""
+        if self.feature_drafter:
+            return f"Dovetail drafter {self.draft_dir}"
+        return f"{self.config.draft} ({self.config.draft_precision})"
 
     @property
     def context_length(self) -> int:

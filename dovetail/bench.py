@@ -19,12 +19,14 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from dovetail.errors import UserError
+from dovetail.models.verification import SamplingParams
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results"
 DEFAULT_TREES = ("chain:3", "chain:5", "4,2,2", "8,4,2")
@@ -43,6 +45,12 @@ def add_bench_args(p) -> None:
     p.add_argument("--suite", choices=("humaneval", "actors"), default="humaneval",
                    help="humaneval: methods side by side; actors: the actor system vs the in-process engine")
     p.add_argument("--name", default=None, help="results file stem under bench/results/ (default: the suite)")
+    p.add_argument("--drafters", default="",
+                   help="';'-separated Dovetail drafter folders (or 'dovetail') to run with --drafter-trees")
+    p.add_argument("--drafter-trees", default="16,7,10;7,4,10;chain:3;chain:5",
+                   help="';'-separated tree shapes for the drafters")
+    p.add_argument("--sampled", type=float, default=0.0,
+                   help="also run the draft model's first tree and each drafter's first tree at this temperature")
 
 
 def machine_info() -> dict:
@@ -101,7 +109,9 @@ def run_bench(args) -> int:
     from dovetail.engine import GenerationStats
     from dovetail.models.cached_lm import CachedLM
     from dovetail.models.fast_linear import set_linear_kernel
+    from dovetail.models.dgf import is_drafter_dir
     from dovetail.models.loading import load_causal_lm
+    from dovetail.store import AUTO_DRAFT, DEFAULT_DRAFT, DRAFTER_KEYWORD, drafter_dir
 
     if args.prompts < 1 or args.max_new_tokens < 1:
         raise UserError("--prompts and --max-new-tokens must be >= 1")
@@ -118,6 +128,13 @@ def run_bench(args) -> int:
         return run_actor_bench(args)
     config = _engine_config(args)
     config.engine = "inprocess"  # this suite compares decoding loops inside one process
+    if config.draft == AUTO_DRAFT:  # compare both: the draft model here, the trained drafter (if any) below
+        config.draft = DEFAULT_DRAFT
+        if not args.drafters and is_drafter_dir(drafter_dir(config.target)):
+            args.drafters = DRAFTER_KEYWORD
+    elif (config.draft and is_drafter_dir(Path(config.draft).expanduser())) or config.draft == DRAFTER_KEYWORD:
+        raise UserError("bench --draft takes a draft model (for HF assisted); pass drafters with --drafters")
+    args.drafter_paths = _drafter_paths(args.drafters, config.target)  # refuse bad ones before loading
     dt = Dovetail(config).load()
     tokenizer, engine = dt.tokenizer, dt.engine
     target = engine.target.lm.model
@@ -139,21 +156,24 @@ def run_bench(args) -> int:
             outs.append(out[0, len(ids):].tolist())
         return outs, seconds
 
-    def record(name, outs, seconds, extra=None):
+    def record(name, outs, seconds, extra=None, exact=True):
         tokens = sum(len(o) for o in outs)
         entry = {"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 3)}
-        if reference is not None:
+        if reference is not None and exact:
             entry["identical_to_target"] = [o == r for o, r in zip(outs, reference)]
         entry.update(extra or {})
         report["methods"][name] = entry
         print(f"[bench] {name}: {entry['tokens_per_s']:.2f} tok/s ({tokens} tokens, {seconds:.0f}s)"
-              + (f", identical {sum(entry['identical_to_target'])}/{len(outs)}" if reference else ""),
+              + (f", identical {sum(entry['identical_to_target'])}/{len(outs)}" if "identical_to_target" in entry
+                 else ""),
               file=sys.stderr, flush=True)
         _write(report, args.name)
 
-    def run_dovetail(name, shape):
+    def run_dovetail(name, shape, params=SamplingParams()):
         engine.draft.set_shape(shape)
-        results = [engine.generate(ids, args.max_new_tokens) for ids in prompts]
+        results = [engine.generate(ids, args.max_new_tokens,
+                                   replace(params, seed=i) if not params.greedy else params)
+                   for i, ids in enumerate(prompts)]
         merged = GenerationStats(accepted_per_step=[a for r in results for a in r.stats.accepted_per_step])
         record(name, [r.token_ids for r in results], sum(r.stats.total_s for r in results), {
             "tree": str(shape), "steps": sum(r.stats.steps for r in results),
@@ -161,7 +181,8 @@ def run_bench(args) -> int:
             "acceptance_by_position": [round(x, 3) for x in merged.acceptance_by_position(shape.depth)],
             "draft_s": round(sum(r.stats.draft_s for r in results), 2),
             "verify_s": round(sum(r.stats.verify_s for r in results), 2),
-            "prefill_s": round(sum(r.stats.prefill_s for r in results), 2)})
+            "prefill_s": round(sum(r.stats.prefill_s for r in results), 2), "temperature": params.temperature},
+            exact=params.greedy)
 
     reference = None
     if "target" in methods:
@@ -186,6 +207,9 @@ def run_bench(args) -> int:
     if "dovetail" in methods and engine.draft:
         for shape in tqdm(trees, desc="dovetail trees", file=sys.stderr):
             run_dovetail(f"dovetail[{shape}]", shape)
+        if args.sampled:
+            run_dovetail(f"dovetail[{trees[0]}, T={args.sampled}]", trees[0], SamplingParams(args.sampled))
+    _run_drafters(args, dt, engine, run_dovetail, report)
     _add_ratios(report)
     if not args.no_curves:
         report["curves"] = _curves(dt, target)
@@ -196,6 +220,46 @@ def run_bench(args) -> int:
                       for k, v in report["methods"].items()}, indent=1))
     print(f"[bench] wrote {path} and {path.with_suffix('.png')}", file=sys.stderr)
     return 0
+
+
+def _drafter_paths(text: str, target: str) -> list[Path]:
+    from dovetail.models.dgf import is_drafter_dir
+    from dovetail.store import resolve_draft
+
+    paths = []
+    for item in filter(None, text.split(";")):
+        if item != "dovetail" and not is_drafter_dir(Path(item).expanduser()):
+            raise UserError(f"--drafters: {item} is not a Dovetail drafter folder (no drafter.json)")
+        paths.append(resolve_draft(item, target))
+    return paths
+
+
+def _run_drafters(args, dt, engine, run_dovetail, report) -> None:
+    """Each ``--drafters`` folder as the draft (sharing the loaded target's embedding and head)."""
+    from dovetail.config import parse_tree
+    from dovetail.models.cached_lm import CachedLM
+    from dovetail.models.dgf import load_drafter, read_spec, shared_frozen_tensors
+    from dovetail.models.feature_draft import FeatureDraftProposer
+    if not args.drafter_paths:
+        return
+    shapes = [parse_tree(t) for t in args.drafter_trees.split(";") if t]
+    target_model, draft_model_proposer = engine.target.lm.model, engine.draft
+    engine.target.lm.keep_hidden = True
+    report["drafters"] = {}
+    for path in args.drafter_paths:
+        spec, meta = read_spec(path)
+        label = f"{spec.fusion},L{spec.layers}" + (f",V{spec.draft_vocab}" if spec.draft_vocab else "")
+        report["drafters"][label] = {"path": str(path), **{k: meta.get(k) for k in (
+            "train_tokens", "train_seconds", "dump_seconds", "held_out_acc1", "held_out_acc2")}}
+        drafter = load_drafter(path, dt.target_dir, frozen=shared_frozen_tensors(target_model))
+        engine.draft = FeatureDraftProposer(CachedLM(drafter), shapes[0])
+        for shape in tqdm(shapes, desc=f"drafter {label}", file=sys.stderr):
+            run_dovetail(f"dovetail-drafter[{label}][{shape}]", shape)
+        if args.sampled:
+            run_dovetail(f"dovetail-drafter[{label}][{shapes[0]}, T={args.sampled}]", shapes[0],
+                         SamplingParams(args.sampled))
+    engine.target.lm.keep_hidden = False
+    engine.draft = draft_model_proposer
 
 
 def _curves(dt, target) -> dict:

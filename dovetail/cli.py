@@ -1,4 +1,4 @@
-"""Command line: ``python launch.py {fetch,generate,bench} ...``.
+"""Command line: ``python launch.py {fetch,generate,bench,train-draft} ...``.
 
 Bad input exits with status 2 and one line on stderr; progress and logs go to stderr, so with
 ``--json`` stdout carries exactly one JSON object.
@@ -17,6 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from dovetail.errors import EngineError, UserError  # noqa: E402
 
 EXIT_BAD_INPUT = 2
+TRAIN_TOKENS, TRAIN_STEPS = 100_000, 600  # fits the 2-hour budget on a 2-core machine (README)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,10 +34,13 @@ def _positive_int(text: str) -> int:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    from dovetail.store import DEFAULT_DRAFT, DEFAULT_TARGET
+    from dovetail.store import AUTO_DRAFT, DEFAULT_DRAFT, DEFAULT_TARGET
 
     p.add_argument("--target", default=DEFAULT_TARGET, help="packaged model name or HF model folder")
-    p.add_argument("--draft", default=DEFAULT_DRAFT, help="packaged model name or HF model folder")
+    p.add_argument("--draft", default=AUTO_DRAFT,
+                   help=f"'auto' (default: the Dovetail drafter train-draft made for the target if there is one, "
+                        f"else {DEFAULT_DRAFT}), 'dovetail' (that drafter), a drafter folder, a packaged model "
+                        "name or an HF model folder")
     p.add_argument("--no-draft", action="store_true", help="target-only decoding (speculation off)")
     p.add_argument("--tree", default=None, help="TOTAL,DEPTH,TOP_K (e.g. 16,7,10) or chain:K")
     p.add_argument("--draft-precision", choices=("int8", "fp32"), default="int8")
@@ -92,6 +96,25 @@ def build_parser() -> argparse.ArgumentParser:
     from dovetail.bench import add_bench_args
 
     add_bench_args(bench)
+
+    from dovetail.store import DEFAULT_TARGET
+
+    train = sub.add_parser("train-draft", help="train the Dovetail (DGF) feature drafter for a target")
+    train.add_argument("--target", default=DEFAULT_TARGET, help="packaged model name or HF model folder")
+    train.add_argument("--out", default=None, help="drafter folder (default: $DOVETAIL_HOME/drafters/<target>, "
+                                                   "where generate/bench/serve look for it)")
+    train.add_argument("--layers", type=_positive_int, default=1, help="decoder layers after the fusion")
+    train.add_argument("--fusion", choices=("dgf", "fc"), default="dgf", help="dgf (paper) or fc (EAGLE ablation)")
+    train.add_argument("--draft-vocab", type=int, default=0,
+                       help="keep only the N most frequent target tokens in the draft head (0: full vocabulary)")
+    train.add_argument("--tokens", type=_positive_int, default=TRAIN_TOKENS,
+                       help="code tokens of corpus (Python stdlib) to dump target features for")
+    train.add_argument("--seq-len", type=_positive_int, default=256)
+    train.add_argument("--steps", type=_positive_int, default=TRAIN_STEPS)
+    train.add_argument("--batch", type=_positive_int, default=4)
+    train.add_argument("--lr", type=float, default=3e-4)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: all CPUs)")
     return parser
 
 
@@ -101,6 +124,29 @@ def cmd_fetch(args) -> int:
     store = ModelStore()
     for name in args.names or [DEFAULT_TARGET, DEFAULT_DRAFT]:
         print(store.fetch(name))
+    return 0
+
+
+def cmd_train_draft(args) -> int:
+    from pathlib import Path
+
+    from dovetail.models.dgf import DrafterSpec
+    from dovetail.store import resolve_model
+    from dovetail.store import drafter_dir
+    from dovetail.training import run_train_draft
+    from dovetail.training.trainer import TrainSettings
+
+    if not (0 < args.lr < 1):
+        raise UserError(f"--lr must be in (0, 1), got {args.lr}")
+    spec = DrafterSpec(layers=args.layers, fusion=args.fusion, draft_vocab=args.draft_vocab)
+    settings = TrainSettings(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
+    target_dir = resolve_model(args.target)
+    out = Path(args.out).expanduser() if args.out else drafter_dir(args.target)
+    meta = run_train_draft(target_dir, Path(args.target).name, out, spec, settings, args.tokens, args.seq_len,
+                           threads=args.threads)
+    print(json.dumps({"drafter": str(out), **{k: meta[k] for k in ("train_tokens", "train_seconds",
+                                                                      "dump_seconds", "held_out_acc1",
+                                                                      "held_out_acc2")}}))
     return 0
 
 
@@ -153,7 +199,7 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_BAD_INPUT
-    handlers = {"fetch": cmd_fetch, "generate": cmd_generate}
+    handlers = {"fetch": cmd_fetch, "generate": cmd_generate, "train-draft": cmd_train_draft}
     try:
         if args.command == "bench":
             from dovetail.bench import run_bench

@@ -8,7 +8,7 @@ from dovetail.errors import UserError
 from dovetail.models.fast_linear import KERNELS
 from dovetail.models.loading import DRAFT_PRECISIONS, default_threads
 from dovetail.models.tree import TreeShape
-from dovetail.store import DEFAULT_DRAFT, DEFAULT_TARGET
+from dovetail.store import AUTO_DRAFT, DEFAULT_TARGET
 
 # Chosen from bench/results (HumanEval, Qwen 1.5B target, int8 0.5B draft, this 2-core machine):
 # verifying up to ~5 tokens costs about one target step with the "mm" kernel, so a 4-token
@@ -21,7 +21,7 @@ COLLECTIVES = ("shm", "gloo")
 @dataclass
 class EngineConfig:
     target: str = DEFAULT_TARGET
-    draft: str | None = DEFAULT_DRAFT  # None: no speculation (target-only decoding)
+    draft: str | None = AUTO_DRAFT  # the trained drafter if any, else the 0.5B model; None: target-only
     tree: TreeShape = field(default_factory=lambda: DEFAULT_TREE)
     target_kernel: str = "mm"
     draft_precision: str = "int8"

@@ -3,6 +3,7 @@
     first = target.start(prompt)            # prefill on the CPU target
     draft.start(prompt)
     loop: tree = draft.propose(new_tokens)  # draft proposes a tree from what was committed
+                                            # (a feature drafter also gets the target's features)
           acc  = target.verify(tree)        # one target forward over the tree; accept; commit
           new_tokens = acc.tokens           # accepted draft tokens + one bonus token
 
@@ -89,20 +90,24 @@ class SpeculativeEngine:
         commit = out.add
 
         new_tokens = [self.target.start(prompt_ids, params)]
+        features = self.target.prompt_features  # for a feature drafter; None otherwise
         if draft:
             draft.start(prompt_ids)
         stats.prefill_s = time.perf_counter() - t0
         done = commit(new_tokens)
         while not done:
             t1 = time.perf_counter()
-            tree = draft.propose(new_tokens) if draft else DraftTree([new_tokens[-1]], [-1])
+            if not draft:
+                tree = DraftTree([new_tokens[-1]], [-1])
+            else:
+                tree = draft.propose(new_tokens, features) if draft.uses_features else draft.propose(new_tokens)
             t2 = time.perf_counter()
             acceptance = self.target.verify(tree)
             stats.draft_s += t2 - t1
             stats.verify_s += time.perf_counter() - t2
             stats.steps += 1
             stats.accepted_per_step.append(acceptance.accepted_draft_tokens)
-            new_tokens = acceptance.tokens
+            new_tokens, features = acceptance.tokens, acceptance.features
             done = commit(new_tokens)
         stats.new_tokens = len(out.tokens)
         stats.total_s = time.perf_counter() - t0

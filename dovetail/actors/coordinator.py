@@ -32,7 +32,7 @@ from dovetail.engine import GenerationStats, OutputBuffer
 from dovetail.models.collectives import shm_collective_bytes
 from dovetail.placement import Plan
 from dovetail.protocol.channel import Channel, ipc_address
-from dovetail.protocol.messages import (Accepted, ErrorReport, Predraft, ProposeTree, Shutdown, StartRequest,
+from dovetail.protocol.messages import (Accepted, ArrayRef, ErrorReport, Predraft, ProposeTree, Shutdown, StartRequest,
                                         TreeProposal, VerifyTree)
 from dovetail.protocol.shm import ShmArena, remove_orphaned_segments
 
@@ -58,6 +58,7 @@ class WorkerSpec:
     vocab_limit: int | None = None
     run_dir: str = "/tmp/dovetail-run"
     collective: str = "shm"  # how shards all-reduce: "shm" (shared memory) or "gloo"
+    feature_drafter: bool = False  # draft_dir is a Dovetail drafter: shards send features, no betting
 
 
 @dataclass
@@ -125,7 +126,7 @@ class Coordinator:
             channel = Channel(address, bind=True)
             actor = ray.remote(TargetShard).options(num_cpus=0, max_restarts=0, **env).remote(
                 spec.target_dir, shard.rank, len(plan.shards), shard.cpus, shard.numa_node, group, address,
-                spec.target_kernel, spec.collective)
+                spec.target_kernel, spec.collective, spec.feature_drafter)
             self.shards.append(_Inbox(f"target shard {shard.rank}", channel, actor))
         self.draft: _Inbox | None = None
         if plan.draft is not None and spec.draft_dir is not None:
@@ -134,7 +135,8 @@ class Coordinator:
             d = plan.draft
             actor = ray.remote(DraftWorker).options(num_cpus=0, num_gpus=1 if d.device == "cuda" else 0,
                                                      max_restarts=0, **env).remote(
-                spec.draft_dir, spec.tree, d.device, d.cpus, address, spec.draft_precision, spec.vocab_limit)
+                spec.draft_dir, spec.tree, d.device, d.cpus, address, spec.draft_precision, spec.vocab_limit,
+                spec.target_dir)
             self.draft = _Inbox("draft", channel, actor)
         inboxes = self._inboxes()
         infos = ray.get([box.actor.ready.remote() for box in inboxes])
@@ -250,7 +252,7 @@ class Coordinator:
         t0 = time.perf_counter()
         out = OutputBuffer(max_new_tokens, self.eos, chunks.append)
         draft = self.draft if speculate else None
-        pipeline = bool(pipeline and draft)
+        pipeline = bool(pipeline and draft and not self.spec.feature_drafter)  # a feature drafter does not bet
         stats.pipelined = pipeline
         start = StartRequest(rid, self.arena.put(np.asarray(prompt_ids, dtype=np.int32)), sampling)
         for box in self.shards + ([draft] if draft else []):
@@ -259,8 +261,8 @@ class Coordinator:
         stats.prefill_s = time.perf_counter() - t0
         done = out.add(first.tokens)
         yield
-        new_tokens, step, settled = first.tokens, 0, []
-        tree = self._propose(draft, rid, step + 1, new_tokens, stats) if draft and not done else None
+        new_tokens, features, step, settled = first.tokens, first.features, 0, []
+        tree = self._propose(draft, rid, step + 1, new_tokens, features, stats) if draft and not done else None
         while not done:
             step += 1
             verify_msg = (VerifyTree(rid, step, tree.tokens, tree.parents) if draft
@@ -280,7 +282,7 @@ class Coordinator:
             stats.bytes_draft_target += 8 * len(acc.tokens)
             done = out.add(acc.tokens)
             yield
-            new_tokens, settled = acc.tokens, []
+            new_tokens, features, settled = acc.tokens, acc.features, []
             if pipeline:
                 bet = self._recv(draft, TreeProposal, rid, step + 1)
                 wait = time.perf_counter() - t_acc
@@ -294,19 +296,22 @@ class Coordinator:
                     tree, settled = bet, acc.tokens
                     continue
             if not done and draft:
-                tree = self._propose(draft, rid, step + 1, new_tokens, stats)
+                tree = self._propose(draft, rid, step + 1, new_tokens, features, stats)
         stats.new_tokens = len(out.tokens)
         stats.total_s = time.perf_counter() - t0
 
-    def _propose(self, draft: _Inbox, rid: str, step: int, new_tokens: list[int], stats: ActorStats) -> TreeProposal:
+    def _propose(self, draft: _Inbox, rid: str, step: int, new_tokens: list[int], features: ArrayRef | None,
+                 stats: ActorStats) -> TreeProposal:
         t = time.perf_counter()
-        draft.channel.send(ProposeTree(rid, step, new_tokens))
+        draft.channel.send(ProposeTree(rid, step, new_tokens, features))
         tree = self._recv(draft, TreeProposal, rid, step)
         wait = time.perf_counter() - t
         stats.draft_wait_s += wait
         stats.draft_s += tree.compute_s
         stats.protocol_s += max(0.0, wait - tree.compute_s)
         stats.bytes_draft_target += self._tree_bytes(tree) + 8 * len(new_tokens)
+        if features is not None and step > 1:  # per-step features (the prompt's are sent once)
+            stats.bytes_draft_target += self._array_bytes(features)
         return tree
 
     def _root_only(self, token: int):
@@ -314,6 +319,10 @@ class Coordinator:
         return self.arena.put(np.array([token], dtype=np.int32)), self.arena.put(np.array([-1], dtype=np.int32))
 
     @staticmethod
-    def _tree_bytes(tree: TreeProposal) -> int:
-        return sum(np.dtype(ref.dtype).itemsize * int(np.prod(ref.shape)) for ref in (tree.tokens, tree.parents))
+    def _array_bytes(ref: ArrayRef) -> int:
+        return np.dtype(ref.dtype).itemsize * int(np.prod(ref.shape))
+
+    @classmethod
+    def _tree_bytes(cls, tree: TreeProposal) -> int:
+        return cls._array_bytes(tree.tokens) + cls._array_bytes(tree.parents)
 

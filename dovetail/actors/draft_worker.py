@@ -3,6 +3,8 @@
 It answers ``ProposeTree`` (grow the tree after these committed tokens) and ``Predraft`` (bet on
 the tree now under verification and grow the next one). Trees go out as int32 arrays in this
 actor's shared-memory arena; the coordinator forwards the references to the shards unchanged.
+With a Dovetail feature drafter (a drafter folder) it reads the target's features, which
+``ProposeTree`` points to in shard 0's arena, and does not bet (no ``Predraft``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import torch
 
 from dovetail.actors.worker import ChannelWorker, Timer, lean_loading, pin_to, rss_bytes
 from dovetail.models.cached_lm import CachedLM
+from dovetail.models.dgf import is_drafter_dir, load_drafter
 from dovetail.models.draft import DraftProposer
+from dovetail.models.feature_draft import FeatureDraftProposer
 from dovetail.models.loading import load_causal_lm
 from dovetail.models.tree import DraftTree, TreeShape
 from dovetail.protocol.messages import Predraft, ProposeTree, StartRequest, TreeProposal
@@ -25,17 +29,25 @@ class DraftWorker(ChannelWorker):
     handlers = {StartRequest: "start", ProposeTree: "propose", Predraft: "predraft"}
 
     def __init__(self, model_dir: str, tree: str, device: str, cpus: tuple[int, ...], address: str,
-                 precision: str = "int8", vocab_limit: int | None = None):
+                 precision: str = "int8", vocab_limit: int | None = None, target_dir: str | None = None):
+        """``target_dir``: the target a feature drafter (``model_dir`` a drafter folder) belongs to."""
+        self.placement = "cuda" if device == "cuda" else pin_to(cpus, None)
+        with lean_loading():
+            if is_drafter_dir(model_dir):
+                model = load_drafter(model_dir, target_dir)
+            else:
+                model = load_causal_lm(model_dir, precision="fp32" if device == "cuda" else precision)
         if device == "cuda":
-            model = load_causal_lm(model_dir).to("cuda", torch.bfloat16)
-            self.placement = "cuda"
+            model = model.to("cuda", torch.bfloat16)
+        shape = TreeShape.parse(tree)
+        if is_drafter_dir(model_dir):
+            self.proposer = FeatureDraftProposer(CachedLM(model), shape)
+            self.proposer.start([0, 1])  # warm-up
+            self.proposer.propose([1], torch.zeros(2, model.config.hidden_size))
         else:
-            self.placement = pin_to(cpus, None)
-            with lean_loading():
-                model = load_causal_lm(model_dir, precision=precision)
-        self.proposer = DraftProposer(CachedLM(model), TreeShape.parse(tree), vocab_limit)
-        self.proposer.start([0, 1])  # warm-up
-        self.proposer.propose([1])
+            self.proposer = DraftProposer(CachedLM(model), shape, vocab_limit)
+            self.proposer.start([0, 1])  # warm-up
+            self.proposer.propose([1])
         self.arena = ShmArena(1 << 20)
         self._serve(address, "draft")
 
@@ -48,7 +60,9 @@ class DraftWorker(ChannelWorker):
 
     def propose(self, msg: ProposeTree) -> None:
         with Timer() as t:
-            if self.proposer.betting:
+            if self.proposer.uses_features:
+                tree = self.proposer.propose(msg.new_tokens, torch.from_numpy(np.array(self.view(msg.features))))
+            elif self.proposer.betting:
                 tree, _ = self.proposer.resolve(msg.new_tokens)
             else:
                 tree = self.proposer.propose(msg.new_tokens)

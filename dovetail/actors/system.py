@@ -21,7 +21,8 @@ from dovetail.actors.coordinator import ActorStats, Coordinator, WorkerSpec
 from dovetail.engine import GenerationResult, validate_request
 from dovetail.errors import EngineError
 from dovetail.models.verification import SamplingParams
-from dovetail.placement import Plan, make_plan, model_bytes
+from dovetail.models.dgf import is_drafter_dir
+from dovetail.placement import Plan, drafter_bytes, make_plan, model_bytes
 from dovetail.protocol.shm import remove_orphaned_segments
 from dovetail.store import dovetail_home
 from dovetail.topology import Topology, detect, parse_sockets
@@ -62,7 +63,9 @@ class ActorEngine:
         self.config, self.context_length = config, context_length
         topology = resolve_topology(config.sockets)
         draft_bytes = model_bytes(draft_dir) if draft_dir else None
-        if draft_bytes and config.draft_precision == "int8":
+        if draft_dir and is_drafter_dir(draft_dir):  # its layers + the target's embedding and head
+            draft_bytes = drafter_bytes(draft_dir, target_dir)
+        elif draft_bytes and config.draft_precision == "int8":
             draft_bytes //= 2  # int8 linears, fp32 embedding: about half the fp32 size
         self.plan: Plan = make_plan(topology, model_bytes(target_dir), draft_bytes, config.shards,
                                     draft_cpus=config.draft_cpus)
@@ -71,7 +74,7 @@ class ActorEngine:
         self.run_dir = short_dir("run") / secrets.token_hex(4)
         spec = WorkerSpec(self.plan, str(target_dir), str(draft_dir) if draft_dir else None, str(config.tree),
                           config.target_kernel, config.draft_precision, vocab_limit, str(self.run_dir),
-                          config.collective)
+                          config.collective, feature_drafter=bool(draft_dir) and is_drafter_dir(draft_dir))
         coordinator_actor = ray.remote(num_cpus=0, max_restarts=-1, concurrency_groups={"control": 1})(Coordinator)
         self.coordinator = coordinator_actor.remote(spec, list(eos_token_ids))
         self.info = ray.get(self.coordinator.info.remote())

@@ -18,22 +18,29 @@ from dovetail.models.collectives import LocalCollective, ShmCollective, TorchDis
 from dovetail.models.tp import load_shard
 from dovetail.models.verification import SamplingParams
 from dovetail.protocol.messages import Accepted, StartRequest, VerifyTree
+from dovetail.protocol.shm import ShmArena
 
 GROUP_TIMEOUT = timedelta(seconds=60)  # a dead peer turns a collective into an error after this
+FEATURE_ROWS = 4096  # the most feature rows one message carries (a longer prompt sends its last ones)
 
 
 class TargetShard(ChannelWorker):
     handlers = {StartRequest: "start", VerifyTree: "verify"}
 
     def __init__(self, model_dir: str, rank: int, world_size: int, cpus: tuple[int, ...], numa_node: int | None,
-                 group: str, address: str, kernel: str = "mm", collective: str = "shm"):
-        """``group``: the shared-memory segment (``collective="shm"``) or gloo's rendezvous file."""
+                 group: str, address: str, kernel: str = "mm", collective: str = "shm", features: bool = False):
+        """``group``: the shared-memory segment (``collective="shm"``) or gloo's rendezvous file;
+        ``features``: hand the committed positions' features to a feature drafter (rank 0 sends them)."""
         self.rank = rank
         self.memory_policy = pin_to(cpus, numa_node)  # before loading: first touch lands locally
         self.collective = _collective(collective, group, world_size, rank)
         with lean_loading():
-            self.verifier = TargetVerifier(CachedLM(load_shard(model_dir, self.collective, kernel)))
+            model = load_shard(model_dir, self.collective, kernel)
+            self.verifier = TargetVerifier(CachedLM(model, keep_hidden=features))
         self.verifier.start([0, 1], SamplingParams())  # warm-up (every rank runs it: collectives pair up)
+        self.features = None
+        if features and rank == 0:
+            self.features = ShmArena(2 * FEATURE_ROWS * model.config.hidden_size * 4 + (1 << 20))
         self._serve(address, f"target-shard-{rank}")
 
     def ready(self) -> dict:
@@ -44,13 +51,25 @@ class TargetShard(ChannelWorker):
         with Timer() as t:
             first = self.verifier.start(self.view(msg.prompt).tolist(), SamplingParams(**msg.sampling))
         if self.rank == 0:
-            self.channel.send(Accepted(msg.request_id, 0, [], [first], t.seconds))
+            self.channel.send(Accepted(msg.request_id, 0, [], [first], t.seconds,
+                                       self._put_features(self.verifier.prompt_features)))
 
     def verify(self, msg: VerifyTree) -> None:
         with Timer() as t:
             acceptance = self.verifier.verify(DraftTree(self.view(msg.tokens), self.view(msg.parents)))
         if self.rank == 0:
-            self.channel.send(Accepted(msg.request_id, msg.step, acceptance.path, acceptance.tokens, t.seconds))
+            self.channel.send(Accepted(msg.request_id, msg.step, acceptance.path, acceptance.tokens, t.seconds,
+                                       self._put_features(acceptance.features)))
+
+    def _put_features(self, features):
+        if self.features is None or features is None:
+            return None
+        return self.features.put(features[-FEATURE_ROWS:].float().numpy())
+
+    def _close(self) -> None:
+        super()._close()
+        if self.features is not None:
+            self.features.close()
 
 
 def _collective(kind: str, group: str, world_size: int, rank: int):

@@ -6,6 +6,11 @@ committed prefix, to the pending entries that are its ancestors, and to its own 
 the block (a 4D float mask, positions ``base + depth``). ``commit(path)`` keeps the pending entries
 on one root-to-leaf path, moves them to contiguous positions right after the prefix, and drops
 the rest. Any transformers Llama/Qwen2/Mistral-style model works: only its forward is used.
+
+Features: with ``keep_hidden=True`` every forward also leaves its last-layer hidden states (after
+the final norm) in ``last_hidden``, which is what a feature drafter reads. A feature drafter itself
+(``models/dgf.py``) is driven the same way, with a ``features`` row per fed token; its
+``last_hidden`` holds its predicted next features.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from dovetail.models.tree import ancestry_matrix
 
 
 class CachedLM:
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, keep_hidden: bool = False):
         self.model = model.eval()
+        self.keep_hidden = keep_hidden
+        self.last_hidden: torch.Tensor | None = None  # [n, H] of the last forward (see module doc)
         self.config = model.config
         self.dtype = model.dtype
         self.device = next(model.parameters()).device  # the draft may live on a GPU
@@ -37,19 +44,19 @@ class CachedLM:
 
     # -- forwards ------------------------------------------------------------------------
     @torch.inference_mode()
-    def extend(self, tokens, logits_to_keep: int = 1) -> torch.Tensor:
+    def extend(self, tokens, logits_to_keep: int = 1, features: torch.Tensor | None = None) -> torch.Tensor:
         """Append committed tokens causally; return logits of the last ``logits_to_keep`` positions."""
         if self._pending_nodes:
             raise RuntimeError("commit the pending tree before extending the prefix")
         ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64), device=self.device).view(1, -1)
         positions = torch.arange(self.committed, self.committed + ids.shape[1], device=self.device).view(1, -1)
-        out = self.model(input_ids=ids, position_ids=positions, cache=self.cache,
-                         use_cache=True, logits_to_keep=logits_to_keep)
+        logits = self._forward(ids, positions, None, logits_to_keep, features)
         self.committed += ids.shape[1]
-        return out.logits[0].float()
+        return logits
 
     @torch.inference_mode()
-    def forward_tree(self, tokens: np.ndarray, parents: np.ndarray, nodes, base_position: int) -> torch.Tensor:
+    def forward_tree(self, tokens: np.ndarray, parents: np.ndarray, nodes, base_position: int,
+                     features: torch.Tensor | None = None) -> torch.Tensor:
         """Write tree ``nodes`` (indices into ``tokens``/``parents``) as pending entries.
 
         Later calls of the same step may add deeper nodes (the tree may have grown meanwhile;
@@ -67,10 +74,23 @@ class CachedLM:
         mask.masked_fill_(torch.from_numpy(~allowed), torch.finfo(self.dtype).min)
         ids = torch.as_tensor(tokens[nodes], dtype=torch.long, device=self.device).view(1, -1)
         positions = torch.as_tensor(base_position + depth[nodes], device=self.device).view(1, -1)
-        out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask.to(self.device)[None, None],
-                         cache=self.cache, use_cache=True)
+        logits = self._forward(ids, positions, mask.to(self.device)[None, None], 0, features)
         self._pending_nodes.extend(int(n) for n in nodes)
-        return out.logits[0].float()
+        return logits
+
+    def _forward(self, ids, positions, mask, logits_to_keep: int, features) -> torch.Tensor:
+        kw = dict(position_ids=positions, attention_mask=mask, cache=self.cache, use_cache=True)
+        if features is not None:  # a feature drafter: its output carries the predicted features
+            out = self.model(input_ids=ids, features=features.to(self.device)[None], logits_to_keep=logits_to_keep, **kw)
+            self.last_hidden = out.hidden[0]
+            return out.logits[0].float()
+        if not self.keep_hidden:
+            return self.model(input_ids=ids, logits_to_keep=logits_to_keep, **kw).logits[0].float()
+        hidden = self.model.model(input_ids=ids, **kw).last_hidden_state
+        self.last_hidden = hidden[0]
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.model.lm_head(hidden)[0].float()
 
     def commit(self, path) -> int:
         """Keep the pending entries of ``path`` (tree nodes, root first), in order, contiguous.

@@ -20,6 +20,8 @@ from dovetail.models.tree import DraftTree, TreeBuilder, TreeShape
 
 
 class DraftProposer:
+    uses_features = False
+
     def __init__(self, lm: CachedLM, shape: TreeShape, vocab_limit: int | None = None):
         self.lm = lm
         self.set_shape(shape)

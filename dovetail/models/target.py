@@ -1,6 +1,9 @@
 """The target side: prefill, verify a draft tree in one forward, accept, commit.
 
 Only plain data goes in and out (token ids, tree arrays), so an actor can wrap it unchanged.
+For a feature drafter (``lm.keep_hidden``) it also hands out the last-layer features of what it
+committed: the prompt's after ``start``, and ``Acceptance.features`` (root + accepted path) after
+``verify`` -- one row per committed token, (accepted + 1) x hidden.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ class TargetVerifier:
         self.lm = lm
         self.params = SamplingParams()
         self.generator: torch.Generator | None = None
+        self.prompt_features: torch.Tensor | None = None
 
     @property
     def context_length(self) -> int:
@@ -29,6 +33,7 @@ class TargetVerifier:
         self.params = params
         self.generator = None if params.greedy else params.generator()
         logits = self.lm.extend(prompt_ids)
+        self.prompt_features = self.lm.last_hidden if self.lm.keep_hidden else None
         if params.greedy:
             return int(logits[-1].argmax())
         return sample_token(target_probs(logits[-1:], params)[0], self.generator)
@@ -40,5 +45,7 @@ class TargetVerifier:
             acceptance = accept_greedy(tree, logits)
         else:
             acceptance = accept_sampling(tree, target_probs(logits, self.params), self.generator)
+        if self.lm.keep_hidden:
+            acceptance.features = self.lm.last_hidden[acceptance.path]
         self.lm.commit(acceptance.path)
         return acceptance

@@ -69,10 +69,12 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 @dataclass
 class Acceptance:
     """Result of verifying one tree: the accepted root-to-node path and the committed tokens
-    (accepted draft tokens followed by the bonus token)."""
+    (accepted draft tokens followed by the bonus token); for a feature drafter, the target's
+    features at the path's nodes (one row per committed token)."""
 
     path: list[int]
     tokens: list[int]
+    features: torch.Tensor | None = None
 
     @property
     def accepted_draft_tokens(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 import typing
 from dataclasses import dataclass, field
 
@@ -59,11 +60,14 @@ class StartRequest:
 
 @message("propose")
 class ProposeTree:
-    """Coordinator -> draft: tokens committed since the last proposal; grow the next tree."""
+    """Coordinator -> draft: tokens committed since the last proposal; grow the next tree.
+    ``features``: for a feature drafter, the target's features before each of those tokens
+    (float32 [n, hidden], in shard 0's arena)."""
 
     request_id: str
     step: int
     new_tokens: list[int]
+    features: ArrayRef | None = None
 
 
 @message("predraft")
@@ -102,13 +106,15 @@ class VerifyTree:
 @message("accepted")
 class Accepted:
     """Shard rank 0 -> coordinator: the accepted path (tree nodes), the committed tokens
-    (accepted draft tokens + the bonus), and the shard's compute time."""
+    (accepted draft tokens + the bonus), and the shard's compute time; for a feature drafter, the
+    features of the committed positions (the prompt's after prefill) in the shard's arena."""
 
     request_id: str
     step: int
     path: list[int]
     tokens: list[int]
     compute_s: float = 0.0
+    features: ArrayRef | None = None
 
 
 @message("error")
@@ -171,6 +177,10 @@ def _check_fields(cls, fields: dict) -> dict:
 
 
 def _coerce(kind: str, name: str, hint, value):
+    if isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint):  # optional field
+        if value is None:
+            return None
+        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
     if hint is ArrayRef:
         if not isinstance(value, dict):
             raise ProtocolError(f"{kind}.{name}: expected an array reference")

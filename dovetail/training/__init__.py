@@ -1,0 +1,86 @@
+"""``python launch.py train-draft``: corpus -> target features -> trained drafter.
+
+    windows = code_windows(tokenizer, tokens)        # corpus.py: stdlib code in chat framing
+    dump    = dump_features(target, windows, ...)    # features.py: resumable memmap dump
+    model   = build_drafter(target_dir, spec)        # models/dgf.py
+    train_drafter(model, dump, settings, out)        # trainer.py: checkpointed, resumable
+    model.save(out)                                  # drafter.json + drafter.safetensors
+
+Every stage is cached under ``$DOVETAIL_HOME`` and resumes after an interruption; the same
+arguments and seed give the same drafter.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dovetail.models.dgf import DrafterSpec, build_drafter, frozen_target_tensors
+from dovetail.store import dovetail_home
+from dovetail.training.corpus import code_windows
+from dovetail.training.features import FeatureDump, dump_features
+from dovetail.training.trainer import TrainSettings, train_drafter
+
+
+def frequent_vocab(dump: FeatureDump, size: int, always: list[int]) -> np.ndarray:
+    """The ``size`` most frequent target ids in the dump's code positions (plus ``always``)."""
+    tokens = np.asarray(dump.tokens[:, dump.prefix_len:]).ravel()
+    counts = np.bincount(tokens, minlength=int(tokens.max()) + 1)
+    order = np.argsort(-counts, kind="stable")
+    chosen = [int(t) for t in always] + [int(t) for t in order if counts[t] > 0]
+    ids = list(dict.fromkeys(chosen))[:size]
+    return np.sort(np.asarray(ids, dtype=np.int64))
+
+
+def run_train_draft(target_dir: Path, target_name: str, out: Path, spec: DrafterSpec, settings: TrainSettings,
+                    tokens: int, seq_len: int = 256, threads: int | None = None, say=None) -> dict:
+    from dovetail.models.loading import eos_token_ids_from_config, load_causal_lm, load_tokenizer
+
+    say = say or (lambda msg: print(f"[train-draft] {msg}", file=sys.stderr, flush=True))
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(target_dir)
+    windows = code_windows(tokenizer, tokens, seq_len, seed=settings.seed)
+    code_tokens = len(windows.token_ids) * (seq_len - windows.prefix_len)
+    say(f"corpus: {len(windows.token_ids)} windows of {seq_len} tokens from the Python standard library "
+        f"({code_tokens} code tokens, {windows.prefix_len}-token chat framing)")
+    dump_dir = dovetail_home() / "features" / target_name / f"stdlib-{code_tokens}-{seq_len}-s{settings.seed}"
+    if not (dump_dir / "dump.json").exists() or _incomplete(dump_dir):
+        target = load_causal_lm(target_dir)
+        dump = dump_features(target, windows, dump_dir)
+        del target
+    else:
+        dump = FeatureDump.open(dump_dir)
+    say(f"features: {dump_dir} ({dump.seconds:.0f}s of target time)")
+
+    embed, head = frozen_target_tensors(target_dir)
+    vocab_ids = None
+    if spec.draft_vocab:
+        vocab_ids = frequent_vocab(dump, spec.draft_vocab, eos_token_ids_from_config(target_dir, tokenizer))
+        say(f"draft vocabulary: {len(vocab_ids)} most frequent ids of {head.shape[0]}")
+    model = build_drafter(target_dir, spec, vocab_ids, seed=settings.seed, frozen=(embed, head))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    say(f"drafter: {spec.fusion} fusion, {spec.layers} layer(s), {trainable / 1e6:.1f}M trainable parameters")
+    report = train_drafter(model, dump, settings, out, full_head=head if vocab_ids is not None else None)
+    meta = {"target": target_name, "hidden_size": int(embed.shape[1]), "corpus": "python-stdlib",
+            "train_tokens": report.train_tokens, "train_steps": report.steps, "train_seconds": report.seconds,
+            "dump_seconds": round(dump.seconds, 1), "held_out_acc1": round(report.acc1, 4),
+            "held_out_acc2": round(report.acc2, 4), "settings": asdict(settings),
+            "wall_seconds": round(time.perf_counter() - t0, 1)}
+    model.save(out, meta)
+    (Path(out) / "history.json").write_text(json.dumps(report.history) + "\n")
+    say(f"saved {out}: held-out acc1 {report.acc1:.3f}, acc2 {report.acc2:.3f}; "
+        f"training {report.seconds:.0f}s, features {dump.seconds:.0f}s")
+    return meta
+
+
+def _incomplete(dump_dir: Path) -> bool:
+    meta = json.loads((dump_dir / "dump.json").read_text())
+    return meta["done"] < meta["windows"]

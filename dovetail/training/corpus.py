@@ -1,0 +1,63 @@
+"""The drafter's training corpus: the Python standard library's own source, offline everywhere.
+
+Why this corpus: it is on every machine that runs Dovetail (no hub, no download), it is code in
+the same language and style as the evaluation set, and it shares nothing with HumanEval (the
+held-out evaluation set). Each window is framed the way the engine meets code at run time: the
+target's chat template with a user request, then the assistant answer opening a Python block, so
+the features come from the target *answering*, not just reading a file. Only the code positions
+are trained on.
+"""
+
+from __future__ import annotations
+
+import random
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+SKIP_PARTS = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
+USER_REQUEST = "Write the following Python module."
+
+
+@dataclass
+class Windows:
+    """Token windows of one length: ``prefix_len`` framing tokens, then code."""
+
+    token_ids: list[list[int]]
+    prefix_len: int
+
+
+def stdlib_files(root: str | Path | None = None) -> list[Path]:
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    files = [p for p in root.rglob("*.py") if not SKIP_PARTS & set(p.relative_to(root).parts)]
+    return sorted(files)
+
+
+def answer_prefix(tokenizer) -> list[int]:
+    """Chat-template framing: a user request and the opening of the assistant's code block."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": USER_REQUEST}],
+                                             add_generation_prompt=True, tokenize=False)
+        return tokenizer.encode(text + "```python\n", add_special_tokens=False)
+    return tokenizer.encode("```python\n")
+
+
+def code_windows(tokenizer, tokens: int, seq_len: int = 256, seed: int = 0, files: list[Path] | None = None,
+                 texts: list[str] | None = None) -> Windows:
+    """Windows covering about ``tokens`` code tokens, cut from shuffled files (deterministic for a seed)."""
+    prefix = answer_prefix(tokenizer)
+    body = seq_len - len(prefix)
+    if body < 16:
+        raise ValueError(f"seq_len {seq_len} leaves no room after the {len(prefix)}-token chat framing")
+    if texts is None:
+        files = list(files if files is not None else stdlib_files())
+        random.Random(seed).shuffle(files)
+        texts = (f.read_text(encoding="utf-8", errors="replace") for f in files)
+    windows: list[list[int]] = []
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        for start in range(0, len(ids) - body + 1, body):
+            windows.append(prefix + ids[start:start + body])
+            if len(windows) * body >= tokens:
+                return Windows(windows, len(prefix))
+    return Windows(windows, len(prefix))
