@@ -63,7 +63,8 @@ class Dovetail:
         target_model = load_causal_lm(self.target_dir, linear_kernel=cfg.target_kernel)
         draft = None
         if self.feature_drafter:
-            drafter = load_drafter(self.draft_dir, self.target_dir, frozen=shared_frozen_tensors(target_model))
+            drafter = load_drafter(self.draft_dir, self.target_dir, frozen=shared_frozen_tensors(target_model),
+                                   draft_vocab=cfg.draft_vocab, precision=cfg.draft_precision)
             draft = FeatureDraftProposer(CachedLM(drafter), cfg.tree)
         elif self.draft_dir is not None:
             draft_model = load_causal_lm(self.draft_dir, precision=cfg.draft_precision)
@@ -113,7 +114,8 @@ class Dovetail:
     def draft_label(self) -> str:
         """Which draft proposes: the Dovetail feature drafter (and its folder) or a draft model."""
         if self.feature_drafter:
-            return f"Dovetail drafter {self.draft_dir}"
+            vocab = f", head cut to {self.config.draft_vocab} tokens" if self.config.draft_vocab else ""
+            return f"Dovetail drafter {self.draft_dir} ({self.config.draft_precision}{vocab})"
         return f"{self.config.draft} ({self.config.draft_precision})"
 
     @property

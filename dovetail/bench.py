@@ -49,6 +49,8 @@ def add_bench_args(p) -> None:
                    help="';'-separated Dovetail drafter folders (or 'dovetail') to run with --drafter-trees")
     p.add_argument("--drafter-trees", default="16,7,10;7,4,10;chain:3;chain:5",
                    help="';'-separated tree shapes for the drafters")
+    p.add_argument("--drafter-vocabs", default="0",
+                   help="';'-separated head cuts for each drafter (0: as trained); the first tree runs with each")
     p.add_argument("--sampled", type=float, default=0.0,
                    help="also run the draft model's first tree and each drafter's first tree at this temperature")
 
@@ -248,16 +250,19 @@ def _run_drafters(args, dt, engine, run_dovetail, report) -> None:
     report["drafters"] = {}
     for path in args.drafter_paths:
         spec, meta = read_spec(path)
-        label = f"{spec.fusion},L{spec.layers}" + (f",V{spec.draft_vocab}" if spec.draft_vocab else "")
-        report["drafters"][label] = {"path": str(path), **{k: meta.get(k) for k in (
-            "train_tokens", "train_seconds", "dump_seconds", "held_out_acc1", "held_out_acc2")}}
-        drafter = load_drafter(path, dt.target_dir, frozen=shared_frozen_tensors(target_model))
-        engine.draft = FeatureDraftProposer(CachedLM(drafter), shapes[0])
-        for shape in tqdm(shapes, desc=f"drafter {label}", file=sys.stderr):
-            run_dovetail(f"dovetail-drafter[{label}][{shape}]", shape)
-        if args.sampled:
-            run_dovetail(f"dovetail-drafter[{label}][{shapes[0]}, T={args.sampled}]", shapes[0],
-                         SamplingParams(args.sampled))
+        for n, vocab in enumerate(int(v) for v in args.drafter_vocabs.split(";") if v):
+            label = (f"{spec.fusion},L{spec.layers},{args.draft_precision}"
+                     + (f",V{vocab or spec.draft_vocab}" if vocab or spec.draft_vocab else ""))
+            report["drafters"][label] = {"path": str(path), **{k: meta.get(k) for k in (
+                "train_tokens", "train_seconds", "dump_seconds", "held_out_acc1", "held_out_acc2")}}
+            drafter = load_drafter(path, dt.target_dir, frozen=shared_frozen_tensors(target_model),
+                                   draft_vocab=vocab, precision=args.draft_precision)
+            engine.draft = FeatureDraftProposer(CachedLM(drafter), shapes[0])
+            for shape in tqdm(shapes if n == 0 else shapes[:1], desc=f"drafter {label}", file=sys.stderr):
+                run_dovetail(f"dovetail-drafter[{label}][{shape}]", shape)
+            if args.sampled and n == 0:
+                run_dovetail(f"dovetail-drafter[{label}][{shapes[0]}, T={args.sampled}]", shapes[0],
+                             SamplingParams(args.sampled))
     engine.target.lm.keep_hidden = False
     engine.draft = draft_model_proposer
 

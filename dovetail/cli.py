@@ -44,6 +44,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-draft", action="store_true", help="target-only decoding (speculation off)")
     p.add_argument("--tree", default=None, help="TOTAL,DEPTH,TOP_K (e.g. 16,7,10) or chain:K")
     p.add_argument("--draft-precision", choices=("int8", "fp32"), default="int8")
+    p.add_argument("--draft-vocab", type=int, default=0,
+                   help="Dovetail drafter only: cut its head to the corpus's N most frequent tokens (0: as trained)")
     p.add_argument("--target-kernel", choices=("mm", "mkldnn", "stock"), default="mm")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch threads of the in-process engine (default: all CPUs)")
@@ -64,7 +66,7 @@ def _engine_config(args):
     from dovetail.config import EngineConfig, parse_tree
 
     kwargs = dict(target=args.target, draft=None if args.no_draft else args.draft,
-                  draft_precision=args.draft_precision, target_kernel=args.target_kernel, engine=args.engine,
+                  draft_precision=args.draft_precision, draft_vocab=args.draft_vocab, target_kernel=args.target_kernel, engine=args.engine,
                   sockets=args.sockets, shards=args.shards, pipeline=not args.no_pipeline, address=args.address,
                   collective=args.collective, draft_cpus=args.draft_cpus)
     if args.tree:

@@ -25,6 +25,7 @@ class EngineConfig:
     tree: TreeShape = field(default_factory=lambda: DEFAULT_TREE)
     target_kernel: str = "mm"
     draft_precision: str = "int8"
+    draft_vocab: int = 0  # a Dovetail drafter's head cut to its corpus's N most frequent tokens (0: as trained)
     threads: int = field(default_factory=default_threads)  # in-process engine only (actors: the plan)
     engine: str = "actors"  # "actors": the Ray actor system; "inprocess": one process, no Ray
     sockets: str | None = None  # virtual sockets, e.g. "0|1" (default: the machine's NUMA nodes)
@@ -41,6 +42,8 @@ class EngineConfig:
             raise UserError(f"target kernel must be one of {KERNELS}, got {self.target_kernel!r}")
         if self.draft_precision not in DRAFT_PRECISIONS:
             raise UserError(f"draft precision must be one of {DRAFT_PRECISIONS}, got {self.draft_precision!r}")
+        if self.draft_vocab < 0:
+            raise UserError(f"draft_vocab must be >= 0, got {self.draft_vocab}")
         if self.engine not in ENGINES:
             raise UserError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.draft_cpus not in ("auto", "shared"):

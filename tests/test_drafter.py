@@ -203,3 +203,26 @@ def test_sampling_with_the_feature_drafter_is_lossless():
         accepted += sum(result.stats.accepted_per_step)
     assert accepted > n * 0.2, "drafts were rarely accepted: the test would not exercise acceptance"
     assert chi_square_pvalue(counts, exact, n) > 1e-3
+
+
+def test_int8_and_cut_head_at_load_time_stay_exact(target, dump, trained, tmp_path):
+    """A drafter trained on the full vocabulary, loaded with its head cut to the corpus's most
+    frequent tokens and int8 linears: faster drafts, same exact output."""
+    from dovetail.training import token_counts
+
+    model, _ = trained
+    model.save(tmp_path, {"hidden_size": 64, "eos_token_ids": [EOS]})
+    np.save(tmp_path / "token_counts.npy", token_counts(dump, VOCAB))
+    target.save_pretrained(tmp_path / "target")
+    cut = load_drafter(tmp_path, tmp_path / "target", draft_vocab=30, precision="int8")
+    assert cut.head_weight.shape[0] == 30 and EOS in cut.vocab_ids.tolist() and cut.int8_head is not None
+    counts = token_counts(dump, VOCAB)
+    kept = set(cut.vocab_ids.tolist()) - {EOS}
+    assert min(counts[list(kept)]) >= max(np.delete(counts, list(kept | {EOS})))  # the most frequent ones
+    engine = feature_engine(target, cut, TreeShape.parse("chain:4"))
+    accepted = 0
+    for prompt in ([5, 9, 17], [40], [3, 3, 60, 12, 8]):
+        result = engine.generate(prompt, 30)
+        assert result.token_ids == hf_greedy(target, prompt, 30, eos=EOS)
+        accepted += sum(result.stats.accepted_per_step)
+    assert accepted > 5

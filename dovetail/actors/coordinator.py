@@ -59,6 +59,7 @@ class WorkerSpec:
     run_dir: str = "/tmp/dovetail-run"
     collective: str = "shm"  # how shards all-reduce: "shm" (shared memory) or "gloo"
     feature_drafter: bool = False  # draft_dir is a Dovetail drafter: shards send features, no betting
+    draft_vocab: int = 0
 
 
 @dataclass
@@ -136,7 +137,7 @@ class Coordinator:
             actor = ray.remote(DraftWorker).options(num_cpus=0, num_gpus=1 if d.device == "cuda" else 0,
                                                      max_restarts=0, **env).remote(
                 spec.draft_dir, spec.tree, d.device, d.cpus, address, spec.draft_precision, spec.vocab_limit,
-                spec.target_dir)
+                spec.target_dir, spec.draft_vocab)
             self.draft = _Inbox("draft", channel, actor)
         inboxes = self._inboxes()
         infos = ray.get([box.actor.ready.remote() for box in inboxes])

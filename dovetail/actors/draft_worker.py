@@ -29,12 +29,14 @@ class DraftWorker(ChannelWorker):
     handlers = {StartRequest: "start", ProposeTree: "propose", Predraft: "predraft"}
 
     def __init__(self, model_dir: str, tree: str, device: str, cpus: tuple[int, ...], address: str,
-                 precision: str = "int8", vocab_limit: int | None = None, target_dir: str | None = None):
+                 precision: str = "int8", vocab_limit: int | None = None, target_dir: str | None = None,
+                 draft_vocab: int = 0):
         """``target_dir``: the target a feature drafter (``model_dir`` a drafter folder) belongs to."""
         self.placement = "cuda" if device == "cuda" else pin_to(cpus, None)
         with lean_loading():
             if is_drafter_dir(model_dir):
-                model = load_drafter(model_dir, target_dir)
+                model = load_drafter(model_dir, target_dir, draft_vocab=draft_vocab,
+                                     precision="fp32" if device == "cuda" else precision)
             else:
                 model = load_causal_lm(model_dir, precision="fp32" if device == "cuda" else precision)
         if device == "cuda":

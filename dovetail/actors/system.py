@@ -74,7 +74,8 @@ class ActorEngine:
         self.run_dir = short_dir("run") / secrets.token_hex(4)
         spec = WorkerSpec(self.plan, str(target_dir), str(draft_dir) if draft_dir else None, str(config.tree),
                           config.target_kernel, config.draft_precision, vocab_limit, str(self.run_dir),
-                          config.collective, feature_drafter=bool(draft_dir) and is_drafter_dir(draft_dir))
+                          config.collective, feature_drafter=bool(draft_dir) and is_drafter_dir(draft_dir),
+                          draft_vocab=config.draft_vocab)
         coordinator_actor = ray.remote(num_cpus=0, max_restarts=-1, concurrency_groups={"control": 1})(Coordinator)
         self.coordinator = coordinator_actor.remote(spec, list(eos_token_ids))
         self.info = ray.get(self.coordinator.info.remote())

@@ -32,7 +32,7 @@ from transformers import AutoConfig, AutoModel
 from dovetail.errors import UserError
 
 FUSIONS = ("dgf", "fc")
-SPEC_FILE, WEIGHTS_FILE = "drafter.json", "drafter.safetensors"
+SPEC_FILE, WEIGHTS_FILE, COUNTS_FILE = "drafter.json", "drafter.safetensors", "token_counts.npy"
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,7 @@ class FeatureDrafter(nn.Module):
             head_weight = head_weight[vocab_ids].contiguous()
         self.register_buffer("head_weight", head_weight, persistent=False)
         self.register_buffer("vocab_ids", vocab_ids, persistent=False)
+        self.int8_head = None  # set by quantize_int8()
         self.config = self.body.config  # what CachedLM reads (layers for its KV cache)
         self.config.vocab_size = target_config.vocab_size
 
@@ -106,7 +107,23 @@ class FeatureDrafter(nn.Module):
 
     def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the draft vocabulary (the reduced one when there is one)."""
+        if self.int8_head is not None and not self.training:
+            return self.int8_head(hidden.float())
         return hidden @ self.head_weight.T
+
+    def quantize_int8(self) -> "FeatureDrafter":
+        """For CPU drafting: int8 dynamic linears for the fusion, the layers and a copy of the head
+        (a draft step reads the whole head, so this cuts its bytes 4x). Inference only."""
+        import warnings
+
+        head = nn.Linear(self.head_weight.shape[1], self.head_weight.shape[0], bias=False)
+        head.weight = nn.Parameter(self.head_weight, requires_grad=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.ao.quantization.quantize_dynamic(self, {nn.Linear}, dtype=torch.qint8, inplace=True)
+            self.int8_head = torch.ao.quantization.quantize_dynamic(
+                nn.Sequential(head), {nn.Linear}, dtype=torch.qint8)[0]
+        return self
 
     def target_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the target's vocabulary; ids outside a reduced vocabulary get -inf."""
@@ -199,8 +216,13 @@ def build_drafter(target_dir: str | Path, spec: DrafterSpec, vocab_ids=None, see
 
 
 def load_drafter(drafter_dir: str | Path, target_dir: str | Path,
-                 frozen: tuple[torch.Tensor, torch.Tensor] | None = None) -> FeatureDrafter:
-    """Load a trained drafter; its embedding and head come from the target it was trained for."""
+                 frozen: tuple[torch.Tensor, torch.Tensor] | None = None, draft_vocab: int = 0,
+                 precision: str = "fp32") -> FeatureDrafter:
+    """Load a trained drafter; its embedding and head come from the target it was trained for.
+
+    ``draft_vocab``: keep only the N most frequent tokens of its training corpus in the head (the
+    head is the target's frozen one, so a drafter trained on the full vocabulary can be cut at load
+    time); ``precision="int8"``: see ``FeatureDrafter.quantize_int8``."""
     from safetensors.torch import load_file
 
     drafter_dir = Path(drafter_dir)
@@ -213,10 +235,32 @@ def load_drafter(drafter_dir: str | Path, target_dir: str | Path,
                         f"target has {config.hidden_size}")
     tensors = load_file(str(drafter_dir / WEIGHTS_FILE))
     vocab_ids = tensors.pop("draft_vocab_ids", None)
+    if draft_vocab and (vocab_ids is None or draft_vocab < len(vocab_ids)):
+        vocab_ids = frequent_ids(drafter_dir, draft_vocab, vocab_ids)
     embed, head = frozen if frozen is not None else frozen_target_tensors(target_dir)
     model = FeatureDrafter(config, spec, embed, head, vocab_ids)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise UserError(f"drafter {drafter_dir} does not match its spec (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]})")
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    return model.quantize_int8() if precision == "int8" else model
+
+
+def frequent_ids(drafter_dir: Path, size: int, within: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``size`` most frequent target ids of the drafter's corpus (``token_counts.npy``), plus
+    its EOS ids, restricted to ``within`` when given."""
+    import numpy as np
+
+    counts_file = Path(drafter_dir) / COUNTS_FILE
+    if not counts_file.exists():
+        raise UserError(f"{drafter_dir} has no {COUNTS_FILE}: it cannot be cut to a smaller draft vocabulary")
+    counts = np.load(counts_file).astype(np.int64)
+    if within is not None:
+        mask = np.zeros_like(counts, dtype=bool)
+        mask[within.numpy()] = True
+        counts = np.where(mask, counts, -1)
+    always = [int(t) for t in json.loads((Path(drafter_dir) / SPEC_FILE).read_text()).get("eos_token_ids", [])]
+    order = [int(t) for t in np.argsort(-counts, kind="stable") if counts[t] >= 0]
+    ids = list(dict.fromkeys(always + order))[:size]
+    return torch.as_tensor(sorted(ids), dtype=torch.long)

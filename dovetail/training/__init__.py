@@ -21,17 +21,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dovetail.models.dgf import DrafterSpec, build_drafter, frozen_target_tensors
+from dovetail.models.dgf import COUNTS_FILE, DrafterSpec, build_drafter, frozen_target_tensors
 from dovetail.store import dovetail_home
 from dovetail.training.corpus import code_windows
 from dovetail.training.features import FeatureDump, dump_features
 from dovetail.training.trainer import TrainSettings, train_drafter
 
 
+def token_counts(dump: FeatureDump, vocab_size: int) -> np.ndarray:
+    """How often each target id occurs in the dump's code positions."""
+    tokens = np.asarray(dump.tokens[:, dump.prefix_len:]).ravel()
+    return np.bincount(tokens, minlength=vocab_size).astype(np.int32)
+
+
 def frequent_vocab(dump: FeatureDump, size: int, always: list[int]) -> np.ndarray:
     """The ``size`` most frequent target ids in the dump's code positions (plus ``always``)."""
-    tokens = np.asarray(dump.tokens[:, dump.prefix_len:]).ravel()
-    counts = np.bincount(tokens, minlength=int(tokens.max()) + 1)
+    counts = token_counts(dump, 0)
     order = np.argsort(-counts, kind="stable")
     chosen = [int(t) for t in always] + [int(t) for t in order if counts[t] > 0]
     ids = list(dict.fromkeys(chosen))[:size]
@@ -61,20 +66,22 @@ def run_train_draft(target_dir: Path, target_name: str, out: Path, spec: Drafter
     say(f"features: {dump_dir} ({dump.seconds:.0f}s of target time)")
 
     embed, head = frozen_target_tensors(target_dir)
+    eos = eos_token_ids_from_config(target_dir, tokenizer)
     vocab_ids = None
     if spec.draft_vocab:
-        vocab_ids = frequent_vocab(dump, spec.draft_vocab, eos_token_ids_from_config(target_dir, tokenizer))
+        vocab_ids = frequent_vocab(dump, spec.draft_vocab, eos)
         say(f"draft vocabulary: {len(vocab_ids)} most frequent ids of {head.shape[0]}")
     model = build_drafter(target_dir, spec, vocab_ids, seed=settings.seed, frozen=(embed, head))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"drafter: {spec.fusion} fusion, {spec.layers} layer(s), {trainable / 1e6:.1f}M trainable parameters")
     report = train_drafter(model, dump, settings, out, full_head=head if vocab_ids is not None else None)
-    meta = {"target": target_name, "hidden_size": int(embed.shape[1]), "corpus": "python-stdlib",
+    meta = {"target": target_name, "hidden_size": int(embed.shape[1]), "eos_token_ids": eos, "corpus": "python-stdlib",
             "train_tokens": report.train_tokens, "train_steps": report.steps, "train_seconds": report.seconds,
             "dump_seconds": round(dump.seconds, 1), "held_out_acc1": round(report.acc1, 4),
             "held_out_acc2": round(report.acc2, 4), "settings": asdict(settings),
             "wall_seconds": round(time.perf_counter() - t0, 1)}
     model.save(out, meta)
+    np.save(Path(out) / COUNTS_FILE, token_counts(dump, head.shape[0]))  # lets the head be cut at load time
     (Path(out) / "history.json").write_text(json.dumps(report.history) + "\n")
     say(f"saved {out}: held-out acc1 {report.acc1:.3f}, acc2 {report.acc2:.3f}; "
         f"training {report.seconds:.0f}s, features {dump.seconds:.0f}s")
