@@ -13,8 +13,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def dovetail():
     from dovetail.api import Dovetail
+    from dovetail.config import EngineConfig
+    from dovetail.store import DEFAULT_DRAFT
 
-    return Dovetail().load()
+    # the packaged pair, in process (the reference below runs on the loaded target's weights)
+    return Dovetail(EngineConfig(engine="inprocess", draft=DEFAULT_DRAFT)).load()
 
 
 @pytest.mark.parametrize("problem", [0, 1, 2])

@@ -25,7 +25,7 @@ from dovetail.models.dgf import COUNTS_FILE, DrafterSpec, build_drafter, frozen_
 from dovetail.store import dovetail_home
 from dovetail.training.corpus import code_windows
 from dovetail.training.features import FeatureDump, dump_features
-from dovetail.training.trainer import TrainSettings, train_drafter
+from dovetail.training.trainer import CHECKPOINT, TrainSettings, train_drafter
 
 
 def token_counts(dump: FeatureDump, vocab_size: int) -> np.ndarray:
@@ -83,6 +83,7 @@ def run_train_draft(target_dir: Path, target_name: str, out: Path, spec: Drafter
     model.save(out, meta)
     np.save(Path(out) / COUNTS_FILE, token_counts(dump, head.shape[0]))  # lets the head be cut at load time
     (Path(out) / "history.json").write_text(json.dumps(report.history) + "\n")
+    (Path(out) / CHECKPOINT).unlink(missing_ok=True)  # the run is complete: its resume state is 3x the drafter
     say(f"saved {out}: held-out acc1 {report.acc1:.3f}, acc2 {report.acc2:.3f}; "
         f"training {report.seconds:.0f}s, features {dump.seconds:.0f}s")
     return meta
