@@ -226,11 +226,11 @@ def run_bench(args) -> int:
 
 def _drafter_paths(text: str, target: str) -> list[Path]:
     from dovetail.models.dgf import is_drafter_dir
-    from dovetail.store import resolve_draft
+    from dovetail.store import DRAFTER_KEYWORD, resolve_draft
 
     paths = []
     for item in filter(None, text.split(";")):
-        if item != "dovetail" and not is_drafter_dir(Path(item).expanduser()):
+        if item != DRAFTER_KEYWORD and not is_drafter_dir(Path(item).expanduser()):
             raise UserError(f"--drafters: {item} is not a Dovetail drafter folder (no drafter.json)")
         paths.append(resolve_draft(item, target))
     return paths

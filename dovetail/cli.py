@@ -66,7 +66,8 @@ def _engine_config(args):
     from dovetail.config import EngineConfig, parse_tree
 
     kwargs = dict(target=args.target, draft=None if args.no_draft else args.draft,
-                  draft_precision=args.draft_precision, draft_vocab=args.draft_vocab, target_kernel=args.target_kernel, engine=args.engine,
+                  draft_precision=args.draft_precision, draft_vocab=args.draft_vocab,
+                  target_kernel=args.target_kernel, engine=args.engine,
                   sockets=args.sockets, shards=args.shards, pipeline=not args.no_pipeline, address=args.address,
                   collective=args.collective, draft_cpus=args.draft_cpus)
     if args.tree:
@@ -133,8 +134,7 @@ def cmd_train_draft(args) -> int:
     from pathlib import Path
 
     from dovetail.models.dgf import DrafterSpec
-    from dovetail.store import resolve_model
-    from dovetail.store import drafter_dir
+    from dovetail.store import drafter_dir, resolve_model
     from dovetail.training import run_train_draft
     from dovetail.training.trainer import TrainSettings
 

@@ -33,16 +33,17 @@ class DraftWorker(ChannelWorker):
                  draft_vocab: int = 0):
         """``target_dir``: the target a feature drafter (``model_dir`` a drafter folder) belongs to."""
         self.placement = "cuda" if device == "cuda" else pin_to(cpus, None)
+        feature_drafter = is_drafter_dir(model_dir)
+        precision = "fp32" if device == "cuda" else precision  # a GPU gets bf16 below, not int8
         with lean_loading():
-            if is_drafter_dir(model_dir):
-                model = load_drafter(model_dir, target_dir, draft_vocab=draft_vocab,
-                                     precision="fp32" if device == "cuda" else precision)
+            if feature_drafter:
+                model = load_drafter(model_dir, target_dir, draft_vocab=draft_vocab, precision=precision)
             else:
-                model = load_causal_lm(model_dir, precision="fp32" if device == "cuda" else precision)
+                model = load_causal_lm(model_dir, precision=precision)
         if device == "cuda":
             model = model.to("cuda", torch.bfloat16)
         shape = TreeShape.parse(tree)
-        if is_drafter_dir(model_dir):
+        if feature_drafter:
             self.proposer = FeatureDraftProposer(CachedLM(model), shape)
             self.proposer.start([0, 1])  # warm-up
             self.proposer.propose([1], torch.zeros(2, model.config.hidden_size))

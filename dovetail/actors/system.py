@@ -62,8 +62,9 @@ class ActorEngine:
                  context_length: int, vocab_limit: int | None = None, say=lambda msg: None):
         self.config, self.context_length = config, context_length
         topology = resolve_topology(config.sockets)
+        feature_drafter = bool(draft_dir) and is_drafter_dir(draft_dir)
         draft_bytes = model_bytes(draft_dir) if draft_dir else None
-        if draft_dir and is_drafter_dir(draft_dir):  # its layers + the target's embedding and head
+        if feature_drafter:  # its layers + the target's embedding and head
             draft_bytes = drafter_bytes(draft_dir, target_dir)
         elif draft_bytes and config.draft_precision == "int8":
             draft_bytes //= 2  # int8 linears, fp32 embedding: about half the fp32 size
@@ -74,7 +75,7 @@ class ActorEngine:
         self.run_dir = short_dir("run") / secrets.token_hex(4)
         spec = WorkerSpec(self.plan, str(target_dir), str(draft_dir) if draft_dir else None, str(config.tree),
                           config.target_kernel, config.draft_precision, vocab_limit, str(self.run_dir),
-                          config.collective, feature_drafter=bool(draft_dir) and is_drafter_dir(draft_dir),
+                          config.collective, feature_drafter=feature_drafter,
                           draft_vocab=config.draft_vocab)
         coordinator_actor = ray.remote(num_cpus=0, max_restarts=-1, concurrency_groups={"control": 1})(Coordinator)
         self.coordinator = coordinator_actor.remote(spec, list(eos_token_ids))

@@ -260,7 +260,15 @@ def frequent_ids(drafter_dir: Path, size: int, within: torch.Tensor | None = Non
         mask = np.zeros_like(counts, dtype=bool)
         mask[within.numpy()] = True
         counts = np.where(mask, counts, -1)
-    always = [int(t) for t in json.loads((Path(drafter_dir) / SPEC_FILE).read_text()).get("eos_token_ids", [])]
+    always = json.loads((Path(drafter_dir) / SPEC_FILE).read_text()).get("eos_token_ids", [])
+    return torch.from_numpy(top_ids(counts, size, always))
+
+
+def top_ids(counts, size: int, always=()):
+    """``always`` then the ids with the highest ``counts`` (entries < 0 never chosen), ``size`` in
+    all, sorted ascending (int64 numpy)."""
+    import numpy as np
+
     order = [int(t) for t in np.argsort(-counts, kind="stable") if counts[t] >= 0]
-    ids = list(dict.fromkeys(always + order))[:size]
-    return torch.as_tensor(sorted(ids), dtype=torch.long)
+    ids = list(dict.fromkeys([int(t) for t in always] + order))[:size]
+    return np.sort(np.asarray(ids, dtype=np.int64))

@@ -109,7 +109,12 @@ class DraftProposer:
         return self.lm.commit(path)
 
     def _log_probs(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.vocab_limit is not None:
-            logits = logits.clone()
-            logits[:, self.vocab_limit:] = -float("inf")
-        return torch.log_softmax(logits.float(), dim=-1).cpu()
+        return log_probs(logits, self.vocab_limit)
+
+
+def log_probs(logits: torch.Tensor, vocab_limit: int | None = None) -> torch.Tensor:
+    """Draft log-probabilities on the CPU; ids at or above ``vocab_limit`` get -inf."""
+    if vocab_limit is not None:
+        logits = logits.clone()
+        logits[:, vocab_limit:] = -float("inf")
+    return torch.log_softmax(logits.float(), dim=-1).cpu()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from dovetail.models.cached_lm import CachedLM
+from dovetail.models.draft import log_probs
 from dovetail.models.tree import DraftTree, TreeBuilder, TreeShape
 
 
@@ -48,17 +49,13 @@ class FeatureDraftProposer:
 
         def expand(frontier, tree_tokens, parents):
             if list(frontier) == [0]:
-                return _log_probs(root_logits)
+                return log_probs(root_logits)
             inputs = torch.stack([predicted[int(parents[node])] for node in frontier])
             logits = self.lm.forward_tree(tree_tokens, parents, frontier, base, features=inputs)
             for i, node in enumerate(frontier):
                 predicted[int(node)] = self.lm.last_hidden[i]
-            return _log_probs(logits)
+            return log_probs(logits)
 
         tree, _ = self.builder.build(int(tokens[-1]), expand)
         return tree
-
-
-def _log_probs(logits: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits.float(), dim=-1).cpu()
 

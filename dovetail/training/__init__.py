@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dovetail.models.dgf import COUNTS_FILE, DrafterSpec, build_drafter, frozen_target_tensors
+from dovetail.models.dgf import COUNTS_FILE, DrafterSpec, build_drafter, frozen_target_tensors, top_ids
 from dovetail.store import dovetail_home
 from dovetail.training.corpus import code_windows
 from dovetail.training.features import FeatureDump, dump_features
@@ -36,11 +36,8 @@ def token_counts(dump: FeatureDump, vocab_size: int) -> np.ndarray:
 
 def frequent_vocab(dump: FeatureDump, size: int, always: list[int]) -> np.ndarray:
     """The ``size`` most frequent target ids in the dump's code positions (plus ``always``)."""
-    counts = token_counts(dump, 0)
-    order = np.argsort(-counts, kind="stable")
-    chosen = [int(t) for t in always] + [int(t) for t in order if counts[t] > 0]
-    ids = list(dict.fromkeys(chosen))[:size]
-    return np.sort(np.asarray(ids, dtype=np.int64))
+    counts = token_counts(dump, 0).astype(np.int64)
+    return top_ids(np.where(counts > 0, counts, -1), size, always)
 
 
 def run_train_draft(target_dir: Path, target_name: str, out: Path, spec: DrafterSpec, settings: TrainSettings,
