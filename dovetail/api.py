@@ -44,6 +44,7 @@ class Dovetail:
         self.feature_drafter = self.draft_dir is not None and is_drafter_dir(self.draft_dir)
         self.tokenizer = load_tokenizer(self.target_dir)
         self.target_config = AutoConfig.from_pretrained(self.target_dir)
+        self.eos_token_ids = eos_token_ids_from_config(self.target_dir, self.tokenizer)
         self._engine: SpeculativeEngine | None = None
 
     @property
@@ -85,7 +86,7 @@ class Dovetail:
 
         cfg = self.config
         t0 = time.perf_counter()
-        limit, eos = None, eos_token_ids_from_config(self.target_dir, self.tokenizer)
+        limit, eos = None, self.eos_token_ids
         if self.draft_dir is not None and not self.feature_drafter:
             draft_config = AutoConfig.from_pretrained(self.draft_dir)
             limit = draft_vocab_limit(self.tokenizer, load_tokenizer(self.draft_dir),

@@ -42,8 +42,11 @@ def add_bench_args(p) -> None:
     p.add_argument("--trees", default=";".join(DEFAULT_TREES), help="';'-separated tree shapes for Dovetail runs")
     p.add_argument("--methods", default="target,hf_assisted,dovetail", help="comma-separated subset")
     p.add_argument("--no-curves", action="store_true", help="skip the forward-cost curves")
-    p.add_argument("--suite", choices=("humaneval", "actors"), default="humaneval",
-                   help="humaneval: methods side by side; actors: the actor system vs the in-process engine")
+    p.add_argument("--suite", choices=("humaneval", "actors", "serve"), default="humaneval",
+                   help="humaneval: methods side by side; actors: the actor system vs the in-process engine; "
+                        "serve: the HTTP server (TTFT, overhead per token, concurrency, replicas/shards scaling)")
+    p.add_argument("--serve-configs", default="",
+                   help="serve suite: ';'-separated substrings picking configurations (default: all)")
     p.add_argument("--name", default=None, help="results file stem under bench/results/ (default: the suite)")
     p.add_argument("--drafters", default="",
                    help="';'-separated Dovetail drafter folders (or 'dovetail') to run with --drafter-trees")
@@ -128,6 +131,10 @@ def run_bench(args) -> int:
         from dovetail.bench_actors import run_actor_bench
 
         return run_actor_bench(args)
+    if args.suite == "serve":
+        from dovetail.bench_serve import run_serve_bench
+
+        return run_serve_bench(args)
     config = _engine_config(args)
     config.engine = "inprocess"  # this suite compares decoding loops inside one process
     if config.draft == AUTO_DRAFT:  # compare both: the draft model here, the trained drafter (if any) below

@@ -1,4 +1,4 @@
-"""Command line: ``python launch.py {fetch,generate,bench,train-draft} ...``.
+"""Command line: ``python launch.py {serve,fetch,generate,bench,train-draft} ...`` (no command: serve).
 
 Bad input exits with status 2 and one line on stderr; progress and logs go to stderr, so with
 ``--json`` stdout carries exactly one JSON object.
@@ -95,6 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="apply the target's chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (Ray Serve); the default command")
+    _add_model_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--replicas", type=_positive_int, default=1,
+                     help="engine replicas, each on its own share of the sockets")
+    srv.add_argument("--max-replicas", type=_positive_int, default=None,
+                     help="autoscale between --replicas and this many replicas on queue length")
+    srv.add_argument("--max-queued-requests", type=_positive_int, default=64,
+                     help="per replica; further requests get HTTP 429")
+    srv.add_argument("--served-model-name", default=None, help="model id in the API (default: the target's name)")
+
     bench = sub.add_parser("bench", help="HumanEval benchmark: target-only, HF assisted, Dovetail")
     from dovetail.bench import add_bench_args
 
@@ -128,6 +140,23 @@ def cmd_fetch(args) -> int:
     for name in args.names or [DEFAULT_TARGET, DEFAULT_DRAFT]:
         print(store.fetch(name))
     return 0
+
+
+def cmd_serve(args) -> int:
+    from dovetail.serve import ServeConfig
+    from dovetail.serve.server import run_server
+
+    if args.engine != "actors":
+        raise UserError("serve runs the actor engine; drop --engine inprocess")
+    data = dict(target=args.target, draft=None if args.no_draft else args.draft, tree=args.tree,
+                draft_precision=args.draft_precision, draft_vocab=args.draft_vocab, target_kernel=args.target_kernel,
+                sockets=args.sockets, shards=args.shards, pipeline=not args.no_pipeline, collective=args.collective,
+                draft_cpus=args.draft_cpus, host=args.host, port=args.port, replicas=args.replicas,
+                max_queued_requests=args.max_queued_requests, served_model_name=args.served_model_name,
+                address=args.address)
+    if args.max_replicas:
+        data["autoscaling"] = {"min_replicas": args.replicas, "max_replicas": args.max_replicas}
+    return run_server(ServeConfig.parse(data))
 
 
 def cmd_train_draft(args) -> int:
@@ -198,10 +227,9 @@ class _TextStream:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return EXIT_BAD_INPUT
-    handlers = {"fetch": cmd_fetch, "generate": cmd_generate, "train-draft": cmd_train_draft}
+    if args.command is None:  # `python launch.py` alone serves the defaults
+        args = parser.parse_args(["serve"])
+    handlers = {"fetch": cmd_fetch, "generate": cmd_generate, "serve": cmd_serve, "train-draft": cmd_train_draft}
     try:
         if args.command == "bench":
             from dovetail.bench import run_bench

@@ -35,6 +35,36 @@ class Topology:
     def cpus(self) -> tuple[int, ...]:
         return tuple(c for s in self.sockets for c in s.cpus)
 
+    def partition(self, index: int, count: int) -> "Topology":
+        """Part ``index`` of ``count`` equal shares of the machine (one per serving replica).
+
+        Whole sockets when ``count`` divides the socket count (each replica keeps its sockets'
+        NUMA memory); otherwise every socket's CPUs are split ``count`` ways and each part gets
+        one slice of every socket."""
+        if count == 1:
+            return self
+        if not 0 <= index < count:
+            raise UserError(f"replica part {index} of {count} does not exist")
+        n = len(self.sockets)
+        if n % count == 0:
+            share = n // count
+            picked = self.sockets[index * share:(index + 1) * share]
+            sockets = tuple(Socket(i, s.cpus, s.memory_bytes, s.numa_node) for i, s in enumerate(picked))
+        else:
+            too_small = [s.index for s in self.sockets if len(s.cpus) < count]
+            if too_small:
+                raise UserError(f"cannot split the machine into {count} replicas: socket(s) {too_small} have fewer "
+                                f"than {count} CPUs and {n} socket(s) do not divide evenly; use fewer replicas "
+                                "or --sockets")
+            sockets = tuple(Socket(s.index, _slice(s.cpus, index, count), None if s.memory_bytes is None
+                                   else s.memory_bytes // count, s.numa_node) for s in self.sockets)
+        return Topology(sockets, self.gpus, f"{self.source}, replica part {index + 1}/{count}")
+
+
+def _slice(cpus: tuple[int, ...], index: int, count: int) -> tuple[int, ...]:
+    bounds = [round(i * len(cpus) / count) for i in range(count + 1)]
+    return cpus[bounds[index]:bounds[index + 1]]
+
 
 def parse_cpu_list(text: str) -> tuple[int, ...]:
     """'0-3,8,10-11' -> (0, 1, 2, 3, 8, 10, 11)."""

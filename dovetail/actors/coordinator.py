@@ -32,13 +32,14 @@ from dovetail.engine import GenerationStats, OutputBuffer
 from dovetail.models.collectives import shm_collective_bytes
 from dovetail.placement import Plan
 from dovetail.protocol.channel import Channel, ipc_address
-from dovetail.protocol.messages import (Accepted, ArrayRef, ErrorReport, Predraft, ProposeTree, Shutdown, StartRequest,
-                                        TreeProposal, VerifyTree)
+from dovetail.protocol.messages import (Accepted, ArrayRef, EndRequest, ErrorReport, Predraft, ProposeTree, Shutdown,
+                                        StartRequest, TreeProposal, VerifyTree)
 from dovetail.protocol.shm import ShmArena, remove_orphaned_segments
 
 log = logging.getLogger("dovetail.coordinator")
 
 PING_EVERY_S = 1.0  # how long a reply may be silent before the coordinator checks the workers are alive
+CANCEL_MEMORY_S = 600.0  # how long a cancellation for a request not (yet) seen here is remembered
 
 
 class WorkerFailure(RuntimeError):
@@ -60,6 +61,7 @@ class WorkerSpec:
     collective: str = "shm"  # how shards all-reduce: "shm" (shared memory) or "gloo"
     feature_drafter: bool = False  # draft_dir is a Dovetail drafter: shards send features, no betting
     draft_vocab: int = 0
+    gpu_share: float = 1.0  # of the GPU the draft asks Ray for (serving replicas share one GPU)
 
 
 @dataclass
@@ -106,6 +108,7 @@ class Coordinator:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.arena = ShmArena(1 << 20)  # prompts
         self.workers_info: dict = {}
+        self._cancelled: dict[str, float] = {}  # request id -> when cancel() was called
         self._start_workers()
 
     # -- worker lifecycle --------------------------------------------------------------------
@@ -134,7 +137,7 @@ class Coordinator:
             address = ipc_address(self.run_dir, f"draft-{gen}")
             channel = Channel(address, bind=True)
             d = plan.draft
-            actor = ray.remote(DraftWorker).options(num_cpus=0, num_gpus=1 if d.device == "cuda" else 0,
+            actor = ray.remote(DraftWorker).options(num_cpus=0, num_gpus=spec.gpu_share if d.device == "cuda" else 0,
                                                      max_restarts=0, **env).remote(
                 spec.draft_dir, spec.tree, d.device, d.cpus, address, spec.draft_precision, spec.vocab_limit,
                 spec.target_dir, spec.draft_vocab)
@@ -180,6 +183,13 @@ class Coordinator:
     @ray.method(concurrency_group="control")
     def ping(self) -> bool:
         return True
+
+    @ray.method(concurrency_group="control")
+    def cancel(self, request_id: str) -> None:
+        """Stop ``request_id`` after its current step (or before it starts); its KV caches are freed."""
+        now = time.monotonic()
+        self._cancelled = {rid: t for rid, t in self._cancelled.items() if now - t < CANCEL_MEMORY_S}
+        self._cancelled[request_id] = now
 
     def shutdown(self) -> None:
         self._stop_workers(graceful=True)
@@ -228,17 +238,20 @@ class Coordinator:
 
     # -- the request loop --------------------------------------------------------------------
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: dict, speculate: bool = True,
-                 pipeline: bool = True):
+                 pipeline: bool = True, request_id: str | None = None):
         """Stream the request: yields each step's committed tokens (lists), then a final dict
-        ``{"stats": ActorStats}`` or ``{"error": str}``. After an error the workers are restarted."""
-        request_id = secrets.token_hex(6)
+        ``{"stats": ActorStats, "cancelled": bool}`` or ``{"error": str}``. After an error the
+        workers are restarted. ``cancel(request_id)`` stops it between steps."""
+        request_id = request_id or secrets.token_hex(6)
         chunks: list[list[int]] = []
         stats = ActorStats()
         try:
             for _ in self._run(request_id, prompt_ids, max_new_tokens, sampling, speculate, pipeline, stats, chunks):
                 while chunks:
                     yield chunks.pop(0)
-            yield {"stats": stats}
+            for box in self._inboxes():
+                box.channel.send(EndRequest(request_id))
+            yield {"stats": stats, "cancelled": self._cancelled.pop(request_id, None) is not None}
         except WorkerFailure as exc:
             log.error("request %s failed: %s; restarting the workers", request_id, exc)
             message = f"request failed: {exc}"
@@ -252,6 +265,8 @@ class Coordinator:
     def _run(self, rid, prompt_ids, max_new_tokens, sampling, speculate, pipeline, stats: ActorStats, chunks):
         t0 = time.perf_counter()
         out = OutputBuffer(max_new_tokens, self.eos, chunks.append)
+        if rid in self._cancelled:  # cancelled while it waited in a queue
+            return
         draft = self.draft if speculate else None
         pipeline = bool(pipeline and draft and not self.spec.feature_drafter)  # a feature drafter does not bet
         stats.pipelined = pipeline
@@ -264,7 +279,7 @@ class Coordinator:
         yield
         new_tokens, features, step, settled = first.tokens, first.features, 0, []
         tree = self._propose(draft, rid, step + 1, new_tokens, features, stats) if draft and not done else None
-        while not done:
+        while not done and rid not in self._cancelled:  # nothing is in flight here: safe to stop
             step += 1
             verify_msg = (VerifyTree(rid, step, tree.tokens, tree.parents) if draft
                           else VerifyTree(rid, step, *self._root_only(new_tokens[-1])))
@@ -296,7 +311,7 @@ class Coordinator:
                     stats.bytes_draft_target += self._tree_bytes(bet)
                     tree, settled = bet, acc.tokens
                     continue
-            if not done and draft:
+            if not done and draft and rid not in self._cancelled:
                 tree = self._propose(draft, rid, step + 1, new_tokens, features, stats)
         stats.new_tokens = len(out.tokens)
         stats.total_s = time.perf_counter() - t0

@@ -80,6 +80,9 @@ class DraftWorker(ChannelWorker):
             guess, tree = self.proposer.predraft()
         self._send(msg, tree, guess, t.seconds)
 
+    def release(self) -> None:
+        self.proposer.lm.reset()
+
     def _send(self, msg, tree: DraftTree, guess: list[int], seconds: float) -> None:
         self.channel.send(TreeProposal(msg.request_id, msg.step, self.arena.put(tree.tokens.astype(np.int32)),
                                        self.arena.put(tree.parents.astype(np.int32)), guess, seconds))

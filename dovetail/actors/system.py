@@ -40,8 +40,9 @@ def short_dir(name: str) -> Path:
     return path
 
 
-def resolve_topology(sockets: str | None) -> Topology:
-    return parse_sockets(sockets) if sockets else detect()
+def resolve_topology(sockets: str | None, part: tuple[int, int] = (0, 1)) -> Topology:
+    """The machine (or its ``--sockets`` override), or this replica's ``part`` (index, count) of it."""
+    return (parse_sockets(sockets) if sockets else detect()).partition(*part)
 
 
 def start_ray(address: str | None, topology: Topology) -> bool:
@@ -61,7 +62,7 @@ class ActorEngine:
     def __init__(self, target_dir: Path, draft_dir: Path | None, config, eos_token_ids: list[int],
                  context_length: int, vocab_limit: int | None = None, say=lambda msg: None):
         self.config, self.context_length = config, context_length
-        topology = resolve_topology(config.sockets)
+        topology = resolve_topology(config.sockets, config.partition)
         feature_drafter = bool(draft_dir) and is_drafter_dir(draft_dir)
         draft_bytes = model_bytes(draft_dir) if draft_dir else None
         if feature_drafter:  # its layers + the target's embedding and head
@@ -76,7 +77,7 @@ class ActorEngine:
         spec = WorkerSpec(self.plan, str(target_dir), str(draft_dir) if draft_dir else None, str(config.tree),
                           config.target_kernel, config.draft_precision, vocab_limit, str(self.run_dir),
                           config.collective, feature_drafter=feature_drafter,
-                          draft_vocab=config.draft_vocab)
+                          draft_vocab=config.draft_vocab, gpu_share=1.0 / config.partition[1])
         coordinator_actor = ray.remote(num_cpus=0, max_restarts=-1, concurrency_groups={"control": 1})(Coordinator)
         self.coordinator = coordinator_actor.remote(spec, list(eos_token_ids))
         self.info = ray.get(self.coordinator.info.remote())
@@ -88,27 +89,34 @@ class ActorEngine:
     def depth(self) -> int:
         return self.config.tree.depth if self.plan.draft else 0
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(),
-                 speculate: bool = True, on_tokens=None, pipeline: bool | None = None) -> GenerationResult:
+    def submit(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(),
+               speculate: bool = True, pipeline: bool | None = None, request_id: str | None = None):
+        """Start a request; return Ray's streaming generator of its items: lists of committed
+        tokens, then ``{"stats": ActorStats, "cancelled": bool}`` or ``{"error": str}``. Iterate it
+        with ``for``/``ray.get`` or ``async for``/``await``; ``cancel(request_id)`` stops it."""
         validate_request(prompt_ids, max_new_tokens, self.context_length)
         max_new_tokens = min(max_new_tokens, self.context_length - len(prompt_ids))
         sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                         seed=params.seed if params.seed is not None else secrets.randbits(63))
         pipeline = self.config.pipeline if pipeline is None else pipeline
-        stream = self.coordinator.generate.options(num_returns="streaming").remote(
-            list(map(int, prompt_ids)), max_new_tokens, sampling, speculate, pipeline)
+        return self.coordinator.generate.options(num_returns="streaming").remote(
+            list(map(int, prompt_ids)), max_new_tokens, sampling, speculate, pipeline, request_id)
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request after its current step; its workers free its KV caches."""
+        self.coordinator.cancel.remote(request_id)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(),
+                 speculate: bool = True, on_tokens=None, pipeline: bool | None = None) -> GenerationResult:
         tokens: list[int] = []
-        for ref in stream:
+        for ref in self.submit(prompt_ids, max_new_tokens, params, speculate, pipeline):
             item = ray.get(ref)
             if isinstance(item, list):
                 tokens.extend(item)
                 if on_tokens:
                     on_tokens(item)
-            elif "error" in item:
-                raise EngineError(item["error"])
             else:
-                stats: ActorStats = item["stats"]
-                return GenerationResult(tokens, stats)
+                return GenerationResult(tokens, final_stats(item))
         raise EngineError("the coordinator ended the request without a result")
 
     def shutdown(self, graceful: bool = True) -> None:
@@ -139,6 +147,13 @@ class ActorEngine:
             ray.shutdown()
         remove_orphaned_segments()
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def final_stats(item: dict) -> ActorStats:
+    """The statistics in a request's last item; ``EngineError`` if the request failed."""
+    if "error" in item:
+        raise EngineError(item["error"])
+    return item["stats"]
 
 
 def _wait_for_exit(pids: list[int], timeout_s: float) -> None:

@@ -61,6 +61,9 @@ class TargetShard(ChannelWorker):
             self.channel.send(Accepted(msg.request_id, msg.step, acceptance.path, acceptance.tokens, t.seconds,
                                        self._put_features(acceptance.features)))
 
+    def release(self) -> None:
+        self.verifier.release()
+
     def _put_features(self, features):
         if self.features is None or features is None:
             return None

@@ -17,7 +17,7 @@ import time
 import torch
 
 from dovetail.protocol.channel import Channel
-from dovetail.protocol.messages import ArrayRef, ErrorReport, Shutdown
+from dovetail.protocol.messages import ArrayRef, EndRequest, ErrorReport, Shutdown
 from dovetail.protocol.shm import ShmArena
 
 log = logging.getLogger("dovetail.actors")
@@ -88,6 +88,9 @@ class ChannelWorker:
     def ping(self) -> bool:
         return self._thread.is_alive()
 
+    def release(self) -> None:
+        """Free the finished request's state (subclasses drop their KV caches)."""
+
     def view(self, ref: ArrayRef):
         """A zero-copy read-only view of an array another process put in shared memory."""
         arena = self._arenas.get(ref.segment)
@@ -102,6 +105,9 @@ class ChannelWorker:
                 continue  # malformed: already logged by the channel
             if isinstance(msg, Shutdown):
                 break
+            if isinstance(msg, EndRequest):
+                self.release()
+                continue
             handler = self.handlers.get(type(msg))
             if handler is None:
                 log.error("%s: no handler for %s message, dropped", self._thread.name, msg.KIND)

@@ -38,6 +38,11 @@ class TargetVerifier:
             return int(logits[-1].argmax())
         return sample_token(target_probs(logits[-1:], params)[0], self.generator)
 
+    def release(self) -> None:
+        """Drop the request's KV cache and features (the next ``start`` would, later)."""
+        self.lm.reset()
+        self.prompt_features = None
+
     def verify(self, tree: DraftTree) -> Acceptance:
         """One forward over the whole tree (root = last committed token), accept, commit the path."""
         logits = self.lm.forward_tree(tree.tokens, tree.parents, range(len(tree)), self.lm.committed)

@@ -117,6 +117,14 @@ class Accepted:
     features: ArrayRef | None = None
 
 
+@message("end")
+class EndRequest:
+    """Coordinator -> draft and shards: the request is over (finished, stopped or cancelled);
+    free its KV cache now rather than when the next request starts."""
+
+    request_id: str
+
+
 @message("error")
 class ErrorReport:
     request_id: str

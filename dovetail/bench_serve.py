@@ -1,0 +1,150 @@
+"""``python launch.py bench --suite serve``: the HTTP server under load, one run side by side.
+
+Each configuration is a real ``launch.py serve`` child process; the client streams HumanEval
+prompts (token ids through the chat template, greedy) over HTTP and measures:
+
+  single      the prompts one after another: tokens/s, time to first token (TTFT) next to the
+              engine's own prefill time for the same request, and the server's overhead per
+              streamed token ((client time - engine time) / tokens)
+  concurrent  the same prompts all at once: aggregate tokens/s, ratio to single
+Configurations: the default plan (1 replica, target shard + draft on their own cores), and the
+scaling pairs on virtual sockets: 1 replica on socket "0" -> 2 replicas on "0|1", and 1 shard on
+"0" -> 2 shards on "0|1". Results: ``bench/results/<name>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from dovetail.bench import RESULTS_DIR, humaneval_prompts, machine_info
+from dovetail.errors import UserError
+
+CONFIGS = {  # name -> extra `launch.py serve` flags
+    "default plan (1 replica, 1 shard, draft on its own core)": [],
+    "1 replica, 1 shard, socket '0'": ["--sockets", "0"],
+    "2 replicas, socket '0' | '1'": ["--sockets", "0|1", "--replicas", "2"],
+    "1 replica, 2 shards, sockets '0|1'": ["--sockets", "0|1", "--shards", "2"],
+}
+
+
+def stream_request(client, url: str, prompt_ids: list[int], max_tokens: int) -> dict:
+    """One streamed completion over ``client`` (an ``httpx.Client``, kept across requests: a new
+    client costs ~25 ms of TLS set-up that no server should be blamed for); client-side times
+    and the server's usage extension."""
+    body = {"prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first, last, usage, text = None, None, None, ""
+    with client.stream("POST", url + "/v1/completions", json=body, timeout=3600) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {response.read()[:300]!r}")
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(event["error"]["message"])
+            if event.get("usage"):
+                usage = event["usage"]
+            for choice in event["choices"]:
+                if choice["text"]:
+                    last = time.perf_counter()
+                    first = first or last
+                    text += choice["text"]
+    end = time.perf_counter()
+    return {"seconds": end - t0, "ttft_s": first - t0, "streaming_s": last - first, "usage": usage, "text": text}
+
+
+def overhead_per_token(r: dict) -> float:
+    """Server time per streamed token beyond the engine's: from the first token to the last, what
+    the client waited minus what the engine spent decoding (its total minus its prefill)."""
+    spec, tokens = r["usage"]["speculative"], r["usage"]["completion_tokens"]
+    return (r["streaming_s"] - (spec["total_s"] - spec["prefill_s"])) / max(tokens - 1, 1)
+
+
+def measure(url: str, prompts: list[list[int]], max_tokens: int) -> dict:
+    import httpx
+
+    client = httpx.Client(timeout=3600, limits=httpx.Limits(max_connections=len(prompts) + 1))
+    stream_request(client, url, prompts[0], 4)  # warm-up: first-request costs are not the steady state
+    single = [stream_request(client, url, p, max_tokens) for p in prompts]
+    tokens = sum(r["usage"]["completion_tokens"] for r in single)
+    overheads = [overhead_per_token(r) for r in single]
+    ttft_ratio = [r["ttft_s"] / r["usage"]["speculative"]["prefill_s"] for r in single]
+    results: list[dict] = [None] * len(prompts)
+
+    def run(i):
+        results[i] = stream_request(client, url, prompts[i], max_tokens)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if any(r is None for r in results):
+        raise RuntimeError("a concurrent request failed (see the server log)")
+    conc_tokens = sum(r["usage"]["completion_tokens"] for r in results)
+    single_tps = tokens / sum(r["seconds"] for r in single)
+    return {
+        "single": {"tokens_per_s": round(single_tps, 3),
+                   "ttft_s": [round(r["ttft_s"], 4) for r in single],
+                   "ttft_minus_prefill_ms": [round(1000 * (r["ttft_s"] - r["usage"]["speculative"]["prefill_s"]), 2)
+                                             for r in single],
+                   "prefill_s": [round(r["usage"]["speculative"]["prefill_s"], 4) for r in single],
+                   "ttft_over_prefill": round(statistics.mean(ttft_ratio), 4),
+                   "overhead_ms_per_token": round(1000 * statistics.mean(overheads), 3),
+                   "tau": round(statistics.mean(r["usage"]["speculative"]["mean_accepted"] for r in single), 3)},
+        "concurrent": {"requests": len(prompts), "aggregate_tokens_per_s": round(conc_tokens / wall, 3),
+                       "vs_single": round(conc_tokens / wall / single_tps, 3),
+                       "same_text_as_single": all(a["text"] == b["text"] for a, b in zip(results, single))},
+    }
+
+
+def run_serve_bench(args) -> int:
+    from dovetail.serve.server import ServerProcess
+    from dovetail.store import DEFAULT_DRAFT, resolve_model
+    from dovetail.models.loading import load_tokenizer
+
+    if args.prompts < 1 or args.max_new_tokens < 1:
+        raise UserError("--prompts and --max-new-tokens must be >= 1")
+    draft = DEFAULT_DRAFT if args.draft == "auto" else args.draft  # the fastest draft on this machine (README)
+    model_args = ["--target", args.target, "--draft-precision", args.draft_precision]
+    model_args += ["--no-draft"] if args.no_draft else ["--draft", draft]
+    if args.tree:
+        model_args += ["--tree", args.tree]
+    prompts = humaneval_prompts(load_tokenizer(resolve_model(args.target)), args.prompts)
+    names = [n for n in CONFIGS if not args.serve_configs or any(s in n for s in args.serve_configs.split(";"))]
+    report = {"machine": machine_info(), "settings": {
+        "target": args.target, "draft": None if args.no_draft else draft, "tree": args.tree or "default",
+        "prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "greedy": True,
+        "queueing": "FIFO per replica"}, "configs": {}}
+    logs = Path(tempfile.mkdtemp(prefix="dovetail-bench-serve-"))
+    for i, name in enumerate(names):
+        print(f"[bench] {name}: starting the server", flush=True)
+        with ServerProcess(model_args + CONFIGS[name], logs / f"server{i}.log") as server:
+            report["configs"][name] = result = measure(server.url, prompts, args.max_new_tokens)
+        print(f"[bench] {name}: {json.dumps(result)}", flush=True)
+    _scaling(report["configs"])
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{args.name}.json"
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"[bench] wrote {path} (server logs in {logs})")
+    return 0
+
+
+def _scaling(configs: dict) -> None:
+    """Aggregate throughput of the 2-socket configurations relative to the 1-socket one."""
+    base = configs.get("1 replica, 1 shard, socket '0'")
+    if not base:
+        return
+    for name, entry in configs.items():
+        if "'0|1'" in name or "'0' | '1'" in name:
+            entry["aggregate_vs_1_socket"] = round(entry["concurrent"]["aggregate_tokens_per_s"]
+                                                   / base["concurrent"]["aggregate_tokens_per_s"], 3)

@@ -1,0 +1,402 @@
+"""The Ray Serve deployment: an OpenAI-compatible HTTP API in front of one Dovetail engine.
+
+    from dovetail.serve import build_app
+    serve.run(build_app({"target": "qwen2.5-coder-1.5b-instruct", "replicas": 2}))
+
+Each replica owns a complete actor engine (coordinator, draft, target shards) on its own share of
+the machine's sockets. In front of it sits a FIFO queue: one request decodes at a time and the
+others wait their turn in arrival order (see README "Serving" for why not cross-request batching).
+Tokens stream as they are committed, one server-sent event per token; a client that goes away
+cancels its request, which frees its KV caches after the current step.
+"""
+
+
+import asyncio
+import json
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dovetail.errors import EngineError, UserError
+from dovetail.models.verification import SamplingParams
+from dovetail.serve.config import ServeConfig
+from dovetail.serve.metrics import metrics_actor
+from dovetail.serve.schema import ApiError, ChatCompletionRequest, CompletionRequest
+from dovetail.serve.text import TextAssembler
+
+log = logging.getLogger("dovetail.serve")
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # as OpenAI's completions endpoint; chat defaults to the rest of the context
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+app = FastAPI(title="Dovetail", description="OpenAI-compatible API over lossless speculative decoding")
+
+
+# -- errors: always an OpenAI-style body, never a bare 500 for a client's mistake ----------------
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError):
+    _count_error(exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    return await _api_error(request, ApiError(exc.status_code, str(exc.detail), code=f"http_{exc.status_code}"))
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception):
+    log.exception("unexpected error on %s", request.url.path)
+    return await _api_error(request, ApiError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
+
+
+_METRICS = None
+
+
+def _metrics():
+    global _METRICS
+    if _METRICS is None:
+        _METRICS = metrics_actor()
+    return _METRICS
+
+
+def _count_error(status: int) -> None:
+    try:
+        _metrics().record_error.remote(status)
+    except Exception:  # metrics must never turn an answer into a failure
+        log.warning("could not record an error metric", exc_info=True)
+
+
+async def _parse(request: Request, model):
+    """The body as ``model``: 400 for malformed JSON, wrong types, unknown fields, bad values."""
+    body = await request.body()
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        message = "request body is not valid JSON" if first["type"] == "json_invalid" else first["msg"]
+        raise ApiError(400, f"{param}: {message}" if param else message, param=param,
+                       code=first["type"]) from None
+    except (UnicodeDecodeError, RecursionError):
+        raise ApiError(400, "request body is not valid JSON", code="json_invalid") from None
+
+
+@dataclass
+class Job:
+    """One request on its way through the replica."""
+
+    rid: str
+    prompt_ids: list[int]
+    max_tokens: int
+    params: SamplingParams
+    speculate: bool
+    stop: list[str]
+    arrival: float = field(default_factory=time.perf_counter)
+    created: int = field(default_factory=lambda: int(time.time()))
+    started: float | None = None
+    first_token: float | None = None
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    stats: object = None
+
+
+# (helpers sit above the class: Serve pickles the class when it is decorated)
+def _device_seconds(stats) -> dict:
+    """Where each device's time went during the request (idle = the rest of the request)."""
+    total = stats.total_s
+    target_busy = stats.prefill_s + stats.verify_s
+    return {("target", "prefill"): stats.prefill_s, ("target", "verify"): stats.verify_s,
+            ("target", "idle"): total - target_busy, ("draft", "draft"): stats.draft_s,
+            ("draft", "idle"): total - stats.draft_s if stats.draft_s else total}
+
+
+def _round(value):
+    return None if value is None else round(value, 4)
+
+
+def _configure_logging() -> None:
+    """Request logs are one JSON object per line on the replica's stderr."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(app)
+class DovetailServer:
+    def __init__(self, config: dict):
+        from dovetail.api import Dovetail
+
+        self.config = ServeConfig.parse(config)
+        context = serve.get_replica_context()
+        rank = getattr(context.rank, "rank", context.rank) or 0
+        slots = self.config.replica_slots
+        self.replica = f"{context.replica_id.unique_id}" if context.replica_id else "local"
+        self.dovetail = Dovetail(self.config.engine_config((rank % slots, slots))).load()
+        self.engine, self.tokenizer = self.dovetail.engine, self.dovetail.tokenizer
+        self.eos = set(self.dovetail.eos_token_ids)
+        self.depth = self.engine.depth
+        self.model_name = self.config.model_name
+        self.started_at = int(time.time())
+        self.turn = asyncio.Lock()  # FIFO: asyncio wakes waiters in arrival order
+        self.waiting = self.running = 0
+        self.metrics = _metrics()
+        _configure_logging()
+        log.info(json.dumps({"event": "replica_ready", "replica": self.replica, "model": self.model_name,
+                             "part": f"{rank % slots + 1}/{slots}", "plan": self.engine.plan.describe()}))
+
+    def __del__(self):
+        dovetail = getattr(self, "dovetail", None)
+        if dovetail is not None:
+            dovetail.close()
+
+    # -- endpoints -----------------------------------------------------------------------------
+    @app.get("/v1/models")
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.started_at,
+                                            "owned_by": "dovetail", "max_model_len": self.dovetail.context_length}]}
+
+    @app.get("/health")
+    async def health(self):
+        return {"status": "ok", "waiting": self.waiting, "running": self.running}
+
+    @app.get("/metrics")
+    async def metrics(self):
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(await self.metrics.render.remote(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        body = await _parse(request, CompletionRequest)
+        return await self._respond(request, body, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        body = await _parse(request, ChatCompletionRequest)
+        return await self._respond(request, body, chat=True)
+
+    # -- one request -----------------------------------------------------------------------------
+    async def _respond(self, request: Request, body, chat: bool):
+        job = self._job(request, body, chat)
+        if self.waiting >= self.config.max_queued_requests:
+            raise ApiError(429, f"{self.waiting} requests are already queued on this replica; retry later",
+                           code="queue_full", kind="rate_limit_error")
+        headers = {"X-Request-Id": job.rid}
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(self._sse(job, chat, include_usage), media_type="text/event-stream",
+                                     headers=headers)
+        async for _ in self._run(job):
+            pass
+        choice = ({"index": 0, "message": {"role": "assistant", "content": job.text}} if chat
+                  else {"index": 0, "text": job.text})
+        choice.update(logprobs=None, finish_reason=job.finish_reason)
+        return JSONResponse({"id": job.rid, "object": "chat.completion" if chat else "text_completion",
+                             "created": job.created, "model": self.model_name, "choices": [choice],
+                             "usage": self._usage(job)}, headers=headers)
+
+    def _job(self, request: Request, body, chat: bool) -> Job:
+        """Check the request against this model and turn it into a ``Job`` (400s here)."""
+        if body.model not in (None, self.model_name):
+            raise ApiError(400, f"model {body.model!r} is not served here; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+        refused = body.unsupported()
+        if refused:
+            param, why = refused[0]
+            raise ApiError(400, why, param=param, code="unsupported_parameter")
+        prompt_ids = self._chat_ids(body) if chat else self._prompt_ids(body)
+        context = self.dovetail.context_length
+        if len(prompt_ids) >= context:
+            raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens; this model's context is {context}",
+                           param="messages" if chat else "prompt", code="context_length_exceeded")
+        budget = body.token_budget if chat else body.max_tokens
+        room = context - len(prompt_ids)
+        if budget is not None and budget > room:
+            raise ApiError(400, f"max_tokens {budget} + the prompt's {len(prompt_ids)} tokens exceed this model's "
+                           f"context of {context}", param="max_tokens", code="context_length_exceeded")
+        max_tokens = budget or (room if chat else min(COMPLETION_DEFAULT_MAX_TOKENS, room))
+        try:
+            params = SamplingParams(body.temperature, body.top_p, body.top_k, body.seed)
+        except UserError as exc:
+            raise ApiError(400, str(exc)) from None
+        header = request.headers.get("x-request-id", "")
+        rid = header if REQUEST_ID.fullmatch(header) else f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
+        return Job(rid, prompt_ids, max_tokens, params, body.speculate, body.stop or [])
+
+    def _prompt_ids(self, body: CompletionRequest) -> list[int]:
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ApiError(400, "the prompt is empty", param="prompt")
+            return self.tokenizer.encode(prompt)
+        vocab = min(len(self.tokenizer), self.dovetail.target_config.vocab_size)
+        if not prompt or any(not 0 <= t < vocab for t in prompt):
+            raise ApiError(400, f"a token-id prompt needs ids in [0, {vocab})", param="prompt")
+        return list(prompt)
+
+    def _chat_ids(self, body: ChatCompletionRequest) -> list[int]:
+        if not self.tokenizer.chat_template:
+            raise ApiError(400, f"model {self.model_name!r} has no chat template; use /v1/completions",
+                           code="no_chat_template")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in body.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # the template's own checks (e.g. role order) are the client's to fix
+            raise ApiError(400, f"the chat template refused these messages: {exc}", param="messages") from None
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    # -- decoding --------------------------------------------------------------------------------
+    async def _run(self, job: Job):
+        """Wait for the engine (FIFO), then yield the text of each committed token as it comes."""
+        self._load(waiting=+1)
+        queued, outcome = True, "cancelled"
+        try:
+            async with self.turn:
+                queued = False
+                self._load(waiting=-1, running=+1)
+                try:
+                    job.started = time.perf_counter()
+                    async for text in self._decode(job):
+                        yield text
+                    outcome = job.finish_reason
+                except EngineError as exc:
+                    outcome = "error"
+                    raise ApiError(500, str(exc), code="engine_error") from None
+                finally:
+                    self._load(running=-1)
+        finally:
+            if queued:
+                self._load(waiting=-1)
+            self._finish(job, outcome)
+
+    async def _decode(self, job: Job):
+        from dovetail.actors.system import final_stats
+
+        assembler = TextAssembler(self.tokenizer, job.stop)
+        stream = self.engine.submit(job.prompt_ids, job.max_tokens, job.params, job.speculate, request_id=job.rid)
+        finished = False
+        try:
+            async for ref in stream:
+                item = await ref
+                if not isinstance(item, list):
+                    job.stats, finished = final_stats(item), True
+                    break
+                if assembler.stopped:
+                    continue  # tokens of the step that hit a stop sequence: drained, not shown
+                for token in item:
+                    job.first_token = job.first_token or time.perf_counter()
+                    job.tokens.append(token)
+                    text = assembler.add(token)
+                    if text:
+                        job.text += text
+                        yield text
+                    if assembler.stopped:
+                        self.engine.cancel(job.rid)  # the coordinator ends after this step; drain to its stats
+                        break
+        finally:
+            if not finished:  # the client went away (or a stop sequence and then an error)
+                self.engine.cancel(job.rid)
+        tail = assembler.flush()
+        if tail:
+            job.text += tail
+            yield tail
+        ended_on_eos = bool(job.tokens) and job.tokens[-1] in self.eos
+        job.finish_reason = "stop" if assembler.stopped or ended_on_eos else "length"
+
+    async def _sse(self, job: Job, chat: bool, include_usage: bool):
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def event(payload: dict) -> str:
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        def chunk(text: str | None, finish_reason: str | None = None, role: bool = False) -> str:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            return event({"id": job.rid, "object": kind, "created": job.created, "model": self.model_name,
+                          "choices": [choice]})
+
+        try:
+            if chat:
+                yield chunk(None, role=True)
+            async for text in self._run(job):
+                yield chunk(text)
+            yield chunk(None, job.finish_reason)
+            if include_usage:
+                yield event({"id": job.rid, "object": kind, "created": job.created, "model": self.model_name,
+                             "choices": [], "usage": self._usage(job)})
+        except ApiError as exc:
+            _count_error(exc.status)
+            yield event(exc.body())
+        except Exception as exc:  # a bug: still end the stream with an error the client can read
+            log.exception("request %s failed", job.rid)
+            _count_error(500)
+            yield event(ApiError(500, f"internal error: {type(exc).__name__}", code="internal_error").body())
+        yield "data: [DONE]\n\n"
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+    def _usage(self, job: Job) -> dict:
+        usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": len(job.tokens),
+                 "total_tokens": len(job.prompt_ids) + len(job.tokens)}
+        if job.stats is not None:
+            s = job.stats.to_dict(self.depth if job.speculate else 0)
+            usage["speculative"] = {k: s[k] for k in ("steps", "mean_accepted", "prefill_s", "draft_s", "verify_s",
+                                                      "total_s")
+                                    if k in s}
+            usage["speculative"]["acceptance_by_position"] = s.get("acceptance_by_position", [])
+        return usage
+
+    def _load(self, waiting: int = 0, running: int = 0) -> None:
+        self.waiting += waiting
+        self.running += running
+        self.metrics.set_load.remote(self.replica, self.waiting, self.running)
+
+    def _finish(self, job: Job, outcome: str) -> None:
+        """One metrics record and one structured log line per request, however it ended."""
+        now = time.perf_counter()
+        stats = job.stats
+        depth = self.depth if job.speculate else 0
+        summary = {
+            "finish_reason": outcome, "prompt_tokens": len(job.prompt_ids), "completion_tokens": len(job.tokens),
+            "accepted_per_step": list(stats.accepted_per_step) if stats else [], "depth": depth,
+            "ttft_s": job.first_token - job.arrival if job.first_token else None,
+            "queue_s": job.started - job.arrival if job.started else None, "latency_s": now - job.arrival,
+            "device_seconds": _device_seconds(stats) if stats else {},
+        }
+        self.metrics.record.remote(summary)
+        log.info(json.dumps({"event": "request_done", "request_id": job.rid, "replica": self.replica,
+                             "outcome": outcome, "prompt_tokens": summary["prompt_tokens"],
+                             "completion_tokens": summary["completion_tokens"],
+                             "tau": round(stats.mean_accepted, 3) if stats else None,
+                             "queue_s": _round(summary["queue_s"]), "ttft_s": _round(summary["ttft_s"]),
+                             "latency_s": _round(summary["latency_s"])}))
+
+
+def build_app(args: dict | None = None):
+    """The Serve application for ``args`` (a ``ServeConfig`` dict; YAML ``args`` land here)."""
+    config = ServeConfig.parse(dict(args or {}))
+    options = dict(max_ongoing_requests=config.max_queued_requests + 1,
+                   ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1"}}})
+    if config.autoscaling:
+        options["autoscaling_config"] = config.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = config.replicas
+    return DovetailServer.options(**options).bind(config.model_dump())

@@ -1,0 +1,119 @@
+"""``python launch.py serve``: start Ray (or join one) and Serve, run the app, stop cleanly."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+
+from dovetail.serve.config import ServeConfig
+
+
+def run_server(config: ServeConfig, say=lambda msg: print(f"[dovetail] {msg}", file=sys.stderr, flush=True)) -> int:
+    import ray
+    from ray import serve
+
+    from dovetail.actors.system import resolve_topology, start_ray
+    from dovetail.protocol.shm import remove_orphaned_segments
+    from dovetail.serve.app import build_app
+
+    from dovetail.store import resolve_draft, resolve_model
+
+    # refuse bad models and impossible splits here, with one line, before any replica starts
+    resolve_model(config.target)
+    if config.draft:
+        resolve_draft(config.draft, config.target)
+    topology = resolve_topology(config.sockets)
+    for part in range(config.replica_slots):
+        topology.partition(part, config.replica_slots)
+    owns_ray = start_ray(config.address, topology)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        serve.start(http_options={"host": config.host, "port": config.port})
+        t0 = time.perf_counter()
+        say(f"starting {config.replicas if not config.autoscaling else config.autoscaling.model_dump()} "
+            f"replica(s) of {config.model_name} (loading models...)")
+        serve.run(build_app(config.model_dump()), name="dovetail", route_prefix="/")
+        say(f"ready in {time.perf_counter() - t0:.1f}s: http://{config.host}:{config.port}/v1 "
+            f"(model {config.model_name!r}; /metrics, /health); Ctrl-C stops")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        say("stopping")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            serve.shutdown()
+        except Exception as exc:
+            say(f"serve did not shut down cleanly: {exc}")
+        if owns_ray:
+            ray.shutdown()
+        remove_orphaned_segments()
+    return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM stops the server like Ctrl-C
+
+
+class ServerProcess:
+    """``launch.py serve ARGS`` in a child process (benchmarks, tests): ``with`` waits until
+    ``/health`` answers and stops it with SIGTERM on exit. ``url`` is the base URL."""
+
+    def __init__(self, args: list[str], log_path, port: int | None = None, env: dict | None = None,
+                 timeout_s: float = 900):
+        import os
+        from pathlib import Path
+
+        self.port = port or _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path, self.timeout_s = Path(log_path), timeout_s
+        self.cmd = [sys.executable, str(Path(__file__).resolve().parents[2] / "launch.py"), "serve",
+                    "--port", str(self.port), *args]
+        self.env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
+        self.proc = None
+
+    def __enter__(self) -> "ServerProcess":
+        import subprocess
+
+        import httpx
+
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the server did not start; its log ends:\n{self.log_path.read_text()[-3000:]}")
+            time.sleep(1)
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self, timeout_s: float = 90) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout_s``; returns the exit status (None: had to kill)."""
+        import subprocess
+
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,326 @@
+"""The HTTP server, for real: `launch.py serve` in a subprocess (Ray, Serve, the actor engine),
+spoken to over HTTP with the official openai client, httpx and hypothesis.
+
+Tiny random models with a 2048-token context; the target never picks EOS greedily (its EOS row
+is zeroed), so greedy requests run to max_tokens and long requests can be cut short.
+"""
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+import torch
+
+from dovetail.protocol.shm import PREFIX
+from dovetail.serve.server import ServerProcess
+from tiny_models import VOCAB, hf_greedy, perturbed, tiny_model, tiny_tokenizer
+
+CHAT_TEMPLATE = "{% for m in messages %}<s> {{ m['content'] }} {% endfor %}"
+START_TIMEOUT_S = 180
+
+
+def _segments():
+    return {p for p in os.listdir("/dev/shm") if p.startswith(PREFIX)}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(target model, tokenizer, folders) of the served pair."""
+    root = tmp_path_factory.mktemp("served")
+    tokenizer = tiny_tokenizer(VOCAB)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    target = tiny_model("llama", seed=21, max_position_embeddings=2048)
+    with torch.no_grad():
+        target.lm_head.weight[1].zero_()  # EOS (id 1) never wins greedily
+    draft = perturbed(target, 0.05, seed=22)
+    for name, model in (("target", target), ("draft", draft)):
+        model.generation_config.eos_token_id = 1
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return target, tokenizer, root
+
+
+@pytest.fixture(scope="module")
+def server(served, tmp_path_factory):
+    """A running `launch.py serve` on a free loopback port; its log file is in ``log``."""
+    _, _, root = served
+    home = tmp_path_factory.mktemp("home")
+    before = _segments()
+    args = ["--target", str(root / "target"), "--draft", str(root / "draft"), "--draft-precision", "fp32",
+            "--max-queued-requests", "48"]
+    proc = ServerProcess(args, home / "server.log", env={"DOVETAIL_HOME": str(home)}, timeout_s=START_TIMEOUT_S)
+    with proc:
+        yield {"url": proc.url, "proc": proc.proc, "log": proc.log_path}
+        assert proc.stop() == 0, "the server did not stop cleanly on SIGTERM"
+    assert _segments() <= before, "the server left shared-memory segments behind"
+
+
+def _reference(served, prompt_ids, n):
+    target, tokenizer, _ = served
+    return tokenizer.decode(hf_greedy(target, prompt_ids, n, eos=1), skip_special_tokens=True)
+
+
+def _text_prompt(i: int, length: int = 6) -> str:
+    gen = torch.Generator().manual_seed(i)
+    return " ".join(f"w{t}" for t in torch.randint(3, VOCAB, (length,), generator=gen).tolist())
+
+
+def _metric(url: str, name: str, labels: str = "") -> float:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    pattern = re.escape(name + (f"{{{labels}}}" if labels else "")) + r" ([0-9.e+-]+)"
+    match = re.search(r"^" + pattern + "$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def _sse(response) -> list[dict]:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            events.append(json.loads(line[6:]))
+    return events
+
+
+def test_openai_client_completion_chat_and_stream(server, served):
+    import openai
+
+    _, tokenizer, _ = served
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["target"]
+
+    prompt = "w5 w6 w7"
+    done = client.completions.create(model="target", prompt=prompt, max_tokens=20, temperature=0)
+    assert done.choices[0].text == _reference(served, tokenizer.encode(prompt), 20)
+    assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 20
+    spec = done.usage.model_extra["speculative"]
+    assert spec["steps"] >= 1 and 1.0 <= spec["mean_accepted"] <= 4.0
+
+    messages = [{"role": "user", "content": "w9 w10 w11"}]
+    chat_ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                                add_special_tokens=False)
+    chat = client.chat.completions.create(model="target", messages=messages, max_tokens=15, temperature=0)
+    assert chat.choices[0].message.content == _reference(served, chat_ids, 15)
+    assert chat.choices[0].message.role == "assistant"
+
+    stream = client.chat.completions.create(model="target", messages=messages, max_tokens=15, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(deltas) == chat.choices[0].message.content
+    assert len([d for d in deltas if d]) == 15, "one event per token, not one lump per step"
+    assert chunks[-1].usage.completion_tokens == 15 and chunks[-2].choices[0].finish_reason == "length"
+
+    streamed = client.completions.create(model="target", prompt=prompt, max_tokens=20, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == done.choices[0].text
+
+    stopped = client.completions.create(model="target", prompt=prompt, max_tokens=20, temperature=0,
+                                        stop=[done.choices[0].text.split()[3]])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text == done.choices[0].text[:done.choices[0].text.index(done.choices[0].text.split()[3])]
+
+    seeded = [client.completions.create(model="target", prompt=prompt, max_tokens=12, temperature=0.8, top_p=0.9,
+                                        seed=3).choices[0].text for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+    assert _metric(server["url"], "dovetail:request_success_total", 'finish_reason="length"') >= 5
+    assert _metric(server["url"], "dovetail:spec_decode_num_drafts_total") > 0
+    assert _metric(server["url"], "dovetail:num_requests_waiting", f'replica="{_replica(server)}"') == 0
+    logged = [json.loads(m.group(0)) for m in re.finditer(r'\{"event": "request_done".*\}', server["log"].read_text())]
+    assert done.id in {entry["request_id"] for entry in logged}
+
+
+def _replica(server) -> str:
+    match = re.search(r'"event": "replica_ready", "replica": "([^"]+)"', server["log"].read_text())
+    return match.group(1)
+
+
+def test_32_concurrent_streams_are_exact_and_separate(server, served):
+    _, tokenizer, _ = served
+    prompts = [_text_prompt(i, 3 + i % 7) for i in range(32)]
+    results: dict[int, list[dict]] = {}
+
+    def run(i):
+        body = {"prompt": prompts[i], "max_tokens": 24, "temperature": 0, "stream": True}
+        with httpx.stream("POST", server["url"] + "/v1/completions", json=body, timeout=300) as response:
+            assert response.status_code == 200
+            results[i] = _sse(response)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 32
+    for i, events in results.items():
+        assert len({e["id"] for e in events}) == 1, "events of different requests interleaved"
+        text = "".join(e["choices"][0]["text"] for e in events)
+        assert text == _reference(served, tokenizer.encode(prompts[i]), 24), i
+        assert events[-1]["choices"][0]["finish_reason"] == "length"
+
+
+BAD_BODIES = [
+    (b"{not json", "json_invalid"),
+    (b"[1, 2]", None),
+    (json.dumps({"prompt": "w5", "temperature": "hot"}).encode(), None),
+    (json.dumps({"prompt": "w5", "model": "gpt-4"}).encode(), "model_not_found"),
+    (json.dumps({"prompt": "w5", "temperature": 2.5}).encode(), None),
+    (json.dumps({"prompt": "w5", "top_p": 0}).encode(), None),
+    (json.dumps({"prompt": "w5", "max_tokens": 0}).encode(), None),
+    (json.dumps({"prompt": "w5", "n": 2}).encode(), "unsupported_parameter"),
+    (json.dumps({"prompt": "w5", "logprobs": 3}).encode(), "unsupported_parameter"),
+    (json.dumps({"prompt": "w5", "frequency_penalty": 0.5}).encode(), "unsupported_parameter"),
+    (json.dumps({"prompt": "w5", "colour": "blue"}).encode(), None),
+    (json.dumps({"prompt": " ".join(["w5"] * 2100)}).encode(), "context_length_exceeded"),
+    (json.dumps({"prompt": "w5", "max_tokens": 5000}).encode(), "context_length_exceeded"),
+    (json.dumps({"prompt": [5, 6, 100000]}).encode(), None),
+    (json.dumps({"prompt": "", "max_tokens": 3}).encode(), None),
+    (json.dumps({"prompt": "w5", "stop": ["a", "b", "c", "d", "e"]}).encode(), None),
+]
+
+
+@pytest.mark.parametrize("body,code", BAD_BODIES)
+def test_bad_requests_get_a_400_with_an_openai_error(server, body, code):
+    response = httpx.post(server["url"] + "/v1/completions", content=body, timeout=30,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    if code:
+        assert error["code"] == code
+
+
+def test_chat_refusals_and_unknown_routes(server):
+    url = server["url"]
+    for body in ({"messages": []}, {"messages": [{"role": "robot", "content": "x"}]},
+                 {"messages": [{"role": "user", "content": "w5"}], "tools": [{"type": "function"}]},
+                 {"messages": [{"role": "user", "content": "w5"}], "logprobs": True}):
+        response = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+        assert response.status_code == 400 and "error" in response.json(), body
+    missing = httpx.get(url + "/v2/nothing", timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["message"]
+
+
+def test_fuzzed_bodies_never_get_a_500(server):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    scalars = st.none() | st.booleans() | st.integers(-3, 40) | st.integers() | st.floats(allow_nan=False) \
+        | st.text(max_size=12)
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
+                          | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=6)
+    fields = st.sampled_from(["prompt", "messages", "model", "max_tokens", "temperature", "top_p", "top_k", "stop",
+                              "seed", "stream", "n", "logprobs", "user", "speculate", "stream_options", "echo",
+                              "max_completion_tokens", "tools", "response_format", "bogus"])
+    good_messages = st.just([{"role": "user", "content": "w5 w6"}])
+    bodies = st.dictionaries(fields, values | good_messages | st.just("w5 w6"), max_size=6)
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(body=bodies, chat=st.booleans(), raw=st.binary(max_size=40) | st.none())
+    def check(body, chat, raw):
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 40:
+            body["max_tokens"] = 10**7  # keep valid requests short: big budgets only as refusals
+        content = raw if raw is not None else json.dumps(body).encode()
+        response = httpx.post(server["url"] + path, content=content, timeout=120,
+                              headers={"content-type": "application/json"})
+        assert response.status_code < 500, (content, response.text)
+        if response.status_code != 200:
+            assert "error" in response.json()
+
+    check()
+
+
+def test_client_disconnect_cancels_its_request(server, served):
+    url = server["url"]
+    cancelled = _metric(url, "dovetail:request_success_total", 'finish_reason="cancelled"')
+    body = {"prompt": "w7 w8", "max_tokens": 1900, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        events = [line for line, _ in zip(lines, range(6)) if line.startswith("data: ")]
+        assert events
+    deadline = time.monotonic() + 30
+    while _metric(url, "dovetail:request_success_total", 'finish_reason="cancelled"') <= cancelled:
+        assert time.monotonic() < deadline, "the disconnected request was not cancelled"
+        time.sleep(0.2)
+    t0 = time.perf_counter()
+    response = httpx.post(url + "/v1/completions", json={"prompt": "w7 w8", "max_tokens": 5, "temperature": 0},
+                          timeout=60)
+    assert response.status_code == 200
+    print("next request after cancel", time.perf_counter() - t0)
+    assert time.perf_counter() - t0 < 5, "the next request waited for the cancelled one"
+
+
+def _dovetail_processes():
+    names = ("ServeReplica", "Coordinator", "TargetShard", "DraftWorker")
+    found = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        for name in names:
+            if cmd.startswith(f"ray::{name}"):
+                found[f"{name}-{proc.pid}"] = proc
+    return found
+
+
+def test_memory_stays_flat_over_200_requests(server):
+    url = server["url"]
+    body = {"prompt": "w11 w12 w13", "max_tokens": 8, "temperature": 0}
+
+    def rss():
+        return {name: p.memory_info().rss for name, p in _dovetail_processes().items()}
+
+    with httpx.Client(timeout=60) as client:
+        for _ in range(30):  # warm-up: allocator pools, caches
+            assert client.post(url + "/v1/completions", json=body).status_code == 200
+        before = rss()
+        for _ in range(200):
+            assert client.post(url + "/v1/completions", json=body).status_code == 200
+        after = rss()
+    assert len(before) >= 4, before
+    growth = {name: (after[name] - before[name]) / 2**20 for name in before if name in after}
+    print("RSS growth MiB", growth)
+    assert max(growth.values()) < 16, f"RSS grew (MiB): {growth}"
+
+
+def test_killed_shard_under_load_fails_only_its_request(server, served):
+    """Six streams at once; the shard dies during the first: that one gets an error event, the
+    queued ones are served exactly by the restarted workers, and so is a later request."""
+    _, tokenizer, _ = served
+    url = server["url"]
+    shard = next(p for name, p in _dovetail_processes().items() if name.startswith("TargetShard"))
+    prompts = [_text_prompt(100 + i) for i in range(6)]
+    results: dict[int, list[dict]] = {}
+    first_token = threading.Event()
+
+    def run(i):
+        body = {"prompt": prompts[i], "max_tokens": 300, "temperature": 0, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=300) as response:
+            events = []
+            for line in response.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    events.append(json.loads(line[6:]))
+                    first_token.set()
+            results[i] = events
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    assert first_token.wait(60)
+    shard.send_signal(signal.SIGKILL)
+    for t in threads:
+        t.join()
+    failed = [i for i, events in results.items() if "error" in events[-1]]
+    assert len(failed) == 1, failed
+    assert "target shard 0" in results[failed[0]][-1]["error"]["message"]
+    for i, events in results.items():
+        if i not in failed:
+            text = "".join(e["choices"][0]["text"] for e in events)
+            assert text == _reference(served, tokenizer.encode(prompts[i]), 300), i
+    after = httpx.post(url + "/v1/completions", json={"prompt": prompts[0], "max_tokens": 10, "temperature": 0},
+                       timeout=120)
+    assert after.status_code == 200
+    assert after.json()["choices"][0]["text"] == _reference(served, tokenizer.encode(prompts[0]), 10)
