@@ -7,9 +7,11 @@ prompts (token ids through the chat template, greedy) over HTTP and measures:
               engine's own prefill time for the same request, and the server's overhead per
               streamed token ((client time - engine time) / tokens)
   concurrent  the same prompts all at once: aggregate tokens/s, ratio to single
-Configurations: the default plan (1 replica, target shard + draft on their own cores), and the
-scaling pairs on virtual sockets: 1 replica on socket "0" -> 2 replicas on "0|1", and 1 shard on
-"0" -> 2 shards on "0|1". Results: ``bench/results/<name>.json``.
+Configurations: the default plan (1 replica, target shard + draft on their own cores) with one
+request at a time and with a batch of 4 (trees verified in one forward), and the scaling pairs on
+virtual sockets (batch 4): 1 replica on socket "0" -> 2 replicas on "0|1", and 1 shard on "0" ->
+2 shards on "0|1". Before the servers, an in-process micro-benchmark times one target forward
+over B requests' trees against B separate forwards. Results: ``bench/results/<name>.json``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from dovetail.bench import RESULTS_DIR, humaneval_prompts, machine_info
 from dovetail.errors import UserError
 
 CONFIGS = {  # name -> extra `launch.py serve` flags
-    "default plan (1 replica, 1 shard, draft on its own core)": [],
+    "default plan, one request at a time (max batch 1)": ["--max-batch", "1"],
+    "default plan, max batch 4": ["--max-batch", "4"],
     "1 replica, 1 shard, socket '0'": ["--sockets", "0"],
     "2 replicas, socket '0' | '1'": ["--sockets", "0|1", "--replicas", "2"],
     "1 replica, 2 shards, sockets '0|1'": ["--sockets", "0|1", "--shards", "2"],
@@ -107,6 +110,47 @@ def measure(url: str, prompts: list[list[int]], max_tokens: int) -> dict:
     }
 
 
+def batched_verify_ms(target_dir, prompts: list[list[int]], tree_size: int = 4, reps: int = 3) -> dict:
+    """In process, before any server: one target forward over B requests' trees (``forward_trees``)
+    against B forwards one after another, for B = 1..len(prompts), on 1 and 2 threads."""
+    import numpy as np
+    import torch
+
+    from dovetail.models.cached_lm import CachedLM, forward_trees
+    from dovetail.models.loading import load_causal_lm
+    from dovetail.models.tree import DraftTree
+
+    model = load_causal_lm(target_dir, linear_kernel="mm")  # the kernel the shards use
+    chain = DraftTree(np.arange(100, 100 + tree_size), np.arange(-1, tree_size - 1))
+    out = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        lms = []
+        for prompt in prompts:
+            lms.append(CachedLM(model))
+            lms[-1].extend(prompt)
+        for batch in range(1, len(prompts) + 1):
+            def timed(fn):
+                best = float("inf")
+                for _ in range(reps):
+                    t = time.perf_counter()
+                    fn()
+                    best = min(best, time.perf_counter() - t)
+                    for lm in lms[:batch]:
+                        lm.commit([])  # drop the pending tree: same cache every repetition
+                return round(1000 * best, 1)
+
+            separate = timed(lambda: [lm.forward_tree(chain.tokens, chain.parents, range(tree_size), lm.committed)
+                                      for lm in lms[:batch]])
+            together = timed(lambda: forward_trees(lms[:batch], [chain] * batch))
+            out[f"{threads} threads, {batch} x {tree_size} tokens"] = {
+                "separate_ms": separate, "batched_ms": together, "speedup": round(separate / together, 3)}
+            print(f"[bench] verify {threads} threads, batch {batch}: {out[f'{threads} threads, {batch} x {tree_size} tokens']}",
+                  flush=True)
+    del model
+    return out
+
+
 def run_serve_bench(args) -> int:
     from dovetail.serve.server import ServerProcess
     from dovetail.store import DEFAULT_DRAFT, resolve_model
@@ -125,6 +169,8 @@ def run_serve_bench(args) -> int:
         "target": args.target, "draft": None if args.no_draft else draft, "tree": args.tree or "default",
         "prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "greedy": True,
         "queueing": "FIFO per replica"}, "configs": {}}
+    if not args.no_curves:
+        report["batched_verify"] = batched_verify_ms(resolve_model(args.target), prompts)
     logs = Path(tempfile.mkdtemp(prefix="dovetail-bench-serve-"))
     for i, name in enumerate(names):
         print(f"[bench] {name}: starting the server", flush=True)

@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="engine replicas, each on its own share of the sockets")
     srv.add_argument("--max-replicas", type=_positive_int, default=None,
                      help="autoscale between --replicas and this many replicas on queue length")
+    srv.add_argument("--max-batch", type=_positive_int, default=4,
+                     help="requests decoding together per replica, their trees verified in one target forward "
+                          "(1: one at a time)")
     srv.add_argument("--max-queued-requests", type=_positive_int, default=64,
                      help="per replica; further requests get HTTP 429")
     srv.add_argument("--served-model-name", default=None, help="model id in the API (default: the target's name)")
@@ -152,7 +155,8 @@ def cmd_serve(args) -> int:
                 draft_precision=args.draft_precision, draft_vocab=args.draft_vocab, target_kernel=args.target_kernel,
                 sockets=args.sockets, shards=args.shards, pipeline=not args.no_pipeline, collective=args.collective,
                 draft_cpus=args.draft_cpus, host=args.host, port=args.port, replicas=args.replicas,
-                max_queued_requests=args.max_queued_requests, served_model_name=args.served_model_name,
+                max_batch=args.max_batch, max_queued_requests=args.max_queued_requests,
+                served_model_name=args.served_model_name,
                 address=args.address)
     if args.max_replicas:
         data["autoscaling"] = {"min_replicas": args.replicas, "max_replicas": args.max_replicas}

@@ -34,6 +34,7 @@ class EngineConfig:
     address: str | None = None  # join this Ray cluster instead of starting one
     collective: str = "shm"  # how target shards all-reduce: "shm" (shared memory, faster here) or "gloo"
     draft_cpus: str = "auto"  # without a GPU: "auto" (a core of its own), "shared", or a CPU list
+    max_batch: int = 1  # actor engine: requests decoding together, trees verified in one forward
     partition: tuple[int, int] = (0, 1)  # this engine's share of the machine: part i of n (one per replica)
 
     def __post_init__(self):
@@ -59,6 +60,8 @@ class EngineConfig:
             from dovetail.topology import parse_sockets
 
             parse_sockets(self.sockets)
+        if self.max_batch < 1:
+            raise UserError(f"max_batch must be >= 1, got {self.max_batch}")
         index, count = self.partition
         if count < 1 or not 0 <= index < count:
             raise UserError(f"partition must be (index, count) with 0 <= index < count, got {self.partition}")

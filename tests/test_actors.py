@@ -141,3 +141,41 @@ def test_feature_drafter_through_the_protocol(ray_session, tmp_path):
     finally:
         engine.shutdown()
     assert _segments() <= ray_session
+
+
+@pytest.mark.parametrize("sockets", ["0", "0|1"], ids=["1-shard", "2-shards"])
+def test_batched_requests_are_exact_and_free_their_caches(ray_session, qwen_pair, sockets):
+    """Batch mode: six concurrent requests (more than the batch of 3) each get exactly the target's
+    greedy output; one switches speculation off, one is cancelled; the batch verifies several
+    trees per forward and every worker drops every request's state at the end."""
+    import threading
+
+    target, (target_dir, draft_dir) = qwen_pair
+    config = EngineConfig(target=str(target_dir), draft=str(draft_dir), tree="chain:3", sockets=sockets,
+                          draft_precision="fp32", max_batch=3)
+    engine = ActorEngine(target_dir, draft_dir, config, [EOS], context_length=512)
+    prompts = _prompts() + [[9, 8, 7, 6], [50] * 12, list(range(10, 30))]
+    results = {}
+
+    def run(i):
+        results[i] = engine.generate(prompts[i], 40, speculate=i != 4)
+
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, prompt in enumerate(prompts):
+            assert results[i].token_ids == hf_greedy(target, prompt, 40, eos=EOS), i
+        assert results[4].stats.mean_accepted == 1.0 and results[0].stats.mean_accepted > 1.0
+        stream = engine.submit([5, 6, 7], 400, request_id="to-cancel")
+        first = ray.get(next(stream))
+        engine.cancel("to-cancel")
+        final = [ray.get(ref) for ref in stream][-1]
+        assert first and final["cancelled"] and final["stats"].new_tokens < 400
+        workers = ray.get(engine.coordinator.info.remote(refresh=True))["workers"]
+        assert all(w["live_requests"] == 0 for w in workers.values()), workers
+    finally:
+        engine.shutdown()
+    assert _segments() <= ray_session

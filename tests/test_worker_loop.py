@@ -25,9 +25,9 @@ def test_draft_worker_loop_survives_bad_messages(tmp_path, caplog):
         coordinator.send_raw(b"\xc1 not msgpack")
         coordinator.send_raw(m.msgpack.packb({"v": 1, "kind": "launch_missiles"}))
         coordinator.send(m.Accepted("r", 1, [0], [5]))  # valid, but not a draft's message
-        coordinator.send(m.ProposeTree("r", 1, []))  # the handler fails: no tokens
+        coordinator.send(m.ProposeTree("r", 1, [5]))  # the handler fails: no such request
         error = coordinator.recv(timeout_ms=10_000)
-        assert isinstance(error, m.ErrorReport) and error.request_id == "r" and "IndexError" in error.error
+        assert isinstance(error, m.ErrorReport) and error.request_id == "r" and "never started" in error.error
         coordinator.send(m.StartRequest("r2", prompts.put(np.array([4, 5, 6], dtype=np.int32))))
         coordinator.send(m.ProposeTree("r2", 1, [7]))
         tree = coordinator.recv(timeout_ms=10_000)

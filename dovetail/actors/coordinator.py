@@ -10,6 +10,12 @@ Per step (pipelined)::
 
 With pipelining off the draft only ever gets ``ProposeTree``, after each verification.
 
+Batching (``max_batch > 1``): requests queue in arrival order and up to ``max_batch`` decode
+together in lockstep. Each step the draft proposes every live request's tree (one after another,
+each from its own KV cache), then one ``VerifyBatch`` has the shards verify all the trees in one
+forward (the weights stream once for all of them); requests join as others finish. No betting
+in this mode.
+
 Failures: an ``ErrorReport`` from a worker, or a worker that stops answering pings, fails the
 request with a clear error; the coordinator then kills and restarts every worker (a shard group
 cannot lose a member: gloo collectives would hang), so the next request runs on a fresh group.
@@ -18,8 +24,10 @@ cannot lose a member: gloo collectives would hang), so the next request runs on 
 from __future__ import annotations
 
 import logging
+import queue
 import secrets
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +41,7 @@ from dovetail.models.collectives import shm_collective_bytes
 from dovetail.placement import Plan
 from dovetail.protocol.channel import Channel, ipc_address
 from dovetail.protocol.messages import (Accepted, ArrayRef, EndRequest, ErrorReport, Predraft, ProposeTree, Shutdown,
-                                        StartRequest, TreeProposal, VerifyTree)
+                                        StartRequest, TreeProposal, VerifyBatch, VerifyTree)
 from dovetail.protocol.shm import ShmArena, remove_orphaned_segments
 
 log = logging.getLogger("dovetail.coordinator")
@@ -62,6 +70,7 @@ class WorkerSpec:
     feature_drafter: bool = False  # draft_dir is a Dovetail drafter: shards send features, no betting
     draft_vocab: int = 0
     gpu_share: float = 1.0  # of the GPU the draft asks Ray for (serving replicas share one GPU)
+    max_batch: int = 1  # > 1: up to this many requests decode together, their trees verified in one forward
 
 
 @dataclass
@@ -99,6 +108,22 @@ class _Inbox:
     pending: list = field(default_factory=list)
 
 
+@dataclass(eq=False)
+class _Request:
+    """Batch mode: one request's inputs, progress, and the queue its ``generate`` call relays."""
+
+    rid: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: dict
+    speculate: bool
+    items: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    stats: ActorStats = field(default_factory=ActorStats)
+    out: OutputBuffer | None = None
+    new_tokens: list[int] = field(default_factory=list)
+    t0: float = 0.0
+
+
 class Coordinator:
     def __init__(self, spec: WorkerSpec, eos_token_ids: list[int]):
         self.spec = spec
@@ -110,6 +135,10 @@ class Coordinator:
         self.workers_info: dict = {}
         self._cancelled: dict[str, float] = {}  # request id -> when cancel() was called
         self._start_workers()
+        self._incoming: queue.Queue = queue.Queue()  # batch mode: requests waiting to join the batch
+        self._stopping = threading.Event()
+        if spec.max_batch > 1:
+            threading.Thread(target=self._serve_batches, name="batch-scheduler", daemon=True).start()
 
     # -- worker lifecycle --------------------------------------------------------------------
     def _start_workers(self) -> None:
@@ -192,6 +221,8 @@ class Coordinator:
         self._cancelled[request_id] = now
 
     def shutdown(self) -> None:
+        self._stopping.set()
+        time.sleep(0.3)  # the batch scheduler checks between steps
         self._stop_workers(graceful=True)
         self.arena.close()
         shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -243,6 +274,10 @@ class Coordinator:
         ``{"stats": ActorStats, "cancelled": bool}`` or ``{"error": str}``. After an error the
         workers are restarted. ``cancel(request_id)`` stops it between steps."""
         request_id = request_id or secrets.token_hex(6)
+        if self.spec.max_batch > 1:
+            yield from self._generate_batched(_Request(request_id, list(prompt_ids), max_new_tokens, sampling,
+                                                       speculate))
+            return
         chunks: list[list[int]] = []
         stats = ActorStats()
         try:
@@ -253,14 +288,18 @@ class Coordinator:
                 box.channel.send(EndRequest(request_id))
             yield {"stats": stats, "cancelled": self._cancelled.pop(request_id, None) is not None}
         except WorkerFailure as exc:
-            log.error("request %s failed: %s; restarting the workers", request_id, exc)
-            message = f"request failed: {exc}"
-            try:
-                self.restart_workers()
-                message += " (the workers were restarted; later requests run normally)"
-            except Exception as restart_exc:  # keep the coordinator alive; the next request retries
-                message += f" (restarting the workers failed too: {restart_exc})"
-            yield {"error": message}
+            yield {"error": self._recover(exc, [request_id])}
+
+    def _recover(self, exc: WorkerFailure, request_ids: list[str]) -> str:
+        """After a worker failure: restart the whole group; the error message for the requests."""
+        log.error("requests %s failed: %s; restarting the workers", request_ids, exc)
+        message = f"request failed: {exc}"
+        try:
+            self.restart_workers()
+            message += " (the workers were restarted; later requests run normally)"
+        except Exception as restart_exc:  # keep the coordinator alive; the next request retries
+            message += f" (restarting the workers failed too: {restart_exc})"
+        return message
 
     def _run(self, rid, prompt_ids, max_new_tokens, sampling, speculate, pipeline, stats: ActorStats, chunks):
         t0 = time.perf_counter()
@@ -315,6 +354,111 @@ class Coordinator:
                 tree = self._propose(draft, rid, step + 1, new_tokens, features, stats)
         stats.new_tokens = len(out.tokens)
         stats.total_s = time.perf_counter() - t0
+
+    # -- batch mode ----------------------------------------------------------------------------
+    def _generate_batched(self, request: "_Request"):
+        """The caller's side: queue the request, then relay what the scheduler produces for it."""
+        self._incoming.put(request)
+        while True:
+            item = request.items.get()
+            yield item
+            if isinstance(item, dict):
+                return
+
+    def _serve_batches(self) -> None:
+        """The scheduler thread: admit requests in arrival order, step the batch, until shutdown."""
+        active: list[_Request] = []
+        while not self._stopping.is_set():
+            try:
+                self._admit(active)
+                if active:
+                    self._batch_step(active)
+            except WorkerFailure as exc:
+                message = self._recover(exc, [r.rid for r in active])
+                for request in active:
+                    request.items.put({"error": message})
+                active.clear()
+            except Exception as exc:  # a bug must not kill the scheduler: fail the batch, go on
+                log.exception("batch step failed")
+                for request in active:
+                    request.items.put({"error": f"request failed: {type(exc).__name__}: {exc}"})
+                active.clear()
+
+    def _admit(self, active: list) -> None:
+        """Prefill waiting requests until the batch is full (block briefly only when idle)."""
+        while len(active) < self.spec.max_batch:
+            try:
+                request = self._incoming.get(timeout=0.2) if not active else self._incoming.get_nowait()
+            except queue.Empty:
+                return
+            if request.rid in self._cancelled:
+                self._finish(request, active, cancelled=True)
+                continue
+            active.append(request)
+            request.t0 = time.perf_counter()
+            request.out = OutputBuffer(request.max_new_tokens, self.eos, request.items.put)
+            prompt = self.arena.put(np.asarray(request.prompt_ids, dtype=np.int32))
+            for box in self.shards + ([self.draft] if self._drafts(request) else []):
+                box.channel.send(StartRequest(request.rid, prompt, request.sampling))
+            first = self._recv(self.shards[0], Accepted, request.rid, 0)
+            request.stats.prefill_s = time.perf_counter() - request.t0
+            request.new_tokens = first.tokens
+            if request.out.add(first.tokens):
+                self._finish(request, active)
+
+    def _drafts(self, request) -> bool:
+        return bool(self.draft and request.speculate)
+
+    def _batch_step(self, active: list) -> None:
+        """Draft every live request's tree, verify them all in one forward, commit, finish."""
+        for request in [r for r in active if r.rid in self._cancelled]:
+            self._finish(request, active, cancelled=True)
+        if not active:
+            return
+        step = {r.rid: r.stats.steps + 1 for r in active}
+        t = time.perf_counter()
+        for request in active:
+            if self._drafts(request):
+                self.draft.channel.send(ProposeTree(request.rid, step[request.rid], request.new_tokens))
+        trees = []
+        for request in active:
+            if self._drafts(request):
+                tree = self._recv(self.draft, TreeProposal, request.rid, step[request.rid])
+                request.stats.draft_s += tree.compute_s
+                request.stats.bytes_draft_target += self._tree_bytes(tree) + 8 * len(request.new_tokens)
+                trees.append((tree.tokens, tree.parents))
+            else:
+                trees.append(self._root_only(request.new_tokens[-1]))
+        t_send = time.perf_counter()
+        for request in active:
+            request.stats.draft_wait_s += t_send - t
+        batch = VerifyBatch([r.rid for r in active], [step[r.rid] for r in active], [tk for tk, _ in trees],
+                            [pa for _, pa in trees])
+        for box in self.shards:
+            box.channel.send(batch)
+        for request in list(active):
+            acc = self._recv(self.shards[0], Accepted, request.rid, step[request.rid])
+            stats = request.stats
+            stats.verify_wait_s += time.perf_counter() - t_send
+            stats.verify_s += acc.compute_s / len(batch.request_ids)  # its share of the shared forward
+            stats.steps += 1
+            stats.accepted_per_step.append(len(acc.path) - 1)
+            stats.bytes_draft_target += 8 * len(acc.tokens)
+            request.new_tokens = acc.tokens
+            if request.out.add(acc.tokens):
+                self._finish(request, active)
+
+    def _finish(self, request, active: list, cancelled: bool = False) -> None:
+        """A request is done (or cancelled): free its state in every worker, send its stats."""
+        if request in active:
+            active.remove(request)
+            for box in self._inboxes():
+                box.channel.send(EndRequest(request.rid))
+        stats = request.stats
+        stats.new_tokens = len(request.out.tokens) if request.out else 0
+        stats.total_s = time.perf_counter() - request.t0 if request.t0 else 0.0
+        cancelled = cancelled or self._cancelled.pop(request.rid, None) is not None
+        request.items.put({"stats": stats, "cancelled": cancelled})
 
     def _propose(self, draft: _Inbox, rid: str, step: int, new_tokens: list[int], features: ArrayRef | None,
                  stats: ActorStats) -> TreeProposal:

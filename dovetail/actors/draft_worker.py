@@ -44,44 +44,50 @@ class DraftWorker(ChannelWorker):
             model = model.to("cuda", torch.bfloat16)
         shape = TreeShape.parse(tree)
         if feature_drafter:
-            self.proposer = FeatureDraftProposer(CachedLM(model), shape)
-            self.proposer.start([0, 1])  # warm-up
-            self.proposer.propose([1], torch.zeros(2, model.config.hidden_size))
+            self._new_proposer = lambda: FeatureDraftProposer(CachedLM(model), shape)
+            warm_up = self._new_proposer()
+            warm_up.start([0, 1])
+            warm_up.propose([1], torch.zeros(2, model.config.hidden_size))
         else:
-            self.proposer = DraftProposer(CachedLM(model), shape, vocab_limit)
-            self.proposer.start([0, 1])  # warm-up
-            self.proposer.propose([1])
+            self._new_proposer = lambda: DraftProposer(CachedLM(model), shape, vocab_limit)
+            warm_up = self._new_proposer()
+            warm_up.start([0, 1])
+            warm_up.propose([1])
+        self.proposers: dict = {}  # request id -> its proposer (own KV cache over the shared weights)
         self.arena = ShmArena(1 << 20)
         self._serve(address, "draft")
 
     def ready(self) -> dict:
-        return {"pid": os.getpid(), "cpus": sorted(os.sched_getaffinity(0)), "peak_rss": rss_bytes(),
+        return {"pid": os.getpid(), "cpus": sorted(os.sched_getaffinity(0)), "peak_rss": rss_bytes(), "live_requests": len(self.proposers),
                 "placement": self.placement, "arena": self.arena.name}
 
     def start(self, msg: StartRequest) -> None:
-        self.proposer.start(self.view(msg.prompt).tolist())
+        proposer = self.proposers[msg.request_id] = self._new_proposer()
+        proposer.start(self.view(msg.prompt).tolist())
 
     def propose(self, msg: ProposeTree) -> None:
+        proposer = self.state_of(self.proposers, msg.request_id)
         with Timer() as t:
-            if self.proposer.uses_features:
-                tree = self.proposer.propose(msg.new_tokens, torch.from_numpy(np.array(self.view(msg.features))))
-            elif self.proposer.betting:
-                tree, _ = self.proposer.resolve(msg.new_tokens)
+            if proposer.uses_features:
+                tree = proposer.propose(msg.new_tokens, torch.from_numpy(np.array(self.view(msg.features))))
+            elif proposer.betting:
+                tree, _ = proposer.resolve(msg.new_tokens)
             else:
-                tree = self.proposer.propose(msg.new_tokens)
+                tree = proposer.propose(msg.new_tokens)
         self._send(msg, tree, [], t.seconds)
 
     def predraft(self, msg: Predraft) -> None:
+        proposer = self.state_of(self.proposers, msg.request_id)
         with Timer() as t:
             if msg.settled:
-                _, held = self.proposer.resolve(msg.settled)
+                _, held = proposer.resolve(msg.settled)
                 if not held:
                     raise RuntimeError("the coordinator settled a bet that did not hold")
-            guess, tree = self.proposer.predraft()
+            guess, tree = proposer.predraft()
         self._send(msg, tree, guess, t.seconds)
 
-    def release(self) -> None:
-        self.proposer.lm.reset()
+    def release(self, request_id: str) -> None:
+        self.proposers.pop(request_id, None)
 
     def _send(self, msg, tree: DraftTree, guess: list[int], seconds: float) -> None:
         self.channel.send(TreeProposal(msg.request_id, msg.step, self.arena.put(tree.tokens.astype(np.int32)),

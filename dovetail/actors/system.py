@@ -69,6 +69,7 @@ class ActorEngine:
             draft_bytes = drafter_bytes(draft_dir, target_dir)
         elif draft_bytes and config.draft_precision == "int8":
             draft_bytes //= 2  # int8 linears, fp32 embedding: about half the fp32 size
+        self.max_batch = 1 if feature_drafter else config.max_batch  # the feature drafter needs per-step features
         self.plan: Plan = make_plan(topology, model_bytes(target_dir), draft_bytes, config.shards,
                                     draft_cpus=config.draft_cpus)
         say(self.plan.describe())
@@ -77,8 +78,11 @@ class ActorEngine:
         spec = WorkerSpec(self.plan, str(target_dir), str(draft_dir) if draft_dir else None, str(config.tree),
                           config.target_kernel, config.draft_precision, vocab_limit, str(self.run_dir),
                           config.collective, feature_drafter=feature_drafter,
-                          draft_vocab=config.draft_vocab, gpu_share=1.0 / config.partition[1])
-        coordinator_actor = ray.remote(num_cpus=0, max_restarts=-1, concurrency_groups={"control": 1})(Coordinator)
+                          draft_vocab=config.draft_vocab, gpu_share=1.0 / config.partition[1],
+                          max_batch=self.max_batch)
+        # batch mode: one thread per request in the batch relays its tokens (+2 for shutdown, info)
+        coordinator_actor = ray.remote(num_cpus=0, max_restarts=-1, concurrency_groups={"control": 1},
+                                       max_concurrency=self.max_batch + 2 if self.max_batch > 1 else 1)(Coordinator)
         self.coordinator = coordinator_actor.remote(spec, list(eos_token_ids))
         self.info = ray.get(self.coordinator.info.remote())
         for name, worker in self.info["workers"].items():

@@ -12,12 +12,12 @@ from datetime import timedelta
 
 from dovetail.actors.worker import ChannelWorker, Timer, lean_loading, pin_to, rss_bytes
 from dovetail.models.cached_lm import CachedLM
-from dovetail.models.target import TargetVerifier
+from dovetail.models.target import TargetVerifier, verify_batch
 from dovetail.models.tree import DraftTree
 from dovetail.models.collectives import LocalCollective, ShmCollective, TorchDistributedCollective
 from dovetail.models.tp import load_shard
 from dovetail.models.verification import SamplingParams
-from dovetail.protocol.messages import Accepted, StartRequest, VerifyTree
+from dovetail.protocol.messages import Accepted, StartRequest, VerifyBatch, VerifyTree
 from dovetail.protocol.shm import ShmArena
 
 GROUP_TIMEOUT = timedelta(seconds=60)  # a dead peer turns a collective into an error after this
@@ -25,7 +25,7 @@ FEATURE_ROWS = 4096  # the most feature rows one message carries (a longer promp
 
 
 class TargetShard(ChannelWorker):
-    handlers = {StartRequest: "start", VerifyTree: "verify"}
+    handlers = {StartRequest: "start", VerifyTree: "verify", VerifyBatch: "verify_batch"}
 
     def __init__(self, model_dir: str, rank: int, world_size: int, cpus: tuple[int, ...], numa_node: int | None,
                  group: str, address: str, kernel: str = "mm", collective: str = "shm", features: bool = False):
@@ -35,34 +35,50 @@ class TargetShard(ChannelWorker):
         self.memory_policy = pin_to(cpus, numa_node)  # before loading: first touch lands locally
         self.collective = _collective(collective, group, world_size, rank)
         with lean_loading():
-            model = load_shard(model_dir, self.collective, kernel)
-            self.verifier = TargetVerifier(CachedLM(model, keep_hidden=features))
-        self.verifier.start([0, 1], SamplingParams())  # warm-up (every rank runs it: collectives pair up)
+            self.model = load_shard(model_dir, self.collective, kernel)
+        self.keep_hidden = features
+        self.verifiers: dict[str, TargetVerifier] = {}  # request id -> its KV cache and sampling state
+        self._verifier("warm-up").start([0, 1], SamplingParams())  # every rank runs it: collectives pair up
+        self.release("warm-up")
         self.features = None
         if features and rank == 0:
-            self.features = ShmArena(2 * FEATURE_ROWS * model.config.hidden_size * 4 + (1 << 20))
+            self.features = ShmArena(2 * FEATURE_ROWS * self.model.config.hidden_size * 4 + (1 << 20))
         self._serve(address, f"target-shard-{rank}")
 
     def ready(self) -> dict:
-        return {"pid": os.getpid(), "cpus": sorted(os.sched_getaffinity(0)), "peak_rss": rss_bytes(),
+        return {"pid": os.getpid(), "cpus": sorted(os.sched_getaffinity(0)), "peak_rss": rss_bytes(), "live_requests": len(self.verifiers),
                 "memory_policy": self.memory_policy, "collective": type(self.collective).__name__}
 
+    def _verifier(self, request_id: str) -> TargetVerifier:
+        """A new request's state: its own KV cache over the shared weights."""
+        verifier = self.verifiers[request_id] = TargetVerifier(CachedLM(self.model, keep_hidden=self.keep_hidden))
+        return verifier
+
     def start(self, msg: StartRequest) -> None:
+        verifier = self._verifier(msg.request_id)
         with Timer() as t:
-            first = self.verifier.start(self.view(msg.prompt).tolist(), SamplingParams(**msg.sampling))
+            first = verifier.start(self.view(msg.prompt).tolist(), SamplingParams(**msg.sampling))
         if self.rank == 0:
             self.channel.send(Accepted(msg.request_id, 0, [], [first], t.seconds,
-                                       self._put_features(self.verifier.prompt_features)))
+                                       self._put_features(verifier.prompt_features)))
 
     def verify(self, msg: VerifyTree) -> None:
         with Timer() as t:
-            acceptance = self.verifier.verify(DraftTree(self.view(msg.tokens), self.view(msg.parents)))
+            acceptance = self.state_of(self.verifiers, msg.request_id).verify(DraftTree(self.view(msg.tokens), self.view(msg.parents)))
         if self.rank == 0:
             self.channel.send(Accepted(msg.request_id, msg.step, acceptance.path, acceptance.tokens, t.seconds,
                                        self._put_features(acceptance.features)))
 
-    def release(self) -> None:
-        self.verifier.release()
+    def verify_batch(self, msg: VerifyBatch) -> None:
+        trees = [DraftTree(self.view(tokens), self.view(parents)) for tokens, parents in zip(msg.tokens, msg.parents)]
+        with Timer() as t:
+            acceptances = verify_batch([self.state_of(self.verifiers, rid) for rid in msg.request_ids], trees)
+        if self.rank == 0:
+            for rid, step, acceptance in zip(msg.request_ids, msg.steps, acceptances):
+                self.channel.send(Accepted(rid, step, acceptance.path, acceptance.tokens, t.seconds))
+
+    def release(self, request_id: str) -> None:
+        self.verifiers.pop(request_id, None)
 
     def _put_features(self, features):
         if self.features is None or features is None:

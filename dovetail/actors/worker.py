@@ -88,8 +88,16 @@ class ChannelWorker:
     def ping(self) -> bool:
         return self._thread.is_alive()
 
-    def release(self) -> None:
-        """Free the finished request's state (subclasses drop their KV caches)."""
+    @staticmethod
+    def state_of(states: dict, request_id: str):
+        """A live request's per-request state; a clear error for one that never started or ended."""
+        try:
+            return states[request_id]
+        except KeyError:
+            raise RuntimeError(f"no request {request_id!r} here (it never started, or it already ended)") from None
+
+    def release(self, request_id: str) -> None:
+        """Free a finished request's state (subclasses drop its KV cache)."""
 
     def view(self, ref: ArrayRef):
         """A zero-copy read-only view of an array another process put in shared memory."""
@@ -106,7 +114,7 @@ class ChannelWorker:
             if isinstance(msg, Shutdown):
                 break
             if isinstance(msg, EndRequest):
-                self.release()
+                self.release(msg.request_id)
                 continue
             handler = self.handlers.get(type(msg))
             if handler is None:

@@ -78,8 +78,9 @@ class CachedLM:
         self._pending_nodes.extend(int(n) for n in nodes)
         return logits
 
-    def _forward(self, ids, positions, mask, logits_to_keep: int, features) -> torch.Tensor:
-        kw = dict(position_ids=positions, attention_mask=mask, cache=self.cache, use_cache=True)
+    def _forward(self, ids, positions, mask, logits_to_keep: int, features, cache=None) -> torch.Tensor:
+        kw = dict(position_ids=positions, attention_mask=mask, cache=self.cache if cache is None else cache,
+                  use_cache=True)
         if features is not None:  # a feature drafter: its output carries the predicted features
             out = self.model(input_ids=ids, features=features.to(self.device)[None], logits_to_keep=logits_to_keep, **kw)
             self.last_hidden = out.hidden[0]
@@ -121,3 +122,53 @@ class CachedLM:
             self.cache.crop(-drop)
             self.committed = length
 
+
+
+@torch.inference_mode()
+def forward_trees(lms: list[CachedLM], trees: list) -> list[torch.Tensor]:
+    """One forward over several requests' draft trees, each against its own cache.
+
+    ``lms`` are per-request caches of one model. Their committed prefixes are laid side by side in
+    a scratch cache and the trees' nodes follow, each at its own positions; a block mask lets a
+    node see only its own request's prefix and its own ancestors. Afterwards every ``lm`` holds its
+    tree as pending entries, as after its own ``forward_tree``, so ``commit`` works unchanged.
+    Returns each tree's logits. The point: the weights stream once for all requests.
+    """
+    first = lms[0]
+    if any(lm._pending_nodes for lm in lms):
+        raise RuntimeError("commit every pending tree before a batched forward")
+    prefixes, sizes = [lm.committed for lm in lms], [len(tree) for tree in trees]
+    total_prefix, total_nodes = sum(prefixes), sum(sizes)
+    allowed = np.zeros((total_nodes, total_prefix + total_nodes), dtype=bool)
+    ids, positions = [], []
+    row = col = 0
+    for tree, prefix, size in zip(trees, prefixes, sizes):
+        anc = ancestry_matrix(np.asarray(tree.parents, dtype=np.int64))
+        allowed[row:row + size, col:col + prefix] = True
+        allowed[row:row + size, total_prefix + row:total_prefix + row + size] = anc
+        ids.append(np.asarray(tree.tokens, dtype=np.int64))
+        positions.append(prefix + anc.sum(1) - 1)
+        row, col = row + size, col + prefix
+    mask = torch.zeros(allowed.shape, dtype=first.dtype)
+    mask.masked_fill_(torch.from_numpy(~allowed), torch.finfo(first.dtype).min)
+    scratch = DynamicCache(config=first.config)
+    for i in range(len(first.cache.layers)):
+        scratch.update(torch.cat([lm.cache.layers[i].keys for lm in lms], dim=2),
+                       torch.cat([lm.cache.layers[i].values for lm in lms], dim=2), i)
+    device = first.device
+    logits = first._forward(torch.from_numpy(np.concatenate(ids)).to(device).view(1, -1),
+                            torch.from_numpy(np.concatenate(positions)).to(device).view(1, -1),
+                            mask.to(device)[None, None], 0, None, cache=scratch)
+    hidden = first.last_hidden
+    out, row = [], 0
+    for lm, size in zip(lms, sizes):
+        new = slice(total_prefix + row, total_prefix + row + size)
+        for layer, merged in zip(lm.cache.layers, scratch.layers):
+            layer.keys = torch.cat([layer.keys, merged.keys[:, :, new]], dim=2)
+            layer.values = torch.cat([layer.values, merged.values[:, :, new]], dim=2)
+        lm._pending_nodes = list(range(size))
+        if lm.keep_hidden:
+            lm.last_hidden = hidden[row:row + size]
+        out.append(logits[row:row + size])
+        row += size
+    return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from dovetail.models.cached_lm import CachedLM
+from dovetail.models.cached_lm import CachedLM, forward_trees
 from dovetail.models.tree import DraftTree
 from dovetail.models.verification import (Acceptance, SamplingParams, accept_greedy, accept_sampling,
                                           sample_token, target_probs)
@@ -38,14 +38,12 @@ class TargetVerifier:
             return int(logits[-1].argmax())
         return sample_token(target_probs(logits[-1:], params)[0], self.generator)
 
-    def release(self) -> None:
-        """Drop the request's KV cache and features (the next ``start`` would, later)."""
-        self.lm.reset()
-        self.prompt_features = None
-
     def verify(self, tree: DraftTree) -> Acceptance:
         """One forward over the whole tree (root = last committed token), accept, commit the path."""
-        logits = self.lm.forward_tree(tree.tokens, tree.parents, range(len(tree)), self.lm.committed)
+        return self.accept(tree, self.lm.forward_tree(tree.tokens, tree.parents, range(len(tree)), self.lm.committed))
+
+    def accept(self, tree: DraftTree, logits: torch.Tensor) -> Acceptance:
+        """Accept a path of the tree whose pending entries and ``logits`` a forward left; commit it."""
         if self.params.greedy:
             acceptance = accept_greedy(tree, logits)
         else:
@@ -54,3 +52,9 @@ class TargetVerifier:
             acceptance.features = self.lm.last_hidden[acceptance.path]
         self.lm.commit(acceptance.path)
         return acceptance
+
+
+def verify_batch(verifiers: list[TargetVerifier], trees: list[DraftTree]) -> list[Acceptance]:
+    """Verify several requests' trees (one verifier per request, one model) in one forward."""
+    logits = forward_trees([v.lm for v in verifiers], trees)
+    return [v.accept(tree, rows) for v, tree, rows in zip(verifiers, trees, logits)]

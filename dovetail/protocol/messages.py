@@ -103,6 +103,17 @@ class VerifyTree:
     parents: ArrayRef
 
 
+@message("verify_batch")
+class VerifyBatch:
+    """Coordinator -> every shard: verify several requests' trees in one forward (the arrays stay
+    where their drafts put them); rank 0 answers one ``Accepted`` per request."""
+
+    request_ids: list[str]
+    steps: list[int]
+    tokens: list[ArrayRef]
+    parents: list[ArrayRef]
+
+
 @message("accepted")
 class Accepted:
     """Shard rank 0 -> coordinator: the accepted path (tree nodes), the committed tokens
@@ -142,7 +153,11 @@ def encode(msg) -> bytes:
     body = {"v": PROTOCOL_VERSION, "kind": msg.KIND}
     for name in _schema(type(msg))[1]:
         value = getattr(msg, name)
-        body[name] = value.__dict__ if isinstance(value, ArrayRef) else value
+        if isinstance(value, ArrayRef):
+            value = value.__dict__
+        elif isinstance(value, list) and value and isinstance(value[0], ArrayRef):
+            value = [ref.__dict__ for ref in value]
+        body[name] = value
     return msgpack.packb(body, use_bin_type=True)
 
 
@@ -196,7 +211,11 @@ def _coerce(kind: str, name: str, hint, value):
     origin = typing.get_origin(hint) or hint
     if origin is list:
         (item,) = typing.get_args(hint) or (object,)
-        if not isinstance(value, list) or (item is int and not all(type(v) is int for v in value)):
+        if item is ArrayRef:
+            if not isinstance(value, list):
+                raise ProtocolError(f"{kind}.{name}: expected a list of array references")
+            return [_coerce(kind, name, ArrayRef, v) for v in value]
+        if not isinstance(value, list) or (item in (int, str) and not all(type(v) is item for v in value)):
             raise ProtocolError(f"{kind}.{name}: expected a list of {getattr(item, '__name__', item)}")
         return value
     if origin is float and isinstance(value, int) and not isinstance(value, bool):

@@ -4,8 +4,8 @@
     serve.run(build_app({"target": "qwen2.5-coder-1.5b-instruct", "replicas": 2}))
 
 Each replica owns a complete actor engine (coordinator, draft, target shards) on its own share of
-the machine's sockets. In front of it sits a FIFO queue: one request decodes at a time and the
-others wait their turn in arrival order (see README "Serving" for why not cross-request batching).
+the machine's sockets. Up to ``max_batch`` requests decode together on it (their trees verified
+in one target forward); the others wait in arrival order for a slot.
 Tokens stream as they are committed, one server-sent event per token; a client that goes away
 cancels its request, which frees its KV caches after the current step.
 """
@@ -17,6 +17,7 @@ import logging
 import re
 import secrets
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
@@ -89,6 +90,40 @@ async def _parse(request: Request, model):
         raise ApiError(400, "request body is not valid JSON", code="json_invalid") from None
 
 
+class FifoSlots:
+    """``n`` engine slots handed out strictly in arrival order (``async with slots:``); a waiter
+    that is cancelled (its client left) gives up its place, or its slot if it had just got one."""
+
+    def __init__(self, n: int):
+        self.free, self.waiters = n, deque()
+
+    async def __aenter__(self):
+        if self.free and not self.waiters:
+            self.free -= 1
+            return
+        turn = asyncio.get_running_loop().create_future()
+        self.waiters.append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self._release()  # the slot arrived as we were cancelled: pass it on
+            else:
+                self.waiters.remove(turn)
+            raise
+
+    async def __aexit__(self, *exc):
+        self._release()
+
+    def _release(self) -> None:
+        while self.waiters:
+            turn = self.waiters.popleft()
+            if not turn.done():
+                turn.set_result(None)  # the slot goes straight to the next in line
+                return
+        self.free += 1
+
+
 @dataclass
 class Job:
     """One request on its way through the replica."""
@@ -111,12 +146,9 @@ class Job:
 
 # (helpers sit above the class: Serve pickles the class when it is decorated)
 def _device_seconds(stats) -> dict:
-    """Where each device's time went during the request (idle = the rest of the request)."""
-    total = stats.total_s
-    target_busy = stats.prefill_s + stats.verify_s
+    """The device time the request used (in a batch, its share of each shared verification)."""
     return {("target", "prefill"): stats.prefill_s, ("target", "verify"): stats.verify_s,
-            ("target", "idle"): total - target_busy, ("draft", "draft"): stats.draft_s,
-            ("draft", "idle"): total - stats.draft_s if stats.draft_s else total}
+            ("draft", "draft"): stats.draft_s}
 
 
 def _round(value):
@@ -150,7 +182,7 @@ class DovetailServer:
         self.depth = self.engine.depth
         self.model_name = self.config.model_name
         self.started_at = int(time.time())
-        self.turn = asyncio.Lock()  # FIFO: asyncio wakes waiters in arrival order
+        self.slots = FifoSlots(self.engine.max_batch)  # requests on the engine at once (its batch)
         self.waiting = self.running = 0
         self.metrics = _metrics()
         _configure_logging()
@@ -267,7 +299,7 @@ class DovetailServer:
         self._load(waiting=+1)
         queued, outcome = True, "cancelled"
         try:
-            async with self.turn:
+            async with self.slots:
                 queued = False
                 self._load(waiting=-1, running=+1)
                 try:

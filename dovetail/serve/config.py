@@ -52,6 +52,7 @@ class ServeConfig(BaseModel):
     served_model_name: str | None = None  # default: the target's name
     replicas: int = Field(1, ge=1)
     autoscaling: Autoscaling | None = None  # overrides replicas
+    max_batch: int = Field(4, ge=1)  # per replica: requests decoding together (trees verified in one forward)
     max_queued_requests: int = Field(64, ge=1)  # per replica; more get a 429
     address: str | None = None  # join this Ray cluster (launch.py serve)
 
@@ -79,7 +80,8 @@ class ServeConfig(BaseModel):
         kwargs = dict(target=self.target, draft=self.draft, draft_precision=self.draft_precision,
                       draft_vocab=self.draft_vocab, target_kernel=self.target_kernel, engine="actors",
                       sockets=self.sockets, shards=self.shards, pipeline=self.pipeline, address=self.address,
-                      collective=self.collective, draft_cpus=self.draft_cpus, partition=partition)
+                      collective=self.collective, draft_cpus=self.draft_cpus, partition=partition,
+                      max_batch=self.max_batch)
         if self.tree:
             kwargs["tree"] = parse_tree(self.tree)
         return EngineConfig(**kwargs)

@@ -8,6 +8,8 @@ prefix, so existing speculative-decoding dashboards work.
 
 from __future__ import annotations
 
+import time
+
 import ray
 
 METRICS_ACTOR = "dovetail-metrics"
@@ -38,8 +40,13 @@ class MetricsStore:
                                         "Accepted draft tokens by position in the block", ["position"], registry=r)
         self.tau = Histogram(p + "spec_decode_tau", "Tokens committed per verification step, per request",
                              buckets=TAU_BUCKETS, registry=r)
-        self.device_seconds = Counter(p + "device_seconds", "Seconds each device spent by state (draft: draft/idle; "
-                                      "target: prefill/verify/idle)", ["device", "state"], registry=r)
+        self.device_seconds = Counter(p + "device_seconds", "Busy seconds of each device by state (target: "
+                                      "prefill/verify; draft: draft)", ["device", "state"], registry=r)
+        self.idle_seconds = Gauge(p + "device_idle_seconds", "Seconds each device was idle: replica-seconds since "
+                                  "the first replica reported, minus busy seconds", ["device"], registry=r)
+        self.busy: dict[str, float] = {"target": 0.0, "draft": 0.0}
+        self.replicas: set[str] = set()
+        self.started: float | None = None
         self.ttft = Histogram(p + "time_to_first_token_seconds", "Arrival to first token", buckets=LATENCY_BUCKETS,
                               registry=r)
         self.queue_time = Histogram(p + "request_queue_time_seconds", "Time waiting for the engine",
@@ -65,6 +72,7 @@ class MetricsStore:
             self.tau.observe(1 + sum(accepted) / len(accepted))
         for (device, state), seconds in summary["device_seconds"].items():
             self.device_seconds.labels(device, state).inc(max(0.0, seconds))
+            self.busy[device] = self.busy.get(device, 0.0) + max(0.0, seconds)
         for histogram, key in ((self.ttft, "ttft_s"), (self.queue_time, "queue_s"), (self.latency, "latency_s")):
             if summary.get(key) is not None:
                 histogram.observe(summary[key])
@@ -73,12 +81,18 @@ class MetricsStore:
         self.errors.labels(str(status)).inc()
 
     def set_load(self, replica: str, waiting: int, running: int) -> None:
+        self.started = self.started or time.monotonic()
+        self.replicas.add(replica)
         self.waiting.labels(replica).set(waiting)
         self.running.labels(replica).set(running)
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
 
+        if self.started is not None:
+            available = len(self.replicas) * (time.monotonic() - self.started)
+            for device, busy in self.busy.items():
+                self.idle_seconds.labels(device).set(max(0.0, available - busy))
         return generate_latest(self.registry)
 
 

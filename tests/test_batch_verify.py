@@ -1,0 +1,69 @@
+"""Verifying several requests' trees in one forward (models/cached_lm.forward_trees): the same
+logits as one forward per request, and greedy output identical to the target's for every request."""
+
+import copy
+
+import pytest
+import torch
+
+from dovetail.models.cached_lm import CachedLM
+from dovetail.models.draft import DraftProposer
+from dovetail.models.target import TargetVerifier, verify_batch
+from dovetail.models.tree import TreeShape
+from dovetail.models.verification import SamplingParams
+from tiny_models import hf_greedy, perturbed, tiny_model
+
+PROMPTS = [[5, 9, 14], list(range(3, 40)), [7] * 11, [20, 21, 22, 23, 24, 25, 26]]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    target = tiny_model("qwen2", seed=31, num_key_value_heads=2)
+    return target, perturbed(target, 0.05, seed=32)
+
+
+def _started(target, draft, shape):
+    verifiers = [TargetVerifier(CachedLM(target)) for _ in PROMPTS]
+    proposers = [DraftProposer(CachedLM(draft), shape) for _ in PROMPTS]
+    firsts = []
+    for verifier, proposer, prompt in zip(verifiers, proposers, PROMPTS):
+        firsts.append([verifier.start(prompt, SamplingParams())])
+        proposer.start(prompt)
+    return verifiers, proposers, firsts
+
+
+def test_batched_forward_matches_separate_forwards(pair):
+    target, draft = pair
+    verifiers, proposers, firsts = _started(target, draft, TreeShape(8, 4, 2))
+    trees = [p.propose(f) for p, f in zip(proposers, firsts)]
+    alone = [copy.deepcopy(v) for v in verifiers]
+    expected = [v.lm.forward_tree(t.tokens, t.parents, range(len(t)), v.lm.committed) for v, t in zip(alone, trees)]
+    from dovetail.models.cached_lm import forward_trees
+
+    got = forward_trees([v.lm for v in verifiers], trees)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+    for v, a, t in zip(verifiers, alone, trees):  # the pending entries match too: commit and compare
+        v.lm.commit(list(range(len(t))))
+        a.lm.commit(list(range(len(t))))
+        for lv, la in zip(v.lm.cache.layers, a.lm.cache.layers):
+            torch.testing.assert_close(lv.keys, la.keys, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [TreeShape.chain(3), TreeShape(8, 4, 2)], ids=str)
+def test_batched_greedy_identical_to_target(pair, shape):
+    target, draft = pair
+    n = 30
+    verifiers, proposers, outputs = _started(target, draft, shape)
+    new = [list(o) for o in outputs]
+    accepted = 0
+    while any(len(o) < n for o in outputs):
+        live = [i for i, o in enumerate(outputs) if len(o) < n]  # requests leave the batch as they finish
+        trees = [proposers[i].propose(new[i]) for i in live]
+        for i, acc in zip(live, verify_batch([verifiers[i] for i in live], trees)):
+            outputs[i].extend(acc.tokens)
+            new[i] = acc.tokens
+            accepted += acc.accepted_draft_tokens
+    for prompt, out in zip(PROMPTS, outputs):
+        assert out[:n] == hf_greedy(target, prompt, n)
+    assert accepted > 0
