@@ -96,7 +96,10 @@ class Dovetail:
                   f"({len(self._engine.plan.shards)} shard(s)), "
                   + (f"draft {self.draft_label}, tree {cfg.tree}, pipelining "
                      + ("off (the feature drafter does not bet)" if self.feature_drafter else
-                        "on" if cfg.pipeline else "off") if self.draft_dir else "no draft"))
+                        "on" if self._engine.pipeline else
+                        "off (the draft shares the target's CPUs)" if cfg.pipeline else "off")
+                     + (f", batches of up to {self._engine.max_batch}" if self._engine.max_batch > 1 else "")
+                     if self.draft_dir else "no draft"))
         return self
 
     def close(self, graceful: bool = True) -> None:

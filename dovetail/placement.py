@@ -5,8 +5,9 @@
     print(plan.describe())
 
 Without a GPU the draft gets one core of its own, taken from the largest socket when that socket
-has more than one (so the draft and the target can work at the same time); otherwise it shares
-the CPUs of the last shard, and the plan says so. Impossible plans (more shards than cores, a
+has at least ``CARVE_MIN_CPUS`` (so the draft and the target can work at the same time at a small
+cost to the target); otherwise it shares the CPUs of the last shard and they take turns, and the
+plan says so. Impossible plans (more shards than cores, a
 model that does not fit the RAM) raise ``UserError`` naming the problem.
 """
 
@@ -21,6 +22,10 @@ from dovetail.topology import Socket, Topology, parse_cpu_list
 
 GiB = 1 << 30
 PROCESS_OVERHEAD = int(0.6 * GiB)  # torch + ray worker baseline per actor process
+# Carve a draft core only from a socket this big: on 2 cores, taking one from the target slows
+# verification 1.6x (366 -> 580 ms per block) and the shared plan was faster (6.29 vs 4.93 tok/s,
+# bench/results/actors.json); from 4 cores the target keeps >= 3/4 of its socket.
+CARVE_MIN_CPUS = 4
 
 
 @dataclass(frozen=True)
@@ -97,7 +102,8 @@ def make_plan(topology: Topology, target_bytes: int, draft_bytes: int | None, sh
               draft_cpus: str = "auto") -> Plan:
     """Shards over sockets (``shards`` defaults to one per socket; more shards split sockets evenly).
 
-    ``draft_cpus`` (no GPU): "auto" carves one core for the draft, "shared" runs it on the last
+    ``draft_cpus`` (no GPU): "auto" carves one core for the draft from a socket of at least
+    ``CARVE_MIN_CPUS`` (else shares), "shared" runs it on the last
     shard's CPUs (the draft and the target then take turns), or "4,5" gives it those CPUs."""
     groups = _shard_groups(topology.sockets, len(topology.sockets) if shards is None else shards)
     gpu = bool(topology.gpus) if draft_on_gpu is None else draft_on_gpu
@@ -145,7 +151,7 @@ def _carve_draft_cpu(groups, draft_bytes):
     """Give the draft the last CPU of the largest shard group when that group can spare one."""
     largest = max(range(len(groups)), key=lambda i: (len(groups[i][0]), i))
     cpus, node, mem = groups[largest]
-    if len(cpus) > 1:
+    if len(cpus) >= CARVE_MIN_CPUS:
         groups = list(groups)
         groups[largest] = (cpus[:-1], node, mem)
         return groups, DraftPlacement("cpu", cpus[-1:], False, draft_bytes + PROCESS_OVERHEAD)

@@ -101,3 +101,26 @@ def test_actor_engine_end_to_end_matches_in_process(tiny_model_dirs, isolated_ho
     assert actors.returncode == 0, actors.stderr[-2000:]
     assert "placement plan" in actors.stderr and "target shard 1/2" in actors.stderr
     assert json.loads(actors.stdout)["token_ids"] == json.loads(inproc.stdout)["token_ids"]
+
+
+def test_no_command_serves_the_defaults_on_loopback(monkeypatch):
+    import dovetail.serve.server as server
+    from dovetail.store import DEFAULT_TARGET
+
+    seen = {}
+    monkeypatch.setattr(server, "run_server", lambda config: seen.setdefault("config", config) and 0)
+    assert main([]) == 0
+    config = seen["config"]
+    assert (config.host, config.port, config.target, config.max_batch) == ("127.0.0.1", 8000, DEFAULT_TARGET, 4)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--port", "0"], "port"),
+    (["--replicas", "2", "--sockets", "0"], "cannot split the machine into 2 replicas"),
+    (["--engine", "inprocess"], "serve runs the actor engine"),
+    (["--max-replicas", "1", "--replicas", "2"], "max_replicas must be >= min_replicas"),
+])
+def test_serve_refuses_bad_settings_in_one_line(tiny_model_dirs, isolated_home, capsys, args, message):
+    code = main(["serve", "--target", str(tiny_model_dirs["target"]), "--no-draft", *args])
+    assert code == 2
+    assert message in _one_line_error(capsys.readouterr().err)

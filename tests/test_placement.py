@@ -59,3 +59,10 @@ def test_draft_cpus_can_be_shared_or_chosen():
     assert chosen.draft.cpus == (0, 1) and chosen.shards[0].cpus == (2, 3)
     with pytest.raises(UserError, match="leaves a target shard without CPUs"):
         make_plan(TWO_SOCKETS, 6 * GiB, GiB, memory_available=100 * GiB, draft_cpus="0-3")
+
+
+def test_a_two_core_socket_shares_with_the_draft():
+    """Carving one of two cores would halve the target's compute; the draft takes turns instead."""
+    small = Topology((Socket(0, (0, 1)),), source="test")
+    plan = make_plan(small, 6 * GiB, GiB, memory_available=100 * GiB)
+    assert plan.draft.shares_cpus and plan.shards[0].cpus == (0, 1)

@@ -9,8 +9,10 @@ import json
 import os
 import re
 import signal
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -18,7 +20,7 @@ import pytest
 import torch
 
 from dovetail.protocol.shm import PREFIX
-from dovetail.serve.server import ServerProcess
+from dovetail.serve.server import ServerProcess, free_port
 from tiny_models import VOCAB, hf_greedy, perturbed, tiny_model, tiny_tokenizer
 
 CHAT_TEMPLATE = "{% for m in messages %}<s> {{ m['content'] }} {% endfor %}"
@@ -350,3 +352,24 @@ def test_fifo_slots_serve_in_arrival_order_and_survive_cancellation():
         assert slots.free == 2 and not slots.waiters
 
     asyncio.run(scenario())
+
+
+def test_serve_run_with_the_shipped_yaml(served, tmp_path):
+    """`serve run deploy/serve.yaml` (Ray Serve's own CLI), the YAML pointed at the tiny models."""
+    import yaml
+
+    _, tokenizer, root = served
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "serve.yaml").read_text())
+    app = config["applications"][0]
+    app["args"].update(target=str(root / "target"), draft=str(root / "draft"), draft_precision="fp32")
+    port = free_port()
+    config["http_options"]["port"] = port
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with ServerProcess([], tmp_path / "serve-run.log", port=port, command=[sys.executable, "-c", "from ray.serve.scripts import cli; cli()", "run", str(path)],
+                       env={"DOVETAIL_HOME": str(tmp_path / "home")}, timeout_s=START_TIMEOUT_S) as proc:
+        response = httpx.post(proc.url + "/v1/completions", json={"prompt": "w5 w6", "max_tokens": 6,
+                                                                  "temperature": 0}, timeout=60)
+        assert response.status_code == 200
+        assert response.json()["choices"][0]["text"] == _reference(served, tokenizer.encode("w5 w6"), 6)
+        assert response.json()["model"] == "target"

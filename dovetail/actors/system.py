@@ -73,6 +73,8 @@ class ActorEngine:
         self.plan: Plan = make_plan(topology, model_bytes(target_dir), draft_bytes, config.shards,
                                     draft_cpus=config.draft_cpus)
         say(self.plan.describe())
+        # betting needs the draft and the target to run at once: not when they take turns on the same CPUs
+        self.pipeline = config.pipeline and not (self.plan.draft and self.plan.draft.shares_cpus)
         self._owns_ray = start_ray(config.address, topology)
         self.run_dir = short_dir("run") / secrets.token_hex(4)
         spec = WorkerSpec(self.plan, str(target_dir), str(draft_dir) if draft_dir else None, str(config.tree),
@@ -102,7 +104,7 @@ class ActorEngine:
         max_new_tokens = min(max_new_tokens, self.context_length - len(prompt_ids))
         sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                         seed=params.seed if params.seed is not None else secrets.randbits(63))
-        pipeline = self.config.pipeline if pipeline is None else pipeline
+        pipeline = self.pipeline if pipeline is None else pipeline
         return self.coordinator.generate.options(num_returns="streaming").remote(
             list(map(int, prompt_ids)), max_new_tokens, sampling, speculate, pipeline, request_id)
 

@@ -59,18 +59,19 @@ def _interrupt(signum, frame):
 
 class ServerProcess:
     """``launch.py serve ARGS`` in a child process (benchmarks, tests): ``with`` waits until
-    ``/health`` answers and stops it with SIGTERM on exit. ``url`` is the base URL."""
+    ``/health`` answers and stops it with SIGTERM on exit. ``url`` is the base URL. ``command``
+    runs something else that serves on ``port`` (e.g. ``serve run deploy/serve.yaml``)."""
 
     def __init__(self, args: list[str], log_path, port: int | None = None, env: dict | None = None,
-                 timeout_s: float = 900):
+                 timeout_s: float = 900, command: list[str] | None = None):
         import os
         from pathlib import Path
 
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path, self.timeout_s = Path(log_path), timeout_s
-        self.cmd = [sys.executable, str(Path(__file__).resolve().parents[2] / "launch.py"), "serve",
-                    "--port", str(self.port), *args]
+        self.cmd = command or [sys.executable, str(Path(__file__).resolve().parents[2] / "launch.py"), "serve",
+                               "--port", str(self.port), *args]
         self.env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = None
 
@@ -111,7 +112,7 @@ class ServerProcess:
             return None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
