@@ -55,8 +55,8 @@ def stream_request(client, url: str, prompt_ids: list[int], max_tokens: int) -> 
             if event.get("usage"):
                 usage = event["usage"]
             for choice in event["choices"]:
+                last = time.perf_counter()  # the final (finish_reason) event counts: tokens with no text end a stream too
                 if choice["text"]:
-                    last = time.perf_counter()
                     first = first or last
                     text += choice["text"]
     end = time.perf_counter()
@@ -64,8 +64,8 @@ def stream_request(client, url: str, prompt_ids: list[int], max_tokens: int) -> 
 
 
 def overhead_per_token(r: dict) -> float:
-    """Server time per streamed token beyond the engine's: from the first token to the last, what
-    the client waited minus what the engine spent decoding (its total minus its prefill)."""
+    """Server time per streamed token beyond the engine's: from the first token to the final event,
+    what the client waited minus what the engine spent decoding (its total minus its prefill)."""
     spec, tokens = r["usage"]["speculative"], r["usage"]["completion_tokens"]
     return (r["streaming_s"] - (spec["total_s"] - spec["prefill_s"])) / max(tokens - 1, 1)
 
@@ -168,7 +168,8 @@ def run_serve_bench(args) -> int:
     report = {"machine": machine_info(), "settings": {
         "target": args.target, "draft": None if args.no_draft else draft, "tree": args.tree or "default",
         "prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "greedy": True,
-        "queueing": "FIFO per replica"}, "configs": {}}
+        "queueing": "strict FIFO slots per replica; up to --max-batch requests decode together "
+                    "(batch per configuration name; default 4)"}, "configs": {}}
     if not args.no_curves:
         report["batched_verify"] = batched_verify_ms(resolve_model(args.target), prompts)
     logs = Path(tempfile.mkdtemp(prefix="dovetail-bench-serve-"))
