@@ -238,23 +238,26 @@ def test_fuzzed_bodies_never_get_a_500(server):
 
 
 def test_client_disconnect_cancels_its_request(server, served):
+    """Five clients leave mid-stream, one after another: each request is cancelled, every worker
+    drops its state (KV cache), and the server keeps answering (metrics included)."""
     url = server["url"]
     cancelled = _metric(url, "dovetail:request_success_total", 'finish_reason="cancelled"')
     body = {"prompt": "w7 w8", "max_tokens": 1900, "temperature": 0, "stream": True}
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
-        lines = response.iter_lines()
-        events = [line for line, _ in zip(lines, range(6)) if line.startswith("data: ")]
-        assert events
+    for _ in range(5):
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            assert [line for line, _ in zip(lines, range(6)) if line.startswith("data: ")]
     deadline = time.monotonic() + 30
-    while _metric(url, "dovetail:request_success_total", 'finish_reason="cancelled"') <= cancelled:
-        assert time.monotonic() < deadline, "the disconnected request was not cancelled"
+    while True:
+        held = httpx.get(url + "/health", params={"workers": "true"}, timeout=30).json()["worker_requests"]
+        if _metric(url, "dovetail:request_success_total", 'finish_reason="cancelled"') >= cancelled + 5 \
+                and not any(held.values()):
+            break
+        assert time.monotonic() < deadline, f"disconnected requests not cancelled and freed: {held}"
         time.sleep(0.2)
-    t0 = time.perf_counter()
     response = httpx.post(url + "/v1/completions", json={"prompt": "w7 w8", "max_tokens": 5, "temperature": 0},
                           timeout=60)
     assert response.status_code == 200
-    print("next request after cancel", time.perf_counter() - t0)
-    assert time.perf_counter() - t0 < 5, "the next request waited for the cancelled one"
 
 
 def _dovetail_processes():

@@ -18,6 +18,7 @@ import re
 import secrets
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
@@ -59,6 +60,13 @@ async def _unexpected(request: Request, exc: Exception):
 
 
 _METRICS = None
+# Fire-and-forget Ray calls (metrics, cancellations) leave from this thread, not from the request's
+# task: when a client disconnects Serve cancels that task, and Ray cancels the calls it submitted too.
+_SIDE_CALLS = ThreadPoolExecutor(1, thread_name_prefix="dovetail-side-calls")
+
+
+def _side_call(method, *args) -> None:
+    _SIDE_CALLS.submit(method.remote, *args)
 
 
 def _metrics():
@@ -70,7 +78,7 @@ def _metrics():
 
 def _count_error(status: int) -> None:
     try:
-        _metrics().record_error.remote(status)
+        _side_call(_metrics().record_error, status)
     except Exception:  # metrics must never turn an answer into a failure
         log.warning("could not record an error metric", exc_info=True)
 
@@ -201,8 +209,14 @@ class DovetailServer:
                                             "owned_by": "dovetail", "max_model_len": self.dovetail.context_length}]}
 
     @app.get("/health")
-    async def health(self):
-        return {"status": "ok", "waiting": self.waiting, "running": self.running}
+    async def health(self, workers: bool = False):
+        """Liveness and this replica's queue; ``?workers=true`` also asks every worker how many
+        requests it holds state (a KV cache) for."""
+        out = {"status": "ok", "waiting": self.waiting, "running": self.running}
+        if workers:
+            info = await self.engine.coordinator.info.remote(refresh=True)
+            out["worker_requests"] = {name: w.get("live_requests") for name, w in info["workers"].items()}
+        return out
 
     @app.get("/metrics")
     async def metrics(self):
@@ -339,11 +353,11 @@ class DovetailServer:
                         job.text += text
                         yield text
                     if assembler.stopped:
-                        self.engine.cancel(job.rid)  # the coordinator ends after this step; drain to its stats
+                        _side_call(self.engine.coordinator.cancel, job.rid)  # ends after this step; drain to its stats
                         break
         finally:
             if not finished:  # the client went away (or a stop sequence and then an error)
-                self.engine.cancel(job.rid)
+                _side_call(self.engine.coordinator.cancel, job.rid)
         tail = assembler.flush()
         if tail:
             job.text += tail
@@ -399,7 +413,7 @@ class DovetailServer:
     def _load(self, waiting: int = 0, running: int = 0) -> None:
         self.waiting += waiting
         self.running += running
-        self.metrics.set_load.remote(self.replica, self.waiting, self.running)
+        _side_call(self.metrics.set_load, self.replica, self.waiting, self.running)
 
     def _finish(self, job: Job, outcome: str) -> None:
         """One metrics record and one structured log line per request, however it ended."""
@@ -413,7 +427,7 @@ class DovetailServer:
             "queue_s": job.started - job.arrival if job.started else None, "latency_s": now - job.arrival,
             "device_seconds": _device_seconds(stats) if stats else {},
         }
-        self.metrics.record.remote(summary)
+        _side_call(self.metrics.record, summary)
         log.info(json.dumps({"event": "request_done", "request_id": job.rid, "replica": self.replica,
                              "outcome": outcome, "prompt_tokens": summary["prompt_tokens"],
                              "completion_tokens": summary["completion_tokens"],

@@ -98,5 +98,7 @@ class MetricsStore:
 
 def metrics_actor():
     """The deployment's metrics actor, created by the first replica that asks."""
+    # threaded (prometheus_client is thread-safe): no per-caller ordering, so one lost call cannot stall the rest
     return ray.remote(MetricsStore).options(name=METRICS_ACTOR, namespace=NAMESPACE, get_if_exists=True,
-                                            lifetime="detached", num_cpus=0, max_restarts=-1).remote()
+                                            lifetime="detached", num_cpus=0, max_restarts=-1,
+                                            max_concurrency=4).remote()

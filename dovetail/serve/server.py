@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from pathlib import Path
 
 from dovetail.serve.config import ServeConfig
 
@@ -14,7 +15,6 @@ def run_server(config: ServeConfig, say=lambda msg: print(f"[dovetail] {msg}", f
     from ray import serve
 
     from dovetail.actors.system import resolve_topology, start_ray
-    from dovetail.protocol.shm import remove_orphaned_segments
     from dovetail.serve.app import build_app
 
     from dovetail.store import resolve_draft, resolve_model
@@ -26,6 +26,7 @@ def run_server(config: ServeConfig, say=lambda msg: print(f"[dovetail] {msg}", f
     topology = resolve_topology(config.sockets)
     for part in range(config.replica_slots):
         topology.partition(part, config.replica_slots)
+    segments_before = _segments()
     owns_ray = start_ray(config.address, topology)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -49,8 +50,28 @@ def run_server(config: ServeConfig, say=lambda msg: print(f"[dovetail] {msg}", f
             say(f"serve did not shut down cleanly: {exc}")
         if owns_ray:
             ray.shutdown()
-        remove_orphaned_segments()
+        _sweep_segments(segments_before)
     return 0
+
+
+def _sweep_segments(preexisting: set[str], timeout_s: float = 10.0) -> None:
+    """Remove the shared memory of this server's workers once their processes have exited (Ray
+    stops them asynchronously); segments that existed before the server started are not waited for."""
+    from dovetail.protocol.shm import remove_orphaned_segments
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        remove_orphaned_segments()
+        left = _segments() - preexisting
+        if not left or time.monotonic() > deadline:
+            return
+        time.sleep(0.5)
+
+
+def _segments() -> set[str]:
+    from dovetail.protocol.shm import PREFIX
+
+    return {path.name for path in Path("/dev/shm").glob(f"{PREFIX}*")}
 
 
 def _interrupt(signum, frame):
@@ -65,7 +86,6 @@ class ServerProcess:
     def __init__(self, args: list[str], log_path, port: int | None = None, env: dict | None = None,
                  timeout_s: float = 900, command: list[str] | None = None):
         import os
-        from pathlib import Path
 
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
