@@ -137,8 +137,10 @@ class Coordinator:
         self._start_workers()
         self._incoming: queue.Queue = queue.Queue()  # batch mode: requests waiting to join the batch
         self._stopping = threading.Event()
+        self._scheduler = None
         if spec.max_batch > 1:
-            threading.Thread(target=self._serve_batches, name="batch-scheduler", daemon=True).start()
+            self._scheduler = threading.Thread(target=self._serve_batches, name="batch-scheduler", daemon=True)
+            self._scheduler.start()
 
     # -- worker lifecycle --------------------------------------------------------------------
     def _start_workers(self) -> None:
@@ -222,7 +224,8 @@ class Coordinator:
 
     def shutdown(self) -> None:
         self._stopping.set()
-        time.sleep(0.3)  # the batch scheduler checks between steps
+        if self._scheduler is not None:  # let it finish its step: stopping the workers under it would fail the step
+            self._scheduler.join(timeout=60)
         self._stop_workers(graceful=True)
         self.arena.close()
         shutil.rmtree(self.run_dir, ignore_errors=True)

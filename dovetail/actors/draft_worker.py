@@ -58,8 +58,8 @@ class DraftWorker(ChannelWorker):
         self._serve(address, "draft")
 
     def ready(self) -> dict:
-        return {"pid": os.getpid(), "cpus": sorted(os.sched_getaffinity(0)), "peak_rss": rss_bytes(), "live_requests": len(self.proposers),
-                "placement": self.placement, "arena": self.arena.name}
+        return {"pid": os.getpid(), "cpus": sorted(os.sched_getaffinity(0)), "peak_rss": rss_bytes(),
+                "live_requests": len(self.proposers), "placement": self.placement, "arena": self.arena.name}
 
     def start(self, msg: StartRequest) -> None:
         proposer = self.proposers[msg.request_id] = self._new_proposer()

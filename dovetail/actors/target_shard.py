@@ -46,8 +46,9 @@ class TargetShard(ChannelWorker):
         self._serve(address, f"target-shard-{rank}")
 
     def ready(self) -> dict:
-        return {"pid": os.getpid(), "cpus": sorted(os.sched_getaffinity(0)), "peak_rss": rss_bytes(), "live_requests": len(self.verifiers),
-                "memory_policy": self.memory_policy, "collective": type(self.collective).__name__}
+        return {"pid": os.getpid(), "cpus": sorted(os.sched_getaffinity(0)), "peak_rss": rss_bytes(),
+                "live_requests": len(self.verifiers), "memory_policy": self.memory_policy,
+                "collective": type(self.collective).__name__}
 
     def _verifier(self, request_id: str) -> TargetVerifier:
         """A new request's state: its own KV cache over the shared weights."""
@@ -63,8 +64,9 @@ class TargetShard(ChannelWorker):
                                        self._put_features(verifier.prompt_features)))
 
     def verify(self, msg: VerifyTree) -> None:
+        verifier = self.state_of(self.verifiers, msg.request_id)
         with Timer() as t:
-            acceptance = self.state_of(self.verifiers, msg.request_id).verify(DraftTree(self.view(msg.tokens), self.view(msg.parents)))
+            acceptance = verifier.verify(DraftTree(self.view(msg.tokens), self.view(msg.parents)))
         if self.rank == 0:
             self.channel.send(Accepted(msg.request_id, msg.step, acceptance.path, acceptance.tokens, t.seconds,
                                        self._put_features(acceptance.features)))

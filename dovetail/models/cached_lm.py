@@ -70,8 +70,7 @@ class CachedLM:
         cols = np.concatenate([np.asarray(self._pending_nodes, dtype=np.int64), nodes])
         allowed = np.ones((len(nodes), self.committed + len(cols)), dtype=bool)
         allowed[:, self.committed:] = visible[:, cols]
-        mask = torch.zeros(allowed.shape, dtype=self.dtype)
-        mask.masked_fill_(torch.from_numpy(~allowed), torch.finfo(self.dtype).min)
+        mask = additive_mask(allowed, self.dtype)
         ids = torch.as_tensor(tokens[nodes], dtype=torch.long, device=self.device).view(1, -1)
         positions = torch.as_tensor(base_position + depth[nodes], device=self.device).view(1, -1)
         logits = self._forward(ids, positions, mask.to(self.device)[None, None], 0, features)
@@ -124,6 +123,12 @@ class CachedLM:
 
 
 
+def additive_mask(allowed: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean "may attend" matrix as the additive float mask the models take (0 or dtype min)."""
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    return mask.masked_fill_(torch.from_numpy(~allowed), torch.finfo(dtype).min)
+
+
 @torch.inference_mode()
 def forward_trees(lms: list[CachedLM], trees: list) -> list[torch.Tensor]:
     """One forward over several requests' draft trees, each against its own cache.
@@ -143,14 +148,13 @@ def forward_trees(lms: list[CachedLM], trees: list) -> list[torch.Tensor]:
     ids, positions = [], []
     row = col = 0
     for tree, prefix, size in zip(trees, prefixes, sizes):
-        anc = ancestry_matrix(np.asarray(tree.parents, dtype=np.int64))
+        anc = tree.ancestry()
         allowed[row:row + size, col:col + prefix] = True
         allowed[row:row + size, total_prefix + row:total_prefix + row + size] = anc
         ids.append(np.asarray(tree.tokens, dtype=np.int64))
         positions.append(prefix + anc.sum(1) - 1)
         row, col = row + size, col + prefix
-    mask = torch.zeros(allowed.shape, dtype=first.dtype)
-    mask.masked_fill_(torch.from_numpy(~allowed), torch.finfo(first.dtype).min)
+    mask = additive_mask(allowed, first.dtype)
     scratch = DynamicCache(config=first.config)
     for i in range(len(first.cache.layers)):
         scratch.update(torch.cat([lm.cache.layers[i].keys for lm in lms], dim=2),

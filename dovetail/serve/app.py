@@ -65,8 +65,8 @@ _METRICS = None
 _SIDE_CALLS = ThreadPoolExecutor(1, thread_name_prefix="dovetail-side-calls")
 
 
-def _side_call(method, *args) -> None:
-    _SIDE_CALLS.submit(method.remote, *args)
+def _side_call(fn, *args) -> None:
+    _SIDE_CALLS.submit(fn, *args)
 
 
 def _metrics():
@@ -78,7 +78,7 @@ def _metrics():
 
 def _count_error(status: int) -> None:
     try:
-        _side_call(_metrics().record_error, status)
+        _side_call(_metrics().record_error.remote, status)
     except Exception:  # metrics must never turn an answer into a failure
         log.warning("could not record an error metric", exc_info=True)
 
@@ -353,11 +353,11 @@ class DovetailServer:
                         job.text += text
                         yield text
                     if assembler.stopped:
-                        _side_call(self.engine.coordinator.cancel, job.rid)  # ends after this step; drain to its stats
+                        _side_call(self.engine.cancel, job.rid)  # ends after this step; drain to its stats
                         break
         finally:
             if not finished:  # the client went away (or a stop sequence and then an error)
-                _side_call(self.engine.coordinator.cancel, job.rid)
+                _side_call(self.engine.cancel, job.rid)
         tail = assembler.flush()
         if tail:
             job.text += tail
@@ -413,7 +413,7 @@ class DovetailServer:
     def _load(self, waiting: int = 0, running: int = 0) -> None:
         self.waiting += waiting
         self.running += running
-        _side_call(self.metrics.set_load, self.replica, self.waiting, self.running)
+        _side_call(self.metrics.set_load.remote, self.replica, self.waiting, self.running)
 
     def _finish(self, job: Job, outcome: str) -> None:
         """One metrics record and one structured log line per request, however it ended."""
@@ -427,7 +427,7 @@ class DovetailServer:
             "queue_s": job.started - job.arrival if job.started else None, "latency_s": now - job.arrival,
             "device_seconds": _device_seconds(stats) if stats else {},
         }
-        _side_call(self.metrics.record, summary)
+        _side_call(self.metrics.record.remote, summary)
         log.info(json.dumps({"event": "request_done", "request_id": job.rid, "replica": self.replica,
                              "outcome": outcome, "prompt_tokens": summary["prompt_tokens"],
                              "completion_tokens": summary["completion_tokens"],
