@@ -130,6 +130,10 @@ def test_openai_client_completion_chat_and_stream(server, served):
     assert seeded[0] == seeded[1]
 
     assert _metric(server["url"], "dovetail:request_success_total", 'finish_reason="length"') >= 5
+    for _ in range(3):  # a finished request is in the very next /metrics of its replica, never a scrape later
+        before = _metric(server["url"], "dovetail:request_success_total", 'finish_reason="length"')
+        client.completions.create(model="target", prompt=prompt, max_tokens=4, temperature=0)
+        assert _metric(server["url"], "dovetail:request_success_total", 'finish_reason="length"') == before + 1
     assert _metric(server["url"], "dovetail:spec_decode_num_drafts_total") > 0
     assert _metric(server["url"], "dovetail:num_requests_waiting", f'replica="{_replica(server)}"') == 0
     logged = [json.loads(m.group(0)) for m in re.finditer(r'\{"event": "request_done".*\}', server["log"].read_text())]

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+import ray
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -65,8 +66,29 @@ _METRICS = None
 _SIDE_CALLS = ThreadPoolExecutor(1, thread_name_prefix="dovetail-side-calls")
 
 
+_UNSETTLED: list = []  # this replica's metric calls not yet known to have landed (touched by the side thread only)
+
+
 def _side_call(fn, *args) -> None:
     _SIDE_CALLS.submit(fn, *args)
+
+
+def _record(fn, *args) -> None:
+    """A fire-and-forget metrics call that a later /metrics on this replica is sure to see."""
+    def send():
+        _UNSETTLED.append(fn(*args))
+        if len(_UNSETTLED) > 64:
+            _, _UNSETTLED[:] = ray.wait(_UNSETTLED, num_returns=len(_UNSETTLED), timeout=0)
+    _side_call(send)
+
+
+def _settle_metrics(timeout_s: float = 5.0):
+    """Wait (in the side thread, after every call queued before it) until this replica's metrics landed."""
+    def settle():
+        if _UNSETTLED:
+            ray.wait(_UNSETTLED, num_returns=len(_UNSETTLED), timeout=timeout_s)
+            _UNSETTLED.clear()
+    return asyncio.wrap_future(_SIDE_CALLS.submit(settle))
 
 
 def _metrics():
@@ -78,7 +100,7 @@ def _metrics():
 
 def _count_error(status: int) -> None:
     try:
-        _side_call(_metrics().record_error.remote, status)
+        _record(_metrics().record_error.remote, status)
     except Exception:  # metrics must never turn an answer into a failure
         log.warning("could not record an error metric", exc_info=True)
 
@@ -222,6 +244,7 @@ class DovetailServer:
     async def metrics(self):
         from prometheus_client import CONTENT_TYPE_LATEST
 
+        await _settle_metrics()  # read-your-writes for this replica; other replicas' records are eventual
         return Response(await self.metrics.render.remote(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/completions")
@@ -413,7 +436,7 @@ class DovetailServer:
     def _load(self, waiting: int = 0, running: int = 0) -> None:
         self.waiting += waiting
         self.running += running
-        _side_call(self.metrics.set_load.remote, self.replica, self.waiting, self.running)
+        _record(self.metrics.set_load.remote, self.replica, self.waiting, self.running)
 
     def _finish(self, job: Job, outcome: str) -> None:
         """One metrics record and one structured log line per request, however it ended."""
@@ -427,7 +450,7 @@ class DovetailServer:
             "queue_s": job.started - job.arrival if job.started else None, "latency_s": now - job.arrival,
             "device_seconds": _device_seconds(stats) if stats else {},
         }
-        _side_call(self.metrics.record.remote, summary)
+        _record(self.metrics.record.remote, summary)
         log.info(json.dumps({"event": "request_done", "request_id": job.rid, "replica": self.replica,
                              "outcome": outcome, "prompt_tokens": summary["prompt_tokens"],
                              "completion_tokens": summary["completion_tokens"],
