@@ -10,8 +10,9 @@ prompts (token ids through the chat template, greedy) over HTTP and measures:
 Configurations: the default plan (1 replica, target shard + draft on their own cores) with one
 request at a time and with a batch of 4 (trees verified in one forward), and the scaling pairs on
 virtual sockets (batch 4): 1 replica on socket "0" -> 2 replicas on "0|1", and 1 shard on "0" ->
-2 shards on "0|1". Before the servers, an in-process micro-benchmark times one target forward
-over B requests' trees against B separate forwards. Results: ``bench/results/<name>.json``.
+2 shards on "0|1". Before the servers, in-process micro-benchmarks time one target forward over
+B requests' trees against B separate forwards, and the draft growing B trees together (one
+forward per level) against B proposals one after another. Results: ``bench/results/<name>.json``.
 """
 
 from __future__ import annotations
@@ -110,11 +111,39 @@ def measure(url: str, prompts: list[list[int]], max_tokens: int) -> dict:
     }
 
 
-def batched_verify_ms(target_dir, prompts: list[list[int]], tree_size: int = 4, reps: int = 3) -> dict:
-    """In process, before any server: one target forward over B requests' trees (``forward_trees``)
-    against B forwards one after another, for B = 1..len(prompts), on 1 and 2 threads."""
-    import numpy as np
+def _best_ms(fn, reset, reps: int) -> float:
+    """Best of ``reps`` timings of ``fn``, ``reset()`` restoring the caches after each."""
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+        reset()
+    return round(1000 * best, 1)
+
+
+def _batch_curve(what: str, prompts: list, start, separate, together, reps: int) -> dict:
+    """``separate(batch)`` against ``together(batch)`` for B = 1..len(prompts), on 1 and 2 threads;
+    ``start()`` returns fresh per-request states and a function that restores them."""
     import torch
+
+    out = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        states, reset = start()
+        for batch in range(1, len(prompts) + 1):
+            alone = _best_ms(lambda: separate(states[:batch]), reset, reps)
+            batched = _best_ms(lambda: together(states[:batch]), reset, reps)
+            out[f"{threads} threads, batch {batch}"] = entry = {
+                "separate_ms": alone, "batched_ms": batched, "speedup": round(alone / batched, 3)}
+            print(f"[bench] {what} {threads} threads, batch {batch}: {entry}", flush=True)
+    return out
+
+
+def batched_verify_ms(target_dir, prompts: list[list[int]], tree_size: int = 4, reps: int = 3) -> dict:
+    """In process, before any server: one target forward over B requests' ``tree_size``-token
+    chains (``forward_trees``) against B forwards one after another."""
+    import numpy as np
 
     from dovetail.models.cached_lm import CachedLM, forward_trees
     from dovetail.models.loading import load_causal_lm
@@ -122,36 +151,49 @@ def batched_verify_ms(target_dir, prompts: list[list[int]], tree_size: int = 4, 
 
     model = load_causal_lm(target_dir, linear_kernel="mm")  # the kernel the shards use
     chain = DraftTree(np.arange(100, 100 + tree_size), np.arange(-1, tree_size - 1))
-    out = {}
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        lms = []
-        for prompt in prompts:
-            lms.append(CachedLM(model))
-            lms[-1].extend(prompt)
-        for batch in range(1, len(prompts) + 1):
-            def timed(fn):
-                best = float("inf")
-                for _ in range(reps):
-                    t = time.perf_counter()
-                    fn()
-                    best = min(best, time.perf_counter() - t)
-                    for lm in lms[:batch]:
-                        lm.commit([])  # drop the pending tree: same cache every repetition
-                return round(1000 * best, 1)
 
-            separate = timed(lambda: [lm.forward_tree(chain.tokens, chain.parents, range(tree_size), lm.committed)
-                                      for lm in lms[:batch]])
-            together = timed(lambda: forward_trees(lms[:batch], [chain] * batch))
-            out[f"{threads} threads, {batch} x {tree_size} tokens"] = {
-                "separate_ms": separate, "batched_ms": together, "speedup": round(separate / together, 3)}
-            print(f"[bench] verify {threads} threads, batch {batch}: {out[f'{threads} threads, {batch} x {tree_size} tokens']}",
-                  flush=True)
-    del model
-    return out
+    def start():
+        lms = [CachedLM(model) for _ in prompts]
+        for lm, prompt in zip(lms, prompts):
+            lm.extend(prompt)
+        return lms, lambda: [lm.commit([]) for lm in lms]  # drop the pending trees
+
+    return _batch_curve("verify", prompts, start,
+                        lambda lms: [lm.forward_tree(chain.tokens, chain.parents, range(tree_size), lm.committed)
+                                     for lm in lms],
+                        lambda lms: forward_trees(lms, [chain] * len(lms)), reps)
+
+
+def batched_draft_ms(draft_dir, prompts: list[list[int]], shape: str, precision: str, reps: int = 3) -> dict:
+    """In process: the draft growing B requests' trees together (``propose_together``: one forward
+    per level) against B proposals one after another, each after 4 newly committed tokens."""
+    from dovetail.models.cached_lm import CachedLM
+    from dovetail.models.draft import DraftProposer, propose_together
+    from dovetail.models.loading import load_causal_lm
+    from dovetail.models.tree import TreeShape
+
+    model = load_causal_lm(draft_dir, precision=precision)
+    committed = [prompt[-4:] for prompt in prompts]  # as if each had just committed these
+
+    def start():
+        proposers = [DraftProposer(CachedLM(model), TreeShape.parse(shape)) for _ in prompts]
+        for proposer, prompt in zip(proposers, prompts):
+            proposer.start(prompt[:-4])
+        marks = [p.lm.committed for p in proposers]
+
+        def reset():
+            for proposer, mark in zip(proposers, marks):
+                proposer.lm.rollback(mark)
+                proposer._tree = proposer._grown_ids = None
+        return proposers, reset
+
+    return _batch_curve(f"draft {shape}", prompts, start,
+                        lambda ps: [p.propose(c) for p, c in zip(ps, committed)],
+                        lambda ps: propose_together(ps, committed[:len(ps)]), reps)
 
 
 def run_serve_bench(args) -> int:
+    from dovetail.config import DEFAULT_TREE
     from dovetail.serve.server import ServerProcess
     from dovetail.store import DEFAULT_DRAFT, resolve_model
     from dovetail.models.loading import load_tokenizer
@@ -172,6 +214,9 @@ def run_serve_bench(args) -> int:
                     "(batch per configuration name; default 4)"}, "configs": {}}
     if not args.no_curves:
         report["batched_verify"] = batched_verify_ms(resolve_model(args.target), prompts)
+        if not args.no_draft:
+            report["batched_draft"] = batched_draft_ms(resolve_model(draft), prompts, args.tree or str(DEFAULT_TREE),
+                                                       args.draft_precision)
     logs = Path(tempfile.mkdtemp(prefix="dovetail-bench-serve-"))
     for i, name in enumerate(names):
         print(f"[bench] {name}: starting the server", flush=True)

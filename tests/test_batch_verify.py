@@ -1,5 +1,6 @@
-"""Verifying several requests' trees in one forward (models/cached_lm.forward_trees): the same
-logits as one forward per request, and greedy output identical to the target's for every request."""
+"""Several requests in one forward: verifying their trees (models/cached_lm.forward_trees) gives
+the same logits as one forward per request, drafting them together (models/draft.propose_together)
+the same trees as drafting one after another, and greedy output stays identical to the target's."""
 
 import copy
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from dovetail.models.cached_lm import CachedLM
-from dovetail.models.draft import DraftProposer
+from dovetail.models.draft import DraftProposer, propose_together
 from dovetail.models.target import TargetVerifier, verify_batch
 from dovetail.models.tree import TreeShape
 from dovetail.models.verification import SamplingParams
@@ -55,11 +56,19 @@ def test_batched_greedy_identical_to_target(pair, shape):
     target, draft = pair
     n = 30
     verifiers, proposers, outputs = _started(target, draft, shape)
+    alone = [DraftProposer(CachedLM(draft), shape) for _ in PROMPTS]  # the same drafts, one at a time
+    for proposer, prompt in zip(alone, PROMPTS):
+        proposer.start(prompt)
     new = [list(o) for o in outputs]
     accepted = 0
     while any(len(o) < n for o in outputs):
         live = [i for i, o in enumerate(outputs) if len(o) < n]  # requests leave the batch as they finish
-        trees = [proposers[i].propose(new[i]) for i in live]
+        trees = propose_together([proposers[i] for i in live], [new[i] for i in live])
+        for i, tree in zip(live, trees):
+            expected = alone[i].propose(new[i])
+            assert tree.tokens.tolist() == expected.tokens.tolist()
+            assert tree.parents.tolist() == expected.parents.tolist()
+            assert proposers[i].lm.committed == alone[i].lm.committed
         for i, acc in zip(live, verify_batch([verifiers[i] for i in live], trees)):
             outputs[i].extend(acc.tokens)
             new[i] = acc.tokens

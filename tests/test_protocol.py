@@ -30,6 +30,7 @@ def arena():
 def test_messages_round_trip(arena):
     ref = arena.put(np.arange(5, dtype=np.int64))
     for msg in (m.StartRequest("r1", ref, {"temperature": 0.5}), m.ProposeTree("r1", 3, [4, 5, 6]),
+                m.ProposeBatch(["r1", "r2"], [3, 1], [[4, 5], [6]]),
                 m.TreeProposal("r1", 3, ref, ref), m.Accepted("r1", 3, [0, 2], [7, 8]),
                 m.ErrorReport("r1", "boom"), m.Shutdown()):
         assert m.decode(m.encode(msg)) == msg
@@ -42,6 +43,8 @@ def test_messages_round_trip(arena):
     (msgpack.packb({"v": 1, "kind": "launch_missiles"}), "unknown message kind"),
     (msgpack.packb({"v": 1, "kind": "propose", "request_id": "r", "step": 1}), "missing field 'new_tokens'"),
     (msgpack.packb({"v": 1, "kind": "propose", "request_id": "r", "step": "1", "new_tokens": []}), "expected int"),
+    (msgpack.packb({"v": 1, "kind": "propose_batch", "request_ids": ["r"], "steps": [1], "new_tokens": [[1, "2"]]}),
+     "list of list"),
     (msgpack.packb({"v": 1, "kind": "propose", "request_id": "r", "step": 1, "new_tokens": ["a"]}), "list of int"),
     (msgpack.packb({"v": 1, "kind": "accepted", "request_id": "r", "step": 1, "path": [], "tokens": [],
                     "extra": 1}), "unknown fields"),

@@ -11,10 +11,10 @@ Per step (pipelined)::
 With pipelining off the draft only ever gets ``ProposeTree``, after each verification.
 
 Batching (``max_batch > 1``): requests queue in arrival order and up to ``max_batch`` decode
-together in lockstep. Each step the draft proposes every live request's tree (one after another,
-each from its own KV cache), then one ``VerifyBatch`` has the shards verify all the trees in one
-forward (the weights stream once for all of them); requests join as others finish. No betting
-in this mode.
+together in lockstep. Each step one ``ProposeBatch`` has the draft grow every live request's tree
+together (one draft forward per tree level, each request against its own KV cache), then one
+``VerifyBatch`` has the shards verify all the trees in one forward: either way the weights stream
+once for all the requests. Requests join as others finish. No betting in this mode.
 
 Failures: an ``ErrorReport`` from a worker, or a worker that stops answering pings, fails the
 request with a clear error; the coordinator then kills and restarts every worker (a shard group
@@ -40,8 +40,8 @@ from dovetail.engine import GenerationStats, OutputBuffer
 from dovetail.models.collectives import shm_collective_bytes
 from dovetail.placement import Plan
 from dovetail.protocol.channel import Channel, ipc_address
-from dovetail.protocol.messages import (Accepted, ArrayRef, EndRequest, ErrorReport, Predraft, ProposeTree, Shutdown,
-                                        StartRequest, TreeProposal, VerifyBatch, VerifyTree)
+from dovetail.protocol.messages import (Accepted, ArrayRef, EndRequest, ErrorReport, Predraft, ProposeBatch, ProposeTree,
+                                        Shutdown, StartRequest, TreeProposal, VerifyBatch, VerifyTree)
 from dovetail.protocol.shm import ShmArena, remove_orphaned_segments
 
 log = logging.getLogger("dovetail.coordinator")
@@ -420,9 +420,10 @@ class Coordinator:
             return
         step = {r.rid: r.stats.steps + 1 for r in active}
         t = time.perf_counter()
-        for request in active:
-            if self._drafts(request):
-                self.draft.channel.send(ProposeTree(request.rid, step[request.rid], request.new_tokens))
+        drafting = [r for r in active if self._drafts(r)]
+        if drafting:  # their trees grow together: one draft forward per level
+            self.draft.channel.send(ProposeBatch([r.rid for r in drafting], [step[r.rid] for r in drafting],
+                                                 [r.new_tokens for r in drafting]))
         trees = []
         for request in active:
             if self._drafts(request):

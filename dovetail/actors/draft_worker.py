@@ -1,7 +1,8 @@
 """Draft actor: the small draft LM and its KV cache, on the GPU when there is one.
 
-It answers ``ProposeTree`` (grow the tree after these committed tokens) and ``Predraft`` (bet on
-the tree now under verification and grow the next one). Trees go out as int32 arrays in this
+It answers ``ProposeTree`` (grow the tree after these committed tokens), ``ProposeBatch`` (the
+same for a batch of requests, their trees grown together) and ``Predraft`` (bet on the tree now
+under verification and grow the next one). Trees go out as int32 arrays in this
 actor's shared-memory arena; the coordinator forwards the references to the shards unchanged.
 With a Dovetail feature drafter (a drafter folder) it reads the target's features, which
 ``ProposeTree`` points to in shard 0's arena, and does not bet (no ``Predraft``).
@@ -17,16 +18,16 @@ import torch
 from dovetail.actors.worker import ChannelWorker, Timer, lean_loading, pin_to, rss_bytes
 from dovetail.models.cached_lm import CachedLM
 from dovetail.models.dgf import is_drafter_dir, load_drafter
-from dovetail.models.draft import DraftProposer
+from dovetail.models.draft import DraftProposer, propose_together
 from dovetail.models.feature_draft import FeatureDraftProposer
 from dovetail.models.loading import load_causal_lm
 from dovetail.models.tree import DraftTree, TreeShape
-from dovetail.protocol.messages import Predraft, ProposeTree, StartRequest, TreeProposal
+from dovetail.protocol.messages import Predraft, ProposeBatch, ProposeTree, StartRequest, TreeProposal
 from dovetail.protocol.shm import ShmArena
 
 
 class DraftWorker(ChannelWorker):
-    handlers = {StartRequest: "start", ProposeTree: "propose", Predraft: "predraft"}
+    handlers = {StartRequest: "start", ProposeTree: "propose", ProposeBatch: "propose_batch", Predraft: "predraft"}
 
     def __init__(self, model_dir: str, tree: str, device: str, cpus: tuple[int, ...], address: str,
                  precision: str = "int8", vocab_limit: int | None = None, target_dir: str | None = None,
@@ -74,7 +75,14 @@ class DraftWorker(ChannelWorker):
                 tree, _ = proposer.resolve(msg.new_tokens)
             else:
                 tree = proposer.propose(msg.new_tokens)
-        self._send(msg, tree, [], t.seconds)
+        self._send_tree(msg.request_id, msg.step, tree, [], t.seconds)
+
+    def propose_batch(self, msg: ProposeBatch) -> None:
+        proposers = [self.state_of(self.proposers, rid) for rid in msg.request_ids]
+        with Timer() as t:
+            trees = propose_together(proposers, msg.new_tokens)
+        for rid, step, tree in zip(msg.request_ids, msg.steps, trees):
+            self._send_tree(rid, step, tree, [], t.seconds / len(trees))  # each its share of the shared forwards
 
     def predraft(self, msg: Predraft) -> None:
         proposer = self.state_of(self.proposers, msg.request_id)
@@ -84,13 +92,13 @@ class DraftWorker(ChannelWorker):
                 if not held:
                     raise RuntimeError("the coordinator settled a bet that did not hold")
             guess, tree = proposer.predraft()
-        self._send(msg, tree, guess, t.seconds)
+        self._send_tree(msg.request_id, msg.step, tree, guess, t.seconds)
 
     def release(self, request_id: str) -> None:
         self.proposers.pop(request_id, None)
 
-    def _send(self, msg, tree: DraftTree, guess: list[int], seconds: float) -> None:
-        self.channel.send(TreeProposal(msg.request_id, msg.step, self.arena.put(tree.tokens.astype(np.int32)),
+    def _send_tree(self, request_id: str, step: int, tree: DraftTree, guess: list[int], seconds: float) -> None:
+        self.channel.send(TreeProposal(request_id, step, self.arena.put(tree.tokens.astype(np.int32)),
                                        self.arena.put(tree.parents.astype(np.int32)), guess, seconds))
 
     def _close(self) -> None:

@@ -15,6 +15,8 @@ the final norm) in ``last_hidden``, which is what a feature drafter reads. A fea
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from transformers import DynamicCache
@@ -54,7 +56,6 @@ class CachedLM:
         self.committed += ids.shape[1]
         return logits
 
-    @torch.inference_mode()
     def forward_tree(self, tokens: np.ndarray, parents: np.ndarray, nodes, base_position: int,
                      features: torch.Tensor | None = None) -> torch.Tensor:
         """Write tree ``nodes`` (indices into ``tokens``/``parents``) as pending entries.
@@ -63,21 +64,10 @@ class CachedLM:
         node ids must stay stable) whose ancestors are pending or in the prefix. Returns the
         logits of the given nodes, [len(nodes), vocab].
         """
-        nodes = np.asarray(nodes, dtype=np.int64)
-        anc = ancestry_matrix(np.asarray(parents, dtype=np.int64))
-        depth = anc.sum(1) - 1
-        visible = anc[nodes]  # [m, n] ancestry rows of the new nodes
-        cols = np.concatenate([np.asarray(self._pending_nodes, dtype=np.int64), nodes])
-        allowed = np.ones((len(nodes), self.committed + len(cols)), dtype=bool)
-        allowed[:, self.committed:] = visible[:, cols]
-        mask = additive_mask(allowed, self.dtype)
-        ids = torch.as_tensor(tokens[nodes], dtype=torch.long, device=self.device).view(1, -1)
-        positions = torch.as_tensor(base_position + depth[nodes], device=self.device).view(1, -1)
-        logits = self._forward(ids, positions, mask.to(self.device)[None, None], 0, features)
-        self._pending_nodes.extend(int(n) for n in nodes)
-        return logits
+        return forward_blocks([self], [TreeBlock(tokens, parents, nodes, base_position)], features)[0]
 
-    def _forward(self, ids, positions, mask, logits_to_keep: int, features, cache=None) -> torch.Tensor:
+    def _forward(self, ids, positions, mask, logits_to_keep, features, cache=None) -> torch.Tensor:
+        """``logits_to_keep``: the last n positions (0: all) or a 1-D tensor of positions."""
         kw = dict(position_ids=positions, attention_mask=mask, cache=self.cache if cache is None else cache,
                   use_cache=True)
         if features is not None:  # a feature drafter: its output carries the predicted features
@@ -88,7 +78,9 @@ class CachedLM:
             return self.model(input_ids=ids, logits_to_keep=logits_to_keep, **kw).logits[0].float()
         hidden = self.model.model(input_ids=ids, **kw).last_hidden_state
         self.last_hidden = hidden[0]
-        if logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep]
+        elif logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.model.lm_head(hidden)[0].float()
 
@@ -129,50 +121,93 @@ def additive_mask(allowed: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return mask.masked_fill_(torch.from_numpy(~allowed), torch.finfo(dtype).min)
 
 
-@torch.inference_mode()
-def forward_trees(lms: list[CachedLM], trees: list) -> list[torch.Tensor]:
-    """One forward over several requests' draft trees, each against its own cache.
+@dataclass
+class TreeBlock:
+    """Tree ``nodes`` (indices into ``tokens``/``parents``) to write as pending entries of one cache,
+    at positions ``base_position + depth``. They see the committed prefix, their pending ancestors
+    (written earlier in this step) and their ancestors among themselves."""
 
-    ``lms`` are per-request caches of one model. Their committed prefixes are laid side by side in
-    a scratch cache and the trees' nodes follow, each at its own positions; a block mask lets a
-    node see only its own request's prefix and its own ancestors. Afterwards every ``lm`` holds its
-    tree as pending entries, as after its own ``forward_tree``, so ``commit`` works unchanged.
-    Returns each tree's logits. The point: the weights stream once for all requests.
+    tokens: np.ndarray
+    parents: np.ndarray
+    nodes: np.ndarray
+    base_position: int
+
+    @classmethod
+    def whole(cls, tree, lm: CachedLM) -> "TreeBlock":
+        """A whole tree whose root is the token after ``lm``'s committed prefix (a verification)."""
+        return cls(tree.tokens, tree.parents, np.arange(len(tree)), lm.committed)
+
+
+@torch.inference_mode()
+def forward_blocks(lms: list[CachedLM], blocks: list[TreeBlock], features: torch.Tensor | None = None,
+                   last_only: bool = False) -> list[torch.Tensor]:
+    """One forward over several caches' tree blocks (one block per cache); returns each block's
+    logits (``last_only``: of its last node only, the LM head skipping the others).
+
+    ``lms`` are caches of one model (one request each). With several, their entries (committed and
+    pending) are laid side by side in a scratch cache and the blocks follow, each at its own
+    positions, under a block mask: a node sees only its own cache and its own ancestors. The point:
+    the weights stream once for every request. Afterwards each cache holds its block as pending
+    entries, exactly as if it had run alone, so ``commit`` works unchanged.
     """
     first = lms[0]
-    if any(lm._pending_nodes for lm in lms):
-        raise RuntimeError("commit every pending tree before a batched forward")
-    prefixes, sizes = [lm.committed for lm in lms], [len(tree) for tree in trees]
-    total_prefix, total_nodes = sum(prefixes), sum(sizes)
-    allowed = np.zeros((total_nodes, total_prefix + total_nodes), dtype=bool)
+    contexts = [lm.committed + len(lm._pending_nodes) for lm in lms]
+    nodes = [np.asarray(b.nodes, dtype=np.int64) for b in blocks]
+    total_context, total_nodes = sum(contexts), sum(len(n) for n in nodes)
+    allowed = np.zeros((total_nodes, total_context + total_nodes), dtype=bool)
     ids, positions = [], []
     row = col = 0
-    for tree, prefix, size in zip(trees, prefixes, sizes):
-        anc = tree.ancestry()
-        allowed[row:row + size, col:col + prefix] = True
-        allowed[row:row + size, total_prefix + row:total_prefix + row + size] = anc
-        ids.append(np.asarray(tree.tokens, dtype=np.int64))
-        positions.append(prefix + anc.sum(1) - 1)
-        row, col = row + size, col + prefix
-    mask = additive_mask(allowed, first.dtype)
+    for lm, block, new, context in zip(lms, blocks, nodes, contexts):
+        anc = ancestry_matrix(np.asarray(block.parents, dtype=np.int64))
+        visible = anc[new]  # ancestry rows of the new nodes over the whole tree
+        rows = slice(row, row + len(new))
+        allowed[rows, col:col + lm.committed] = True
+        allowed[rows, col + lm.committed:col + context] = visible[:, np.asarray(lm._pending_nodes, dtype=np.int64)]
+        allowed[rows, total_context + row:total_context + row + len(new)] = visible[:, new]
+        ids.append(np.asarray(block.tokens, dtype=np.int64)[new])
+        positions.append(block.base_position + anc.sum(1)[new] - 1)
+        row, col = row + len(new), col + context
+    mask = additive_mask(allowed, first.dtype).to(first.device)[None, None]
+    ids = torch.from_numpy(np.concatenate(ids)).to(first.device).view(1, -1)
+    positions = torch.from_numpy(np.concatenate(positions)).to(first.device).view(1, -1)
+    sizes = [len(new) for new in nodes]
+    keep = torch.tensor(np.cumsum(sizes) - 1, device=first.device) if last_only else 0
+    if len(lms) == 1:  # alone: straight into its own cache
+        logits = first._forward(ids, positions, mask, keep, features)
+        first._pending_nodes.extend(int(n) for n in nodes[0])
+        return [logits]
     scratch = DynamicCache(config=first.config)
     for i in range(len(first.cache.layers)):
         scratch.update(torch.cat([lm.cache.layers[i].keys for lm in lms], dim=2),
                        torch.cat([lm.cache.layers[i].values for lm in lms], dim=2), i)
-    device = first.device
-    logits = first._forward(torch.from_numpy(np.concatenate(ids)).to(device).view(1, -1),
-                            torch.from_numpy(np.concatenate(positions)).to(device).view(1, -1),
-                            mask.to(device)[None, None], 0, None, cache=scratch)
+    logits = first._forward(ids, positions, mask, keep, features, cache=scratch)
     hidden = first.last_hidden
     out, row = [], 0
-    for lm, size in zip(lms, sizes):
-        new = slice(total_prefix + row, total_prefix + row + size)
+    for i, (lm, new) in enumerate(zip(lms, nodes)):
+        fresh = slice(total_context + row, total_context + row + len(new))
         for layer, merged in zip(lm.cache.layers, scratch.layers):
-            layer.keys = torch.cat([layer.keys, merged.keys[:, :, new]], dim=2)
-            layer.values = torch.cat([layer.values, merged.values[:, :, new]], dim=2)
-        lm._pending_nodes = list(range(size))
+            layer.keys = torch.cat([layer.keys, merged.keys[:, :, fresh]], dim=2)
+            layer.values = torch.cat([layer.values, merged.values[:, :, fresh]], dim=2)
+        lm._pending_nodes.extend(int(n) for n in new)
         if lm.keep_hidden:
-            lm.last_hidden = hidden[row:row + size]
-        out.append(logits[row:row + size])
-        row += size
+            lm.last_hidden = hidden[row:row + len(new)]
+        out.append(logits[i:i + 1] if last_only else logits[row:row + len(new)])
+        row += len(new)
     return out
+
+
+def forward_trees(lms: list[CachedLM], trees: list) -> list[torch.Tensor]:
+    """Verify several requests' whole trees in one forward (see ``forward_blocks``)."""
+    if any(lm._pending_nodes for lm in lms):
+        raise RuntimeError("commit every pending tree before a batched forward")
+    return forward_blocks(lms, [TreeBlock.whole(tree, lm) for tree, lm in zip(trees, lms)])
+
+
+def extend_together(lms: list[CachedLM], feeds: list[list[int]]) -> list[torch.Tensor]:
+    """Append committed tokens to several caches in one forward; each one's last logits, [1, vocab]."""
+    chains = [TreeBlock(np.asarray(feed, dtype=np.int64), np.arange(-1, len(feed) - 1), np.arange(len(feed)),
+                        lm.committed) for lm, feed in zip(lms, feeds)]
+    logits = forward_blocks(lms, chains, last_only=True)
+    for lm, feed in zip(lms, feeds):
+        lm.commit(range(len(feed)))
+    return logits

@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dovetail.models.cached_lm import CachedLM
-from dovetail.models.tree import DraftTree, TreeBuilder, TreeShape
+from dovetail.models.cached_lm import CachedLM, TreeBlock, extend_together, forward_blocks
+from dovetail.models.tree import DraftTree, TreeBuilder, TreeShape, drive, drive_together
 
 
 class DraftProposer:
@@ -43,8 +43,7 @@ class DraftProposer:
 
     def propose(self, new_tokens: list[int]) -> DraftTree:
         """``new_tokens``: every token committed since the last call (accepted ones, then the bonus)."""
-        reused = self._keep_accepted_entries(new_tokens)
-        return self._grow(int(new_tokens[-1]), self.lm.extend(new_tokens[reused:])[-1:])
+        return self._grow(int(new_tokens[-1]), self.lm.extend(self._to_feed(new_tokens))[-1:])
 
     @property
     def betting(self) -> bool:
@@ -85,15 +84,30 @@ class DraftProposer:
         return tokens
 
     def _grow(self, root_token: int, root_logits: torch.Tensor) -> DraftTree:
+        return drive(self._growth(root_token, root_logits), lambda block: self.lm.forward_tree(
+            block.tokens, block.parents, block.nodes, block.base_position))
+
+    def _growth(self, root_token: int, root_logits: torch.Tensor):
+        """The next tree, as a generator that yields each draft forward it needs (a ``TreeBlock``)
+        and is sent its logits; returns the tree. The root's logits are already known."""
         base = self.lm.committed - 1  # the root is the last committed entry; its children sit one later
-
-        def expand(frontier, tokens, parents):
-            if list(frontier) == [0]:
-                return self._log_probs(root_logits)
-            return self._log_probs(self.lm.forward_tree(tokens, parents, frontier, base))
-
-        self._tree, self._grown_ids = self.builder.build(root_token, expand)
+        steps = self.builder.grow(root_token)
+        try:
+            frontier, tokens, parents = next(steps)
+            while True:
+                if list(frontier) == [0]:
+                    logits = root_logits
+                else:
+                    logits = yield TreeBlock(tokens, parents, np.asarray(frontier), base)
+                frontier, tokens, parents = steps.send(self._log_probs(logits))
+        except StopIteration as done:
+            self._tree, self._grown_ids = done.value
         return self._tree
+
+    def _to_feed(self, new_tokens: list[int]) -> list[int]:
+        """Keep the cache entries of the accepted draft tokens; the committed tokens still to feed
+        (at least the last one: its logits start the next tree)."""
+        return list(new_tokens[self._keep_accepted_entries(new_tokens):])
 
     def _keep_accepted_entries(self, new_tokens: list[int]) -> int:
         """Commit the pending KV entries of the accepted draft tokens; return how many were kept."""
@@ -110,6 +124,18 @@ class DraftProposer:
 
     def _log_probs(self, logits: torch.Tensor) -> torch.Tensor:
         return log_probs(logits, self.vocab_limit)
+
+
+def propose_together(proposers: list[DraftProposer], new_tokens: list[list[int]]) -> list[DraftTree]:
+    """``propose`` for several requests at once, one draft forward per tree level for all of them
+    (their caches side by side, as the target verifies a batch): the weights stream once per level
+    instead of once per request and level. Same trees as proposing one after another."""
+    if any(p.betting for p in proposers):
+        raise RuntimeError("a proposer with an open bet cannot propose in a batch")
+    root_logits = extend_together([p.lm for p in proposers], [p._to_feed(t) for p, t in zip(proposers, new_tokens)])
+    growths = [p._growth(int(t[-1]), logits) for p, t, logits in zip(proposers, new_tokens, root_logits)]
+    return drive_together(growths, lambda asked: forward_blocks([proposers[i].lm for i, _ in asked],
+                                                                [block for _, block in asked]))
 
 
 def log_probs(logits: torch.Tensor, vocab_limit: int | None = None) -> torch.Tensor:

@@ -91,11 +91,11 @@ def ancestry_matrix(parents: np.ndarray) -> np.ndarray:
 
 
 class TreeBuilder:
-    """Grows a tree level by level from a scoring callback, EAGLE-2 style.
+    """Grows a tree level by level from the draft's scores, EAGLE-2 style.
 
-    ``expand(nodes, tokens, parents)`` gets the nodes to expand and the tree grown so far; it must return, for each given node, the draft's log-probabilities of the next
-    token (a [len(nodes), vocab] array or tensor). Level 0 expands the root; each following level
-    expands the ``top_k`` best new nodes by cumulative log-probability; finally the best
+    Each level asks for the draft's log-probabilities of the next token after some nodes (a
+    [len(nodes), vocab] array or tensor). Level 0 expands the root; each following level expands
+    the ``top_k`` best new nodes by cumulative log-probability; finally the best
     ``total_tokens - 1`` nodes overall (plus the root) are kept. Ties go to shallower, earlier nodes,
     so the kept set always contains every kept node's parent.
     """
@@ -104,15 +104,22 @@ class TreeBuilder:
         self.shape = shape
 
     def build(self, root_token: int, expand) -> tuple[DraftTree, np.ndarray]:
-        """Return the pruned tree and, for each kept node, its id during growth (the ids that
-        ``expand`` saw: a draft cache keyed by them maps back through this array)."""
+        """``expand(nodes, tokens, parents)`` answers each level (see ``grow``)."""
+        return drive(self.grow(root_token), lambda ask: expand(*ask))
+
+    def grow(self, root_token: int):
+        """The growth as a generator, so that many trees can grow in lockstep (one batched draft
+        forward per level): it yields ``(nodes, tokens, parents)``, the nodes to expand and the tree
+        so far (node ids stay stable), and is sent their log-probabilities. It returns the pruned
+        tree and, for each kept node, its id during growth (a draft cache keyed by those ids maps
+        back through this array)."""
         import torch
 
         k = self.shape.top_k
         tokens, parents, scores = [root_token], [-1], [0.0]
         frontier = [0]
         for level in range(self.shape.depth):
-            logp = expand(frontier, np.array(tokens), np.array(parents))
+            logp = yield frontier, np.array(tokens), np.array(parents)
             top = torch.topk(torch.as_tensor(logp), k, dim=-1)
             cand_scores = (torch.tensor([scores[f] for f in frontier])[:, None] + top.values).flatten()
             cand_parent = torch.tensor(frontier).repeat_interleave(k)
@@ -143,3 +150,35 @@ class TreeBuilder:
         remap[index] = np.arange(len(index))
         new_parents = np.where(parents[index] >= 0, remap[np.maximum(parents[index], 0)], -1)
         return DraftTree(tokens[index], new_parents), index
+
+
+def drive(steps, answer):
+    """Run a question-yielding generator to its return value, ``answer``-ing each question."""
+    try:
+        question = next(steps)
+        while True:
+            question = steps.send(answer(question))
+    except StopIteration as done:
+        return done.value
+
+
+def drive_together(all_steps: list, answer_all) -> list:
+    """Run several question-yielding generators in lockstep: ``answer_all(questions)`` gets the
+    pending question of every unfinished one (as ``[(index, question)]``) and returns their answers
+    in that order. Returns the generators' return values."""
+    results = [None] * len(all_steps)
+    pending = {}
+    for i, steps in enumerate(all_steps):
+        try:
+            pending[i] = next(steps)
+        except StopIteration as done:
+            results[i] = done.value
+    while pending:
+        asked = list(pending.items())
+        for (i, _), answer in zip(asked, answer_all(asked)):
+            try:
+                pending[i] = all_steps[i].send(answer)
+            except StopIteration as done:
+                results[i] = done.value
+                del pending[i]
+    return results

@@ -70,6 +70,16 @@ class ProposeTree:
     features: ArrayRef | None = None
 
 
+@message("propose_batch")
+class ProposeBatch:
+    """Coordinator -> draft (batch mode): ``ProposeTree`` for several requests at once, their trees
+    grown together (one draft forward per level); one ``TreeProposal`` comes back per request."""
+
+    request_ids: list[str]
+    steps: list[int]
+    new_tokens: list[list[int]]
+
+
 @message("predraft")
 class Predraft:
     """Coordinator -> draft, while the shards verify: bet on the tree under verification and grow
@@ -211,13 +221,13 @@ def _coerce(kind: str, name: str, hint, value):
     origin = typing.get_origin(hint) or hint
     if origin is list:
         (item,) = typing.get_args(hint) or (object,)
-        if item is ArrayRef:
-            if not isinstance(value, list):
-                raise ProtocolError(f"{kind}.{name}: expected a list of array references")
-            return [_coerce(kind, name, ArrayRef, v) for v in value]
-        if not isinstance(value, list) or (item in (int, str) and not all(type(v) is item for v in value)):
-            raise ProtocolError(f"{kind}.{name}: expected a list of {getattr(item, '__name__', item)}")
-        return value
+        what = "array references" if item is ArrayRef else getattr(item, "__name__", str(item))
+        if not isinstance(value, list):
+            raise ProtocolError(f"{kind}.{name}: expected a list of {what}")
+        try:
+            return value if item is object else [_coerce(kind, name, item, v) for v in value]
+        except ProtocolError:
+            raise ProtocolError(f"{kind}.{name}: expected a list of {what}") from None
     if origin is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if origin in (int, float, str, dict) and not (isinstance(value, origin) and not isinstance(value, bool)):
