@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep only the N most frequent target tokens in the draft head (0: full vocabulary)")
     train.add_argument("--tokens", type=_positive_int, default=TRAIN_TOKENS,
                        help="code tokens of corpus (Python stdlib) to dump target features for")
+    train.add_argument("--corpus", choices=("stdlib", "answers", "mixed"), default="stdlib",
+                       help="stdlib: Python standard library source; answers: the target's own answers to "
+                            "requests built from stdlib docstrings (generated first, resumable); mixed: both")
+    train.add_argument("--answer-tokens", type=_positive_int, default=50_000,
+                       help="answer tokens to train on with --corpus answers/mixed")
     train.add_argument("--seq-len", type=_positive_int, default=256)
     train.add_argument("--steps", type=_positive_int, default=TRAIN_STEPS)
     train.add_argument("--batch", type=_positive_int, default=4)
@@ -178,7 +183,8 @@ def cmd_train_draft(args) -> int:
     target_dir = resolve_model(args.target)
     out = Path(args.out).expanduser() if args.out else drafter_dir(args.target)
     meta = run_train_draft(target_dir, Path(args.target).name, out, spec, settings, args.tokens, args.seq_len,
-                           threads=args.threads)
+                           threads=args.threads, corpus=args.corpus, answer_tokens=args.answer_tokens,
+                           target=args.target)
     print(json.dumps({"drafter": str(out), **{k: meta[k] for k in ("train_tokens", "train_seconds",
                                                                       "dump_seconds", "held_out_acc1",
                                                                       "held_out_acc2")}}))

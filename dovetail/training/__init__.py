@@ -1,6 +1,6 @@
 """``python launch.py train-draft``: corpus -> target features -> trained drafter.
 
-    windows = code_windows(tokenizer, tokens)        # corpus.py: stdlib code in chat framing
+    windows = corpus_windows(tokenizer, ...)         # corpus.py: stdlib code; answers.py: the target's answers
     dump    = dump_features(target, windows, ...)    # features.py: resumable memmap dump
     model   = build_drafter(target_dir, spec)        # models/dgf.py
     train_drafter(model, dump, settings, out)        # trainer.py: checkpointed, resumable
@@ -23,7 +23,8 @@ import torch
 
 from dovetail.models.dgf import COUNTS_FILE, DrafterSpec, build_drafter, frozen_target_tensors, top_ids
 from dovetail.store import dovetail_home
-from dovetail.training.corpus import code_windows
+from dovetail.training.answers import answer_corpus, grow_answers
+from dovetail.training.corpus import Windows, code_windows
 from dovetail.training.features import FeatureDump, dump_features
 from dovetail.training.trainer import CHECKPOINT, TrainSettings, train_drafter
 
@@ -40,8 +41,30 @@ def frequent_vocab(dump: FeatureDump, size: int, always: list[int]) -> np.ndarra
     return top_ids(np.where(counts > 0, counts, -1), size, always)
 
 
+CORPORA = ("stdlib", "answers", "mixed")
+
+
+def corpus_windows(tokenizer, corpus: str, tokens: int, answer_tokens: int, seq_len: int, seed: int,
+                   target: str, target_name: str) -> Windows:
+    """``stdlib``: ``tokens`` tokens of module source; ``answers``: ``answer_tokens`` of the
+    target's own answers (grown first if short, see answers.py); ``mixed``: both."""
+    if corpus not in CORPORA:
+        raise ValueError(f"corpus must be one of {CORPORA}, got {corpus!r}")
+    parts = []
+    if corpus in ("stdlib", "mixed"):
+        parts.append(code_windows(tokenizer, tokens, seq_len, seed=seed))
+    if corpus in ("answers", "mixed"):
+        answers = answer_corpus(target_name, seed)
+        if answers.tokens() < answer_tokens:
+            grow_answers(answers, target, answer_tokens, seed)
+        text = "\n\n".join(answers.texts(tokenizer))  # answers one after another, like one long file
+        parts.append(code_windows(tokenizer, answer_tokens, seq_len, seed=seed, texts=[text]))
+    return Windows([w for part in parts for w in part.token_ids], parts[0].prefix_len)
+
+
 def run_train_draft(target_dir: Path, target_name: str, out: Path, spec: DrafterSpec, settings: TrainSettings,
-                    tokens: int, seq_len: int = 256, threads: int | None = None, say=None) -> dict:
+                    tokens: int, seq_len: int = 256, threads: int | None = None, say=None, corpus: str = "stdlib",
+                    answer_tokens: int = 0, target: str | None = None) -> dict:
     from dovetail.models.loading import eos_token_ids_from_config, load_causal_lm, load_tokenizer
 
     say = say or (lambda msg: print(f"[train-draft] {msg}", file=sys.stderr, flush=True))
@@ -49,11 +72,13 @@ def run_train_draft(target_dir: Path, target_name: str, out: Path, spec: Drafter
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(target_dir)
-    windows = code_windows(tokenizer, tokens, seq_len, seed=settings.seed)
+    windows = corpus_windows(tokenizer, corpus, tokens, answer_tokens, seq_len, settings.seed,
+                             target or str(target_dir), target_name)
     code_tokens = len(windows.token_ids) * (seq_len - windows.prefix_len)
-    say(f"corpus: {len(windows.token_ids)} windows of {seq_len} tokens from the Python standard library "
-        f"({code_tokens} code tokens, {windows.prefix_len}-token chat framing)")
-    dump_dir = dovetail_home() / "features" / target_name / f"stdlib-{code_tokens}-{seq_len}-s{settings.seed}"
+    say(f"corpus {corpus!r}: {len(windows.token_ids)} windows of {seq_len} tokens "
+        f"({code_tokens} trained tokens, {windows.prefix_len}-token chat framing)")
+    name = "stdlib" if corpus == "stdlib" else f"{corpus}{answer_tokens}"
+    dump_dir = dovetail_home() / "features" / target_name / f"{name}-{code_tokens}-{seq_len}-s{settings.seed}"
     if not (dump_dir / "dump.json").exists() or _incomplete(dump_dir):
         target = load_causal_lm(target_dir)
         dump = dump_features(target, windows, dump_dir)
@@ -72,7 +97,7 @@ def run_train_draft(target_dir: Path, target_name: str, out: Path, spec: Drafter
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"drafter: {spec.fusion} fusion, {spec.layers} layer(s), {trainable / 1e6:.1f}M trainable parameters")
     report = train_drafter(model, dump, settings, out, full_head=head if vocab_ids is not None else None)
-    meta = {"target": target_name, "hidden_size": int(embed.shape[1]), "eos_token_ids": eos, "corpus": "python-stdlib",
+    meta = {"target": target_name, "hidden_size": int(embed.shape[1]), "eos_token_ids": eos, "corpus": corpus if corpus != "stdlib" else "python-stdlib",
             "train_tokens": report.train_tokens, "train_steps": report.steps, "train_seconds": report.seconds,
             "dump_seconds": round(dump.seconds, 1), "held_out_acc1": round(report.acc1, 4),
             "held_out_acc2": round(report.acc2, 4), "settings": asdict(settings),

@@ -1,0 +1,68 @@
+"""The self-distilled corpus (training/answers.py): requests from documented functions, answers
+appended one per line and resumed after an interruption, windows cut from them for training."""
+
+import json
+
+from dovetail.training import corpus_windows
+from dovetail.training.answers import AnswerCorpus, answer_corpus, docstring_requests
+from tiny_models import tiny_tokenizer
+
+MODULE = '''
+def public(a, b=2, *, c=None):
+    """Add a and b, then scale the sum by c when it is given; the docstring is long enough."""
+
+def _private(x):
+    """A private helper, which is never turned into a request however long this docstring is."""
+
+def short(x):
+    """Too short."""
+
+class Widget:
+    def method(self):
+        """Methods are not top-level functions, so they are skipped as well, whatever they say."""
+'''
+
+
+def test_requests_come_from_documented_public_functions(tmp_path):
+    (tmp_path / "mod.py").write_text(MODULE)
+    (tmp_path / "broken.py").write_text("def (:\n")  # unparsable files are skipped
+    requests = docstring_requests([tmp_path / "mod.py", tmp_path / "broken.py"])
+    assert requests == ["Write a Python function `public(a, b=2, *, c=None)`.\n\n"
+                        "Add a and b, then scale the sum by c when it is given; the docstring is long enough."]
+    assert docstring_requests(seed=1) == docstring_requests(seed=1) != docstring_requests(seed=2)
+    assert all("HumanEval" not in r for r in docstring_requests()[:50])
+
+
+def test_answers_grow_resume_after_a_torn_line_and_stop_at_the_budget(tmp_path):
+    corpus = AnswerCorpus(tmp_path / "answers.jsonl")
+    asked = []
+
+    def generate(request, limit):
+        asked.append(request)
+        return [int(request[1:])] * 4
+
+    requests = [f"r{i}" for i in range(10)]
+    assert corpus.grow(generate, requests, tokens=8) == 8 and asked == ["r0", "r1"]
+    with corpus.path.open("a") as f:
+        f.write('{"request": "r2", "answer_')  # an interruption in the middle of a line
+    assert corpus.tokens() == 8
+    assert corpus.grow(generate, requests, tokens=20) == 20
+    assert asked == ["r0", "r1", "r2", "r3", "r4"]  # r2 asked again, nothing twice
+    lines = corpus.path.read_text().splitlines()
+    assert [json.loads(line)["request"] for line in lines] == requests[:5]
+    assert corpus.grow(generate, requests, tokens=100) == 40  # the requests ran out
+
+
+def test_answer_windows_use_the_chat_framing_and_the_answers_text(isolated_home):
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}<s> {{ m['content'] }} {% endfor %}"
+    corpus = answer_corpus("tiny", seed=0)
+    assert isolated_home in corpus.path.parents
+    corpus.grow(lambda request, limit: tokenizer.encode(" ".join(f"w{i}" for i in range(3, 40)),
+                                                        add_special_tokens=False),
+                ["q1", "q2", "q3"], tokens=100)
+    windows = corpus_windows(tokenizer, "answers", tokens=0, answer_tokens=60, seq_len=48, seed=0,
+                             target="unused", target_name="tiny")
+    assert windows.token_ids and all(len(w) == 48 for w in windows.token_ids)
+    body = windows.token_ids[0][windows.prefix_len:]
+    assert tokenizer.decode(body).split()[:3] == ["w3", "w4", "w5"]
