@@ -66,3 +66,14 @@ def test_answer_windows_use_the_chat_framing_and_the_answers_text(isolated_home)
     assert windows.token_ids and all(len(w) == 48 for w in windows.token_ids)
     body = windows.token_ids[0][windows.prefix_len:]
     assert tokenizer.decode(body).split()[:3] == ["w3", "w4", "w5"]
+
+
+def test_mixed_windows_mask_the_shorter_framing(isolated_home):
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}<s> {{ m['content'] }} {% endfor %}"
+    answer_corpus("tiny", seed=0).grow(lambda request, limit: list(range(3, 43)), ["q1", "q2"], tokens=80)
+    answers = corpus_windows(tokenizer, "answers", 0, 60, 48, 0, "unused", "tiny")
+    stdlib = corpus_windows(tokenizer, "stdlib", 60, 0, 48, 0, "unused", "tiny")
+    mixed = corpus_windows(tokenizer, "mixed", 60, 60, 48, 0, "unused", "tiny")
+    assert answers.prefix_len < stdlib.prefix_len  # no code-block opening before whole answers
+    assert mixed.token_ids == stdlib.token_ids + answers.token_ids and mixed.prefix_len == answers.prefix_len

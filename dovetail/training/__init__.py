@@ -58,8 +58,11 @@ def corpus_windows(tokenizer, corpus: str, tokens: int, answer_tokens: int, seq_
         if answers.tokens() < answer_tokens:
             grow_answers(answers, target, answer_tokens, seed)
         text = "\n\n".join(answers.texts(tokenizer))  # answers one after another, like one long file
-        parts.append(code_windows(tokenizer, answer_tokens, seq_len, seed=seed, texts=[text]))
-    return Windows([w for part in parts for w in part.token_ids], parts[0].prefix_len)
+        # whole answers (prose, then code blocks): the framing stops where the assistant begins
+        parts.append(code_windows(tokenizer, answer_tokens, seq_len, seed=seed, texts=[text], opening=""))
+    # mixed: the dump masks one framing length, the shorter (the code block's opening tokens of the
+    # stdlib windows are then trained on too: they are what the target writes there)
+    return Windows([w for part in parts for w in part.token_ids], min(part.prefix_len for part in parts))
 
 
 def run_train_draft(target_dir: Path, target_name: str, out: Path, spec: DrafterSpec, settings: TrainSettings,

@@ -33,19 +33,24 @@ def stdlib_files(root: str | Path | None = None) -> list[Path]:
     return sorted(files)
 
 
-def answer_prefix(tokenizer) -> list[int]:
-    """Chat-template framing: a user request and the opening of the assistant's code block."""
+CODE_BLOCK = "```python\n"
+
+
+def answer_prefix(tokenizer, opening: str = CODE_BLOCK) -> list[int]:
+    """Chat-template framing: a user request and the start of the assistant's answer (by default
+    the opening of a code block, as for module source)."""
     if tokenizer.chat_template:
         text = tokenizer.apply_chat_template([{"role": "user", "content": USER_REQUEST}],
                                              add_generation_prompt=True, tokenize=False)
-        return tokenizer.encode(text + "```python\n", add_special_tokens=False)
-    return tokenizer.encode("```python\n")
+        return tokenizer.encode(text + opening, add_special_tokens=False)
+    return tokenizer.encode(opening) if opening else []
 
 
 def code_windows(tokenizer, tokens: int, seq_len: int = 256, seed: int = 0, files: list[Path] | None = None,
-                 texts: list[str] | None = None) -> Windows:
-    """Windows covering about ``tokens`` code tokens, cut from shuffled files (deterministic for a seed)."""
-    prefix = answer_prefix(tokenizer)
+                 texts: list[str] | None = None, opening: str = CODE_BLOCK) -> Windows:
+    """Windows covering about ``tokens`` trained tokens, cut from shuffled files (deterministic for
+    a seed) or from ``texts``, each after the framing (``answer_prefix``)."""
+    prefix = answer_prefix(tokenizer, opening)
     body = seq_len - len(prefix)
     if body < 16:
         raise ValueError(f"seq_len {seq_len} leaves no room after the {len(prefix)}-token chat framing")
