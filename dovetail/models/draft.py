@@ -8,6 +8,9 @@ Pipelining: while the target verifies the current tree, ``predraft()`` bets on i
 outcome (the draft's own greedy path through the tree, all accepted, plus the draft's guess for
 the bonus token) and grows the next tree from there. ``resolve(new_tokens)`` then keeps that tree
 when the bet was right, or rolls the cache back to the longest correct prefix and redrafts.
+
+Batches: ``propose_together`` grows several requests' trees at once, one draft forward per tree
+level for all of them (each proposer keeps its own cache; no betting in a batch).
 """
 
 from __future__ import annotations
@@ -84,8 +87,7 @@ class DraftProposer:
         return tokens
 
     def _grow(self, root_token: int, root_logits: torch.Tensor) -> DraftTree:
-        return drive(self._growth(root_token, root_logits), lambda block: self.lm.forward_tree(
-            block.tokens, block.parents, block.nodes, block.base_position))
+        return drive(self._growth(root_token, root_logits), lambda block: forward_blocks([self.lm], [block])[0])
 
     def _growth(self, root_token: int, root_logits: torch.Tensor):
         """The next tree, as a generator that yields each draft forward it needs (a ``TreeBlock``)
