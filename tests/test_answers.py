@@ -29,8 +29,12 @@ def test_requests_come_from_documented_public_functions(tmp_path):
     requests = docstring_requests([tmp_path / "mod.py", tmp_path / "broken.py"])
     assert requests == ["Write a Python function `public(a, b=2, *, c=None)`.\n\n"
                         "Add a and b, then scale the sum by c when it is given; the docstring is long enough."]
-    assert docstring_requests(seed=1) == docstring_requests(seed=1) != docstring_requests(seed=2)
-    assert all("HumanEval" not in r for r in docstring_requests()[:50])
+    many = []
+    for i in range(8):
+        (tmp_path / f"m{i}.py").write_text(MODULE.replace("def public", f"def public{i}"))
+        many.append(tmp_path / f"m{i}.py")
+    assert docstring_requests(many, seed=1) == docstring_requests(many, seed=1) != docstring_requests(many, seed=2)
+    assert len(docstring_requests()) > 500  # the standard library offers plenty
 
 
 def test_answers_grow_resume_after_a_torn_line_and_stop_at_the_budget(tmp_path):
