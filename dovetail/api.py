@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
 import torch
@@ -46,6 +47,7 @@ class Dovetail:
         self.target_config = AutoConfig.from_pretrained(self.target_dir)
         self.eos_token_ids = eos_token_ids_from_config(self.target_dir, self.tokenizer)
         self._engine: SpeculativeEngine | None = None
+        self._loading = threading.Lock()
 
     @property
     def engine(self) -> SpeculativeEngine:
@@ -54,6 +56,10 @@ class Dovetail:
         return self._engine
 
     def load(self) -> "Dovetail":
+        with self._loading:  # threads sharing one Dovetail load it once
+            return self._load()
+
+    def _load(self) -> "Dovetail":
         if self._engine is not None:
             return self
         if self.config.engine == "actors":

@@ -81,3 +81,27 @@ def test_mixed_windows_mask_the_shorter_framing(isolated_home):
     mixed = corpus_windows(tokenizer, "mixed", 60, 60, 48, 0, "unused", "tiny")
     assert answers.prefix_len < stdlib.prefix_len  # no code-block opening before whole answers
     assert mixed.token_ids == stdlib.token_ids + answers.token_ids and mixed.prefix_len == answers.prefix_len
+
+
+def test_concurrent_answers_are_written_in_request_order(tmp_path):
+    import threading
+    import time
+
+    corpus = AnswerCorpus(tmp_path / "answers.jsonl")
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def generate(request, limit):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05 if int(request[1:]) % 2 == 0 else 0.01)  # later requests often finish first
+        with lock:
+            running[0] -= 1
+        return [int(request[1:])] * 3
+
+    assert corpus.grow(generate, [f"r{i}" for i in range(12)], tokens=21, concurrency=3) >= 21
+    written = [json.loads(line)["request"] for line in corpus.path.read_text().splitlines()]
+    assert written == [f"r{i}" for i in range(len(written))]  # in order, none missing
+    assert 7 <= len(written) <= 7 + 2  # answers already running when the budget is met are kept
+    assert most[0] == 3

@@ -7,7 +7,7 @@ documented functions (name, signature, docstring), so they are offline everywher
 nothing with HumanEval, the evaluation set.
 
 Answers are produced with the Dovetail engine (lossless: the target's own greedy output, at the
-speculative speed) and appended to a JSON-lines file, one per request, so an interrupted run
+speculative speed, several requests batched) and appended to a JSON-lines file, one per request, so an interrupted run
 resumes where it stopped and the same seed asks the same requests in the same order.
 """
 
@@ -16,6 +16,8 @@ from __future__ import annotations
 import ast
 import json
 import random
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
@@ -68,19 +70,27 @@ class AnswerCorpus:
     def texts(self, tokenizer) -> list[str]:
         return [tokenizer.decode(r["answer_ids"], skip_special_tokens=True) for r in self.records()]
 
-    def grow(self, generate, requests: list[str], tokens: int, max_new_tokens: int = 384) -> int:
+    def grow(self, generate, requests: list[str], tokens: int, max_new_tokens: int = 384,
+             concurrency: int = 1) -> int:
         """Answer ``requests`` in order, skipping those already answered, until the corpus holds
         ``tokens`` answer tokens or the requests run out. ``generate(request, max_new_tokens)``
-        returns the answer's token ids. Returns the tokens held."""
+        returns the answer's token ids; ``concurrency`` calls run at once (an engine that batches
+        requests), and answers are still written in request order (those still running when the
+        budget is met are kept). Returns the tokens held."""
         records = self.records()
         self._rewrite_whole(records)
         held = sum(len(r["answer_ids"]) for r in records)
+        todo = iter(requests[len(records):])
         bar = tqdm(total=tokens, initial=min(held, tokens), unit="tok", desc="target answers", dynamic_ncols=True)
-        with self.path.open("a", encoding="utf-8") as out:
-            for request in requests[len(records):]:
-                if held >= tokens:
+        with ThreadPoolExecutor(concurrency) as pool, self.path.open("a", encoding="utf-8") as out:
+            in_flight: deque = deque()
+            while True:
+                while held < tokens and len(in_flight) < concurrency and (request := next(todo, None)) is not None:
+                    in_flight.append((request, pool.submit(generate, request, max_new_tokens)))
+                if not in_flight:
                     break
-                answer = [int(t) for t in generate(request, max_new_tokens)]
+                request, future = in_flight.popleft()
+                answer = [int(t) for t in future.result()]
                 out.write(json.dumps({"request": request, "answer_ids": answer}) + "\n")
                 out.flush()
                 held += len(answer)
@@ -103,19 +113,23 @@ def answer_corpus(target_name: str, seed: int) -> AnswerCorpus:
     return AnswerCorpus(dovetail_home() / "corpora" / target_name / f"answers-s{seed}.jsonl")
 
 
+BATCH = 4  # requests decoding together: 4 concurrent answers make ~1.6x the tokens/s of one
+
+
 def grow_answers(corpus: AnswerCorpus, target: str, tokens: int, seed: int, max_new_tokens: int = 384) -> int:
-    """Grow ``corpus`` to ``tokens`` answer tokens with the in-process Dovetail engine (target +
-    the packaged 0.5B draft model: the target's greedy answers, faster than the target alone)."""
+    """Grow ``corpus`` to ``tokens`` answer tokens with the Dovetail actor engine in batch mode
+    (target + the packaged 0.5B draft model: the target's own greedy answers, faster than the
+    target alone, ``BATCH`` requests at a time)."""
     from dovetail.api import Dovetail
     from dovetail.config import EngineConfig
     from dovetail.store import DEFAULT_DRAFT
 
     if corpus.tokens() >= tokens:
         return corpus.tokens()
-    dovetail = Dovetail(EngineConfig(target=target, draft=DEFAULT_DRAFT, engine="inprocess"), verbose=False)
+    config = EngineConfig(target=target, draft=DEFAULT_DRAFT, engine="actors", max_batch=BATCH)
+    with Dovetail(config, verbose=False).load() as dovetail:  # loaded here, before the worker threads
+        def answer(request: str, limit: int) -> list[int]:
+            prompt = dovetail.encode(request, chat=True)
+            return dovetail.generate_ids(prompt, min(limit, dovetail.context_length - len(prompt))).token_ids
 
-    def answer(request: str, limit: int) -> list[int]:
-        prompt = dovetail.encode(request, chat=True)
-        return dovetail.generate_ids(prompt, min(limit, dovetail.context_length - len(prompt))).token_ids
-
-    return corpus.grow(answer, docstring_requests(seed=seed), tokens, max_new_tokens)
+        return corpus.grow(answer, docstring_requests(seed=seed), tokens, max_new_tokens, concurrency=BATCH)
