@@ -14,15 +14,11 @@ from dovetail.actors.system import ActorEngine
 from dovetail.config import EngineConfig
 from dovetail.errors import EngineError
 from dovetail.models.verification import SamplingParams
-from dovetail.protocol.shm import PREFIX
+from dovetail.protocol.shm import PREFIX, segment_names as _segments
 from test_sampling import PARAMS, PROMPT, chi_square_pvalue, exact_joint, sample_counts
 from tiny_models import hf_greedy, perturbed, tiny_model
 
 EOS = 1
-
-
-def _segments():
-    return {p for p in os.listdir("/dev/shm") if p.startswith(PREFIX)}
 
 
 @pytest.fixture(scope="module")

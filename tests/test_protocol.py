@@ -12,11 +12,7 @@ import pytest
 
 from dovetail.protocol import messages as m
 from dovetail.protocol.channel import Channel, ipc_address
-from dovetail.protocol.shm import PREFIX, ShmArena, remove_orphaned_segments
-
-
-def _segments():
-    return {p for p in os.listdir("/dev/shm") if p.startswith(PREFIX)}
+from dovetail.protocol.shm import ShmArena, remove_orphaned_segments, segment_names as _segments
 
 
 @pytest.fixture

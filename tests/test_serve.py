@@ -6,7 +6,6 @@ is zeroed), so greedy requests run to max_tokens and long requests can be cut sh
 """
 
 import json
-import os
 import re
 import signal
 import sys
@@ -19,16 +18,12 @@ import psutil
 import pytest
 import torch
 
-from dovetail.protocol.shm import PREFIX
+from dovetail.protocol.shm import segment_names as _segments
 from dovetail.serve.server import ServerProcess, free_port
 from tiny_models import VOCAB, hf_greedy, perturbed, tiny_model, tiny_tokenizer
 
 CHAT_TEMPLATE = "{% for m in messages %}<s> {{ m['content'] }} {% endfor %}"
 START_TIMEOUT_S = 180
-
-
-def _segments():
-    return {p for p in os.listdir("/dev/shm") if p.startswith(PREFIX)}
 
 
 @pytest.fixture(scope="module")

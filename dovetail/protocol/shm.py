@@ -89,14 +89,19 @@ class ShmArena:
         self.close()
 
 
+def segment_names(shm_dir: str = "/dev/shm") -> set[str]:
+    """The Dovetail shared-memory segments that exist now."""
+    return {path.name for path in Path(shm_dir).glob(f"{PREFIX}*")}
+
+
 def remove_orphaned_segments(shm_dir: str = "/dev/shm") -> list[str]:
     """Delete Dovetail segments whose owner process no longer exists; return their names."""
     removed = []
-    for path in Path(shm_dir).glob(f"{PREFIX}*"):
-        pid = _owner_pid(path.name)
+    for name in segment_names(shm_dir):
+        pid = _owner_pid(name)
         if pid is not None and not _alive(pid):
-            path.unlink(missing_ok=True)
-            removed.append(path.name)
+            (Path(shm_dir) / name).unlink(missing_ok=True)
+            removed.append(name)
     return removed
 
 

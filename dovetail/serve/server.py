@@ -18,6 +18,7 @@ def run_server(config: ServeConfig, say=lambda msg: print(f"[dovetail] {msg}", f
     from ray import serve
 
     from dovetail.actors.system import resolve_topology, start_ray
+    from dovetail.protocol.shm import segment_names
     from dovetail.serve.app import build_app
 
     from dovetail.store import resolve_draft, resolve_model
@@ -29,7 +30,7 @@ def run_server(config: ServeConfig, say=lambda msg: print(f"[dovetail] {msg}", f
     topology = resolve_topology(config.sockets)
     for part in range(config.replica_slots):
         topology.partition(part, config.replica_slots)
-    segments_before = _segments()
+    segments_before = segment_names()
     # Serve's controller wakes every 0.1 s by default; on a small machine that noise preempts the
     # shards' tightly synchronised GEMM threads (4 concurrent requests: 9.1 -> 9.6 tok/s at 1 s).
     # Only a Ray started here inherits it; a joined cluster keeps its own setting.
@@ -64,21 +65,15 @@ def run_server(config: ServeConfig, say=lambda msg: print(f"[dovetail] {msg}", f
 def _sweep_segments(preexisting: set[str], timeout_s: float = 10.0) -> None:
     """Remove the shared memory of this server's workers once their processes have exited (Ray
     stops them asynchronously); segments that existed before the server started are not waited for."""
-    from dovetail.protocol.shm import remove_orphaned_segments
+    from dovetail.protocol.shm import remove_orphaned_segments, segment_names
 
     deadline = time.monotonic() + timeout_s
     while True:
         remove_orphaned_segments()
-        left = _segments() - preexisting
+        left = segment_names() - preexisting
         if not left or time.monotonic() > deadline:
             return
         time.sleep(0.5)
-
-
-def _segments() -> set[str]:
-    from dovetail.protocol.shm import PREFIX
-
-    return {path.name for path in Path("/dev/shm").glob(f"{PREFIX}*")}
 
 
 def _interrupt(signum, frame):
@@ -92,8 +87,6 @@ class ServerProcess:
 
     def __init__(self, args: list[str], log_path, port: int | None = None, env: dict | None = None,
                  timeout_s: float = 900, command: list[str] | None = None):
-        import os
-
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path, self.timeout_s = Path(log_path), timeout_s

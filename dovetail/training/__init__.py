@@ -100,7 +100,8 @@ def run_train_draft(target_dir: Path, target_name: str, out: Path, spec: Drafter
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"drafter: {spec.fusion} fusion, {spec.layers} layer(s), {trainable / 1e6:.1f}M trainable parameters")
     report = train_drafter(model, dump, settings, out, full_head=head if vocab_ids is not None else None)
-    meta = {"target": target_name, "hidden_size": int(embed.shape[1]), "eos_token_ids": eos, "corpus": corpus if corpus != "stdlib" else "python-stdlib",
+    meta = {"target": target_name, "hidden_size": int(embed.shape[1]), "eos_token_ids": eos,
+            "corpus": "python-stdlib" if corpus == "stdlib" else corpus,
             "train_tokens": report.train_tokens, "train_steps": report.steps, "train_seconds": report.seconds,
             "dump_seconds": round(dump.seconds, 1), "held_out_acc1": round(report.acc1, 4),
             "held_out_acc2": round(report.acc2, 4), "settings": asdict(settings),

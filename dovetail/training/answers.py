@@ -7,8 +7,9 @@ documented functions (name, signature, docstring), so they are offline everywher
 nothing with HumanEval, the evaluation set.
 
 Answers are produced with the Dovetail engine (lossless: the target's own greedy output, at the
-speculative speed, several requests batched) and appended to a JSON-lines file, one per request, so an interrupted run
-resumes where it stopped and the same seed asks the same requests in the same order.
+speculative speed, several requests batched) and appended to a JSON-lines file, one per request,
+so an interrupted run resumes where it stopped and the same seed asks the same requests in the
+same order.
 """
 
 from __future__ import annotations
@@ -124,8 +125,9 @@ def grow_answers(corpus: AnswerCorpus, target: str, tokens: int, seed: int, max_
     from dovetail.config import EngineConfig
     from dovetail.store import DEFAULT_DRAFT
 
-    if corpus.tokens() >= tokens:
-        return corpus.tokens()
+    held = corpus.tokens()
+    if held >= tokens:
+        return held
     config = EngineConfig(target=target, draft=DEFAULT_DRAFT, engine="actors", max_batch=BATCH)
     with Dovetail(config, verbose=False).load() as dovetail:  # loaded here, before the worker threads
         def answer(request: str, limit: int) -> list[int]:
