@@ -261,7 +261,8 @@ def _run_drafters(args, dt, engine, run_dovetail, report) -> None:
             label = (f"{spec.fusion},L{spec.layers},{args.draft_precision}"
                      + (f",V{vocab or spec.draft_vocab}" if vocab or spec.draft_vocab else ""))
             report["drafters"][label] = {"path": str(path), **{k: meta.get(k) for k in (
-                "train_tokens", "train_seconds", "dump_seconds", "held_out_acc1", "held_out_acc2")}}
+                "corpus", "train_tokens", "train_seconds", "dump_seconds", "held_out_acc1", "held_out_acc2",
+                "held_out_acc3", "held_out_chain_tau")}, "curve": _training_curve(path)}
             drafter = load_drafter(path, dt.target_dir, frozen=shared_frozen_tensors(target_model),
                                    draft_vocab=vocab, precision=args.draft_precision)
             engine.draft = FeatureDraftProposer(CachedLM(drafter), shapes[0])
@@ -272,6 +273,14 @@ def _run_drafters(args, dt, engine, run_dovetail, report) -> None:
                              SamplingParams(args.sampled))
     engine.target.lm.keep_hidden = False
     engine.draft = draft_model_proposer
+
+
+def _training_curve(drafter: Path) -> list[list]:
+    """[tokens seen, held-out chain:3 tau] at each evaluation of the drafter's training run."""
+    history = drafter / "history.json"
+    if not history.exists():
+        return []
+    return [[h["tokens_seen"], h["chain_tau"]] for h in json.loads(history.read_text()) if "chain_tau" in h]
 
 
 def _curves(dt, target) -> dict:
@@ -310,7 +319,8 @@ def _plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    learning = {label: d["curve"] for label, d in report.get("drafters", {}).items() if d.get("curve")}
+    fig, axes = plt.subplots(1, 3 if learning else 2, figsize=(19 if learning else 13, 4.5))
     names = list(report["methods"])
     speeds = [report["methods"][n]["tokens_per_s"] for n in names]
     axes[0].barh(names, speeds, color=["#888" if not n.startswith("dovetail") else "#2a7" for n in names])
@@ -327,5 +337,15 @@ def _plot(report: dict, path: Path) -> None:
     axes[1].set_ylabel("forward ms")
     axes[1].legend()
     axes[1].set_title("forward cost by block size")
+    for label, curve in learning.items():
+        axes[2].plot([c[0] for c in curve], [c[1] for c in curve], marker="o", label=f"{label}: held-out")
+        live = report["methods"].get(f"dovetail-drafter[{label}][chain:3]")
+        if live:
+            axes[2].axhline(live["mean_accepted"], linestyle="--", color="#2a7", label=f"{label}: live, HumanEval")
+    if learning:
+        axes[2].set_xlabel("training tokens seen")
+        axes[2].set_ylabel("chain:3 tau (greedy)")
+        axes[2].set_title("drafter: tau against training tokens")
+        axes[2].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -187,7 +187,8 @@ def cmd_train_draft(args) -> int:
                            target=args.target)
     print(json.dumps({"drafter": str(out), **{k: meta[k] for k in ("train_tokens", "train_seconds",
                                                                       "dump_seconds", "held_out_acc1",
-                                                                      "held_out_acc2")}}))
+                                                                      "held_out_acc2", "held_out_acc3",
+                                                                      "held_out_chain_tau")}}))
     return 0
 
 

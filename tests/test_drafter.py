@@ -150,6 +150,32 @@ def test_same_seed_same_drafter(target, dump, tmp_path):
         torch.testing.assert_close(b.state_dict()[name], value, rtol=0, atol=0, msg=name)
 
 
+def test_padding_past_a_windows_span_changes_nothing(target, tmp_path):
+    """Windows of different lengths padded to one: what lies past a window's span (its padding)
+    never reaches the loss or the held-out acceptance, whatever it holds."""
+    greedy = greedy_windows(target, 12, 24, seed=4)
+    ends = [12 + (i % 3) * 6 for i in range(12)]  # trained tokens 4..end-1: lengths 12, 18, 24
+
+    def padded_dump(pad_seed, name):
+        gen = torch.Generator().manual_seed(pad_seed)
+        windows = [w[:end] + torch.randint(3, VOCAB, (24 - end,), generator=gen).tolist()
+                   for w, end in zip(greedy.token_ids, ends)]
+        return dump_features(target, Windows(windows, 4, [(4, end) for end in ends]), tmp_path / name, batch=4)
+
+    settings = TrainSettings(steps=4, batch=4, lr=1e-3, warmup=1, eval_every=4, checkpoint_every=4, seed=2,
+                             held_out=0.25)
+    (a_dump, b_dump) = padded_dump(1, "a"), padded_dump(2, "b")
+    assert not np.array_equal(a_dump.tokens, b_dump.tokens)
+    a, b = drafter_for(target, seed=5), drafter_for(target, seed=5)
+    report_a = train_drafter(a, a_dump, settings, tmp_path / "train-a")
+    report_b = train_drafter(b, b_dump, settings, tmp_path / "train-b")
+    for name, value in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[name], value, msg=name)
+    train_ids, _ = split_windows(12, settings.held_out, settings.seed)
+    assert report_a.train_tokens == report_b.train_tokens == sum(ends[i] - 4 for i in train_ids)
+    assert (report_a.acc1, report_a.acc2, report_a.acc3) == pytest.approx((report_b.acc1, report_b.acc2, report_b.acc3))
+
+
 def test_save_and_load_round_trip(target, trained, tmp_path):
     model, _ = trained
     model.save(tmp_path, {"hidden_size": 64})

@@ -21,33 +21,37 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dovetail.errors import UserError
 from dovetail.models.dgf import COUNTS_FILE, DrafterSpec, build_drafter, frozen_target_tensors, top_ids
 from dovetail.store import dovetail_home
 from dovetail.training.answers import answer_corpus, grow_answers
-from dovetail.training.corpus import Windows, code_windows
+from dovetail.training.corpus import Windows, chat_prompt, code_windows
 from dovetail.training.features import FeatureDump, dump_features
 from dovetail.training.trainer import CHECKPOINT, TrainSettings, train_drafter
 
 
 def token_counts(dump: FeatureDump, vocab_size: int) -> np.ndarray:
-    """How often each target id occurs in the dump's code positions."""
-    tokens = np.asarray(dump.tokens[:, dump.prefix_len:]).ravel()
-    return np.bincount(tokens, minlength=vocab_size).astype(np.int32)
+    """How often each target id occurs in the dump's trained positions."""
+    return np.bincount(dump.trained_tokens(), minlength=vocab_size).astype(np.int32)
 
 
 def frequent_vocab(dump: FeatureDump, size: int, always: list[int]) -> np.ndarray:
-    """The ``size`` most frequent target ids in the dump's code positions (plus ``always``)."""
+    """The ``size`` most frequent target ids in the dump's trained positions (plus ``always``)."""
     counts = token_counts(dump, 0).astype(np.int64)
     return top_ids(np.where(counts > 0, counts, -1), size, always)
 
 
 CORPORA = ("stdlib", "answers", "mixed")
+# answers are batched greedy decoding, checked against unbatched forwards: float rounding flips a
+# few exact near-ties, anything more means another target (or a damaged file)
+MIN_GREEDY_AGREEMENT = 0.98
 
 
 def corpus_windows(tokenizer, corpus: str, tokens: int, answer_tokens: int, seq_len: int, seed: int,
                    target: str, target_name: str) -> Windows:
-    """``stdlib``: ``tokens`` tokens of module source; ``answers``: ``answer_tokens`` of the
-    target's own answers (grown first if short, see answers.py); ``mixed``: both."""
+    """``stdlib``: ``tokens`` tokens of module source in ``seq_len`` windows; ``answers``: about
+    ``answer_tokens`` of the target's own answers (grown first if short, see answers.py), one
+    window per answer after its own request; ``mixed``: both (padded to one length)."""
     if corpus not in CORPORA:
         raise ValueError(f"corpus must be one of {CORPORA}, got {corpus!r}")
     parts = []
@@ -57,12 +61,29 @@ def corpus_windows(tokenizer, corpus: str, tokens: int, answer_tokens: int, seq_
         answers = answer_corpus(target_name, seed)
         if answers.tokens() < answer_tokens:
             grow_answers(answers, target, answer_tokens, seed)
-        text = "\n\n".join(answers.texts(tokenizer))  # answers one after another, like one long file
-        # whole answers (prose, then code blocks): the framing stops where the assistant begins
-        parts.append(code_windows(tokenizer, answer_tokens, seq_len, seed=seed, texts=[text], opening=""))
-    # mixed: the dump masks one framing length, the shorter (the code block's opening tokens of the
-    # stdlib windows are then trained on too: they are what the target writes there)
-    return Windows([w for part in parts for w in part.token_ids], min(part.prefix_len for part in parts))
+        parts.append(answer_windows(tokenizer, answers.records(), answer_tokens))
+    width = max(len(part.token_ids[0]) for part in parts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return Windows([w + [pad] * (width - len(w)) for part in parts for w in part.token_ids],
+                   min(part.prefix_len for part in parts), [span for part in parts for span in part.spans])
+
+
+def answer_windows(tokenizer, records: list[dict], tokens: int) -> Windows:
+    """One window per answer (in corpus order, until ``tokens`` answer tokens): its request through
+    the chat template, exactly as the engine encodes it, then the answer; padded to the longest."""
+    windows, spans, held = [], [], 0
+    for record in records:
+        if held >= tokens:
+            break
+        prompt = chat_prompt(tokenizer, record["request"])
+        windows.append(prompt + record["answer_ids"])
+        spans.append((len(prompt), len(windows[-1])))
+        held += len(record["answer_ids"])
+    if not windows:
+        raise ValueError("the answers corpus is empty")
+    width = max(len(w) for w in windows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return Windows([w + [pad] * (width - len(w)) for w in windows], min(b for b, _ in spans), spans)
 
 
 def run_train_draft(target_dir: Path, target_name: str, out: Path, spec: DrafterSpec, settings: TrainSettings,
@@ -77,18 +98,25 @@ def run_train_draft(target_dir: Path, target_name: str, out: Path, spec: Drafter
     tokenizer = load_tokenizer(target_dir)
     windows = corpus_windows(tokenizer, corpus, tokens, answer_tokens, seq_len, settings.seed,
                              target or str(target_dir), target_name)
-    code_tokens = len(windows.token_ids) * (seq_len - windows.prefix_len)
-    say(f"corpus {corpus!r}: {len(windows.token_ids)} windows of {seq_len} tokens "
-        f"({code_tokens} trained tokens, {windows.prefix_len}-token chat framing)")
+    code_tokens = windows.trained_tokens()
+    width = len(windows.token_ids[0])
+    say(f"corpus {corpus!r}: {len(windows.token_ids)} windows of up to {width} tokens "
+        f"({code_tokens} trained tokens after the chat framing)")
     name = "stdlib" if corpus == "stdlib" else f"{corpus}{answer_tokens}"
-    dump_dir = dovetail_home() / "features" / target_name / f"{name}-{code_tokens}-{seq_len}-s{settings.seed}"
+    dump_dir = dovetail_home() / "features" / target_name / f"{name}-{code_tokens}-{width}-s{settings.seed}"
     if not (dump_dir / "dump.json").exists() or _incomplete(dump_dir):
         target = load_causal_lm(target_dir)
-        dump = dump_features(target, windows, dump_dir)
+        dump = dump_features(target, windows, dump_dir, check_greedy=corpus == "answers")
         del target
     else:
         dump = FeatureDump.open(dump_dir)
-    say(f"features: {dump_dir} ({dump.seconds:.0f}s of target time)")
+    say(f"features: {dump_dir} ({dump.seconds:.0f}s of target time)"
+        + (f"; {dump.greedy_agreement:.2%} of the answer tokens are the target's own argmax"
+           if dump.greedy_agreement is not None else ""))
+    if dump.greedy_agreement is not None and dump.greedy_agreement < MIN_GREEDY_AGREEMENT:
+        raise UserError(f"the answers corpus is not {target_name}'s own greedy output: only "
+                        f"{dump.greedy_agreement:.1%} of its tokens are the target's argmax; remove "
+                        f"{answer_corpus(target_name, settings.seed).path} (and {dump_dir}) to regenerate it")
 
     embed, head = frozen_target_tensors(target_dir)
     eos = eos_token_ids_from_config(target_dir, tokenizer)
@@ -103,14 +131,17 @@ def run_train_draft(target_dir: Path, target_name: str, out: Path, spec: Drafter
     meta = {"target": target_name, "hidden_size": int(embed.shape[1]), "eos_token_ids": eos,
             "corpus": "python-stdlib" if corpus == "stdlib" else corpus,
             "train_tokens": report.train_tokens, "train_steps": report.steps, "train_seconds": report.seconds,
-            "dump_seconds": round(dump.seconds, 1), "held_out_acc1": round(report.acc1, 4),
-            "held_out_acc2": round(report.acc2, 4), "settings": asdict(settings),
+            "dump_seconds": round(dump.seconds, 1), "greedy_agreement": dump.greedy_agreement,
+            "held_out_acc1": round(report.acc1, 4),
+            "held_out_acc2": round(report.acc2, 4), "held_out_acc3": round(report.acc3, 4),
+            "held_out_chain_tau": round(report.chain_tau, 3), "settings": asdict(settings),
             "wall_seconds": round(time.perf_counter() - t0, 1)}
     model.save(out, meta)
     np.save(Path(out) / COUNTS_FILE, token_counts(dump, head.shape[0]))  # lets the head be cut at load time
     (Path(out) / "history.json").write_text(json.dumps(report.history) + "\n")
     (Path(out) / CHECKPOINT).unlink(missing_ok=True)  # the run is complete: its resume state is 3x the drafter
-    say(f"saved {out}: held-out acc1 {report.acc1:.3f}, acc2 {report.acc2:.3f}; "
+    say(f"saved {out}: held-out acceptance {report.acc1:.3f} / {report.acc2:.3f} / {report.acc3:.3f} "
+        f"(chain:3 tau {report.chain_tau:.2f}); "
         f"training {report.seconds:.0f}s, features {dump.seconds:.0f}s")
     return meta
 

@@ -21,10 +21,20 @@ USER_REQUEST = "Write the following Python module."
 
 @dataclass
 class Windows:
-    """Token windows of one length: ``prefix_len`` framing tokens, then code."""
+    """Token windows of one length: framing tokens, then the trained text (code or an answer),
+    then padding. ``spans[i] = (begin, end)``: window i's trained tokens are ``begin..end-1``
+    (default: ``prefix_len`` framing tokens, no padding)."""
 
     token_ids: list[list[int]]
     prefix_len: int
+    spans: list[tuple[int, int]] | None = None
+
+    def __post_init__(self):
+        if self.spans is None:
+            self.spans = [(self.prefix_len, len(w)) for w in self.token_ids]
+
+    def trained_tokens(self) -> int:
+        return sum(end - begin for begin, end in self.spans)
 
 
 def stdlib_files(root: str | Path | None = None) -> list[Path]:
@@ -36,13 +46,21 @@ def stdlib_files(root: str | Path | None = None) -> list[Path]:
 CODE_BLOCK = "```python\n"
 
 
-def answer_prefix(tokenizer, opening: str = CODE_BLOCK) -> list[int]:
-    """Chat-template framing: a user request and the start of the assistant's answer (by default
-    the opening of a code block, as for module source)."""
+def chat_prompt(tokenizer, request: str, opening: str = "") -> list[int]:
+    """``request`` as the engine encodes a chat prompt (one user message, then the start of the
+    assistant's answer), followed by ``opening``; plain text for a target without a chat template."""
     if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": USER_REQUEST}],
+        text = tokenizer.apply_chat_template([{"role": "user", "content": request}],
                                              add_generation_prompt=True, tokenize=False)
         return tokenizer.encode(text + opening, add_special_tokens=False)
+    return tokenizer.encode(f"{request}\n\n{opening}")
+
+
+def answer_prefix(tokenizer, opening: str = CODE_BLOCK) -> list[int]:
+    """The framing of module source: a fixed request and (by default) a code block's opening
+    (only the opening for a target without a chat template)."""
+    if tokenizer.chat_template:
+        return chat_prompt(tokenizer, USER_REQUEST, opening)
     return tokenizer.encode(opening) if opening else []
 
 

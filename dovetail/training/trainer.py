@@ -11,8 +11,9 @@ initialisation all come from seeded generators, and a resumed run continues exac
 checkpoint left off (``checkpoint.pt``: weights, optimiser, step, generator states).
 
 Held-out acceptance: on windows kept out of training, the share of positions where the drafter's
-top token equals the target's (``acc1``, teacher-forced), and the same one step deeper, fed with its
-own predicted feature (``acc2``) -- what the first two levels of a draft chain see.
+top token equals the target's (``acc1``, teacher-forced), and the same one and two steps deeper,
+fed with its own predicted features (``acc2``, ``acc3``, joint) -- what the first three levels of a
+greedy draft chain see; ``chain_tau`` = 1 + acc1 + acc2 + acc3 is the chain:3 tau they predict.
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ class TrainReport:
     acc1: float
     acc2: float
     history: list[dict]
+    acc3: float = float("nan")
+
+    @property
+    def chain_tau(self) -> float:
+        return expected_chain_tau((self.acc1, self.acc2, self.acc3))
 
 
 def split_windows(n: int, held_out: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -92,27 +98,37 @@ def drafter_loss(model: FeatureDrafter, feats: torch.Tensor, tokens: torch.Tenso
 
 @torch.no_grad()
 def held_out_acceptance(model: FeatureDrafter, dump: FeatureDump, windows: np.ndarray,
-                        full_head: torch.Tensor | None = None) -> tuple[float, float]:
-    """(acc1, acc2) on the given windows: see the module doc. ``full_head``: the target's LM head,
-    when the drafter's is a reduced vocabulary (the target's own top token may lie outside it)."""
-    hits1 = hits2 = total1 = total2 = 0
-    start = max(dump.prefix_len - 1, 0)
+                        full_head: torch.Tensor | None = None, depth: int = 3) -> tuple[float, ...]:
+    """Joint acceptance at chain depths 1..``depth`` on the given windows (see the module doc).
+    ``full_head``: the target's LM head, when the drafter's is a reduced vocabulary (the target's
+    own top token may lie outside it)."""
+    hits, totals = [0] * depth, [0] * depth
     for w in windows:
-        feats = torch.from_numpy(np.asarray(dump.features[w], dtype=np.float32))[None]
-        tokens = torch.from_numpy(np.asarray(dump.tokens[w], dtype=np.int64))[None]
-        target_logits = feats @ full_head.T if full_head is not None else model.target_logits(feats)
-        target_top = target_logits.argmax(-1)[0]  # the target's own next token at each position
-        pred = model.predict_features(feats[:, :-1], tokens[:, 1:])
-        top1 = model.target_logits(pred).argmax(-1)[0]  # predicts the token after position t+1
-        ok1 = top1 == target_top[1:]
-        # one level deeper, as in a chain: the drafter's own predicted feature of t+1 with token t+2,
-        # counted only where the first level was right too (joint, like per-position acceptance)
-        deep_in = torch.cat([feats[:, :1], pred[:, :-1]], dim=1)
-        top2 = model.target_logits(model.predict_features(deep_in, tokens[:, 1:])).argmax(-1)[0]
-        ok2 = ok1[:-1] & (top2[1:] == target_top[2:])
-        hits1, total1 = hits1 + int(ok1[start:].sum()), total1 + len(ok1[start:])
-        hits2, total2 = hits2 + int(ok2[start:].sum()), total2 + len(ok2[start:])
-    return hits1 / max(total1, 1), hits2 / max(total2, 1)
+        begin, end = (int(x) for x in dump.spans[w])
+        start = max(begin - 1, 0)  # input positions whose next token is trained
+        feats = torch.from_numpy(np.asarray(dump.features[w, :end], dtype=np.float32))[None]
+        tokens = torch.from_numpy(np.asarray(dump.tokens[w, :end], dtype=np.int64))[None]
+        heads = feats[0, start:] @ full_head.T if full_head is not None else model.target_logits(feats[0, start:])
+        target_top = torch.cat([torch.zeros(start, dtype=torch.long), heads.argmax(-1)])  # the target's next token
+        ok = None
+        level_in = feats[:, :-1]
+        for level in range(depth):
+            # level k: the drafter's own predicted feature of the previous level (true at level 1)
+            # with the next true token; right only where the levels before were right (joint)
+            pred = model.predict_features(level_in, tokens[:, 1:])
+            top = torch.cat([torch.zeros(start, dtype=torch.long), model.target_logits(pred[0, start:]).argmax(-1)])
+            right = top[level:] == target_top[level + 1:]
+            ok = right if ok is None else ok[:-1] & right
+            hits[level] += int(ok[start:].sum())
+            totals[level] += len(ok[start:])
+            level_in = torch.cat([feats[:, :1], pred[:, :-1]], dim=1)
+    return tuple(h / max(t, 1) for h, t in zip(hits, totals))
+
+
+def expected_chain_tau(acceptance) -> float:
+    """Tokens per step a greedy chain of ``len(acceptance)`` drafts would commit: 1 + sum of the
+    joint acceptances (the bonus token plus each accepted draft)."""
+    return 1.0 + float(sum(acceptance))
 
 
 def train_drafter(model: FeatureDrafter, dump: FeatureDump, settings: TrainSettings, out_dir: str | Path,
@@ -130,7 +146,7 @@ def train_drafter(model: FeatureDrafter, dump: FeatureDump, settings: TrainSetti
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_scale(s, settings))
     order_rng = np.random.default_rng(settings.seed + 1)
     noise_gen = torch.Generator().manual_seed(settings.seed + 2)
-    step, history, seconds = 0, [], 0.0
+    step, history, seconds, tokens_seen = 0, [], 0.0, 0
     ckpt = out_dir / CHECKPOINT
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
@@ -142,26 +158,28 @@ def train_drafter(model: FeatureDrafter, dump: FeatureDump, settings: TrainSetti
         order_rng.bit_generator.state = state["order_rng"]
         noise_gen.set_state(state["noise_gen"])
         step, history, seconds = state["step"], state["history"], state["seconds"]
-    mask_from = max(dump.prefix_len - 1, 0)
+        tokens_seen = state.get("tokens_seen", 0)
     loss_head = None
     if settings.loss_vocab and settings.loss_vocab < model.head_weight.shape[0]:
-        counts = np.bincount(np.asarray(dump.tokens[train_ids]).ravel(), minlength=model.head_weight.shape[0])
+        counts = np.bincount(dump.trained_tokens(train_ids), minlength=model.head_weight.shape[0])
         top = np.sort(np.argsort(-counts, kind="stable")[: settings.loss_vocab])
         rows = torch.from_numpy(top) if model.vocab_ids is None else torch.from_numpy(
             np.flatnonzero(np.isin(model.vocab_ids.numpy(), top)))
         loss_head = model.head_weight[rows].contiguous()
     model.train()
     bar = tqdm(total=settings.steps, initial=step, desc=desc, dynamic_ncols=True)
-    acc1 = acc2 = float("nan")
+    acc1 = acc2 = acc3 = float("nan")
     loss_value = float("nan")
     while step < settings.steps:
         t0 = time.perf_counter()
         batch = order_rng.choice(train_ids, size=min(settings.batch, len(train_ids)), replace=False)
         batch.sort()
-        feats = torch.from_numpy(np.asarray(dump.features[batch], dtype=np.float32))
-        tokens = torch.from_numpy(np.asarray(dump.tokens[batch], dtype=np.int64))
-        mask = torch.zeros(tokens.shape[0], tokens.shape[1] - 1)
-        mask[:, mask_from:] = 1.0
+        width = int(dump.spans[batch, 1].max())  # padding past the batch's longest window is dropped
+        feats = torch.from_numpy(np.asarray(dump.features[batch, :width], dtype=np.float32))
+        tokens = torch.from_numpy(np.asarray(dump.tokens[batch, :width], dtype=np.int64))
+        # input position t predicts the feature of t+1: trained where t+1 is a trained token
+        mask = torch.from_numpy(dump.span_mask(batch)[:, 1:width]).float()
+        tokens_seen += int(mask.sum())
         loss, feature_loss, ce_loss = drafter_loss(model, feats, tokens, mask, settings.noise,
                                                    settings.ce_weight, noise_gen, loss_head)
         opt.zero_grad(set_to_none=True)
@@ -176,22 +194,23 @@ def train_drafter(model: FeatureDrafter, dump: FeatureDump, settings: TrainSetti
                  "ce": round(float(ce_loss), 4)}
         if step % settings.eval_every == 0 or step == settings.steps:
             model.eval()
-            acc1, acc2 = held_out_acceptance(model, dump, eval_ids, full_head)
+            acc1, acc2, acc3 = held_out_acceptance(model, dump, eval_ids, full_head)
             model.train()
-            entry.update(acc1=round(acc1, 4), acc2=round(acc2, 4))
+            entry.update(acc1=round(acc1, 4), acc2=round(acc2, 4), acc3=round(acc3, 4),
+                         chain_tau=round(expected_chain_tau((acc1, acc2, acc3)), 3), tokens_seen=tokens_seen)
         history.append(entry)
         bar.set_postfix(loss=f"{loss_value:.3f}", ce=f"{float(ce_loss):.2f}",
                         acc1=f"{acc1:.2f}", acc2=f"{acc2:.2f}")
         bar.update(1)
         if step % settings.checkpoint_every == 0 or step == settings.steps:
-            _save_checkpoint(ckpt, model, opt, sched, order_rng, noise_gen, step, history, seconds, settings)
+            _save_checkpoint(ckpt, model, opt, sched, order_rng, noise_gen, step, history, seconds, settings,
+                             tokens_seen)
     bar.close()
     model.eval()
     if math.isnan(acc1) and len(eval_ids):
-        acc1, acc2 = held_out_acceptance(model, dump, eval_ids, full_head)
-    seq = dump.tokens.shape[1]
-    return TrainReport(step, len(train_ids), int(len(train_ids) * (seq - dump.prefix_len)), round(seconds, 1),
-                       loss_value, acc1, acc2, history)
+        acc1, acc2, acc3 = held_out_acceptance(model, dump, eval_ids, full_head)
+    return TrainReport(step, len(train_ids), int(dump.span_mask(train_ids).sum()), round(seconds, 1),
+                       loss_value, acc1, acc2, history, acc3)
 
 
 def _lr_scale(step: int, s: TrainSettings) -> float:
@@ -201,9 +220,11 @@ def _lr_scale(step: int, s: TrainSettings) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _save_checkpoint(path: Path, model, opt, sched, order_rng, noise_gen, step, history, seconds, settings):
+def _save_checkpoint(path: Path, model, opt, sched, order_rng, noise_gen, step, history, seconds, settings,
+                     tokens_seen):
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                 "order_rng": order_rng.bit_generator.state, "noise_gen": noise_gen.get_state(), "step": step,
-                "history": history, "seconds": seconds, "settings": asdict(settings)}, tmp)
+                "history": history, "seconds": seconds, "settings": asdict(settings),
+                "tokens_seen": tokens_seen}, tmp)
     tmp.replace(path)
