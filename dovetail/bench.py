@@ -320,32 +320,37 @@ def _plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     learning = {label: d["curve"] for label, d in report.get("drafters", {}).items() if d.get("curve")}
-    fig, axes = plt.subplots(1, 3 if learning else 2, figsize=(19 if learning else 13, 4.5))
+    curves = report.get("curves", {})
+    panels = 1 + bool(curves) + bool(learning)
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
+    speed_ax, *rest = axes[0]
     names = list(report["methods"])
     speeds = [report["methods"][n]["tokens_per_s"] for n in names]
-    axes[0].barh(names, speeds, color=["#888" if not n.startswith("dovetail") else "#2a7" for n in names])
+    speed_ax.barh(names, speeds, color=["#888" if not n.startswith("dovetail") else "#2a7" for n in names])
     for i, v in enumerate(speeds):
-        axes[0].text(v, i, f" {v:.2f}", va="center")
-    axes[0].set_xlabel("tokens/s (HumanEval, greedy)")
-    axes[0].set_title(f"{report['settings']['target']} on {report['machine']['cpu']}, "
-                      f"{report['machine']['cores']} cores")
-    for label, curve in report.get("curves", {}).items():
-        xs = [int(k) for k in curve]
-        axes[1].plot(xs, list(curve.values()), marker="o", label=label)
-    axes[1].set_xscale("log", base=2)
-    axes[1].set_xlabel("tokens per forward (KV cache 300)")
-    axes[1].set_ylabel("forward ms")
-    axes[1].legend()
-    axes[1].set_title("forward cost by block size")
-    for label, curve in learning.items():
-        axes[2].plot([c[0] for c in curve], [c[1] for c in curve], marker="o", label=f"{label}: held-out")
-        live = report["methods"].get(f"dovetail-drafter[{label}][chain:3]")
-        if live:
-            axes[2].axhline(live["mean_accepted"], linestyle="--", color="#2a7", label=f"{label}: live, HumanEval")
+        speed_ax.text(v, i, f" {v:.2f}", va="center")
+    speed_ax.set_xlabel("tokens/s (HumanEval, greedy)")
+    speed_ax.set_title(f"{report['settings']['target']} on {report['machine']['cpu']}, "
+                       f"{report['machine']['cores']} cores")
+    if curves:
+        ax = rest.pop(0)
+        for label, curve in curves.items():
+            ax.plot([int(k) for k in curve], list(curve.values()), marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens per forward (KV cache 300)")
+        ax.set_ylabel("forward ms")
+        ax.legend()
+        ax.set_title("forward cost by block size")
     if learning:
-        axes[2].set_xlabel("training tokens seen")
-        axes[2].set_ylabel("chain:3 tau (greedy)")
-        axes[2].set_title("drafter: tau against training tokens")
-        axes[2].legend()
+        ax = rest.pop(0)
+        for label, curve in learning.items():
+            ax.plot([c[0] for c in curve], [c[1] for c in curve], marker="o", label=f"{label}: held-out")
+            live = report["methods"].get(f"dovetail-drafter[{label}][chain:3]")
+            if live:
+                ax.axhline(live["mean_accepted"], linestyle="--", color="#2a7", label=f"{label}: live, HumanEval")
+        ax.set_xlabel("training tokens seen")
+        ax.set_ylabel("chain:3 tau (greedy)")
+        ax.set_title("drafter: tau against training tokens")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

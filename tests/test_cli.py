@@ -124,3 +124,12 @@ def test_serve_refuses_bad_settings_in_one_line(tiny_model_dirs, isolated_home, 
     code = main(["serve", "--target", str(tiny_model_dirs["target"]), "--no-draft", *args])
     assert code == 2
     assert message in _one_line_error(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--answer-tokens", "-1"], "--answer-tokens must be >= 0"),
+    (["--lr", "2"], "--lr must be in (0, 1)"),
+])
+def test_train_draft_bad_input_is_one_line(isolated_home, tiny_model_dirs, capsys, args, message):
+    code = main(["train-draft", "--target", str(tiny_model_dirs["target"]), *args])
+    assert code == 2 and message in _one_line_error(capsys.readouterr().err)

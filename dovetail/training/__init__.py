@@ -45,13 +45,15 @@ CORPORA = ("stdlib", "answers", "mixed")
 # answers are batched greedy decoding, checked against unbatched forwards: float rounding flips a
 # few exact near-ties, anything more means another target (or a damaged file)
 MIN_GREEDY_AGREEMENT = 0.98
+DEFAULT_ANSWER_TOKENS = 60_000  # generated when a target has no answers yet (~47 min here)
 
 
 def corpus_windows(tokenizer, corpus: str, tokens: int, answer_tokens: int, seq_len: int, seed: int,
                    target: str, target_name: str) -> Windows:
     """``stdlib``: ``tokens`` tokens of module source in ``seq_len`` windows; ``answers``: about
-    ``answer_tokens`` of the target's own answers (grown first if short, see answers.py), one
-    window per answer after its own request; ``mixed``: both (padded to one length)."""
+    ``answer_tokens`` of the target's own answers (grown first if short, see answers.py; 0: all
+    the corpus holds, or ``DEFAULT_ANSWER_TOKENS`` if it holds none), one window per answer after
+    its own request; ``mixed``: both (padded to one length)."""
     if corpus not in CORPORA:
         raise ValueError(f"corpus must be one of {CORPORA}, got {corpus!r}")
     parts = []
@@ -59,6 +61,7 @@ def corpus_windows(tokenizer, corpus: str, tokens: int, answer_tokens: int, seq_
         parts.append(code_windows(tokenizer, tokens, seq_len, seed=seed))
     if corpus in ("answers", "mixed"):
         answers = answer_corpus(target_name, seed)
+        answer_tokens = answer_tokens or answers.tokens() or DEFAULT_ANSWER_TOKENS
         if answers.tokens() < answer_tokens:
             grow_answers(answers, target, answer_tokens, seed)
         parts.append(answer_windows(tokenizer, answers.records(), answer_tokens))
@@ -102,8 +105,7 @@ def run_train_draft(target_dir: Path, target_name: str, out: Path, spec: Drafter
     width = len(windows.token_ids[0])
     say(f"corpus {corpus!r}: {len(windows.token_ids)} windows of up to {width} tokens "
         f"({code_tokens} trained tokens after the chat framing)")
-    name = "stdlib" if corpus == "stdlib" else f"{corpus}{answer_tokens}"
-    dump_dir = dovetail_home() / "features" / target_name / f"{name}-{code_tokens}-{width}-s{settings.seed}"
+    dump_dir = dovetail_home() / "features" / target_name / f"{corpus}-{code_tokens}-{width}-s{settings.seed}"
     if not (dump_dir / "dump.json").exists() or _incomplete(dump_dir):
         target = load_causal_lm(target_dir)
         dump = dump_features(target, windows, dump_dir, check_greedy=corpus == "answers")

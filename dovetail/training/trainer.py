@@ -199,8 +199,8 @@ def train_drafter(model: FeatureDrafter, dump: FeatureDump, settings: TrainSetti
             entry.update(acc1=round(acc1, 4), acc2=round(acc2, 4), acc3=round(acc3, 4),
                          chain_tau=round(expected_chain_tau((acc1, acc2, acc3)), 3), tokens_seen=tokens_seen)
         history.append(entry)
-        bar.set_postfix(loss=f"{loss_value:.3f}", ce=f"{float(ce_loss):.2f}",
-                        acc1=f"{acc1:.2f}", acc2=f"{acc2:.2f}")
+        bar.set_postfix(loss=f"{loss_value:.3f}", ce=f"{float(ce_loss):.2f}", acc1=f"{acc1:.2f}",
+                        acc2=f"{acc2:.2f}", tau3=f"{expected_chain_tau((acc1, acc2, acc3)):.2f}")
         bar.update(1)
         if step % settings.checkpoint_every == 0 or step == settings.steps:
             _save_checkpoint(ckpt, model, opt, sched, order_rng, noise_gen, step, history, seconds, settings,
