@@ -22,7 +22,8 @@ from dovetail.models.cached_lm import CachedLM
 from dovetail.models.dgf import is_drafter_dir, load_drafter, shared_frozen_tensors
 from dovetail.models.draft import DraftProposer
 from dovetail.models.feature_draft import FeatureDraftProposer
-from dovetail.models.loading import (draft_vocab_limit, eos_token_ids, eos_token_ids_from_config, load_causal_lm,
+from dovetail.models.loading import (draft_vocab_limit, encode_chat, eos_token_ids, eos_token_ids_from_config,
+                                     load_causal_lm,
                                      load_tokenizer)
 from dovetail.models.target import TargetVerifier
 from dovetail.models.verification import SamplingParams
@@ -145,9 +146,7 @@ class Dovetail:
         if chat:
             if not self.tokenizer.chat_template:
                 raise UserError(f"target {self.config.target} has no chat template; drop --chat")
-            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                        add_generation_prompt=True, tokenize=False)
-            return self.tokenizer.encode(prompt, add_special_tokens=False)
+            return encode_chat(self.tokenizer, prompt)
         return self.tokenizer.encode(prompt)
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 128,

@@ -67,16 +67,11 @@ def machine_info() -> dict:
 
 
 def humaneval_prompts(tokenizer, count: int) -> list[list[int]]:
+    from dovetail.models.loading import encode_chat
     from dovetail.store import humaneval_problems
 
-    problems = humaneval_problems()[:count]
-    prompts = []
-    for problem in problems:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": f"Complete the following Python function.\n\n{problem['prompt']}"}],
-            add_generation_prompt=True, tokenize=False)
-        prompts.append(tokenizer.encode(text, add_special_tokens=False))
-    return prompts
+    return [encode_chat(tokenizer, f"Complete the following Python function.\n\n{problem['prompt']}")
+            for problem in humaneval_problems()[:count]]
 
 
 def _median_ms(fn, reps: int = 5) -> float:

@@ -42,6 +42,14 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(path)
 
 
+def encode_chat(tokenizer, message: str, opening: str = "") -> list[int]:
+    """``message`` as one user turn through the tokenizer's chat template, then the start of the
+    assistant's answer (and ``opening``): how every chat prompt is encoded."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
+                                         tokenize=False)
+    return tokenizer.encode(text + opening, add_special_tokens=False)
+
+
 def eos_token_ids(model, tokenizer) -> list[int]:
     """The EOS ids HF ``generate()`` would stop on (generation config first, then tokenizer)."""
     return _eos_ids(getattr(model.generation_config, "eos_token_id", None), tokenizer)

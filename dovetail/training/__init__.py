@@ -65,7 +65,7 @@ def corpus_windows(tokenizer, corpus: str, tokens: int, answer_tokens: int, seq_
         if answers.tokens() < answer_tokens:
             grow_answers(answers, target, answer_tokens, seed)
         parts.append(answer_windows(tokenizer, answers.records(), answer_tokens))
-    width = max(len(part.token_ids[0]) for part in parts)
+    width = max(len(w) for part in parts for w in part.token_ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return Windows([w + [pad] * (width - len(w)) for part in parts for w in part.token_ids],
                    min(part.prefix_len for part in parts), [span for part in parts for span in part.spans])
@@ -73,7 +73,8 @@ def corpus_windows(tokenizer, corpus: str, tokens: int, answer_tokens: int, seq_
 
 def answer_windows(tokenizer, records: list[dict], tokens: int) -> Windows:
     """One window per answer (in corpus order, until ``tokens`` answer tokens): its request through
-    the chat template, exactly as the engine encodes it, then the answer; padded to the longest."""
+    the chat template, exactly as the engine encodes it, then the answer (unpadded: lengths vary
+    until ``corpus_windows`` pads them)."""
     windows, spans, held = [], [], 0
     for record in records:
         if held >= tokens:
@@ -84,9 +85,7 @@ def answer_windows(tokenizer, records: list[dict], tokens: int) -> Windows:
         held += len(record["answer_ids"])
     if not windows:
         raise ValueError("the answers corpus is empty")
-    width = max(len(w) for w in windows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return Windows([w + [pad] * (width - len(w)) for w in windows], min(b for b, _ in spans), spans)
+    return Windows(windows, min(b for b, _ in spans), spans)
 
 
 def run_train_draft(target_dir: Path, target_name: str, out: Path, spec: DrafterSpec, settings: TrainSettings,

@@ -15,6 +15,8 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+from dovetail.models.loading import encode_chat
+
 SKIP_PARTS = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
 USER_REQUEST = "Write the following Python module."
 
@@ -50,9 +52,7 @@ def chat_prompt(tokenizer, request: str, opening: str = "") -> list[int]:
     """``request`` as the engine encodes a chat prompt (one user message, then the start of the
     assistant's answer), followed by ``opening``; plain text for a target without a chat template."""
     if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": request}],
-                                             add_generation_prompt=True, tokenize=False)
-        return tokenizer.encode(text + opening, add_special_tokens=False)
+        return encode_chat(tokenizer, request, opening)
     return tokenizer.encode(f"{request}\n\n{opening}")
 
 
