@@ -5,6 +5,7 @@ One Ray instance serves the module; each engine is a coordinator + draft + shard
 
 import os
 import signal
+import time
 
 import pytest
 import ray
@@ -90,20 +91,39 @@ def test_sampling_matches_target_distribution(ray_session, tmp_path):
 
 
 @pytest.mark.parametrize("victim", ["target shard 1", "draft"])
-def test_killed_worker_fails_the_request_then_recovers(ray_session, qwen_pair, victim):
+@pytest.mark.parametrize("when", ["mid-request", "between-requests"])
+def test_killed_worker_fails_the_request_then_recovers(ray_session, qwen_pair, victim, when):
+    """A worker killed during a request, or while idle (then the next request's first send finds
+    its socket without a peer, where zmq would block forever), fails that request clearly; the
+    group is restarted and the next request is exact."""
     target, (target_dir, draft_dir) = qwen_pair
     engine = _engine(target_dir, draft_dir, "chain:3", "0|1", eos=-1)
     try:
         pid = engine.info["workers"][victim]["pid"]
-        kill_once = lambda tokens: kill_once.__dict__.setdefault("done", os.kill(pid, signal.SIGKILL) or True)
+        killed = []
+
+        def kill_once(tokens=None):
+            if not killed:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+        if when == "between-requests":
+            kill_once()
+            _wait_gone(pid)
         with pytest.raises(EngineError, match=f"{victim}.*restarted"):
-            engine.generate([5, 6, 7], 400, on_tokens=kill_once)  # killed when the first token arrives
+            engine.generate([5, 6, 7], 400, on_tokens=kill_once)  # mid-request: killed at the first token
         assert not [s for s in _segments() if s.startswith(f"{PREFIX}{pid}_")], "the dead worker's segment leaked"
         prompt = _prompts()[1]
         assert engine.generate(prompt, 30).token_ids == hf_greedy(target, prompt, 30, eos=EOS)
     finally:
         engine.shutdown()
     assert _segments() <= ray_session
+
+
+def _wait_gone(pid: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def test_feature_drafter_through_the_protocol(ray_session, tmp_path):

@@ -5,13 +5,14 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import msgpack
 import numpy as np
 import pytest
 
 from dovetail.protocol import messages as m
-from dovetail.protocol.channel import Channel, ipc_address
+from dovetail.protocol.channel import Channel, PeerUnavailable, ipc_address
 from dovetail.protocol.shm import ShmArena, remove_orphaned_segments, segment_names as _segments
 
 
@@ -105,6 +106,25 @@ def test_channel_round_trip_and_malformed_message_is_dropped(tmp_path, caplog):
         client.send(m.Shutdown("done"))  # the channel still works afterwards
         assert server.recv(timeout_ms=2000) == m.Shutdown("done")
         assert server.recv(timeout_ms=10) is None  # timeout
+    finally:
+        server.close()
+        client.close()
+
+
+def test_send_to_a_gone_peer_raises_instead_of_blocking(tmp_path):
+    """A PAIR socket whose peer closed (a killed worker) blocks zmq's send forever: a channel with
+    a send timeout raises ``PeerUnavailable`` instead (the coordinator then checks its workers)."""
+    address = ipc_address(tmp_path, "link")
+    server = Channel(address, bind=True, send_timeout_ms=100)
+    client = Channel(address, bind=False)
+    try:
+        server.send(m.Shutdown("hello"))
+        assert client.recv(timeout_ms=2000) == m.Shutdown("hello")
+        client.close()
+        with pytest.raises(PeerUnavailable, match="shutdown message"):
+            for _ in range(200):  # the disconnect reaches zmq's io thread within a few ms
+                server.send(m.Shutdown("anyone?"))
+                time.sleep(0.01)
     finally:
         server.close()
         client.close()

@@ -16,8 +16,8 @@ together (one draft forward per tree level, each request against its own KV cach
 ``VerifyBatch`` has the shards verify all the trees in one forward: either way the weights stream
 once for all the requests. Requests join as others finish. No betting in this mode.
 
-Failures: an ``ErrorReport`` from a worker, or a worker that stops answering pings, fails the
-request with a clear error; the coordinator then kills and restarts every worker (a shard group
+Failures: an ``ErrorReport`` from a worker, or a worker that stops answering pings or taking
+messages (a dead peer's zmq PAIR socket would block a send forever), fails the request with a clear error; the coordinator then kills and restarts every worker (a shard group
 cannot lose a member: gloo collectives would hang), so the next request runs on a fresh group.
 """
 
@@ -39,7 +39,7 @@ import zmq
 from dovetail.engine import GenerationStats, OutputBuffer
 from dovetail.models.collectives import shm_collective_bytes
 from dovetail.placement import Plan
-from dovetail.protocol.channel import Channel, ipc_address
+from dovetail.protocol.channel import Channel, PeerUnavailable, ipc_address
 from dovetail.protocol.messages import (Accepted, ArrayRef, EndRequest, ErrorReport, Predraft, ProposeBatch, ProposeTree,
                                         Shutdown, StartRequest, TreeProposal, VerifyBatch, VerifyTree)
 from dovetail.protocol.shm import ShmArena, remove_orphaned_segments
@@ -47,6 +47,7 @@ from dovetail.protocol.shm import ShmArena, remove_orphaned_segments
 log = logging.getLogger("dovetail.coordinator")
 
 PING_EVERY_S = 1.0  # how long a reply may be silent before the coordinator checks the workers are alive
+SEND_TIMEOUT_MS = int(PING_EVERY_S * 1000)  # a send not taken by then: check the worker is alive
 CANCEL_MEMORY_S = 600.0  # how long a cancellation for a request not (yet) seen here is remembered
 
 
@@ -158,7 +159,7 @@ class Coordinator:
         self.shards: list[_Inbox] = []
         for shard in plan.shards:
             address = ipc_address(self.run_dir, f"shard{shard.rank}-{gen}")
-            channel = Channel(address, bind=True)
+            channel = Channel(address, bind=True, send_timeout_ms=SEND_TIMEOUT_MS)
             actor = ray.remote(TargetShard).options(num_cpus=0, max_restarts=0, **env).remote(
                 spec.target_dir, shard.rank, len(plan.shards), shard.cpus, shard.numa_node, group, address,
                 spec.target_kernel, spec.collective, spec.feature_drafter)
@@ -166,7 +167,7 @@ class Coordinator:
         self.draft: _Inbox | None = None
         if plan.draft is not None and spec.draft_dir is not None:
             address = ipc_address(self.run_dir, f"draft-{gen}")
-            channel = Channel(address, bind=True)
+            channel = Channel(address, bind=True, send_timeout_ms=SEND_TIMEOUT_MS)
             d = plan.draft
             actor = ray.remote(DraftWorker).options(num_cpus=0, num_gpus=spec.gpu_share if d.device == "cuda" else 0,
                                                      max_restarts=0, **env).remote(
@@ -186,7 +187,10 @@ class Coordinator:
     def _stop_workers(self, graceful: bool) -> None:
         if graceful:
             for box in self._inboxes():
-                box.channel.send(Shutdown("coordinator stopping"))
+                try:
+                    box.channel.send(Shutdown("coordinator stopping"))
+                except PeerUnavailable:
+                    pass  # gone already: killed below anyway
             time.sleep(0.3)  # let the loops close their arenas
         for box in self._inboxes():
             box.channel.close()
@@ -231,6 +235,14 @@ class Coordinator:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     # -- messaging ---------------------------------------------------------------------------
+    def _send(self, box: _Inbox, msg) -> None:
+        """Send to a worker; raise ``WorkerFailure`` when any worker has died instead of blocking."""
+        while True:
+            try:
+                return box.channel.send(msg)
+            except PeerUnavailable:
+                self._check_alive()  # alive but slow to take it: try again
+
     def _recv(self, box: _Inbox, kind: type, request_id: str, step: int):
         """Wait for ``box``'s reply of type ``kind`` for this step; raise ``WorkerFailure`` on an
         error report from any worker, or when a worker has died."""
@@ -288,7 +300,7 @@ class Coordinator:
                 while chunks:
                     yield chunks.pop(0)
             for box in self._inboxes():
-                box.channel.send(EndRequest(request_id))
+                self._send(box, EndRequest(request_id))
             yield {"stats": stats, "cancelled": self._cancelled.pop(request_id, None) is not None}
         except WorkerFailure as exc:
             yield {"error": self._recover(exc, [request_id])}
@@ -314,7 +326,7 @@ class Coordinator:
         stats.pipelined = pipeline
         start = StartRequest(rid, self.arena.put(np.asarray(prompt_ids, dtype=np.int32)), sampling)
         for box in self.shards + ([draft] if draft else []):
-            box.channel.send(start)
+            self._send(box, start)
         first = self._recv(self.shards[0], Accepted, rid, 0)
         stats.prefill_s = time.perf_counter() - t0
         done = out.add(first.tokens)
@@ -327,9 +339,9 @@ class Coordinator:
                           else VerifyTree(rid, step, *self._root_only(new_tokens[-1])))
             t_send = time.perf_counter()
             for box in self.shards:
-                box.channel.send(verify_msg)
+                self._send(box, verify_msg)
             if pipeline:
-                draft.channel.send(Predraft(rid, step + 1, settled))
+                self._send(draft, Predraft(rid, step + 1, settled))
             acc = self._recv(self.shards[0], Accepted, rid, step)
             t_acc = time.perf_counter()
             stats.verify_wait_s += t_acc - t_send
@@ -402,7 +414,7 @@ class Coordinator:
             request.out = OutputBuffer(request.max_new_tokens, self.eos, request.items.put)
             prompt = self.arena.put(np.asarray(request.prompt_ids, dtype=np.int32))
             for box in self.shards + ([self.draft] if self._drafts(request) else []):
-                box.channel.send(StartRequest(request.rid, prompt, request.sampling))
+                self._send(box, StartRequest(request.rid, prompt, request.sampling))
             first = self._recv(self.shards[0], Accepted, request.rid, 0)
             request.stats.prefill_s = time.perf_counter() - request.t0
             request.new_tokens = first.tokens
@@ -422,7 +434,7 @@ class Coordinator:
         t = time.perf_counter()
         drafting = [r for r in active if self._drafts(r)]
         if drafting:  # their trees grow together: one draft forward per level
-            self.draft.channel.send(ProposeBatch([r.rid for r in drafting], [step[r.rid] for r in drafting],
+            self._send(self.draft, ProposeBatch([r.rid for r in drafting], [step[r.rid] for r in drafting],
                                                  [r.new_tokens for r in drafting]))
         trees = []
         for request in active:
@@ -439,7 +451,7 @@ class Coordinator:
         batch = VerifyBatch([r.rid for r in active], [step[r.rid] for r in active], [tk for tk, _ in trees],
                             [pa for _, pa in trees])
         for box in self.shards:
-            box.channel.send(batch)
+            self._send(box, batch)
         for request in list(active):
             acc = self._recv(self.shards[0], Accepted, request.rid, step[request.rid])
             stats = request.stats
@@ -453,21 +465,23 @@ class Coordinator:
                 self._finish(request, active)
 
     def _finish(self, request, active: list, cancelled: bool = False) -> None:
-        """A request is done (or cancelled): free its state in every worker, send its stats."""
-        if request in active:
+        """A request is done (or cancelled): send its stats, free its state in every worker."""
+        was_active = request in active
+        if was_active:
             active.remove(request)
-            for box in self._inboxes():
-                box.channel.send(EndRequest(request.rid))
         stats = request.stats
         stats.new_tokens = len(request.out.tokens) if request.out else 0
         stats.total_s = time.perf_counter() - request.t0 if request.t0 else 0.0
         cancelled = cancelled or self._cancelled.pop(request.rid, None) is not None
-        request.items.put({"stats": stats, "cancelled": cancelled})
+        request.items.put({"stats": stats, "cancelled": cancelled})  # first: a dead worker below fails only the others
+        if was_active:
+            for box in self._inboxes():
+                self._send(box, EndRequest(request.rid))
 
     def _propose(self, draft: _Inbox, rid: str, step: int, new_tokens: list[int], features: ArrayRef | None,
                  stats: ActorStats) -> TreeProposal:
         t = time.perf_counter()
-        draft.channel.send(ProposeTree(rid, step, new_tokens, features))
+        self._send(draft, ProposeTree(rid, step, new_tokens, features))
         tree = self._recv(draft, TreeProposal, rid, step)
         wait = time.perf_counter() - t
         stats.draft_wait_s += wait
