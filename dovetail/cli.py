@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "where generate/bench/serve look for it)")
     train.add_argument("--layers", type=_positive_int, default=1, help="decoder layers after the fusion")
     train.add_argument("--fusion", choices=("dgf", "fc"), default="dgf", help="dgf (paper) or fc (EAGLE ablation)")
+    train.add_argument("--init", choices=("random", "target"), default="random",
+                       help="random, or start the decoder layers as copies of the target's last ones")
     train.add_argument("--draft-vocab", type=int, default=0,
                        help="keep only the N most frequent target tokens in the draft head (0: full vocabulary)")
     train.add_argument("--tokens", type=_positive_int, default=TRAIN_TOKENS,
@@ -185,7 +187,7 @@ def cmd_train_draft(args) -> int:
         raise UserError(f"--lr must be in (0, 1), got {args.lr}")
     if args.answer_tokens < 0:
         raise UserError(f"--answer-tokens must be >= 0, got {args.answer_tokens}")
-    spec = DrafterSpec(layers=args.layers, fusion=args.fusion, draft_vocab=args.draft_vocab)
+    spec = DrafterSpec(layers=args.layers, fusion=args.fusion, draft_vocab=args.draft_vocab, init=args.init)
     settings = TrainSettings(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                              eval_every=args.eval_every)
     target_dir = resolve_model(args.target)

@@ -8,7 +8,7 @@ import torch
 from dovetail.engine import SpeculativeEngine
 from dovetail.errors import UserError
 from dovetail.models.cached_lm import CachedLM
-from dovetail.models.dgf import DrafterSpec, FeatureDrafter, load_drafter
+from dovetail.models.dgf import DrafterSpec, FeatureDrafter, build_drafter, load_drafter
 from dovetail.models.feature_draft import FeatureDraftProposer
 from dovetail.models.target import TargetVerifier
 from dovetail.models.tree import TreeShape
@@ -94,9 +94,26 @@ def test_dgf_shapes_and_gate(target):
 
 
 def test_bad_spec_is_refused():
-    for bad in (dict(layers=0), dict(fusion="concat"), dict(draft_vocab=-1)):
+    for bad in (dict(layers=0), dict(fusion="concat"), dict(draft_vocab=-1), dict(init="zeros")):
         with pytest.raises(UserError):
             DrafterSpec(**bad)
+
+
+def test_init_from_the_targets_last_layers(target, tmp_path):
+    """``init="target"``: the drafter's layers start as the target's last ones (the first without
+    its input norm); the default init does not copy them."""
+    target.save_pretrained(tmp_path)
+    copied = build_drafter(tmp_path, DrafterSpec(layers=2, init="target"))
+    for j, source in enumerate(target.model.layers):  # the tiny target has 2 layers: all copied
+        mine, theirs = copied.body.layers[j].state_dict(), source.state_dict()
+        expected = {k for k in theirs if not (j == 0 and k.startswith("input_layernorm"))}
+        assert set(mine) == expected
+        for key in expected:
+            torch.testing.assert_close(mine[key], theirs[key], msg=key)
+    last = build_drafter(tmp_path, DrafterSpec(layers=1, init="target")).body.layers[0]
+    torch.testing.assert_close(last.mlp.down_proj.weight, target.model.layers[1].mlp.down_proj.weight)
+    fresh = build_drafter(tmp_path, DrafterSpec(layers=1)).body.layers[0]
+    assert not torch.equal(fresh.mlp.down_proj.weight, target.model.layers[1].mlp.down_proj.weight)
 
 
 def test_reduced_vocabulary_maps_back_to_target_ids(target):

@@ -32,6 +32,7 @@ from transformers import AutoConfig, AutoModel
 from dovetail.errors import UserError
 
 FUSIONS = ("dgf", "fc")
+INITS = ("random", "target")
 SPEC_FILE, WEIGHTS_FILE, COUNTS_FILE = "drafter.json", "drafter.safetensors", "token_counts.npy"
 
 
@@ -40,6 +41,7 @@ class DrafterSpec:
     layers: int = 1
     fusion: str = "dgf"
     draft_vocab: int = 0  # 0: the target's full vocabulary; N: the corpus's N most frequent tokens
+    init: str = "random"  # "target": the decoder layers start as copies of the target's last ones
 
     def __post_init__(self):
         if self.layers < 1:
@@ -48,6 +50,8 @@ class DrafterSpec:
             raise UserError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if self.draft_vocab < 0:
             raise UserError(f"draft_vocab must be >= 0, got {self.draft_vocab}")
+        if self.init not in INITS:
+            raise UserError(f"init must be one of {INITS}, got {self.init!r}")
 
 
 @dataclass
@@ -169,15 +173,11 @@ def _body_config(target_config, layers: int):
     return config
 
 
-def frozen_target_tensors(target_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """The target's embedding and LM head (the embedding again when they are tied), fp32."""
+def read_target_tensors(target_dir: str | Path, names: list[str]) -> list[torch.Tensor]:
+    """Named tensors of the target's checkpoint, fp32, read without loading the model."""
     from dovetail.models.tp import SliceReader, _weight_files
 
-    config = AutoConfig.from_pretrained(target_dir)
     files = _weight_files(Path(target_dir))
-    names = ["model.embed_tokens.weight"]
-    if "lm_head.weight" in files and not getattr(config, "tie_word_embeddings", False):
-        names.append("lm_head.weight")
     tensors = []
     for name in names:
         reader = SliceReader(files[name])
@@ -185,7 +185,33 @@ def frozen_target_tensors(target_dir: str | Path) -> tuple[torch.Tensor, torch.T
             tensors.append(reader.read(name).to(torch.float32))
         finally:
             reader.close()
+    return tensors
+
+
+def frozen_target_tensors(target_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's embedding and LM head (the embedding again when they are tied), fp32."""
+    from dovetail.models.tp import _weight_files
+
+    config = AutoConfig.from_pretrained(target_dir)
+    names = ["model.embed_tokens.weight"]
+    if "lm_head.weight" in _weight_files(Path(target_dir)) and not getattr(config, "tie_word_embeddings", False):
+        names.append("lm_head.weight")
+    tensors = read_target_tensors(target_dir, names)
     return tensors[0], tensors[-1]
+
+
+def copy_target_layers(model: FeatureDrafter, target_dir: str | Path) -> None:
+    """``init="target"``: start the drafter's N decoder layers as the target's last N (the first
+    one's input norm excepted, which the drafter does not have)."""
+    first = model.target_config.num_hidden_layers - model.spec.layers
+    params = {k: v for k, v in model.body.state_dict().items() if k.startswith("layers.")}
+    names = []
+    for key in params:  # "layers.0.self_attn.q_proj.weight" -> "model.layers.{first}.self_attn.q_proj.weight"
+        _, j, rest = key.split(".", 2)
+        names.append(f"model.layers.{first + int(j)}.{rest}")
+    with torch.no_grad():
+        for param, tensor in zip(params.values(), read_target_tensors(target_dir, names)):
+            param.copy_(tensor)
 
 
 def shared_frozen_tensors(target_model) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,7 +238,10 @@ def build_drafter(target_dir: str | Path, spec: DrafterSpec, vocab_ids=None, see
     config = AutoConfig.from_pretrained(target_dir)
     embed, head = frozen if frozen is not None else frozen_target_tensors(target_dir)
     torch.manual_seed(seed)
-    return FeatureDrafter(config, spec, embed, head, vocab_ids)
+    model = FeatureDrafter(config, spec, embed, head, vocab_ids)
+    if spec.init == "target":
+        copy_target_layers(model, target_dir)
+    return model
 
 
 def load_drafter(drafter_dir: str | Path, target_dir: str | Path,
