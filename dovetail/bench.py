@@ -254,7 +254,8 @@ def _run_drafters(args, dt, engine, run_dovetail, report) -> None:
         spec, meta = read_spec(path)
         for n, vocab in enumerate(int(v) for v in args.drafter_vocabs.split(";") if v):
             label = (f"{spec.fusion},L{spec.layers},{args.draft_precision}"
-                     + (f",V{vocab or spec.draft_vocab}" if vocab or spec.draft_vocab else ""))
+                     + (f",V{vocab or spec.draft_vocab}" if vocab or spec.draft_vocab else "")
+                     + (f",init={spec.init}" if spec.init != "random" else ""))
             report["drafters"][label] = {"path": str(path), **{k: meta.get(k) for k in (
                 "corpus", "train_tokens", "train_seconds", "dump_seconds", "held_out_acc1", "held_out_acc2",
                 "held_out_acc3", "held_out_chain_tau")}, "curve": _training_curve(path)}
