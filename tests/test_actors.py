@@ -5,13 +5,12 @@ One Ray instance serves the module; each engine is a coordinator + draft + shard
 
 import os
 import signal
-import time
 
 import pytest
 import ray
 import torch
 
-from dovetail.actors.system import ActorEngine
+from dovetail.actors.system import ActorEngine, _wait_for_exit
 from dovetail.config import EngineConfig
 from dovetail.errors import EngineError
 from dovetail.models.verification import SamplingParams
@@ -109,7 +108,7 @@ def test_killed_worker_fails_the_request_then_recovers(ray_session, qwen_pair, v
 
         if when == "between-requests":
             kill_once()
-            _wait_gone(pid)
+            _wait_for_exit([pid], timeout_s=10)
         with pytest.raises(EngineError, match=f"{victim}.*restarted"):
             engine.generate([5, 6, 7], 400, on_tokens=kill_once)  # mid-request: killed at the first token
         assert not [s for s in _segments() if s.startswith(f"{PREFIX}{pid}_")], "the dead worker's segment leaked"
@@ -118,12 +117,6 @@ def test_killed_worker_fails_the_request_then_recovers(ray_session, qwen_pair, v
     finally:
         engine.shutdown()
     assert _segments() <= ray_session
-
-
-def _wait_gone(pid: int, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def test_feature_drafter_through_the_protocol(ray_session, tmp_path):

@@ -17,8 +17,9 @@ together (one draft forward per tree level, each request against its own KV cach
 once for all the requests. Requests join as others finish. No betting in this mode.
 
 Failures: an ``ErrorReport`` from a worker, or a worker that stops answering pings or taking
-messages (a dead peer's zmq PAIR socket would block a send forever), fails the request with a clear error; the coordinator then kills and restarts every worker (a shard group
-cannot lose a member: gloo collectives would hang), so the next request runs on a fresh group.
+messages (a dead peer's zmq PAIR socket would block a send forever), fails the request with a
+clear error; the coordinator then kills and restarts every worker (a shard group cannot lose a
+member: gloo collectives would hang), so the next request runs on a fresh group.
 """
 
 from __future__ import annotations

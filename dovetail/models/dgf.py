@@ -173,19 +173,21 @@ def _body_config(target_config, layers: int):
     return config
 
 
-def read_target_tensors(target_dir: str | Path, names: list[str]) -> list[torch.Tensor]:
-    """Named tensors of the target's checkpoint, fp32, read without loading the model."""
+def read_target_tensors(target_dir: str | Path, names: list[str], files: dict | None = None) -> list[torch.Tensor]:
+    """Named tensors of the target's checkpoint, fp32, read without loading the model (each
+    safetensors file opened once; ``files``: its name -> file map, when the caller has it)."""
     from dovetail.models.tp import SliceReader, _weight_files
 
-    files = _weight_files(Path(target_dir))
-    tensors = []
-    for name in names:
-        reader = SliceReader(files[name])
+    files = files or _weight_files(Path(target_dir))
+    tensors = {}
+    for path in dict.fromkeys(files[name] for name in names):
+        reader = SliceReader(path)
         try:
-            tensors.append(reader.read(name).to(torch.float32))
+            for name in (n for n in names if files[n] == path):
+                tensors[name] = reader.read(name).to(torch.float32)
         finally:
             reader.close()
-    return tensors
+    return [tensors[name] for name in names]
 
 
 def frozen_target_tensors(target_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,10 +195,11 @@ def frozen_target_tensors(target_dir: str | Path) -> tuple[torch.Tensor, torch.T
     from dovetail.models.tp import _weight_files
 
     config = AutoConfig.from_pretrained(target_dir)
+    files = _weight_files(Path(target_dir))
     names = ["model.embed_tokens.weight"]
-    if "lm_head.weight" in _weight_files(Path(target_dir)) and not getattr(config, "tie_word_embeddings", False):
+    if "lm_head.weight" in files and not getattr(config, "tie_word_embeddings", False):
         names.append("lm_head.weight")
-    tensors = read_target_tensors(target_dir, names)
+    tensors = read_target_tensors(target_dir, names, files)
     return tensors[0], tensors[-1]
 
 

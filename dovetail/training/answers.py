@@ -8,9 +8,9 @@ nothing with HumanEval, the evaluation set.
 
 Answers are the target's own greedy decoding, ``BATCH`` requests at a time in one padded batch
 (plain batched decoding: 32-row GEMMs run near a CPU's peak; 21 tok/s on a 2-core Xeon VM, where
-the speculative engine with 4 requests batched had made 8.6 tok/s on another VM), appended to a JSON-lines file, one per request,
-so an interrupted run resumes where it stopped and the same seed asks the same requests in the
-same order. The feature dump checks every answer token against the target's own argmax.
+the speculative engine with 4 requests batched had made 8.6 tok/s on another VM), appended to a
+JSON-lines file, one per request, so an interrupted run resumes where it stopped and the same seed
+asks the same requests in the same order. The feature dump checks every answer token against the target's own argmax.
 """
 
 from __future__ import annotations
