@@ -178,11 +178,16 @@ def test_batched_requests_are_exact_and_free_their_caches(ray_session, qwen_pair
         for i, prompt in enumerate(prompts):
             assert results[i].token_ids == hf_greedy(target, prompt, 40, eos=EOS), i
         assert results[4].stats.mean_accepted == 1.0 and results[0].stats.mean_accepted > 1.0
-        stream = engine.submit([5, 6, 7], 400, request_id="to-cancel")
+        # a prompt whose greedy answer runs 220 tokens before EOS ([5, 6, 7] ended after 3: the
+        # request could finish before the cancel arrived, and the test was flaky)
+        long_prompt = [9, 8, 7, 6]
+        full = len(hf_greedy(target, long_prompt, 400, eos=EOS))
+        assert full > 100
+        stream = engine.submit(long_prompt, 400, request_id="to-cancel")
         first = ray.get(next(stream))
         engine.cancel("to-cancel")
         final = [ray.get(ref) for ref in stream][-1]
-        assert first and final["cancelled"] and final["stats"].new_tokens < 400
+        assert first and final["cancelled"] and final["stats"].new_tokens < full
         workers = ray.get(engine.coordinator.info.remote(refresh=True))["workers"]
         assert all(w["live_requests"] == 0 for w in workers.values()), workers
     finally:
