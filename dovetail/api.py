@@ -22,9 +22,9 @@ from dovetail.models.cached_lm import CachedLM
 from dovetail.models.dgf import is_drafter_dir, load_drafter, shared_frozen_tensors
 from dovetail.models.draft import DraftProposer
 from dovetail.models.feature_draft import FeatureDraftProposer
-from dovetail.models.loading import (draft_vocab_limit, encode_chat, eos_token_ids, eos_token_ids_from_config,
-                                     load_causal_lm,
-                                     load_tokenizer)
+from dovetail.models.loading import (FLOAT_DEFAULT, draft_vocab_limit, encode_chat, eos_token_ids,
+                                     eos_token_ids_from_config, load_causal_lm, load_tokenizer)
+from dovetail.models.quantized import gguf_formats, resolve_precision
 from dovetail.models.target import TargetVerifier
 from dovetail.models.verification import SamplingParams
 from dovetail.store import ModelStore, resolve_draft, resolve_model
@@ -44,6 +44,9 @@ class Dovetail:
         self.target_dir = resolve_model(self.config.target, store)
         self.draft_dir = resolve_draft(self.config.draft, self.config.target, store) if self.config.draft else None
         self.feature_drafter = self.draft_dir is not None and is_drafter_dir(self.draft_dir)
+        self.target_precision = resolve_precision(self.config.target_precision, self.target_dir, FLOAT_DEFAULT["target"])
+        self.draft_precision = (resolve_precision(self.config.draft_precision, self.draft_dir, FLOAT_DEFAULT["draft"])
+                                if self.draft_dir is not None and not self.feature_drafter else self.config.draft_precision)
         self.tokenizer = load_tokenizer(self.target_dir)
         self.target_config = AutoConfig.from_pretrained(self.target_dir)
         self.eos_token_ids = eos_token_ids_from_config(self.target_dir, self.tokenizer)
@@ -68,14 +71,16 @@ class Dovetail:
         cfg = self.config
         torch.set_num_threads(cfg.threads)
         t0 = time.perf_counter()
-        target_model = load_causal_lm(self.target_dir, linear_kernel=cfg.target_kernel)
+        target_model = load_causal_lm(self.target_dir, linear_kernel=cfg.target_kernel,
+                                      precision=self.target_precision)
         draft = None
         if self.feature_drafter:
-            drafter = load_drafter(self.draft_dir, self.target_dir, frozen=shared_frozen_tensors(target_model),
+            frozen = shared_frozen_tensors(target_model) if self.target_precision == "fp32" else None
+            drafter = load_drafter(self.draft_dir, self.target_dir, frozen=frozen,
                                    draft_vocab=cfg.draft_vocab, precision=cfg.draft_precision)
             draft = FeatureDraftProposer(CachedLM(drafter), cfg.tree)
         elif self.draft_dir is not None:
-            draft_model = load_causal_lm(self.draft_dir, precision=cfg.draft_precision)
+            draft_model = load_causal_lm(self.draft_dir, precision=self.draft_precision, role="draft")
             limit = draft_vocab_limit(self.tokenizer, load_tokenizer(self.draft_dir),
                                       target_model.config.vocab_size, draft_model.config.vocab_size)
             draft = DraftProposer(CachedLM(draft_model), cfg.tree, vocab_limit=limit)
@@ -83,7 +88,7 @@ class Dovetail:
         self._engine = SpeculativeEngine(target, draft,
                                          eos_token_ids(target_model, self.tokenizer))
         self._engine.generate([0, 1], 2)  # warm up kernels and allocations before the first request
-        self._say(f"target {cfg.target} (fp32, {cfg.target_kernel} linears); "
+        self._say(f"target {cfg.target} ({self.precision_label('target')}); "
                   + (f"draft {self.draft_label}, tree {cfg.tree}; " if draft else "no draft (target-only decoding); ")
                   + f"{cfg.threads} threads; loaded in {time.perf_counter() - t0:.1f}s")
         return self
@@ -100,7 +105,7 @@ class Dovetail:
                                       self.target_config.vocab_size, draft_config.vocab_size)
         self._engine = ActorEngine(self.target_dir, self.draft_dir, cfg, eos, self.context_length, limit, self._say)
         self._say(f"actor engine up in {time.perf_counter() - t0:.1f}s: target {cfg.target} "
-                  f"({len(self._engine.plan.shards)} shard(s)), "
+                  f"({self.precision_label('target')}, {len(self._engine.plan.shards)} shard(s)), "
                   + (f"draft {self.draft_label}, tree {cfg.tree}, pipelining "
                      + ("off (the feature drafter does not bet)" if self.feature_drafter else
                         "on" if self._engine.pipeline else
@@ -126,16 +131,28 @@ class Dovetail:
         """Which draft proposes: the Dovetail feature drafter (and its folder) or a draft model."""
         if self.feature_drafter:
             vocab = f", head cut to {self.config.draft_vocab} tokens" if self.config.draft_vocab else ""
-            return f"Dovetail drafter {self.draft_dir} ({self.config.draft_precision}{vocab})"
-        return f"{self.config.draft} ({self.config.draft_precision})"
+            precision = "fp32" if self.config.draft_precision == "fp32" else "int8"
+            return f"Dovetail drafter {self.draft_dir} ({precision}{vocab})"
+        return f"{self.config.draft} ({self.precision_label('draft')})"
+
+    def precision_label(self, role: str) -> str:
+        """What runs, in words: ``native GGUF (Q4_K, Q6_K), avx512-vnni kernels`` or ``fp32, mm linears``."""
+        precision = getattr(self, f"{role}_precision")
+        if precision == "fp32":
+            return "fp32, " + (f"{self.config.target_kernel} linears" if role == "target" else "dense")
+        from dovetail.kernels import best_isa_name
+
+        if precision == "native":
+            return f"native GGUF ({', '.join(gguf_formats(getattr(self, f'{role}_dir')))}), {best_isa_name()} kernels"
+        return f"{precision} quantized on load, {best_isa_name()} kernels"
 
     @property
     def context_length(self) -> int:
         return int(getattr(self.target_config, "max_position_embeddings", 1 << 30))
 
-    def check_request(self, prompt_ids: list[int], max_new_tokens: int) -> None:
+    def check_request(self, prompt_ids: list[int], max_new_tokens: int | None) -> None:
         """Refuse a request before any model work (the engine checks again)."""
-        if max_new_tokens < 1:
+        if max_new_tokens is not None and max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if len(prompt_ids) >= self.context_length:
             raise UserError(f"the prompt has {len(prompt_ids)} tokens; the target's context is {self.context_length}")
@@ -149,12 +166,15 @@ class Dovetail:
             return encode_chat(self.tokenizer, prompt)
         return self.tokenizer.encode(prompt)
 
-    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 128,
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int | None = None,
                      params: SamplingParams = SamplingParams(), speculate: bool = True,
                      on_tokens=None) -> GenerationResult:
+        """``max_new_tokens=None``: until an EOS token or the end of the context."""
+        if max_new_tokens is None:
+            max_new_tokens = max(1, self.context_length - len(prompt_ids))
         return self.engine.generate(prompt_ids, max_new_tokens, params, speculate=speculate, on_tokens=on_tokens)
 
-    def generate(self, prompt: str, max_new_tokens: int = 128, params: SamplingParams = SamplingParams(),
+    def generate(self, prompt: str, max_new_tokens: int | None = None, params: SamplingParams = SamplingParams(),
                  chat: bool = False, speculate: bool = True, on_tokens=None) -> dict:
         """The CLI's ``--json`` object: text, token ids, prompt ids and statistics."""
         prompt_ids = self.encode(prompt, chat)

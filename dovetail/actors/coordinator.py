@@ -65,7 +65,7 @@ class WorkerSpec:
     draft_dir: str | None
     tree: str
     target_kernel: str = "mm"
-    draft_precision: str = "int8"
+    draft_precision: str = "auto"
     vocab_limit: int | None = None
     run_dir: str = "/tmp/dovetail-run"
     collective: str = "shm"  # how shards all-reduce: "shm" (shared memory) or "gloo"
@@ -73,6 +73,7 @@ class WorkerSpec:
     draft_vocab: int = 0
     gpu_share: float = 1.0  # of the GPU the draft asks Ray for (serving replicas share one GPU)
     max_batch: int = 1  # > 1: up to this many requests decode together, their trees verified in one forward
+    target_precision: str = "auto"
 
 
 @dataclass
@@ -163,7 +164,7 @@ class Coordinator:
             channel = Channel(address, bind=True, send_timeout_ms=SEND_TIMEOUT_MS)
             actor = ray.remote(TargetShard).options(num_cpus=0, max_restarts=0, **env).remote(
                 spec.target_dir, shard.rank, len(plan.shards), shard.cpus, shard.numa_node, group, address,
-                spec.target_kernel, spec.collective, spec.feature_drafter)
+                spec.target_kernel, spec.collective, spec.feature_drafter, spec.target_precision)
             self.shards.append(_Inbox(f"target shard {shard.rank}", channel, actor))
         self.draft: _Inbox | None = None
         if plan.draft is not None and spec.draft_dir is not None:

@@ -30,17 +30,17 @@ class DraftWorker(ChannelWorker):
     handlers = {StartRequest: "start", ProposeTree: "propose", ProposeBatch: "propose_batch", Predraft: "predraft"}
 
     def __init__(self, model_dir: str, tree: str, device: str, cpus: tuple[int, ...], address: str,
-                 precision: str = "int8", vocab_limit: int | None = None, target_dir: str | None = None,
+                 precision: str = "auto", vocab_limit: int | None = None, target_dir: str | None = None,
                  draft_vocab: int = 0):
         """``target_dir``: the target a feature drafter (``model_dir`` a drafter folder) belongs to."""
         self.placement = "cuda" if device == "cuda" else pin_to(cpus, None)
         feature_drafter = is_drafter_dir(model_dir)
-        precision = "fp32" if device == "cuda" else precision  # a GPU gets bf16 below, not int8
+        precision = "fp32" if device == "cuda" else precision  # a GPU gets bf16 below: the kernels are CPU ones
         with lean_loading():
             if feature_drafter:
                 model = load_drafter(model_dir, target_dir, draft_vocab=draft_vocab, precision=precision)
             else:
-                model = load_causal_lm(model_dir, precision=precision)
+                model = load_causal_lm(model_dir, precision=precision, role="draft")
         if device == "cuda":
             model = model.to("cuda", torch.bfloat16)
         shape = TreeShape.parse(tree)

@@ -22,9 +22,11 @@ from dovetail.engine import GenerationResult, validate_request
 from dovetail.errors import EngineError
 from dovetail.models.verification import SamplingParams
 from dovetail.models.dgf import is_drafter_dir
+from dovetail.models.loading import FLOAT_DEFAULT
+from dovetail.models.quantized import resolve_precision
 from dovetail.placement import Plan, drafter_bytes, make_plan, model_bytes
 from dovetail.protocol.shm import remove_orphaned_segments
-from dovetail.store import dovetail_home
+from dovetail.store import dovetail_home, float_weights
 from dovetail.topology import Topology, detect, parse_sockets
 
 log = logging.getLogger("dovetail")
@@ -64,24 +66,31 @@ class ActorEngine:
         self.config, self.context_length = config, context_length
         topology = resolve_topology(config.sockets, config.partition)
         feature_drafter = bool(draft_dir) and is_drafter_dir(draft_dir)
-        draft_bytes = model_bytes(draft_dir) if draft_dir else None
+        self.target_precision = resolve_precision(config.target_precision, target_dir, FLOAT_DEFAULT["target"])
+        self.draft_precision = config.draft_precision
+        draft_bytes = None
         if feature_drafter:  # its layers + the target's embedding and head
             draft_bytes = drafter_bytes(draft_dir, target_dir)
-        elif draft_bytes and config.draft_precision == "int8":
-            draft_bytes //= 2  # int8 linears, fp32 embedding: about half the fp32 size
+        elif draft_dir:
+            self.draft_precision = resolve_precision(config.draft_precision, draft_dir, FLOAT_DEFAULT["draft"])
+            draft_bytes = model_bytes(draft_dir, self.draft_precision)
         self.max_batch = 1 if feature_drafter else config.max_batch  # the feature drafter needs per-step features
-        self.plan: Plan = make_plan(topology, model_bytes(target_dir), draft_bytes, config.shards,
-                                    draft_cpus=config.draft_cpus)
+        self.plan: Plan = make_plan(topology, model_bytes(target_dir, self.target_precision), draft_bytes,
+                                    config.shards, draft_cpus=config.draft_cpus)
+        if self.target_precision != "native":  # float weights are made once, here, not by every shard
+            float_weights(target_dir)
+        if draft_dir and not feature_drafter and (self.draft_precision != "native" or self.plan.draft.device == "cuda"):
+            float_weights(draft_dir)
         say(self.plan.describe())
         # betting needs the draft and the target to run at once: not when they take turns on the same CPUs
         self.pipeline = config.pipeline and not (self.plan.draft and self.plan.draft.shares_cpus)
         self._owns_ray = start_ray(config.address, topology)
         self.run_dir = short_dir("run") / secrets.token_hex(4)
         spec = WorkerSpec(self.plan, str(target_dir), str(draft_dir) if draft_dir else None, str(config.tree),
-                          config.target_kernel, config.draft_precision, vocab_limit, str(self.run_dir),
+                          config.target_kernel, self.draft_precision, vocab_limit, str(self.run_dir),
                           config.collective, feature_drafter=feature_drafter,
                           draft_vocab=config.draft_vocab, gpu_share=1.0 / config.partition[1],
-                          max_batch=self.max_batch)
+                          max_batch=self.max_batch, target_precision=self.target_precision)
         # batch mode: one thread per request in the batch relays its tokens (+2 for shutdown, info)
         coordinator_actor = ray.remote(num_cpus=0, max_restarts=-1, concurrency_groups={"control": 1},
                                        max_concurrency=self.max_batch + 2 if self.max_batch > 1 else 1)(Coordinator)

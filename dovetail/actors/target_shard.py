@@ -28,14 +28,15 @@ class TargetShard(ChannelWorker):
     handlers = {StartRequest: "start", VerifyTree: "verify", VerifyBatch: "verify_batch"}
 
     def __init__(self, model_dir: str, rank: int, world_size: int, cpus: tuple[int, ...], numa_node: int | None,
-                 group: str, address: str, kernel: str = "mm", collective: str = "shm", features: bool = False):
+                 group: str, address: str, kernel: str = "mm", collective: str = "shm", features: bool = False,
+                 precision: str = "auto"):
         """``group``: the shared-memory segment (``collective="shm"``) or gloo's rendezvous file;
         ``features``: hand the committed positions' features to a feature drafter (rank 0 sends them)."""
         self.rank = rank
         self.memory_policy = pin_to(cpus, numa_node)  # before loading: first touch lands locally
         self.collective = _collective(collective, group, world_size, rank)
         with lean_loading():
-            self.model = load_shard(model_dir, self.collective, kernel)
+            self.model = load_shard(model_dir, self.collective, kernel, precision)
         self.keep_hidden = features
         self.verifiers: dict[str, TargetVerifier] = {}  # request id -> its KV cache and sampling state
         self._verifier("warm-up").start([0, 1], SamplingParams())  # every rank runs it: collectives pair up

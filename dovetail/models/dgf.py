@@ -239,7 +239,11 @@ def build_drafter(target_dir: str | Path, spec: DrafterSpec, vocab_ids=None, see
                   frozen: tuple[torch.Tensor, torch.Tensor] | None = None) -> FeatureDrafter:
     """A freshly initialised drafter for the target in ``target_dir`` (deterministic for a seed)."""
     config = AutoConfig.from_pretrained(target_dir)
-    embed, head = frozen if frozen is not None else frozen_target_tensors(target_dir)
+    if frozen is None:
+        from dovetail.store import float_weights
+
+        frozen = frozen_target_tensors(float_weights(target_dir))
+    embed, head = frozen
     torch.manual_seed(seed)
     model = FeatureDrafter(config, spec, embed, head, vocab_ids)
     if spec.init == "target":
@@ -269,14 +273,19 @@ def load_drafter(drafter_dir: str | Path, target_dir: str | Path,
     vocab_ids = tensors.pop("draft_vocab_ids", None)
     if draft_vocab and (vocab_ids is None or draft_vocab < len(vocab_ids)):
         vocab_ids = frequent_ids(drafter_dir, draft_vocab, vocab_ids)
-    embed, head = frozen if frozen is not None else frozen_target_tensors(target_dir)
+    if frozen is None:
+        from dovetail.store import float_weights
+
+        frozen = frozen_target_tensors(float_weights(target_dir))
+    embed, head = frozen
     model = FeatureDrafter(config, spec, embed, head, vocab_ids)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise UserError(f"drafter {drafter_dir} does not match its spec (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]})")
     model = model.eval().requires_grad_(False)
-    return model.quantize_int8() if precision == "int8" else model
+    # any precision but fp32 means the drafter's own int8 (its GGUF-free weights have no native form)
+    return model if precision == "fp32" else model.quantize_int8()
 
 
 def frequent_ids(drafter_dir: Path, size: int, within: torch.Tensor | None = None) -> torch.Tensor:

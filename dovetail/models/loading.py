@@ -1,8 +1,9 @@
-"""Loading HF model folders for the two roles, and checking that their tokenizers agree.
+"""Loading model folders for the two roles, and checking that their tokenizers agree.
 
-The target is loaded in fp32 (exactness; bf16 is slower on these CPUs) with the fast small-block
-linear kernel. The draft only has to propose good tokens, never exact ones (verification keeps
-the output lossless), so by default it is quantised to int8 dynamic linears: ~3x faster on CPU.
+A packaged model runs its GGUF blocks natively (``models/quantized.py``); a float HF folder runs
+in fp32 as the target (exactly HF's numbers, with the fast small-block linear kernel) and int8 as
+the draft, which only has to propose good tokens, never exact ones (verification keeps the
+output lossless). Every precision can be asked for explicitly (``PRECISIONS``).
 """
 
 from __future__ import annotations
@@ -15,26 +16,29 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from dovetail.errors import UserError
 from dovetail.models.fast_linear import accelerate_linears
+from dovetail.models.quantized import PRECISIONS, QUANTIZED, load_quantized, resolve_precision  # noqa: F401
 
-DRAFT_PRECISIONS = ("fp32", "int8")
+FLOAT_DEFAULT = {"target": "fp32", "draft": "int8"}  # what ``auto`` means for a float checkpoint
 
 
 def default_threads() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def load_causal_lm(path: str | Path, *, linear_kernel: str = "stock", precision: str = "fp32"):
-    """An fp32 HF causal LM in eval mode; ``precision="int8"`` quantises its linears dynamically."""
-    if precision not in DRAFT_PRECISIONS:
-        raise UserError(f"precision must be one of {DRAFT_PRECISIONS}, got {precision!r}")
+def load_causal_lm(path: str | Path, *, linear_kernel: str = "stock", precision: str = "fp32",
+                   role: str = "target"):
+    """A causal LM in eval mode at ``precision`` (see ``models/quantized.py``; ``auto``: native for a
+    GGUF folder, else ``FLOAT_DEFAULT[role]``). fp32 uses ``linear_kernel``."""
+    precision = resolve_precision(precision, path, FLOAT_DEFAULT[role])
+    if precision == "native":
+        return load_quantized(path, "native")
+    from dovetail.store import float_weights
+
+    path = float_weights(path)
+    if precision in QUANTIZED:
+        return load_quantized(path, precision)
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).eval()
-    if precision == "int8":
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
     return accelerate_linears(model, linear_kernel)
 
 

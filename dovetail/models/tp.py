@@ -121,11 +121,34 @@ class SliceReader:
         os.close(self.fd)
 
 
-def load_shard(path: str | Path, collective: Collective, linear_kernel: str = "mm") -> nn.Module:
-    """Build this rank's shard of the model in ``path``, reading only its slices."""
-    path = Path(path)
-    config = AutoConfig.from_pretrained(path)
+def load_shard(path: str | Path, collective: Collective, linear_kernel: str = "mm",
+               precision: str = "fp32") -> nn.Module:
+    """Build this rank's shard of the model in ``path`` at ``precision``, reading only its slices."""
+    from dovetail.models.loading import FLOAT_DEFAULT
+    from dovetail.models.quantized import load_quantized, resolve_precision
+    from dovetail.store import float_weights
+
     n, r = collective.world_size, collective.rank
+    precision = resolve_precision(precision, path, FLOAT_DEFAULT["target"])
+    if precision == "native":
+        model = load_quantized(path, precision, r, n)
+    elif precision in ("int8", "int4"):
+        model = load_quantized(float_weights(path), precision, r, n)
+    else:
+        model = _load_float_shard(float_weights(path), r, n, linear_kernel)
+    if n > 1:
+        vocab_lo = r * model.config.vocab_size // n
+        for layer in model.model.layers:
+            layer.self_attn.o_proj = _Reduced(layer.self_attn.o_proj, collective)
+            layer.mlp.down_proj = _Reduced(layer.mlp.down_proj, collective)
+        model.lm_head = _Gathered(model.lm_head, collective)
+        model.model.embed_tokens = _VocabParallelEmbedding(model.model.embed_tokens, vocab_lo, collective)
+    return model
+
+
+def _load_float_shard(path: Path, r: int, n: int, linear_kernel: str) -> nn.Module:
+    """Rank ``r``'s fp32 slices of the float checkpoint in ``path`` (no collectives yet)."""
+    config = AutoConfig.from_pretrained(path)
     check_shardable(config, n)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", config.num_attention_heads)
@@ -164,28 +187,21 @@ def load_shard(path: str | Path, collective: Collective, linear_kernel: str = "m
         reader.close()
     del state, loaded, readers
     model.eval()
-    accelerate_linears(model, linear_kernel)
-    if n > 1:
-        for layer in model.model.layers:
-            layer.self_attn.o_proj = _Reduced(layer.self_attn.o_proj, collective)
-            layer.mlp.down_proj = _Reduced(layer.mlp.down_proj, collective)
-        model.lm_head = _Gathered(model.lm_head, collective)
-        model.model.embed_tokens = _VocabParallelEmbedding(model.model.embed_tokens, r * span["vocab"], collective)
-    return model
+    return accelerate_linears(model, linear_kernel)
 
 
 class _VocabParallelEmbedding(nn.Module):
-    """This shard's rows of the embedding; ids outside them embed to zero; all-reduced."""
+    """This shard's rows of the embedding (dense or quantized); ids outside them embed to zero;
+    all-reduced. (An inference lookup ignores padding_idx, so the inner module can take any id.)"""
 
-    def __init__(self, inner: nn.Embedding, first_id: int, collective: Collective):
+    def __init__(self, inner: nn.Module, first_id: int, collective: Collective):
         super().__init__()
         self.inner, self.first_id, self.collective = inner, first_id, collective
-        self.weight = inner.weight  # HF code reads embed_tokens.weight (dtype, tying)
 
     def forward(self, ids):
         local = ids - self.first_id
-        outside = (local < 0) | (local >= self.inner.weight.shape[0])
-        out = nn.functional.embedding(local.masked_fill(outside, 0), self.weight)  # no padding_idx: it may lie outside
+        outside = (local < 0) | (local >= self.inner.num_embeddings)
+        out = self.inner(local.masked_fill(outside, 0))
         return self.collective.all_reduce(out.masked_fill(outside[..., None], 0.0))
 
 

@@ -38,7 +38,8 @@ class ServeConfig(BaseModel):
     target: str = DEFAULT_TARGET
     draft: str | None = AUTO_DRAFT  # None: target-only
     tree: str | None = None
-    draft_precision: str = "int8"
+    target_precision: str = "auto"  # native | int8 | int4 | fp32 (auto: native for packaged models)
+    draft_precision: str = "auto"
     draft_vocab: int = 0
     target_kernel: str = "mm"
     sockets: str | None = None
@@ -78,6 +79,7 @@ class ServeConfig(BaseModel):
 
     def engine_config(self, partition: tuple[int, int] = (0, 1)) -> EngineConfig:
         kwargs = dict(target=self.target, draft=self.draft, draft_precision=self.draft_precision,
+                      target_precision=self.target_precision,
                       draft_vocab=self.draft_vocab, target_kernel=self.target_kernel, engine="actors",
                       sockets=self.sockets, shards=self.shards, pipeline=self.pipeline, address=self.address,
                       collective=self.collective, draft_cpus=self.draft_cpus, partition=partition,

@@ -1,0 +1,87 @@
+"""Quantized CPU kernels: built from source on first use, chosen at run time by CPU features.
+
+``ops()`` compiles ``qlinear.cpp`` once per source version (cached under
+``$DOVETAIL_HOME/kernels``) and loads it. One binary carries every path -- portable scalar,
+AVX2 + FMA, AVX-512 VNNI -- each function compiled for its own instruction set, and the best
+one this CPU runs is picked when called (``best_isa``), so the cache can move between machines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+from dovetail.errors import UserError
+
+SOURCE = Path(__file__).with_name("qlinear.cpp")
+ISA_NAMES = {1: "scalar", 2: "avx2", 3: "avx512-vnni"}
+# -fopenmp: ATen's parallel_for is inline OpenMP, single-threaded without it. At run time the
+# libgomp that torch already loaded (same soname) serves it, so there is one thread pool.
+CFLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
+_lock = threading.Lock()
+_ops = None
+
+
+def _build_dir() -> Path:
+    from dovetail.store import dovetail_home
+
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS + LDFLAGS).encode()).hexdigest()[:12]
+    return dovetail_home() / "kernels" / f"qlinear-{digest}"
+
+
+def ops():
+    """The compiled extension (compiling it first if this source version has not been built)."""
+    global _ops
+    if _ops is not None:
+        return _ops
+    with _lock:
+        if _ops is None:
+            _ops = _load()
+    return _ops
+
+
+def _load():
+    from torch.utils import cpp_extension
+
+    build = _build_dir()
+    built = any(build.glob("*.so"))
+    if not built:
+        compiler = os.environ.get("CXX", "c++")
+        if shutil.which(compiler) is None:
+            raise UserError(f"no C++ compiler found ({compiler!r}): install g++ to build Dovetail's quantized kernels "
+                            "(or run with --target-precision fp32 --draft-precision fp32)")
+        if shutil.which("ninja") is None and not _ninja_from_pip():
+            raise UserError("the 'ninja' build tool is missing: pip install ninja")
+        print(f"[dovetail] compiling the quantized CPU kernels (once, about a minute) into {build}",
+              file=sys.stderr, flush=True)
+    build.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        module = cpp_extension.load(name="dovetail_qlinear", sources=[str(SOURCE)], build_directory=str(build),
+                                    extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, verbose=False)
+    except (RuntimeError, OSError, ImportError) as exc:
+        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"building the quantized kernels failed: {detail}") from None
+    if not built:
+        print(f"[dovetail] kernels built in {time.perf_counter() - t0:.0f}s "
+              f"(this CPU: {ISA_NAMES[module.best_isa()]})", file=sys.stderr, flush=True)
+    return module
+
+
+def _ninja_from_pip() -> bool:
+    """``pip install ninja`` puts the binary next to the interpreter, which may not be on PATH."""
+    candidate = Path(sys.executable).with_name("ninja")
+    if candidate.exists():
+        os.environ["PATH"] = f"{candidate.parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        return True
+    return False
+
+
+def best_isa_name() -> str:
+    return ISA_NAMES[ops().best_isa()]

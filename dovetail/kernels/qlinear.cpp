@@ -1,0 +1,531 @@
+// Quantized linear kernels for small blocks of rows (the verification lever on quantized weights).
+//
+// Every GGUF block format the engine runs is repacked (dovetail/kernels/packing.py) into one
+// layout, so one kernel serves them all:
+//   * tiles of 16 output rows; along K, units of 32 inputs;
+//   * one unit of one tile = 8 chunks of 64 bytes, chunk c holding inputs 4c..4c+3 of the 16
+//     rows as bytes [row * 4 + j] -- exactly the operand shape of a 512-bit dpbusd, or of two
+//     256-bit maddubs;
+//   * 4/5/6-bit values: 4 vectors of nibbles (low nibble = chunk v, high = chunk v + 4), then
+//     one 64-bit mask per chunk for each bit above the fourth; 8-bit values: 8 raw chunks (int8);
+//   * per group (16 or 32 inputs) a float scale S and offset M, computed from the format's own
+//     compact metadata (D, Dm per super-block; integer sub-scales sc, mins mn per group), so
+//     w = S * q + M reproduces the GGUF dequantisation exactly.
+// Activations are quantised per row to int8 in blocks of 32 (scale dx; sums of the quantised
+// values), so a group's contribution to output o of row m is
+//     S * dx * sum(q * xq)  +  M * dx * sum(xq),
+// an exact integer dot product followed by two fused multiply-adds in a fixed order. Each row's
+// result depends on that row alone: the same token gives bit-identical outputs whether it is
+// verified alone, in a tree or in a batch, and the scalar, AVX2 and AVX-512 paths agree exactly.
+// The weight unit is unpacked once and applied to every row of the block: the cost of a block of
+// rows grows far slower than the number of rows, which is what speculative verification needs.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+enum Mode { SYM_BLOCK = 0, SYM_K = 1, ASYM_K = 2, ASYM_BLOCK = 3 };
+
+struct Packed {
+  const uint8_t* q;
+  const float* D;
+  const float* Dm;
+  const int8_t* sc;
+  const int8_t* mn;
+  int64_t N, K, T, U, nsb, ngroups, qbytes;
+  int bits, gs, sb, mode;
+  float z;
+};
+
+// S and M of group h (0 .. 32/gs - 1) of unit u of tile t, for the 16 rows.
+inline void group_scales(const Packed& w, int64_t t, int64_t u, int h, float* S, float* M) {
+  const int64_t g = u * (32 / w.gs) + h;
+  const int64_t s = (u * 32 + h * w.gs) / w.sb;
+  const float* D = w.D + (t * w.nsb + s) * 16;
+  for (int o = 0; o < 16; ++o) {
+    float scale = D[o];
+    if (w.sc) scale = scale * (float)w.sc[(t * w.ngroups + g) * 16 + o];
+    S[o] = scale;
+    if (w.mode == ASYM_K) M[o] = -(w.Dm[(t * w.nsb + s) * 16 + o] * (float)w.mn[(t * w.ngroups + g) * 16 + o]);
+    else if (w.mode == ASYM_BLOCK) M[o] = w.Dm[(t * w.nsb + s) * 16 + o];
+    else M[o] = -w.z * scale;
+  }
+}
+
+// The 512 values of one unit, chunk-major (byte c * 64 + row * 4 + j); int8 for 8-bit formats.
+inline void unpack_unit(const Packed& w, int64_t t, int64_t u, uint8_t* out) {
+  const uint8_t* p = w.q + (t * w.U + u) * w.qbytes;
+  if (w.bits == 8) { std::memcpy(out, p, 512); return; }
+  for (int v = 0; v < 4; ++v)
+    for (int i = 0; i < 64; ++i) {
+      out[v * 64 + i] = p[v * 64 + i] & 15;
+      out[(v + 4) * 64 + i] = p[v * 64 + i] >> 4;
+    }
+  for (int pl = 0; pl < w.bits - 4; ++pl)
+    for (int c = 0; c < 8; ++c) {
+      uint64_t mask;
+      std::memcpy(&mask, p + 256 + pl * 64 + c * 8, 8);
+      for (int i = 0; i < 64; ++i)
+        if ((mask >> i) & 1) out[c * 64 + i] |= (uint8_t)(16 << pl);
+    }
+}
+
+// ---- one tile, rows [0, M): portable scalar path ---------------------------------------------
+void tile_scalar(const Packed& w, int64_t t, const int8_t* xq, const float* xs, int64_t M, float* acc) {
+  alignas(64) uint8_t vals[512];
+  float S[2][16], Mo[2][16];
+  const int halves = 32 / w.gs, chunks = w.gs / 4;
+  for (int64_t u = 0; u < w.U; ++u) {
+    unpack_unit(w, t, u, vals);
+    for (int h = 0; h < halves; ++h) group_scales(w, t, u, h, S[h], Mo[h]);
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* x = xq + m * w.K + u * 32;
+      const float* s = xs + (m * w.U + u) * 4;
+      for (int h = 0; h < halves; ++h) {
+        const float sx = halves == 1 ? s[1] : s[2 + h];
+        for (int o = 0; o < 16; ++o) {
+          int32_t isum = 0;
+          for (int c = h * chunks; c < (h + 1) * chunks; ++c)
+            for (int j = 0; j < 4; ++j) {
+              const int32_t q = w.bits == 8 ? (int32_t)(int8_t)vals[c * 64 + o * 4 + j] : (int32_t)vals[c * 64 + o * 4 + j];
+              isum += q * (int32_t)x[c * 4 + j];
+            }
+          float f = acc[m * 16 + o];
+          const float sd = S[h][o] * s[0];
+          f = std::fma((float)isum, sd, f);
+          f = std::fma(Mo[h][o], sx, f);
+          acc[m * 16 + o] = f;
+        }
+      }
+    }
+  }
+}
+
+// Vector S and M of group h of unit u (16 rows): the same arithmetic as group_scales, lane by lane.
+template <int MODE>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline void group_scales_512(const Packed& w, int64_t t, int64_t u, int h, __m512& S, __m512& M) {
+  const int64_t g = u * (32 / w.gs) + h;
+  const int64_t s = (u * 32 + h * w.gs) / w.sb;
+  S = _mm512_loadu_ps(w.D + (t * w.nsb + s) * 16);
+  if (MODE == SYM_K || MODE == ASYM_K)
+    S = _mm512_mul_ps(S, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w.sc + (t * w.ngroups + g) * 16)))));
+  if (MODE == ASYM_K) {
+    const __m512 mn = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w.mn + (t * w.ngroups + g) * 16))));
+    M = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(_mm512_loadu_ps(w.Dm + (t * w.nsb + s) * 16), mn));
+  } else if (MODE == ASYM_BLOCK) {
+    M = _mm512_loadu_ps(w.Dm + (t * w.nsb + s) * 16);
+  } else {
+    M = _mm512_mul_ps(_mm512_set1_ps(-w.z), S);
+  }
+}
+
+// ---- AVX2 + FMA: each 64-byte chunk is two 256-bit halves (rows 0-7, rows 8-15) ---------------
+template <int BITS, int GS, int MODE>
+__attribute__((target("avx2,fma")))
+void tile_avx2(const Packed& w, int64_t t, const int8_t* xq, const float* xs, int64_t M, float* acc) {
+  __m256i wv[8][2], wabs[8][2];
+  const __m256i low4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i bitsel = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+  alignas(32) float S[2][16], Mo[2][16];
+  constexpr int HALVES = 32 / GS, CHUNKS = GS / 4;
+  for (int64_t u = 0; u < w.U; ++u) {
+    const uint8_t* p = w.q + (t * w.U + u) * w.qbytes;
+    if (BITS == 8) {
+      for (int c = 0; c < 8; ++c)
+        for (int k = 0; k < 2; ++k) {
+          wv[c][k] = _mm256_loadu_si256((const __m256i*)(p + c * 64 + k * 32));
+          wabs[c][k] = _mm256_abs_epi8(wv[c][k]);
+        }
+    } else {
+      for (int v = 0; v < 4; ++v)
+        for (int k = 0; k < 2; ++k) {
+          const __m256i raw = _mm256_loadu_si256((const __m256i*)(p + v * 64 + k * 32));
+          wv[v][k] = _mm256_and_si256(raw, low4);
+          wv[v + 4][k] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+        }
+      for (int pl = 0; pl < BITS - 4; ++pl) {
+        const __m256i add = _mm256_set1_epi8((char)(16 << pl));
+        for (int c = 0; c < 8; ++c)
+          for (int k = 0; k < 2; ++k) {
+            uint32_t bits32;
+            std::memcpy(&bits32, p + 256 + pl * 64 + c * 8 + k * 4, 4);
+            __m256i m = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits32), spread);
+            m = _mm256_cmpeq_epi8(_mm256_and_si256(m, bitsel), bitsel);
+            wv[c][k] = _mm256_or_si256(wv[c][k], _mm256_and_si256(m, add));
+          }
+      }
+    }
+    for (int h = 0; h < HALVES; ++h) group_scales(w, t, u, h, S[h], Mo[h]);
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* x = xq + m * w.K + u * 32;
+      const float* s = xs + (m * w.U + u) * 4;
+      const __m256 dx = _mm256_set1_ps(s[0]);
+      for (int h = 0; h < HALVES; ++h) {
+        const __m256 sx = _mm256_set1_ps(HALVES == 1 ? s[1] : s[2 + h]);
+        for (int k = 0; k < 2; ++k) {
+          __m256i isum = _mm256_setzero_si256();
+          for (int c = h * CHUNKS; c < (h + 1) * CHUNKS; ++c) {
+            int32_t x4;
+            std::memcpy(&x4, x + c * 4, 4);
+            const __m256i xb = _mm256_set1_epi32(x4);
+            const __m256i prod = BITS == 8 ? _mm256_maddubs_epi16(wabs[c][k], _mm256_sign_epi8(xb, wv[c][k]))
+                                           : _mm256_maddubs_epi16(wv[c][k], xb);
+            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(prod, ones));
+          }
+          float* a = acc + m * 16 + k * 8;
+          __m256 f = _mm256_loadu_ps(a);
+          const __m256 sd = _mm256_mul_ps(_mm256_loadu_ps(S[h] + k * 8), dx);
+          f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), sd, f);
+          f = _mm256_fmadd_ps(_mm256_loadu_ps(Mo[h] + k * 8), sx, f);
+          _mm256_storeu_ps(a, f);
+        }
+      }
+    }
+  }
+}
+
+// ---- AVX-512 VNNI: one dpbusd per chunk and row ------------------------------------------------
+template <int BITS, int GS, int R>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+inline void rows_avx512(const Packed& w, int64_t u, const int8_t* xq, const float* xs, int64_t m0, float* acc,
+                        const __m512i* wv, const __mmask64* neg, const __m512* S, const __m512* Mo) {
+  constexpr int HALVES = 32 / GS, CHUNKS = GS / 4;
+  const __m512i zero = _mm512_setzero_si512();
+  __m512 f[R];
+  for (int r = 0; r < R; ++r) f[r] = _mm512_loadu_ps(acc + (m0 + r) * 16);
+  for (int h = 0; h < HALVES; ++h) {
+    __m512i isum[R];
+    for (int r = 0; r < R; ++r) isum[r] = zero;
+    for (int c = h * CHUNKS; c < (h + 1) * CHUNKS; ++c)
+      for (int r = 0; r < R; ++r) {
+        int32_t x4;
+        std::memcpy(&x4, xq + (m0 + r) * w.K + u * 32 + c * 4, 4);
+        __m512i xb = _mm512_set1_epi32(x4);
+        if (BITS == 8) xb = _mm512_mask_sub_epi8(xb, neg[c], zero, xb);  // sign(x, w): |w| is unsigned
+        isum[r] = _mm512_dpbusd_epi32(isum[r], wv[c], xb);
+      }
+    for (int r = 0; r < R; ++r) {
+      const float* s = xs + ((m0 + r) * w.U + u) * 4;
+      f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), _mm512_mul_ps(S[h], _mm512_set1_ps(s[0])), f[r]);
+      f[r] = _mm512_fmadd_ps(Mo[h], _mm512_set1_ps(HALVES == 1 ? s[1] : s[2 + h]), f[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(acc + (m0 + r) * 16, f[r]);
+}
+// (tile loop) ------------------------------------------------
+template <int BITS, int GS, int MODE>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+void tile_avx512(const Packed& w, int64_t t, const int8_t* xq, const float* xs, int64_t M, float* acc) {
+  __m512i wv[8];
+  __mmask64 neg[8];
+  const __m512i low4 = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
+  constexpr int HALVES = 32 / GS, CHUNKS = GS / 4;
+  __m512 S[HALVES], Mo[HALVES];
+  for (int64_t u = 0; u < w.U; ++u) {
+    const uint8_t* p = w.q + (t * w.U + u) * w.qbytes;
+    if (BITS == 8) {
+      for (int c = 0; c < 8; ++c) {
+        const __m512i raw = _mm512_loadu_si512((const void*)(p + c * 64));
+        neg[c] = _mm512_movepi8_mask(raw);
+        wv[c] = _mm512_abs_epi8(raw);
+      }
+    } else {
+      for (int v = 0; v < 4; ++v) {
+        const __m512i raw = _mm512_loadu_si512((const void*)(p + v * 64));
+        wv[v] = _mm512_and_si512(raw, low4);
+        wv[v + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+      }
+      for (int pl = 0; pl < BITS - 4; ++pl) {
+        const __m512i add = _mm512_set1_epi8((char)(16 << pl));
+        for (int c = 0; c < 8; ++c) {
+          uint64_t bits64;
+          std::memcpy(&bits64, p + 256 + pl * 64 + c * 8, 8);
+          wv[c] = _mm512_or_si512(wv[c], _mm512_maskz_mov_epi8((__mmask64)bits64, add));
+        }
+      }
+    }
+    for (int h = 0; h < HALVES; ++h) group_scales_512<MODE>(w, t, u, h, S[h], Mo[h]);
+    // Four rows at a time: four independent dpbusd chains hide the instruction's latency.
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) rows_avx512<BITS, GS, 4>(w, u, xq, xs, m, acc, wv, neg, S, Mo);
+    for (; m < M; ++m) rows_avx512<BITS, GS, 1>(w, u, xq, xs, m, acc, wv, neg, S, Mo);
+  }
+}
+
+using TileFn = void (*)(const Packed&, int64_t, const int8_t*, const float*, int64_t, float*);
+
+#define DOVETAIL_FORMATS(X)            \
+  X(4, 32, SYM_BLOCK)  /* Q4_0 */      \
+  X(4, 32, ASYM_BLOCK) /* Q4_1 */      \
+  X(5, 32, SYM_BLOCK)  /* Q5_0 */      \
+  X(5, 32, ASYM_BLOCK) /* Q5_1 */      \
+  X(8, 32, SYM_BLOCK)  /* Q8_0 */      \
+  X(4, 32, ASYM_K)     /* Q4_K */      \
+  X(6, 16, SYM_K)      /* Q6_K */
+
+TileFn pick_tile(const Packed& w, int isa);
+
+enum Isa { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };
+
+int best_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+    return ISA_AVX512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return ISA_AVX2;
+  return ISA_SCALAR;
+}
+
+int resolve_isa(int64_t isa) {
+  const int best = best_isa();
+  if (isa == ISA_AUTO) return best;
+  TORCH_CHECK(isa >= ISA_SCALAR && isa <= best, "kernel path ", isa, " is not supported by this CPU (best: ", best, ")");
+  return (int)isa;
+}
+
+TileFn pick_tile(const Packed& w, int isa) {
+#define DOVETAIL_CASE(B, G, MODE) \
+  if (w.bits == B && w.gs == G && w.mode == MODE) return isa == ISA_AVX512 ? &tile_avx512<B, G, MODE> : &tile_avx2<B, G, MODE>;
+  DOVETAIL_FORMATS(DOVETAIL_CASE)
+#undef DOVETAIL_CASE
+  TORCH_CHECK(false, "no kernel for bits=", w.bits, " group=", w.gs, " mode=", w.mode);
+}
+
+const float* opt_f(const torch::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
+const int8_t* opt_i8(const torch::Tensor& t) { return t.numel() ? t.data_ptr<int8_t>() : nullptr; }
+
+Packed make_packed(const torch::Tensor& q, const torch::Tensor& D, const torch::Tensor& Dm, const torch::Tensor& sc,
+                   const torch::Tensor& mn, int64_t N, int64_t K, int64_t bits, int64_t gs, int64_t sb, int64_t mode,
+                   double z) {
+  TORCH_CHECK(K % 32 == 0 && sb % 32 == 0 && (gs == 16 || gs == 32), "bad packed shape");
+  TORCH_CHECK(q.is_contiguous() && D.is_contiguous() && Dm.is_contiguous() && sc.is_contiguous() && mn.is_contiguous(),
+              "packed tensors must be contiguous");
+  Packed w;
+  w.N = N; w.K = K; w.T = (N + 15) / 16; w.U = K / 32; w.nsb = K / sb; w.ngroups = K / gs;
+  w.bits = (int)bits; w.gs = (int)gs; w.sb = (int)sb; w.mode = (int)mode; w.z = (float)z;
+  w.qbytes = bits == 8 ? 512 : 256 + (bits - 4) * 64;
+  TORCH_CHECK(q.numel() == w.T * w.U * w.qbytes, "packed values have the wrong size");
+  TORCH_CHECK(D.numel() == w.T * w.nsb * 16, "packed scales have the wrong size");
+  w.q = q.data_ptr<uint8_t>(); w.D = D.data_ptr<float>(); w.Dm = opt_f(Dm); w.sc = opt_i8(sc); w.mn = opt_i8(mn);
+  return w;
+}
+
+}  // namespace
+
+// x: [M, K] float32 -> (xq int8 [M, K], xs float32 [M, K/32, 4] = dx, dx*sum, dx*sum(first 16), dx*sum(last 16))
+std::vector<torch::Tensor> quantize_rows(const torch::Tensor& x_in) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) % 32 == 0, "activations must be [M, K] with K a multiple of 32");
+  const torch::Tensor x = x_in.to(torch::kFloat32).contiguous();
+  const int64_t M = x.size(0), K = x.size(1), U = K / 32;
+  auto xq = torch::empty({M, K}, torch::kInt8);
+  auto xs = torch::empty({M, U, 4}, torch::kFloat32);
+  const float* px = x.data_ptr<float>();
+  int8_t* pq = xq.data_ptr<int8_t>();
+  float* ps = xs.data_ptr<float>();
+  at::parallel_for(0, M * U, 256, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const float* v = px + i * 32;
+      float amax = 0.f;
+      for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(v[j]));
+      const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+      int32_t lo = 0, hi = 0;
+      for (int j = 0; j < 32; ++j) {
+        const int32_t q = std::max(-127, std::min(127, (int32_t)std::nearbyint(v[j] * id)));
+        pq[i * 32 + j] = (int8_t)q;
+        (j < 16 ? lo : hi) += q;
+      }
+      ps[i * 4 + 0] = d;
+      ps[i * 4 + 1] = d * (float)(lo + hi);
+      ps[i * 4 + 2] = d * (float)lo;
+      ps[i * 4 + 3] = d * (float)hi;
+    }
+  });
+  return {xq, xs};
+}
+
+torch::Tensor qmatmul(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& D, const torch::Tensor& Dm,
+                      const torch::Tensor& sc, const torch::Tensor& mn, int64_t N, int64_t bits, int64_t gs, int64_t sb,
+                      int64_t mode, double z, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
+  const int64_t M = x.size(0), K = x.size(1);
+  const Packed w = make_packed(q, D, Dm, sc, mn, N, K, bits, gs, sb, mode, z);
+  const int path = resolve_isa(isa);
+  const TileFn tile = path == ISA_SCALAR ? nullptr : pick_tile(w, path);
+  auto quantized = quantize_rows(x);
+  const int8_t* xq = quantized[0].data_ptr<int8_t>();
+  const float* xs = quantized[1].data_ptr<float>();
+  auto y = torch::empty({M, N}, torch::kFloat32);
+  float* py = y.data_ptr<float>();
+  constexpr int64_t ROWS = 64;  // rows per pass: their accumulators stay in L1
+  at::parallel_for(0, w.T, 1, [&](int64_t b, int64_t e) {
+    alignas(64) float acc[ROWS * 16];
+    for (int64_t t = b; t < e; ++t)
+      for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
+        const int64_t rows = std::min(ROWS, M - m0);
+        std::memset(acc, 0, sizeof(float) * rows * 16);
+        const int8_t* xr = xq + m0 * K;
+        const float* sr = xs + m0 * w.U * 4;
+        if (tile) tile(w, t, xr, sr, rows, acc);
+        else tile_scalar(w, t, xr, sr, rows, acc);
+        const int64_t n0 = t * 16, width = std::min<int64_t>(16, N - n0);
+        for (int64_t m = 0; m < rows; ++m) std::memcpy(py + (m0 + m) * N + n0, acc + m * 16, sizeof(float) * width);
+      }
+  });
+  return y;
+}
+
+// Rows `rows` of the packed weight as float32 [len(rows), K] (w = S * q + M; exact): embeddings, checks.
+torch::Tensor dequantize_rows(const torch::Tensor& q, const torch::Tensor& D, const torch::Tensor& Dm,
+                              const torch::Tensor& sc, const torch::Tensor& mn, int64_t N, int64_t K, int64_t bits,
+                              int64_t gs, int64_t sb, int64_t mode, double z, const torch::Tensor& rows_in) {
+  const Packed w = make_packed(q, D, Dm, sc, mn, N, K, bits, gs, sb, mode, z);
+  const torch::Tensor rows = rows_in.to(torch::kInt64).contiguous();
+  const int64_t R = rows.numel();
+  const int64_t* pr = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < R; ++i) TORCH_CHECK(pr[i] >= 0 && pr[i] < N, "row ", pr[i], " out of range [0, ", N, ")");
+  auto out = torch::empty({R, K}, torch::kFloat32);
+  float* po = out.data_ptr<float>();
+  at::parallel_for(0, R, 16, [&](int64_t b, int64_t e) {
+    alignas(64) uint8_t vals[512];
+    float S[2][16], Mo[2][16];
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t t = pr[i] / 16, o = pr[i] % 16;
+      for (int64_t u = 0; u < w.U; ++u) {
+        unpack_unit(w, t, u, vals);
+        for (int h = 0; h < 32 / w.gs; ++h) group_scales(w, t, u, h, S[h], Mo[h]);
+        for (int c = 0; c < 8; ++c)
+          for (int j = 0; j < 4; ++j) {
+            const int h = (c * 4) / w.gs;
+            const uint8_t raw = vals[c * 64 + o * 4 + j];
+            const float qv = w.bits == 8 ? (float)(int8_t)raw : (float)raw;
+            const float prod = S[h][o] * qv;  // exact: small integer times a short mantissa
+            po[i * K + u * 32 + c * 4 + j] = prod + Mo[h][o];
+          }
+      }
+    }
+  });
+  return out;
+}
+
+// ---- load-time repacking ------------------------------------------------------------------------
+// GGML type ids of the formats whose values decode_values extracts.
+enum GgmlType { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
+
+// The integer values of GGUF blocks [N, bytes per row] -> uint8 [N, K] (int8 bits for Q8_0), in
+// the order of the weights; the scales are read by packing.py. Mirrors ggml's block layouts.
+torch::Tensor decode_values(const torch::Tensor& raw_in, int64_t type, int64_t N, int64_t K) {
+  const torch::Tensor raw = raw_in.contiguous();
+  TORCH_CHECK(raw.scalar_type() == torch::kUInt8 && raw.numel() % N == 0, "raw blocks must be uint8 [N, bytes]");
+  const int64_t row_bytes = raw.numel() / N;
+  int64_t per = 32, size = 0;
+  switch (type) {
+    case Q4_0: size = 18; break;
+    case Q4_1: size = 20; break;
+    case Q5_0: size = 22; break;
+    case Q5_1: size = 24; break;
+    case Q8_0: size = 34; break;
+    case Q4_K: per = 256; size = 144; break;
+    case Q6_K: per = 256; size = 210; break;
+    default: TORCH_CHECK(false, "decode_values: unsupported GGML type ", type);
+  }
+  TORCH_CHECK(K % per == 0 && row_bytes == K / per * size, "raw blocks do not match the shape");
+  auto out = torch::empty({N, K}, torch::kUInt8);
+  const uint8_t* src = raw.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  const int64_t blocks = N * (K / per);
+  at::parallel_for(0, blocks, 1024, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* x = src + b * size;
+      uint8_t* y = dst + b * per;
+      switch (type) {
+        case Q4_0: case Q4_1: {
+          const uint8_t* qs = x + (type == Q4_0 ? 2 : 4);
+          for (int j = 0; j < 16; ++j) { y[j] = qs[j] & 15; y[j + 16] = qs[j] >> 4; }
+          break;
+        }
+        case Q5_0: case Q5_1: {
+          const uint8_t* h = x + (type == Q5_0 ? 2 : 4);
+          uint32_t qh;
+          std::memcpy(&qh, h, 4);
+          const uint8_t* qs = h + 4;
+          for (int j = 0; j < 16; ++j) {
+            y[j] = (qs[j] & 15) | (((qh >> j) & 1) << 4);
+            y[j + 16] = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+          }
+          break;
+        }
+        case Q8_0: std::memcpy(y, x + 2, 32); break;
+        case Q4_K: {
+          const uint8_t* qs = x + 16;
+          for (int j = 0; j < 4; ++j)
+            for (int i = 0; i < 32; ++i) { y[64 * j + i] = qs[32 * j + i] & 15; y[64 * j + 32 + i] = qs[32 * j + i] >> 4; }
+          break;
+        }
+        case Q6_K: {
+          const uint8_t* ql = x;
+          const uint8_t* qh = x + 128;
+          for (int a = 0; a < 2; ++a)  // two halves of 128 weights
+            for (int r = 0; r < 128; ++r) {
+              const uint8_t lo = (ql[a * 64 + (r % 64)] >> (4 * (r / 64))) & 15;
+              const uint8_t hi = (qh[a * 32 + (r % 32)] >> (2 * (r / 32))) & 3;
+              y[a * 128 + r] = lo | (hi << 4);
+            }
+          break;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// Values uint8 [N, K] -> the tile layout of the header comment: [ceil(N/16), K/32, qbytes].
+torch::Tensor pack_values(const torch::Tensor& q_in, int64_t bits) {
+  const torch::Tensor q = q_in.contiguous();
+  TORCH_CHECK(q.dim() == 2 && q.size(1) % 32 == 0, "values must be [N, K] with K a multiple of 32");
+  const int64_t N = q.size(0), K = q.size(1), T = (N + 15) / 16, U = K / 32;
+  const int64_t qbytes = bits == 8 ? 512 : 256 + (bits - 4) * 64;
+  auto out = torch::zeros({T, U, qbytes}, torch::kUInt8);
+  const uint8_t* src = q.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    alignas(64) uint8_t chunk[512];
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t u = 0; u < U; ++u) {
+        for (int c = 0; c < 8; ++c)
+          for (int o = 0; o < 16; ++o)
+            for (int j = 0; j < 4; ++j) {
+              const int64_t n = t * 16 + o;
+              chunk[c * 64 + o * 4 + j] = n < N ? src[n * K + u * 32 + c * 4 + j] : 0;
+            }
+        uint8_t* p = dst + (t * U + u) * qbytes;
+        if (bits == 8) { std::memcpy(p, chunk, 512); continue; }
+        for (int v = 0; v < 4; ++v)
+          for (int i = 0; i < 64; ++i) p[v * 64 + i] = (chunk[v * 64 + i] & 15) | ((chunk[(v + 4) * 64 + i] & 15) << 4);
+        for (int pl = 0; pl < bits - 4; ++pl)
+          for (int c = 0; c < 8; ++c) {
+            uint64_t mask = 0;
+            for (int i = 0; i < 64; ++i) mask |= (uint64_t)((chunk[c * 64 + i] >> (4 + pl)) & 1) << i;
+            std::memcpy(p + 256 + pl * 64 + c * 8, &mask, 8);
+          }
+      }
+  });
+  return out;
+}
+
+int64_t cpu_best_isa() { return best_isa(); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("quantize_rows", &quantize_rows, "int8 activations per 32-block");
+  m.def("qmatmul", &qmatmul, "y = x @ W.T for a packed quantized W");
+  m.def("dequantize_rows", &dequantize_rows, "rows of a packed weight as float32");
+  m.def("best_isa", &cpu_best_isa, "1 scalar, 2 AVX2+FMA, 3 AVX-512 VNNI");
+  m.def("decode_values", &decode_values, "integer values of GGUF blocks");
+  m.def("pack_values", &pack_values, "values -> the kernel's tile layout");
+}

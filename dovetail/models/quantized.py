@@ -1,0 +1,376 @@
+"""Quantized models: GGUF block weights run as they are, or float checkpoints quantized on load.
+
+Precisions (``--target-precision`` / ``--draft-precision``):
+  ``native``  the GGUF file's own blocks (Q4_K, Q6_K, Q5_0, Q8_0, ...), repacked, never widened;
+  ``int8``    a float checkpoint quantized on load to Q8_0 (32-weight groups, round to nearest);
+  ``int4``    the same to Q4_K (Q4_0 where a row is not a multiple of 256 weights);
+  ``fp32``    dense floats (the dequantized checkpoint), token-identical to HF fp32;
+  ``auto``    ``native`` for a model folder holding a GGUF file, else the role's float default.
+
+Every linear becomes a ``QuantLinear`` and the token embedding a ``QuantEmbedding`` (rows
+dequantized on lookup, exactly); norms and biases stay fp32. The rest of the HF module runs
+unchanged, so caching, tree masks and tensor parallelism work as for fp32 models.
+
+Tensor parallelism: a shard decodes only its own rows (output splits) or its own super-blocks
+(input splits) of each tensor, straight from the memory-mapped GGUF file. The MLP is split on
+super-block boundaries, so an intermediate size that is not a multiple of ``256 * shards`` (e.g.
+8960 = 35 super-blocks) gets an uneven split.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from dovetail.errors import UserError
+from dovetail.kernels import ops
+from gguf import GGML_QUANT_SIZES
+
+from dovetail.models.gguf_index import GGUFIndex
+from dovetail.kernels.packing import SCHEMES, Decoded, PackedWeight, decode, encode, pack, precision_format
+
+PRECISIONS = ("auto", "native", "int8", "int4", "fp32")
+QUANTIZED = ("native", "int8", "int4")
+GGUF_NAME = "model.gguf"
+# DOVETAIL_KERNEL_ISA = scalar | avx2 | avx512: force one kernel path (tests, benchmarks); default: the best
+_ISA_CODES = {"": 0, "auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
+
+
+def kernel_isa() -> int:
+    name = os.environ.get("DOVETAIL_KERNEL_ISA", "").lower()
+    if name not in _ISA_CODES:
+        raise UserError(f"DOVETAIL_KERNEL_ISA must be one of {sorted(k for k in _ISA_CODES if k)}, got {name!r}")
+    return _ISA_CODES[name]
+
+
+def gguf_file(path: str | Path) -> Path | None:
+    """The GGUF file of a model folder, if it has one."""
+    candidate = Path(path) / GGUF_NAME
+    return candidate if candidate.exists() else None
+
+
+def gguf_formats(path: str | Path) -> list[str]:
+    """The block formats of a GGUF model folder's matrices, most bytes first."""
+    from collections import Counter
+
+    sizes: Counter = Counter()
+    for t in GGUFIndex(gguf_file(path)).tensors.values():
+        if len(t.shape) > 1:
+            sizes[t.tensor_type.name] += int(t.n_bytes)
+    return [name for name, _ in sizes.most_common()]
+
+
+def resolve_precision(precision: str, path: str | Path, float_default: str) -> str:
+    """``auto`` -> ``native`` for a GGUF folder, else ``float_default``; ``native`` needs a GGUF."""
+    if precision not in PRECISIONS:
+        raise UserError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    has_gguf = gguf_file(path) is not None
+    if precision == "auto":
+        return "native" if has_gguf else float_default
+    if precision == "native" and not has_gguf:
+        raise UserError(f"precision 'native' needs a GGUF model ({path} has no {GGUF_NAME}); "
+                        "use int8, int4 or fp32 for a float checkpoint")
+    return precision
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ W.T + b`` with W in the kernel's packed layout (inference only)."""
+
+    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.qtype = packed.cols, packed.rows, packed.qtype
+        for name in ("q", "D", "Dm", "sc", "mn"):
+            self.register_buffer(name, getattr(packed, name), persistent=False)
+        self.scheme = packed.scheme_args()
+        self.bias = None if bias is None else nn.Parameter(bias.float().contiguous(), requires_grad=False)
+        self.isa = kernel_isa()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        y = ops().qmatmul(x2, self.q, self.D, self.Dm, self.sc, self.mn, self.out_features, *self.scheme, self.isa)
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows of W as fp32 (exact): the whole matrix by default."""
+        rows = torch.arange(self.out_features) if rows is None else rows
+        return ops().dequantize_rows(self.q, self.D, self.Dm, self.sc, self.mn, self.out_features, self.in_features,
+                                     *self.scheme, rows)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.q, self.D, self.Dm, self.sc, self.mn))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.qtype.name}"
+
+
+class QuantEmbedding(nn.Module):
+    """A token embedding kept quantized: looked-up rows are dequantized exactly."""
+
+    def __init__(self, table: QuantLinear):
+        super().__init__()
+        self.table = table
+        self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table.dequantize(ids.reshape(-1)).view(*ids.shape, self.embedding_dim)
+
+
+# -- where tensors come from ---------------------------------------------------------------------
+class GGUFSource:
+    """HF parameter names -> tensors of a GGUF file (memory-mapped; only touched blocks are read)."""
+
+    def __init__(self, path: Path, config):
+        import gguf
+
+        index = GGUFIndex(path)
+        arch = index.architecture
+        arch_id = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), None)
+        if arch_id is None:
+            raise UserError(f"{path}: unknown GGUF architecture {arch!r}")
+        self.arch = arch
+        self.names = gguf.TensorNameMap(arch_id, config.num_hidden_layers)
+        self.tensors = index.tensors
+        self.config = config
+
+    def _tensor(self, name: str):
+        key = self.names.get_name(name, try_suffixes=(".weight", ".bias"))
+        return self.tensors.get(key) if key else None
+
+    def has(self, name: str) -> bool:
+        return self._tensor(name) is not None
+
+    def _row_order(self, name: str, rows: int) -> np.ndarray | None:
+        """llama.cpp stores Llama q/k rows interleaved for its RoPE; HF's order is restored here."""
+        if self.arch != "llama":
+            return None
+        m = re.search(r"self_attn\.([qk])_proj\.", name)
+        if not m:
+            return None
+        heads = self.config.num_attention_heads if m.group(1) == "q" else self.config.num_key_value_heads
+        head_dim = rows // heads
+        half = np.arange(head_dim // 2)
+        return (np.arange(heads)[:, None, None] * head_dim + np.arange(2)[None, :, None]
+                + 2 * half[None, None, :]).reshape(-1)
+
+    def dense(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        t = self._tensor(name)
+        data = np.asarray(t.data)
+        if t.tensor_type.name not in ("F32", "F16", "BF16"):
+            import gguf
+
+            data = gguf.quants.dequantize(data, t.tensor_type)
+        data = data.reshape([int(s) for s in reversed(t.shape)]) if data.ndim > 1 or len(t.shape) > 1 else data
+        order = self._row_order(name, data.shape[0])
+        if order is not None:
+            data = data[order]
+        if rows is not None:
+            data = data[rows[0]:rows[1]]
+        return torch.from_numpy(np.array(data, dtype=np.float32))
+
+    def format_of(self, name: str):
+        t = self._tensor(name)
+        return t.tensor_type if t.tensor_type in SCHEMES else None
+
+    def cols_of(self, name: str) -> int:
+        return int(self._tensor(name).shape[0])
+
+    def decoded(self, name: str, rows: tuple[int, int] | None, cols: tuple[int, int] | None) -> Decoded:
+        t = self._tensor(name)
+        n_cols, n_rows = int(t.shape[0]), int(t.shape[1])
+        raw = np.asarray(t.data).reshape(n_rows, -1)
+        order = self._row_order(name, n_rows)
+        if order is not None:
+            raw = raw[order]
+        if rows is not None:
+            raw, n_rows = raw[rows[0]:rows[1]], rows[1] - rows[0]
+        per, size = GGML_QUANT_SIZES[t.tensor_type]
+        if cols is not None:  # whole blocks only: the caller split on super-block boundaries
+            raw = raw.reshape(n_rows, n_cols // per, size)[:, cols[0] // per:cols[1] // per].reshape(n_rows, -1)
+            n_cols = cols[1] - cols[0]
+        return decode(raw, t.tensor_type, n_rows, n_cols)
+
+
+class FloatSource:
+    """A float safetensors checkpoint quantized on load (``int8``/``int4``), slice by slice."""
+
+    def __init__(self, path: Path, precision: str):
+        from dovetail.models.tp import SliceReader, _weight_files
+
+        self.files = _weight_files(path)
+        self.readers: dict[Path, SliceReader] = {}
+        self.precision = precision
+        self._reader_cls = SliceReader
+
+    def _reader(self, name: str):
+        file = self.files[name]
+        if file not in self.readers:
+            self.readers[file] = self._reader_cls(file)
+        return self.readers[file]
+
+    def has(self, name: str) -> bool:
+        return name in self.files
+
+    def dense(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        reader = self._reader(name)
+        t = reader.read(name) if rows is None else reader.read(name, 0, *rows)
+        return t.float()
+
+    def cols_of(self, name: str) -> int:
+        return int(self._reader(name).header[name]["shape"][1])
+
+    def format_of(self, name: str):
+        return precision_format(self.precision, self.cols_of(name))
+
+    def decoded(self, name: str, rows: tuple[int, int] | None, cols: tuple[int, int] | None) -> Decoded:
+        reader = self._reader(name)
+        w = reader.read(name) if rows is None else reader.read(name, 0, *rows)
+        if cols is not None:
+            w = w[:, cols[0]:cols[1]]
+        qtype = self.format_of(name)  # chosen from the full row length, so every shard agrees
+        w = w.float().numpy()
+        return decode(encode(w, qtype), qtype, *w.shape)
+
+    def close(self):
+        for reader in self.readers.values():
+            reader.close()
+
+
+def open_source(path: Path, precision: str, config):
+    if precision == "native":
+        return GGUFSource(gguf_file(path), config)
+    return FloatSource(path, precision)
+
+
+# -- building the model ------------------------------------------------------------------------------
+_ROW_SPLITS = [(re.compile(r"\.self_attn\.q_proj\.(weight|bias)$"), "q"),
+               (re.compile(r"\.self_attn\.[kv]_proj\.(weight|bias)$"), "kv"),
+               (re.compile(r"\.mlp\.(gate|up)_proj\.weight$"), "mlp"),
+               (re.compile(r"^lm_head\.weight$"), "vocab"),
+               (re.compile(r"^model\.embed_tokens\.weight$"), "vocab")]
+_COL_SPLITS = [(re.compile(r"\.self_attn\.o_proj\.weight$"), "q"), (re.compile(r"\.mlp\.down_proj\.weight$"), "mlp")]
+
+
+def balanced(total: int, unit: int, rank: int, world: int) -> tuple[int, int]:
+    """Rank ``rank``'s share of ``total`` items cut on multiples of ``unit`` (the first ranks get more)."""
+    units = total // unit
+    lo = rank * (units // world) + min(rank, units % world)
+    hi = lo + units // world + (rank < units % world)
+    return lo * unit, (hi * unit if rank < world - 1 else total)
+
+
+def shard_ranges(config, source, rank: int, world: int) -> dict[str, tuple[int, int]]:
+    """This rank's span of each split dimension (heads, KV heads, MLP, vocabulary)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", config.num_attention_heads)
+    for name, size in (("attention heads", config.num_attention_heads), ("KV heads", kv_heads),
+                       ("vocabulary", config.vocab_size)):
+        if size % world:
+            raise UserError(f"cannot split this model into {world} shards: {name} ({size}) not divisible by {world}")
+    unit = 1
+    for i in range(config.num_hidden_layers):  # the MLP splits where every layer's down_proj has a block edge
+        qtype = source.format_of(f"model.layers.{i}.mlp.down_proj.weight")
+        if qtype is not None:
+            unit = max(unit, SCHEMES[qtype].superblock)
+    if config.intermediate_size < unit * world:
+        raise UserError(f"cannot split an MLP of {config.intermediate_size} into {world} shards of whole "
+                        f"{unit}-weight blocks")
+    q_span = config.num_attention_heads * head_dim // world
+    return {"q": (rank * q_span, (rank + 1) * q_span),
+            "kv": (rank * kv_heads * head_dim // world, (rank + 1) * kv_heads * head_dim // world),
+            "mlp": balanced(config.intermediate_size, unit, rank, world),
+            "vocab": (rank * config.vocab_size // world, (rank + 1) * config.vocab_size // world)}
+
+
+def _split(name: str, spans, world: int):
+    """(rows, cols) slices of parameter ``name`` for this shard (None: whole)."""
+    if world == 1:
+        return None, None
+    for pattern, kind in _ROW_SPLITS:
+        if pattern.search(name):
+            return spans[kind], None
+    for pattern, kind in _COL_SPLITS:
+        if pattern.search(name):
+            return None, spans[kind]
+    return None, None
+
+
+def load_quantized(path: str | Path, precision: str, rank: int = 0, world: int = 1, progress=None) -> nn.Module:
+    """The causal LM in ``path`` with quantized linears and embedding: all of it (``world=1``) or
+    shard ``rank`` of ``world`` (tensor-parallel slices; the caller adds the collectives)."""
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    source = open_source(path, precision, config)
+    spans = shard_ranges(config, source, rank, world) if world > 1 else None
+    with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers real
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    bar = progress(total=len(linears) + 1) if progress else None
+    packed_by_source: dict[str, QuantLinear] = {}
+
+    def quant_linear(weight_name: str, bias: torch.Tensor | None) -> nn.Module:
+        rows, cols = _split(weight_name, spans, world)
+        if source.format_of(weight_name) is None:  # a float tensor inside a GGUF file: keep it dense
+            from dovetail.models.fast_linear import FastLinear
+
+            w = source.dense(weight_name, rows)
+            if cols is not None:
+                w = w[:, cols[0]:cols[1]].contiguous()
+            dense = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
+            dense.weight = nn.Parameter(w, requires_grad=False)
+            if bias is not None:
+                dense.bias = nn.Parameter(bias, requires_grad=False)
+            return FastLinear(dense, "mm")
+        return QuantLinear(pack(source.decoded(weight_name, rows, cols)), bias)
+
+    for name, linear in linears:
+        weight_name = f"{name}.weight"
+        bias = None
+        if linear.bias is not None:
+            rows, _ = _split(f"{name}.bias", spans, world)
+            bias = source.dense(f"{name}.bias", rows)
+            if rank > 0 and re.search(r"\.(o_proj|down_proj)$", name):
+                bias = torch.zeros_like(bias)  # a row-parallel bias is added once, not once per shard
+        if name == "lm_head" and not source.has(weight_name):  # a tied head: share the embedding's blocks
+            continue
+        module = quant_linear(weight_name, bias)
+        packed_by_source[weight_name] = module
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, module)
+        if bar:
+            bar.update(1)
+    embed_name = "model.embed_tokens.weight"
+    table = quant_linear(embed_name, None)
+    if not isinstance(table, QuantLinear):
+        raise UserError(f"{path}: the token embedding is not in a quantized format")
+    model.model.embed_tokens = QuantEmbedding(table)
+    if not source.has("lm_head.weight"):
+        model.lm_head = table
+    if bar:
+        bar.update(1)
+    for name, param in list(model.named_parameters()):  # norms (and anything else left on meta)
+        if param.device.type != "meta":
+            continue
+        module_name, _, param_name = name.rpartition(".")
+        rows, _ = _split(name, spans, world)
+        setattr(model.get_submodule(module_name), param_name, nn.Parameter(source.dense(name, rows), requires_grad=False))
+    if isinstance(source, FloatSource):
+        source.close()
+    del source
+    return model.eval()
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    """Bytes of weights a forward streams (packed blocks plus dense leftovers)."""
+    total = sum(m.nbytes for m in model.modules() if isinstance(m, QuantLinear))
+    return total + sum(p.numel() * p.element_size() for p in model.parameters())
