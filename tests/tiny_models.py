@@ -55,3 +55,68 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: int | None = N
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          do_sample=False, eos_token_id=eos, pad_token_id=0)
     return out[0, len(prompt):].tolist()
+
+
+def write_gguf_folder(model, tokenizer, out, formats: dict[str, "object"] | None = None, default=None):
+    """Save ``model`` as a Dovetail GGUF folder (config + tokenizer + model.gguf), the way llama.cpp's
+    converter lays tensors out (its names; Llama q/k rows permuted for its RoPE).
+
+    ``formats`` maps a substring of an HF parameter name to a GGUF block type; other matrices get
+    ``default`` (Q8_0), vectors stay F32. Returns {HF name: the dequantized float weight}, the exact
+    weights the native model must run with."""
+    from pathlib import Path
+
+    import gguf
+    import numpy as np
+
+    from dovetail.kernels.packing import encode
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    arch = model.config.model_type
+    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    names = gguf.TensorNameMap(arch_id, model.config.num_hidden_layers)
+    writer = gguf.GGUFWriter(str(out / "model.gguf"), arch)
+    expected = {}
+    for name, param in model.state_dict().items():
+        w = param.detach().float().numpy()
+        key = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if w.ndim == 1:
+            writer.add_tensor(key, w.astype(np.float32))
+            expected[name] = w
+            continue
+        qtype = next((t for part, t in (formats or {}).items() if part in name), default or gguf.GGMLQuantizationType.Q8_0)
+        stored = w
+        heads = {"q_proj": model.config.num_attention_heads, "k_proj": model.config.num_key_value_heads}
+        part = next((p for p in heads if f"self_attn.{p}" in name), None)
+        if arch == "llama" and part:  # llama.cpp's permutation of q/k rows
+            n = heads[part]
+            stored = w.reshape(n, 2, w.shape[0] // n // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+        raw = encode(stored, qtype)
+        writer.add_tensor(key, raw, raw_dtype=qtype)
+        deq = gguf.quants.dequantize(raw, qtype).reshape(w.shape)
+        if arch == "llama" and part:  # undo the permutation: HF's row order
+            n = heads[part]
+            deq = deq.reshape(n, w.shape[0] // n // 2, 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+        expected[name] = deq
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return expected
+
+
+def dequantized_copy(model, weights: dict):
+    """A float copy of ``model`` carrying ``weights`` (e.g. ``write_gguf_folder``'s result)."""
+    import copy
+
+    import torch
+
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in ref.state_dict().items():
+            param.copy_(torch.from_numpy(weights[name]))
+    return ref

@@ -519,6 +519,90 @@ torch::Tensor pack_values(const torch::Tensor& q_in, int64_t bits) {
   return out;
 }
 
+// ---- attention, row by row ----------------------------------------------------------------------
+// Each query row attends to its visible keys in cache order with a fixed order of operations, so
+// a token's attention output is bit-identical whether it is decoded alone or verified inside a
+// tree or a batch (a library attention kernel picks its blocking by shape, and with quantized
+// activations a last-bit difference can flip an int8 rounding). Sums run in 8 interleaved lanes
+// that the compiler vectorises without reordering; exp is a fixed polynomial.
+namespace {
+
+inline float dot8(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int t = 0; t < 8; ++t) acc[t] = acc[t] + a[j + t] * b[j + t];
+  for (; j < n; ++j) acc[j % 8] = acc[j % 8] + a[j] * b[j];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+// exp(x) for x <= 0 (scores minus their max): 2^n * p(f), deterministic, ~1 ulp.
+inline float exp_neg(float x) {
+  if (x < -87.f) return 0.f;
+  const float t = x * 1.44269504088896341f;
+  const float n = std::floor(t);
+  const float f = (t - n) * 0.69314718055994531f;  // f in [0, ln 2)
+  float p = 1.f / 5040.f;
+  p = p * f + 1.f / 720.f;
+  p = p * f + 1.f / 120.f;
+  p = p * f + 1.f / 24.f;
+  p = p * f + 1.f / 6.f;
+  p = p * f + 0.5f;
+  p = p * f + 1.f;
+  p = p * f + 1.f;
+  const int32_t bits = ((int32_t)n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+}  // namespace
+
+// q [H, Lq, d], k/v [Hkv, Lk, d] float32, visible uint8 [Lq, Lk] -> out [Lq, H, d].
+torch::Tensor row_attention(const torch::Tensor& q_in, const torch::Tensor& k_in, const torch::Tensor& v_in,
+                            const torch::Tensor& visible_in, double scale) {
+  const torch::Tensor q = q_in.to(torch::kFloat32).contiguous(), k = k_in.to(torch::kFloat32).contiguous(),
+                      v = v_in.to(torch::kFloat32).contiguous(), visible = visible_in.to(torch::kUInt8).contiguous();
+  const int64_t H = q.size(0), Lq = q.size(1), d = q.size(2), Hkv = k.size(0), Lk = k.size(1);
+  TORCH_CHECK(H % Hkv == 0 && visible.size(0) == Lq && visible.size(1) == Lk, "bad attention shapes");
+  auto out = torch::empty({Lq, H, d}, torch::kFloat32);
+  const float *pq = q.data_ptr<float>(), *pk = k.data_ptr<float>(), *pv = v.data_ptr<float>();
+  const uint8_t* vis = visible.data_ptr<uint8_t>();
+  float* po = out.data_ptr<float>();
+  const float sc = (float)scale;
+  at::parallel_for(0, Lq * H, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> score(Lk);
+    std::vector<int64_t> keys(Lk);
+    for (int64_t ih = b; ih < e; ++ih) {
+      const int64_t i = ih / H, h = ih % H, g = h / (H / Hkv);
+      const float* qi = pq + (h * Lq + i) * d;
+      int64_t n = 0;
+      for (int64_t j = 0; j < Lk; ++j)
+        if (vis[i * Lk + j]) keys[n++] = j;
+      float* o = po + (i * H + h) * d;
+      for (int64_t c = 0; c < d; ++c) o[c] = 0.f;
+      if (n == 0) continue;
+      float top = -INFINITY;
+      for (int64_t t = 0; t < n; ++t) {
+        score[t] = dot8(qi, pk + (g * Lk + keys[t]) * d, d) * sc;
+        top = std::max(top, score[t]);
+      }
+      float total = 0.f;
+      for (int64_t t = 0; t < n; ++t) {
+        score[t] = exp_neg(score[t] - top);
+        total = total + score[t];
+      }
+      const float inv = 1.f / total;
+      for (int64_t t = 0; t < n; ++t) {
+        const float w = score[t] * inv;
+        const float* vj = pv + (g * Lk + keys[t]) * d;
+        for (int64_t c = 0; c < d; ++c) o[c] = o[c] + w * vj[c];
+      }
+    }
+  });
+  return out;
+}
+
 int64_t cpu_best_isa() { return best_isa(); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -526,6 +610,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul", &qmatmul, "y = x @ W.T for a packed quantized W");
   m.def("dequantize_rows", &dequantize_rows, "rows of a packed weight as float32");
   m.def("best_isa", &cpu_best_isa, "1 scalar, 2 AVX2+FMA, 3 AVX-512 VNNI");
+  m.def("row_attention", &row_attention, "attention, each query row on its own (block-independent)");
   m.def("decode_values", &decode_values, "integer values of GGUF blocks");
   m.def("pack_values", &pack_values, "values -> the kernel's tile layout");
 }

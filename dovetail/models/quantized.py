@@ -367,6 +367,9 @@ def load_quantized(path: str | Path, precision: str, rank: int = 0, world: int =
     if isinstance(source, FloatSource):
         source.close()
     del source
+    from dovetail.models.row_attention import use_row_attention
+
+    use_row_attention(model)  # verification must reproduce plain decoding bit for bit (see there)
     return model.eval()
 
 

@@ -183,6 +183,8 @@ def _load_float_shard(path: Path, r: int, n: int, linear_kernel: str) -> nn.Modu
         setattr(module, param_name, nn.Parameter(tensor, requires_grad=False))
         if isinstance(module, nn.Linear) and param_name == "weight":
             module.out_features, module.in_features = tensor.shape
+        if isinstance(module, nn.Embedding) and param_name == "weight":
+            module.num_embeddings = tensor.shape[0]
     for reader in readers.values():
         reader.close()
     del state, loaded, readers
