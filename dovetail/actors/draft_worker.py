@@ -36,27 +36,30 @@ class DraftWorker(ChannelWorker):
         self.placement = "cuda" if device == "cuda" else pin_to(cpus, None)
         feature_drafter = is_drafter_dir(model_dir)
         precision = "fp32" if device == "cuda" else precision  # a GPU gets bf16 below: the kernels are CPU ones
-        with lean_loading():
-            if feature_drafter:
-                model = load_drafter(model_dir, target_dir, draft_vocab=draft_vocab, precision=precision)
-            else:
-                model = load_causal_lm(model_dir, precision=precision, role="draft")
-        if device == "cuda":
-            model = model.to("cuda", torch.bfloat16)
-        shape = TreeShape.parse(tree)
-        if feature_drafter:
-            self._new_proposer = lambda: FeatureDraftProposer(CachedLM(model), shape)
-            warm_up = self._new_proposer()
-            warm_up.start([0, 1])
-            warm_up.propose([1], torch.zeros(2, model.config.hidden_size))
-        else:
-            self._new_proposer = lambda: DraftProposer(CachedLM(model), shape, vocab_limit)
-            warm_up = self._new_proposer()
-            warm_up.start([0, 1])
-            warm_up.propose([1])
         self.proposers: dict = {}  # request id -> its proposer (own KV cache over the shared weights)
         self.arena = ShmArena(1 << 20)
-        self._serve(address, "draft")
+
+        def setup():
+            with lean_loading():
+                if feature_drafter:
+                    model = load_drafter(model_dir, target_dir, draft_vocab=draft_vocab, precision=precision)
+                else:
+                    model = load_causal_lm(model_dir, precision=precision, role="draft")
+            if device == "cuda":
+                model = model.to("cuda", torch.bfloat16)
+            shape = TreeShape.parse(tree)
+            if feature_drafter:
+                self._new_proposer = lambda: FeatureDraftProposer(CachedLM(model), shape)
+                warm_up = self._new_proposer()
+                warm_up.start([0, 1])
+                warm_up.propose([1], torch.zeros(2, model.config.hidden_size))
+            else:
+                self._new_proposer = lambda: DraftProposer(CachedLM(model), shape, vocab_limit)
+                warm_up = self._new_proposer()
+                warm_up.start([0, 1])
+                warm_up.propose([1])
+
+        self._serve(address, "draft", setup)
 
     def ready(self) -> dict:
         return {"pid": os.getpid(), "cpus": sorted(os.sched_getaffinity(0)), "peak_rss": rss_bytes(),

@@ -34,17 +34,20 @@ class TargetShard(ChannelWorker):
         ``features``: hand the committed positions' features to a feature drafter (rank 0 sends them)."""
         self.rank = rank
         self.memory_policy = pin_to(cpus, numa_node)  # before loading: first touch lands locally
-        self.collective = _collective(collective, group, world_size, rank)
-        with lean_loading():
-            self.model = load_shard(model_dir, self.collective, kernel, precision)
         self.keep_hidden = features
         self.verifiers: dict[str, TargetVerifier] = {}  # request id -> its KV cache and sampling state
-        self._verifier("warm-up").start([0, 1], SamplingParams())  # every rank runs it: collectives pair up
-        self.release("warm-up")
         self.features = None
-        if features and rank == 0:
-            self.features = ShmArena(2 * FEATURE_ROWS * self.model.config.hidden_size * 4 + (1 << 20))
-        self._serve(address, f"target-shard-{rank}")
+
+        def setup():
+            self.collective = _collective(collective, group, world_size, rank)
+            with lean_loading():
+                self.model = load_shard(model_dir, self.collective, kernel, precision)
+            self._verifier("warm-up").start([0, 1], SamplingParams())  # every rank runs it: collectives pair up
+            self.release("warm-up")
+            if features and rank == 0:
+                self.features = ShmArena(2 * FEATURE_ROWS * self.model.config.hidden_size * 4 + (1 << 20))
+
+        self._serve(address, f"target-shard-{rank}", setup)
 
     def ready(self) -> dict:
         return {"pid": os.getpid(), "cpus": sorted(os.sched_getaffinity(0)), "peak_rss": rss_bytes(),

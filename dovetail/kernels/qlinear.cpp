@@ -298,6 +298,17 @@ TileFn pick_tile(const Packed& w, int isa) {
   TORCH_CHECK(false, "no kernel for bits=", w.bits, " group=", w.gs, " mode=", w.mode);
 }
 
+// OpenMP's team size is a per-thread setting, and a new thread starts from OMP_NUM_THREADS (Ray
+// sets 1 for its workers, whose message loops run in their own threads). torch's own operators
+// re-apply torch.set_num_threads in each new thread; these kernels must do the same.
+void sync_thread_count() {
+  thread_local bool done = false;
+  if (!done) {
+    at::init_num_threads();
+    done = true;
+  }
+}
+
 const float* opt_f(const torch::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
 const int8_t* opt_i8(const torch::Tensor& t) { return t.numel() ? t.data_ptr<int8_t>() : nullptr; }
 
@@ -321,6 +332,7 @@ Packed make_packed(const torch::Tensor& q, const torch::Tensor& D, const torch::
 
 // x: [M, K] float32 -> (xq int8 [M, K], xs float32 [M, K/32, 4] = dx, dx*sum, dx*sum(first 16), dx*sum(last 16))
 std::vector<torch::Tensor> quantize_rows(const torch::Tensor& x_in) {
+  sync_thread_count();
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) % 32 == 0, "activations must be [M, K] with K a multiple of 32");
   const torch::Tensor x = x_in.to(torch::kFloat32).contiguous();
   const int64_t M = x.size(0), K = x.size(1), U = K / 32;
@@ -353,6 +365,7 @@ std::vector<torch::Tensor> quantize_rows(const torch::Tensor& x_in) {
 torch::Tensor qmatmul(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& D, const torch::Tensor& Dm,
                       const torch::Tensor& sc, const torch::Tensor& mn, int64_t N, int64_t bits, int64_t gs, int64_t sb,
                       int64_t mode, double z, int64_t isa) {
+  sync_thread_count();
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
   const int64_t M = x.size(0), K = x.size(1);
   const Packed w = make_packed(q, D, Dm, sc, mn, N, K, bits, gs, sb, mode, z);
@@ -385,6 +398,7 @@ torch::Tensor qmatmul(const torch::Tensor& x, const torch::Tensor& q, const torc
 torch::Tensor dequantize_rows(const torch::Tensor& q, const torch::Tensor& D, const torch::Tensor& Dm,
                               const torch::Tensor& sc, const torch::Tensor& mn, int64_t N, int64_t K, int64_t bits,
                               int64_t gs, int64_t sb, int64_t mode, double z, const torch::Tensor& rows_in) {
+  sync_thread_count();
   const Packed w = make_packed(q, D, Dm, sc, mn, N, K, bits, gs, sb, mode, z);
   const torch::Tensor rows = rows_in.to(torch::kInt64).contiguous();
   const int64_t R = rows.numel();
@@ -421,6 +435,7 @@ enum GgmlType { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q6_
 // The integer values of GGUF blocks [N, bytes per row] -> uint8 [N, K] (int8 bits for Q8_0), in
 // the order of the weights; the scales are read by packing.py. Mirrors ggml's block layouts.
 torch::Tensor decode_values(const torch::Tensor& raw_in, int64_t type, int64_t N, int64_t K) {
+  sync_thread_count();
   const torch::Tensor raw = raw_in.contiguous();
   TORCH_CHECK(raw.scalar_type() == torch::kUInt8 && raw.numel() % N == 0, "raw blocks must be uint8 [N, bytes]");
   const int64_t row_bytes = raw.numel() / N;
@@ -487,6 +502,7 @@ torch::Tensor decode_values(const torch::Tensor& raw_in, int64_t type, int64_t N
 
 // Values uint8 [N, K] -> the tile layout of the header comment: [ceil(N/16), K/32, qbytes].
 torch::Tensor pack_values(const torch::Tensor& q_in, int64_t bits) {
+  sync_thread_count();
   const torch::Tensor q = q_in.contiguous();
   TORCH_CHECK(q.dim() == 2 && q.size(1) % 32 == 0, "values must be [N, K] with K a multiple of 32");
   const int64_t N = q.size(0), K = q.size(1), T = (N + 15) / 16, U = K / 32;
@@ -561,6 +577,7 @@ inline float exp_neg(float x) {
 // q [H, Lq, d], k/v [Hkv, Lk, d] float32, visible uint8 [Lq, Lk] -> out [Lq, H, d].
 torch::Tensor row_attention(const torch::Tensor& q_in, const torch::Tensor& k_in, const torch::Tensor& v_in,
                             const torch::Tensor& visible_in, double scale) {
+  sync_thread_count();
   const torch::Tensor q = q_in.to(torch::kFloat32).contiguous(), k = k_in.to(torch::kFloat32).contiguous(),
                       v = v_in.to(torch::kFloat32).contiguous(), visible = visible_in.to(torch::kUInt8).contiguous();
   const int64_t H = q.size(0), Lq = q.size(1), d = q.size(2), Hkv = k.size(0), Lk = k.size(1);
