@@ -66,7 +66,7 @@ class Dovetail:
     def _load(self) -> "Dovetail":
         if self._engine is not None:
             return self
-        if self.config.engine == "actors":
+        if self.engine_kind() == "actors":
             return self._load_actors()
         cfg = self.config
         torch.set_num_threads(cfg.threads)
@@ -92,6 +92,24 @@ class Dovetail:
                   + (f"draft {self.draft_label}, tree {cfg.tree}; " if draft else "no draft (target-only decoding); ")
                   + f"{cfg.threads} threads; loaded in {time.perf_counter() - t0:.1f}s")
         return self
+
+    def engine_kind(self) -> str:
+        """``engine="auto"`` (the CLI's ``generate`` default) runs the actor system only where its
+        processes can work at once: a GPU or a core of its own for the draft, several sockets or
+        shards. Otherwise the draft would take turns with the target on the same cores, and one
+        process does exactly that with no messaging (measured faster on a 2-core machine)."""
+        cfg = self.config
+        if cfg.engine != "auto":
+            return cfg.engine
+        from dovetail.actors.system import resolve_topology
+        from dovetail.placement import CARVE_MIN_CPUS
+
+        topology = resolve_topology(cfg.sockets, cfg.partition)
+        parallel = (topology.gpus or len(topology.sockets) > 1 or (cfg.shards or 1) > 1 or cfg.address
+                    or cfg.draft_cpus not in ("auto", "shared")
+                    or (self.draft_dir is not None and cfg.draft_cpus == "auto"
+                        and max(len(s.cpus) for s in topology.sockets) >= CARVE_MIN_CPUS))
+        return "actors" if parallel else "inprocess"
 
     def _load_actors(self) -> "Dovetail":
         from dovetail.actors.system import ActorEngine

@@ -42,8 +42,10 @@ def add_bench_args(p) -> None:
     p.add_argument("--trees", default=";".join(DEFAULT_TREES), help="';'-separated tree shapes for Dovetail runs")
     p.add_argument("--methods", default="target,hf_assisted,dovetail", help="comma-separated subset")
     p.add_argument("--no-curves", action="store_true", help="skip the forward-cost curves")
-    p.add_argument("--suite", choices=("humaneval", "actors", "serve"), default="humaneval",
-                   help="humaneval: methods side by side; actors: the actor system vs the in-process engine; "
+    p.add_argument("--suite", choices=("native", "humaneval", "actors", "serve"), default="native",
+                   help="native (default): Dovetail on the packaged GGUF files vs llama.cpp on the same files "
+                        "(methods: llama,dovetail_inprocess,dovetail_actors,curves,ttft and the slow fp32,7b); "
+                        "humaneval: fp32 methods side by side; actors: the actor system vs the in-process engine; "
                         "serve: the HTTP server (TTFT, overhead per token, concurrency, replicas/shards scaling)")
     p.add_argument("--serve-configs", default="",
                    help="serve suite: ';'-separated substrings picking configurations (default: all)")
@@ -113,6 +115,10 @@ def run_bench(args) -> int:
     from dovetail.models.loading import load_causal_lm
     from dovetail.store import AUTO_DRAFT, DEFAULT_DRAFT, DRAFTER_KEYWORD, drafter_dir
 
+    if args.suite == "native":
+        from dovetail.bench_native import run_native_bench
+
+        return run_native_bench(args)
     if args.prompts < 1 or args.max_new_tokens < 1:
         raise UserError("--prompts and --max-new-tokens must be >= 1")
     args.name = args.name or args.suite

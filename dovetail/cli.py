@@ -58,8 +58,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="fp32 targets only: the dense linear kernel")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch threads of the in-process engine (default: all CPUs)")
-    p.add_argument("--engine", choices=("actors", "inprocess"), default="actors",
-                   help="actors: Ray actor system (default); inprocess: one process, no Ray")
+    p.add_argument("--engine", choices=("auto", "actors", "inprocess"), default="auto",
+                   help="actors: the Ray actor system; inprocess: one process, no Ray; auto (default): actors "
+                        "where the draft can run beside the target (a GPU, a core of its own, several sockets "
+                        "or shards), else inprocess")
     p.add_argument("--sockets", default=None,
                    help='virtual sockets as CPU lists, e.g. "0|1" or "0-7|8-15" (default: NUMA nodes)')
     p.add_argument("--shards", type=_positive_int, default=None, help="target shards (default: one per socket)")
@@ -170,7 +172,7 @@ def cmd_serve(args) -> int:
     from dovetail.serve import ServeConfig
     from dovetail.serve.server import run_server
 
-    if args.engine != "actors":
+    if args.engine == "inprocess":
         raise UserError("serve runs the actor engine; drop --engine inprocess")
     data = dict(target=args.target, draft=None if args.no_draft else args.draft, tree=args.tree,
                 draft_precision=args.draft_precision, target_precision=args.target_precision,

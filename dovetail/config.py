@@ -14,7 +14,7 @@ from dovetail.store import AUTO_DRAFT, DEFAULT_TARGET
 # verifying up to ~5 tokens costs about one target step with the "mm" kernel, so a 4-token
 # chain wins over wider trees, whose extra draft levels and verify rows cost more than they gain.
 DEFAULT_TREE = TreeShape.chain(3)
-ENGINES = ("actors", "inprocess")
+ENGINES = ("actors", "inprocess", "auto")  # auto: see Dovetail.engine_kind
 COLLECTIVES = ("shm", "gloo")
 
 

@@ -185,6 +185,7 @@ def _load_float_shard(path: Path, r: int, n: int, linear_kernel: str) -> nn.Modu
             module.out_features, module.in_features = tensor.shape
         if isinstance(module, nn.Embedding) and param_name == "weight":
             module.num_embeddings = tensor.shape[0]
+            module.padding_idx = None  # it may lie outside this slice; inference never uses it
     for reader in readers.values():
         reader.close()
     del state, loaded, readers
