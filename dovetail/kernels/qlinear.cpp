@@ -30,6 +30,12 @@ namespace {
 
 enum Mode { SYM_BLOCK = 0, SYM_K = 1, ASYM_K = 2, ASYM_BLOCK = 3 };
 
+// Software prefetch distance along a tile's weight stream: with the hardware prefetcher alone a
+// 1-row forward streamed ~16 GB/s of a ~20 GB/s roof on the development machine; 2 KB ahead
+// measured best for 1 and 4 rows (0, 1, 2, 4 KB tried). Past a tile's end it touches the next
+// tile, which the same thread reads next; past the tensor's end a prefetch cannot fault.
+int64_t PREFETCH_BYTES = 2048;
+
 struct Packed {
   const uint8_t* q;
   const float* D;
@@ -137,6 +143,7 @@ void tile_avx2(const Packed& w, int64_t t, const int8_t* xq, const float* xs, in
   constexpr int HALVES = 32 / GS, CHUNKS = GS / 4;
   for (int64_t u = 0; u < w.U; ++u) {
     const uint8_t* p = w.q + (t * w.U + u) * w.qbytes;
+    for (int64_t b = 0; b < w.qbytes; b += 64) _mm_prefetch((const char*)(p + PREFETCH_BYTES + b), _MM_HINT_T0);
     if (BITS == 8) {
       for (int c = 0; c < 8; ++c)
         for (int k = 0; k < 2; ++k) {
@@ -230,6 +237,7 @@ void tile_avx512(const Packed& w, int64_t t, const int8_t* xq, const float* xs, 
   __m512 S[HALVES], Mo[HALVES];
   for (int64_t u = 0; u < w.U; ++u) {
     const uint8_t* p = w.q + (t * w.U + u) * w.qbytes;
+    for (int64_t b = 0; b < w.qbytes; b += 64) _mm_prefetch((const char*)(p + PREFETCH_BYTES + b), _MM_HINT_T0);
     if (BITS == 8) {
       for (int c = 0; c < 8; ++c) {
         const __m512i raw = _mm512_loadu_si512((const void*)(p + c * 64));
@@ -622,12 +630,15 @@ torch::Tensor row_attention(const torch::Tensor& q_in, const torch::Tensor& k_in
 
 int64_t cpu_best_isa() { return best_isa(); }
 
+void set_prefetch_bytes(int64_t bytes) { PREFETCH_BYTES = bytes; }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_rows", &quantize_rows, "int8 activations per 32-block");
   m.def("qmatmul", &qmatmul, "y = x @ W.T for a packed quantized W");
   m.def("dequantize_rows", &dequantize_rows, "rows of a packed weight as float32");
   m.def("best_isa", &cpu_best_isa, "1 scalar, 2 AVX2+FMA, 3 AVX-512 VNNI");
   m.def("row_attention", &row_attention, "attention, each query row on its own (block-independent)");
+  m.def("set_prefetch_bytes", &set_prefetch_bytes, "software prefetch distance (benchmarks)");
   m.def("decode_values", &decode_values, "integer values of GGUF blocks");
   m.def("pack_values", &pack_values, "values -> the kernel's tile layout");
 }
