@@ -5,6 +5,7 @@ the tensor data. The format constants still come from the ``gguf`` package."""
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ class GGUFTensor:
     shape: tuple[int, ...]  # GGUF order: the fastest-varying dimension first
     tensor_type: GGMLQuantizationType
     data: np.ndarray  # the tensor's bytes (uint8) or values (float types), memory-mapped
+    offset: int = 0  # of the data in the file
 
     @property
     def n_bytes(self) -> int:
@@ -69,7 +71,17 @@ class GGUFIndex:
                 raw = raw.view(np.float32)
             elif ttype == GGMLQuantizationType.F16:
                 raw = raw.view(np.float16)
-            self.tensors[name] = GGUFTensor(name, dims, ttype, raw)
+            self.tensors[name] = GGUFTensor(name, dims, ttype, raw, start + offset)
+
+    def release(self, tensor: GGUFTensor) -> None:
+        """Drop a tensor's file pages from this process's memory once it has been decoded: they
+        count as resident while mapped, and a whole model's worth would double the load's peak."""
+        page = mmap.PAGESIZE
+        start = tensor.offset // page * page
+        end = min(len(self._mm), -(-(tensor.offset + tensor.n_bytes) // page) * page)
+        raw_map = getattr(self._mm, "_mmap", None)
+        if raw_map is not None and end > start and hasattr(raw_map, "madvise"):
+            raw_map.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     @property
     def architecture(self) -> str:

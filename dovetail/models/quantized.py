@@ -139,6 +139,7 @@ class GGUFSource:
         if arch_id is None:
             raise UserError(f"{path}: unknown GGUF architecture {arch!r}")
         self.arch = arch
+        self.index = index
         self.names = gguf.TensorNameMap(arch_id, config.num_hidden_layers)
         self.tensors = index.tensors
         self.config = config
@@ -176,7 +177,9 @@ class GGUFSource:
             data = data[order]
         if rows is not None:
             data = data[rows[0]:rows[1]]
-        return torch.from_numpy(np.array(data, dtype=np.float32))
+        out = torch.from_numpy(np.array(data, dtype=np.float32))
+        self.index.release(t)
+        return out
 
     def format_of(self, name: str):
         t = self._tensor(name)
@@ -198,7 +201,9 @@ class GGUFSource:
         if cols is not None:  # whole blocks only: the caller split on super-block boundaries
             raw = raw.reshape(n_rows, n_cols // per, size)[:, cols[0] // per:cols[1] // per].reshape(n_rows, -1)
             n_cols = cols[1] - cols[0]
-        return decode(raw, t.tensor_type, n_rows, n_cols)
+        decoded = decode(raw, t.tensor_type, n_rows, n_cols)
+        self.index.release(t)
+        return decoded
 
 
 class FloatSource:
