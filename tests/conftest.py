@@ -6,6 +6,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# one build of the quantized kernels for the whole session, subprocesses and isolated homes included
+os.environ.setdefault("DOVETAIL_KERNEL_CACHE",
+                      str(Path(os.environ.get("DOVETAIL_HOME", Path.home() / ".cache" / "dovetail")) / "kernels"))
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(1)
 

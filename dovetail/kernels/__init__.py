@@ -1,7 +1,7 @@
 """Quantized CPU kernels: built from source on first use, chosen at run time by CPU features.
 
 ``ops()`` compiles ``qlinear.cpp`` once per source version (cached under
-``$DOVETAIL_HOME/kernels``) and loads it. One binary carries every path -- portable scalar,
+``$DOVETAIL_HOME/kernels``, or ``$DOVETAIL_KERNEL_CACHE``) and loads it. One binary carries every path -- portable scalar,
 AVX2 + FMA, AVX-512 VNNI -- each function compiled for its own instruction set, and the best
 one this CPU runs is picked when called (``best_isa``), so the cache can move between machines.
 """
@@ -32,7 +32,9 @@ def _build_dir() -> Path:
     from dovetail.store import dovetail_home
 
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS + LDFLAGS).encode()).hexdigest()[:12]
-    return dovetail_home() / "kernels" / f"qlinear-{digest}"
+    root = Path(os.environ["DOVETAIL_KERNEL_CACHE"]) if os.environ.get("DOVETAIL_KERNEL_CACHE") else (
+        dovetail_home() / "kernels")
+    return root / f"qlinear-{digest}"
 
 
 def ops():
