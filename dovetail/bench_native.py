@@ -106,7 +106,7 @@ def _dovetail_row(label, dt, prompts, max_new, speculate=True) -> dict:
     return row, outputs
 
 
-def ttft_of_generate(args) -> float | None:
+def ttft_of_generate() -> float | None:
     """Seconds from starting the README's generate command (warm cache) to its first streamed byte."""
     cmd = [sys.executable, "launch.py", "generate", "--chat", "--max-new-tokens", "8",
            "--prompt", "Write a Python function that checks whether a number is prime."]
@@ -301,7 +301,7 @@ def run_native_bench(args) -> int:
             finally:
                 engine.shutdown()
     if "ttft" in methods:
-        results["ttft_generate_s"] = ttft_of_generate(args)
+        results["ttft_generate_s"] = ttft_of_generate()
         _say(f"time to first token of the README generate command: {results['ttft_generate_s']} s")
     best = max((r["tok_s"] for r in results["rows"] if r["method"].startswith("llama.cpp")), default=None)
     for row in results["rows"]:

@@ -151,7 +151,7 @@ class PackedWeight:
         return sum(t.numel() * t.element_size() for t in (self.q, self.D, self.Dm, self.sc, self.mn))
 
     def args(self) -> tuple:
-        s = self.scheme
+        """The tensors and row count, as ``qmatmul``/``dequantize_rows`` take them first."""
         return (self.q, self.D, self.Dm, self.sc, self.mn, self.rows)
 
     def scheme_args(self) -> tuple:
