@@ -310,7 +310,7 @@ def _split(name: str, spans, world: int):
     return None, None
 
 
-def load_quantized(path: str | Path, precision: str, rank: int = 0, world: int = 1, progress=None) -> nn.Module:
+def load_quantized(path: str | Path, precision: str, rank: int = 0, world: int = 1) -> nn.Module:
     """The causal LM in ``path`` with quantized linears and embedding: all of it (``world=1``) or
     shard ``rank`` of ``world`` (tensor-parallel slices; the caller adds the collectives)."""
     path = Path(path)
@@ -320,8 +320,6 @@ def load_quantized(path: str | Path, precision: str, rank: int = 0, world: int =
     with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers real
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    bar = progress(total=len(linears) + 1) if progress else None
-    packed_by_source: dict[str, QuantLinear] = {}
 
     def quant_linear(weight_name: str, bias: torch.Tensor | None) -> nn.Module:
         rows, cols = _split(weight_name, spans, world)
@@ -349,11 +347,8 @@ def load_quantized(path: str | Path, precision: str, rank: int = 0, world: int =
         if name == "lm_head" and not source.has(weight_name):  # a tied head: share the embedding's blocks
             continue
         module = quant_linear(weight_name, bias)
-        packed_by_source[weight_name] = module
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, module)
-        if bar:
-            bar.update(1)
     embed_name = "model.embed_tokens.weight"
     table = quant_linear(embed_name, None)
     if not isinstance(table, QuantLinear):
@@ -361,8 +356,6 @@ def load_quantized(path: str | Path, precision: str, rank: int = 0, world: int =
     model.model.embed_tokens = QuantEmbedding(table)
     if not source.has("lm_head.weight"):
         model.lm_head = table
-    if bar:
-        bar.update(1)
     for name, param in list(model.named_parameters()):  # norms (and anything else left on meta)
         if param.device.type != "meta":
             continue
@@ -377,8 +370,3 @@ def load_quantized(path: str | Path, precision: str, rank: int = 0, world: int =
     use_row_attention(model)  # verification must reproduce plain decoding bit for bit (see there)
     return model.eval()
 
-
-def quantized_bytes(model: nn.Module) -> int:
-    """Bytes of weights a forward streams (packed blocks plus dense leftovers)."""
-    total = sum(m.nbytes for m in model.modules() if isinstance(m, QuantLinear))
-    return total + sum(p.numel() * p.element_size() for p in model.parameters())
