@@ -34,11 +34,12 @@ from dovetail.kernels import ops
 from gguf import GGML_QUANT_SIZES
 
 from dovetail.models.gguf_index import GGUFIndex
+from dovetail.models.tp import _SPLITS, SliceReader, _weight_files
+from dovetail.store import GGUF_NAME
 from dovetail.kernels.packing import SCHEMES, Decoded, PackedWeight, decode, encode, pack, precision_format
 
 PRECISIONS = ("auto", "native", "int8", "int4", "fp32")
 QUANTIZED = ("native", "int8", "int4")
-GGUF_NAME = "model.gguf"
 # DOVETAIL_KERNEL_ISA = scalar | avx2 | avx512: force one kernel path (tests, benchmarks); default: the best
 _ISA_CODES = {"": 0, "auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 
@@ -185,9 +186,6 @@ class GGUFSource:
         t = self._tensor(name)
         return t.tensor_type if t.tensor_type in SCHEMES else None
 
-    def cols_of(self, name: str) -> int:
-        return int(self._tensor(name).shape[0])
-
     def decoded(self, name: str, rows: tuple[int, int] | None, cols: tuple[int, int] | None) -> Decoded:
         t = self._tensor(name)
         n_cols, n_rows = int(t.shape[0]), int(t.shape[1])
@@ -210,17 +208,14 @@ class FloatSource:
     """A float safetensors checkpoint quantized on load (``int8``/``int4``), slice by slice."""
 
     def __init__(self, path: Path, precision: str):
-        from dovetail.models.tp import SliceReader, _weight_files
-
         self.files = _weight_files(path)
         self.readers: dict[Path, SliceReader] = {}
         self.precision = precision
-        self._reader_cls = SliceReader
 
     def _reader(self, name: str):
         file = self.files[name]
         if file not in self.readers:
-            self.readers[file] = self._reader_cls(file)
+            self.readers[file] = SliceReader(file)
         return self.readers[file]
 
     def has(self, name: str) -> bool:
@@ -258,14 +253,6 @@ def open_source(path: Path, precision: str, config):
 
 
 # -- building the model ------------------------------------------------------------------------------
-_ROW_SPLITS = [(re.compile(r"\.self_attn\.q_proj\.(weight|bias)$"), "q"),
-               (re.compile(r"\.self_attn\.[kv]_proj\.(weight|bias)$"), "kv"),
-               (re.compile(r"\.mlp\.(gate|up)_proj\.weight$"), "mlp"),
-               (re.compile(r"^lm_head\.weight$"), "vocab"),
-               (re.compile(r"^model\.embed_tokens\.weight$"), "vocab")]
-_COL_SPLITS = [(re.compile(r"\.self_attn\.o_proj\.weight$"), "q"), (re.compile(r"\.mlp\.down_proj\.weight$"), "mlp")]
-
-
 def balanced(total: int, unit: int, rank: int, world: int) -> tuple[int, int]:
     """Rank ``rank``'s share of ``total`` items cut on multiples of ``unit`` (the first ranks get more)."""
     units = total // unit
@@ -301,12 +288,9 @@ def _split(name: str, spans, world: int):
     """(rows, cols) slices of parameter ``name`` for this shard (None: whole)."""
     if world == 1:
         return None, None
-    for pattern, kind in _ROW_SPLITS:
+    for pattern, dim, kind in _SPLITS:  # the same Megatron layout as the fp32 shards
         if pattern.search(name):
-            return spans[kind], None
-    for pattern, kind in _COL_SPLITS:
-        if pattern.search(name):
-            return None, spans[kind]
+            return (spans[kind], None) if dim == 0 else (None, spans[kind])
     return None, None
 
 
