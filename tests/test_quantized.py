@@ -70,6 +70,16 @@ def test_each_row_is_computed_independently_of_the_block():
     assert torch.equal(run(x[3:11], pw, 0), block[3:11])
 
 
+def test_activation_quantization_is_the_same_on_every_path():
+    x = torch.randn(37, 256, generator=torch.Generator().manual_seed(4)) * 5
+    x[3, :32] = 0.0  # an all-zero block
+    x[5, 7] = 1e30  # one huge value: the rest of its block rounds to zero
+    x[6, :32] = torch.arange(32) - 15.5  # exact halves: round half to even on every path
+    results = [ops().quantize_rows(x, isa) for isa in PATHS]
+    for xq, xs in results[1:]:
+        assert torch.equal(xq, results[0][0]) and torch.equal(xs, results[0][1])
+
+
 def test_activation_quantization_per_block():
     x = torch.tensor([[1.0] * 31 + [-127.0]])
     xq, xs = ops().quantize_rows(x)
@@ -122,6 +132,25 @@ def test_native_model_runs_exactly_the_gguf_weights(tmp_path, arch):
         got, want = native(ids).logits, reference(ids).logits
     assert (got - want).abs().max() < 0.05 * want.abs().max()  # only the int8 activations differ
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.8
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_the_lean_forward_computes_the_hf_model(tmp_path, arch):
+    """Quantized models decode through ``fast_forward`` (their own cache, fused per-row operators);
+    it must compute the same model as HF's forward of the same modules, not merely agree with itself."""
+    _, folder, _ = gguf_model(tmp_path, arch, seed=5)
+    native = load_quantized(folder, "native")
+    lm = CachedLM(native)
+    assert lm.fast is not None
+    ids = [5, 17, 33, 2, 90, 41, 7, 60]
+    lean = torch.cat([lm.extend(ids[:5], logits_to_keep=0), lm.extend(ids[5:], logits_to_keep=0)])
+    with torch.inference_mode():
+        hf = native(torch.tensor([ids])).logits[0]
+    # the same weights and int8 activations; only the norms' summation order differs, which can
+    # flip an occasional int8 rounding (a wrong rotary, head grouping or cache would be off by O(1))
+    scale = hf.abs().max()
+    assert (lean - hf).abs().mean() < 1e-3 * scale and (lean - hf).abs().max() < 0.02 * scale
+    assert (lean.argmax(-1) == hf.argmax(-1)).float().mean() >= 0.75
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from dovetail.models import fast_forward
 from dovetail.models.tree import ancestry_matrix
 
 
@@ -32,6 +33,8 @@ class CachedLM:
         self.config = model.config
         self.dtype = model.dtype
         self.device = next(model.parameters()).device  # the draft may live on a GPU
+        # quantized Llama/Qwen2 models run a lean forward of their own (same modules and cache)
+        self.fast = fast_forward.FastForward(model) if fast_forward.supports(model) else None
         self.reset()
 
     # -- state ---------------------------------------------------------------------------
@@ -74,6 +77,15 @@ class CachedLM:
             out = self.model(input_ids=ids, features=features.to(self.device)[None], logits_to_keep=logits_to_keep, **kw)
             self.last_hidden = out.hidden[0]
             return out.logits[0].float()
+        if self.fast is not None:
+            hidden = self.fast.hidden(ids, positions, mask, kw["cache"])
+            if self.keep_hidden:
+                self.last_hidden = hidden
+            if isinstance(logits_to_keep, torch.Tensor):
+                hidden = hidden[logits_to_keep]
+            elif logits_to_keep:
+                hidden = hidden[-logits_to_keep:]
+            return self.model.lm_head(hidden).float()
         if not self.keep_hidden:
             return self.model(input_ids=ids, logits_to_keep=logits_to_keep, **kw).logits[0].float()
         hidden = self.model.model(input_ids=ids, **kw).last_hidden_state

@@ -92,14 +92,20 @@ class QuantLinear(nn.Module):
         self.scheme = packed.scheme_args()
         self.bias = None if bias is None else nn.Parameter(bias.float().contiguous(), requires_grad=False)
         self.isa = kernel_isa()
+        # the kernel's arguments, gathered once: a module attribute lookup per call costs more than
+        # a small linear's arithmetic (buffers are never reassigned after construction)
+        self._weight_args = (self.q, self.D, self.Dm, self.sc, self.mn, self.out_features, *self.scheme, self.isa,
+                             self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).float().contiguous()
-        y = ops().qmatmul(x2, self.q, self.D, self.Dm, self.sc, self.mn, self.out_features, *self.scheme, self.isa)
-        if self.bias is not None:
-            y += self.bias
+        y = self.forward_quantized(*ops().quantize_rows(x.reshape(-1, self.in_features), self.isa))
         return y.view(*shape[:-1], self.out_features)
+
+    def forward_quantized(self, xq: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        """[M, out] from activations already quantized by ``ops().quantize_rows`` (shareable
+        between linears that read the same input)."""
+        return ops().qmatmul_quantized(xq, xs, *self._weight_args)
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Rows of W as fp32 (exact): the whole matrix by default."""
