@@ -96,6 +96,7 @@ class CachedLM:
             hidden = hidden[:, -logits_to_keep:]
         return self.model.lm_head(hidden)[0].float()
 
+    @torch.inference_mode()
     def commit(self, path) -> int:
         """Keep the pending entries of ``path`` (tree nodes, root first), in order, contiguous.
 
@@ -109,10 +110,16 @@ class CachedLM:
                 break
             kept.append(where[node])
         if self._pending_nodes:
-            index = torch.tensor([*range(self.committed), *(self.committed + i for i in kept)], device=self.device)
+            # Only the pending tail moves (a chain's accepted prefix is already in place): copying the
+            # whole cache every step cost as much as the attention over it.
+            end = self.committed + len(kept)
+            moved = kept != list(range(len(kept)))
+            index = torch.tensor([self.committed + i for i in kept], dtype=torch.long, device=self.device)
             for layer in self.cache.layers:
-                layer.keys = layer.keys.index_select(2, index)
-                layer.values = layer.values.index_select(2, index)
+                if moved:
+                    layer.keys[:, :, self.committed:end] = layer.keys.index_select(2, index)
+                    layer.values[:, :, self.committed:end] = layer.values.index_select(2, index)
+                layer.keys, layer.values = layer.keys[:, :, :end], layer.values[:, :, :end]
         self.committed += len(kept)
         self._pending_nodes = []
         return len(kept)
