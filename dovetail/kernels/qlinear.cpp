@@ -693,8 +693,9 @@ torch::Tensor pack_values(const torch::Tensor& q_in, int64_t bits) {
 // Each query row attends to its visible keys in cache order with a fixed order of operations, so
 // a token's attention output is bit-identical whether it is decoded alone or verified inside a
 // tree or a batch (a library attention kernel picks its blocking by shape, and with quantized
-// activations a last-bit difference can flip an int8 rounding). Sums run in 8 interleaved lanes
-// that the compiler vectorises without reordering; exp is a fixed polynomial.
+// activations a last-bit difference can flip an int8 rounding). Dot products run in 32 lanes
+// (8-float vectors, reduced in a fixed order), so vectorising never reorders them; exp is a fixed
+// polynomial.
 namespace {
 
 typedef float v8f __attribute__((vector_size(32)));  // 8 lanes: one ymm, or two xmm on baseline x86-64
