@@ -241,3 +241,81 @@ def test_quantized_target_through_the_actors(ray_session, tmp_path, sockets):
     finally:
         engine.shutdown()
     assert _segments() <= ray_session
+
+
+def _raw(engine, prompt, max_new, sampling=None, speculate=True):
+    """A request straight to the coordinator, past the driver's validation (as a request whose own
+    computation fails would reach it); returns (tokens, final item)."""
+    sampling = sampling or dict(temperature=0.0, top_p=1.0, top_k=0, seed=1)
+    tokens = []
+    for ref in engine.coordinator.generate.options(num_returns="streaming").remote(prompt, max_new, sampling,
+                                                                                  speculate, True, None):
+        item = ray.get(ref)
+        if isinstance(item, list):
+            tokens.extend(item)
+        else:
+            return tokens, item
+
+
+def _live_requests(engine) -> dict:
+    workers = ray.get(engine.coordinator.info.remote(refresh=True))["workers"]
+    return {name: w["live_requests"] for name, w in workers.items()}
+
+
+@pytest.mark.parametrize("sockets", ["0", "0|1"], ids=["1-shard", "2-shards"])
+def test_a_request_error_fails_that_request_alone(ray_session, qwen_pair, sockets):
+    """An error in one request's own computation (a token id past the vocabulary: the shard's or the
+    draft's embedding raises) or in encoding its messages (top_k 2**64 overflows msgpack) ends that
+    request with a clear error; the workers are not restarted and keep no state of it."""
+    target, (target_dir, draft_dir) = qwen_pair
+    engine = _engine(target_dir, draft_dir, "chain:3", sockets)
+    try:
+        generation = ray.get(engine.coordinator.info.remote())["generation"]
+        _, final = _raw(engine, [5, 6, 10**6], 20)
+        assert "error" in final and "restarted" not in final["error"], final
+        _, final = _raw(engine, [5, 6, 7], 20, dict(temperature=0.5, top_p=1.0, top_k=2**64, seed=1))
+        assert "error" in final and "restarted" not in final["error"], final
+        assert ray.get(engine.coordinator.info.remote())["generation"] == generation, "the workers were restarted"
+        assert set(_live_requests(engine).values()) == {0}
+        prompt = _prompts()[1]
+        assert engine.generate(prompt, 30).token_ids == hf_greedy(target, prompt, 30, eos=EOS)
+    finally:
+        engine.shutdown()
+    assert _segments() <= ray_session
+
+
+def test_a_failing_request_in_a_batch_fails_alone(ray_session, qwen_pair):
+    """Batch mode, four concurrent requests, one of which fails inside the workers: the other three
+    are exact, nothing is restarted, and every worker's live-request count returns to 0."""
+    import threading
+
+    target, (target_dir, draft_dir) = qwen_pair
+    config = EngineConfig(target=str(target_dir), draft=str(draft_dir), tree="chain:3", sockets="0",
+                          draft_precision="fp32", max_batch=4)
+    engine = ActorEngine(target_dir, draft_dir, config, [EOS], context_length=512)
+    prompts = _prompts() + [[9, 8, 7, 6]]
+    bad = 2
+    prompts[bad] = prompts[bad] + [10**6]
+    results = {}
+
+    def run(i):
+        results[i] = _raw(engine, prompts[i], 40)
+
+    try:
+        generation = ray.get(engine.coordinator.info.remote())["generation"]
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, prompt in enumerate(prompts):
+            tokens, final = results[i]
+            if i == bad:
+                assert "error" in final, final
+            else:
+                assert "stats" in final and tokens == hf_greedy(target, prompt, 40, eos=EOS), i
+        assert ray.get(engine.coordinator.info.remote())["generation"] == generation
+        assert set(_live_requests(engine).values()) == {0}
+    finally:
+        engine.shutdown()
+    assert _segments() <= ray_session

@@ -76,3 +76,23 @@ def test_batched_greedy_identical_to_target(pair, shape):
     for prompt, out in zip(PROMPTS, outputs):
         assert out[:n] == hf_greedy(target, prompt, n)
     assert accepted > 0
+
+
+def test_one_failing_acceptance_does_not_fail_the_batch(pair):
+    """A request whose own acceptance raises gets its exception back; the others of the batch get
+    the acceptances they would have had alone, and its cache keeps no pending block."""
+    target, draft = pair
+    verifiers, proposers, firsts = _started(target, draft, TreeShape.chain(3))
+    trees = [p.propose(f) for p, f in zip(proposers, firsts)]
+    alone = [copy.deepcopy(v) for v in verifiers]
+    expected = [v.verify(t) for v, t in zip(alone, trees)]
+
+    def broken(tree, logits):
+        raise FloatingPointError("probabilities are NaN")
+
+    verifiers[1].accept = broken
+    results = verify_batch(verifiers, trees)
+    assert isinstance(results[1], FloatingPointError)
+    assert not verifiers[1].lm._pending_nodes
+    for i in (0, 2, 3):
+        assert results[i].tokens == expected[i].tokens and results[i].path == expected[i].path

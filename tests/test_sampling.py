@@ -110,3 +110,21 @@ def test_same_seed_same_output(pair):
     engine = make_engine(*pair, TreeShape.chain(3), eos=-1)
     params = SamplingParams(**PARAMS, seed=123)
     assert engine.generate(PROMPT, 12, params).token_ids == engine.generate(PROMPT, 12, params).token_ids
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-40, 1e-6])
+def test_tiny_temperatures_decode_greedily(pair, temperature):
+    """Every temperature the API accepts is numerically safe: below GREEDY_BELOW it is greedy (a
+    plain ``logits / T`` overflowed to inf and NaN probabilities, and multinomial raised)."""
+    from dovetail.models.tree import TreeShape
+
+    params = SamplingParams(temperature, seed=1)
+    assert params.greedy
+    engine = make_engine(*pair, TreeShape.chain(3), eos=-1)
+    assert engine.generate(PROMPT, 12, params).token_ids == engine.generate(PROMPT, 12, SamplingParams()).token_ids
+
+
+def test_small_temperatures_give_finite_probabilities():
+    logits = torch.tensor([[1e4, 0.0, -1e4, 3.0]])
+    probs = target_probs(logits, SamplingParams(verification.GREEDY_BELOW))
+    assert torch.isfinite(probs).all() and probs[0, 0] == 1.0

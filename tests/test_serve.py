@@ -195,6 +195,64 @@ def test_bad_requests_get_a_400_with_an_openai_error(server, body, code):
         assert error["code"] == code
 
 
+def test_sampling_edges_never_restart_a_worker(server, served):
+    """Every value the schema accepts is served (tiny temperatures decode greedily), every value
+    it does not is a 400; none of them restarts a worker."""
+    _, tokenizer, _ = served
+    url, prompt = server["url"], _text_prompt(7)
+    restarts = _metric(url, "dovetail_worker_restarts_total")
+    greedy = _reference(served, tokenizer.encode(prompt), 8)
+    for temperature in (5e-324, 1e-40, 1e-6):
+        response = httpx.post(url + "/v1/completions", timeout=60, json={
+            "prompt": prompt, "max_tokens": 8, "temperature": temperature, "seed": 3})
+        assert response.status_code == 200, (temperature, response.text)
+        assert response.json()["choices"][0]["text"] == greedy, temperature
+    for fields in ({"top_k": 2**64}, {"top_k": VOCAB + 1}, {"seed": 2**64}, {"seed": -2**63 - 1}):
+        response = httpx.post(url + "/v1/completions", timeout=60,
+                              json={"prompt": prompt, "max_tokens": 4, "temperature": 0.7, **fields})
+        assert response.status_code == 400, (fields, response.text)
+    response = httpx.post(url + "/v1/completions", timeout=60, json={
+        "prompt": prompt, "max_tokens": 4, "temperature": 0.7, "top_k": VOCAB, "seed": 2**63 - 1})
+    assert response.status_code == 200, response.text
+    assert _metric(url, "dovetail_worker_restarts_total") == restarts
+
+
+def test_client_request_ids_are_echoed_never_shared(server, served):
+    """Two concurrent streams with the same X-Request-Id each get their own answer (the header is
+    echoed back; the engine's key is the server's own), and a retry with that id after a
+    disconnect is served in full."""
+    _, tokenizer, _ = served
+    url = server["url"]
+    prompts = [_text_prompt(300), _text_prompt(301)]
+    results = {}
+
+    def run(i, n=40):
+        body = {"prompt": prompts[i], "max_tokens": n, "temperature": 0, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120,
+                          headers={"X-Request-Id": "same-id"}) as response:
+            results[i] = (", ".join(sorted(set(response.headers.get_list("x-request-id")))), _sse(response))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, (header, events) in results.items():
+        assert header == "same-id"
+        assert "".join(e["choices"][0]["text"] for e in events) == _reference(served, tokenizer.encode(prompts[i]), 40)
+    assert results[0][1][0]["id"] != results[1][1][0]["id"]
+    body = {"prompt": prompts[0], "max_tokens": 300, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120,
+                      headers={"X-Request-Id": "retry-id"}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                break  # disconnect after the first event: the server cancels that request
+    retry = httpx.post(url + "/v1/completions", timeout=120, headers={"X-Request-Id": "retry-id"},
+                       json={"prompt": prompts[0], "max_tokens": 30, "temperature": 0})
+    assert retry.status_code == 200 and retry.headers["x-request-id"] == "retry-id"
+    assert retry.json()["choices"][0]["text"] == _reference(served, tokenizer.encode(prompts[0]), 30)
+
+
 def test_chat_refusals_and_unknown_routes(server):
     url = server["url"]
     for body in ({"messages": []}, {"messages": [{"role": "robot", "content": "x"}]},

@@ -16,10 +16,14 @@ together (one draft forward per tree level, each request against its own KV cach
 ``VerifyBatch`` has the shards verify all the trees in one forward: either way the weights stream
 once for all the requests. Requests join as others finish. No betting in this mode.
 
-Failures: an ``ErrorReport`` from a worker, or a worker that stops answering pings or taking
-messages (a dead peer's zmq PAIR socket would block a send forever), fails the request with a
-clear error; the coordinator then kills and restarts every worker (a shard group cannot lose a
-member: gloo collectives would hang), so the next request runs on a fresh group.
+Failures come in two kinds:
+* a request's own: a worker reports an error in that request's computation, a reply misses the
+  step deadline, or a message cannot be encoded. That request alone ends with a clear error; its
+  state is freed in every worker (``EndRequest``) and every worker's message loop must answer a
+  ``Sync`` (proof that none is stuck, say in a collective); other requests go on.
+* a worker's: one that is gone (fails a ping, its process died) or stuck (no ``Sync`` answer).
+  The coordinator then kills and restarts every worker (a shard group cannot lose a member:
+  collectives would hang), so the next request runs on a fresh group; requests in flight fail.
 """
 
 from __future__ import annotations
@@ -41,19 +45,29 @@ from dovetail.engine import GenerationStats, OutputBuffer
 from dovetail.models.collectives import shm_collective_bytes
 from dovetail.placement import Plan
 from dovetail.protocol.channel import Channel, PeerUnavailable, ipc_address
-from dovetail.protocol.messages import (Accepted, ArrayRef, EndRequest, ErrorReport, Predraft, ProposeBatch, ProposeTree,
-                                        Shutdown, StartRequest, TreeProposal, VerifyBatch, VerifyTree)
+from dovetail.protocol.messages import (PROTOCOL_VERSION, Accepted, ArrayRef, EndRequest, ErrorReport, Predraft,
+                                        ProposeBatch, ProposeTree, Shutdown, StartRequest, Sync, Synced, TreeProposal,
+                                        VerifyBatch, VerifyTree)
 from dovetail.protocol.shm import ShmArena, remove_orphaned_segments
 
 log = logging.getLogger("dovetail.coordinator")
 
 PING_EVERY_S = 1.0  # how long a reply may be silent before the coordinator checks the workers are alive
+SYNC_DEADLINE_S = 30.0  # after a request failed: how long a worker may take to answer a Sync
 SEND_TIMEOUT_MS = int(PING_EVERY_S * 1000)  # a send not taken by then: check the worker is alive
 CANCEL_MEMORY_S = 600.0  # how long a cancellation for a request not (yet) seen here is remembered
 
 
 class WorkerFailure(RuntimeError):
-    """A draft or shard actor failed or died during a request."""
+    """A draft or shard actor died or is stuck: the worker group must be restarted."""
+
+
+class RequestFailure(RuntimeError):
+    """One request's own computation failed; the workers are fine."""
+
+    def __init__(self, request_id: str, message: str):
+        super().__init__(message)
+        self.request_id = request_id
 
 
 @dataclass(frozen=True)
@@ -74,6 +88,7 @@ class WorkerSpec:
     gpu_share: float = 1.0  # of the GPU the draft asks Ray for (serving replicas share one GPU)
     max_batch: int = 1  # > 1: up to this many requests decode together, their trees verified in one forward
     target_precision: str = "auto"
+    step_timeout_s: float = 600.0  # a reply (prefill included) not back by then fails its request
 
 
 @dataclass
@@ -137,6 +152,7 @@ class Coordinator:
         self.arena = ShmArena(1 << 20)  # prompts
         self.workers_info: dict = {}
         self._cancelled: dict[str, float] = {}  # request id -> when cancel() was called
+        self._failures: dict[str, str] = {}  # request id -> the error a worker reported for it
         self._start_workers()
         self._incoming: queue.Queue = queue.Queue()  # batch mode: requests waiting to join the batch
         self._stopping = threading.Event()
@@ -179,6 +195,10 @@ class Coordinator:
         inboxes = self._inboxes()
         infos = ray.get([box.actor.ready.remote() for box in inboxes])
         self.workers_info = {box.name: info for box, info in zip(inboxes, infos)}
+        skewed = [f"{box.name} speaks {info.get('protocol')}" for box, info in zip(inboxes, infos)
+                  if info.get("protocol") != PROTOCOL_VERSION]
+        if skewed:
+            raise RuntimeError(f"protocol version mismatch (coordinator: {PROTOCOL_VERSION}): {', '.join(skewed)}")
         self.poller = zmq.Poller()
         for box in inboxes:
             self.poller.register(box.channel.socket, zmq.POLLIN)
@@ -246,14 +266,27 @@ class Coordinator:
                 self._check_alive()  # alive but slow to take it: try again
 
     def _recv(self, box: _Inbox, kind: type, request_id: str, step: int):
-        """Wait for ``box``'s reply of type ``kind`` for this step; raise ``WorkerFailure`` on an
-        error report from any worker, or when a worker has died."""
+        """Wait for ``box``'s reply of type ``kind`` for this step. ``RequestFailure`` when a worker
+        reported an error for this request or the step deadline passed; ``WorkerFailure`` when a
+        worker died."""
+        return self._wait(box, lambda m: isinstance(m, kind) and m.request_id == request_id and m.step == step,
+                          f"{kind.KIND} (step {step})", request_id, self.spec.step_timeout_s)
+
+    def _wait(self, box: _Inbox, match, what: str, request_id: str | None, timeout_s: float):
+        deadline = time.monotonic() + timeout_s
         while True:
+            if request_id is not None and request_id in self._failures:
+                raise RequestFailure(request_id, self._failures.pop(request_id))
             for i, msg in enumerate(box.pending):
-                if isinstance(msg, kind) and msg.request_id == request_id and msg.step == step:
+                if match(msg):
                     del box.pending[i]
                     return msg
-            ready = dict(self.poller.poll(PING_EVERY_S * 1000))
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if request_id is None:
+                    raise WorkerFailure(f"{box.name} is stuck: no {what} within {timeout_s:g} s")
+                raise RequestFailure(request_id, f"no {what} reply from {box.name} within {timeout_s:g} s")
+            ready = dict(self.poller.poll(min(PING_EVERY_S, left) * 1000))
             if not ready:
                 self._check_alive()
                 continue
@@ -262,10 +295,36 @@ class Coordinator:
                     msg = other.channel.recv(timeout_ms=0)
                     if isinstance(msg, ErrorReport):
                         dead = self._dead_workers()  # a peer's death shows up as a collective's error
-                        cause = f"{', '.join(dead)} died" if dead else f"{other.name} failed"
-                        raise WorkerFailure(f"{cause}: {other.name} reported {msg.error.splitlines()[0][:300]}")
-                    if msg is not None:
+                        first_line = msg.error.splitlines()[0][:300] if msg.error else "an error"
+                        if dead:
+                            raise WorkerFailure(f"{', '.join(dead)} died: {other.name} reported {first_line}")
+                        self._failures.setdefault(msg.request_id or request_id or "", f"{other.name}: {first_line}")
+                    elif msg is not None:
                         other.pending.append(msg)
+
+    def _quiesce(self, request_id: str) -> None:
+        """After ``request_id`` failed: free its state in every worker, and make sure each worker's
+        loop answers (``WorkerFailure`` if one does not); drop its stray replies."""
+        token = secrets.token_hex(4)
+        for box in self._inboxes():
+            self._send(box, EndRequest(request_id))
+            self._send(box, Sync(token))
+        for box in self._inboxes():
+            self._wait(box, lambda m: isinstance(m, Synced) and m.token == token, "Sync answer", None, SYNC_DEADLINE_S)
+        for box in self._inboxes():
+            box.pending = [m for m in box.pending if getattr(m, "request_id", None) != request_id]
+        self._failures.pop(request_id, None)
+
+    def _fail_request(self, request_id: str, exc: Exception) -> str:
+        """End one failed request (the others go on); its error message. Restarts the workers only
+        if one of them turns out dead or stuck."""
+        log.error("request %s failed: %s", request_id, exc)
+        message = f"request failed: {exc}"
+        try:
+            self._quiesce(request_id)
+        except WorkerFailure as worker_exc:
+            return self._recover(worker_exc, [request_id])
+        return message
 
     def _check_alive(self) -> None:
         dead = self._dead_workers()
@@ -303,9 +362,19 @@ class Coordinator:
                     yield chunks.pop(0)
             for box in self._inboxes():
                 self._send(box, EndRequest(request_id))
-            yield {"stats": stats, "cancelled": self._cancelled.pop(request_id, None) is not None}
+            yield self._final({"stats": stats, "cancelled": self._cancelled.pop(request_id, None) is not None})
         except WorkerFailure as exc:
-            yield {"error": self._recover(exc, [request_id])}
+            yield self._final({"error": self._recover(exc, [request_id])})
+        except RequestFailure as exc:
+            yield self._final({"error": self._fail_request(request_id, exc)})
+        except Exception as exc:  # e.g. a message that cannot be encoded: this request's problem alone
+            log.exception("request %s failed in the coordinator", request_id)
+            yield self._final({"error": self._fail_request(request_id, RuntimeError(f"{type(exc).__name__}: {exc}"))})
+
+    def _final(self, item: dict) -> dict:
+        """A request's last item, with the worker group's generation (it counts restarts)."""
+        item["generation"] = self.generation
+        return item
 
     def _recover(self, exc: WorkerFailure, request_ids: list[str]) -> str:
         """After a worker failure: restart the whole group; the error message for the requests."""
@@ -393,13 +462,22 @@ class Coordinator:
             except WorkerFailure as exc:
                 message = self._recover(exc, [r.rid for r in active])
                 for request in active:
-                    request.items.put({"error": message})
+                    request.items.put(self._final({"error": message}))
                 active.clear()
             except Exception as exc:  # a bug must not kill the scheduler: fail the batch, go on
                 log.exception("batch step failed")
-                for request in active:
-                    request.items.put({"error": f"request failed: {type(exc).__name__}: {exc}"})
-                active.clear()
+                for request in list(active):
+                    self._fail_batched(request, active, RuntimeError(f"{type(exc).__name__}: {exc}"))
+
+    def _fail_batched(self, request, active: list, exc: Exception) -> None:
+        """One request of the batch failed: it alone ends (its state freed everywhere)."""
+        if request in active:
+            active.remove(request)
+        try:
+            message = self._fail_request(request.rid, exc)
+        except Exception as other:  # the workers could not even be restarted: still answer the request
+            message = f"request failed: {exc} (then: {other})"
+        request.items.put(self._final({"error": message}))
 
     def _admit(self, active: list) -> None:
         """Prefill waiting requests until the batch is full (block briefly only when idle)."""
@@ -414,10 +492,16 @@ class Coordinator:
             active.append(request)
             request.t0 = time.perf_counter()
             request.out = OutputBuffer(request.max_new_tokens, self.eos, request.items.put)
-            prompt = self.arena.put(np.asarray(request.prompt_ids, dtype=np.int32))
-            for box in self.shards + ([self.draft] if self._drafts(request) else []):
-                self._send(box, StartRequest(request.rid, prompt, request.sampling))
-            first = self._recv(self.shards[0], Accepted, request.rid, 0)
+            try:
+                prompt = self.arena.put(np.asarray(request.prompt_ids, dtype=np.int32))
+                for box in self.shards + ([self.draft] if self._drafts(request) else []):
+                    self._send(box, StartRequest(request.rid, prompt, request.sampling))
+                first = self._recv(self.shards[0], Accepted, request.rid, 0)
+            except WorkerFailure:
+                raise
+            except Exception as exc:  # its own failure (or an unencodable message): only it ends
+                self._fail_batched(request, active, exc)
+                continue
             request.stats.prefill_s = time.perf_counter() - request.t0
             request.new_tokens = first.tokens
             if request.out.add(first.tokens):
@@ -438,15 +522,23 @@ class Coordinator:
         if drafting:  # their trees grow together: one draft forward per level
             self._send(self.draft, ProposeBatch([r.rid for r in drafting], [step[r.rid] for r in drafting],
                                                  [r.new_tokens for r in drafting]))
-        trees = []
+        trees, failed = [], []
         for request in active:
             if self._drafts(request):
-                tree = self._recv(self.draft, TreeProposal, request.rid, step[request.rid])
+                try:
+                    tree = self._recv(self.draft, TreeProposal, request.rid, step[request.rid])
+                except RequestFailure as exc:
+                    failed.append((request, exc))
+                    continue
                 request.stats.draft_s += tree.compute_s
                 request.stats.bytes_draft_target += self._tree_bytes(tree) + 8 * len(request.new_tokens)
                 trees.append((tree.tokens, tree.parents))
             else:
                 trees.append(self._root_only(request.new_tokens[-1]))
+        for request, exc in failed:
+            self._fail_batched(request, active, exc)
+        if not active:
+            return
         t_send = time.perf_counter()
         for request in active:
             request.stats.draft_wait_s += t_send - t
@@ -454,8 +546,13 @@ class Coordinator:
                             [pa for _, pa in trees])
         for box in self.shards:
             self._send(box, batch)
+        failed = []
         for request in list(active):
-            acc = self._recv(self.shards[0], Accepted, request.rid, step[request.rid])
+            try:
+                acc = self._recv(self.shards[0], Accepted, request.rid, step[request.rid])
+            except RequestFailure as exc:
+                failed.append((request, exc))
+                continue
             stats = request.stats
             stats.verify_wait_s += time.perf_counter() - t_send
             stats.verify_s += acc.compute_s / len(batch.request_ids)  # its share of the shared forward
@@ -465,6 +562,8 @@ class Coordinator:
             request.new_tokens = acc.tokens
             if request.out.add(acc.tokens):
                 self._finish(request, active)
+        for request, exc in failed:
+            self._fail_batched(request, active, exc)
 
     def _finish(self, request, active: list, cancelled: bool = False) -> None:
         """A request is done (or cancelled): send its stats, free its state in every worker."""
@@ -475,7 +574,7 @@ class Coordinator:
         stats.new_tokens = len(request.out.tokens) if request.out else 0
         stats.total_s = time.perf_counter() - request.t0 if request.t0 else 0.0
         cancelled = cancelled or self._cancelled.pop(request.rid, None) is not None
-        request.items.put({"stats": stats, "cancelled": cancelled})  # first: a dead worker below fails only the others
+        request.items.put(self._final({"stats": stats, "cancelled": cancelled}))  # first: a dead worker below fails only the others
         if was_active:
             for box in self._inboxes():
                 self._send(box, EndRequest(request.rid))

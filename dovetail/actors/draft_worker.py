@@ -10,12 +10,11 @@ With a Dovetail feature drafter (a drafter folder) it reads the target's feature
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import torch
 
-from dovetail.actors.worker import ChannelWorker, Timer, lean_loading, pin_to, rss_bytes
+from dovetail.actors.worker import ChannelWorker, Timer, lean_loading, pin_to
 from dovetail.models.cached_lm import CachedLM
 from dovetail.models.dgf import is_drafter_dir, load_drafter
 from dovetail.models.draft import DraftProposer, propose_together
@@ -62,8 +61,7 @@ class DraftWorker(ChannelWorker):
         self._serve(address, "draft", setup)
 
     def ready(self) -> dict:
-        return {"pid": os.getpid(), "cpus": sorted(os.sched_getaffinity(0)), "peak_rss": rss_bytes(),
-                "live_requests": len(self.proposers), "placement": self.placement, "arena": self.arena.name}
+        return {**self.common_info(), "live_requests": len(self.proposers), "placement": self.placement, "arena": self.arena.name}
 
     def start(self, msg: StartRequest) -> None:
         proposer = self.proposers[msg.request_id] = self._new_proposer()
@@ -81,10 +79,17 @@ class DraftWorker(ChannelWorker):
         self._send_tree(msg.request_id, msg.step, tree, [], t.seconds)
 
     def propose_batch(self, msg: ProposeBatch) -> None:
-        proposers = [self.state_of(self.proposers, rid) for rid in msg.request_ids]
+        batch = []  # a request whose state is missing fails alone; the others draft together
+        for rid, step, new_tokens in zip(msg.request_ids, msg.steps, msg.new_tokens):
+            try:
+                batch.append((rid, step, new_tokens, self.state_of(self.proposers, rid)))
+            except RuntimeError as exc:
+                self.report(rid, exc)
+        if not batch:
+            return
         with Timer() as t:
-            trees = propose_together(proposers, msg.new_tokens)
-        for rid, step, tree in zip(msg.request_ids, msg.steps, trees):
+            trees = propose_together([b[3] for b in batch], [b[2] for b in batch])
+        for (rid, step, _, _), tree in zip(batch, trees):
             self._send_tree(rid, step, tree, [], t.seconds / len(trees))  # each its share of the shared forwards
 
     def predraft(self, msg: Predraft) -> None:

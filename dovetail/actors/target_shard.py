@@ -7,10 +7,9 @@ the same (seeded) acceptance decision. Only rank 0 answers the coordinator.
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
-from dovetail.actors.worker import ChannelWorker, Timer, lean_loading, pin_to, rss_bytes
+from dovetail.actors.worker import ChannelWorker, Timer, lean_loading, pin_to
 from dovetail.models.cached_lm import CachedLM
 from dovetail.models.target import TargetVerifier, verify_batch
 from dovetail.models.tree import DraftTree
@@ -50,8 +49,7 @@ class TargetShard(ChannelWorker):
         self._serve(address, f"target-shard-{rank}", setup)
 
     def ready(self) -> dict:
-        return {"pid": os.getpid(), "cpus": sorted(os.sched_getaffinity(0)), "peak_rss": rss_bytes(),
-                "live_requests": len(self.verifiers), "memory_policy": self.memory_policy,
+        return {**self.common_info(), "live_requests": len(self.verifiers), "memory_policy": self.memory_policy,
                 "collective": type(self.collective).__name__}
 
     def _verifier(self, request_id: str) -> TargetVerifier:
@@ -81,7 +79,10 @@ class TargetShard(ChannelWorker):
             acceptances = verify_batch([self.state_of(self.verifiers, rid) for rid in msg.request_ids], trees)
         if self.rank == 0:
             for rid, step, acceptance in zip(msg.request_ids, msg.steps, acceptances):
-                self.channel.send(Accepted(rid, step, acceptance.path, acceptance.tokens, t.seconds))
+                if isinstance(acceptance, Exception):
+                    self.report(rid, acceptance)
+                else:
+                    self.channel.send(Accepted(rid, step, acceptance.path, acceptance.tokens, t.seconds))
 
     def release(self, request_id: str) -> None:
         self.verifiers.pop(request_id, None)

@@ -17,7 +17,7 @@ import time
 import torch
 
 from dovetail.protocol.channel import Channel
-from dovetail.protocol.messages import ArrayRef, EndRequest, ErrorReport, Shutdown
+from dovetail.protocol.messages import PROTOCOL_VERSION, ArrayRef, EndRequest, ErrorReport, Shutdown, Sync, Synced
 from dovetail.protocol.shm import ShmArena
 
 log = logging.getLogger("dovetail.actors")
@@ -111,6 +111,11 @@ class ChannelWorker:
     def ping(self) -> bool:
         return self._thread.is_alive()
 
+    def common_info(self) -> dict:
+        """What every worker's ``ready()`` reports (the coordinator checks the protocol version)."""
+        return {"pid": os.getpid(), "cpus": sorted(os.sched_getaffinity(0)), "peak_rss": rss_bytes(),
+                "protocol": PROTOCOL_VERSION}
+
     @staticmethod
     def state_of(states: dict, request_id: str):
         """A live request's per-request state; a clear error for one that never started or ended."""
@@ -139,6 +144,9 @@ class ChannelWorker:
             if isinstance(msg, EndRequest):
                 self.release(msg.request_id)
                 continue
+            if isinstance(msg, Sync):
+                self.channel.send(Synced(msg.token))
+                continue
             handler = self.handlers.get(type(msg))
             if handler is None:
                 log.error("%s: no handler for %s message, dropped", self._thread.name, msg.KIND)
@@ -147,8 +155,13 @@ class ChannelWorker:
                 getattr(self, handler)(msg)
             except Exception as exc:  # report, never die: the coordinator decides what fails
                 log.exception("%s failed on %s", self._thread.name, msg.KIND)
-                self.channel.send(ErrorReport(getattr(msg, "request_id", ""), f"{type(exc).__name__}: {exc}"))
+                for request_id in getattr(msg, "request_ids", None) or [getattr(msg, "request_id", "")]:
+                    self.report(request_id, exc)
         self._close()
+
+    def report(self, request_id: str, exc: Exception) -> None:
+        """Tell the coordinator that ``request_id``'s computation failed here."""
+        self.channel.send(ErrorReport(request_id, f"{type(exc).__name__}: {exc}"))
 
     def _close(self) -> None:
         for arena in self._arenas.values():

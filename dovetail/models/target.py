@@ -54,7 +54,17 @@ class TargetVerifier:
         return acceptance
 
 
-def verify_batch(verifiers: list[TargetVerifier], trees: list[DraftTree]) -> list[Acceptance]:
-    """Verify several requests' trees (one verifier per request, one model) in one forward."""
+def verify_batch(verifiers: list[TargetVerifier], trees: list[DraftTree]) -> list[Acceptance | Exception]:
+    """Verify several requests' trees (one verifier per request, one model) in one forward.
+
+    Each request's acceptance, or the exception its own acceptance raised: one request's failure
+    (say, in its sampling) must not fail the others of the batch."""
     logits = forward_trees([v.lm for v in verifiers], trees)
-    return [v.accept(tree, rows) for v, tree, rows in zip(verifiers, trees, logits)]
+    results: list[Acceptance | Exception] = []
+    for v, tree, rows in zip(verifiers, trees, logits):
+        try:
+            results.append(v.accept(tree, rows))
+        except Exception as exc:
+            v.lm.commit([])  # drop its pending block: the request is over, its cache stays consistent
+            results.append(exc)
+    return results

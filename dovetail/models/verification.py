@@ -23,9 +23,13 @@ from dovetail.errors import UserError
 from dovetail.models.tree import DraftTree
 
 
+GREEDY_BELOW = 1e-5  # a temperature under this samples the argmax anyway: decode greedily (as vLLM does)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` disable those filters."""
+    """``temperature < GREEDY_BELOW`` (0 included) is greedy; ``top_k == 0`` and ``top_p == 1``
+    disable those filters."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -42,7 +46,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     def generator(self) -> torch.Generator:
         gen = torch.Generator()
@@ -51,8 +55,12 @@ class SamplingParams:
 
 
 def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Warp logits [n, V] into sampling probabilities: temperature, then top-k, then top-p."""
-    scores = logits.float() / params.temperature
+    """Warp logits [n, V] into sampling probabilities: temperature, then top-k, then top-p.
+
+    The row max is subtracted before dividing, so a small temperature cannot overflow to inf
+    (and NaN probabilities); every accepted non-greedy temperature is >= ``GREEDY_BELOW``."""
+    logits = logits.float()
+    scores = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature
     if params.top_k > 0 and params.top_k < scores.shape[-1]:
         kth = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, -float("inf"))

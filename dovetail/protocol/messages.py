@@ -152,6 +152,20 @@ class ErrorReport:
     error: str
 
 
+@message("sync")
+class Sync:
+    """Coordinator -> worker: answer ``Synced`` from the message loop. A worker that answers has
+    handled every earlier message and is not stuck (in a collective, say); the Ray ping cannot
+    tell that, since it runs on another thread."""
+
+    token: str
+
+
+@message("synced")
+class Synced:
+    token: str
+
+
 @message("shutdown")
 class Shutdown:
     reason: str = ""

@@ -164,6 +164,7 @@ class Job:
     params: SamplingParams
     speculate: bool
     stop: list[str]
+    client_id: str | None = None  # the request's X-Request-Id (the client's, else Serve's): logged, never the engine's key
     arrival: float = field(default_factory=time.perf_counter)
     created: int = field(default_factory=lambda: int(time.time()))
     started: float | None = None
@@ -215,6 +216,7 @@ class DovetailServer:
         self.slots = FifoSlots(self.engine.max_batch)  # requests on the engine at once (its batch)
         self.waiting = self.running = 0
         self.metrics = _metrics()
+        self.generation = self.engine.info.get("generation", 1)  # of the worker group: counts its restarts
         _configure_logging()
         log.info(json.dumps({"event": "replica_ready", "replica": self.replica, "model": self.model_name,
                              "part": f"{rank % slots + 1}/{slots}", "plan": self.engine.plan.describe()}))
@@ -263,11 +265,9 @@ class DovetailServer:
         if self.waiting >= self.config.max_queued_requests:
             raise ApiError(429, f"{self.waiting} requests are already queued on this replica; retry later",
                            code="queue_full", kind="rate_limit_error")
-        headers = {"X-Request-Id": job.rid}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._sse(job, chat, include_usage), media_type="text/event-stream",
-                                     headers=headers)
+            return StreamingResponse(self._sse(job, chat, include_usage), media_type="text/event-stream")
         async for _ in self._run(job):
             pass
         choice = ({"index": 0, "message": {"role": "assistant", "content": job.text}} if chat
@@ -275,7 +275,7 @@ class DovetailServer:
         choice.update(logprobs=None, finish_reason=job.finish_reason)
         return JSONResponse({"id": job.rid, "object": "chat.completion" if chat else "text_completion",
                              "created": job.created, "model": self.model_name, "choices": [choice],
-                             "usage": self._usage(job)}, headers=headers)
+                             "usage": self._usage(job)})
 
     def _job(self, request: Request, body, chat: bool) -> Job:
         """Check the request against this model and turn it into a ``Job`` (400s here)."""
@@ -297,13 +297,21 @@ class DovetailServer:
             raise ApiError(400, f"max_tokens {budget} + the prompt's {len(prompt_ids)} tokens exceed this model's "
                            f"context of {context}", param="max_tokens", code="context_length_exceeded")
         max_tokens = budget or (room if chat else min(COMPLETION_DEFAULT_MAX_TOKENS, room))
+        vocab = self.dovetail.target_config.vocab_size
+        if body.top_k > vocab:
+            raise ApiError(400, f"top_k must be at most the vocabulary size ({vocab}), got {body.top_k}",
+                           param="top_k")
         try:
             params = SamplingParams(body.temperature, body.top_p, body.top_k, body.seed)
         except UserError as exc:
             raise ApiError(400, str(exc)) from None
+        # The engine's key is always ours. A client's X-Request-Id (else the one Serve's proxy made)
+        # is only logged; the proxy echoes it in the response. Two requests with the same header
+        # must not share KV state, nor a retry inherit a cancellation.
         header = request.headers.get("x-request-id", "")
-        rid = header if REQUEST_ID.fullmatch(header) else f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
-        return Job(rid, prompt_ids, max_tokens, params, body.speculate, body.stop or [])
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
+        return Job(rid, prompt_ids, max_tokens, params, body.speculate, body.stop or [],
+                   client_id=header if REQUEST_ID.fullmatch(header) else None)
 
     def _prompt_ids(self, body: CompletionRequest) -> list[int]:
         prompt = body.prompt
@@ -364,6 +372,7 @@ class DovetailServer:
             async for ref in stream:
                 item = await ref
                 if not isinstance(item, list):
+                    self._note_generation(item.get("generation"))
                     job.stats, finished = final_stats(item), True
                     break
                 if assembler.stopped:
@@ -387,6 +396,12 @@ class DovetailServer:
             yield tail
         ended_on_eos = bool(job.tokens) and job.tokens[-1] in self.eos
         job.finish_reason = "stop" if assembler.stopped or ended_on_eos else "length"
+
+    def _note_generation(self, generation: int | None) -> None:
+        """Count worker-group restarts (``dovetail_worker_restarts_total``) from requests' last items."""
+        if generation is not None and generation > self.generation:
+            _record(self.metrics.record_restarts.remote, generation - self.generation)
+            self.generation = generation
 
     async def _sse(self, job: Job, chat: bool, include_usage: bool):
         kind = "chat.completion.chunk" if chat else "text_completion"
@@ -451,7 +466,8 @@ class DovetailServer:
             "device_seconds": _device_seconds(stats) if stats else {},
         }
         _record(self.metrics.record.remote, summary)
-        log.info(json.dumps({"event": "request_done", "request_id": job.rid, "replica": self.replica,
+        log.info(json.dumps({"event": "request_done", "request_id": job.rid, "client_request_id": job.client_id,
+                             "replica": self.replica,
                              "outcome": outcome, "prompt_tokens": summary["prompt_tokens"],
                              "completion_tokens": summary["completion_tokens"],
                              "tau": round(stats.mean_accepted, 3) if stats else None,

@@ -53,6 +53,8 @@ class MetricsStore:
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.latency = Histogram(p + "e2e_request_latency_seconds", "Arrival to last token", buckets=LATENCY_BUCKETS,
                                  registry=r)
+        self.worker_restarts = Counter("dovetail_worker_restarts", "Times a replica restarted its worker group "
+                                       "(a worker died or got stuck; a client's mistake never counts)", registry=r)
         self.waiting = Gauge(p + "num_requests_waiting", "Requests queued for the engine", ["replica"], registry=r)
         self.running = Gauge(p + "num_requests_running", "Requests on the engine", ["replica"], registry=r)
 
@@ -76,6 +78,9 @@ class MetricsStore:
         for histogram, key in ((self.ttft, "ttft_s"), (self.queue_time, "queue_s"), (self.latency, "latency_s")):
             if summary.get(key) is not None:
                 histogram.observe(summary[key])
+
+    def record_restarts(self, count: int) -> None:
+        self.worker_restarts.inc(count)
 
     def record_error(self, status: int) -> None:
         self.errors.labels(str(status)).inc()
