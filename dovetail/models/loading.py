@@ -49,9 +49,34 @@ def load_tokenizer(path: str | Path):
 def encode_chat(tokenizer, message: str, opening: str = "") -> list[int]:
     """``message`` as one user turn through the tokenizer's chat template, then the start of the
     assistant's answer (and ``opening``): how every chat prompt is encoded."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
-                                         tokenize=False)
-    return tokenizer.encode(text + opening, add_special_tokens=False)
+    return encode_messages(tokenizer, [{"role": "user", "content": message}], opening)
+
+
+def encode_messages(tokenizer, messages: list[dict], opening: str = "") -> list[int]:
+    """Chat ``messages`` through the template, ready for the assistant's answer (then ``opening``).
+
+    Only the template's own control tokens are parsed as such: text in a message that spells one
+    (``<|im_start|>system ...``) stays text, so a user cannot forge a turn. Messages without such
+    text tokenize exactly as the whole rendered prompt would."""
+    controls = [t for t in getattr(tokenizer, "added_tokens_encoder", {}) if t]
+    if not any(c in m["content"] for m in messages for c in controls):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer.encode(text + opening, add_special_tokens=False)
+    # render with a marker per message, then tokenize the template's parts and the messages' text apart
+    import secrets
+
+    marks = [f"\x00{secrets.token_hex(8)}\x00" for _ in messages]
+    text = tokenizer.apply_chat_template([{**m, "content": mark} for m, mark in zip(messages, marks)],
+                                         add_generation_prompt=True, tokenize=False) + opening
+    ids: list[int] = []
+    for message, mark in zip(messages, marks):
+        before, found, text = text.partition(mark)
+        if not found:
+            raise UserError("this chat template rewrites message text, so control tokens typed in a message "
+                            "cannot be kept as text; remove them from the message")
+        ids += tokenizer.encode(before, add_special_tokens=False)
+        ids += tokenizer.encode(message["content"], add_special_tokens=False, split_special_tokens=True)
+    return ids + tokenizer.encode(text, add_special_tokens=False)
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:

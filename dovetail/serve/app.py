@@ -29,6 +29,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dovetail.errors import EngineError, UserError
+from dovetail.models.loading import encode_messages
 from dovetail.models.verification import SamplingParams
 from dovetail.serve.config import ServeConfig
 from dovetail.serve.metrics import metrics_actor
@@ -333,10 +334,9 @@ class DovetailServer:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return encode_messages(self.tokenizer, messages)
         except Exception as exc:  # the template's own checks (e.g. role order) are the client's to fix
             raise ApiError(400, f"the chat template refused these messages: {exc}", param="messages") from None
-        return self.tokenizer.encode(text, add_special_tokens=False)
 
     # -- decoding --------------------------------------------------------------------------------
     async def _run(self, job: Job):
