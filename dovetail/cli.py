@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queued-requests", type=_positive_int, default=64,
                      help="per replica; further requests get HTTP 429")
     srv.add_argument("--served-model-name", default=None, help="model id in the API (default: the target's name)")
+    srv.add_argument("--api-key", default=os.environ.get("DOVETAIL_API_KEY") or None,
+                     help="require 'Authorization: Bearer KEY' on /v1/* (default: $DOVETAIL_API_KEY; none: open)")
+    srv.add_argument("--max-body-bytes", type=_positive_int, default=4 << 20,
+                     help="larger request bodies get HTTP 413 before they are read (default 4 MiB)")
 
     bench = sub.add_parser("bench", help="HumanEval benchmark: target-only, HF assisted, Dovetail")
     from dovetail.bench import add_bench_args
@@ -180,8 +184,8 @@ def cmd_serve(args) -> int:
                 sockets=args.sockets, shards=args.shards, pipeline=not args.no_pipeline, collective=args.collective,
                 draft_cpus=args.draft_cpus, host=args.host, port=args.port, replicas=args.replicas,
                 max_batch=args.max_batch, max_queued_requests=args.max_queued_requests,
-                served_model_name=args.served_model_name,
-                address=args.address)
+                served_model_name=args.served_model_name, api_key=args.api_key,
+                max_body_bytes=args.max_body_bytes, address=args.address)
     if args.max_replicas:
         data["autoscaling"] = {"min_replicas": args.replicas, "max_replicas": args.max_replicas}
     return run_server(ServeConfig.parse(data))

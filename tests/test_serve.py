@@ -253,6 +253,34 @@ def test_client_request_ids_are_echoed_never_shared(server, served):
     assert retry.json()["choices"][0]["text"] == _reference(served, tokenizer.encode(prompts[0]), 30)
 
 
+def test_a_huge_body_gets_a_413_at_once(server, served):
+    """A 24 MB body is refused from its Content-Length, before it is read or parsed; meanwhile
+    another stream goes on and stays exact."""
+    _, tokenizer, _ = served
+    url, prompt = server["url"], _text_prompt(9)
+    results = {}
+
+    def stream():
+        body = {"prompt": prompt, "max_tokens": 60, "temperature": 0, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as response:
+            results["text"] = "".join(e["choices"][0]["text"] for e in _sse(response))
+
+    other = threading.Thread(target=stream)
+    other.start()
+    huge = json.dumps({"prompt": "w5 " * (8 << 20)}).encode()
+    assert len(huge) > 24 << 20
+    t0 = time.perf_counter()
+    try:
+        response = httpx.post(url + "/v1/completions", content=huge, timeout=60,
+                              headers={"content-type": "application/json"})
+        assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+    except httpx.WriteError:
+        pass  # the server answered and closed before the client finished sending: refused all the same
+    assert time.perf_counter() - t0 < 30
+    other.join()
+    assert results["text"] == _reference(served, tokenizer.encode(prompt), 60)
+
+
 def test_chat_refusals_and_unknown_routes(server):
     url = server["url"]
     for body in ({"messages": []}, {"messages": [{"role": "robot", "content": "x"}]},
@@ -421,15 +449,22 @@ def test_serve_run_with_the_shipped_yaml(served, tmp_path):
     _, tokenizer, root = served
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "serve.yaml").read_text())
     app = config["applications"][0]
-    app["args"].update(target=str(root / "target"), draft=str(root / "draft"), draft_precision="fp32")
+    app["args"].update(target=str(root / "target"), draft=str(root / "draft"), draft_precision="fp32",
+                       api_key="test-key")
     port = free_port()
     config["http_options"]["port"] = port
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     with ServerProcess([], tmp_path / "serve-run.log", port=port, command=[sys.executable, "-c", "from ray.serve.scripts import cli; cli()", "run", str(path)],
                        env={"DOVETAIL_HOME": str(tmp_path / "home")}, timeout_s=START_TIMEOUT_S) as proc:
-        response = httpx.post(proc.url + "/v1/completions", json={"prompt": "w5 w6", "max_tokens": 6,
-                                                                  "temperature": 0}, timeout=60)
+        body = {"prompt": "w5 w6", "max_tokens": 6, "temperature": 0}
+        for headers in ({}, {"Authorization": "Bearer wrong-key"}, {"Authorization": "test-key"}):
+            refused = httpx.post(proc.url + "/v1/completions", json=body, headers=headers, timeout=60)
+            assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key", headers
+        assert httpx.get(proc.url + "/v1/models", timeout=30).status_code == 401
+        assert httpx.get(proc.url + "/health", timeout=30).status_code == 200  # stays open
+        response = httpx.post(proc.url + "/v1/completions", json=body, timeout=60,
+                              headers={"Authorization": "Bearer test-key"})
         assert response.status_code == 200
         assert response.json()["choices"][0]["text"] == _reference(served, tokenizer.encode("w5 w6"), 6)
         assert response.json()["model"] == "target"

@@ -12,6 +12,7 @@ cancels its request, which frees its KV caches after the current step.
 
 
 import asyncio
+import hmac
 import json
 import logging
 import re
@@ -106,9 +107,26 @@ def _count_error(status: int) -> None:
         log.warning("could not record an error metric", exc_info=True)
 
 
-async def _parse(request: Request, model):
-    """The body as ``model``: 400 for malformed JSON, wrong types, unknown fields, bad values."""
-    body = await request.body()
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with a 413 as soon as it is known to exceed ``limit`` bytes (from its
+    Content-Length before anything is read, else while it streams in)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body ({int(declared)} bytes) exceeds the limit of {limit} bytes",
+                       code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the request body exceeds the limit of {limit} bytes", code="body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _parse(request: Request, model, limit: int):
+    """The body as ``model``: 413 past ``limit`` bytes; 400 for malformed JSON, wrong types,
+    unknown fields, bad values."""
+    body = await _read_body(request, limit)
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
@@ -228,8 +246,19 @@ class DovetailServer:
             dovetail.close()
 
     # -- endpoints -----------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        """With an API key configured, ``/v1/*`` needs ``Authorization: Bearer <key>`` (a 401 otherwise)."""
+        key = self.config.api_key
+        if key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+            raise ApiError(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key", kind="authentication_error")
+
     @app.get("/v1/models")
-    async def models(self):
+    async def models(self, request: Request):
+        self._authorize(request)
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.started_at,
                                             "owned_by": "dovetail", "max_model_len": self.dovetail.context_length}]}
 
@@ -252,12 +281,14 @@ class DovetailServer:
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
-        body = await _parse(request, CompletionRequest)
+        self._authorize(request)
+        body = await _parse(request, CompletionRequest, self.config.max_body_bytes)
         return await self._respond(request, body, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        body = await _parse(request, ChatCompletionRequest)
+        self._authorize(request)
+        body = await _parse(request, ChatCompletionRequest, self.config.max_body_bytes)
         return await self._respond(request, body, chat=True)
 
     # -- one request -----------------------------------------------------------------------------

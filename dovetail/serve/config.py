@@ -56,6 +56,8 @@ class ServeConfig(BaseModel):
     max_batch: int = Field(4, ge=1)  # per replica: requests decoding together (trees verified in one forward)
     max_queued_requests: int = Field(64, ge=1)  # per replica; more get a 429
     address: str | None = None  # join this Ray cluster (launch.py serve)
+    api_key: str | None = Field(None, min_length=1)  # /v1/* then needs "Authorization: Bearer <key>"
+    max_body_bytes: int = Field(4 << 20, ge=1024)  # larger request bodies get a 413 before they are read
 
     @classmethod
     def parse(cls, data: dict) -> "ServeConfig":
