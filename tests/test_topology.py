@@ -44,3 +44,22 @@ def test_detect_reads_sysfs_nodes(tmp_path):
 def test_detect_falls_back_to_affinity_without_sysfs(tmp_path):
     topo = detect(tmp_path)
     assert len(topo.sockets) == 1 and set(topo.cpus) == os.sched_getaffinity(0)
+
+
+def test_socket_directories_are_private_and_foreign_ones_refused(tmp_path, monkeypatch):
+    """Run and socket directories are 0700 and ours; one that another user owns is refused."""
+    import os
+    import stat
+
+    from dovetail.actors.system import private_dir
+    from dovetail.errors import UserError
+
+    made = private_dir(tmp_path / "run" / "abc")
+    assert stat.S_IMODE(made.stat().st_mode) == 0o700
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o777)
+    loose.chmod(0o777)
+    assert stat.S_IMODE(private_dir(loose).stat().st_mode) == 0o700
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)  # as if another user made it
+    with pytest.raises(UserError, match="another user"):
+        private_dir(made)

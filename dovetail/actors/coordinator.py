@@ -148,7 +148,7 @@ class Coordinator:
         self.eos = set(eos_token_ids)
         self.generation = 0
         self.run_dir = Path(spec.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # made private by the driver (system.py)
         self.arena = ShmArena(1 << 20)  # prompts
         self.workers_info: dict = {}
         self._cancelled: dict[str, float] = {}  # request id -> when cancel() was called

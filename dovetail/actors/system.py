@@ -19,7 +19,7 @@ import ray
 
 from dovetail.actors.coordinator import ActorStats, Coordinator, WorkerSpec
 from dovetail.engine import GenerationResult, validate_request
-from dovetail.errors import EngineError
+from dovetail.errors import EngineError, UserError
 from dovetail.models.verification import SamplingParams
 from dovetail.models.dgf import is_drafter_dir
 from dovetail.models.loading import FLOAT_DEFAULT
@@ -35,10 +35,25 @@ UNIX_PATH_ROOM = 48  # ray and zmq put sockets under these dirs; unix socket pat
 
 
 def short_dir(name: str) -> Path:
-    """``$DOVETAIL_HOME/name``, or a /tmp path when that is too long to hold unix sockets."""
+    """``$DOVETAIL_HOME/name``, or a /tmp path when that is too long to hold unix sockets; made
+    private to this user (see ``private_dir``)."""
     path = dovetail_home() / name
     if len(str(path)) > UNIX_PATH_ROOM:
         path = Path("/tmp") / f"dovetail-{os.getuid()}-{name}"
+    return private_dir(path)
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` as a directory only this user can enter (0700): the zmq ipc sockets and Ray's
+    files inside are then unreachable to other local users. A directory that another user owns
+    (say, planted in /tmp beforehand) is refused."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = path.lstat()
+    if path.is_symlink() or info.st_uid != os.getuid():
+        raise UserError(f"{path} belongs to another user (uid {info.st_uid}) or is a symlink; refusing to use it "
+                        "for Dovetail's sockets (remove it, or set DOVETAIL_HOME)")
+    if info.st_mode & 0o077:
+        path.chmod(0o700)
     return path
 
 
@@ -85,7 +100,7 @@ class ActorEngine:
         # betting needs the draft and the target to run at once: not when they take turns on the same CPUs
         self.pipeline = config.pipeline and not (self.plan.draft and self.plan.draft.shares_cpus)
         self._owns_ray = start_ray(config.address, topology)
-        self.run_dir = short_dir("run") / secrets.token_hex(4)
+        self.run_dir = private_dir(short_dir("run") / secrets.token_hex(4))
         spec = WorkerSpec(self.plan, str(target_dir), str(draft_dir) if draft_dir else None, str(config.tree),
                           config.target_kernel, self.draft_precision, vocab_limit, str(self.run_dir),
                           config.collective, feature_drafter=feature_drafter,

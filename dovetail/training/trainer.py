@@ -149,7 +149,7 @@ def train_drafter(model: FeatureDrafter, dump: FeatureDump, settings: TrainSetti
     step, history, seconds, tokens_seen = 0, [], 0.0, 0
     ckpt = out_dir / CHECKPOINT
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)  # plain tensors and containers: nothing is unpickled
         if state["settings"] != asdict(settings):
             raise RuntimeError(f"{ckpt} was written with other settings; remove it to start over")
         model.load_state_dict(state["model"])
