@@ -128,3 +128,18 @@ def test_send_to_a_gone_peer_raises_instead_of_blocking(tmp_path):
     finally:
         server.close()
         client.close()
+
+
+def test_an_arena_dev_shm_has_no_room_for_is_refused_clearly(monkeypatch):
+    import os
+
+    from dovetail.protocol import shm
+
+    class Tiny:
+        f_bavail, f_frsize = 16, 4096  # 64 KiB free
+
+    monkeypatch.setattr(os, "statvfs", lambda path: Tiny())
+    with pytest.raises(MemoryError, match="MiB free"):
+        shm.ShmArena(1 << 20)
+    with shm.ShmArena(1 << 12) as small:  # what fits is made as before
+        assert small.size >= 1 << 12

@@ -181,6 +181,8 @@ BAD_BODIES = [
     (json.dumps({"prompt": [5, 6, 100000]}).encode(), None),
     (json.dumps({"prompt": "", "max_tokens": 3}).encode(), None),
     (json.dumps({"prompt": "w5", "stop": ["a", "b", "c", "d", "e"]}).encode(), None),
+    (json.dumps({"prompt": "w5", "stop": "x" * 257}).encode(), None),
+    (json.dumps({"prompt": "w5", "top_k": 2**64}).encode(), None),
 ]
 
 

@@ -29,7 +29,9 @@ def _shard_worker(rank, world, init_file, model_dir, draft_dir, out, segment):
         tokens = make_engine(shard, draft, TreeShape(8, 4, 2)).generate(PROMPT, 30).token_ids
         with torch.inference_mode():
             logits = shard(torch.tensor([PROMPT])).logits[0]
-        out.put((rank, tokens, logits))
+        # a plain array, pickled by value: a torch tensor goes through a file descriptor that dies
+        # with this process, which may exit before the parent has read it
+        out.put((rank, tokens, logits.numpy().copy()))
     finally:
         dist.destroy_process_group()
 
@@ -47,7 +49,7 @@ def test_two_shards_match_the_full_model(tmp_path, arch, collective):
                                                      out, arena.name if arena else None)) for r in range(2)]
     for p in procs:
         p.start()
-    results = dict((r, (tok, logits)) for r, tok, logits in (out.get(timeout=120) for _ in procs))
+    results = dict((r, (tok, torch.from_numpy(logits))) for r, tok, logits in (out.get(timeout=120) for _ in procs))
     for p in procs:
         p.join(60)
         assert p.exitcode == 0

@@ -24,11 +24,28 @@ PREFIX = "dovetail_"
 ALIGN = 64
 
 
+SHM_ROOT = "/dev/shm"
+
+
+def _check_room(size: int) -> None:
+    """Refuse, with a clear error, a segment /dev/shm has no room for: its pages are only taken
+    when first touched, and a full /dev/shm then kills the process with SIGBUS."""
+    try:
+        stat = os.statvfs(SHM_ROOT)
+    except OSError:
+        return  # no /dev/shm to ask (another platform): let the allocation decide
+    free = stat.f_bavail * stat.f_frsize
+    if size > free:
+        raise MemoryError(f"{SHM_ROOT} has {free / 2**20:.1f} MiB free, a shared-memory arena needs "
+                          f"{size / 2**20:.1f} MiB: free some (or enlarge it, e.g. docker --shm-size)")
+
+
 class ShmArena:
     def __init__(self, size: int = 1 << 20, name: str | None = None):
         """Create an arena of ``size`` bytes (owner), or attach to the existing ``name`` (reader)."""
         self.owner = name is None
         if self.owner:
+            _check_room(size)
             name = f"{PREFIX}{os.getpid()}_{secrets.token_hex(4)}"
             self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
         else:

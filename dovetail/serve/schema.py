@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP = 4  # as OpenAI
+MAX_STOP_CHARS = 256  # per stop sequence: each is searched for in the text after every token
 SEED_LIMIT = 2**63
 
 
@@ -64,6 +65,8 @@ class _Request(BaseModel):
             raise ValueError(f"at most {MAX_STOP} stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence may be at most {MAX_STOP_CHARS} characters")
         return stops
 
     def unsupported(self) -> list[tuple[str, str]]:
