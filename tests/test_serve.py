@@ -358,6 +358,33 @@ def _dovetail_processes():
     return found
 
 
+def test_health_is_503_while_the_engine_cannot_serve(server, served):
+    """A dead worker makes /health answer 503 until the next request restarts the group (counted
+    in dovetail_worker_restarts_total); then 200 again."""
+    _, tokenizer, _ = served
+    url = server["url"]
+    assert httpx.get(url + "/health", timeout=30).status_code == 200
+    restarts = _metric(url, "dovetail_worker_restarts_total")
+    draft = next(p for name, p in _dovetail_processes().items() if name.startswith("DraftWorker"))
+    draft.send_signal(signal.SIGKILL)
+    draft.wait(30)
+    deadline = time.monotonic() + 30
+    while httpx.get(url + "/health", timeout=30).status_code != 503:
+        assert time.monotonic() < deadline, "/health still says ok with a dead worker"
+        time.sleep(0.5)
+    failed = httpx.post(url + "/v1/completions", json={"prompt": "w5", "max_tokens": 4}, timeout=120)
+    assert failed.status_code == 500  # that request found the dead worker; the group was restarted
+    deadline = time.monotonic() + 60
+    while httpx.get(url + "/health", timeout=30).status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert _metric(url, "dovetail_worker_restarts_total") == restarts + 1
+    prompt = _text_prompt(5)
+    after = httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 10, "temperature": 0},
+                       timeout=120)
+    assert after.json()["choices"][0]["text"] == _reference(served, tokenizer.encode(prompt), 10)
+
+
 def test_memory_stays_flat_over_200_requests(server):
     url = server["url"]
     body = {"prompt": "w11 w12 w13", "max_tokens": 8, "temperature": 0}
@@ -452,7 +479,7 @@ def test_serve_run_with_the_shipped_yaml(served, tmp_path):
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "serve.yaml").read_text())
     app = config["applications"][0]
     app["args"].update(target=str(root / "target"), draft=str(root / "draft"), draft_precision="fp32",
-                       api_key="test-key")
+                       api_key="test-key", max_queued_requests=2, max_batch=1)
     port = free_port()
     config["http_options"]["port"] = port
     path = tmp_path / "serve.yaml"
@@ -468,5 +495,21 @@ def test_serve_run_with_the_shipped_yaml(served, tmp_path):
         response = httpx.post(proc.url + "/v1/completions", json=body, timeout=60,
                               headers={"Authorization": "Bearer test-key"})
         assert response.status_code == 200
+        # overload: 8 clients at once against a batch of 1 and a queue of 2 -> the excess gets 429s
+        statuses = []
+
+        def client():
+            r = httpx.post(proc.url + "/v1/completions", timeout=120, headers={"Authorization": "Bearer test-key"},
+                           json={"prompt": "w5 w6", "max_tokens": 200, "temperature": 0})
+            statuses.append((r.status_code, r.headers.get("retry-after")))
+
+        clients = [threading.Thread(target=client) for _ in range(8)]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join()
+        assert sorted({code for code, _ in statuses}) == [200, 429], statuses
+        assert all(after == "1" for code, after in statuses if code == 429)
+        assert sum(code == 200 for code, _ in statuses) >= 3  # the batch and the queue were served
         assert response.json()["choices"][0]["text"] == _reference(served, tokenizer.encode("w5 w6"), 6)
         assert response.json()["model"] == "target"

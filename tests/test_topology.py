@@ -63,3 +63,16 @@ def test_socket_directories_are_private_and_foreign_ones_refused(tmp_path, monke
     monkeypatch.setattr(os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)  # as if another user made it
     with pytest.raises(UserError, match="another user"):
         private_dir(made)
+
+
+def test_shm_all_reduce_is_refused_without_x86_store_ordering(monkeypatch):
+    import platform
+
+    from dovetail.actors.system import shm_or_gloo
+
+    said = []
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert shm_or_gloo("shm", said.append) == "gloo" and "store ordering" in said[0]
+    assert shm_or_gloo("gloo", said.append) == "gloo"
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    assert shm_or_gloo("shm") == "shm"

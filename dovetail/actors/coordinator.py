@@ -153,6 +153,7 @@ class Coordinator:
         self.workers_info: dict = {}
         self._cancelled: dict[str, float] = {}  # request id -> when cancel() was called
         self._failures: dict[str, str] = {}  # request id -> the error a worker reported for it
+        self._restarting = False
         self._start_workers()
         self._incoming: queue.Queue = queue.Queue()  # batch mode: requests waiting to join the batch
         self._stopping = threading.Event()
@@ -224,10 +225,14 @@ class Coordinator:
         remove_orphaned_segments()
 
     def restart_workers(self) -> None:
-        self._stop_workers(graceful=False)
-        time.sleep(0.5)  # let the killed processes exit before their segments are swept
-        remove_orphaned_segments()
-        self._start_workers()
+        self._restarting = True
+        try:
+            self._stop_workers(graceful=False)
+            time.sleep(0.5)  # let the killed processes exit before their segments are swept
+            remove_orphaned_segments()
+            self._start_workers()
+        finally:
+            self._restarting = False
 
     @ray.method(concurrency_group="control")
     def info(self, refresh: bool = False) -> dict:
@@ -240,6 +245,17 @@ class Coordinator:
     @ray.method(concurrency_group="control")
     def ping(self) -> bool:
         return True
+
+    @ray.method(concurrency_group="control")
+    def healthy(self) -> bool:
+        """Whether requests can be served now: not restarting the workers, and every worker alive."""
+        if self._restarting:
+            return False
+        boxes = self._inboxes()
+        try:
+            return all(ray.get([box.actor.ping.remote() for box in boxes], timeout=2.0))
+        except Exception:
+            return False
 
     @ray.method(concurrency_group="control")
     def cancel(self, request_id: str) -> None:

@@ -43,6 +43,23 @@ def short_dir(name: str) -> Path:
     return private_dir(path)
 
 
+# The shared-memory all-reduce publishes a slot with a plain store after writing it, which is only
+# ordered on CPUs with total store order (x86); elsewhere it could read a half-written slot.
+TSO_MACHINES = ("x86_64", "amd64", "i386", "i686")
+
+
+def shm_or_gloo(collective: str, say=lambda msg: None) -> str:
+    """``collective``, except ``shm`` on a CPU without x86's store ordering: gloo, with a warning."""
+    import platform
+
+    if collective == "shm" and platform.machine().lower() not in TSO_MACHINES:
+        log.warning("the shared-memory all-reduce needs x86 store ordering; this is %s: using gloo",
+                    platform.machine())
+        say(f"collective: gloo (shm needs x86 store ordering; this CPU is {platform.machine()})")
+        return "gloo"
+    return collective
+
+
 def private_dir(path: Path) -> Path:
     """``path`` as a directory only this user can enter (0700): the zmq ipc sockets and Ray's
     files inside are then unreachable to other local users. A directory that another user owns
@@ -103,7 +120,7 @@ class ActorEngine:
         self.run_dir = private_dir(short_dir("run") / secrets.token_hex(4))
         spec = WorkerSpec(self.plan, str(target_dir), str(draft_dir) if draft_dir else None, str(config.tree),
                           config.target_kernel, self.draft_precision, vocab_limit, str(self.run_dir),
-                          config.collective, feature_drafter=feature_drafter,
+                          shm_or_gloo(config.collective, say), feature_drafter=feature_drafter,
                           draft_vocab=config.draft_vocab, gpu_share=1.0 / config.partition[1],
                           max_batch=self.max_batch, target_precision=self.target_precision)
         # batch mode: one thread per request in the batch relays its tokens (+2 for shutdown, info)

@@ -45,10 +45,15 @@ app = FastAPI(title="Dovetail", description="OpenAI-compatible API over lossless
 
 
 # -- errors: always an OpenAI-style body, never a bare 500 for a client's mistake ----------------
+RETRY_AFTER_S = 1  # what a 429 tells a client to wait
+HEALTH_TIMEOUT_S = 5.0  # /health answers 503 when the engine cannot say it is ready within this
+
+
 @app.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError):
     _count_error(exc.status)
-    return JSONResponse(exc.body(), status_code=exc.status)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 429 else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -266,6 +271,13 @@ class DovetailServer:
     async def health(self, workers: bool = False):
         """Liveness and this replica's queue; ``?workers=true`` also asks every worker how many
         requests it holds state (a KV cache) for."""
+        try:
+            ready = await asyncio.wait_for(self.engine.coordinator.healthy.remote(), HEALTH_TIMEOUT_S)
+        except Exception:  # no answer in time: the coordinator is wedged or gone
+            ready = False
+        if not ready:
+            return JSONResponse({"status": "unavailable", "waiting": self.waiting, "running": self.running},
+                                status_code=503)
         out = {"status": "ok", "waiting": self.waiting, "running": self.running}
         if workers:
             info = await self.engine.coordinator.info.remote(refresh=True)
@@ -509,7 +521,9 @@ class DovetailServer:
 def build_app(args: dict | None = None):
     """The Serve application for ``args`` (a ``ServeConfig`` dict; YAML ``args`` land here)."""
     config = ServeConfig.parse(dict(args or {}))
-    options = dict(max_ongoing_requests=config.max_queued_requests + 1,
+    # Serve must let every request the replica may hold through (the batch on the engine plus the
+    # queue, plus one to refuse): with fewer, Serve queued the excess itself and the 429 never fired.
+    options = dict(max_ongoing_requests=config.max_queued_requests + config.max_batch + 1,
                    ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1"}}})
     if config.autoscaling:
         options["autoscaling_config"] = config.autoscaling.model_dump()
