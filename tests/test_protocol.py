@@ -93,6 +93,20 @@ def test_orphaned_segments_of_a_killed_owner_are_removed():
     assert name not in _segments()
 
 
+def test_segments_of_another_pid_namespace_are_never_swept(tmp_path):
+    """/dev/shm shared with a container: a segment whose pid is invisible here, but which names
+    another PID namespace, belongs to a live engine there and stays; one of ours is swept."""
+    from dovetail.protocol import shm
+
+    dead = 2**22 + 12345  # above any pid_max: no such process here
+    foreign = tmp_path / f"{shm.PREFIX}{dead}_{'f' * 8}_0a0b0c0d"
+    ours = tmp_path / f"{shm.PREFIX}{dead}_{shm.PID_NAMESPACE}_0a0b0c0e"
+    foreign.write_bytes(b"x")
+    ours.write_bytes(b"x")
+    assert remove_orphaned_segments(str(tmp_path)) == [ours.name]
+    assert foreign.exists() and not ours.exists()
+
+
 def test_channel_round_trip_and_malformed_message_is_dropped(tmp_path, caplog):
     address = ipc_address(tmp_path, "link")
     server, client = Channel(address, bind=True), Channel(address, bind=False)

@@ -46,7 +46,7 @@ class ShmArena:
         self.owner = name is None
         if self.owner:
             _check_room(size)
-            name = f"{PREFIX}{os.getpid()}_{secrets.token_hex(4)}"
+            name = f"{PREFIX}{os.getpid()}_{PID_NAMESPACE}_{secrets.token_hex(4)}"
             self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
         else:
             self._shm = shared_memory.SharedMemory(name=name)
@@ -112,21 +112,42 @@ def segment_names(shm_dir: str = "/dev/shm") -> set[str]:
 
 
 def remove_orphaned_segments(shm_dir: str = "/dev/shm") -> list[str]:
-    """Delete Dovetail segments whose owner process no longer exists; return their names."""
+    """Delete Dovetail segments whose owner process no longer exists; return their names.
+
+    A segment records its owner's pid *and PID namespace*: /dev/shm may be shared with a
+    container whose processes this one cannot see, and a pid that looks dead from here may be a
+    live engine there. Only segments of this namespace are swept."""
     removed = []
     for name in segment_names(shm_dir):
-        pid = _owner_pid(name)
-        if pid is not None and not _alive(pid):
+        pid, namespace = _owner(name)
+        if pid is not None and namespace in (PID_NAMESPACE, None) and not _alive(pid):
             (Path(shm_dir) / name).unlink(missing_ok=True)
             removed.append(name)
     return removed
 
 
-def _owner_pid(name: str) -> int | None:
+def _pid_namespace() -> str:
     try:
-        return int(name[len(PREFIX):].split("_", 1)[0])
+        return format(os.stat("/proc/self/ns/pid").st_ino, "x")
+    except OSError:
+        return "0"
+
+
+PID_NAMESPACE = _pid_namespace()
+
+
+def _owner(name: str) -> tuple[int | None, str | None]:
+    """(owner pid, its PID namespace) from a segment name (namespace None: an older name without it)."""
+    fields = name[len(PREFIX):].split("_")
+    try:
+        pid = int(fields[0])
     except ValueError:
-        return None
+        return None, None
+    return pid, (fields[1] if len(fields) == 3 else None)
+
+
+def _owner_pid(name: str) -> int | None:
+    return _owner(name)[0]
 
 
 def _alive(pid: int) -> bool:
