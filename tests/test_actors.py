@@ -53,6 +53,16 @@ def _prompts():
     return [torch.randint(3, 96, (n,), generator=gen).tolist() for n in (1, 7, 30)]
 
 
+def _next_request_is_exact(engine, target):
+    prompt = _prompts()[1]
+    assert engine.generate(prompt, 30).token_ids == hf_greedy(target, prompt, 30, eos=EOS)
+
+
+def _live_requests(engine) -> dict:
+    workers = ray.get(engine.coordinator.info.remote(refresh=True))["workers"]
+    return {name: w["live_requests"] for name, w in workers.items()}
+
+
 @pytest.mark.parametrize("sockets,tree", [("0", "chain:3"), ("0|1", "8,4,2")], ids=["1-shard-chain", "2-shards-tree"])
 def test_greedy_identical_to_target(ray_session, qwen_pair, sockets, tree):
     target, (target_dir, draft_dir) = qwen_pair
@@ -112,8 +122,7 @@ def test_killed_worker_fails_the_request_then_recovers(ray_session, qwen_pair, v
         with pytest.raises(EngineError, match=f"{victim}.*restarted"):
             engine.generate([5, 6, 7], 400, on_tokens=kill_once)  # mid-request: killed at the first token
         assert not [s for s in _segments() if s.startswith(f"{PREFIX}{pid}_")], "the dead worker's segment leaked"
-        prompt = _prompts()[1]
-        assert engine.generate(prompt, 30).token_ids == hf_greedy(target, prompt, 30, eos=EOS)
+        _next_request_is_exact(engine, target)
     finally:
         engine.shutdown()
     assert _segments() <= ray_session
@@ -188,8 +197,8 @@ def test_batched_requests_are_exact_and_free_their_caches(ray_session, qwen_pair
         engine.cancel("to-cancel")
         final = [ray.get(ref) for ref in stream][-1]
         assert first and final["cancelled"] and final["stats"].new_tokens < full
-        workers = ray.get(engine.coordinator.info.remote(refresh=True))["workers"]
-        assert all(w["live_requests"] == 0 for w in workers.values()), workers
+        live = _live_requests(engine)
+        assert set(live.values()) == {0}, live
     finally:
         engine.shutdown()
     assert _segments() <= ray_session
@@ -257,11 +266,6 @@ def _raw(engine, prompt, max_new, sampling=None, speculate=True):
             return tokens, item
 
 
-def _live_requests(engine) -> dict:
-    workers = ray.get(engine.coordinator.info.remote(refresh=True))["workers"]
-    return {name: w["live_requests"] for name, w in workers.items()}
-
-
 @pytest.mark.parametrize("sockets", ["0", "0|1"], ids=["1-shard", "2-shards"])
 def test_a_request_error_fails_that_request_alone(ray_session, qwen_pair, sockets):
     """An error in one request's own computation (a token id past the vocabulary: the shard's or the
@@ -277,8 +281,7 @@ def test_a_request_error_fails_that_request_alone(ray_session, qwen_pair, socket
         assert "error" in final and "restarted" not in final["error"], final
         assert ray.get(engine.coordinator.info.remote())["generation"] == generation, "the workers were restarted"
         assert set(_live_requests(engine).values()) == {0}
-        prompt = _prompts()[1]
-        assert engine.generate(prompt, 30).token_ids == hf_greedy(target, prompt, 30, eos=EOS)
+        _next_request_is_exact(engine, target)
     finally:
         engine.shutdown()
     assert _segments() <= ray_session

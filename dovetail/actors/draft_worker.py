@@ -10,7 +10,6 @@ With a Dovetail feature drafter (a drafter folder) it reads the target's feature
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 

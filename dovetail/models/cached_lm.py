@@ -81,20 +81,12 @@ class CachedLM:
             hidden = self.fast.hidden(ids, positions, mask, kw["cache"])
             if self.keep_hidden:
                 self.last_hidden = hidden
-            if isinstance(logits_to_keep, torch.Tensor):
-                hidden = hidden[logits_to_keep]
-            elif logits_to_keep:
-                hidden = hidden[-logits_to_keep:]
-            return self.model.lm_head(hidden).float()
+            return self.model.lm_head(_kept_positions(hidden, logits_to_keep)).float()
         if not self.keep_hidden:
             return self.model(input_ids=ids, logits_to_keep=logits_to_keep, **kw).logits[0].float()
         hidden = self.model.model(input_ids=ids, **kw).last_hidden_state
         self.last_hidden = hidden[0]
-        if isinstance(logits_to_keep, torch.Tensor):
-            hidden = hidden[:, logits_to_keep]
-        elif logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        return self.model.lm_head(hidden)[0].float()
+        return self.model.lm_head(_kept_positions(hidden, logits_to_keep))[0].float()
 
     @torch.inference_mode()
     def commit(self, path) -> int:
@@ -132,6 +124,13 @@ class CachedLM:
             self.cache.crop(-drop)
             self.committed = length
 
+
+
+def _kept_positions(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
+    """The rows (positions, dim -2) of ``hidden`` whose logits are wanted (see ``_forward``)."""
+    if isinstance(logits_to_keep, torch.Tensor):
+        return hidden[..., logits_to_keep, :]
+    return hidden[..., -logits_to_keep:, :] if logits_to_keep else hidden
 
 
 def additive_mask(allowed: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
