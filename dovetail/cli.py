@@ -71,6 +71,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help='without a GPU: "auto" (a core of its own), "shared" (take turns with the target) or a CPU list')
     p.add_argument("--collective", choices=("shm", "gloo"), default="shm",
                    help="how target shards all-reduce (default: shared memory)")
+    p.add_argument("--kv-memory-mb", type=_positive_int, default=None,
+                   help="actor engine: MiB of KV cache its requests may hold at once; a request is admitted only "
+                        "when its worst case (prompt + max tokens) fits (default: 80%% of the RAM the plan leaves free)")
 
 
 def _engine_config(args):
@@ -80,7 +83,7 @@ def _engine_config(args):
                   draft_precision=args.draft_precision, target_precision=args.target_precision,
                   draft_vocab=args.draft_vocab, target_kernel=args.target_kernel, engine=args.engine,
                   sockets=args.sockets, shards=args.shards, pipeline=not args.no_pipeline, address=args.address,
-                  collective=args.collective, draft_cpus=args.draft_cpus)
+                  collective=args.collective, draft_cpus=args.draft_cpus, kv_memory_mb=args.kv_memory_mb)
     if args.tree:
         kwargs["tree"] = parse_tree(args.tree)
     if args.threads:
@@ -185,7 +188,7 @@ def cmd_serve(args) -> int:
                 draft_cpus=args.draft_cpus, host=args.host, port=args.port, replicas=args.replicas,
                 max_batch=args.max_batch, max_queued_requests=args.max_queued_requests,
                 served_model_name=args.served_model_name, api_key=args.api_key,
-                max_body_bytes=args.max_body_bytes, address=args.address)
+                max_body_bytes=args.max_body_bytes, address=args.address, kv_memory_mb=args.kv_memory_mb)
     if args.max_replicas:
         data["autoscaling"] = {"min_replicas": args.replicas, "max_replicas": args.max_replicas}
     return run_server(ServeConfig.parse(data))

@@ -37,6 +37,7 @@ class EngineConfig:
     draft_cpus: str = "auto"  # without a GPU: "auto" (a core of its own), "shared", or a CPU list
     max_batch: int = 1  # actor engine: requests decoding together, trees verified in one forward
     partition: tuple[int, int] = (0, 1)  # this engine's share of the machine: part i of n (one per replica)
+    kv_memory_mb: int | None = None  # actor engine: KV-cache budget (default: 80% of the RAM the plan leaves free)
 
     def __post_init__(self):
         if isinstance(self.tree, str):
@@ -68,6 +69,8 @@ class EngineConfig:
         index, count = self.partition
         if count < 1 or not 0 <= index < count:
             raise UserError(f"partition must be (index, count) with 0 <= index < count, got {self.partition}")
+        if self.kv_memory_mb is not None and self.kv_memory_mb < 1:
+            raise UserError(f"kv_memory_mb must be >= 1, got {self.kv_memory_mb}")
         if self.threads < 1:
             raise UserError(f"threads must be >= 1, got {self.threads}")
 

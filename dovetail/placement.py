@@ -20,12 +20,14 @@ from pathlib import Path
 from dovetail.errors import UserError
 from dovetail.topology import Socket, Topology, parse_cpu_list
 
-GiB = 1 << 30
+GiB, MiB = 1 << 30, 1 << 20
 PROCESS_OVERHEAD = int(0.6 * GiB)  # torch + ray worker baseline per actor process
 # Carve a draft core only from a socket this big: on 2 cores, taking one from the target slows
 # verification 1.6x (366 -> 580 ms per block) and the shared plan was faster (6.29 vs 4.93 tok/s,
 # bench/results/actors.json); from 4 cores the target keeps >= 3/4 of its socket.
 CARVE_MIN_CPUS = 4
+KV_VALUE_BYTES = 4  # keys and values are kept in fp32
+KV_SHARE_OF_FREE = 0.8  # of the RAM a plan leaves free: the rest is headroom for activations and the OS
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class Plan:
     shards: tuple[ShardPlacement, ...]
     draft: DraftPlacement | None
     topology: Topology
+    free_bytes: int = 0  # RAM the plan leaves free when it was made (before any load)
 
     def describe(self) -> str:
         lines = [f"placement plan ({self.topology.source}; {len(self.topology.sockets)} socket(s), "
@@ -134,8 +137,9 @@ def make_plan(topology: Topology, target_bytes: int, draft_bytes: int | None, sh
     n = len(groups)
     per_shard = target_bytes // n + PROCESS_OVERHEAD
     placed = tuple(ShardPlacement(i, cpus, node, per_shard) for i, (cpus, node, _) in enumerate(groups))
-    _check_memory(placed, draft, groups, memory_available if memory_available is not None else available_memory())
-    return Plan(placed, draft, topology)
+    available = memory_available if memory_available is not None else available_memory()
+    need = _check_memory(placed, draft, groups, available)
+    return Plan(placed, draft, topology, available - need)
 
 
 def _shard_groups(sockets: tuple[Socket, ...], shards: int) -> list[tuple[tuple[int, ...], int | None, int | None]]:
@@ -182,7 +186,8 @@ def _reserve_draft_cpus(groups, cpus: tuple[int, ...], draft_bytes):
     return groups, DraftPlacement("cpu", tuple(cpus), False, draft_bytes + PROCESS_OVERHEAD)
 
 
-def _check_memory(shards, draft, groups, available: int) -> None:
+def _check_memory(shards, draft, groups, available: int) -> int:
+    """The plan's RAM; ``UserError`` when the machine or a NUMA node cannot hold it."""
     need = sum(s.memory_bytes for s in shards) + (draft.memory_bytes if draft and draft.device == "cpu" else 0)
     if need > available:
         raise UserError(f"the plan needs ~{need / GiB:.1f} GiB of RAM but only {available / GiB:.1f} GiB is available: "
@@ -191,3 +196,24 @@ def _check_memory(shards, draft, groups, available: int) -> None:
         if socket_mem and shard.memory_bytes > socket_mem:
             raise UserError(f"target shard {shard.rank} needs ~{shard.memory_bytes / GiB:.1f} GiB but its NUMA node "
                             f"has {socket_mem / GiB:.1f} GiB: use more shards")
+    return need
+
+
+def kv_bytes_per_token(model_dir: str | Path) -> int:
+    """RAM one token's keys and values take in every layer of the model in ``model_dir`` (0 when
+    its config does not say)."""
+    import json
+
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        heads = config["num_attention_heads"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        kv_heads = config.get("num_key_value_heads") or heads
+        return 2 * config["num_hidden_layers"] * kv_heads * head_dim * KV_VALUE_BYTES
+    except (OSError, KeyError, TypeError, ValueError):
+        return 0
+
+
+def kv_budget(plan: Plan, share: int = 1) -> int:
+    """Bytes of KV cache one engine may hold: its ``share`` of the RAM the plan leaves free, less headroom."""
+    return int(max(plan.free_bytes, 0) * KV_SHARE_OF_FREE) // share

@@ -14,6 +14,7 @@ from dovetail.actors.system import ActorEngine, _wait_for_exit
 from dovetail.config import EngineConfig
 from dovetail.errors import EngineError
 from dovetail.models.verification import SamplingParams
+from dovetail.protocol import messages as m
 from dovetail.protocol.shm import PREFIX, segment_names as _segments
 from test_sampling import PARAMS, PROMPT, chi_square_pvalue, exact_joint, sample_counts
 from tiny_models import hf_greedy, perturbed, tiny_model
@@ -102,9 +103,9 @@ def test_sampling_matches_target_distribution(ray_session, tmp_path):
 @pytest.mark.parametrize("victim", ["target shard 1", "draft"])
 @pytest.mark.parametrize("when", ["mid-request", "between-requests"])
 def test_killed_worker_fails_the_request_then_recovers(ray_session, qwen_pair, victim, when):
-    """A worker killed during a request, or while idle (then the next request's first send finds
-    its socket without a peer, where zmq would block forever), fails that request clearly; the
-    group is restarted and the next request is exact."""
+    """A worker killed during a request fails that request clearly, and the group is restarted; one
+    killed while idle is replaced before the next request starts, which then runs normally. Either
+    way the next request is exact and the dead worker's segment is gone."""
     target, (target_dir, draft_dir) = qwen_pair
     engine = _engine(target_dir, draft_dir, "chain:3", "0|1", eos=-1)
     try:
@@ -116,11 +117,15 @@ def test_killed_worker_fails_the_request_then_recovers(ray_session, qwen_pair, v
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
 
+        generation = ray.get(engine.coordinator.info.remote())["generation"]
         if when == "between-requests":
             kill_once()
             _wait_for_exit([pid], timeout_s=10)
-        with pytest.raises(EngineError, match=f"{victim}.*restarted"):
-            engine.generate([5, 6, 7], 400, on_tokens=kill_once)  # mid-request: killed at the first token
+            _next_request_is_exact(engine, target)
+        else:
+            with pytest.raises(EngineError, match=f"{victim}.*restarted"):
+                engine.generate([5, 6, 7], 400, on_tokens=kill_once)  # killed at the first token
+        assert ray.get(engine.coordinator.info.remote())["generation"] == generation + 1
         assert not [s for s in _segments() if s.startswith(f"{PREFIX}{pid}_")], "the dead worker's segment leaked"
         _next_request_is_exact(engine, target)
     finally:
@@ -319,6 +324,102 @@ def test_a_failing_request_in_a_batch_fails_alone(ray_session, qwen_pair):
                 assert "stats" in final and tokens == hf_greedy(target, prompt, 40, eos=EOS), i
         assert ray.get(engine.coordinator.info.remote())["generation"] == generation
         assert set(_live_requests(engine).values()) == {0}
+    finally:
+        engine.shutdown()
+    assert _segments() <= ray_session
+
+
+def _on_coordinator(engine, fn):
+    """Run ``fn(coordinator)`` inside the coordinator's process (fault injection); this module's
+    functions travel by value, since the workers cannot import the tests."""
+    import sys
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    return ray.get(engine.coordinator.__ray_call__.remote(fn))
+
+
+def _on_worker(engine, index: int, fn):
+    """Run ``fn(worker)`` inside worker ``index`` (shards first, then the draft)."""
+    actor = _on_coordinator(engine, lambda c: c._inboxes()[index].actor)
+    return ray.get(actor.__ray_call__.remote(fn))
+
+
+def _drop_verify_replies(shard):
+    """From now on this shard computes no verification and sends no reply (a lost message)."""
+    shard.handlers = {**type(shard).handlers, m.VerifyTree: "_ignore", m.VerifyBatch: "_ignore"}
+    shard._ignore = lambda msg: None
+
+
+def _skew_verify_replies(shard):
+    """From now on this shard's verification replies speak another protocol version."""
+    import msgpack
+
+    send = shard.channel.send
+
+    def skewed(msg):
+        if isinstance(msg, m.Accepted) and msg.step > 0:
+            body = msgpack.unpackb(m.encode(msg))
+            body["v"] = m.PROTOCOL_VERSION + 1
+            return shard.channel.send_raw(msgpack.packb(body))
+        return send(msg)
+
+    shard.channel.send = skewed
+
+
+def _heal(shard):
+    shard.__dict__.pop("handlers", None)
+    shard.__dict__.pop("_ignore", None)
+    shard.channel.__dict__.pop("send", None)
+
+
+@pytest.mark.parametrize("fault", [_drop_verify_replies, _skew_verify_replies], ids=["dropped", "skewed"])
+def test_a_lost_or_skewed_reply_ends_its_request_at_the_deadline(ray_session, qwen_pair, fault):
+    """Shard 0's verification reply never arrives (or arrives in another protocol version, which
+    the coordinator drops) while its pings still succeed: the request fails when its step deadline
+    passes, not never; nothing is restarted, no state is left, and the next request is exact."""
+    import dataclasses
+    import time
+
+    target, (target_dir, draft_dir) = qwen_pair
+    engine = _engine(target_dir, draft_dir, "chain:3", "0")
+    try:
+        _on_coordinator(engine, lambda c: setattr(c, "spec", dataclasses.replace(c.spec, step_timeout_s=2.0)))
+        generation = ray.get(engine.coordinator.info.remote())["generation"]
+        _on_worker(engine, 0, fault)
+        t0 = time.monotonic()
+        _, final = _raw(engine, [5, 6, 7], 20)
+        assert "error" in final and "within 2 s" in final["error"], final
+        assert time.monotonic() - t0 < 30
+        assert ray.get(engine.coordinator.info.remote())["generation"] == generation, "the workers were restarted"
+        _on_worker(engine, 0, _heal)
+        assert set(_live_requests(engine).values()) == {0}
+        _next_request_is_exact(engine, target)
+    finally:
+        engine.shutdown()
+    assert _segments() <= ray_session
+
+
+def test_workers_at_another_protocol_version_are_refused_at_start(ray_session, qwen_pair):
+    """ready() checks every worker's protocol version: a restart into a mismatched group fails with
+    a clear error naming the version, and the coordinator keeps answering."""
+    _, (target_dir, draft_dir) = qwen_pair
+    engine = _engine(target_dir, draft_dir, "chain:3", "0")
+    try:
+        def restart_as_version_2(c):
+            import dovetail.actors.coordinator as coordinator
+
+            coordinator.PROTOCOL_VERSION = 2
+            try:
+                c.restart_workers()
+            except RuntimeError as exc:
+                return str(exc)
+            finally:
+                coordinator.PROTOCOL_VERSION = m.PROTOCOL_VERSION
+            return "no error"
+
+        message = _on_coordinator(engine, restart_as_version_2)
+        assert "protocol version mismatch (coordinator: 2)" in message and f"speaks {m.PROTOCOL_VERSION}" in message
+        assert ray.get(engine.coordinator.ping.remote())
     finally:
         engine.shutdown()
     assert _segments() <= ray_session

@@ -66,3 +66,16 @@ def test_a_two_core_socket_shares_with_the_draft():
     small = Topology((Socket(0, (0, 1)),), source="test")
     plan = make_plan(small, 6 * GiB, GiB, memory_available=100 * GiB)
     assert plan.draft.shares_cpus and plan.shards[0].cpus == (0, 1)
+
+
+def test_kv_bytes_and_budget(tmp_path):
+    """Keys and values of every layer in fp32, per token; the budget is a share of what the plan leaves free."""
+    from dovetail.placement import kv_budget, kv_bytes_per_token
+    from tiny_models import tiny_config
+
+    tiny_config("qwen2", layers=3, kv_heads=2).save_pretrained(tmp_path)  # head_dim 64 / 4 heads = 16
+    assert kv_bytes_per_token(tmp_path) == 2 * 3 * 2 * 16 * 4
+    assert kv_bytes_per_token(tmp_path / "missing") == 0
+    plan = make_plan(Topology((Socket(0, (0, 1)),)), GiB, None, memory_available=6 * GiB)
+    assert plan.free_bytes == 6 * GiB - plan.shards[0].memory_bytes
+    assert kv_budget(plan, share=2) == int(plan.free_bytes * 0.8) // 2

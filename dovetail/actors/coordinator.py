@@ -48,7 +48,7 @@ from dovetail.protocol.channel import Channel, PeerUnavailable, ipc_address
 from dovetail.protocol.messages import (PROTOCOL_VERSION, Accepted, ArrayRef, EndRequest, ErrorReport, Predraft,
                                         ProposeBatch, ProposeTree, Shutdown, StartRequest, Sync, Synced, TreeProposal,
                                         VerifyBatch, VerifyTree)
-from dovetail.protocol.shm import ShmArena, remove_orphaned_segments
+from dovetail.protocol.shm import ShmArena, pid_alive, remove_orphaned_segments
 
 log = logging.getLogger("dovetail.coordinator")
 
@@ -249,13 +249,7 @@ class Coordinator:
     @ray.method(concurrency_group="control")
     def healthy(self) -> bool:
         """Whether requests can be served now: not restarting the workers, and every worker alive."""
-        if self._restarting:
-            return False
-        boxes = self._inboxes()
-        try:
-            return all(ray.get([box.actor.ping.remote() for box in boxes], timeout=2.0))
-        except Exception:
-            return False
+        return not self._restarting and not self._dead_workers(timeout_s=2.0)
 
     @ray.method(concurrency_group="control")
     def cancel(self, request_id: str) -> None:
@@ -342,20 +336,33 @@ class Coordinator:
             return self._recover(worker_exc, [request_id])
         return message
 
+    def _recover_idle(self) -> None:
+        """Before a request on an idle engine: replace workers that died meanwhile, so that the
+        request runs normally (a pid check, microseconds: they share this node), and sweep the
+        segments dead processes left (a killed coordinator's workers die after it restarted)."""
+        gone = [name for name, info in self.workers_info.items() if not pid_alive(info["pid"])]
+        if gone:
+            log.warning("%s died while idle; restarting the workers", ", ".join(gone))
+            self.restart_workers()
+        remove_orphaned_segments()
+
     def _check_alive(self) -> None:
         dead = self._dead_workers()
         if dead:
             raise WorkerFailure(f"{', '.join(dead)} died")
 
-    def _dead_workers(self) -> list[str]:
-        """Names of the workers that do not answer a ping (their process is gone or stuck)."""
+    def _dead_workers(self, timeout_s: float = 30.0) -> list[str]:
+        """Names of the workers that are gone: no ping answer within ``timeout_s`` (the process
+        died or is stuck), or a ping saying that its message loop has ended."""
         boxes = self._inboxes()
         pings = [box.actor.ping.remote() for box in boxes]
-        dead = []
+        deadline, dead = time.monotonic() + timeout_s, []
         for box, ref in zip(boxes, pings):
             try:
-                ray.get(ref, timeout=30)
+                alive = ray.get(ref, timeout=max(deadline - time.monotonic(), 0.01))
             except Exception:
+                alive = False
+            if not alive:
                 dead.append(box.name)
         return dead
 
@@ -408,6 +415,7 @@ class Coordinator:
         out = OutputBuffer(max_new_tokens, self.eos, chunks.append)
         if rid in self._cancelled:  # cancelled while it waited in a queue
             return
+        self._recover_idle()
         draft = self.draft if speculate else None
         pipeline = bool(pipeline and draft and not self.spec.feature_drafter)  # a feature drafter does not bet
         stats.pipelined = pipeline
@@ -505,6 +513,12 @@ class Coordinator:
             if request.rid in self._cancelled:
                 self._finish(request, active, cancelled=True)
                 continue
+            if not active:
+                try:
+                    self._recover_idle()
+                except Exception as exc:  # the group could not be restarted: answer this request
+                    request.items.put(self._final({"error": f"request failed: restarting the workers failed: {exc}"}))
+                    continue
             active.append(request)
             request.t0 = time.perf_counter()
             request.out = OutputBuffer(request.max_new_tokens, self.eos, request.items.put)

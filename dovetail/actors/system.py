@@ -24,8 +24,8 @@ from dovetail.models.verification import SamplingParams
 from dovetail.models.dgf import is_drafter_dir
 from dovetail.models.loading import FLOAT_DEFAULT
 from dovetail.models.quantized import resolve_precision
-from dovetail.placement import Plan, drafter_bytes, make_plan, model_bytes
-from dovetail.protocol.shm import remove_orphaned_segments
+from dovetail.placement import MiB, Plan, drafter_bytes, kv_budget, kv_bytes_per_token, make_plan, model_bytes
+from dovetail.protocol.shm import owned_name, remove_orphaned_segments, remove_orphans
 from dovetail.store import dovetail_home, float_weights
 from dovetail.topology import Topology, detect, parse_sockets
 
@@ -79,15 +79,30 @@ def resolve_topology(sockets: str | None, part: tuple[int, int] = (0, 1)) -> Top
     return (parse_sockets(sockets) if sockets else detect()).partition(*part)
 
 
+def loopback_ray() -> None:
+    """Make a Ray started from this process listen on loopback only.
+
+    Ray turns a loopback ``_node_ip_address`` into the machine's routable address, and its GCS,
+    raylet, agents and workers then listen on every interface. Ray's own single-machine mode (the
+    one it uses where clusters are unsupported) keeps the node on 127.0.0.1, and every one of those
+    servers then binds loopback. The flag is read at Ray's import here and from the environment by
+    the processes Ray starts; ``tests/test_serve.py`` checks the listeners with ``ss``."""
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def start_ray(address: str | None, topology: Topology) -> bool:
-    """Start a local Ray (no dashboard, temp dir under the cache) or join ``address``; return
-    whether this call connected (and so should disconnect at shutdown)."""
+    """Start a local, loopback-only Ray (no dashboard, temp dir under the cache) or join
+    ``address``; return whether this call connected (and so should disconnect at shutdown)."""
     if ray.is_initialized():
         return False
     kwargs = dict(include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
     if address:
         ray.init(address=address, **kwargs)
     else:
+        loopback_ray()
         ray.init(num_cpus=len(topology.cpus), num_gpus=len(topology.gpus), _temp_dir=str(short_dir("ray")), **kwargs)
     return True
 
@@ -114,10 +129,17 @@ class ActorEngine:
         if draft_dir and not feature_drafter and (self.draft_precision != "native" or self.plan.draft.device == "cuda"):
             float_weights(draft_dir)
         say(self.plan.describe())
+        # KV admission: the RAM each token of a request holds in the target (and a CPU draft)
+        self.kv_bytes_per_token = kv_bytes_per_token(target_dir) + (
+            kv_bytes_per_token(draft_dir) if draft_dir and self.plan.draft.device == "cpu" else 0)
+        self.kv_budget_bytes = (config.kv_memory_mb * MiB if config.kv_memory_mb
+                                else kv_budget(self.plan, config.partition[1]))
         # betting needs the draft and the target to run at once: not when they take turns on the same CPUs
         self.pipeline = config.pipeline and not (self.plan.draft and self.plan.draft.shares_cpus)
         self._owns_ray = start_ray(config.address, topology)
-        self.run_dir = private_dir(short_dir("run") / secrets.token_hex(4))
+        runs = short_dir("run")
+        remove_orphans(runs, "", lambda path: shutil.rmtree(path, ignore_errors=True))  # of killed engines
+        self.run_dir = private_dir(runs / owned_name(""))
         spec = WorkerSpec(self.plan, str(target_dir), str(draft_dir) if draft_dir else None, str(config.tree),
                           config.target_kernel, self.draft_precision, vocab_limit, str(self.run_dir),
                           shm_or_gloo(config.collective, say), feature_drafter=feature_drafter,
@@ -136,6 +158,24 @@ class ActorEngine:
     def depth(self) -> int:
         return self.config.tree.depth if self.plan.draft else 0
 
+    def kv_bytes(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """A request's worst-case KV cache: every position it can reach, plus one draft tree."""
+        return (prompt_tokens + max_new_tokens + self.depth + 1) * self.kv_bytes_per_token
+
+    def kv_room(self, prompt_tokens: int) -> int:
+        """The most new tokens a request with this prompt may ask for within the KV budget."""
+        if not self.kv_bytes_per_token:
+            return self.context_length
+        return self.kv_budget_bytes // self.kv_bytes_per_token - prompt_tokens - self.depth - 1
+
+    def check_kv(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """``UserError`` when the request could never fit the KV budget, even alone."""
+        need = self.kv_bytes(prompt_tokens, max_new_tokens)
+        if need > self.kv_budget_bytes:
+            raise UserError(f"this request may need {need / MiB:.1f} MiB of KV cache ({prompt_tokens} prompt + "
+                            f"{max_new_tokens} new tokens) but the engine's KV budget is "
+                            f"{self.kv_budget_bytes / MiB:.1f} MiB: ask for fewer tokens, or raise --kv-memory-mb")
+
     def submit(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(),
                speculate: bool = True, pipeline: bool | None = None, request_id: str | None = None):
         """Start a request; return Ray's streaming generator of its items: lists of committed
@@ -143,6 +183,7 @@ class ActorEngine:
         with ``for``/``ray.get`` or ``async for``/``await``; ``cancel(request_id)`` stops it."""
         validate_request(prompt_ids, max_new_tokens, self.context_length)
         max_new_tokens = min(max_new_tokens, self.context_length - len(prompt_ids))
+        self.check_kv(len(prompt_ids), max_new_tokens)
         sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                         seed=params.seed if params.seed is not None else secrets.randbits(63))
         pipeline = self.pipeline if pipeline is None else pipeline

@@ -5,8 +5,8 @@ are written at increasing offsets and the write position wraps around, so a read
 with a view before the writer laps it (the protocol's request/reply rhythm guarantees it: one
 step's arrays are consumed before the next step's are written).
 
-Segment names start with ``dovetail_<owner pid>_``, so ``remove_orphaned_segments`` can find
-and delete what a crashed owner left in /dev/shm.
+Segment names start with ``dovetail_<owner pid>_<PID namespace>_``, so
+``remove_orphaned_segments`` can find and delete what a crashed owner left in /dev/shm.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class ShmArena:
         self.owner = name is None
         if self.owner:
             _check_room(size)
-            name = f"{PREFIX}{os.getpid()}_{PID_NAMESPACE}_{secrets.token_hex(4)}"
+            name = owned_name(PREFIX)
             self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
         else:
             self._shm = shared_memory.SharedMemory(name=name)
@@ -112,17 +112,29 @@ def segment_names(shm_dir: str = "/dev/shm") -> set[str]:
 
 
 def remove_orphaned_segments(shm_dir: str = "/dev/shm") -> list[str]:
-    """Delete Dovetail segments whose owner process no longer exists; return their names.
+    """Delete Dovetail segments whose owner process no longer exists; return their names."""
+    return remove_orphans(Path(shm_dir), PREFIX, lambda path: path.unlink(missing_ok=True))
 
-    A segment records its owner's pid *and PID namespace*: /dev/shm may be shared with a
-    container whose processes this one cannot see, and a pid that looks dead from here may be a
-    live engine there. Only segments of this namespace are swept."""
+
+def owned_name(prefix: str) -> str:
+    """A fresh name that records its creator, ``<prefix><pid>_<PID namespace>_<random>``, so that
+    ``remove_orphans`` can find what a crashed owner left behind."""
+    return f"{prefix}{os.getpid()}_{PID_NAMESPACE}_{secrets.token_hex(4)}"
+
+
+def remove_orphans(directory: Path, prefix: str, remove) -> list[str]:
+    """``remove(path)`` each entry of ``directory`` named by ``owned_name(prefix)`` whose owner
+    process no longer exists; return their names.
+
+    A name records its owner's pid *and PID namespace*: /dev/shm (or a home directory) may be
+    shared with a container whose processes this one cannot see, and a pid that looks dead from
+    here may be a live engine there. Only names of this namespace are swept."""
     removed = []
-    for name in segment_names(shm_dir):
-        pid, namespace = _owner(name)
-        if pid is not None and namespace in (PID_NAMESPACE, None) and not _alive(pid):
-            (Path(shm_dir) / name).unlink(missing_ok=True)
-            removed.append(name)
+    for path in directory.glob(f"{prefix}*"):
+        pid, namespace = _owner(path.name[len(prefix):])
+        if pid is not None and namespace in (PID_NAMESPACE, None) and not pid_alive(pid):
+            remove(path)
+            removed.append(path.name)
     return removed
 
 
@@ -137,8 +149,9 @@ PID_NAMESPACE = _pid_namespace()
 
 
 def _owner(name: str) -> tuple[int | None, str | None]:
-    """(owner pid, its PID namespace) from a segment name (namespace None: an older name without it)."""
-    fields = name[len(PREFIX):].split("_")
+    """(owner pid, its PID namespace) from a name without its prefix (namespace None: an older
+    name without it)."""
+    fields = name.split("_")
     try:
         pid = int(fields[0])
     except ValueError:
@@ -147,10 +160,10 @@ def _owner(name: str) -> tuple[int | None, str | None]:
 
 
 def _owner_pid(name: str) -> int | None:
-    return _owner(name)[0]
+    return _owner(name[len(PREFIX):])[0]
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

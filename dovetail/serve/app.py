@@ -12,13 +12,16 @@ cancels its request, which frees its KV caches after the current step.
 
 
 import asyncio
+import copy
 import hmac
 import json
 import logging
 import re
 import secrets
 import time
+import ipaddress
 from collections import deque
+from contextlib import asynccontextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -38,7 +41,8 @@ from dovetail.serve.schema import ApiError, ChatCompletionRequest, CompletionReq
 from dovetail.serve.text import TextAssembler
 
 log = logging.getLogger("dovetail.serve")
-COMPLETION_DEFAULT_MAX_TOKENS = 16  # as OpenAI's completions endpoint; chat defaults to the rest of the context
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # as OpenAI's completions endpoint
+CHAT_DEFAULT_MAX_TOKENS = 2048  # a long answer; within the context left, and always within the KV admission
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 app = FastAPI(title="Dovetail", description="OpenAI-compatible API over lossless speculative decoding")
@@ -112,6 +116,38 @@ def _count_error(status: int) -> None:
         log.warning("could not record an error metric", exc_info=True)
 
 
+def _replica_grpc_on_loopback() -> None:
+    """Ray Serve starts an inter-deployment gRPC server in every replica, bound to all interfaces
+    with no setting to change it. On a loopback-only node (the local Ray Dovetail starts) bind it
+    to loopback too; on a cluster node, where other nodes may call it, leave it. Must run in the
+    replica before Serve calls ``_on_initialized``, i.e. in the deployment's ``__init__``."""
+    from ray._common.network_utils import is_localhost
+    from ray.serve._private import replica
+
+    original = getattr(replica, "add_port_to_grpc_server", None)
+    if original is None or getattr(original, "loopback", False) or not is_localhost(ray.util.get_node_ip_address()):
+        return
+
+    def loopback(server, address: str):
+        return original(server, address.replace("[::]:", "127.0.0.1:", 1))
+
+    loopback.loopback = True
+    replica.add_port_to_grpc_server = loopback
+
+
+def _local_only(request: Request) -> None:
+    """``/health`` and ``/metrics`` need no key, so they answer loopback clients only (a 403
+    otherwise), even when ``--host`` opens the API to the network."""
+    try:
+        address = ipaddress.ip_address(request.client.host if request.client else "")
+        local = address.is_loopback or bool(getattr(address, "ipv4_mapped", None) and address.ipv4_mapped.is_loopback)
+    except ValueError:
+        local = False
+    if not local:
+        raise ApiError(403, f"{request.url.path} answers loopback clients only", code="forbidden",
+                       kind="permission_error")
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, refused with a 413 as soon as it is known to exceed ``limit`` bytes (from its
     Content-Length before anything is read, else while it streams in)."""
@@ -144,38 +180,51 @@ async def _parse(request: Request, model, limit: int):
         raise ApiError(400, "request body is not valid JSON", code="json_invalid") from None
 
 
-class FifoSlots:
-    """``n`` engine slots handed out strictly in arrival order (``async with slots:``); a waiter
-    that is cancelled (its client left) gives up its place, or its slot if it had just got one."""
+class FifoAdmission:
+    """Admission to the engine, strictly in arrival order: a request needs one of ``slots`` (the
+    engine's batch) and its worst-case KV bytes out of ``budget``. ``async with admission.take(cost):``
+    waits its turn; a waiter that is cancelled (its client left) gives up its place, or what it had
+    just been handed."""
 
-    def __init__(self, n: int):
-        self.free, self.waiters = n, deque()
+    def __init__(self, slots: int, budget: int):
+        self.slots, self.budget = slots, budget
+        self.waiters: deque = deque()  # (future, cost), oldest first
 
-    async def __aenter__(self):
-        if self.free and not self.waiters:
-            self.free -= 1
-            return
-        turn = asyncio.get_running_loop().create_future()
-        self.waiters.append(turn)
+    def fits(self, cost: int) -> bool:
+        return self.slots > 0 and cost <= self.budget
+
+    @asynccontextmanager
+    async def take(self, cost: int):
+        if not self.waiters and self.fits(cost):
+            self.slots, self.budget = self.slots - 1, self.budget - cost
+        else:
+            turn = asyncio.get_running_loop().create_future()
+            self.waiters.append((turn, cost))
+            try:
+                await turn
+            except asyncio.CancelledError:
+                if turn.done() and not turn.cancelled():
+                    self._release(cost)  # it arrived as we were cancelled: pass it on
+                else:
+                    self.waiters.remove((turn, cost))
+                    self._grant()  # a large request at the head may have held back smaller ones
+                raise
         try:
-            await turn
-        except asyncio.CancelledError:
-            if turn.done() and not turn.cancelled():
-                self._release()  # the slot arrived as we were cancelled: pass it on
-            else:
-                self.waiters.remove(turn)
-            raise
+            yield
+        finally:
+            self._release(cost)
 
-    async def __aexit__(self, *exc):
-        self._release()
+    def _release(self, cost: int) -> None:
+        self.slots, self.budget = self.slots + 1, self.budget + cost
+        self._grant()
 
-    def _release(self) -> None:
-        while self.waiters:
-            turn = self.waiters.popleft()
+    def _grant(self) -> None:
+        """Hand slots to the oldest waiters while the one at the head fits (no overtaking)."""
+        while self.waiters and self.fits(self.waiters[0][1]):
+            turn, cost = self.waiters.popleft()
             if not turn.done():
-                turn.set_result(None)  # the slot goes straight to the next in line
-                return
-        self.free += 1
+                self.slots, self.budget = self.slots - 1, self.budget - cost
+                turn.set_result(None)
 
 
 @dataclass
@@ -188,6 +237,7 @@ class Job:
     params: SamplingParams
     speculate: bool
     stop: list[str]
+    kv_bytes: int  # worst case (prompt + max_tokens): what admission reserves
     client_id: str | None = None  # the request's X-Request-Id (the client's, else Serve's): logged, never the engine's key
     arrival: float = field(default_factory=time.perf_counter)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -226,6 +276,7 @@ class DovetailServer:
     def __init__(self, config: dict):
         from dovetail.api import Dovetail
 
+        _replica_grpc_on_loopback()
         self.config = ServeConfig.parse(config)
         context = serve.get_replica_context()
         rank = getattr(context.rank, "rank", context.rank) or 0
@@ -237,7 +288,10 @@ class DovetailServer:
         self.depth = self.engine.depth
         self.model_name = self.config.model_name
         self.started_at = int(time.time())
-        self.slots = FifoSlots(self.engine.max_batch)  # requests on the engine at once (its batch)
+        # requests on the engine at once: its batch, and the worst-case KV caches that fit its budget
+        self.admission = FifoAdmission(self.engine.max_batch, self.engine.kv_budget_bytes)
+        self.encoder = copy.deepcopy(self.tokenizer)  # prompts are encoded off the event loop, with this one
+        self.tokenizing = asyncio.Lock()  # one encode at a time (HF fast tokenizers are not reentrant)
         self.waiting = self.running = 0
         self.metrics = _metrics()
         self.generation = self.engine.info.get("generation", 1)  # of the worker group: counts its restarts
@@ -268,9 +322,10 @@ class DovetailServer:
                                             "owned_by": "dovetail", "max_model_len": self.dovetail.context_length}]}
 
     @app.get("/health")
-    async def health(self, workers: bool = False):
+    async def health(self, request: Request, workers: bool = False):
         """Liveness and this replica's queue; ``?workers=true`` also asks every worker how many
         requests it holds state (a KV cache) for."""
+        _local_only(request)
         try:
             ready = await asyncio.wait_for(self.engine.coordinator.healthy.remote(), HEALTH_TIMEOUT_S)
         except Exception:  # no answer in time: the coordinator is wedged or gone
@@ -285,9 +340,10 @@ class DovetailServer:
         return out
 
     @app.get("/metrics")
-    async def metrics(self):
+    async def metrics(self, request: Request):
         from prometheus_client import CONTENT_TYPE_LATEST
 
+        _local_only(request)
         await _settle_metrics()  # read-your-writes for this replica; other replicas' records are eventual
         return Response(await self.metrics.render.remote(), media_type=CONTENT_TYPE_LATEST)
 
@@ -305,7 +361,7 @@ class DovetailServer:
 
     # -- one request -----------------------------------------------------------------------------
     async def _respond(self, request: Request, body, chat: bool):
-        job = self._job(request, body, chat)
+        job = await self._job(request, body, chat)
         if self.waiting >= self.config.max_queued_requests:
             raise ApiError(429, f"{self.waiting} requests are already queued on this replica; retry later",
                            code="queue_full", kind="rate_limit_error")
@@ -321,7 +377,7 @@ class DovetailServer:
                              "created": job.created, "model": self.model_name, "choices": [choice],
                              "usage": self._usage(job)})
 
-    def _job(self, request: Request, body, chat: bool) -> Job:
+    async def _job(self, request: Request, body, chat: bool) -> Job:
         """Check the request against this model and turn it into a ``Job`` (400s here)."""
         if body.model not in (None, self.model_name):
             raise ApiError(400, f"model {body.model!r} is not served here; this server serves {self.model_name!r}",
@@ -330,7 +386,7 @@ class DovetailServer:
         if refused:
             param, why = refused[0]
             raise ApiError(400, why, param=param, code="unsupported_parameter")
-        prompt_ids = self._chat_ids(body) if chat else self._prompt_ids(body)
+        prompt_ids = await self._encode(body, chat)
         context = self.dovetail.context_length
         if len(prompt_ids) >= context:
             raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens; this model's context is {context}",
@@ -340,7 +396,14 @@ class DovetailServer:
         if budget is not None and budget > room:
             raise ApiError(400, f"max_tokens {budget} + the prompt's {len(prompt_ids)} tokens exceed this model's "
                            f"context of {context}", param="max_tokens", code="context_length_exceeded")
-        max_tokens = budget or (room if chat else min(COMPLETION_DEFAULT_MAX_TOKENS, room))
+        if budget is None:  # the default, within the context and the KV budget
+            default = CHAT_DEFAULT_MAX_TOKENS if chat else COMPLETION_DEFAULT_MAX_TOKENS
+            budget = max(1, min(default, room, self.engine.kv_room(len(prompt_ids))))
+        max_tokens = budget
+        try:
+            self.engine.check_kv(len(prompt_ids), max_tokens)
+        except UserError as exc:  # it could never fit, even alone: waiting would not help
+            raise ApiError(400, str(exc), param="max_tokens", code="kv_budget_exceeded") from None
         vocab = self.dovetail.target_config.vocab_size
         if body.top_k > vocab:
             raise ApiError(400, f"top_k must be at most the vocabulary size ({vocab}), got {body.top_k}",
@@ -355,7 +418,15 @@ class DovetailServer:
         header = request.headers.get("x-request-id", "")
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
         return Job(rid, prompt_ids, max_tokens, params, body.speculate, body.stop or [],
+                   self.engine.kv_bytes(len(prompt_ids), max_tokens),
                    client_id=header if REQUEST_ID.fullmatch(header) else None)
+
+    async def _encode(self, body, chat: bool) -> list[int]:
+        """The prompt's ids, made in a thread so that a long prompt or template never stalls the
+        event loop that streams other requests' tokens; with a tokenizer of its own, since the
+        loop's detokenizers use theirs meanwhile."""
+        async with self.tokenizing:
+            return await asyncio.to_thread(self._chat_ids if chat else self._prompt_ids, body)
 
     def _prompt_ids(self, body: CompletionRequest) -> list[int]:
         prompt = body.prompt
@@ -364,20 +435,20 @@ class DovetailServer:
         if isinstance(prompt, str):
             if not prompt:
                 raise ApiError(400, "the prompt is empty", param="prompt")
-            return self.tokenizer.encode(prompt)
-        vocab = min(len(self.tokenizer), self.dovetail.target_config.vocab_size)
+            return self.encoder.encode(prompt)
+        vocab = min(len(self.encoder), self.dovetail.target_config.vocab_size)
         if not prompt or any(not 0 <= t < vocab for t in prompt):
             raise ApiError(400, f"a token-id prompt needs ids in [0, {vocab})", param="prompt")
         return list(prompt)
 
     def _chat_ids(self, body: ChatCompletionRequest) -> list[int]:
-        if not self.tokenizer.chat_template:
+        if not self.encoder.chat_template:
             raise ApiError(400, f"model {self.model_name!r} has no chat template; use /v1/completions",
                            code="no_chat_template")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         try:
-            return encode_messages(self.tokenizer, messages)
+            return encode_messages(self.encoder, messages)
         except Exception as exc:  # the template's own checks (e.g. role order) are the client's to fix
             raise ApiError(400, f"the chat template refused these messages: {exc}", param="messages") from None
 
@@ -387,7 +458,7 @@ class DovetailServer:
         self._load(waiting=+1)
         queued, outcome = True, "cancelled"
         try:
-            async with self.slots:
+            async with self.admission.take(job.kv_bytes):
                 queued = False
                 self._load(waiting=-1, running=+1)
                 try:

@@ -47,6 +47,7 @@ class ServeConfig(BaseModel):
     pipeline: bool = True
     collective: str = "shm"
     draft_cpus: str = "auto"
+    kv_memory_mb: int | None = Field(None, ge=1)  # per replica (default: its share of the RAM the plan leaves free)
     # serving
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = Field(8000, ge=1, le=65535)
@@ -85,7 +86,7 @@ class ServeConfig(BaseModel):
                       draft_vocab=self.draft_vocab, target_kernel=self.target_kernel, engine="actors",
                       sockets=self.sockets, shards=self.shards, pipeline=self.pipeline, address=self.address,
                       collective=self.collective, draft_cpus=self.draft_cpus, partition=partition,
-                      max_batch=self.max_batch)
+                      max_batch=self.max_batch, kv_memory_mb=self.kv_memory_mb)
         if self.tree:
             kwargs["tree"] = parse_tree(self.tree)
         return EngineConfig(**kwargs)
