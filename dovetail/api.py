@@ -19,9 +19,10 @@ from dovetail.config import EngineConfig
 from dovetail.engine import GenerationResult, SpeculativeEngine
 from dovetail.errors import UserError
 from dovetail.models.cached_lm import CachedLM
-from dovetail.models.dgf import is_drafter_dir, load_drafter, shared_frozen_tensors
-from dovetail.models.draft import DraftProposer
-from dovetail.models.feature_draft import FeatureDraftProposer
+from dovetail.models.drafter_net import load_drafter, shared_frozen_tensors
+from dovetail.store import is_drafter_dir
+from dovetail.models.lm_proposer import DraftProposer
+from dovetail.models.feature_proposer import FeatureDraftProposer
 from dovetail.models.loading import (FLOAT_DEFAULT, draft_vocab_limit, encode_chat, eos_token_ids,
                                      eos_token_ids_from_config, load_causal_lm, load_tokenizer)
 from dovetail.models.quantized import gguf_formats, resolve_precision

@@ -34,7 +34,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
     from dovetail.store import AUTO_DRAFT, DEFAULT_DRAFT, DEFAULT_TARGET
 
     p.add_argument("--target", default=DEFAULT_TARGET, help="packaged model name or HF model folder")
@@ -76,7 +76,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "when its worst case (prompt + max tokens) fits (default: 80%% of the RAM the plan leaves free)")
 
 
-def _engine_config(args):
+def engine_config_from_args(args):
     from dovetail.config import EngineConfig, parse_tree
 
     kwargs = dict(target=args.target, draft=None if args.no_draft else args.draft,
@@ -91,7 +91,8 @@ def _engine_config(args):
     return EngineConfig(**kwargs)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extra: dict | None = None) -> argparse.ArgumentParser:
+    """The command line; ``extra`` adds commands, name -> (help, add_args(parser), run(args))."""
     parser = _Parser(prog="launch.py", description="Dovetail: heterogeneous speculative decoding.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text for one prompt")
     gen.add_argument("--prompt", required=True)
-    _add_model_args(gen)
+    add_model_args(gen)
     gen.add_argument("--max-new-tokens", type=int, default=None,
                      help="stop after N new tokens (default: at the end of the answer, EOS, within the context)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (Ray Serve); the default command")
-    _add_model_args(srv)
+    add_model_args(srv)
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--replicas", type=_positive_int, default=1,
@@ -129,10 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-body-bytes", type=_positive_int, default=4 << 20,
                      help="larger request bodies get HTTP 413 before they are read (default 4 MiB)")
 
-    bench = sub.add_parser("bench", help="HumanEval benchmark: target-only, HF assisted, Dovetail")
-    from dovetail.bench import add_bench_args
-
-    add_bench_args(bench)
+    for name, (help_text, add_args, _) in (extra or {}).items():  # e.g. launch.py's bench, from the checkout
+        add_args(sub.add_parser(name, help=help_text))
 
     from dovetail.store import DEFAULT_TARGET
 
@@ -197,9 +196,9 @@ def cmd_serve(args) -> int:
 def cmd_train_draft(args) -> int:
     from pathlib import Path
 
-    from dovetail.models.dgf import DrafterSpec
+    from dovetail.models.drafter_net import DrafterSpec
     from dovetail.store import drafter_dir, resolve_model
-    from dovetail.training import run_train_draft
+    from dovetail.training.pipeline import run_train_draft
     from dovetail.training.trainer import TrainSettings
 
     if not (0 < args.lr < 1):
@@ -230,11 +229,11 @@ def cmd_generate(args) -> int:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not args.prompt.strip():
         raise UserError("the prompt is empty")
-    dovetail = Dovetail(_engine_config(args))
+    dovetail = Dovetail(engine_config_from_args(args))
     prompt_ids = dovetail.encode(args.prompt, args.chat)
     dovetail.check_request(prompt_ids, args.max_new_tokens)
     with dovetail.load():
-        stream = None if args.json else _TextStream(dovetail.tokenizer)
+        stream = None if args.json else _printer(dovetail.tokenizer)
         result = dovetail.generate_ids(prompt_ids, args.max_new_tokens, params, on_tokens=stream)
         stats = result.stats.to_dict(dovetail.engine.depth)
     if args.json:
@@ -249,32 +248,26 @@ def cmd_generate(args) -> int:
     return 0
 
 
-class _TextStream:
-    """Prints text as tokens arrive, decoding the whole output so multi-token characters stay whole."""
+def _printer(tokenizer):
+    """``on_tokens`` that prints the text of each step's tokens as it is decoded."""
+    from dovetail.text import TextAssembler
 
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
+    assembler = TextAssembler(tokenizer)
 
-    def __call__(self, tokens):
-        self.ids.extend(tokens)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            return
-        print(text[len(self.printed):], end="", flush=True)
-        self.printed = text
+    def on_tokens(tokens):
+        print("".join(assembler.add(t) for t in tokens), end="", flush=True)
+
+    return on_tokens
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
+def main(argv=None, extra: dict | None = None) -> int:
+    parser = build_parser(extra)
     args = parser.parse_args(argv)
     if args.command is None:  # `python launch.py` alone serves the defaults
         args = parser.parse_args(["serve"])
-    handlers = {"fetch": cmd_fetch, "generate": cmd_generate, "serve": cmd_serve, "train-draft": cmd_train_draft}
+    handlers = {"fetch": cmd_fetch, "generate": cmd_generate, "serve": cmd_serve, "train-draft": cmd_train_draft,
+                **{name: run for name, (_, _, run) in (extra or {}).items()}}
     try:
-        if args.command == "bench":
-            from dovetail.bench import run_bench
-
-            return run_bench(args)
         return handlers[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -10,9 +10,9 @@ from dovetail.models.loading import PRECISIONS, default_threads
 from dovetail.models.tree import TreeShape
 from dovetail.store import AUTO_DRAFT, DEFAULT_TARGET
 
-# Chosen from bench/results (HumanEval, Qwen 1.5B target, int8 0.5B draft, this 2-core machine):
-# verifying up to ~5 tokens costs about one target step with the "mm" kernel, so a 4-token
-# chain wins over wider trees, whose extra draft levels and verify rows cost more than they gain.
+# Chosen from bench/results (HumanEval, the packaged pair): verifying a few tokens costs little more
+# than one target step, so a 4-token chain wins over wider trees, whose extra draft levels and
+# verify rows cost more than they gain.
 DEFAULT_TREE = TreeShape.chain(3)
 ENGINES = ("actors", "inprocess", "auto")  # auto: see Dovetail.engine_kind
 COLLECTIVES = ("shm", "gloo")
@@ -33,7 +33,7 @@ class EngineConfig:
     shards: int | None = None  # target shards (default: one per socket)
     pipeline: bool = True  # draft the next block while the current one is verified
     address: str | None = None  # join this Ray cluster instead of starting one
-    collective: str = "shm"  # how target shards all-reduce: "shm" (shared memory, faster here) or "gloo"
+    collective: str = "shm"  # how target shards all-reduce: "shm" (shared memory) or "gloo"
     draft_cpus: str = "auto"  # without a GPU: "auto" (a core of its own), "shared", or a CPU list
     max_batch: int = 1  # actor engine: requests decoding together, trees verified in one forward
     partition: tuple[int, int] = (0, 1)  # this engine's share of the machine: part i of n (one per replica)

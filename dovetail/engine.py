@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from dovetail.errors import UserError
-from dovetail.models.draft import DraftProposer
+from dovetail.models.lm_proposer import DraftProposer
 from dovetail.models.target import TargetVerifier
 from dovetail.models.tree import DraftTree
 from dovetail.models.verification import SamplingParams

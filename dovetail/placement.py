@@ -23,8 +23,8 @@ from dovetail.topology import Socket, Topology, parse_cpu_list
 GiB, MiB = 1 << 30, 1 << 20
 PROCESS_OVERHEAD = int(0.6 * GiB)  # torch + ray worker baseline per actor process
 # Carve a draft core only from a socket this big: on 2 cores, taking one from the target slows
-# verification 1.6x (366 -> 580 ms per block) and the shared plan was faster (6.29 vs 4.93 tok/s,
-# bench/results/actors.json); from 4 cores the target keeps >= 3/4 of its socket.
+# verification more than overlapping the draft gains (bench/results/actors.json has both plans);
+# from 4 cores the target keeps >= 3/4 of its socket.
 CARVE_MIN_CPUS = 4
 KV_VALUE_BYTES = 4  # keys and values are kept in fp32
 KV_SHARE_OF_FREE = 0.8  # of the RAM a plan leaves free: the rest is headroom for activations and the OS

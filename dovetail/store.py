@@ -42,7 +42,7 @@ class StoreError(UserError):
 
 @dataclass(frozen=True)
 class PackagedModel:
-    """A GGUF model carried as byte chunks inside PyPI wheels (DESIGN.md section 5)."""
+    """A GGUF model carried as byte chunks inside PyPI wheels."""
 
     name: str
     packages: tuple[str, ...]  # pip requirements, in chunk order
@@ -319,11 +319,16 @@ def drafter_dir(target: str) -> Path:
     return dovetail_home() / "drafters" / Path(target).name
 
 
+DRAFTER_SPEC_FILE = "drafter.json"  # what marks a folder as a Dovetail drafter (models/drafter_net.py)
+
+
+def is_drafter_dir(path: str | Path) -> bool:
+    return (Path(path) / DRAFTER_SPEC_FILE).is_file()
+
+
 def resolve_draft(spec: str, target: str, store: ModelStore | None = None) -> Path:
     """A draft: ``auto`` (see ``AUTO_DRAFT``), ``dovetail`` (the drafter ``train-draft`` made for this
     target), a drafter folder, or any model ``resolve_model`` accepts."""
-    from dovetail.models.dgf import is_drafter_dir
-
     if spec == AUTO_DRAFT:
         spec = DRAFTER_KEYWORD if is_drafter_dir(drafter_dir(target)) else DEFAULT_DRAFT
     if spec == DRAFTER_KEYWORD:

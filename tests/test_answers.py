@@ -7,10 +7,11 @@ import json
 import numpy as np
 import torch
 
-from dovetail.training import corpus_windows
+from dovetail.training.pipeline import corpus_windows
 from dovetail.training.answers import (AnswerCorpus, answer_corpus, batched_greedy, docstring_requests,
                                       grow_answers)
-from dovetail.training.corpus import Windows, chat_prompt
+from dovetail.models.loading import encode_chat
+from dovetail.training.corpus import Windows
 from dovetail.training.features import dump_features
 from tiny_models import hf_greedy, tiny_model, tiny_tokenizer
 
@@ -98,10 +99,10 @@ def test_answer_windows_frame_each_answer_with_its_own_request(isolated_home):
     windows = corpus_windows(tokenizer, "answers", tokens=0, answer_tokens=50, seq_len=48, seed=0,
                              target="unused", target_name="tiny")
     assert len(windows.token_ids) == 2  # 37 + 17 answer tokens reach the budget of 50
-    width = max(len(chat_prompt(tokenizer, q)) + len(w) for q, w in zip(["q1", "q2"], words))
+    width = max(len(encode_chat(tokenizer, q)) + len(w) for q, w in zip(["q1", "q2"], words))
     assert all(len(w) == width for w in windows.token_ids)
     for window, (begin, end), request, answer in zip(windows.token_ids, windows.spans, ["q1", "q2"], words):
-        assert window[:begin] == chat_prompt(tokenizer, request) and window[begin:end] == answer
+        assert window[:begin] == encode_chat(tokenizer, request) and window[begin:end] == answer
         assert all(t == tokenizer.pad_token_id for t in window[end:])
     assert windows.trained_tokens() == len(words[0]) + len(words[1])
 
@@ -165,15 +166,15 @@ def test_grow_answers_records_the_targets_greedy_answers(isolated_home, tiny_mod
         [r for r in docstring_requests(seed=0) if r in {x["request"] for x in records}]  # request order
     tokenizer, model = load_tokenizer(tiny_model_dirs["target"]), load_causal_lm(tiny_model_dirs["target"])
     for record in records[:4]:
-        prompt = chat_prompt(tokenizer, record["request"])
+        prompt = encode_chat(tokenizer, record["request"])
         assert len(prompt) + 8 <= 64  # prompts that leave no room for the answer are skipped
         assert record["answer_ids"] == hf_greedy(model, prompt, 8, eos=1)
 
 
 def test_train_draft_end_to_end_on_answers(isolated_home, tiny_model_dirs, tmp_path):
     """corpus -> verified feature dump -> trained drafter, on the tiny target's own answers."""
-    from dovetail.models.dgf import DrafterSpec, load_drafter
-    from dovetail.training import run_train_draft
+    from dovetail.models.drafter_net import DrafterSpec, load_drafter
+    from dovetail.training.pipeline import run_train_draft
     from dovetail.training.trainer import TrainSettings
 
     settings = TrainSettings(steps=4, batch=2, warmup=1, eval_every=2, checkpoint_every=2, held_out=0.2)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dovetail.models.cached_lm import CachedLM
-from dovetail.models.draft import DraftProposer, propose_together
+from dovetail.models.lm_proposer import DraftProposer, propose_together
 from dovetail.models.target import TargetVerifier, verify_batch
 from dovetail.models.tree import TreeShape
 from dovetail.models.verification import SamplingParams

@@ -8,12 +8,12 @@ import torch
 from dovetail.engine import SpeculativeEngine
 from dovetail.errors import UserError
 from dovetail.models.cached_lm import CachedLM
-from dovetail.models.dgf import DrafterSpec, FeatureDrafter, build_drafter, load_drafter
-from dovetail.models.feature_draft import FeatureDraftProposer
+from dovetail.models.drafter_net import DrafterSpec, FeatureDrafter, build_drafter, load_drafter
+from dovetail.models.feature_proposer import FeatureDraftProposer
 from dovetail.models.target import TargetVerifier
 from dovetail.models.tree import TreeShape
 from dovetail.models.verification import SamplingParams
-from dovetail.training import frequent_vocab
+from dovetail.training.pipeline import frequent_vocab
 from dovetail.training import trainer as trainer_module
 from dovetail.training.corpus import Windows
 from dovetail.training.features import dump_features
@@ -250,15 +250,14 @@ def test_sampling_with_the_feature_drafter_is_lossless():
 def test_int8_and_cut_head_at_load_time_stay_exact(target, dump, trained, tmp_path):
     """A drafter trained on the full vocabulary, loaded with its head cut to the corpus's most
     frequent tokens and int8 linears: faster drafts, same exact output."""
-    from dovetail.training import token_counts
 
     model, _ = trained
     model.save(tmp_path, {"hidden_size": 64, "eos_token_ids": [EOS]})
-    np.save(tmp_path / "token_counts.npy", token_counts(dump, VOCAB))
+    np.save(tmp_path / "token_counts.npy", dump.token_counts(VOCAB))
     target.save_pretrained(tmp_path / "target")
     cut = load_drafter(tmp_path, tmp_path / "target", draft_vocab=30, precision="int8")
     assert cut.head_weight.shape[0] == 30 and EOS in cut.vocab_ids.tolist() and cut.int8_head is not None
-    counts = token_counts(dump, VOCAB)
+    counts = dump.token_counts(VOCAB)
     kept = set(cut.vocab_ids.tolist()) - {EOS}
     assert min(counts[list(kept)]) >= max(np.delete(counts, list(kept | {EOS})))  # the most frequent ones
     engine = feature_engine(target, cut, TreeShape.parse("chain:4"))

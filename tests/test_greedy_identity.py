@@ -5,7 +5,7 @@ import torch
 
 from dovetail.engine import SpeculativeEngine
 from dovetail.models.cached_lm import CachedLM
-from dovetail.models.draft import DraftProposer
+from dovetail.models.lm_proposer import DraftProposer
 from dovetail.models.target import TargetVerifier
 from dovetail.models.tree import TreeShape
 from tiny_models import VOCAB, hf_greedy, perturbed, tiny_model

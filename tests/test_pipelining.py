@@ -5,7 +5,7 @@ import torch
 
 from dovetail.engine import OutputBuffer
 from dovetail.models.cached_lm import CachedLM
-from dovetail.models.draft import DraftProposer
+from dovetail.models.lm_proposer import DraftProposer
 from dovetail.models.target import TargetVerifier
 from dovetail.models.tree import TreeShape
 from dovetail.models.verification import SamplingParams

@@ -5,9 +5,9 @@ import torch
 import torch.multiprocessing as mp
 
 from dovetail.errors import UserError
-from dovetail.models.collectives import shm_collective_bytes
+from dovetail.protocol.collectives import LocalCollective, shm_collective_bytes
 from dovetail.protocol.shm import ShmArena
-from dovetail.models.tp import LocalCollective, check_shardable, load_shard
+from dovetail.models.tp import check_shardable, load_shard
 from tiny_models import VOCAB, hf_greedy, perturbed, tiny_config, tiny_model
 
 PROMPT = [5, 17, 33, 2, 90, 41, 7]
@@ -16,7 +16,7 @@ PROMPT = [5, 17, 33, 2, 90, 41, 7]
 def _shard_worker(rank, world, init_file, model_dir, draft_dir, out, segment):
     import torch.distributed as dist
 
-    from dovetail.models.collectives import ShmCollective, TorchDistributedCollective
+    from dovetail.protocol.collectives import ShmCollective, TorchDistributedCollective
     from test_greedy_identity import make_engine
     from dovetail.models.tree import TreeShape
 
@@ -82,7 +82,7 @@ def test_uneven_sharding_is_refused():
 def test_slice_reader_matches_safetensors(tmp_path, dtype):
     from safetensors.torch import save_file
 
-    from dovetail.models.tp import SliceReader
+    from dovetail.models.slices import SliceReader
 
     tensors = {"a": torch.randn(37, 21).to(dtype), "b": torch.randn(5).to(dtype)}
     save_file(tensors, tmp_path / "x.safetensors")

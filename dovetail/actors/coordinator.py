@@ -42,7 +42,7 @@ import ray
 import zmq
 
 from dovetail.engine import GenerationStats, OutputBuffer
-from dovetail.models.collectives import shm_collective_bytes
+from dovetail.protocol.collectives import shm_collective_bytes
 from dovetail.placement import Plan
 from dovetail.protocol.channel import Channel, PeerUnavailable, ipc_address
 from dovetail.protocol.messages import (PROTOCOL_VERSION, Accepted, ArrayRef, EndRequest, ErrorReport, Predraft,

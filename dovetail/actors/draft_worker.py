@@ -15,9 +15,10 @@ import torch
 
 from dovetail.actors.worker import ChannelWorker, Timer, lean_loading, pin_to
 from dovetail.models.cached_lm import CachedLM
-from dovetail.models.dgf import is_drafter_dir, load_drafter
-from dovetail.models.draft import DraftProposer, propose_together
-from dovetail.models.feature_draft import FeatureDraftProposer
+from dovetail.models.drafter_net import load_drafter
+from dovetail.store import is_drafter_dir
+from dovetail.models.lm_proposer import DraftProposer, propose_together
+from dovetail.models.feature_proposer import FeatureDraftProposer
 from dovetail.models.loading import load_causal_lm
 from dovetail.models.tree import DraftTree, TreeShape
 from dovetail.protocol.messages import Predraft, ProposeBatch, ProposeTree, StartRequest, TreeProposal

@@ -9,7 +9,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import secrets
 import shutil
 import sys
 import time
@@ -21,7 +20,7 @@ from dovetail.actors.coordinator import ActorStats, Coordinator, WorkerSpec
 from dovetail.engine import GenerationResult, validate_request
 from dovetail.errors import EngineError, UserError
 from dovetail.models.verification import SamplingParams
-from dovetail.models.dgf import is_drafter_dir
+from dovetail.store import is_drafter_dir
 from dovetail.models.loading import FLOAT_DEFAULT
 from dovetail.models.quantized import resolve_precision
 from dovetail.placement import MiB, Plan, drafter_bytes, kv_budget, kv_bytes_per_token, make_plan, model_bytes
@@ -184,8 +183,8 @@ class ActorEngine:
         validate_request(prompt_ids, max_new_tokens, self.context_length)
         max_new_tokens = min(max_new_tokens, self.context_length - len(prompt_ids))
         self.check_kv(len(prompt_ids), max_new_tokens)
-        sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                        seed=params.seed if params.seed is not None else secrets.randbits(63))
+        params = params.seeded()
+        sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=params.seed)
         pipeline = self.pipeline if pipeline is None else pipeline
         return self.coordinator.generate.options(num_returns="streaming").remote(
             list(map(int, prompt_ids)), max_new_tokens, sampling, speculate, pipeline, request_id)

@@ -13,7 +13,7 @@ from dovetail.actors.worker import ChannelWorker, Timer, lean_loading, pin_to
 from dovetail.models.cached_lm import CachedLM
 from dovetail.models.target import TargetVerifier, verify_batch
 from dovetail.models.tree import DraftTree
-from dovetail.models.collectives import LocalCollective, ShmCollective, TorchDistributedCollective
+from dovetail.protocol.collectives import LocalCollective, ShmCollective, TorchDistributedCollective
 from dovetail.models.tp import load_shard
 from dovetail.models.verification import SamplingParams
 from dovetail.protocol.messages import Accepted, StartRequest, VerifyBatch, VerifyTree

@@ -9,7 +9,7 @@ the rest. Any transformers Llama/Qwen2/Mistral-style model works: only its forwa
 
 Features: with ``keep_hidden=True`` every forward also leaves its last-layer hidden states (after
 the final norm) in ``last_hidden``, which is what a feature drafter reads. A feature drafter itself
-(``models/dgf.py``) is driven the same way, with a ``features`` row per fed token; its
+(``models/drafter_net.py``) is driven the same way, with a ``features`` row per fed token; its
 ``last_hidden`` holds its predicted next features.
 """
 

@@ -1,8 +1,8 @@
 """The decoder forward of a quantized Llama/Qwen2-family model, without HF's module machinery.
 
 HF's forward runs some fifty small tensor operators per layer (norm, rotary, cache bookkeeping,
-mask conversion, dtype casts) around the seven linears. For a 1-token step of the 0.5B draft that
-was about 12 of its 40 ms, and the draft runs several such steps per verification. This forward
+mask conversion, dtype casts) around the seven linears: a large share of a small model's 1-token
+step, and the draft runs several such steps per verification. This forward
 runs the same model from the same modules and the same cache in about a dozen calls per layer:
 one C++ call each for RMSNorm (fused with the residual add), the rotary embedding and the
 attention; one activation quantization shared by q/k/v and one by gate/up.

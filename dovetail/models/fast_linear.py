@@ -5,8 +5,7 @@ on every call, so a 4-token verification costs twice a 1-token step. Two kernels
 
 * ``"mm"``: ``W @ x.T``, the weight as the left operand, which MKL streams once like a GEMV.
   Flat from 1 to 4 rows; no extra memory. MKL is fastest at row counts that are multiples of 4,
-  and 16 rows cost less than 11-15 (on this machine, one 1536 x 8960 layer on 1 thread: 12 rows
-  18.3 ms, 15 rows 26.1, 16 rows 13.0), so blocks are padded with zero rows (``padded_rows``):
+  and 16 rows can cost less than 11-15, so blocks are padded with zero rows (``padded_rows``):
   3 -> 4, 7 -> 8, 11-15 -> 16, 19 -> 20. Batched verification of 3 requests' 4-token blocks
   (12 rows) gains the most.
 * ``"mkldnn"``: oneDNN linear on a weight converted once to a oneDNN tensor. Best at 1 row and

@@ -48,7 +48,10 @@ def load_tokenizer(path: str | Path):
 
 def encode_chat(tokenizer, message: str, opening: str = "") -> list[int]:
     """``message`` as one user turn through the tokenizer's chat template, then the start of the
-    assistant's answer (and ``opening``): how every chat prompt is encoded."""
+    assistant's answer (and ``opening``): how every chat prompt is encoded. A tokenizer without a
+    template gets the plain text ``message``, a blank line, then ``opening``."""
+    if not tokenizer.chat_template:
+        return tokenizer.encode(f"{message}\n\n{opening}")
     return encode_messages(tokenizer, [{"role": "user", "content": message}], opening)
 
 

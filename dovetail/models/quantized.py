@@ -34,7 +34,7 @@ from dovetail.kernels import ops
 from gguf import GGML_QUANT_SIZES
 
 from dovetail.models.gguf_index import GGUFIndex
-from dovetail.models.tp import _SPLITS, SliceReader, _weight_files
+from dovetail.models.slices import SPLITS, SliceReader, weight_files
 from dovetail.store import GGUF_NAME
 from dovetail.kernels.packing import SCHEMES, Decoded, PackedWeight, decode, encode, pack, precision_format
 
@@ -214,7 +214,7 @@ class FloatSource:
     """A float safetensors checkpoint quantized on load (``int8``/``int4``), slice by slice."""
 
     def __init__(self, path: Path, precision: str):
-        self.files = _weight_files(path)
+        self.files = weight_files(path)
         self.readers: dict[Path, SliceReader] = {}
         self.precision = precision
 
@@ -294,7 +294,7 @@ def _split(name: str, spans, world: int):
     """(rows, cols) slices of parameter ``name`` for this shard (None: whole)."""
     if world == 1:
         return None, None
-    for pattern, dim, kind in _SPLITS:  # the same Megatron layout as the fp32 shards
+    for pattern, dim, kind in SPLITS:  # the same Megatron layout as the fp32 shards
         if pattern.search(name):
             return (spans[kind], None) if dim == 0 else (None, spans[kind])
     return None, None

@@ -16,11 +16,7 @@ peak memory is about model/n plus the replicated norms, never the whole model.
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import re
-import struct
 from pathlib import Path
 import torch
 from accelerate import init_empty_weights
@@ -28,8 +24,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dovetail.errors import UserError
-from dovetail.models.collectives import Collective, LocalCollective, TorchDistributedCollective  # noqa: F401
+from dovetail.protocol.collectives import Collective
 from dovetail.models.fast_linear import accelerate_linears
+from dovetail.models.slices import SPLITS, SliceReader, weight_files
 
 
 def check_shardable(config, world_size: int) -> None:
@@ -41,84 +38,6 @@ def check_shardable(config, world_size: int) -> None:
     if world_size < 1 or bad:
         raise UserError(f"cannot split this model into {world_size} shards: {', '.join(bad) or 'need >= 1'} "
                         f"not divisible by {world_size}")
-
-
-# parameter name pattern -> (dimension to split, which size governs it)
-_SPLITS = [
-    (re.compile(r"\.self_attn\.q_proj\.(weight|bias)$"), 0, "q"),
-    (re.compile(r"\.self_attn\.[kv]_proj\.(weight|bias)$"), 0, "kv"),
-    (re.compile(r"\.self_attn\.o_proj\.weight$"), 1, "q"),
-    (re.compile(r"\.mlp\.(gate|up)_proj\.weight$"), 0, "mlp"),
-    (re.compile(r"\.mlp\.down_proj\.weight$"), 1, "mlp"),
-    (re.compile(r"^lm_head\.weight$"), 0, "vocab"),
-    (re.compile(r"^model\.embed_tokens\.weight$"), 0, "vocab"),
-]
-
-
-def _weight_files(path: Path) -> dict[str, Path]:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        return {name: path / file for name, file in json.loads(index.read_text())["weight_map"].items()}
-    single = path / "model.safetensors"
-    return {name: single for name in SliceReader(single).names()}
-
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-
-
-class SliceReader:
-    """Row or column slices of the tensors in one safetensors file, read with ``preadv``.
-
-    safetensors' own loader memory-maps the file, and every page a slice touches then counts
-    in this process's resident memory (a column slice touches all of a matrix's pages). Reading
-    only the slice's bytes keeps a shard's peak memory at its own share of the model.
-    """
-
-    CHUNK_BYTES = 32 << 20  # column slices are cut from row blocks of about this size
-
-    def __init__(self, path: Path):
-        self.fd = os.open(path, os.O_RDONLY)
-        (size,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
-        self.header = json.loads(os.pread(self.fd, size, 8))
-        self.header.pop("__metadata__", None)
-        self.data_start = 8 + size
-
-    def names(self) -> list[str]:
-        return list(self.header)
-
-    def read(self, name: str, dim: int | None = None, lo: int = 0, hi: int | None = None) -> torch.Tensor:
-        """The whole tensor (``dim=None``), rows ``lo:hi`` (``dim=0``) or columns (``dim=1``, 2-D)."""
-        info = self.header[name]
-        dtype, shape = _DTYPES[info["dtype"]], list(info["shape"])
-        start = self.data_start + info["data_offsets"][0]
-        row_bytes = math.prod(shape[1:]) * dtype.itemsize
-        if dim is None:
-            return self._read_rows(start, dtype, shape)
-        if dim == 0:
-            return self._read_rows(start + lo * row_bytes, dtype, [hi - lo, *shape[1:]])
-        rows, cols = shape
-        out = torch.empty(rows, hi - lo, dtype=dtype)
-        step = max(1, self.CHUNK_BYTES // row_bytes)
-        for r in range(0, rows, step):
-            block = self._read_rows(start + r * row_bytes, dtype, [min(step, rows - r), cols])
-            out[r:r + len(block)] = block[:, lo:hi]
-        return out
-
-    def _read_rows(self, offset: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
-        out = torch.empty(shape, dtype=dtype)
-        view = memoryview(out.view(torch.uint8).numpy()).cast("B") if out.numel() else memoryview(b"")
-        done = 0
-        while done < len(view):
-            n = os.preadv(self.fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise OSError(f"unexpected end of safetensors data at byte {offset + done}")
-            done += n
-        return out
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 def load_shard(path: str | Path, collective: Collective, linear_kernel: str = "mm",
@@ -156,7 +75,7 @@ def _load_float_shard(path: Path, r: int, n: int, linear_kernel: str) -> nn.Modu
             "mlp": config.intermediate_size // n, "vocab": config.vocab_size // n}
     with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers real
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    files = _weight_files(path)
+    files = weight_files(path)
     tied = getattr(config, "tie_word_embeddings", False)
     state: dict[str, torch.Tensor] = {}
     loaded: dict[str, torch.Tensor] = {}  # source name -> this shard's slice (a tied head reuses it)
@@ -168,7 +87,7 @@ def _load_float_shard(path: Path, r: int, n: int, linear_kernel: str) -> nn.Modu
             continue
         file = files[source]
         reader = readers.get(file) or readers.setdefault(file, SliceReader(file))
-        rule = next(((dim, kind) for pattern, dim, kind in _SPLITS if pattern.search(source)), None)
+        rule = next(((dim, kind) for pattern, dim, kind in SPLITS if pattern.search(source)), None)
         if rule is None or n == 1:
             tensor = reader.read(source)
         else:

@@ -14,7 +14,8 @@ logits first (in HF's order), so the guarantee covers them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -48,9 +49,14 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
 
+    def seeded(self) -> "SamplingParams":
+        """These parameters with a seed: their own, else a fresh one (the one seed policy: OS
+        entropy, never torch's global generator, which reseeding would disturb)."""
+        return self if self.seed is not None else replace(self, seed=secrets.randbits(63))
+
     def generator(self) -> torch.Generator:
         gen = torch.Generator()
-        gen.manual_seed(self.seed if self.seed is not None else int(torch.seed()))
+        gen.manual_seed(self.seeded().seed)
         return gen
 
 

@@ -38,7 +38,7 @@ from dovetail.models.verification import SamplingParams
 from dovetail.serve.config import ServeConfig
 from dovetail.serve.metrics import metrics_actor
 from dovetail.serve.schema import ApiError, ChatCompletionRequest, CompletionRequest
-from dovetail.serve.text import TextAssembler
+from dovetail.text import TextAssembler
 
 log = logging.getLogger("dovetail.serve")
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # as OpenAI's completions endpoint

@@ -32,7 +32,7 @@ def run_server(config: ServeConfig, say=lambda msg: print(f"[dovetail] {msg}", f
         topology.partition(part, config.replica_slots)
     segments_before = segment_names()
     # Serve's controller wakes every 0.1 s by default; on a small machine that noise preempts the
-    # shards' tightly synchronised GEMM threads (4 concurrent requests: 9.1 -> 9.6 tok/s at 1 s).
+    # shards' tightly synchronised GEMM threads (bench/results/serve.json measures the gain).
     # Only a Ray started here inherits it; a joined cluster keeps its own setting.
     os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", str(CONTROL_LOOP_INTERVAL_S))
     owns_ray = start_ray(config.address, topology)

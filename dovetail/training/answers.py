@@ -7,8 +7,8 @@ documented functions (name, signature, docstring), so they are offline everywher
 nothing with HumanEval, the evaluation set.
 
 Answers are the target's own greedy decoding, ``BATCH`` requests at a time in one padded batch
-(plain batched decoding: 32-row GEMMs run near a CPU's peak; 21 tok/s on a 2-core Xeon VM, where
-the speculative engine with 4 requests batched had made 8.6 tok/s on another VM), appended to a
+(plain batched decoding: 32-row GEMMs run near a CPU's peak, well above what speculative decoding
+of a few requests reaches), appended to a
 JSON-lines file, one per request, so an interrupted run resumes where it stopped and the same seed
 asks the same requests in the same order. The feature dump checks every answer token against the target's own argmax.
 """
@@ -23,7 +23,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dovetail.training.corpus import chat_prompt, stdlib_files
+from dovetail.models.loading import encode_chat
+from dovetail.training.corpus import stdlib_files
 
 MIN_DOCSTRING_CHARS = 60
 MAX_PROMPT_TOKENS = 192  # longer requests (10% of them: long docstrings) are skipped
@@ -164,7 +165,7 @@ def grow_answers(corpus: AnswerCorpus, target: str, tokens: int, seed: int, max_
     context = model.config.max_position_embeddings
     max_new_tokens = min(max_new_tokens, context // 2)
     longest = min(MAX_PROMPT_TOKENS, context - max_new_tokens)
-    prompts = {r: chat_prompt(tokenizer, r) for r in docstring_requests(seed=seed)}
+    prompts = {r: encode_chat(tokenizer, r) for r in docstring_requests(seed=seed)}
     requests = [r for r, p in prompts.items() if len(p) <= longest]
     if not requests:
         raise UserError(f"no request fits {target}'s context of {context} tokens with {max_new_tokens}-token answers")

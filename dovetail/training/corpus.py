@@ -48,19 +48,11 @@ def stdlib_files(root: str | Path | None = None) -> list[Path]:
 CODE_BLOCK = "```python\n"
 
 
-def chat_prompt(tokenizer, request: str, opening: str = "") -> list[int]:
-    """``request`` as the engine encodes a chat prompt (one user message, then the start of the
-    assistant's answer), followed by ``opening``; plain text for a target without a chat template."""
-    if tokenizer.chat_template:
-        return encode_chat(tokenizer, request, opening)
-    return tokenizer.encode(f"{request}\n\n{opening}")
-
-
 def answer_prefix(tokenizer, opening: str = CODE_BLOCK) -> list[int]:
     """The framing of module source: a fixed request and (by default) a code block's opening
     (only the opening for a target without a chat template)."""
     if tokenizer.chat_template:
-        return chat_prompt(tokenizer, USER_REQUEST, opening)
+        return encode_chat(tokenizer, USER_REQUEST, opening)
     return tokenizer.encode(opening) if opening else []
 
 

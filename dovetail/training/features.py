@@ -45,6 +45,10 @@ class FeatureDump:
         windows = np.arange(len(self.tokens)) if windows is None else np.asarray(windows)
         return np.asarray(self.tokens[windows])[self.span_mask(windows)]
 
+    def token_counts(self, vocab_size: int = 0, windows=None) -> np.ndarray:
+        """How often each target id occurs in the trained positions of ``windows`` (default: all)."""
+        return np.bincount(self.trained_tokens(windows), minlength=vocab_size).astype(np.int32)
+
     @classmethod
     def open(cls, path: str | Path) -> "FeatureDump":
         path = Path(path)

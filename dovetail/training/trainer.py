@@ -1,4 +1,4 @@
-"""Train a feature drafter on a feature dump, with the paper's loss (DESIGN §1).
+"""Train a feature drafter on a feature dump, with the paper's loss.
 
     loss = SmoothL1(predicted f_{t+1}, f_{t+1}) + 0.1 * CE(softmax(head(f_{t+1})), log_softmax(head(pred)))
 
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dovetail.models.dgf import FeatureDrafter
+from dovetail.models.drafter_net import FeatureDrafter, top_ids
 from dovetail.training.features import FeatureDump
 
 CHECKPOINT = "checkpoint.pt"
@@ -161,8 +161,7 @@ def train_drafter(model: FeatureDrafter, dump: FeatureDump, settings: TrainSetti
         tokens_seen = state.get("tokens_seen", 0)
     loss_head = None
     if settings.loss_vocab and settings.loss_vocab < model.head_weight.shape[0]:
-        counts = np.bincount(dump.trained_tokens(train_ids), minlength=model.head_weight.shape[0])
-        top = np.sort(np.argsort(-counts, kind="stable")[: settings.loss_vocab])
+        top = top_ids(dump.token_counts(model.head_weight.shape[0], train_ids), settings.loss_vocab)
         rows = torch.from_numpy(top) if model.vocab_ids is None else torch.from_numpy(
             np.flatnonzero(np.isin(model.vocab_ids.numpy(), top)))
         loss_head = model.head_weight[rows].contiguous()

@@ -7,7 +7,7 @@ Methods (same prompts, same target weights, one process, run one after another):
 
 It also measures the forward-cost curves behind the design: target forward time by tokens
 per forward with stock and with Dovetail's linear kernel, and draft cost per tree level.
-Results go to ``bench/results/<name>.json`` and ``.png``.
+Results go to ``<--results-dir>/<name>.json`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -28,36 +28,7 @@ from tqdm.auto import tqdm
 from dovetail.errors import UserError
 from dovetail.models.verification import SamplingParams
 
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results"
-DEFAULT_TREES = ("chain:3", "chain:5", "4,2,2", "8,4,2")
 CURVE_TOKENS = (1, 2, 3, 4, 5, 8, 16, 32)
-
-
-def add_bench_args(p) -> None:
-    from dovetail.cli import _add_model_args
-
-    _add_model_args(p)
-    p.add_argument("--prompts", type=int, default=10, help="number of HumanEval problems (from the first)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--trees", default=";".join(DEFAULT_TREES), help="';'-separated tree shapes for Dovetail runs")
-    p.add_argument("--methods", default="target,hf_assisted,dovetail", help="comma-separated subset")
-    p.add_argument("--no-curves", action="store_true", help="skip the forward-cost curves")
-    p.add_argument("--suite", choices=("native", "humaneval", "actors", "serve"), default="native",
-                   help="native (default): Dovetail on the packaged GGUF files vs llama.cpp on the same files "
-                        "(methods: llama,dovetail_inprocess,dovetail_actors,curves,ttft and the slow fp32,7b); "
-                        "humaneval: fp32 methods side by side; actors: the actor system vs the in-process engine; "
-                        "serve: the HTTP server (TTFT, overhead per token, concurrency, replicas/shards scaling)")
-    p.add_argument("--serve-configs", default="",
-                   help="serve suite: ';'-separated substrings picking configurations (default: all)")
-    p.add_argument("--name", default=None, help="results file stem under bench/results/ (default: the suite)")
-    p.add_argument("--drafters", default="",
-                   help="';'-separated Dovetail drafter folders (or 'dovetail') to run with --drafter-trees")
-    p.add_argument("--drafter-trees", default="16,7,10;7,4,10;chain:3;chain:5",
-                   help="';'-separated tree shapes for the drafters")
-    p.add_argument("--drafter-vocabs", default="0",
-                   help="';'-separated head cuts for each drafter (0: as trained); the first tree runs with each")
-    p.add_argument("--sampled", type=float, default=0.0,
-                   help="also run the draft model's first tree and each drafter's first tree at this temperature")
 
 
 def machine_info() -> dict:
@@ -111,12 +82,12 @@ def run_bench(args) -> int:
     from dovetail.engine import GenerationStats
     from dovetail.models.cached_lm import CachedLM
     from dovetail.models.fast_linear import set_linear_kernel
-    from dovetail.models.dgf import is_drafter_dir
+    from dovetail.store import is_drafter_dir
     from dovetail.models.loading import load_causal_lm
     from dovetail.store import AUTO_DRAFT, DEFAULT_DRAFT, DRAFTER_KEYWORD, drafter_dir
 
     if args.suite == "native":
-        from dovetail.bench_native import run_native_bench
+        from bench.native import run_native_bench
 
         return run_native_bench(args)
     if args.prompts < 1 or args.max_new_tokens < 1:
@@ -126,17 +97,17 @@ def run_bench(args) -> int:
     if methods - {"target", "hf_assisted", "dovetail"}:
         raise UserError(f"unknown methods {sorted(methods - {'target', 'hf_assisted', 'dovetail'})}")
     trees = [parse_tree(t) for t in args.trees.split(";") if t]
-    from dovetail.cli import _engine_config
+    from dovetail.cli import engine_config_from_args
 
     if args.suite == "actors":
-        from dovetail.bench_actors import run_actor_bench
+        from bench.actors import run_actor_bench
 
         return run_actor_bench(args)
     if args.suite == "serve":
-        from dovetail.bench_serve import run_serve_bench
+        from bench.serve import run_serve_bench
 
         return run_serve_bench(args)
-    config = _engine_config(args)
+    config = engine_config_from_args(args)
     config.engine = "inprocess"  # this suite compares decoding loops inside one process
     if config.draft == AUTO_DRAFT:  # compare both: the draft model here, the trained drafter (if any) below
         config.draft = DEFAULT_DRAFT
@@ -177,7 +148,7 @@ def run_bench(args) -> int:
               + (f", identical {sum(entry['identical_to_target'])}/{len(outs)}" if "identical_to_target" in entry
                  else ""),
               file=sys.stderr, flush=True)
-        _write(report, args.name)
+        write_report(report, args)
 
     def run_dovetail(name, shape, params=SamplingParams()):
         engine.draft.set_shape(shape)
@@ -224,7 +195,7 @@ def run_bench(args) -> int:
     if not args.no_curves:
         report["curves"] = _curves(dt, target)
     report["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-    path = _write(report, args.name)
+    path = write_report(report, args)
     _plot(report, path.with_suffix(".png"))
     print(json.dumps({k: {kk: v[kk] for kk in ("tokens_per_s", "vs_target", "vs_hf_assisted") if kk in v}
                       for k, v in report["methods"].items()}, indent=1))
@@ -233,7 +204,7 @@ def run_bench(args) -> int:
 
 
 def _drafter_paths(text: str, target: str) -> list[Path]:
-    from dovetail.models.dgf import is_drafter_dir
+    from dovetail.store import is_drafter_dir
     from dovetail.store import DRAFTER_KEYWORD, resolve_draft
 
     paths = []
@@ -248,8 +219,8 @@ def _run_drafters(args, dt, engine, run_dovetail, report) -> None:
     """Each ``--drafters`` folder as the draft (sharing the loaded target's embedding and head)."""
     from dovetail.config import parse_tree
     from dovetail.models.cached_lm import CachedLM
-    from dovetail.models.dgf import load_drafter, read_spec, shared_frozen_tensors
-    from dovetail.models.feature_draft import FeatureDraftProposer
+    from dovetail.models.drafter_net import load_drafter, read_spec, shared_frozen_tensors
+    from dovetail.models.feature_proposer import FeatureDraftProposer
     if not args.drafter_paths:
         return
     shapes = [parse_tree(t) for t in args.drafter_trees.split(";") if t]
@@ -308,9 +279,15 @@ def _add_ratios(report: dict) -> None:
                 entry[f"vs_{base}"] = round(entry["tokens_per_s"] / methods[base]["tokens_per_s"], 3)
 
 
-def _write(report: dict, name: str) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
+def result_path(args, suffix: str = ".json") -> Path:
+    """``<--results-dir>/<--name><suffix>`` (the directory made if needed)."""
+    directory = Path(args.results_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / f"{args.name}{suffix}"
+
+
+def write_report(report: dict, args) -> Path:
+    path = result_path(args)
     path.write_text(json.dumps(report, indent=1) + "\n")
     return path
 

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from dovetail.bench import RESULTS_DIR, humaneval_prompts, machine_info
+from bench.harness import humaneval_prompts, machine_info, write_report
 
 
 def run_actor_bench(args) -> int:
@@ -66,9 +66,7 @@ def run_actor_bench(args) -> int:
             worker: round(w["peak_rss"] / 2**30, 2) for worker, w in info["workers"].items()}
         dt.close()
     _ratios(report)
-    path = RESULTS_DIR / f"{args.name}.json"
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1) + "\n")
+    path = write_report(report, args)
     print(json.dumps({k: {kk: v.get(kk) for kk in ("tokens_per_s", "vs_inprocess", "overlap", "step_ms")}
                       for k, v in report["configs"].items()}, indent=1))
     _say(f"wrote {path}")
@@ -180,12 +178,12 @@ def _allreduce_worker(kind: str, rank: int, group: str, hidden: int, n: int, out
     if kind == "gloo":
         import torch.distributed as dist
 
-        from dovetail.models.collectives import TorchDistributedCollective
+        from dovetail.protocol.collectives import TorchDistributedCollective
 
         dist.init_process_group("gloo", init_method=f"file://{group}", rank=rank, world_size=2)
         collective = TorchDistributedCollective()
     else:
-        from dovetail.models.collectives import ShmCollective
+        from dovetail.protocol.collectives import ShmCollective
 
         collective = ShmCollective(group, 2, rank)
     x = torch.ones(1, hidden)
@@ -200,7 +198,7 @@ def _allreduce_worker(kind: str, rank: int, group: str, hidden: int, n: int, out
 
 def allreduce_us(kind: str, hidden: int = 1536, n: int = 1000) -> float:
     """Median all-reduce of one fp32 hidden row between two processes (each layer does two)."""
-    from dovetail.models.collectives import shm_collective_bytes
+    from dovetail.protocol.collectives import shm_collective_bytes
     from dovetail.protocol.shm import ShmArena
 
     ctx = mp.get_context("spawn")

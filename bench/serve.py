@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from dovetail.bench import RESULTS_DIR, humaneval_prompts, machine_info
+from bench.harness import humaneval_prompts, machine_info, write_report
 from dovetail.errors import UserError
 
 CONFIGS = {  # name -> extra `launch.py serve` flags
@@ -168,7 +168,7 @@ def batched_draft_ms(draft_dir, prompts: list[list[int]], shape: str, precision:
     """In process: the draft growing B requests' trees together (``propose_together``: one forward
     per level) against B proposals one after another, each after 4 newly committed tokens."""
     from dovetail.models.cached_lm import CachedLM
-    from dovetail.models.draft import DraftProposer, propose_together
+    from dovetail.models.lm_proposer import DraftProposer, propose_together
     from dovetail.models.loading import load_causal_lm
     from dovetail.models.tree import TreeShape
 
@@ -224,9 +224,7 @@ def run_serve_bench(args) -> int:
             report["configs"][name] = result = measure(server.url, prompts, args.max_new_tokens)
         print(f"[bench] {name}: {json.dumps(result)}", flush=True)
     _scaling(report["configs"])
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{args.name}.json"
-    path.write_text(json.dumps(report, indent=1) + "\n")
+    path = write_report(report, args)
     print(f"[bench] wrote {path} (server logs in {logs})")
     return 0
 

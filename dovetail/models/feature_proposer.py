@@ -1,4 +1,4 @@
-"""The draft side for a feature drafter (``models/dgf.py``): trees from the target's features.
+"""The draft side for a feature drafter (``models/drafter_net.py``): trees from the target's features.
 
 The drafter's cache entry j holds the pair (target feature f_j, token x_{j+1}) and predicts f_{j+1}.
 Each call gets the tokens the target committed and the target's features at the positions just
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from dovetail.models.cached_lm import CachedLM
-from dovetail.models.draft import log_probs
+from dovetail.models.lm_proposer import log_probs
 from dovetail.models.tree import DraftTree, TreeBuilder, TreeShape
 
 

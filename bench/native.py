@@ -32,7 +32,8 @@ CURVE_TOKENS = (1, 2, 3, 4, 8, 16, 32)
 METHODS = ("llama", "dovetail_inprocess", "dovetail_actors", "curves", "ttft", "fp32", "7b")
 DEFAULT_METHODS = ("llama", "dovetail_inprocess", "dovetail_actors", "curves", "ttft")
 LLAMA_SPEC_DRAFTS = (3, 8)
-SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "build_llamacpp.sh"
+SCRIPT = Path(__file__).resolve().parent / "build_llamacpp.sh"
+CHECKOUT = Path(__file__).resolve().parent.parent
 
 
 def _say(msg: str) -> None:
@@ -112,7 +113,7 @@ def ttft_of_generate() -> float | None:
            "--prompt", "Write a Python function that checks whether a number is prime."]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            cwd=Path(__file__).resolve().parent.parent)
+                            cwd=CHECKOUT)
     first = proc.stdout.read(1)
     elapsed = time.perf_counter() - t0
     proc.communicate()
@@ -143,7 +144,7 @@ def random_q4_model(store, like: Path) -> Path:
     rng = np.random.default_rng(0)
     names = gguf.TensorNameMap(gguf.MODEL_ARCH.QWEN2, config.num_hidden_layers)
     writer = gguf.GGUFWriter(str(partial / GGUF_NAME), "qwen2")
-    h, i, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * (h // 28 if False else 128)
+    h, i, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * 128  # 128: head dim
     shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "lm_head.weight": (config.vocab_size, h),
               "model.norm.weight": (h,)}
     for layer in range(config.num_hidden_layers):
@@ -174,7 +175,7 @@ def random_q4_model(store, like: Path) -> Path:
 
 def run_native_bench(args) -> int:
     from dovetail.api import Dovetail
-    from dovetail.bench import RESULTS_DIR, _write, humaneval_prompts, machine_info
+    from bench.harness import humaneval_prompts, machine_info, result_path, write_report
     from dovetail.config import EngineConfig
     from dovetail.models.quantized import load_quantized
     from dovetail.store import DEFAULT_DRAFT, DEFAULT_TARGET, ModelStore
@@ -307,8 +308,9 @@ def run_native_bench(args) -> int:
     for row in results["rows"]:
         if best:
             row["x_llama_cpp_best"] = round(row["tok_s"] / best, 2)
-    path = _write(results, args.name or "native")
-    _plot(results, RESULTS_DIR / f"{args.name or 'native'}.png")
+    args.name = args.name or "native"
+    path = write_report(results, args)
+    _plot(results, result_path(args, ".png"))
     _say(f"results in {path}")
     print(json.dumps({r["method"]: r["tok_s"] for r in results["rows"]}))
     return 0

@@ -1,4 +1,4 @@
-"""The Dovetail draft model: a feature-level drafter with Dynamic Gating Fusion (DESIGN §1).
+"""The Dovetail draft model: a feature-level drafter with Dynamic Gating Fusion.
 
 At position t it reads the target's last-layer feature f_t (after the final norm) and the
 embedding of the next token x_{t+1}, and predicts the target's next feature f_{t+1}; the target's
@@ -30,10 +30,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModel
 
 from dovetail.errors import UserError
+from dovetail.store import DRAFTER_SPEC_FILE, is_drafter_dir
 
 FUSIONS = ("dgf", "fc")
 INITS = ("random", "target")
-SPEC_FILE, WEIGHTS_FILE, COUNTS_FILE = "drafter.json", "drafter.safetensors", "token_counts.npy"
+SPEC_FILE, WEIGHTS_FILE, COUNTS_FILE = DRAFTER_SPEC_FILE, "drafter.safetensors", "token_counts.npy"
 
 
 @dataclass(frozen=True)
@@ -176,9 +177,9 @@ def _body_config(target_config, layers: int):
 def read_target_tensors(target_dir: str | Path, names: list[str], files: dict | None = None) -> list[torch.Tensor]:
     """Named tensors of the target's checkpoint, fp32, read without loading the model (each
     safetensors file opened once; ``files``: its name -> file map, when the caller has it)."""
-    from dovetail.models.tp import SliceReader, _weight_files
+    from dovetail.models.slices import SliceReader, weight_files
 
-    files = files or _weight_files(Path(target_dir))
+    files = files or weight_files(Path(target_dir))
     tensors = {}
     for path in dict.fromkeys(files[name] for name in names):
         reader = SliceReader(path)
@@ -192,10 +193,10 @@ def read_target_tensors(target_dir: str | Path, names: list[str], files: dict | 
 
 def frozen_target_tensors(target_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """The target's embedding and LM head (the embedding again when they are tied), fp32."""
-    from dovetail.models.tp import _weight_files
+    from dovetail.models.slices import weight_files
 
     config = AutoConfig.from_pretrained(target_dir)
-    files = _weight_files(Path(target_dir))
+    files = weight_files(Path(target_dir))
     names = ["model.embed_tokens.weight"]
     if "lm_head.weight" in files and not getattr(config, "tie_word_embeddings", False):
         names.append("lm_head.weight")
@@ -224,10 +225,6 @@ def shared_frozen_tensors(target_model) -> tuple[torch.Tensor, torch.Tensor]:
     if head.layout != torch.strided or head.dtype != torch.float32:  # e.g. an mkldnn-converted head
         raise UserError("the target's LM head is not a dense fp32 tensor; use --target-kernel mm or stock")
     return embed.detach(), head.detach()
-
-
-def is_drafter_dir(path: str | Path) -> bool:
-    return (Path(path) / SPEC_FILE).is_file()
 
 
 def read_spec(path: str | Path) -> tuple[DrafterSpec, dict]:

@@ -1,0 +1,52 @@
+"""Dovetail's benchmarks, run from a checkout: ``python launch.py bench --suite ...``.
+
+    harness.py  the humaneval suite (HF baselines, Dovetail's trees) and shared helpers
+    native.py   Dovetail on the packaged GGUF files against llama.cpp on the same files
+    actors.py   the actor system against the in-process engine
+    serve.py    the HTTP server: TTFT, per-token overhead, concurrency, replicas and shards
+
+This module stays light (no torch): ``launch.py`` imports it to build its command line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DEFAULT_TREES = ("chain:3", "chain:5", "4,2,2", "8,4,2")
+HELP = "benchmarks: Dovetail against llama.cpp and HF on the same files, the actors, the server"
+
+
+def add_bench_args(p) -> None:
+    from dovetail.cli import add_model_args
+
+    add_model_args(p)
+    p.add_argument("--prompts", type=int, default=10, help="number of HumanEval problems (from the first)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--trees", default=";".join(DEFAULT_TREES), help="';'-separated tree shapes for Dovetail runs")
+    p.add_argument("--methods", default="target,hf_assisted,dovetail", help="comma-separated subset")
+    p.add_argument("--no-curves", action="store_true", help="skip the forward-cost curves")
+    p.add_argument("--suite", choices=("native", "humaneval", "actors", "serve"), default="native",
+                   help="native (default): Dovetail on the packaged GGUF files vs llama.cpp on the same files "
+                        "(methods: llama,dovetail_inprocess,dovetail_actors,curves,ttft and the slow fp32,7b); "
+                        "humaneval: fp32 methods side by side; actors: the actor system vs the in-process engine; "
+                        "serve: the HTTP server (TTFT, overhead per token, concurrency, replicas/shards scaling)")
+    p.add_argument("--serve-configs", default="",
+                   help="serve suite: ';'-separated substrings picking configurations (default: all)")
+    p.add_argument("--name", default=None, help="results file stem (default: the suite)")
+    p.add_argument("--results-dir", default=str(RESULTS_DIR), help=f"where results go (default: {RESULTS_DIR})")
+    p.add_argument("--drafters", default="",
+                   help="';'-separated Dovetail drafter folders (or 'dovetail') to run with --drafter-trees")
+    p.add_argument("--drafter-trees", default="16,7,10;7,4,10;chain:3;chain:5",
+                   help="';'-separated tree shapes for the drafters")
+    p.add_argument("--drafter-vocabs", default="0",
+                   help="';'-separated head cuts for each drafter (0: as trained); the first tree runs with each")
+    p.add_argument("--sampled", type=float, default=0.0,
+                   help="also run the draft model's first tree and each drafter's first tree at this temperature")
+
+
+
+def run(args) -> int:
+    from bench.harness import run_bench
+
+    return run_bench(args)
