@@ -18,9 +18,9 @@ HELP = "benchmarks: Dovetail against llama.cpp and HF on the same files, the act
 
 
 def add_bench_args(p) -> None:
-    from dovetail.cli import add_model_args
+    from dovetail.config import add_engine_args
 
-    add_model_args(p)
+    add_engine_args(p)
     p.add_argument("--prompts", type=int, default=10, help="number of HumanEval problems (from the first)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--trees", default=";".join(DEFAULT_TREES), help="';'-separated tree shapes for Dovetail runs")

@@ -30,9 +30,9 @@ from bench.harness import humaneval_prompts, machine_info, write_report
 
 def run_actor_bench(args) -> int:
     from dovetail.api import Dovetail
-    from dovetail.cli import _engine_config
+    from dovetail.config import engine_config_from_args
 
-    base = _engine_config(args)
+    base = engine_config_from_args(args)
     report = {"machine": machine_info(), "settings": {
         "target": base.target, "draft": base.draft, "tree": str(base.tree), "draft_precision": base.draft_precision,
         "prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "greedy": True}, "configs": {}}
@@ -54,7 +54,7 @@ def run_actor_bench(args) -> int:
         setups.append(("1 shard, draft on its own core", None, str(cpus[-1]), (True, False)))
         setups.append(("2 shards", "|".join(map(str, cpus)), "auto", (True, False)))
     for label, sockets, draft_cpus, pipelines in setups:
-        config = _engine_config(args)
+        config = engine_config_from_args(args)
         config.engine, config.sockets, config.draft_cpus = "actors", sockets, draft_cpus
         dt = Dovetail(config).load()
         info = _ray_get(dt.engine.coordinator.info.remote(refresh=True))

@@ -97,7 +97,7 @@ def run_bench(args) -> int:
     if methods - {"target", "hf_assisted", "dovetail"}:
         raise UserError(f"unknown methods {sorted(methods - {'target', 'hf_assisted', 'dovetail'})}")
     trees = [parse_tree(t) for t in args.trees.split(";") if t]
-    from dovetail.cli import engine_config_from_args
+    from dovetail.config import engine_config_from_args
 
     if args.suite == "actors":
         from bench.actors import run_actor_bench

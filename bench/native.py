@@ -289,7 +289,8 @@ def run_native_bench(args) -> int:
         _say(f"7B random Q4_K, 1 shard: forward ms {results['forward_7b_ms']}")
         del model
         for sockets in ("0", "0|1"):  # the actor system: load, then verify chain:3 blocks (target-only steps too)
-            config = EngineConfig(target=str(folder), draft=str(draft_dir), sockets=sockets, draft_cpus="shared")
+            config = EngineConfig(target=str(folder), draft=str(draft_dir), sockets=sockets, draft_cpus="shared",
+                                  engine="actors")
             engine = ActorEngine(folder, draft_dir, config, [], context_length=4096, vocab_limit=151936)
             try:
                 result = engine.generate(prompts[0], 16)

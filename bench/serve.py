@@ -202,20 +202,21 @@ def run_serve_bench(args) -> int:
         raise UserError("--prompts and --max-new-tokens must be >= 1")
     draft = DEFAULT_DRAFT if args.draft == "auto" else args.draft  # the fastest draft on this machine (README)
     model_args = ["--target", args.target, "--draft-precision", args.draft_precision]
-    model_args += ["--no-draft"] if args.no_draft else ["--draft", draft]
-    if args.tree:
-        model_args += ["--tree", args.tree]
+    no_draft, tree = args.draft is None, str(args.tree) if args.tree else None
+    model_args += ["--no-draft"] if no_draft else ["--draft", draft]
+    if tree:
+        model_args += ["--tree", tree]
     prompts = humaneval_prompts(load_tokenizer(resolve_model(args.target)), args.prompts)
     names = [n for n in CONFIGS if not args.serve_configs or any(s in n for s in args.serve_configs.split(";"))]
     report = {"machine": machine_info(), "settings": {
-        "target": args.target, "draft": None if args.no_draft else draft, "tree": args.tree or "default",
+        "target": args.target, "draft": None if no_draft else draft, "tree": tree or "default",
         "prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "greedy": True,
         "queueing": "strict FIFO slots per replica; up to --max-batch requests decode together "
                     "(batch per configuration name; default 4)"}, "configs": {}}
     if not args.no_curves:
         report["batched_verify"] = batched_verify_ms(resolve_model(args.target), prompts)
-        if not args.no_draft:
-            report["batched_draft"] = batched_draft_ms(resolve_model(draft), prompts, args.tree or str(DEFAULT_TREE),
+        if not no_draft:
+            report["batched_draft"] = batched_draft_ms(resolve_model(draft), prompts, tree or str(DEFAULT_TREE),
                                                        args.draft_precision)
     logs = Path(tempfile.mkdtemp(prefix="dovetail-bench-serve-"))
     for i, name in enumerate(names):

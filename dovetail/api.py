@@ -39,8 +39,13 @@ class Dovetail:
     """Resolves and fetches the models and loads the tokenizer at once; loads the weights on
     ``load()`` or the first generation, so bad input can be refused before the slow part."""
 
-    def __init__(self, config: EngineConfig | None = None, store: ModelStore | None = None, verbose: bool = True):
-        self.config = config or EngineConfig()
+    def __init__(self, config: EngineConfig | None = None, store: ModelStore | None = None, verbose: bool = True,
+                 partition: tuple[int, int] = (0, 1)):
+        """``partition``: this engine's share of the machine, part i of n (a serving replica's)."""
+        index, count = partition
+        if count < 1 or not 0 <= index < count:
+            raise UserError(f"partition must be (index, count) with 0 <= index < count, got {partition}")
+        self.config, self.partition = config or EngineConfig(), partition
         self._say = _log if verbose else (lambda msg: None)
         self.target_dir = resolve_model(self.config.target, store)
         self.draft_dir = resolve_draft(self.config.draft, self.config.target, store) if self.config.draft else None
@@ -105,7 +110,7 @@ class Dovetail:
         from dovetail.actors.system import resolve_topology
         from dovetail.placement import CARVE_MIN_CPUS
 
-        topology = resolve_topology(cfg.sockets, cfg.partition)
+        topology = resolve_topology(cfg.sockets, self.partition)
         parallel = (topology.gpus or len(topology.sockets) > 1 or (cfg.shards or 1) > 1 or cfg.address
                     or cfg.draft_cpus not in ("auto", "shared")
                     or (self.draft_dir is not None and cfg.draft_cpus == "auto"
@@ -122,7 +127,8 @@ class Dovetail:
             draft_config = AutoConfig.from_pretrained(self.draft_dir)
             limit = draft_vocab_limit(self.tokenizer, load_tokenizer(self.draft_dir),
                                       self.target_config.vocab_size, draft_config.vocab_size)
-        self._engine = ActorEngine(self.target_dir, self.draft_dir, cfg, eos, self.context_length, limit, self._say)
+        self._engine = ActorEngine(self.target_dir, self.draft_dir, cfg, eos, self.context_length, limit, self._say,
+                                   partition=self.partition)
         self._say(f"actor engine up in {time.perf_counter() - t0:.1f}s: target {cfg.target} "
                   f"({self.precision_label('target')}, {len(self._engine.plan.shards)} shard(s)), "
                   + (f"draft {self.draft_label}, tree {cfg.tree}, pipelining "

@@ -34,65 +34,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    from dovetail.store import AUTO_DRAFT, DEFAULT_DRAFT, DEFAULT_TARGET
-
-    p.add_argument("--target", default=DEFAULT_TARGET, help="packaged model name or HF model folder")
-    p.add_argument("--draft", default=AUTO_DRAFT,
-                   help=f"'auto' (default: the Dovetail drafter train-draft made for the target if there is one, "
-                        f"else {DEFAULT_DRAFT}), 'dovetail' (that drafter), a drafter folder, a packaged model "
-                        "name or an HF model folder")
-    p.add_argument("--no-draft", action="store_true", help="target-only decoding (speculation off)")
-    p.add_argument("--tree", default=None, help="TOTAL,DEPTH,TOP_K (e.g. 16,7,10) or chain:K")
-    from dovetail.models.quantized import PRECISIONS
-
-    p.add_argument("--target-precision", choices=PRECISIONS, default="auto",
-                   help="native: the GGUF's own blocks (auto's choice for packaged models); int8/int4: "
-                        "quantized on load from float weights; fp32: dequantized floats (auto's choice for an "
-                        "HF float folder)")
-    p.add_argument("--draft-precision", choices=PRECISIONS, default="auto",
-                   help="as --target-precision (auto: native for packaged models, int8 for an HF float folder)")
-    p.add_argument("--draft-vocab", type=int, default=0,
-                   help="Dovetail drafter only: cut its head to the corpus's N most frequent tokens (0: as trained)")
-    p.add_argument("--target-kernel", choices=("mm", "mkldnn", "stock"), default="mm",
-                   help="fp32 targets only: the dense linear kernel")
-    p.add_argument("--threads", type=_positive_int, default=None,
-                   help="torch threads of the in-process engine (default: all CPUs)")
-    p.add_argument("--engine", choices=("auto", "actors", "inprocess"), default="auto",
-                   help="actors: the Ray actor system; inprocess: one process, no Ray; auto (default): actors "
-                        "where the draft can run beside the target (a GPU, a core of its own, several sockets "
-                        "or shards), else inprocess")
-    p.add_argument("--sockets", default=None,
-                   help='virtual sockets as CPU lists, e.g. "0|1" or "0-7|8-15" (default: NUMA nodes)')
-    p.add_argument("--shards", type=_positive_int, default=None, help="target shards (default: one per socket)")
-    p.add_argument("--no-pipeline", action="store_true", help="draft only after each verification")
-    p.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
-    p.add_argument("--draft-cpus", default="auto",
-                   help='without a GPU: "auto" (a core of its own), "shared" (take turns with the target) or a CPU list')
-    p.add_argument("--collective", choices=("shm", "gloo"), default="shm",
-                   help="how target shards all-reduce (default: shared memory)")
-    p.add_argument("--kv-memory-mb", type=_positive_int, default=None,
-                   help="actor engine: MiB of KV cache its requests may hold at once; a request is admitted only "
-                        "when its worst case (prompt + max tokens) fits (default: 80%% of the RAM the plan leaves free)")
-
-
-def engine_config_from_args(args):
-    from dovetail.config import EngineConfig, parse_tree
-
-    kwargs = dict(target=args.target, draft=None if args.no_draft else args.draft,
-                  draft_precision=args.draft_precision, target_precision=args.target_precision,
-                  draft_vocab=args.draft_vocab, target_kernel=args.target_kernel, engine=args.engine,
-                  sockets=args.sockets, shards=args.shards, pipeline=not args.no_pipeline, address=args.address,
-                  collective=args.collective, draft_cpus=args.draft_cpus, kv_memory_mb=args.kv_memory_mb)
-    if args.tree:
-        kwargs["tree"] = parse_tree(args.tree)
-    if args.threads:
-        kwargs["threads"] = args.threads
-    return EngineConfig(**kwargs)
-
-
 def build_parser(extra: dict | None = None) -> argparse.ArgumentParser:
     """The command line; ``extra`` adds commands, name -> (help, add_args(parser), run(args))."""
+    from dovetail.config import add_engine_args
+    from dovetail.serve.config import SERVE_MAX_BATCH
+
     parser = _Parser(prog="launch.py", description="Dovetail: heterogeneous speculative decoding.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
@@ -101,7 +47,7 @@ def build_parser(extra: dict | None = None) -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text for one prompt")
     gen.add_argument("--prompt", required=True)
-    add_model_args(gen)
+    add_engine_args(gen)
     gen.add_argument("--max-new-tokens", type=int, default=None,
                      help="stop after N new tokens (default: at the end of the answer, EOS, within the context)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -112,16 +58,13 @@ def build_parser(extra: dict | None = None) -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (Ray Serve); the default command")
-    add_model_args(srv)
+    add_engine_args(srv, max_batch=SERVE_MAX_BATCH)
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--replicas", type=_positive_int, default=1,
                      help="engine replicas, each on its own share of the sockets")
     srv.add_argument("--max-replicas", type=_positive_int, default=None,
                      help="autoscale between --replicas and this many replicas on queue length")
-    srv.add_argument("--max-batch", type=_positive_int, default=4,
-                     help="requests decoding together per replica, their trees verified in one target forward "
-                          "(1: one at a time)")
     srv.add_argument("--max-queued-requests", type=_positive_int, default=64,
                      help="per replica; further requests get HTTP 429")
     srv.add_argument("--served-model-name", default=None, help="model id in the API (default: the target's name)")
@@ -175,19 +118,15 @@ def cmd_fetch(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from dovetail.config import engine_config_from_args
     from dovetail.serve import ServeConfig
     from dovetail.serve.server import run_server
 
     if args.engine == "inprocess":
         raise UserError("serve runs the actor engine; drop --engine inprocess")
-    data = dict(target=args.target, draft=None if args.no_draft else args.draft, tree=args.tree,
-                draft_precision=args.draft_precision, target_precision=args.target_precision,
-                draft_vocab=args.draft_vocab, target_kernel=args.target_kernel,
-                sockets=args.sockets, shards=args.shards, pipeline=not args.no_pipeline, collective=args.collective,
-                draft_cpus=args.draft_cpus, host=args.host, port=args.port, replicas=args.replicas,
-                max_batch=args.max_batch, max_queued_requests=args.max_queued_requests,
-                served_model_name=args.served_model_name, api_key=args.api_key,
-                max_body_bytes=args.max_body_bytes, address=args.address, kv_memory_mb=args.kv_memory_mb)
+    data = dict(engine=engine_config_from_args(args, engine="actors"), host=args.host, port=args.port,
+                replicas=args.replicas, max_queued_requests=args.max_queued_requests,
+                served_model_name=args.served_model_name, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
     if args.max_replicas:
         data["autoscaling"] = {"min_replicas": args.replicas, "max_replicas": args.max_replicas}
     return run_server(ServeConfig.parse(data))
@@ -222,6 +161,7 @@ def cmd_train_draft(args) -> int:
 
 def cmd_generate(args) -> int:
     from dovetail.api import Dovetail
+    from dovetail.config import engine_config_from_args
     from dovetail.models.verification import SamplingParams
 
     params = SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)

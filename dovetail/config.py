@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 
 from dovetail.errors import UserError
 from dovetail.models.fast_linear import KERNELS
@@ -18,61 +18,113 @@ ENGINES = ("actors", "inprocess", "auto")  # auto: see Dovetail.engine_kind
 COLLECTIVES = ("shm", "gloo")
 
 
+def _option(default=None, help: str = "", factory=None, **cli):
+    """An ``EngineConfig`` field and its command-line flag (``cli``: argparse keywords, e.g.
+    ``choices``, ``type``; ``flag="--no-x"`` for a default-on switch)."""
+    meta = {"help": help, "cli": cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class EngineConfig:
-    target: str = DEFAULT_TARGET
-    draft: str | None = AUTO_DRAFT  # the trained drafter if any, else the 0.5B model; None: target-only
-    tree: TreeShape = field(default_factory=lambda: DEFAULT_TREE)
-    target_kernel: str = "mm"  # fp32 linears only
-    target_precision: str = "auto"  # native GGUF blocks for a packaged model, fp32 for a float folder
-    draft_precision: str = "auto"  # native GGUF blocks for a packaged model, int8 for a float folder
-    draft_vocab: int = 0  # a Dovetail drafter's head cut to its corpus's N most frequent tokens (0: as trained)
-    threads: int = field(default_factory=default_threads)  # in-process engine only (actors: the plan)
-    engine: str = "actors"  # "actors": the Ray actor system; "inprocess": one process, no Ray
-    sockets: str | None = None  # virtual sockets, e.g. "0|1" (default: the machine's NUMA nodes)
-    shards: int | None = None  # target shards (default: one per socket)
-    pipeline: bool = True  # draft the next block while the current one is verified
-    address: str | None = None  # join this Ray cluster instead of starting one
-    collective: str = "shm"  # how target shards all-reduce: "shm" (shared memory) or "gloo"
-    draft_cpus: str = "auto"  # without a GPU: "auto" (a core of its own), "shared", or a CPU list
-    max_batch: int = 1  # actor engine: requests decoding together, trees verified in one forward
-    partition: tuple[int, int] = (0, 1)  # this engine's share of the machine: part i of n (one per replica)
-    kv_memory_mb: int | None = None  # actor engine: KV-cache budget (default: 80% of the RAM the plan leaves free)
+    """Every engine option, once: its type, default, check and help. The CLI's flags are made from
+    these fields (``add_engine_args``), ``ServeConfig`` embeds one, and the workers get theirs
+    from it."""
+
+    target: str = _option(DEFAULT_TARGET, "packaged model name or HF model folder")
+    draft: str | None = _option(AUTO_DRAFT, "'auto' (the Dovetail drafter train-draft made for the target if there "
+                                "is one, else the packaged 0.5B model), 'dovetail' (that drafter), a drafter folder, a "
+                                "packaged model name or an HF model folder", off="--no-draft",
+                                off_help="target-only decoding (speculation off)")
+    tree: TreeShape = _option(help="TOTAL,DEPTH,TOP_K (e.g. 16,7,10) or chain:K (default: chain:3)",
+                              factory=lambda: DEFAULT_TREE)
+    target_kernel: str = _option("mm", "fp32 targets only: the dense linear kernel", choices=KERNELS)
+    target_precision: str = _option("auto", "native: the GGUF's own blocks (auto's choice for packaged models); "
+                                    "int8/int4: quantized on load from float weights; fp32: dequantized floats "
+                                    "(auto's choice for an HF float folder)", choices=PRECISIONS)
+    draft_precision: str = _option("auto", "as --target-precision (auto: native for packaged models, int8 for an "
+                                   "HF float folder)", choices=PRECISIONS)
+    draft_vocab: int = _option(0, "Dovetail drafter only: cut its head to the corpus's N most frequent tokens "
+                               "(0: as trained)")
+    threads: int = _option(help="torch threads of the in-process engine (default: all CPUs; the actor engine "
+                           "follows its plan)", factory=default_threads)
+    engine: str = _option("auto", "actors: the Ray actor system; inprocess: one process, no Ray; auto: actors "
+                          "where the draft can run beside the target (a GPU, a core of its own, several sockets "
+                          "or shards), else inprocess", choices=ENGINES)
+    sockets: str | None = _option(None, 'virtual sockets as CPU lists, e.g. "0|1" or "0-7|8-15" (default: the '
+                                  "machine's NUMA nodes)")
+    shards: int | None = _option(None, "target shards (default: one per socket)")
+    pipeline: bool = _option(True, "draft the next block while the current one is verified", off="--no-pipeline",
+                             off_help="draft only after each verification")
+    address: str | None = _option(None, "join this Ray cluster instead of starting one")
+    collective: str = _option("shm", "how target shards all-reduce: shared memory or gloo", choices=COLLECTIVES)
+    draft_cpus: str = _option("auto", 'without a GPU: "auto" (a core of its own), "shared" (take turns with the '
+                              'target) or a CPU list')
+    max_batch: int = _option(1, "actor engine: requests decoding together, their trees verified in one target "
+                             "forward (1: one at a time)")
+    kv_memory_mb: int | None = _option(None, "actor engine: MiB of KV cache its requests may hold at once; a "
+                                       "request is admitted only when its worst case (prompt + max tokens) fits "
+                                       "(default: 80%% of the RAM the plan leaves free)")
 
     def __post_init__(self):
         if isinstance(self.tree, str):
             self.tree = parse_tree(self.tree)
-        if self.target_kernel not in KERNELS:
-            raise UserError(f"target kernel must be one of {KERNELS}, got {self.target_kernel!r}")
-        for role in ("target", "draft"):
-            value = getattr(self, f"{role}_precision")
-            if value not in PRECISIONS:
-                raise UserError(f"{role} precision must be one of {PRECISIONS}, got {value!r}")
-        if self.draft_vocab < 0:
-            raise UserError(f"draft_vocab must be >= 0, got {self.draft_vocab}")
-        if self.engine not in ENGINES:
-            raise UserError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        elif isinstance(self.tree, dict):  # as asdict() wrote it
+            self.tree = TreeShape(**self.tree)
+        _one_of("target kernel", self.target_kernel, KERNELS)
+        _one_of("target precision", self.target_precision, PRECISIONS)
+        _one_of("draft precision", self.draft_precision, PRECISIONS)
+        _one_of("engine", self.engine, ENGINES)
+        _one_of("collective", self.collective, COLLECTIVES)
+        for name, low in (("draft_vocab", 0), ("threads", 1), ("max_batch", 1), ("shards", 1), ("kv_memory_mb", 1)):
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise UserError(f"{name} must be >= {low}, got {value}")
         if self.draft_cpus not in ("auto", "shared"):
             from dovetail.topology import parse_cpu_list
 
             parse_cpu_list(self.draft_cpus)
-        if self.collective not in COLLECTIVES:
-            raise UserError(f"collective must be one of {COLLECTIVES}, got {self.collective!r}")
-        if self.shards is not None and self.shards < 1:
-            raise UserError(f"shards must be >= 1, got {self.shards}")
         if self.sockets is not None:
             from dovetail.topology import parse_sockets
 
             parse_sockets(self.sockets)
-        if self.max_batch < 1:
-            raise UserError(f"max_batch must be >= 1, got {self.max_batch}")
-        index, count = self.partition
-        if count < 1 or not 0 <= index < count:
-            raise UserError(f"partition must be (index, count) with 0 <= index < count, got {self.partition}")
-        if self.kv_memory_mb is not None and self.kv_memory_mb < 1:
-            raise UserError(f"kv_memory_mb must be >= 1, got {self.kv_memory_mb}")
-        if self.threads < 1:
-            raise UserError(f"threads must be >= 1, got {self.threads}")
+
+
+def _one_of(what: str, value, allowed) -> None:
+    if value not in allowed:
+        raise UserError(f"{what} must be one of {allowed}, got {value!r}")
+
+
+def add_engine_args(parser, **defaults) -> None:
+    """One flag per ``EngineConfig`` field (``--target-precision`` for ``target_precision``), with its
+    type, choices and help; ``defaults`` overrides a field's default for this command."""
+    for f in fields(EngineConfig):
+        meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+        cli = dict(meta["cli"])
+        off, off_help = cli.pop("off", None), cli.pop("off_help", "")
+        default = defaults.get(f.name, None if f.default is MISSING else f.default)
+        if f.type in ("bool", bool):
+            parser.add_argument(off, dest=f.name, action="store_false", default=default, help=off_help)
+            continue
+        kind = _scalar(f.type)  # checked by EngineConfig itself, with its own messages
+        parser.add_argument(flag, dest=f.name, type=kind, default=default, help=meta["help"], **cli)
+        if off:
+            parser.add_argument(off, dest=f.name, action="store_const", const=None, help=off_help)
+
+
+def _scalar(annotation) -> type:
+    return int if "int" in str(annotation) else str  # a tree stays text until EngineConfig parses it
+
+
+def engine_config_from_args(args, **overrides) -> EngineConfig:
+    """The ``EngineConfig`` of parsed flags (a flag left unset keeps the field's default)."""
+    values = {f.name: getattr(args, f.name) for f in fields(EngineConfig) if hasattr(args, f.name)}
+    for f in fields(EngineConfig):  # fields whose default is computed (threads, tree) when not given
+        if values.get(f.name) is None and f.default is MISSING:
+            values.pop(f.name, None)
+    return EngineConfig(**{**values, **overrides})
 
 
 def parse_tree(text: str) -> TreeShape:

@@ -111,7 +111,7 @@ def test_no_command_serves_the_defaults_on_loopback(monkeypatch):
     monkeypatch.setattr(server, "run_server", lambda config: seen.setdefault("config", config) and 0)
     assert main([]) == 0
     config = seen["config"]
-    assert (config.host, config.port, config.target, config.max_batch) == ("127.0.0.1", 8000, DEFAULT_TARGET, 4)
+    assert (config.host, config.port, config.engine.target, config.engine.max_batch) == ("127.0.0.1", 8000, DEFAULT_TARGET, 4)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -133,3 +133,47 @@ def test_serve_refuses_bad_settings_in_one_line(tiny_model_dirs, isolated_home, 
 def test_train_draft_bad_input_is_one_line(isolated_home, tiny_model_dirs, capsys, args, message):
     code = main(["train-draft", "--target", str(tiny_model_dirs["target"]), *args])
     assert code == 2 and message in _one_line_error(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_the_cli_exposes_every_engine_config_field(command):
+    """The engine's flags are made from EngineConfig: every field has one, with its choices, and the
+    parsed flags give back the same config (serve's batch default is its own)."""
+    from dataclasses import fields
+
+    from dovetail.cli import build_parser
+    from dovetail.config import EngineConfig, engine_config_from_args
+
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices[command]
+    dests = {action.dest: action for action in sub._actions}
+    for f in fields(EngineConfig):
+        assert f.name in dests, f"--{f.name.replace('_', '-')} is missing from {command}"
+    assert tuple(dests["target_precision"].choices) == tuple(EngineConfig.__dataclass_fields__["target_precision"]
+                                                           .metadata["cli"]["choices"])
+    base = ["--prompt", "x"] if command == "generate" else []
+    args = parser.parse_args([command, *base, "--no-draft", "--tree", "8,4,2", "--shards", "2", "--no-pipeline",
+                              "--kv-memory-mb", "64", "--target-precision", "int8"])
+    config = engine_config_from_args(args)
+    assert (config.draft, str(config.tree), config.shards, config.pipeline, config.kv_memory_mb,
+            config.target_precision) == (None, "8,4,2", 2, False, 64, "int8")
+    assert config.max_batch == (4 if command == "serve" else 1)
+    assert config.threads == EngineConfig().threads and config.target == EngineConfig().target
+
+
+def test_serve_config_embeds_the_engine_config_flat_or_nested():
+    from dovetail.config import EngineConfig
+    from dovetail.errors import UserError
+    from dovetail.serve import ServeConfig
+
+    flat = ServeConfig.parse({"target": "t", "tree": "chain:5", "max_batch": 2, "port": 9000})
+    nested = ServeConfig.parse({"engine": EngineConfig(target="t", tree="chain:5", max_batch=2), "port": 9000})
+    assert flat.engine == nested.engine and flat.engine.engine == "actors" and flat.port == 9000
+    assert ServeConfig.parse(flat.to_args()).engine == flat.engine  # what a replica receives reads back the same
+    assert ServeConfig.parse({}).engine.max_batch == 4
+    with pytest.raises(UserError, match="max_batch must be >= 1"):
+        ServeConfig.parse({"max_batch": 0})
+    with pytest.raises(UserError, match="serve runs the actor engine"):
+        ServeConfig.parse({"engine": "inprocess"})
+    with pytest.raises(UserError, match="bogus"):
+        ServeConfig.parse({"bogus": 1})

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 
 from dovetail.actors.draft_worker import DraftWorker
+from dovetail.actors.worker import DraftSpec
+from dovetail.models.tree import TreeShape
 from dovetail.protocol import messages as m
 from dovetail.protocol.channel import Channel, ipc_address
 from dovetail.protocol.shm import PREFIX, ShmArena
@@ -17,8 +19,8 @@ def test_draft_worker_loop_survives_bad_messages(tmp_path, caplog):
     address = ipc_address(tmp_path, "draft")
     coordinator = Channel(address, bind=True)
     threads = torch.get_num_threads()
-    worker = DraftWorker(str(tmp_path / "draft"), "chain:2", "cpu", tuple(os.sched_getaffinity(0)), address,
-                         precision="fp32")
+    worker = DraftWorker(DraftSpec(str(tmp_path / "draft"), TreeShape.chain(2), "cpu", tuple(os.sched_getaffinity(0)),
+                                   address, precision="fp32"))
     torch.set_num_threads(threads)
     prompts = ShmArena(4096)
     try:

@@ -42,6 +42,7 @@ import ray
 import zmq
 
 from dovetail.engine import GenerationStats, OutputBuffer
+from dovetail.models.tree import TreeShape
 from dovetail.protocol.collectives import shm_collective_bytes
 from dovetail.placement import Plan
 from dovetail.protocol.channel import Channel, PeerUnavailable, ipc_address
@@ -77,7 +78,7 @@ class WorkerSpec:
     plan: Plan
     target_dir: str
     draft_dir: str | None
-    tree: str
+    tree: TreeShape
     target_kernel: str = "mm"
     draft_precision: str = "auto"
     vocab_limit: int | None = None
@@ -166,6 +167,7 @@ class Coordinator:
     def _start_workers(self) -> None:
         from dovetail.actors.draft_worker import DraftWorker
         from dovetail.actors.target_shard import TargetShard
+        from dovetail.actors.worker import DraftSpec, ShardSpec
 
         self.generation += 1
         spec, plan, gen = self.spec, self.spec.plan, self.generation
@@ -179,9 +181,9 @@ class Coordinator:
         for shard in plan.shards:
             address = ipc_address(self.run_dir, f"shard{shard.rank}-{gen}")
             channel = Channel(address, bind=True, send_timeout_ms=SEND_TIMEOUT_MS)
-            actor = ray.remote(TargetShard).options(num_cpus=0, max_restarts=0, **env).remote(
+            actor = ray.remote(TargetShard).options(num_cpus=0, max_restarts=0, **env).remote(ShardSpec(
                 spec.target_dir, shard.rank, len(plan.shards), shard.cpus, shard.numa_node, group, address,
-                spec.target_kernel, spec.collective, spec.feature_drafter, spec.target_precision)
+                spec.target_kernel, spec.collective, spec.feature_drafter, spec.target_precision))
             self.shards.append(_Inbox(f"target shard {shard.rank}", channel, actor))
         self.draft: _Inbox | None = None
         if plan.draft is not None and spec.draft_dir is not None:
@@ -189,9 +191,9 @@ class Coordinator:
             channel = Channel(address, bind=True, send_timeout_ms=SEND_TIMEOUT_MS)
             d = plan.draft
             actor = ray.remote(DraftWorker).options(num_cpus=0, num_gpus=spec.gpu_share if d.device == "cuda" else 0,
-                                                     max_restarts=0, **env).remote(
+                                                     max_restarts=0, **env).remote(DraftSpec(
                 spec.draft_dir, spec.tree, d.device, d.cpus, address, spec.draft_precision, spec.vocab_limit,
-                spec.target_dir, spec.draft_vocab)
+                spec.target_dir, spec.draft_vocab))
             self.draft = _Inbox("draft", channel, actor)
         inboxes = self._inboxes()
         infos = ray.get([box.actor.ready.remote() for box in inboxes])

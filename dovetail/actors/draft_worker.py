@@ -13,14 +13,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dovetail.actors.worker import ChannelWorker, Timer, lean_loading, pin_to
+from dovetail.actors.worker import ChannelWorker, DraftSpec, Timer, lean_loading, pin_to
 from dovetail.models.cached_lm import CachedLM
 from dovetail.models.drafter_net import load_drafter
 from dovetail.store import is_drafter_dir
 from dovetail.models.lm_proposer import DraftProposer, propose_together
 from dovetail.models.feature_proposer import FeatureDraftProposer
 from dovetail.models.loading import load_causal_lm
-from dovetail.models.tree import DraftTree, TreeShape
+from dovetail.models.tree import DraftTree
 from dovetail.protocol.messages import Predraft, ProposeBatch, ProposeTree, StartRequest, TreeProposal
 from dovetail.protocol.shm import ShmArena
 
@@ -28,37 +28,36 @@ from dovetail.protocol.shm import ShmArena
 class DraftWorker(ChannelWorker):
     handlers = {StartRequest: "start", ProposeTree: "propose", ProposeBatch: "propose_batch", Predraft: "predraft"}
 
-    def __init__(self, model_dir: str, tree: str, device: str, cpus: tuple[int, ...], address: str,
-                 precision: str = "auto", vocab_limit: int | None = None, target_dir: str | None = None,
-                 draft_vocab: int = 0):
-        """``target_dir``: the target a feature drafter (``model_dir`` a drafter folder) belongs to."""
-        self.placement = "cuda" if device == "cuda" else pin_to(cpus, None)
-        feature_drafter = is_drafter_dir(model_dir)
-        precision = "fp32" if device == "cuda" else precision  # a GPU gets bf16 below: the kernels are CPU ones
+    def __init__(self, spec: DraftSpec):
+        self.placement = "cuda" if spec.device == "cuda" else pin_to(spec.cpus, None)
+        feature_drafter = is_drafter_dir(spec.model_dir)
+        # a GPU gets bf16 below: the kernels are CPU ones
+        precision = "fp32" if spec.device == "cuda" else spec.precision
         self.proposers: dict = {}  # request id -> its proposer (own KV cache over the shared weights)
         self.arena = ShmArena(1 << 20)
 
         def setup():
             with lean_loading():
                 if feature_drafter:
-                    model = load_drafter(model_dir, target_dir, draft_vocab=draft_vocab, precision=precision)
+                    model = load_drafter(spec.model_dir, spec.target_dir, draft_vocab=spec.draft_vocab,
+                                         precision=precision)
                 else:
-                    model = load_causal_lm(model_dir, precision=precision, role="draft")
-            if device == "cuda":
+                    model = load_causal_lm(spec.model_dir, precision=precision, role="draft")
+            if spec.device == "cuda":
                 model = model.to("cuda", torch.bfloat16)
-            shape = TreeShape.parse(tree)
+            shape = spec.tree
             if feature_drafter:
                 self._new_proposer = lambda: FeatureDraftProposer(CachedLM(model), shape)
                 warm_up = self._new_proposer()
                 warm_up.start([0, 1])
                 warm_up.propose([1], torch.zeros(2, model.config.hidden_size))
             else:
-                self._new_proposer = lambda: DraftProposer(CachedLM(model), shape, vocab_limit)
+                self._new_proposer = lambda: DraftProposer(CachedLM(model), shape, spec.vocab_limit)
                 warm_up = self._new_proposer()
                 warm_up.start([0, 1])
                 warm_up.propose([1])
 
-        self._serve(address, "draft", setup)
+        self._serve(spec.address, "draft", setup)
 
     def ready(self) -> dict:
         return {**self.common_info(), "live_requests": len(self.proposers), "placement": self.placement, "arena": self.arena.name}

@@ -108,9 +108,10 @@ def start_ray(address: str | None, topology: Topology) -> bool:
 
 class ActorEngine:
     def __init__(self, target_dir: Path, draft_dir: Path | None, config, eos_token_ids: list[int],
-                 context_length: int, vocab_limit: int | None = None, say=lambda msg: None):
+                 context_length: int, vocab_limit: int | None = None, say=lambda msg: None,
+                 partition: tuple[int, int] = (0, 1)):
         self.config, self.context_length = config, context_length
-        topology = resolve_topology(config.sockets, config.partition)
+        topology = resolve_topology(config.sockets, partition)
         feature_drafter = bool(draft_dir) and is_drafter_dir(draft_dir)
         self.target_precision = resolve_precision(config.target_precision, target_dir, FLOAT_DEFAULT["target"])
         self.draft_precision = config.draft_precision
@@ -132,17 +133,17 @@ class ActorEngine:
         self.kv_bytes_per_token = kv_bytes_per_token(target_dir) + (
             kv_bytes_per_token(draft_dir) if draft_dir and self.plan.draft.device == "cpu" else 0)
         self.kv_budget_bytes = (config.kv_memory_mb * MiB if config.kv_memory_mb
-                                else kv_budget(self.plan, config.partition[1]))
+                                else kv_budget(self.plan, partition[1]))
         # betting needs the draft and the target to run at once: not when they take turns on the same CPUs
         self.pipeline = config.pipeline and not (self.plan.draft and self.plan.draft.shares_cpus)
         self._owns_ray = start_ray(config.address, topology)
         runs = short_dir("run")
         remove_orphans(runs, "", lambda path: shutil.rmtree(path, ignore_errors=True))  # of killed engines
         self.run_dir = private_dir(runs / owned_name(""))
-        spec = WorkerSpec(self.plan, str(target_dir), str(draft_dir) if draft_dir else None, str(config.tree),
+        spec = WorkerSpec(self.plan, str(target_dir), str(draft_dir) if draft_dir else None, config.tree,
                           config.target_kernel, self.draft_precision, vocab_limit, str(self.run_dir),
                           shm_or_gloo(config.collective, say), feature_drafter=feature_drafter,
-                          draft_vocab=config.draft_vocab, gpu_share=1.0 / config.partition[1],
+                          draft_vocab=config.draft_vocab, gpu_share=1.0 / partition[1],
                           max_batch=self.max_batch, target_precision=self.target_precision)
         # batch mode: one thread per request in the batch relays its tokens (+2 for shutdown, info)
         coordinator_actor = ray.remote(num_cpus=0, max_restarts=-1, concurrency_groups={"control": 1},

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from dovetail.actors.worker import ChannelWorker, Timer, lean_loading, pin_to
+from dovetail.actors.worker import ChannelWorker, ShardSpec, Timer, lean_loading, pin_to
 from dovetail.models.cached_lm import CachedLM
 from dovetail.models.target import TargetVerifier, verify_batch
 from dovetail.models.tree import DraftTree
@@ -26,27 +26,23 @@ FEATURE_ROWS = 4096  # the most feature rows one message carries (a longer promp
 class TargetShard(ChannelWorker):
     handlers = {StartRequest: "start", VerifyTree: "verify", VerifyBatch: "verify_batch"}
 
-    def __init__(self, model_dir: str, rank: int, world_size: int, cpus: tuple[int, ...], numa_node: int | None,
-                 group: str, address: str, kernel: str = "mm", collective: str = "shm", features: bool = False,
-                 precision: str = "auto"):
-        """``group``: the shared-memory segment (``collective="shm"``) or gloo's rendezvous file;
-        ``features``: hand the committed positions' features to a feature drafter (rank 0 sends them)."""
-        self.rank = rank
-        self.memory_policy = pin_to(cpus, numa_node)  # before loading: first touch lands locally
-        self.keep_hidden = features
+    def __init__(self, spec: ShardSpec):
+        self.rank = rank = spec.rank
+        self.memory_policy = pin_to(spec.cpus, spec.numa_node)  # before loading: first touch lands locally
+        self.keep_hidden = spec.features
         self.verifiers: dict[str, TargetVerifier] = {}  # request id -> its KV cache and sampling state
         self.features = None
 
         def setup():
-            self.collective = _collective(collective, group, world_size, rank)
+            self.collective = _collective(spec.collective, spec.group, spec.world_size, rank)
             with lean_loading():
-                self.model = load_shard(model_dir, self.collective, kernel, precision)
+                self.model = load_shard(spec.model_dir, self.collective, spec.kernel, spec.precision)
             self._verifier("warm-up").start([0, 1], SamplingParams())  # every rank runs it: collectives pair up
             self.release("warm-up")
-            if features and rank == 0:
+            if spec.features and rank == 0:
                 self.features = ShmArena(2 * FEATURE_ROWS * self.model.config.hidden_size * 4 + (1 << 20))
 
-        self._serve(address, f"target-shard-{rank}", setup)
+        self._serve(spec.address, f"target-shard-{rank}", setup)
 
     def ready(self) -> dict:
         return {**self.common_info(), "live_requests": len(self.verifiers), "memory_policy": self.memory_policy,

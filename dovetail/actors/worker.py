@@ -13,14 +13,48 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 
+from dovetail.models.tree import TreeShape
 from dovetail.protocol.channel import Channel
 from dovetail.protocol.messages import PROTOCOL_VERSION, ArrayRef, EndRequest, ErrorReport, Shutdown, Sync, Synced
 from dovetail.protocol.shm import ShmArena
 
 log = logging.getLogger("dovetail.actors")
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """What one target shard starts from (plain fields: it crosses a process boundary)."""
+
+    model_dir: str
+    rank: int
+    world_size: int
+    cpus: tuple[int, ...]
+    numa_node: int | None
+    group: str  # the shared-memory segment (collective "shm") or gloo's rendezvous file
+    address: str  # the coordinator's zmq socket
+    kernel: str = "mm"
+    collective: str = "shm"
+    features: bool = False  # hand the committed positions' features to a feature drafter (rank 0 sends them)
+    precision: str = "auto"
+
+
+@dataclass(frozen=True)
+class DraftSpec:
+    """What the draft worker starts from."""
+
+    model_dir: str  # a draft model, or a Dovetail drafter folder (then ``target_dir`` is its target)
+    tree: TreeShape
+    device: str  # "cuda" or "cpu"
+    cpus: tuple[int, ...]
+    address: str
+    precision: str = "auto"
+    vocab_limit: int | None = None
+    target_dir: str | None = None
+    draft_vocab: int = 0
 
 _SYS_SET_MEMPOLICY = {"x86_64": 238, "aarch64": 237}
 _MPOL_PREFERRED = 1

@@ -282,7 +282,7 @@ class DovetailServer:
         rank = getattr(context.rank, "rank", context.rank) or 0
         slots = self.config.replica_slots
         self.replica = f"{context.replica_id.unique_id}" if context.replica_id else "local"
-        self.dovetail = Dovetail(self.config.engine_config((rank % slots, slots))).load()
+        self.dovetail = Dovetail(self.config.engine, partition=(rank % slots, slots)).load()
         self.engine, self.tokenizer = self.dovetail.engine, self.dovetail.tokenizer
         self.eos = set(self.dovetail.eos_token_ids)
         self.depth = self.engine.depth
@@ -594,10 +594,10 @@ def build_app(args: dict | None = None):
     config = ServeConfig.parse(dict(args or {}))
     # Serve must let every request the replica may hold through (the batch on the engine plus the
     # queue, plus one to refuse): with fewer, Serve queued the excess itself and the 429 never fired.
-    options = dict(max_ongoing_requests=config.max_queued_requests + config.max_batch + 1,
+    options = dict(max_ongoing_requests=config.max_queued_requests + config.engine.max_batch + 1,
                    ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1"}}})
     if config.autoscaling:
         options["autoscaling_config"] = config.autoscaling.model_dump()
     else:
         options["num_replicas"] = config.replicas
-    return DovetailServer.options(**options).bind(config.model_dump())
+    return DovetailServer.options(**options).bind(config.to_args())

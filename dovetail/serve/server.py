@@ -24,10 +24,11 @@ def run_server(config: ServeConfig, say=lambda msg: print(f"[dovetail] {msg}", f
     from dovetail.store import resolve_draft, resolve_model
 
     # refuse bad models and impossible splits here, with one line, before any replica starts
-    resolve_model(config.target)
-    if config.draft:
-        resolve_draft(config.draft, config.target)
-    topology = resolve_topology(config.sockets)
+    engine = config.engine
+    resolve_model(engine.target)
+    if engine.draft:
+        resolve_draft(engine.draft, engine.target)
+    topology = resolve_topology(engine.sockets)
     for part in range(config.replica_slots):
         topology.partition(part, config.replica_slots)
     segments_before = segment_names()
@@ -35,14 +36,14 @@ def run_server(config: ServeConfig, say=lambda msg: print(f"[dovetail] {msg}", f
     # shards' tightly synchronised GEMM threads (bench/results/serve.json measures the gain).
     # Only a Ray started here inherits it; a joined cluster keeps its own setting.
     os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", str(CONTROL_LOOP_INTERVAL_S))
-    owns_ray = start_ray(config.address, topology)
+    owns_ray = start_ray(engine.address, topology)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
         t0 = time.perf_counter()
         say(f"starting {config.replicas if not config.autoscaling else config.autoscaling.model_dump()} "
             f"replica(s) of {config.model_name} (loading models...)")
-        serve.run(build_app(config.model_dump()), name="dovetail", route_prefix="/")
+        serve.run(build_app(config.to_args()), name="dovetail", route_prefix="/")
         say(f"ready in {time.perf_counter() - t0:.1f}s: http://{config.host}:{config.port}/v1 "
             f"(model {config.model_name!r}; /metrics, /health); Ctrl-C stops")
         while True:
