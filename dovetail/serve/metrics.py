@@ -107,3 +107,13 @@ def metrics_actor():
     return ray.remote(MetricsStore).options(name=METRICS_ACTOR, namespace=NAMESPACE, get_if_exists=True,
                                             lifetime="detached", num_cpus=0, max_restarts=-1,
                                             max_concurrency=4).remote()
+
+
+def device_seconds(stats) -> dict:
+    """The device time the request used (in a batch, its share of each shared verification)."""
+    return {("target", "prefill"): stats.prefill_s, ("target", "verify"): stats.verify_s,
+            ("draft", "draft"): stats.draft_s}
+
+
+def round4(value):
+    return None if value is None else round(value, 4)

@@ -8,6 +8,8 @@ value is a 400, and options Dovetail does not implement (``n > 1``, logprobs, pe
 
 from __future__ import annotations
 
+import json
+
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -146,3 +148,33 @@ class ChatCompletionRequest(_Request):
     @property
     def token_budget(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+
+# -- responses -------------------------------------------------------------------------------------
+def sse_event(payload: dict) -> str:
+    """One server-sent event."""
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def stream_chunk(rid: str, created: int, model: str, chat: bool, text: str | None = None,
+                 finish_reason: str | None = None, role: bool = False) -> dict:
+    """A streamed chunk: chat's ``delta`` (the first one carries the role) or a completion's ``text``."""
+    if chat:
+        delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+            "model": model, "choices": [choice]}
+
+
+def usage(prompt_tokens: int, completion_tokens: int, stats, depth: int) -> dict:
+    """OpenAI's ``usage``, plus the speculative statistics of a finished request (``stats``)."""
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens}
+    if stats is not None:
+        s = stats.to_dict(depth)
+        out["speculative"] = {k: s[k] for k in ("steps", "mean_accepted", "prefill_s", "draft_s", "verify_s",
+                                                "total_s") if k in s}
+        out["speculative"]["acceptance_by_position"] = s.get("acceptance_by_position", [])
+    return out

@@ -146,25 +146,9 @@ def train_drafter(model: FeatureDrafter, dump: FeatureDump, settings: TrainSetti
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_scale(s, settings))
     order_rng = np.random.default_rng(settings.seed + 1)
     noise_gen = torch.Generator().manual_seed(settings.seed + 2)
-    step, history, seconds, tokens_seen = 0, [], 0.0, 0
     ckpt = out_dir / CHECKPOINT
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)  # plain tensors and containers: nothing is unpickled
-        if state["settings"] != asdict(settings):
-            raise RuntimeError(f"{ckpt} was written with other settings; remove it to start over")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        order_rng.bit_generator.state = state["order_rng"]
-        noise_gen.set_state(state["noise_gen"])
-        step, history, seconds = state["step"], state["history"], state["seconds"]
-        tokens_seen = state.get("tokens_seen", 0)
-    loss_head = None
-    if settings.loss_vocab and settings.loss_vocab < model.head_weight.shape[0]:
-        top = top_ids(dump.token_counts(model.head_weight.shape[0], train_ids), settings.loss_vocab)
-        rows = torch.from_numpy(top) if model.vocab_ids is None else torch.from_numpy(
-            np.flatnonzero(np.isin(model.vocab_ids.numpy(), top)))
-        loss_head = model.head_weight[rows].contiguous()
+    step, history, seconds, tokens_seen = _resume(ckpt, settings, model, opt, sched, order_rng, noise_gen)
+    loss_head = _loss_head(model, dump, settings, train_ids)
     model.train()
     bar = tqdm(total=settings.steps, initial=step, desc=desc, dynamic_ncols=True)
     acc1 = acc2 = acc3 = float("nan")
@@ -173,11 +157,7 @@ def train_drafter(model: FeatureDrafter, dump: FeatureDump, settings: TrainSetti
         t0 = time.perf_counter()
         batch = order_rng.choice(train_ids, size=min(settings.batch, len(train_ids)), replace=False)
         batch.sort()
-        width = int(dump.spans[batch, 1].max())  # padding past the batch's longest window is dropped
-        feats = torch.from_numpy(np.asarray(dump.features[batch, :width], dtype=np.float32))
-        tokens = torch.from_numpy(np.asarray(dump.tokens[batch, :width], dtype=np.int64))
-        # input position t predicts the feature of t+1: trained where t+1 is a trained token
-        mask = torch.from_numpy(dump.span_mask(batch)[:, 1:width]).float()
+        feats, tokens, mask = _batch_tensors(dump, batch)
         tokens_seen += int(mask.sum())
         loss, feature_loss, ce_loss = drafter_loss(model, feats, tokens, mask, settings.noise,
                                                    settings.ce_weight, noise_gen, loss_head)
@@ -210,6 +190,41 @@ def train_drafter(model: FeatureDrafter, dump: FeatureDump, settings: TrainSetti
         acc1, acc2, acc3 = held_out_acceptance(model, dump, eval_ids, full_head)
     return TrainReport(step, len(train_ids), int(dump.span_mask(train_ids).sum()), round(seconds, 1),
                        loss_value, acc1, acc2, history, acc3)
+
+
+def _resume(ckpt: Path, settings: TrainSettings, model, opt, sched, order_rng, noise_gen):
+    """Restore an interrupted run from ``ckpt`` (if any); (step, history, seconds, tokens seen)."""
+    if not ckpt.exists():
+        return 0, [], 0.0, 0
+    state = torch.load(ckpt, weights_only=True)  # plain tensors and containers: nothing is unpickled
+    if state["settings"] != asdict(settings):
+        raise RuntimeError(f"{ckpt} was written with other settings; remove it to start over")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    order_rng.bit_generator.state = state["order_rng"]
+    noise_gen.set_state(state["noise_gen"])
+    return state["step"], state["history"], state["seconds"], state.get("tokens_seen", 0)
+
+
+def _loss_head(model, dump: FeatureDump, settings: TrainSettings, train_ids) -> torch.Tensor | None:
+    """The head rows of the ``loss_vocab`` most frequent training tokens (None: the whole head)."""
+    if not settings.loss_vocab or settings.loss_vocab >= model.head_weight.shape[0]:
+        return None
+    top = top_ids(dump.token_counts(model.head_weight.shape[0], train_ids), settings.loss_vocab)
+    rows = torch.from_numpy(top) if model.vocab_ids is None else torch.from_numpy(
+        np.flatnonzero(np.isin(model.vocab_ids.numpy(), top)))
+    return model.head_weight[rows].contiguous()
+
+
+def _batch_tensors(dump: FeatureDump, batch: np.ndarray):
+    """(features, tokens, loss mask) of these windows, cut to the longest one's width."""
+    width = int(dump.spans[batch, 1].max())  # padding past the batch's longest window is dropped
+    feats = torch.from_numpy(np.asarray(dump.features[batch, :width], dtype=np.float32))
+    tokens = torch.from_numpy(np.asarray(dump.tokens[batch, :width], dtype=np.int64))
+    # input position t predicts the feature of t+1: trained where t+1 is a trained token
+    mask = torch.from_numpy(dump.span_mask(batch)[:, 1:width]).float()
+    return feats, tokens, mask
 
 
 def _lr_scale(step: int, s: TrainSettings) -> float:
