@@ -65,6 +65,32 @@ class GenerationResult:
     stats: GenerationStats
 
 
+# -- a request's stream, as an engine hands it to its driver: Tokens..., then Finished or Failed ----
+@dataclass
+class Tokens:
+    """The tokens one step committed, in order."""
+
+    ids: list[int]
+
+
+@dataclass
+class Finished:
+    stats: GenerationStats
+    cancelled: bool = False
+    generation: int | None = None  # of the worker group (it counts restarts); None in process
+
+
+@dataclass
+class Failed:
+    error: str
+    generation: int | None = None
+
+    def raise_error(self):
+        from dovetail.errors import EngineError
+
+        raise EngineError(self.error)
+
+
 class SpeculativeEngine:
     def __init__(self, target: TargetVerifier, draft: DraftProposer | None, eos_token_ids=()):
         self.target = target

@@ -12,6 +12,7 @@ import torch
 
 from dovetail.actors.system import ActorEngine, _wait_for_exit
 from dovetail.config import EngineConfig
+from dovetail.engine import Failed, Finished, Tokens
 from dovetail.errors import EngineError
 from dovetail.models.verification import SamplingParams
 from dovetail.protocol import messages as m
@@ -201,7 +202,7 @@ def test_batched_requests_are_exact_and_free_their_caches(ray_session, qwen_pair
         first = ray.get(next(stream))
         engine.cancel("to-cancel")
         final = [ray.get(ref) for ref in stream][-1]
-        assert first and final["cancelled"] and final["stats"].new_tokens < full
+        assert isinstance(first, Tokens) and first.ids and final.cancelled and final.stats.new_tokens < full
         live = _live_requests(engine)
         assert set(live.values()) == {0}, live
     finally:
@@ -265,8 +266,8 @@ def _raw(engine, prompt, max_new, sampling=None, speculate=True):
     for ref in engine.coordinator.generate.options(num_returns="streaming").remote(prompt, max_new, sampling,
                                                                                   speculate, True, None):
         item = ray.get(ref)
-        if isinstance(item, list):
-            tokens.extend(item)
+        if isinstance(item, Tokens):
+            tokens.extend(item.ids)
         else:
             return tokens, item
 
@@ -281,9 +282,9 @@ def test_a_request_error_fails_that_request_alone(ray_session, qwen_pair, socket
     try:
         generation = ray.get(engine.coordinator.info.remote())["generation"]
         _, final = _raw(engine, [5, 6, 10**6], 20)
-        assert "error" in final and "restarted" not in final["error"], final
+        assert isinstance(final, Failed) and "restarted" not in final.error, final
         _, final = _raw(engine, [5, 6, 7], 20, dict(temperature=0.5, top_p=1.0, top_k=2**64, seed=1))
-        assert "error" in final and "restarted" not in final["error"], final
+        assert isinstance(final, Failed) and "restarted" not in final.error, final
         assert ray.get(engine.coordinator.info.remote())["generation"] == generation, "the workers were restarted"
         assert set(_live_requests(engine).values()) == {0}
         _next_request_is_exact(engine, target)
@@ -319,9 +320,9 @@ def test_a_failing_request_in_a_batch_fails_alone(ray_session, qwen_pair):
         for i, prompt in enumerate(prompts):
             tokens, final = results[i]
             if i == bad:
-                assert "error" in final, final
+                assert isinstance(final, Failed), final
             else:
-                assert "stats" in final and tokens == hf_greedy(target, prompt, 40, eos=EOS), i
+                assert isinstance(final, Finished) and tokens == hf_greedy(target, prompt, 40, eos=EOS), i
         assert ray.get(engine.coordinator.info.remote())["generation"] == generation
         assert set(_live_requests(engine).values()) == {0}
     finally:
@@ -388,7 +389,7 @@ def test_a_lost_or_skewed_reply_ends_its_request_at_the_deadline(ray_session, qw
         _on_worker(engine, 0, fault)
         t0 = time.monotonic()
         _, final = _raw(engine, [5, 6, 7], 20)
-        assert "error" in final and "within 2 s" in final["error"], final
+        assert isinstance(final, Failed) and "within 2 s" in final.error, final
         assert time.monotonic() - t0 < 30
         assert ray.get(engine.coordinator.info.remote())["generation"] == generation, "the workers were restarted"
         _on_worker(engine, 0, _heal)

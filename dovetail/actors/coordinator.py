@@ -41,7 +41,7 @@ import numpy as np
 import ray
 import zmq
 
-from dovetail.engine import GenerationStats, OutputBuffer
+from dovetail.engine import Failed, Finished, GenerationStats, OutputBuffer, Tokens
 from dovetail.models.tree import TreeShape
 from dovetail.protocol.collectives import shm_collective_bytes
 from dovetail.placement import Plan
@@ -372,7 +372,7 @@ class Coordinator:
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: dict, speculate: bool = True,
                  pipeline: bool = True, request_id: str | None = None):
         """Stream the request: yields each step's committed tokens (lists), then a final dict
-        ``{"stats": ActorStats, "cancelled": bool}`` or ``{"error": str}``. After an error the
+        ``Tokens`` per step, then ``Finished`` or ``Failed``. After an error the
         workers are restarted. ``cancel(request_id)`` stops it between steps."""
         request_id = request_id or secrets.token_hex(6)
         if self.spec.max_batch > 1:
@@ -384,22 +384,24 @@ class Coordinator:
         try:
             for _ in self._run(request_id, prompt_ids, max_new_tokens, sampling, speculate, pipeline, stats, chunks):
                 while chunks:
-                    yield chunks.pop(0)
+                    yield Tokens(chunks.pop(0))
             for box in self._inboxes():
                 self._send(box, EndRequest(request_id))
-            yield self._final({"stats": stats, "cancelled": self._cancelled.pop(request_id, None) is not None})
+            yield self._finished(stats, self._cancelled.pop(request_id, None) is not None)
         except WorkerFailure as exc:
-            yield self._final({"error": self._recover(exc, [request_id])})
+            yield self._failed(self._recover(exc, [request_id]))
         except RequestFailure as exc:
-            yield self._final({"error": self._fail_request(request_id, exc)})
+            yield self._failed(self._fail_request(request_id, exc))
         except Exception as exc:  # e.g. a message that cannot be encoded: this request's problem alone
             log.exception("request %s failed in the coordinator", request_id)
-            yield self._final({"error": self._fail_request(request_id, RuntimeError(f"{type(exc).__name__}: {exc}"))})
+            yield self._failed(self._fail_request(request_id, RuntimeError(f"{type(exc).__name__}: {exc}")))
 
-    def _final(self, item: dict) -> dict:
+    def _finished(self, stats: ActorStats, cancelled: bool) -> Finished:
         """A request's last item, with the worker group's generation (it counts restarts)."""
-        item["generation"] = self.generation
-        return item
+        return Finished(stats, cancelled, self.generation)
+
+    def _failed(self, message: str) -> Failed:
+        return Failed(message, self.generation)
 
     def _recover(self, exc: WorkerFailure, request_ids: list[str]) -> str:
         """After a worker failure: restart the whole group; the error message for the requests."""
@@ -474,7 +476,7 @@ class Coordinator:
         while True:
             item = request.items.get()
             yield item
-            if isinstance(item, dict):
+            if not isinstance(item, Tokens):
                 return
 
     def _serve_batches(self) -> None:
@@ -488,7 +490,7 @@ class Coordinator:
             except WorkerFailure as exc:
                 message = self._recover(exc, [r.rid for r in active])
                 for request in active:
-                    request.items.put(self._final({"error": message}))
+                    request.items.put(self._failed(message))
                 active.clear()
             except Exception as exc:  # a bug must not kill the scheduler: fail the batch, go on
                 log.exception("batch step failed")
@@ -503,7 +505,7 @@ class Coordinator:
             message = self._fail_request(request.rid, exc)
         except Exception as other:  # the workers could not even be restarted: still answer the request
             message = f"request failed: {exc} (then: {other})"
-        request.items.put(self._final({"error": message}))
+        request.items.put(self._failed(message))
 
     def _admit(self, active: list) -> None:
         """Prefill waiting requests until the batch is full (block briefly only when idle)."""
@@ -519,11 +521,11 @@ class Coordinator:
                 try:
                     self._recover_idle()
                 except Exception as exc:  # the group could not be restarted: answer this request
-                    request.items.put(self._final({"error": f"request failed: restarting the workers failed: {exc}"}))
+                    request.items.put(self._failed(f"request failed: restarting the workers failed: {exc}"))
                     continue
             active.append(request)
             request.t0 = time.perf_counter()
-            request.out = OutputBuffer(request.max_new_tokens, self.eos, request.items.put)
+            request.out = OutputBuffer(request.max_new_tokens, self.eos, lambda ids, q=request.items: q.put(Tokens(ids)))
             try:
                 prompt = self.arena.put(np.asarray(request.prompt_ids, dtype=np.int32))
                 for box in self.shards + ([self.draft] if self._drafts(request) else []):
@@ -606,7 +608,7 @@ class Coordinator:
         stats.new_tokens = len(request.out.tokens) if request.out else 0
         stats.total_s = time.perf_counter() - request.t0 if request.t0 else 0.0
         cancelled = cancelled or self._cancelled.pop(request.rid, None) is not None
-        request.items.put(self._final({"stats": stats, "cancelled": cancelled}))  # first: a dead worker below fails only the others
+        request.items.put(self._finished(stats, cancelled))  # first: a dead worker below fails only the others
         if was_active:
             for box in self._inboxes():
                 self._send(box, EndRequest(request.rid))

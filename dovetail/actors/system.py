@@ -17,7 +17,7 @@ from pathlib import Path
 import ray
 
 from dovetail.actors.coordinator import ActorStats, Coordinator, WorkerSpec
-from dovetail.engine import GenerationResult, validate_request
+from dovetail.engine import Failed, GenerationResult, Tokens, validate_request
 from dovetail.errors import EngineError, UserError
 from dovetail.models.verification import SamplingParams
 from dovetail.store import is_drafter_dir
@@ -178,8 +178,8 @@ class ActorEngine:
 
     def submit(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(),
                speculate: bool = True, pipeline: bool | None = None, request_id: str | None = None):
-        """Start a request; return Ray's streaming generator of its items: lists of committed
-        tokens, then ``{"stats": ActorStats, "cancelled": bool}`` or ``{"error": str}``. Iterate it
+        """Start a request; return Ray's streaming generator of its items: ``Tokens`` per step,
+        then ``Finished`` (with ``ActorStats``) or ``Failed``. Iterate it
         with ``for``/``ray.get`` or ``async for``/``await``; ``cancel(request_id)`` stops it."""
         validate_request(prompt_ids, max_new_tokens, self.context_length)
         max_new_tokens = min(max_new_tokens, self.context_length - len(prompt_ids))
@@ -199,10 +199,10 @@ class ActorEngine:
         tokens: list[int] = []
         for ref in self.submit(prompt_ids, max_new_tokens, params, speculate, pipeline):
             item = ray.get(ref)
-            if isinstance(item, list):
-                tokens.extend(item)
+            if isinstance(item, Tokens):
+                tokens.extend(item.ids)
                 if on_tokens:
-                    on_tokens(item)
+                    on_tokens(item.ids)
             else:
                 return GenerationResult(tokens, final_stats(item))
         raise EngineError("the coordinator ended the request without a result")
@@ -237,11 +237,11 @@ class ActorEngine:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
-def final_stats(item: dict) -> ActorStats:
-    """The statistics in a request's last item; ``EngineError`` if the request failed."""
-    if "error" in item:
-        raise EngineError(item["error"])
-    return item["stats"]
+def final_stats(item) -> ActorStats:
+    """The statistics of a request's last item; ``EngineError`` if the request failed."""
+    if isinstance(item, Failed):
+        item.raise_error()
+    return item.stats
 
 
 def _wait_for_exit(pids: list[int], timeout_s: float) -> None:

@@ -284,6 +284,7 @@ class DovetailServer:
 
     async def _decode(self, job: edge.Job):
         from dovetail.actors.system import final_stats
+        from dovetail.engine import Tokens
 
         assembler = TextAssembler(self.tokenizer, job.stop)
         stream = self.engine.submit(job.prompt_ids, job.max_tokens, job.params, job.speculate, request_id=job.rid)
@@ -291,13 +292,13 @@ class DovetailServer:
         try:
             async for ref in stream:
                 item = await ref
-                if not isinstance(item, list):
-                    self._note_generation(item.get("generation"))
+                if not isinstance(item, Tokens):
+                    self._note_generation(item.generation)
                     job.stats, finished = final_stats(item), True
                     break
                 if assembler.stopped:
                     continue  # tokens of the step that hit a stop sequence: drained, not shown
-                for token in item:
+                for token in item.ids:
                     job.first_token = job.first_token or time.perf_counter()
                     job.tokens.append(token)
                     text = assembler.add(token)
