@@ -399,8 +399,9 @@ def _dovetail_processes():
 
 
 def test_health_is_503_while_the_engine_cannot_serve(server, served):
-    """A dead worker makes /health answer 503 until the next request, which replaces it before it
-    starts (a restart, counted in dovetail_worker_restarts_total) and then runs normally."""
+    """A worker that dies while the engine is idle makes /health answer 503, and that health check
+    starts replacing it (a restart, counted in dovetail_worker_restarts_total); a request sent
+    meanwhile waits for the new group and runs normally; then /health is 200 again."""
     _, tokenizer, _ = served
     url = server["url"]
     assert httpx.get(url + "/health", timeout=30).status_code == 200

@@ -155,6 +155,8 @@ class Coordinator:
         self._cancelled: dict[str, float] = {}  # request id -> when cancel() was called
         self._failures: dict[str, str] = {}  # request id -> the error a worker reported for it
         self._restarting = False
+        self._lifecycle = threading.RLock()  # one worker-group restart at a time, from any thread
+        self._inflight: set[str] = set()  # requests between generate()'s start and end
         self._start_workers()
         self._incoming: queue.Queue = queue.Queue()  # batch mode: requests waiting to join the batch
         self._stopping = threading.Event()
@@ -227,6 +229,10 @@ class Coordinator:
         remove_orphaned_segments()
 
     def restart_workers(self) -> None:
+        with self._lifecycle:
+            self._restart_workers()
+
+    def _restart_workers(self) -> None:
         self._restarting = True
         try:
             self._stop_workers(graceful=False)
@@ -251,7 +257,30 @@ class Coordinator:
     @ray.method(concurrency_group="control")
     def healthy(self) -> bool:
         """Whether requests can be served now: not restarting the workers, and every worker alive."""
-        return not self._restarting and not self._dead_workers(timeout_s=2.0)
+        if self._restarting:
+            return False
+        dead = self._dead_workers(timeout_s=2.0)
+        if dead and not self._inflight:
+            self._restart_in_background(dead)
+        return not dead
+
+    def _restart_in_background(self, dead: list[str]) -> None:
+        """Workers died while the engine was idle: replace them now. A balancer that trusts
+        /health would otherwise never send the request that replaces them."""
+        with self._lifecycle:
+            if self._restarting:
+                return
+            self._restarting = True  # /health says 503 from now until the new group is up
+
+        def restart():
+            log.warning("%s died while idle; restarting the workers", ", ".join(dead))
+            try:
+                self.restart_workers()
+            except Exception:  # the next request (or health check) tries again
+                log.exception("restarting the workers failed")
+                self._restarting = False
+
+        threading.Thread(target=restart, name="worker-restart", daemon=True).start()
 
     @ray.method(concurrency_group="control")
     def cancel(self, request_id: str) -> None:
@@ -342,10 +371,11 @@ class Coordinator:
         """Before a request on an idle engine: replace workers that died meanwhile, so that the
         request runs normally (a pid check, microseconds: they share this node), and sweep the
         segments dead processes left (a killed coordinator's workers die after it restarted)."""
-        gone = [name for name, info in self.workers_info.items() if not pid_alive(info["pid"])]
-        if gone:
-            log.warning("%s died while idle; restarting the workers", ", ".join(gone))
-            self.restart_workers()
+        with self._lifecycle:  # waits for a restart /health began
+            gone = [name for name, info in self.workers_info.items() if not pid_alive(info["pid"])]
+            if gone:
+                log.warning("%s died while idle; restarting the workers", ", ".join(gone))
+                self.restart_workers()
         remove_orphaned_segments()
 
     def _check_alive(self) -> None:
@@ -375,6 +405,13 @@ class Coordinator:
         ``Tokens`` per step, then ``Finished`` or ``Failed``. After an error the
         workers are restarted. ``cancel(request_id)`` stops it between steps."""
         request_id = request_id or secrets.token_hex(6)
+        self._inflight.add(request_id)
+        try:
+            yield from self._generate(request_id, prompt_ids, max_new_tokens, sampling, speculate, pipeline)
+        finally:
+            self._inflight.discard(request_id)
+
+    def _generate(self, request_id, prompt_ids, max_new_tokens, sampling, speculate, pipeline):
         if self.spec.max_batch > 1:
             yield from self._generate_batched(_Request(request_id, list(prompt_ids), max_new_tokens, sampling,
                                                        speculate))
