@@ -19,8 +19,8 @@ COLLECTIVES = ("shm", "gloo")
 
 
 def _option(default=None, help: str = "", factory=None, **cli):
-    """An ``EngineConfig`` field and its command-line flag (``cli``: argparse keywords, e.g.
-    ``choices``, ``type``; ``flag="--no-x"`` for a default-on switch)."""
+    """An ``EngineConfig`` field and its command-line flag (``cli``: argparse keywords such as
+    ``choices``; ``off="--no-x"`` and ``off_help`` add a flag that turns the option off)."""
     meta = {"help": help, "cli": cli}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)

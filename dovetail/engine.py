@@ -85,11 +85,6 @@ class Failed:
     error: str
     generation: int | None = None
 
-    def raise_error(self):
-        from dovetail.errors import EngineError
-
-        raise EngineError(self.error)
-
 
 class SpeculativeEngine:
     def __init__(self, target: TargetVerifier, draft: DraftProposer | None, eos_token_ids=()):

@@ -401,8 +401,7 @@ class Coordinator:
     # -- the request loop --------------------------------------------------------------------
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: dict, speculate: bool = True,
                  pipeline: bool = True, request_id: str | None = None):
-        """Stream the request: yields each step's committed tokens (lists), then a final dict
-        ``Tokens`` per step, then ``Finished`` or ``Failed``. After an error the
+        """Stream the request: ``Tokens`` per step, then ``Finished`` or ``Failed``. After an error the
         workers are restarted. ``cancel(request_id)`` stops it between steps."""
         request_id = request_id or secrets.token_hex(6)
         self._inflight.add(request_id)

@@ -166,7 +166,7 @@ class ActorEngine:
         """The most new tokens a request with this prompt may ask for within the KV budget."""
         if not self.kv_bytes_per_token:
             return self.context_length
-        return self.kv_budget_bytes // self.kv_bytes_per_token - prompt_tokens - self.depth - 1
+        return (self.kv_budget_bytes - self.kv_bytes(prompt_tokens, 0)) // self.kv_bytes_per_token
 
     def check_kv(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """``UserError`` when the request could never fit the KV budget, even alone."""
@@ -240,7 +240,7 @@ class ActorEngine:
 def final_stats(item) -> ActorStats:
     """The statistics of a request's last item; ``EngineError`` if the request failed."""
     if isinstance(item, Failed):
-        item.raise_error()
+        raise EngineError(item.error)
     return item.stats
 
 
