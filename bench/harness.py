@@ -79,7 +79,7 @@ def forward_curve(model, tokens=CURVE_TOKENS, context: int = 300) -> dict[int, f
 def run_bench(args) -> int:
     from dovetail.api import Dovetail
     from dovetail.config import parse_tree
-    from dovetail.engine import GenerationStats
+    from dovetail.request import GenerationStats
     from dovetail.models.cached_lm import CachedLM
     from dovetail.models.fast_linear import set_linear_kernel
     from dovetail.store import is_drafter_dir

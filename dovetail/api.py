@@ -16,7 +16,8 @@ import torch
 from transformers import AutoConfig
 
 from dovetail.config import EngineConfig
-from dovetail.engine import GenerationResult, SpeculativeEngine
+from dovetail.engine import SpeculativeEngine
+from dovetail.request import GenerationResult, Request, RequestError, check_request, collect
 from dovetail.errors import UserError
 from dovetail.models.cached_lm import CachedLM
 from dovetail.models.drafter_net import load_drafter, shared_frozen_tensors
@@ -91,8 +92,8 @@ class Dovetail:
                                       target_model.config.vocab_size, draft_model.config.vocab_size)
             draft = DraftProposer(CachedLM(draft_model), cfg.tree, vocab_limit=limit)
         target = TargetVerifier(CachedLM(target_model, keep_hidden=self.feature_drafter))
-        self._engine = SpeculativeEngine(target, draft,
-                                         eos_token_ids(target_model, self.tokenizer))
+        self._engine = SpeculativeEngine(target, draft, eos_token_ids(target_model, self.tokenizer),
+                                         max_batch=cfg.max_batch)
         self._engine.generate([0, 1], 2)  # warm up kernels and allocations before the first request
         self._say(f"target {cfg.target} ({self.precision_label('target')}); "
                   + (f"draft {self.draft_label}, tree {cfg.tree}; " if draft else "no draft (target-only decoding); ")
@@ -132,8 +133,7 @@ class Dovetail:
         self._say(f"actor engine up in {time.perf_counter() - t0:.1f}s: target {cfg.target} "
                   f"({self.precision_label('target')}, {len(self._engine.plan.shards)} shard(s)), "
                   + (f"draft {self.draft_label}, tree {cfg.tree}, pipelining "
-                     + ("off (the feature drafter does not bet)" if self.feature_drafter else
-                        "on" if self._engine.pipeline else
+                     + ("on" if self._engine.pipeline else
                         "off (the draft shares the target's CPUs)" if cfg.pipeline else "off")
                      + (f", batches of up to {self._engine.max_batch}" if self._engine.max_batch > 1 else "")
                      if self.draft_dir else "no draft"))
@@ -176,15 +176,12 @@ class Dovetail:
         return int(getattr(self.target_config, "max_position_embeddings", 1 << 30))
 
     def check_request(self, prompt_ids: list[int], max_new_tokens: int | None) -> None:
-        """Refuse a request before any model work (the engine checks again)."""
-        if max_new_tokens is not None and max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if len(prompt_ids) >= self.context_length:
-            raise UserError(f"the prompt has {len(prompt_ids)} tokens; the target's context is {self.context_length}")
+        """Refuse a request before any model work (``dovetail.request.check_request``)."""
+        check_request(prompt_ids, max_new_tokens, self.context_length)
 
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
         if not prompt or not prompt.strip():
-            raise UserError("the prompt is empty")
+            raise RequestError("the prompt is empty", param="prompt")
         if chat:
             if not self.tokenizer.chat_template:
                 raise UserError(f"target {self.config.target} has no chat template; drop --chat")
@@ -197,7 +194,15 @@ class Dovetail:
         """``max_new_tokens=None``: until an EOS token or the end of the context."""
         if max_new_tokens is None:
             max_new_tokens = max(1, self.context_length - len(prompt_ids))
-        return self.engine.generate(prompt_ids, max_new_tokens, params, speculate=speculate, on_tokens=on_tokens)
+        return collect(self.submit(Request(list(prompt_ids), max_new_tokens, params, speculate)), on_tokens)
+
+    def submit(self, request: Request):
+        """The request's events (``dovetail.engine.Engine``): ``Tokens`` per step, then ``Finished``
+        or ``Failed``."""
+        return self.engine.submit(request)
+
+    def cancel(self, request_id: str) -> None:
+        self.engine.cancel(request_id)
 
     def generate(self, prompt: str, max_new_tokens: int | None = None, params: SamplingParams = SamplingParams(),
                  chat: bool = False, speculate: bool = True, on_tokens=None) -> dict:

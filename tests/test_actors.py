@@ -12,7 +12,7 @@ import torch
 
 from dovetail.actors.system import ActorEngine, _wait_for_exit
 from dovetail.config import EngineConfig
-from dovetail.engine import Failed, Finished, Tokens
+from dovetail.request import Failed, Finished, Request, Tokens
 from dovetail.errors import EngineError
 from dovetail.models.verification import SamplingParams
 from dovetail.protocol import messages as m
@@ -198,10 +198,10 @@ def test_batched_requests_are_exact_and_free_their_caches(ray_session, qwen_pair
         long_prompt = [9, 8, 7, 6]
         full = len(hf_greedy(target, long_prompt, 400, eos=EOS))
         assert full > 100
-        stream = engine.submit(long_prompt, 400, request_id="to-cancel")
-        first = ray.get(next(stream))
+        stream = iter(engine.submit(Request(long_prompt, 400, request_id="to-cancel")))
+        first = next(stream)
         engine.cancel("to-cancel")
-        final = [ray.get(ref) for ref in stream][-1]
+        final = list(stream)[-1]
         assert isinstance(first, Tokens) and first.ids and final.cancelled and final.stats.new_tokens < full
         live = _live_requests(engine)
         assert set(live.values()) == {0}, live
@@ -263,8 +263,8 @@ def _raw(engine, prompt, max_new, sampling=None, speculate=True):
     computation fails would reach it); returns (tokens, final item)."""
     sampling = sampling or dict(temperature=0.0, top_p=1.0, top_k=0, seed=1)
     tokens = []
-    for ref in engine.coordinator.generate.options(num_returns="streaming").remote(prompt, max_new, sampling,
-                                                                                  speculate, True, None):
+    request = Request(prompt, max_new, SamplingParams(**sampling), speculate, pipeline=True)
+    for ref in engine.coordinator.generate.options(num_returns="streaming").remote(request):
         item = ray.get(ref)
         if isinstance(item, Tokens):
             tokens.extend(item.ids)

@@ -30,9 +30,9 @@ def drafter_for(target, spec=DrafterSpec(), vocab_ids=None, seed=0):
     return FeatureDrafter(target.config, spec, target.model.embed_tokens.weight.detach().clone(), head, vocab_ids)
 
 
-def feature_engine(target, drafter, shape):
+def feature_engine(target, drafter, shape, **loop_options):
     return SpeculativeEngine(TargetVerifier(CachedLM(target, keep_hidden=True)),
-                             FeatureDraftProposer(CachedLM(drafter), shape), [EOS])
+                             FeatureDraftProposer(CachedLM(drafter), shape), [EOS], **loop_options)
 
 
 def greedy_windows(target, n, seq, seed):
@@ -214,6 +214,50 @@ def test_greedy_identical_to_target_with_the_feature_drafter(target, trained, sh
         assert result.token_ids == hf_greedy(target, prompt, 30, eos=EOS)
         accepted += sum(result.stats.accepted_per_step)
     assert accepted > 10, "the trained drafter was (almost) never accepted: the test would not exercise acceptance"
+
+
+@pytest.mark.parametrize("betting,max_batch", [(False, 3), (True, 1), (True, 3)],
+                         ids=["batch", "betting", "batch+betting"])
+def test_feature_drafter_batched_and_betting_in_process(target, trained, betting, max_batch):
+    """The feature drafter in a batch of requests (each tree grown from its own request's
+    features) and betting (the next tree grown from predicted features) stays the target's
+    greedy output; one request of the batch runs without speculation; bets held and missed."""
+    from dovetail.request import Request
+
+    model, _ = trained
+    engine = feature_engine(target, model, TreeShape.parse("8,4,2"), betting=betting, max_batch=max_batch)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (1, 5, 11, 3)]
+    requests = [Request(p, 30, speculate=i != 2) for i, p in enumerate(prompts)]
+    results = engine.generate_batch(requests)
+    for prompt, result in zip(prompts, results):
+        assert result.token_ids == hf_greedy(target, prompt, 30, eos=EOS)
+    assert results[2].stats.mean_accepted == 1.0 and results[2].stats.bets == 0
+    drafted = [r.stats for i, r in enumerate(results) if i != 2]
+    assert sum(sum(s.accepted_per_step) for s in drafted) > 10
+    if betting:
+        assert all(s.pipelined and s.bets == s.steps for s in drafted)
+        held = sum(s.bets_held for s in drafted)
+        assert 0 < held < sum(s.bets for s in drafted), "bets should both hold and miss"
+    assert engine.loop.live == [] and engine.loop.proposer.states == {} and engine.loop.verifier.states == {}
+
+
+def test_sampling_with_a_betting_feature_drafter_is_lossless():
+    from test_sampling import PROMPT, VOCAB as SMALL_VOCAB
+
+    target = tiny_model("llama", seed=11, vocab_size=SMALL_VOCAB, initializer_range=0.5, num_hidden_layers=1)
+    drafter = drafter_for(target, seed=2).eval()
+    with torch.no_grad():
+        drafter.body.layers[0].load_state_dict(target.model.layers[0].state_dict(), strict=False)
+    engine = feature_engine(target, drafter, TreeShape.parse("6,2,3"), betting=True)
+    params = SamplingParams(temperature=0.9, top_p=0.95, top_k=6)
+    exact = exact_joint(target, params)
+    n, counts, held = 1200, {}, 0
+    for seed in range(n):
+        result = engine.generate(PROMPT, 3, SamplingParams(0.9, 0.95, 6, seed=seed))
+        counts[tuple(result.token_ids)] = counts.get(tuple(result.token_ids), 0) + 1
+        held += result.stats.bets_held
+    assert held > n // 100, "no bet held: the test would not exercise a held bet"
+    assert chi_square_pvalue(counts, exact, n) > 1e-3
 
 
 def test_reduced_vocabulary_drafter_stays_exact(target, dump, trained):

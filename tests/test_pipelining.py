@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dovetail.engine import OutputBuffer
+from dovetail.request import OutputBuffer
 from dovetail.models.cached_lm import CachedLM
 from dovetail.models.lm_proposer import DraftProposer
 from dovetail.models.target import TargetVerifier

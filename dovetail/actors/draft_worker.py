@@ -1,11 +1,11 @@
-"""Draft actor: the small draft LM and its KV cache, on the GPU when there is one.
+"""Draft actor: the small draft LM and its KV caches, on the GPU when there is one.
 
-It answers ``ProposeTree`` (grow the tree after these committed tokens), ``ProposeBatch`` (the
-same for a batch of requests, their trees grown together) and ``Predraft`` (bet on the tree now
-under verification and grow the next one). Trees go out as int32 arrays in this
-actor's shared-memory arena; the coordinator forwards the references to the shards unchanged.
-With a Dovetail feature drafter (a drafter folder) it reads the target's features, which
-``ProposeTree`` points to in shard 0's arena, and does not bet (no ``Predraft``).
+It answers ``ProposeTree`` / ``ProposeBatch`` (grow the next trees after these committed tokens,
+together where it can) and ``Predraft`` (bet on the tree under verification and grow the next
+one) through ``dovetail/local.py``'s proposer, one per request, exactly as in process. Trees go
+out as int32 arrays in this actor's shared-memory arena; the coordinator forwards the references
+to the shards unchanged. A Dovetail feature drafter (a drafter folder) also reads the target's
+features, which the messages point to in shard 0's arena.
 """
 
 from __future__ import annotations
@@ -13,16 +13,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dovetail.actors.worker import ChannelWorker, DraftSpec, Timer, lean_loading, pin_to
+from dovetail.actors.worker import ChannelWorker, DraftSpec, lean_loading, pin_to
+from dovetail.decode import Drafting
+from dovetail.local import LocalProposer
 from dovetail.models.cached_lm import CachedLM
 from dovetail.models.drafter_net import load_drafter
-from dovetail.store import is_drafter_dir
-from dovetail.models.lm_proposer import DraftProposer, propose_together
 from dovetail.models.feature_proposer import FeatureDraftProposer
+from dovetail.models.lm_proposer import DraftProposer
 from dovetail.models.loading import load_causal_lm
 from dovetail.models.tree import DraftTree
-from dovetail.protocol.messages import Predraft, ProposeBatch, ProposeTree, StartRequest, TreeProposal
+from dovetail.protocol.messages import ArrayRef, Predraft, ProposeBatch, ProposeTree, StartRequest, TreeProposal
 from dovetail.protocol.shm import ShmArena
+from dovetail.store import is_drafter_dir
 
 
 class DraftWorker(ChannelWorker):
@@ -33,7 +35,6 @@ class DraftWorker(ChannelWorker):
         feature_drafter = is_drafter_dir(spec.model_dir)
         # a GPU gets bf16 below: the kernels are CPU ones
         precision = "fp32" if spec.device == "cuda" else spec.precision
-        self.proposers: dict = {}  # request id -> its proposer (own KV cache over the shared weights)
         self.arena = ShmArena(1 << 20)
 
         def setup():
@@ -45,64 +46,51 @@ class DraftWorker(ChannelWorker):
                     model = load_causal_lm(spec.model_dir, precision=precision, role="draft")
             if spec.device == "cuda":
                 model = model.to("cuda", torch.bfloat16)
-            shape = spec.tree
             if feature_drafter:
-                self._new_proposer = lambda: FeatureDraftProposer(CachedLM(model), shape)
-                warm_up = self._new_proposer()
-                warm_up.start([0, 1])
-                warm_up.propose([1], torch.zeros(2, model.config.hidden_size))
+                prototype = FeatureDraftProposer(CachedLM(model), spec.tree)
             else:
-                self._new_proposer = lambda: DraftProposer(CachedLM(model), shape, spec.vocab_limit)
-                warm_up = self._new_proposer()
-                warm_up.start([0, 1])
-                warm_up.propose([1])
+                prototype = DraftProposer(CachedLM(model), spec.tree, spec.vocab_limit)
+            self.local = LocalProposer(prototype.fresh)
+            warm_up = prototype.fresh()
+            warm_up.start([0, 1])
+            warm_up.propose([1], torch.zeros(2, model.config.hidden_size))
 
         self._serve(spec.address, "draft", setup)
 
     def ready(self) -> dict:
-        return {**self.common_info(), "live_requests": len(self.proposers), "placement": self.placement, "arena": self.arena.name}
+        return {**self.common_info(), "live_requests": len(self.local.states), "placement": self.placement,
+                "arena": self.arena.name}
 
     def start(self, msg: StartRequest) -> None:
-        proposer = self.proposers[msg.request_id] = self._new_proposer()
-        proposer.start(self.view(msg.prompt).tolist())
+        self.local.start(msg.request_id, self.view(msg.prompt).tolist())
 
     def propose(self, msg: ProposeTree) -> None:
-        proposer = self.state_of(self.proposers, msg.request_id)
-        with Timer() as t:
-            if proposer.uses_features:
-                tree = proposer.propose(msg.new_tokens, torch.from_numpy(np.array(self.view(msg.features))))
-            elif proposer.betting:
-                tree, _ = proposer.resolve(msg.new_tokens)
-            else:
-                tree = proposer.propose(msg.new_tokens)
-        self._send_tree(msg.request_id, msg.step, tree, [], t.seconds)
+        self._propose([Drafting(msg.request_id, msg.step, msg.new_tokens, self._features(msg.features))])
 
     def propose_batch(self, msg: ProposeBatch) -> None:
-        batch = []  # a request whose state is missing fails alone; the others draft together
-        for rid, step, new_tokens in zip(msg.request_ids, msg.steps, msg.new_tokens):
-            try:
-                batch.append((rid, step, new_tokens, self.state_of(self.proposers, rid)))
-            except RuntimeError as exc:
-                self.report(rid, exc)
-        if not batch:
-            return
-        with Timer() as t:
-            trees = propose_together([b[3] for b in batch], [b[2] for b in batch])
-        for (rid, step, _, _), tree in zip(batch, trees):
-            self._send_tree(rid, step, tree, [], t.seconds / len(trees))  # each its share of the shared forwards
+        features = msg.features or [None] * len(msg.request_ids)
+        self._propose([Drafting(rid, step, new_tokens, self._features(ref)) for rid, step, new_tokens, ref
+                       in zip(msg.request_ids, msg.steps, msg.new_tokens, features)])
+
+    def _propose(self, items: list[Drafting]) -> None:
+        """A request whose own drafting fails is reported alone; the others get their trees."""
+        for item, proposal in zip(items, self.local.propose(items)):
+            if isinstance(proposal, Exception):
+                self.report(item.request_id, proposal)
+            else:
+                self._send_tree(item.request_id, item.step, proposal.tree, [], proposal.compute_s)
 
     def predraft(self, msg: Predraft) -> None:
-        proposer = self.state_of(self.proposers, msg.request_id)
-        with Timer() as t:
-            if msg.settled:
-                _, held = proposer.resolve(msg.settled)
-                if not held:
-                    raise RuntimeError("the coordinator settled a bet that did not hold")
-            guess, tree = proposer.predraft()
-        self._send_tree(msg.request_id, msg.step, tree, guess, t.seconds)
+        settled = Drafting(msg.request_id, msg.step, msg.settled, self._features(msg.features)) if msg.settled else None
+        bet = self.local.place_bet(msg.request_id, settled)
+        self._send_tree(msg.request_id, msg.step, bet.tree, bet.guess, bet.compute_s)
 
     def release(self, request_id: str) -> None:
-        self.proposers.pop(request_id, None)
+        self.local.end(request_id)
+
+    def _features(self, ref: ArrayRef | None) -> torch.Tensor | None:
+        """A copy of the target's features (shard 0 reuses its arena)."""
+        return None if ref is None else torch.from_numpy(np.array(self.view(ref)))
 
     def _send_tree(self, request_id: str, step: int, tree: DraftTree, guess: list[int], seconds: float) -> None:
         self.channel.send(TreeProposal(request_id, step, self.arena.put(tree.tokens.astype(np.int32)),

@@ -1,12 +1,13 @@
 """Driver side of the actor system: start (or join) Ray, plan placement, start the coordinator.
 
-``ActorEngine`` has the in-process engine's ``generate`` signature, so the CLI, the Python API
-and the server use either one unchanged.
+``ActorEngine`` is an ``Engine`` (``dovetail/engine.py``) like the in-process one, so the CLI, the
+Python API and the server use either one unchanged.
 """
 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
 import shutil
@@ -16,10 +17,10 @@ from pathlib import Path
 
 import ray
 
-from dovetail.actors.coordinator import ActorStats, Coordinator, WorkerSpec
-from dovetail.engine import Failed, GenerationResult, Tokens, validate_request
-from dovetail.errors import EngineError, UserError
-from dovetail.models.verification import SamplingParams
+from dovetail.actors.coordinator import Coordinator, WorkerSpec
+from dovetail.engine import Generates
+from dovetail.errors import UserError
+from dovetail.request import Request, check_request
 from dovetail.store import is_drafter_dir
 from dovetail.models.loading import FLOAT_DEFAULT
 from dovetail.models.quantized import resolve_precision
@@ -106,7 +107,22 @@ def start_ray(address: str | None, topology: Topology) -> bool:
     return True
 
 
-class ActorEngine:
+class EventStream:
+    """A request's events from the coordinator: ``for`` (blocking) or ``async for`` (in a server)."""
+
+    def __init__(self, refs):
+        self.refs = refs
+
+    def __iter__(self):
+        for ref in self.refs:
+            yield ray.get(ref)
+
+    async def __aiter__(self):
+        async for ref in self.refs:
+            yield await ref
+
+
+class ActorEngine(Generates):
     def __init__(self, target_dir: Path, draft_dir: Path | None, config, eos_token_ids: list[int],
                  context_length: int, vocab_limit: int | None = None, say=lambda msg: None,
                  partition: tuple[int, int] = (0, 1)):
@@ -121,7 +137,7 @@ class ActorEngine:
         elif draft_dir:
             self.draft_precision = resolve_precision(config.draft_precision, draft_dir, FLOAT_DEFAULT["draft"])
             draft_bytes = model_bytes(draft_dir, self.draft_precision)
-        self.max_batch = 1 if feature_drafter else config.max_batch  # the feature drafter needs per-step features
+        self.max_batch = config.max_batch
         self.plan: Plan = make_plan(topology, model_bytes(target_dir, self.target_precision), draft_bytes,
                                     config.shards, draft_cpus=config.draft_cpus)
         if self.target_precision != "native":  # float weights are made once, here, not by every shard
@@ -144,10 +160,11 @@ class ActorEngine:
                           config.target_kernel, self.draft_precision, vocab_limit, str(self.run_dir),
                           shm_or_gloo(config.collective, say), feature_drafter=feature_drafter,
                           draft_vocab=config.draft_vocab, gpu_share=1.0 / partition[1],
-                          max_batch=self.max_batch, target_precision=self.target_precision)
-        # batch mode: one thread per request in the batch relays its tokens (+2 for shutdown, info)
+                          max_batch=self.max_batch, target_precision=self.target_precision,
+                          context_length=context_length)
+        # one thread per request in the batch relays its tokens (+2: one waiting to join, shutdown)
         coordinator_actor = ray.remote(num_cpus=0, max_restarts=-1, concurrency_groups={"control": 1},
-                                       max_concurrency=self.max_batch + 2 if self.max_batch > 1 else 1)(Coordinator)
+                                       max_concurrency=self.max_batch + 2)(Coordinator)
         self.coordinator = coordinator_actor.remote(spec, list(eos_token_ids))
         self.info = ray.get(self.coordinator.info.remote())
         for name, worker in self.info["workers"].items():
@@ -176,36 +193,22 @@ class ActorEngine:
                             f"{max_new_tokens} new tokens) but the engine's KV budget is "
                             f"{self.kv_budget_bytes / MiB:.1f} MiB: ask for fewer tokens, or raise --kv-memory-mb")
 
-    def submit(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(),
-               speculate: bool = True, pipeline: bool | None = None, request_id: str | None = None):
-        """Start a request; return Ray's streaming generator of its items: ``Tokens`` per step,
-        then ``Finished`` (with ``ActorStats``) or ``Failed``. Iterate it
-        with ``for``/``ray.get`` or ``async for``/``await``; ``cancel(request_id)`` stops it."""
-        validate_request(prompt_ids, max_new_tokens, self.context_length)
-        max_new_tokens = min(max_new_tokens, self.context_length - len(prompt_ids))
-        self.check_kv(len(prompt_ids), max_new_tokens)
-        params = params.seeded()
-        sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=params.seed)
-        pipeline = self.pipeline if pipeline is None else pipeline
-        return self.coordinator.generate.options(num_returns="streaming").remote(
-            list(map(int, prompt_ids)), max_new_tokens, sampling, speculate, pipeline, request_id)
+    def submit(self, request: Request) -> EventStream:
+        """Start a request; its events: ``Tokens`` per step, then ``Finished`` or ``Failed``.
+        ``cancel(request.request_id)`` stops it."""
+        check_request(request.prompt_ids, request.max_new_tokens, self.context_length)
+        self.check_kv(len(request.prompt_ids), min(request.max_new_tokens, self.context_length - len(request.prompt_ids)))
+        pipeline = self.pipeline if request.pipeline is None else request.pipeline
+        request = dataclasses.replace(request, prompt_ids=[int(t) for t in request.prompt_ids],
+                                      params=request.params.seeded(), pipeline=pipeline)
+        return EventStream(self.coordinator.generate.options(num_returns="streaming").remote(request))
 
     def cancel(self, request_id: str) -> None:
         """Stop a request after its current step; its workers free its KV caches."""
         self.coordinator.cancel.remote(request_id)
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(),
-                 speculate: bool = True, on_tokens=None, pipeline: bool | None = None) -> GenerationResult:
-        tokens: list[int] = []
-        for ref in self.submit(prompt_ids, max_new_tokens, params, speculate, pipeline):
-            item = ray.get(ref)
-            if isinstance(item, Tokens):
-                tokens.extend(item.ids)
-                if on_tokens:
-                    on_tokens(item.ids)
-            else:
-                return GenerationResult(tokens, final_stats(item))
-        raise EngineError("the coordinator ended the request without a result")
+    def close(self) -> None:
+        self.shutdown()
 
     def shutdown(self, graceful: bool = True) -> None:
         """Stop the workers and the coordinator; leave no shared memory or sockets behind.
@@ -235,13 +238,6 @@ class ActorEngine:
             ray.shutdown()
         remove_orphaned_segments()
         shutil.rmtree(self.run_dir, ignore_errors=True)
-
-
-def final_stats(item) -> ActorStats:
-    """The statistics of a request's last item; ``EngineError`` if the request failed."""
-    if isinstance(item, Failed):
-        raise EngineError(item.error)
-    return item.stats
 
 
 def _wait_for_exit(pids: list[int], timeout_s: float) -> None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from dovetail.actors.worker import ChannelWorker, ShardSpec, Timer, lean_loading, pin_to
+from dovetail.actors.worker import ChannelWorker, ShardSpec, lean_loading, pin_to
+from dovetail.local import LocalVerifier
 from dovetail.models.cached_lm import CachedLM
-from dovetail.models.target import TargetVerifier, verify_batch
+from dovetail.models.target import TargetVerifier
 from dovetail.models.tree import DraftTree
 from dovetail.protocol.collectives import LocalCollective, ShmCollective, TorchDistributedCollective
 from dovetail.models.tp import load_shard
@@ -29,59 +30,53 @@ class TargetShard(ChannelWorker):
     def __init__(self, spec: ShardSpec):
         self.rank = rank = spec.rank
         self.memory_policy = pin_to(spec.cpus, spec.numa_node)  # before loading: first touch lands locally
-        self.keep_hidden = spec.features
-        self.verifiers: dict[str, TargetVerifier] = {}  # request id -> its KV cache and sampling state
         self.features = None
 
         def setup():
             self.collective = _collective(spec.collective, spec.group, spec.world_size, rank)
             with lean_loading():
                 self.model = load_shard(spec.model_dir, self.collective, spec.kernel, spec.precision)
-            self._verifier("warm-up").start([0, 1], SamplingParams())  # every rank runs it: collectives pair up
+            self.local = LocalVerifier(lambda: TargetVerifier(CachedLM(self.model, keep_hidden=spec.features)))
+            self.local.start("warm-up", [0, 1], SamplingParams())  # every rank runs it: collectives pair up
             self.release("warm-up")
-            if spec.features and rank == 0:
-                self.features = ShmArena(2 * FEATURE_ROWS * self.model.config.hidden_size * 4 + (1 << 20))
+            if spec.features and rank == 0:  # a prompt's features per request of a batch, + one step's
+                row_bytes = self.model.config.hidden_size * 4
+                self.features = ShmArena((spec.max_batch + 1) * FEATURE_ROWS * row_bytes + (1 << 20))
 
         self._serve(spec.address, f"target-shard-{rank}", setup)
 
     def ready(self) -> dict:
-        return {**self.common_info(), "live_requests": len(self.verifiers), "memory_policy": self.memory_policy,
+        return {**self.common_info(), "live_requests": len(self.local.states), "memory_policy": self.memory_policy,
                 "collective": type(self.collective).__name__}
 
-    def _verifier(self, request_id: str) -> TargetVerifier:
-        """A new request's state: its own KV cache over the shared weights."""
-        verifier = self.verifiers[request_id] = TargetVerifier(CachedLM(self.model, keep_hidden=self.keep_hidden))
-        return verifier
-
     def start(self, msg: StartRequest) -> None:
-        verifier = self._verifier(msg.request_id)
-        with Timer() as t:
-            first = verifier.start(self.view(msg.prompt).tolist(), SamplingParams(**msg.sampling))
+        verdict = self.local.start(msg.request_id, self.view(msg.prompt).tolist(), SamplingParams(**msg.sampling))
         if self.rank == 0:
-            self.channel.send(Accepted(msg.request_id, 0, [], [first], t.seconds,
-                                       self._put_features(verifier.prompt_features)))
+            self._reply(msg.request_id, 0, verdict)
 
     def verify(self, msg: VerifyTree) -> None:
-        verifier = self.state_of(self.verifiers, msg.request_id)
-        with Timer() as t:
-            acceptance = verifier.verify(DraftTree(self.view(msg.tokens), self.view(msg.parents)))
-        if self.rank == 0:
-            self.channel.send(Accepted(msg.request_id, msg.step, acceptance.path, acceptance.tokens, t.seconds,
-                                       self._put_features(acceptance.features)))
+        self._verify([(msg.request_id, msg.step, DraftTree(self.view(msg.tokens), self.view(msg.parents)))])
 
     def verify_batch(self, msg: VerifyBatch) -> None:
-        trees = [DraftTree(self.view(tokens), self.view(parents)) for tokens, parents in zip(msg.tokens, msg.parents)]
-        with Timer() as t:
-            acceptances = verify_batch([self.state_of(self.verifiers, rid) for rid in msg.request_ids], trees)
+        self._verify([(rid, step, DraftTree(self.view(tokens), self.view(parents)))
+                      for rid, step, tokens, parents in zip(msg.request_ids, msg.steps, msg.tokens, msg.parents)])
+
+    def _verify(self, trees: list) -> None:
+        """One forward for every tree; rank 0 answers each request (or reports its own error)."""
+        verdicts = self.local.verify(trees)
         if self.rank == 0:
-            for rid, step, acceptance in zip(msg.request_ids, msg.steps, acceptances):
-                if isinstance(acceptance, Exception):
-                    self.report(rid, acceptance)
+            for (rid, step, _), verdict in zip(trees, verdicts):
+                if isinstance(verdict, Exception):
+                    self.report(rid, verdict)
                 else:
-                    self.channel.send(Accepted(rid, step, acceptance.path, acceptance.tokens, t.seconds))
+                    self._reply(rid, step, verdict)
+
+    def _reply(self, request_id: str, step: int, verdict) -> None:
+        self.channel.send(Accepted(request_id, step, verdict.path, verdict.tokens, verdict.compute_s,
+                                   self._put_features(verdict.features)))
 
     def release(self, request_id: str) -> None:
-        self.verifiers.pop(request_id, None)
+        self.local.end(request_id)
 
     def _put_features(self, features):
         if self.features is None or features is None:

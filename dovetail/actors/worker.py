@@ -12,7 +12,6 @@ import ctypes
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +39,7 @@ class ShardSpec:
     collective: str = "shm"
     features: bool = False  # hand the committed positions' features to a feature drafter (rank 0 sends them)
     precision: str = "auto"
+    max_batch: int = 1  # requests verified together (rank 0 keeps room for as many prompts' features)
 
 
 @dataclass(frozen=True)
@@ -150,14 +150,6 @@ class ChannelWorker:
         return {"pid": os.getpid(), "cpus": sorted(os.sched_getaffinity(0)), "peak_rss": rss_bytes(),
                 "protocol": PROTOCOL_VERSION}
 
-    @staticmethod
-    def state_of(states: dict, request_id: str):
-        """A live request's per-request state; a clear error for one that never started or ended."""
-        try:
-            return states[request_id]
-        except KeyError:
-            raise RuntimeError(f"no request {request_id!r} here (it never started, or it already ended)") from None
-
     def release(self, request_id: str) -> None:
         """Free a finished request's state (subclasses drop its KV cache)."""
 
@@ -202,12 +194,3 @@ class ChannelWorker:
             arena.close()
         self._arenas.clear()
         self.channel.close()
-
-
-class Timer:
-    def __enter__(self):
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start

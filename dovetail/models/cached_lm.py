@@ -15,6 +15,8 @@ the final norm) in ``last_hidden``, which is what a feature drafter reads. A fea
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +40,12 @@ class CachedLM:
         self.reset()
 
     # -- state ---------------------------------------------------------------------------
+    def fresh(self) -> "CachedLM":
+        """Another cache over the same model (a new request's)."""
+        other = copy.copy(self)
+        other.reset()
+        return other
+
     def reset(self) -> None:
         self.cache = DynamicCache(config=self.config)
         self.committed = 0

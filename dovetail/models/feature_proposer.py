@@ -6,6 +6,10 @@ before them -- one feature per token, ``(accepted + 1) x hidden`` per step (the 
 once, after prefill). The drafter drops the tree it drafted last time (its entries were computed
 from *predicted* features), feeds the true pairs, and grows the next tree: a node's input is its
 parent's predicted feature and its own token, EAGLE style.
+
+Betting (``predraft``/``resolve``, as for the token draft): the next tree grows from the guessed
+path with the path's *predicted* features standing in for the target's. When the bet holds, the
+true (token, feature) pairs replace those entries on the next ``propose``.
 """
 
 from __future__ import annotations
@@ -18,12 +22,19 @@ from dovetail.models.tree import DraftTree, TreeBuilder, TreeShape
 
 
 class FeatureDraftProposer:
-    uses_features = True
-
     def __init__(self, lm: CachedLM, shape: TreeShape):
         self.lm = lm
         self.set_shape(shape)
         self._unpaired: list[int] = []
+        self._tree: DraftTree | None = None
+        self._grown_ids = None  # tree node -> its node id while growing (the pending entries' keys)
+        self._predicted: dict = {}  # grown node id -> its predicted feature
+        self._bet: tuple[int, list[int]] | None = None  # (cache mark, guessed tokens)
+        self._redo_mark: int | None = None  # where the entries drafted from predicted features start
+        self._redo: list[tuple[list[int], torch.Tensor]] = []  # true (tokens, features) to feed there
+
+    def fresh(self) -> "FeatureDraftProposer":
+        return FeatureDraftProposer(self.lm.fresh(), self.shape)
 
     def set_shape(self, shape: TreeShape) -> None:
         self.shape = shape
@@ -33,17 +44,72 @@ class FeatureDraftProposer:
         """A new request. Prompt tokens 1.. pair with the prompt's features on the first ``propose``."""
         self.lm.reset()
         self._unpaired = list(prompt_ids[1:])
+        self._tree, self._bet, self._redo_mark, self._redo = None, None, None, []
 
     def propose(self, new_tokens: list[int], features: torch.Tensor) -> DraftTree:
         """``new_tokens``: tokens committed since the last call; ``features``: the target's features
         at the positions before each of them (the prompt's, on the first call)."""
+        features = torch.as_tensor(features)
         tokens = self._unpaired + [int(t) for t in new_tokens]
         self._unpaired = []
         if len(features) > len(tokens) or len(features) < len(new_tokens):
             raise ValueError(f"{len(new_tokens)} new tokens need as many features, got {len(features)}")
         tokens = tokens[len(tokens) - len(features):]  # a long prompt may come with its last features only
+        if self._redo_mark is not None:  # held bets drafted from predicted features: feed the true pairs
+            self.lm.rollback(self._redo_mark)
+            tokens = [t for done, _ in self._redo for t in done] + tokens
+            features = torch.cat([f for _, f in self._redo] + [features])
+            self._redo_mark, self._redo = None, []
         self.lm.commit([])  # last step's tree was drafted from predicted features: drop it
-        root_logits = self.lm.extend(tokens, features=torch.as_tensor(features))
+        return self._grow(int(tokens[-1]), self.lm.extend(tokens, features=features))
+
+    @staticmethod
+    def propose_many(proposers: list["FeatureDraftProposer"], new_tokens: list[list[int]],
+                     features: list[torch.Tensor]) -> list[DraftTree]:
+        """One after another: each tree grows from its own request's features."""
+        return [p.propose(t, f) for p, t, f in zip(proposers, new_tokens, features)]
+
+    @property
+    def betting(self) -> bool:
+        """True between ``predraft`` and ``resolve``."""
+        return self._bet is not None
+
+    def predraft(self) -> tuple[list[int], DraftTree]:
+        """Bet that the draft's greedy path through its tree is accepted, plus its guess for the
+        bonus token, and grow the next tree from there. The target's features of those tokens are
+        not known yet: the path's predicted ones stand in until ``resolve`` brings the true ones."""
+        mark = self.lm.committed
+        path, node = [], 0
+        if self._tree is None:
+            raise RuntimeError("predraft needs a tree to bet on: propose first")
+        while len(children := self._tree.children(node)):
+            node = int(children[0])
+            path.append(node)
+        grown = [int(self._grown_ids[n]) for n in path]
+        kept = self.lm.commit(grown[:-1])  # the leaf is fed below, for its logits
+        feature = self._predicted[grown[kept - 1]] if kept else self._predicted[0]
+        for n in path[kept:]:
+            logits = self.lm.extend([int(self._tree.tokens[n])], features=feature[None])
+            feature = self.lm.last_hidden[-1]
+        guess = [int(self._tree.tokens[n]) for n in path] + [int(log_probs(logits).argmax())]
+        self._bet = (mark, guess)
+        return guess, self._grow(guess[-1], self.lm.extend(guess[-1:], features=feature[None]))
+
+    def resolve(self, new_tokens: list[int], features: torch.Tensor) -> tuple[DraftTree, bool]:
+        """After ``predraft``: the tree that follows ``new_tokens`` and whether the bet held. A held
+        bet keeps its tree; its true features are fed with the next ``propose``."""
+        mark, guess = self._bet
+        self._bet = None
+        if [int(t) for t in new_tokens] == guess:
+            self._redo_mark = mark if self._redo_mark is None else self._redo_mark
+            self._redo.append((list(guess), torch.as_tensor(features).clone()))
+            return self._tree, True
+        self.lm.rollback(mark)
+        return self.propose(new_tokens, features), False
+
+    def _grow(self, root_token: int, root_logits: torch.Tensor) -> DraftTree:
+        """Grow the tree whose root was fed last: a node's input is its parent's predicted feature
+        and its own token."""
         predicted = {0: self.lm.last_hidden[-1]}  # node -> its predicted feature (input of its children)
         base = self.lm.committed - 1
 
@@ -56,6 +122,6 @@ class FeatureDraftProposer:
                 predicted[int(node)] = self.lm.last_hidden[i]
             return log_probs(logits)
 
-        tree, _ = self.builder.build(int(tokens[-1]), expand)
-        return tree
-
+        self._tree, self._grown_ids = self.builder.build(root_token, expand)
+        self._predicted = predicted
+        return self._tree

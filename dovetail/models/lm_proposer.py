@@ -23,8 +23,6 @@ from dovetail.models.tree import DraftTree, TreeBuilder, TreeShape, drive, drive
 
 
 class DraftProposer:
-    uses_features = False
-
     def __init__(self, lm: CachedLM, shape: TreeShape, vocab_limit: int | None = None):
         self.lm = lm
         self.set_shape(shape)
@@ -33,6 +31,10 @@ class DraftProposer:
         self._tree: DraftTree | None = None
         self._grown_ids: np.ndarray | None = None
         self._bet: tuple[int, list[int], DraftTree] | None = None  # (cache mark, guessed tokens, tree)
+
+    def fresh(self) -> "DraftProposer":
+        """A proposer for another request: its own KV cache over the same weights."""
+        return DraftProposer(self.lm.fresh(), self.shape, self.vocab_limit)
 
     def set_shape(self, shape: TreeShape) -> None:
         """Change the tree budget (takes effect from the next request)."""
@@ -44,8 +46,9 @@ class DraftProposer:
         self.lm.extend(prompt_ids)
         self._tree = self._grown_ids = self._bet = None
 
-    def propose(self, new_tokens: list[int]) -> DraftTree:
-        """``new_tokens``: every token committed since the last call (accepted ones, then the bonus)."""
+    def propose(self, new_tokens: list[int], features=None) -> DraftTree:
+        """``new_tokens``: every token committed since the last call (accepted ones, then the bonus).
+        ``features`` are for a feature drafter; this draft reads tokens only."""
         return self._grow(int(new_tokens[-1]), self.lm.extend(self._to_feed(new_tokens))[-1:])
 
     @property
@@ -66,7 +69,7 @@ class DraftProposer:
         self._bet = (mark, guess, tree)
         return guess, tree
 
-    def resolve(self, new_tokens: list[int]) -> tuple[DraftTree, bool]:
+    def resolve(self, new_tokens: list[int], features=None) -> tuple[DraftTree, bool]:
         """After ``predraft``: the tree that follows ``new_tokens`` and whether the bet held."""
         mark, guess, tree = self._bet
         self._bet = None
@@ -77,6 +80,10 @@ class DraftProposer:
         self.lm.rollback(mark + same)
         self._tree = self._grown_ids = None
         return self.propose(list(new_tokens[same:])), False
+
+    @staticmethod
+    def propose_many(proposers: list["DraftProposer"], new_tokens: list[list[int]], features=None) -> list[DraftTree]:
+        return propose_together(proposers, new_tokens)
 
     def _best_path_tokens(self) -> list[int]:
         """The draft's greedy path through its current tree (first child = most likely), root excluded."""

@@ -23,6 +23,10 @@ class TargetVerifier:
         self.generator: torch.Generator | None = None
         self.prompt_features: torch.Tensor | None = None
 
+    def fresh(self) -> "TargetVerifier":
+        """A verifier for another request: its own KV cache over the same weights."""
+        return TargetVerifier(self.lm.fresh())
+
     @property
     def context_length(self) -> int:
         return int(getattr(self.lm.config, "max_position_embeddings", 1 << 30))

@@ -72,12 +72,13 @@ class ProposeTree:
 
 @message("propose_batch")
 class ProposeBatch:
-    """Coordinator -> draft (batch mode): ``ProposeTree`` for several requests at once, their trees
-    grown together (one draft forward per level); one ``TreeProposal`` comes back per request."""
+    """Coordinator -> draft: ``ProposeTree`` for several requests at once, their trees grown
+    together where the draft can (one forward per level); one ``TreeProposal`` comes back per request."""
 
     request_ids: list[str]
     steps: list[int]
     new_tokens: list[list[int]]
+    features: list[ArrayRef | None] = field(default_factory=list)  # per request (a feature drafter's)
 
 
 @message("predraft")
@@ -88,6 +89,7 @@ class Predraft:
     request_id: str
     step: int
     settled: list[int] = field(default_factory=list)
+    features: ArrayRef | None = None  # a feature drafter's: the target's features before the settled tokens
 
 
 @message("tree")
@@ -179,8 +181,8 @@ def encode(msg) -> bytes:
         value = getattr(msg, name)
         if isinstance(value, ArrayRef):
             value = value.__dict__
-        elif isinstance(value, list) and value and isinstance(value[0], ArrayRef):
-            value = [ref.__dict__ for ref in value]
+        elif isinstance(value, list) and any(isinstance(v, ArrayRef) for v in value):
+            value = [v.__dict__ if isinstance(v, ArrayRef) else v for v in value]
         body[name] = value
     return msgpack.packb(body, use_bin_type=True)
 

@@ -26,6 +26,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dovetail.errors import EngineError, UserError
+from dovetail.request import RequestError, check_request
 from dovetail.models.loading import encode_messages
 from dovetail.models.verification import SamplingParams
 from dovetail.serve import edge, schema, side_calls
@@ -194,9 +195,11 @@ class DovetailServer:
             raise ApiError(400, why, param=param, code="unsupported_parameter")
         prompt_ids = await self._encode(body, chat)
         context = self.dovetail.context_length
-        if len(prompt_ids) >= context:
-            raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens; this model's context is {context}",
-                           param="messages" if chat else "prompt", code="context_length_exceeded")
+        try:
+            check_request(prompt_ids, None, context)  # the same check as the CLI's and the API's
+        except RequestError as exc:
+            raise ApiError(400, str(exc), param="messages" if chat and exc.param == "prompt" else exc.param,
+                           code=exc.code) from None
         budget = body.token_budget if chat else body.max_tokens
         room = context - len(prompt_ids)
         if budget is not None and budget > room:
@@ -283,15 +286,14 @@ class DovetailServer:
             self._finish(job, outcome)
 
     async def _decode(self, job: edge.Job):
-        from dovetail.actors.system import final_stats
-        from dovetail.engine import Tokens
+        from dovetail.request import Request, Tokens, final_stats
 
         assembler = TextAssembler(self.tokenizer, job.stop)
-        stream = self.engine.submit(job.prompt_ids, job.max_tokens, job.params, job.speculate, request_id=job.rid)
+        stream = self.engine.submit(Request(job.prompt_ids, job.max_tokens, job.params, job.speculate,
+                                            request_id=job.rid))
         finished = False
         try:
-            async for ref in stream:
-                item = await ref
+            async for item in stream:
                 if not isinstance(item, Tokens):
                     self._note_generation(item.generation)
                     job.stats, finished = final_stats(item), True

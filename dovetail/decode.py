@@ -1,0 +1,307 @@
+"""The speculative decoding loop: one for the in-process engine and the coordinator alike.
+
+Per step, over the batch of live requests (one or more)::
+
+    trees  <- proposer.propose(requests without a held bet)   # one draft forward per tree level
+    verifier.submit(every request's tree)                     # one target forward for the batch
+    proposer.bet(request, settled)  for each betting request  # grows tree k+1 while k is verified
+    verdict <- verifier.collect(request); commit; stream       # accepted draft tokens + a bonus
+    bet     <- proposer.collect_bet(request)
+    bet.guess == verdict.tokens ? next tree = bet.tree : redraft next step
+
+A request without speculation verifies a root-only tree (plain target decoding); one that bets
+settles its previous held bet inside the next ``bet``. Betting, batching, per-request speculation
+and the feature drafter all compose: a proposer takes each request's features (or none) with its
+tokens, and ``_modes`` is the one place that decides what a request does.
+
+The proposer and verifier are objects in this process (``dovetail/local.py``) or adapters that
+turn the same calls into messages to the actors (``dovetail/actors/remote.py``). A request's own
+failure (``RequestFailure``) ends it alone; anything else propagates to the caller, which knows
+whether its workers need restarting.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from dovetail.request import Failed, Finished, GenerationStats, OutputBuffer, Request, Tokens
+
+
+class RequestFailure(RuntimeError):
+    """One request's own computation failed (or timed out); the workers are fine."""
+
+    def __init__(self, request_id: str, message: str):
+        super().__init__(message)
+        self.request_id = request_id
+
+
+@dataclass
+class Drafting:
+    """What a proposer learns about one request: the tokens committed since its last tree, and
+    for a feature drafter the target's features before each of them (None otherwise)."""
+
+    request_id: str
+    step: int
+    new_tokens: list[int]
+    features: object = None
+
+
+@dataclass
+class Proposal:
+    tree: object  # what the verifier takes: a DraftTree in process, shared-memory refs across processes
+    nodes: int
+    compute_s: float = 0.0  # this request's share of the draft forwards
+    guess: list[int] | None = None  # a bet: the committed tokens it assumed
+
+
+@dataclass
+class Verdict:
+    tokens: list[int]  # committed: accepted draft tokens + the bonus (the first token after prefill)
+    path: list[int]  # accepted tree nodes, root first (empty after prefill)
+    features: object = None  # for a feature drafter: the target's features before each token
+    feature_bytes: int = 0
+    compute_s: float = 0.0  # this request's share of the target forward
+
+
+class Proposer(Protocol):
+    def start(self, request_id: str, prompt_ids: list[int]) -> None: ...
+
+    def propose(self, items: list[Drafting]) -> list[Proposal | Exception]:
+        """Each request's next tree (or its own error), grown together where the draft can."""
+
+    def bet(self, request_id: str, step: int, settled: Drafting | None) -> None:
+        """Start drafting tree ``step`` on a guess of the tree now under verification; ``settled``:
+        the previous step's outcome when the previous bet held."""
+
+    def collect_bet(self, request_id: str, step: int) -> Proposal: ...
+
+    def end(self, request_id: str) -> None: ...
+
+
+class Verifier(Protocol):
+    def start(self, request_id: str, prompt_ids: list[int], params) -> Verdict: ...
+
+    def submit(self, trees: list[tuple[str, int, object]]) -> None:
+        """Verify (request id, step, tree) for the batch, in one forward; ``collect`` each result."""
+
+    def collect(self, request_id: str, step: int) -> Verdict: ...
+
+    def root_only(self, token: int) -> object:
+        """The one-node tree of a request without speculation."""
+
+    def end(self, request_id: str) -> None: ...
+
+
+@dataclass(eq=False)
+class Live:
+    """A request in the loop: its output, statistics, and what its next step starts from."""
+
+    request: Request
+    emit: Callable[[object], None]
+    out: OutputBuffer
+    drafts: bool
+    bets: bool
+    t0: float
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    step: int = 0
+    new_tokens: list[int] = field(default_factory=list)
+    features: object = None
+    feature_bytes: int = 0
+    tree: Proposal | None = None  # a held bet: the next step's tree is already drafted
+    settled: Drafting | None = None  # the outcome that bet assumed, for the draft to settle
+    done: bool = False
+
+    @property
+    def rid(self) -> str:
+        return self.request.request_id
+
+
+def _failure_message(request_id: str, exc: Exception) -> str:
+    return f"request failed: {exc}"
+
+
+class DecodeLoop:
+    def __init__(self, proposer: Proposer | None, verifier: Verifier, eos_token_ids, context_length: int,
+                 max_batch: int = 1, betting: bool = False, cancelled: dict | None = None,
+                 on_failure: Callable[[str, Exception], str] = _failure_message):
+        """``betting``: the default for requests that do not say; ``cancelled``: request ids to
+        stop between steps (the caller adds them); ``on_failure(request_id, exc)``: clean up after
+        a request's own failure and say why it ended (it may raise if the workers are broken)."""
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.proposer, self.verifier = proposer, verifier
+        self.eos, self.context_length = set(int(t) for t in eos_token_ids), context_length
+        self.max_batch, self.betting = max_batch, betting
+        self.cancelled = cancelled if cancelled is not None else {}
+        self.on_failure = on_failure
+        self.live: list[Live] = []
+
+    @property
+    def room(self) -> int:
+        return self.max_batch - len(self.live)
+
+    def _modes(self, request: Request) -> tuple[bool, bool]:
+        """Whether the request drafts and whether it bets: every combination of speculation,
+        betting, batching and drafter works; betting needs a draft to bet with."""
+        drafts = self.proposer is not None and request.speculate
+        bets = drafts and (self.betting if request.pipeline is None else request.pipeline)
+        return drafts, bets
+
+    # -- admission ----------------------------------------------------------------------------
+    def admit(self, request: Request, emit: Callable[[object], None]) -> None:
+        """Prefill a request and add it to the batch (it may be done at once)."""
+        if self.room < 1:
+            raise RuntimeError("the batch is full")
+        drafts, bets = self._modes(request)
+        budget = min(request.max_new_tokens, self.context_length - len(request.prompt_ids))
+        lv = Live(request, emit, OutputBuffer(budget, self.eos, lambda ids: emit(Tokens(ids))), drafts, bets,
+                  time.perf_counter())
+        lv.stats.pipelined = bets
+        if self.cancelled.pop(lv.rid, None) is not None:  # cancelled while it waited
+            emit(Finished(lv.stats, cancelled=True))
+            return
+        self.live.append(lv)
+        try:
+            if drafts:
+                self.proposer.start(lv.rid, list(request.prompt_ids))
+            first = self.verifier.start(lv.rid, list(request.prompt_ids), request.params)
+        except RequestFailure as exc:
+            return self._fail(lv, exc)
+        lv.stats.prefill_s = time.perf_counter() - lv.t0
+        self._commit(lv, first)
+        if lv.done:
+            self._finish(lv)
+
+    def run(self, requests: list[Request], emit_for: Callable[[Request], Callable]) -> None:
+        """Decode ``requests`` to the end in this thread, up to ``max_batch`` at a time."""
+        waiting = list(requests)
+        while waiting or self.live:
+            while waiting and self.room > 0:
+                request = waiting.pop(0)
+                self.admit(request, emit_for(request))
+            if self.live:
+                self.step()
+
+    # -- one step ---------------------------------------------------------------------------
+    def step(self) -> None:
+        """Draft, verify and commit one tree for every live request."""
+        for lv in [lv for lv in self.live if lv.rid in self.cancelled]:
+            self._finish(lv, cancelled=True)
+        for lv in self.live:
+            lv.step += 1
+        self._draft([lv for lv in self.live if lv.drafts and lv.tree is None])
+        batch = list(self.live)
+        if not batch:
+            return
+        t_send = time.perf_counter()
+        self.verifier.submit([(lv.rid, lv.step, lv.tree.tree if lv.drafts else self.verifier.root_only(lv.new_tokens[-1]))
+                              for lv in batch])
+        betting = [lv for lv in batch if lv.bets]
+        t_bet = time.perf_counter()
+        for lv in betting:
+            self.proposer.bet(lv.rid, lv.step + 1, lv.settled)
+        bet_call_s = (time.perf_counter() - t_bet) / max(len(betting), 1)  # in process: the bet's compute
+        for lv in batch:
+            try:
+                verdict = self.verifier.collect(lv.rid, lv.step)
+            except RequestFailure as exc:
+                self._fail(lv, exc)
+                continue
+            self._count_verdict(lv.stats, verdict, time.perf_counter() - t_send)
+            self._commit(lv, verdict)
+        for lv in betting:
+            if lv in self.live:
+                self._settle_bet(lv, bet_call_s)
+        for lv in [lv for lv in batch if lv.done and lv in self.live]:
+            self._finish(lv)
+
+    def _draft(self, drafting: list[Live]) -> None:
+        if not drafting:
+            return
+        t = time.perf_counter()
+        proposals = self.proposer.propose([Drafting(lv.rid, lv.step, lv.new_tokens, lv.features) for lv in drafting])
+        wait = time.perf_counter() - t
+        for lv, proposal in zip(drafting, proposals):
+            if isinstance(proposal, Exception):
+                self._fail(lv, proposal)
+                continue
+            stats = lv.stats
+            stats.draft_wait_s += wait
+            stats.draft_s += proposal.compute_s
+            stats.protocol_s += max(0.0, wait - proposal.compute_s)
+            stats.bytes_draft_target += 8 * proposal.nodes + 8 * len(lv.new_tokens)
+            if lv.step > 1:  # per-step features (the prompt's are sent once)
+                stats.bytes_draft_target += lv.feature_bytes
+            lv.tree = proposal
+
+    def _settle_bet(self, lv: Live, bet_call_s: float) -> None:
+        t = time.perf_counter()
+        try:
+            bet = self.proposer.collect_bet(lv.rid, lv.step + 1)
+        except RequestFailure as exc:
+            return self._fail(lv, exc)
+        wait = bet_call_s + time.perf_counter() - t
+        stats = lv.stats
+        stats.draft_wait_s += wait
+        stats.draft_s += bet.compute_s
+        stats.bets += 1
+        if bet.guess == lv.new_tokens:
+            stats.bets_held += 1
+            stats.draft_hidden_s += max(0.0, bet.compute_s - wait)
+            stats.bytes_draft_target += 8 * bet.nodes
+            lv.tree, lv.settled = bet, Drafting(lv.rid, lv.step, lv.new_tokens, lv.features)
+
+    @staticmethod
+    def _count_verdict(stats: GenerationStats, verdict: Verdict, wait: float) -> None:
+        stats.verify_wait_s += wait
+        stats.verify_s += verdict.compute_s
+        stats.protocol_s += max(0.0, wait - verdict.compute_s)
+        stats.steps += 1
+        stats.accepted_per_step.append(len(verdict.path) - 1)
+        stats.bytes_draft_target += 8 * len(verdict.tokens)
+
+    @staticmethod
+    def _commit(lv: Live, verdict: Verdict) -> None:
+        lv.new_tokens, lv.features, lv.feature_bytes = verdict.tokens, verdict.features, verdict.feature_bytes
+        lv.tree, lv.settled = None, None
+        lv.done = lv.out.add(verdict.tokens)
+
+    # -- leaving ----------------------------------------------------------------------------
+    def _leave(self, lv: Live) -> None:
+        self.live.remove(lv)
+        lv.stats.new_tokens = len(lv.out.tokens)
+        lv.stats.total_s = time.perf_counter() - lv.t0
+
+    def _finish(self, lv: Live, cancelled: bool = False) -> None:
+        """Done or cancelled: its last event first (a dead worker below then fails only the
+        others), then its state is freed on both sides."""
+        self._leave(lv)
+        cancelled = self.cancelled.pop(lv.rid, None) is not None or cancelled
+        lv.emit(Finished(lv.stats, cancelled))
+        self._end(lv)
+
+    def _end(self, lv: Live) -> None:
+        if lv.drafts:
+            self.proposer.end(lv.rid)
+        self.verifier.end(lv.rid)
+
+    def _fail(self, lv: Live, exc: Exception) -> None:
+        """A request's own failure: it alone ends, with the reason; the others go on."""
+        self._leave(lv)
+        self.cancelled.pop(lv.rid, None)
+        try:
+            self._end(lv)
+            message = self.on_failure(lv.rid, exc)
+        except Exception as other:  # the workers are broken: still answer this request
+            lv.emit(Failed(f"request failed: {exc} (then: {other})"))
+            raise
+        lv.emit(Failed(message))
+
+    def fail_all(self, message: str) -> None:
+        """The workers failed under the batch: every live request ends with ``message``."""
+        for lv in list(self.live):
+            self.live.remove(lv)
+            self.cancelled.pop(lv.rid, None)
+            lv.emit(Failed(message))

@@ -1,0 +1,175 @@
+"""The proposer and the verifier of ``dovetail/decode.py`` over models loaded in this process.
+
+Each request gets its own draft proposer and target verifier (its own KV cache) over one set of
+weights. The in-process engine calls these directly; the draft and target-shard actors wrap the
+same objects and only translate messages, so both engines run the very same code per request.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from dovetail.decode import Drafting, Proposal, RequestFailure, Verdict
+from dovetail.models.target import TargetVerifier, verify_batch
+from dovetail.models.tree import DraftTree
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+def state_of(states: dict, request_id: str):
+    """A live request's per-request state; a clear error for one that never started or ended."""
+    try:
+        return states[request_id]
+    except KeyError:
+        raise RuntimeError(f"no request {request_id!r} here (it never started, or it already ended)") from None
+
+
+def _proposal(tree: DraftTree, seconds: float, guess: list[int] | None = None) -> Proposal:
+    return Proposal(tree, len(tree), seconds, guess)
+
+
+class LocalProposer:
+    """Draft proposers (``DraftProposer`` or ``FeatureDraftProposer``), one per request."""
+
+    def __init__(self, new_proposer: Callable[[], object]):
+        self.new_proposer = new_proposer
+        self.states: dict = {}
+        self._bets: dict[str, Proposal] = {}
+
+    def start(self, request_id: str, prompt_ids: list[int]) -> None:
+        proposer = self.states[request_id] = self.new_proposer()
+        proposer.start(prompt_ids)
+
+    def propose(self, items: list[Drafting]) -> list[Proposal | Exception]:
+        """Requests without an open bet grow their trees together; one whose bet missed redrafts
+        from where the bet went wrong."""
+        results: dict[str, Proposal | Exception] = {}
+        fresh = []
+        for item in items:
+            try:
+                proposer = state_of(self.states, item.request_id)
+            except RuntimeError as exc:
+                results[item.request_id] = exc
+                continue
+            if proposer.betting:
+                results[item.request_id] = self._resolve(proposer, item)
+            else:
+                fresh.append((item, proposer))
+        if fresh:
+            proposers = [p for _, p in fresh]
+            try:
+                with Timer() as t:
+                    trees = type(proposers[0]).propose_many(proposers, [i.new_tokens for i, _ in fresh],
+                                                            [i.features for i, _ in fresh])
+                for (item, _), tree in zip(fresh, trees):
+                    results[item.request_id] = _proposal(tree, t.seconds / len(fresh))
+            except Exception as exc:  # the shared forward failed: every request in it
+                results.update((item.request_id, exc) for item, _ in fresh)
+        return [results[item.request_id] for item in items]
+
+    @staticmethod
+    def _resolve(proposer, item: Drafting) -> Proposal | Exception:
+        try:
+            with Timer() as t:
+                tree, _ = proposer.resolve(item.new_tokens, item.features)
+            return _proposal(tree, t.seconds)
+        except Exception as exc:
+            return exc
+
+    def bet(self, request_id: str, step: int, settled: Drafting | None) -> None:
+        """Here the bet is drafted at once (the target verifies after): same trees, no overlap."""
+        self._bets[request_id] = self.place_bet(request_id, settled)
+
+    def place_bet(self, request_id: str, settled: Drafting | None) -> Proposal:
+        proposer = state_of(self.states, request_id)
+        with Timer() as t:
+            if settled is not None:
+                _, held = proposer.resolve(settled.new_tokens, settled.features)
+                if not held:
+                    raise RuntimeError("a bet was settled that did not hold")
+            guess, tree = proposer.predraft()
+        return _proposal(tree, t.seconds, guess)
+
+    def collect_bet(self, request_id: str, step: int) -> Proposal:
+        return self._bets.pop(request_id)
+
+    def end(self, request_id: str) -> None:
+        self.states.pop(request_id, None)
+        self._bets.pop(request_id, None)
+
+
+class LocalVerifier:
+    """Target verifiers, one per request; a batch's trees are verified in one forward."""
+
+    def __init__(self, new_verifier: Callable[[], TargetVerifier]):
+        self.new_verifier = new_verifier
+        self.states: dict[str, TargetVerifier] = {}
+        self._submitted: list[tuple[str, int, DraftTree]] = []
+        self._results: dict[str, Verdict | Exception] = {}
+
+    def start(self, request_id: str, prompt_ids: list[int], params) -> Verdict:
+        verifier = self.states[request_id] = self.new_verifier()
+        with Timer() as t:
+            first = verifier.start(prompt_ids, params)
+        return Verdict([first], [], *_features(verifier.prompt_features), t.seconds)
+
+    def submit(self, trees: list[tuple[str, int, DraftTree]]) -> None:
+        self._submitted = list(trees)
+
+    def collect(self, request_id: str, step: int) -> Verdict:
+        if self._submitted:
+            self._verify_submitted()
+        result = self._results.pop(request_id)
+        if isinstance(result, Exception):
+            raise RequestFailure(request_id, f"{type(result).__name__}: {result}")
+        return result
+
+    def verify(self, trees: list[tuple[str, int, DraftTree]]) -> list[Verdict | Exception]:
+        """Every tree's verdict (or its own error), in order."""
+        self.submit(trees)
+        self._verify_submitted()
+        return [self._results.pop(rid) for rid, _, _ in trees]
+
+    def _verify_submitted(self) -> None:
+        batch, self._submitted = self._submitted, []
+        ready = []
+        for rid, _, tree in batch:
+            try:
+                ready.append((rid, state_of(self.states, rid), tree))
+            except RuntimeError as exc:
+                self._results[rid] = exc
+        if not ready:
+            return
+        with Timer() as t:
+            if len(ready) == 1:  # one request: its own forward
+                try:
+                    acceptances = [ready[0][1].verify(ready[0][2])]
+                except Exception as exc:
+                    acceptances = [exc]
+            else:
+                acceptances = verify_batch([v for _, v, _ in ready], [tree for _, _, tree in ready])
+        for (rid, _, _), acceptance in zip(ready, acceptances):
+            self._results[rid] = acceptance if isinstance(acceptance, Exception) else Verdict(
+                acceptance.tokens, acceptance.path, *_features(acceptance.features), t.seconds / len(ready))
+
+    def root_only(self, token: int) -> DraftTree:
+        return DraftTree([token], [-1])
+
+    def end(self, request_id: str) -> None:
+        self.states.pop(request_id, None)
+        self._results.pop(request_id, None)
+
+
+def _features(features: torch.Tensor | None) -> tuple[torch.Tensor | None, int]:
+    """Features and the bytes they would cross a process boundary in (float32)."""
+    return features, 0 if features is None else 4 * features.numel()
