@@ -6,7 +6,7 @@ With no draft, every tree is just the root and the loop is plain target decoding
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol
+from typing import Iterator, Protocol, runtime_checkable
 
 from dovetail.decode import DecodeLoop
 from dovetail.local import LocalProposer, LocalVerifier
@@ -15,6 +15,7 @@ from dovetail.models.verification import SamplingParams
 from dovetail.request import GenerationResult, Request, Tokens, check_request, collect
 
 
+@runtime_checkable
 class Engine(Protocol):
     def submit(self, request: Request) -> Iterator:
         """The request's events: ``Tokens`` per step, then ``Finished`` or ``Failed``."""

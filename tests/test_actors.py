@@ -60,6 +60,19 @@ def _next_request_is_exact(engine, target):
     assert engine.generate(prompt, 30).token_ids == hf_greedy(target, prompt, 30, eos=EOS)
 
 
+def _concurrently(fn, n: int) -> dict:
+    """``{i: fn(i)}`` for i < n, each call in its own thread, all at once."""
+    import threading
+
+    results = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, fn(i))) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 def _live_requests(engine) -> dict:
     workers = ray.get(engine.coordinator.info.remote(refresh=True))["workers"]
     return {name: w["live_requests"] for name, w in workers.items()}
@@ -134,24 +147,32 @@ def test_killed_worker_fails_the_request_then_recovers(ray_session, qwen_pair, v
     assert _segments() <= ray_session
 
 
-def test_feature_drafter_through_the_protocol(ray_session, tmp_path):
-    """The Dovetail drafter in the draft actor, fed the shards' features over shared memory:
-    exact output over 2 shards, features only of committed positions, no leaked segment."""
+@pytest.fixture(scope="module")
+def feature_pair(tmp_path_factory):
+    """A target whose next token depends on the current one, and a Dovetail drafter trained on it."""
     from test_drafter import SETTINGS, drafter_for, greedy_windows
     from dovetail.training.features import dump_features
     from dovetail.training.trainer import train_drafter
 
+    root = tmp_path_factory.mktemp("feature")
     target = tiny_model("qwen2", seed=3, num_key_value_heads=2, initializer_range=0.6)
     with torch.no_grad():
         for layer in target.model.layers:
             layer.self_attn.o_proj.weight.zero_()
     target.generation_config.eos_token_id = EOS
-    target.save_pretrained(tmp_path / "target")
+    target.save_pretrained(root / "target")
     drafter = drafter_for(target)
-    train_drafter(drafter, dump_features(target, greedy_windows(target, 48, 32, 0), tmp_path / "dump", batch=8),
-                  SETTINGS, tmp_path / "train")
-    drafter.save(tmp_path / "drafter", {"hidden_size": 64})
-    engine = _engine(tmp_path / "target", tmp_path / "drafter", "6,3,2", "0|1")
+    train_drafter(drafter, dump_features(target, greedy_windows(target, 48, 32, 0), root / "dump", batch=8),
+                  SETTINGS, root / "train")
+    drafter.save(root / "drafter", {"hidden_size": 64})
+    return target, root / "target", root / "drafter"
+
+
+def test_feature_drafter_through_the_protocol(ray_session, feature_pair):
+    """The Dovetail drafter in the draft actor, fed the shards' features over shared memory:
+    exact output over 2 shards, features only of committed positions, no leaked segment."""
+    target, target_dir, drafter_dir = feature_pair
+    engine = _engine(target_dir, drafter_dir, "6,3,2", "0|1")
     try:
         accepted = 0
         for prompt in _prompts():
@@ -167,29 +188,43 @@ def test_feature_drafter_through_the_protocol(ray_session, tmp_path):
     assert _segments() <= ray_session
 
 
+def test_feature_drafter_batched_and_betting_through_the_actors(ray_session, feature_pair):
+    """The feature drafter in a batch of 3 (each tree from its own request's features, sent in one
+    ProposeBatch) while betting (Predraft carries the settled tokens' features): every request is
+    the target's greedy output, one runs without speculation, bets both hold and miss, and every
+    worker drops every request's state."""
+    target, target_dir, drafter_dir = feature_pair
+    config = EngineConfig(target=str(target_dir), draft=str(drafter_dir), tree="6,3,2", sockets="0", max_batch=3)
+    engine = ActorEngine(target_dir, drafter_dir, config, [EOS], context_length=512)
+    prompts = _prompts() + [[9, 8, 7, 6]]
+    try:
+        results = _concurrently(lambda i: engine.generate(prompts[i], 30, speculate=i != 1, pipeline=True), len(prompts))
+        for i, prompt in enumerate(prompts):
+            assert results[i].token_ids == hf_greedy(target, prompt, 30, eos=EOS), i
+        assert results[1].stats.mean_accepted == 1.0 and results[1].stats.bets == 0
+        drafted = [results[i].stats for i in (0, 2, 3)]
+        assert all(s.pipelined and s.bets == s.steps for s in drafted)
+        held = sum(s.bets_held for s in drafted)
+        assert 0 < held < sum(s.bets for s in drafted), "bets should both hold and miss"
+        assert sum(sum(s.accepted_per_step) for s in drafted) > 10
+        assert set(_live_requests(engine).values()) == {0}
+    finally:
+        engine.shutdown()
+    assert _segments() <= ray_session
+
+
 @pytest.mark.parametrize("sockets", ["0", "0|1"], ids=["1-shard", "2-shards"])
 def test_batched_requests_are_exact_and_free_their_caches(ray_session, qwen_pair, sockets):
     """Batch mode: six concurrent requests (more than the batch of 3) each get exactly the target's
     greedy output; one switches speculation off, one is cancelled; the batch verifies several
     trees per forward and every worker drops every request's state at the end."""
-    import threading
-
     target, (target_dir, draft_dir) = qwen_pair
     config = EngineConfig(target=str(target_dir), draft=str(draft_dir), tree="chain:3", sockets=sockets,
                           draft_precision="fp32", max_batch=3)
     engine = ActorEngine(target_dir, draft_dir, config, [EOS], context_length=512)
     prompts = _prompts() + [[9, 8, 7, 6], [50] * 12, list(range(10, 30))]
-    results = {}
-
-    def run(i):
-        results[i] = engine.generate(prompts[i], 40, speculate=i != 4)
-
     try:
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = _concurrently(lambda i: engine.generate(prompts[i], 40, speculate=i != 4), len(prompts))
         for i, prompt in enumerate(prompts):
             assert results[i].token_ids == hf_greedy(target, prompt, 40, eos=EOS), i
         assert results[4].stats.mean_accepted == 1.0 and results[0].stats.mean_accepted > 1.0
@@ -215,8 +250,6 @@ def test_quantized_target_through_the_actors(ray_session, tmp_path, sockets):
     """A native GGUF target (Q4_K/Q6_K/Q5_0/Q4_0 mix; its MLP of 3 super-blocks splits 2 + 1 over
     two shards) with an int4 draft: speculative output equals the same engine's plain decoding,
     pipelined or not, one request at a time or batched; one shard equals the in-process target."""
-    import threading
-
     from dovetail.models.quantized import load_quantized
     from test_greedy_identity import make_engine
     from test_quantized import gguf_model
@@ -244,14 +277,8 @@ def test_quantized_target_through_the_actors(ray_session, tmp_path, sockets):
         engine.shutdown()
     config.max_batch = 3
     engine = ActorEngine(folder, tmp_path / "draft", config, [EOS], context_length=512)
-    results = {}
     try:
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, engine.generate(prompts[i], 40)))
-                   for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = _concurrently(lambda i: engine.generate(prompts[i], 40), len(prompts))
         assert [results[i].token_ids for i in range(len(prompts))] == plain
     finally:
         engine.shutdown()
@@ -296,8 +323,6 @@ def test_a_request_error_fails_that_request_alone(ray_session, qwen_pair, socket
 def test_a_failing_request_in_a_batch_fails_alone(ray_session, qwen_pair):
     """Batch mode, four concurrent requests, one of which fails inside the workers: the other three
     are exact, nothing is restarted, and every worker's live-request count returns to 0."""
-    import threading
-
     target, (target_dir, draft_dir) = qwen_pair
     config = EngineConfig(target=str(target_dir), draft=str(draft_dir), tree="chain:3", sockets="0",
                           draft_precision="fp32", max_batch=4)
@@ -305,18 +330,9 @@ def test_a_failing_request_in_a_batch_fails_alone(ray_session, qwen_pair):
     prompts = _prompts() + [[9, 8, 7, 6]]
     bad = 2
     prompts[bad] = prompts[bad] + [10**6]
-    results = {}
-
-    def run(i):
-        results[i] = _raw(engine, prompts[i], 40)
-
     try:
         generation = ray.get(engine.coordinator.info.remote())["generation"]
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = _concurrently(lambda i: _raw(engine, prompts[i], 40), len(prompts))
         for i, prompt in enumerate(prompts):
             tokens, final = results[i]
             if i == bad:

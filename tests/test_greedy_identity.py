@@ -15,9 +15,9 @@ SHAPES = [TreeShape.chain(1), TreeShape.chain(4), TreeShape(4, 2, 2), TreeShape(
           TreeShape(16, 5, 4), TreeShape(16, 7, 10)]
 
 
-def make_engine(target, draft, shape, eos=EOS, vocab_limit=None):
+def make_engine(target, draft, shape, eos=EOS, vocab_limit=None, **loop_options):
     proposer = DraftProposer(CachedLM(draft), shape, vocab_limit) if draft is not None else None
-    return SpeculativeEngine(TargetVerifier(CachedLM(target)), proposer, [eos])
+    return SpeculativeEngine(TargetVerifier(CachedLM(target)), proposer, [eos], **loop_options)
 
 
 def prompt(length, seed):
@@ -95,3 +95,30 @@ def test_padded_larger_draft_vocabulary_is_masked():
     engine.loop.proposer.propose = lambda items: proposals.extend(original(items)) or proposals[-len(items):]
     assert engine.generate(p, 20).token_ids == hf_greedy(target, p, 20, eos=EOS)
     assert proposals and all(int(t.tree.tokens.max()) < VOCAB for t in proposals)
+
+
+@pytest.mark.parametrize("betting,max_batch", [(True, 1), (False, 4), (True, 4)], ids=["betting", "batch", "batch+betting"])
+def test_one_loop_for_every_mode(betting, max_batch):
+    """The in-process loop with bets, a batch, or both (and one request of the batch without
+    speculation): each request is the target's own greedy output. Streams read in turn share the
+    batch; a stream left unread ends its request."""
+    from dovetail.engine import Engine
+    from dovetail.request import Request, Tokens, collect
+
+    target = tiny_model("qwen2", seed=2, num_key_value_heads=1)
+    engine = make_engine(target, perturbed(target, 0.05, seed=5), TreeShape(8, 4, 2), betting=betting,
+                         max_batch=max_batch)
+    assert isinstance(engine, Engine)
+    prompts = [prompt(n, n) for n in (1, 6, 13, 4, 9)]
+    results = engine.generate_batch([Request(p, 40, speculate=i != 3) for i, p in enumerate(prompts)])
+    for p, result in zip(prompts, results):
+        assert result.token_ids == hf_greedy(target, p, 40, eos=EOS)
+    assert results[3].stats.mean_accepted == 1.0 and results[0].stats.mean_accepted > 1.0
+    if betting:
+        assert results[0].stats.bets == results[0].stats.steps and results[0].stats.bets_held > 0
+    a, b = engine.submit(Request(prompts[1], 40)), engine.submit(Request(prompts[2], 40))
+    first = next(a)
+    assert isinstance(first, Tokens) and collect(b).token_ids == hf_greedy(target, prompts[2], 40, eos=EOS)
+    a.close()  # read no further: its request ends at the next step
+    assert collect(engine.submit(Request(prompts[4], 40))).token_ids == hf_greedy(target, prompts[4], 40, eos=EOS)
+    assert engine.loop.live == [] and engine.loop.verifier.states == {}
