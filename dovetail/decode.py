@@ -125,17 +125,19 @@ def _failure_message(request_id: str, exc: Exception) -> str:
 class DecodeLoop:
     def __init__(self, proposer: Proposer | None, verifier: Verifier, eos_token_ids, context_length: int,
                  max_batch: int = 1, betting: bool = False, cancelled: dict | None = None,
-                 on_failure: Callable[[str, Exception], str] = _failure_message):
+                 on_failure: Callable[[str, Exception], str] = _failure_message, prefill_together: bool = True):
         """``betting``: the default for requests that do not say; ``cancelled``: request ids to
         stop between steps (the caller adds them); ``on_failure(request_id, exc)``: clean up after
-        a request's own failure and say why it ended (it may raise if the workers are broken)."""
+        a request's own failure and say why it ended (it may raise if the workers are broken);
+        ``prefill_together``: the draft prefills while the target does (False: after it, for a
+        draft that takes turns with the target on the same CPUs)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.proposer, self.verifier = proposer, verifier
         self.eos, self.context_length = set(int(t) for t in eos_token_ids), context_length
         self.max_batch, self.betting = max_batch, betting
         self.cancelled = cancelled if cancelled is not None else {}
-        self.on_failure = on_failure
+        self.on_failure, self.prefill_together = on_failure, prefill_together
         self.live: list[Live] = []
 
     @property
@@ -163,10 +165,13 @@ class DecodeLoop:
             emit(Finished(lv.stats, cancelled=True))
             return
         self.live.append(lv)
+        prompt = list(request.prompt_ids)
         try:
-            if drafts:
-                self.proposer.start(lv.rid, list(request.prompt_ids))
-            first = self.verifier.start(lv.rid, list(request.prompt_ids), request.params)
+            if drafts and self.prefill_together:
+                self.proposer.start(lv.rid, prompt)
+            first = self.verifier.start(lv.rid, prompt, request.params)
+            if drafts and not self.prefill_together:
+                self.proposer.start(lv.rid, prompt)
         except RequestFailure as exc:
             return self._fail(lv, exc)
         lv.stats.prefill_s = time.perf_counter() - lv.t0

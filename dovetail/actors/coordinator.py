@@ -47,6 +47,10 @@ from dovetail.request import Failed, Finished, Request, Tokens
 log = logging.getLogger("dovetail.coordinator")
 
 CANCEL_MEMORY_S = 600.0  # how long a cancellation for a request not (yet) seen here is remembered
+# Workers that take turns on the same CPUs: OpenMP threads of the one that just finished would
+# otherwise spin (libgomp's default, 300k pause loops: milliseconds on some CPUs) on the cores the
+# other one now needs. This spin still covers the gaps between one forward's kernels.
+TAKING_TURNS_SPINCOUNT = 10_000
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class WorkerSpec:
     target_precision: str = "auto"
     step_timeout_s: float = 600.0  # a reply (prefill included) not back by then fails its request
     context_length: int = 1 << 30
+    node_id: str | None = None  # the Ray node every worker runs on (the engine's; its topology made the plan)
 
 
 @dataclass(eq=False)
@@ -95,7 +100,8 @@ class Coordinator(Messaging):
         self._start_workers()
         self.loop = DecodeLoop(RemoteProposer(self) if spec.draft_dir else None, RemoteVerifier(self),
                                eos_token_ids, spec.context_length, spec.max_batch, cancelled=self._cancelled,
-                               on_failure=self._fail_request)
+                               on_failure=self._fail_request,
+                               prefill_together=not (spec.plan.draft and spec.plan.draft.shares_cpus))
         self._incoming: queue.Queue = queue.Queue()  # requests waiting to join the batch
         self._stopping = threading.Event()
         self._scheduler = threading.Thread(target=self._serve, name="scheduler", daemon=True)
@@ -105,11 +111,14 @@ class Coordinator(Messaging):
     def _start_workers(self) -> None:
         from dovetail.actors.draft_worker import DraftWorker
         from dovetail.actors.target_shard import TargetShard
-        from dovetail.actors.worker import DraftSpec, ShardSpec
+        from dovetail.actors.worker import DraftSpec, ShardSpec, on_node
 
         self.generation += 1
         spec, plan, gen = self.spec, self.spec.plan, self.generation
-        env = {"runtime_env": {"env_vars": {"GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1"}}}
+        env_vars = {"GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1"}
+        if plan.draft is not None and plan.draft.shares_cpus:
+            env_vars["GOMP_SPINCOUNT"] = str(TAKING_TURNS_SPINCOUNT)
+        env = {"runtime_env": {"env_vars": env_vars}, **(on_node(spec.node_id) if spec.node_id else {})}
         group = str(self.run_dir / f"gloo-{gen}-{secrets.token_hex(3)}")
         self.group_arena = None
         if spec.collective == "shm" and len(plan.shards) > 1:
@@ -181,7 +190,8 @@ class Coordinator(Messaging):
         if refresh:
             boxes = self._inboxes()
             self.workers_info = dict(zip((b.name for b in boxes), ray.get([b.actor.ready.remote() for b in boxes])))
-        return {"generation": self.generation, "workers": self.workers_info, "plan": self.spec.plan.describe()}
+        return {"generation": self.generation, "workers": self.workers_info, "plan": self.spec.plan.describe(),
+                "node_id": ray.get_runtime_context().get_node_id()}
 
     @ray.method(concurrency_group="control")
     def ping(self) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import platform
 import logging
 import os
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 import ray
 
 from dovetail.actors.coordinator import Coordinator, WorkerSpec
+from dovetail.actors.worker import current_node, on_node
 from dovetail.engine import Generates
 from dovetail.errors import UserError
 from dovetail.request import Request, check_request
@@ -50,7 +52,6 @@ TSO_MACHINES = ("x86_64", "amd64", "i386", "i686")
 
 def shm_or_gloo(collective: str, say=lambda msg: None) -> str:
     """``collective``, except ``shm`` on a CPU without x86's store ordering: gloo, with a warning."""
-    import platform
 
     if collective == "shm" and platform.machine().lower() not in TSO_MACHINES:
         log.warning("the shared-memory all-reduce needs x86 store ordering; this is %s: using gloo",
@@ -74,8 +75,13 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+NODE_SOCKETS_ENV = "DOVETAIL_SOCKETS"  # a node's own sockets override, from the environment of its `ray start`
+
+
 def resolve_topology(sockets: str | None, part: tuple[int, int] = (0, 1)) -> Topology:
-    """The machine (or its ``--sockets`` override), or this replica's ``part`` (index, count) of it."""
+    """This node (or its ``--sockets`` override, else its ``DOVETAIL_SOCKETS``), or this
+    replica's ``part`` (index, count) of it."""
+    sockets = sockets or os.environ.get(NODE_SOCKETS_ENV)
     return (parse_sockets(sockets) if sockets else detect()).partition(*part)
 
 
@@ -138,8 +144,11 @@ class ActorEngine(Generates):
             self.draft_precision = resolve_precision(config.draft_precision, draft_dir, FLOAT_DEFAULT["draft"])
             draft_bytes = model_bytes(draft_dir, self.draft_precision)
         self.max_batch = config.max_batch
-        self.plan: Plan = make_plan(topology, model_bytes(target_dir, self.target_precision), draft_bytes,
-                                    config.shards, draft_cpus=config.draft_cpus)
+        try:
+            self.plan: Plan = make_plan(topology, model_bytes(target_dir, self.target_precision), draft_bytes,
+                                        config.shards, draft_cpus=config.draft_cpus)
+        except UserError as exc:  # on a cluster, say which machine could not hold it
+            raise UserError(f"on node {platform.node()}: {exc}") from None
         if self.target_precision != "native":  # float weights are made once, here, not by every shard
             float_weights(target_dir)
         if draft_dir and not feature_drafter and (self.draft_precision != "native" or self.plan.draft.device == "cuda"):
@@ -153,6 +162,7 @@ class ActorEngine(Generates):
         # betting needs the draft and the target to run at once: not when they take turns on the same CPUs
         self.pipeline = config.pipeline and not (self.plan.draft and self.plan.draft.shares_cpus)
         self._owns_ray = start_ray(config.address, topology)
+        self.node_id = current_node()  # the plan is this node's: all the engine's actors go here
         runs = short_dir("run")
         remove_orphans(runs, "", lambda path: shutil.rmtree(path, ignore_errors=True))  # of killed engines
         self.run_dir = private_dir(runs / owned_name(""))
@@ -161,10 +171,10 @@ class ActorEngine(Generates):
                           shm_or_gloo(config.collective, say), feature_drafter=feature_drafter,
                           draft_vocab=config.draft_vocab, gpu_share=1.0 / partition[1],
                           max_batch=self.max_batch, target_precision=self.target_precision,
-                          context_length=context_length)
+                          context_length=context_length, node_id=self.node_id)
         # one thread per request in the batch relays its tokens (+2: one waiting to join, shutdown)
         coordinator_actor = ray.remote(num_cpus=0, max_restarts=-1, concurrency_groups={"control": 1},
-                                       max_concurrency=self.max_batch + 2)(Coordinator)
+                                       max_concurrency=self.max_batch + 2, **on_node(self.node_id))(Coordinator)
         self.coordinator = coordinator_actor.remote(spec, list(eos_token_ids))
         self.info = ray.get(self.coordinator.info.remote())
         for name, worker in self.info["workers"].items():

@@ -56,6 +56,21 @@ class DraftSpec:
     target_dir: str | None = None
     draft_vocab: int = 0
 
+def current_node() -> str:
+    """The Ray node this process runs on (its id)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def on_node(node_id: str) -> dict:
+    """Actor options that keep an actor on ``node_id``: an engine's actors share shared memory,
+    ipc sockets and the topology its plan was made from, so they must share a node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
+
+
 _SYS_SET_MEMPOLICY = {"x86_64": 238, "aarch64": 237}
 _MPOL_PREFERRED = 1
 
@@ -148,7 +163,7 @@ class ChannelWorker:
     def common_info(self) -> dict:
         """What every worker's ``ready()`` reports (the coordinator checks the protocol version)."""
         return {"pid": os.getpid(), "cpus": sorted(os.sched_getaffinity(0)), "peak_rss": rss_bytes(),
-                "protocol": PROTOCOL_VERSION}
+                "protocol": PROTOCOL_VERSION, "node_id": current_node()}
 
     def release(self, request_id: str) -> None:
         """Free a finished request's state (subclasses drop its KV cache)."""

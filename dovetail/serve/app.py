@@ -22,6 +22,7 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+import ray
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -29,7 +30,7 @@ from dovetail.errors import EngineError, UserError
 from dovetail.request import RequestError, check_request
 from dovetail.models.loading import encode_messages
 from dovetail.models.verification import SamplingParams
-from dovetail.serve import edge, schema, side_calls
+from dovetail.serve import edge, schema, side_calls, slots
 from dovetail.serve.metrics import device_seconds, round4
 from dovetail.serve.config import ServeConfig
 from dovetail.serve.schema import ApiError, ChatCompletionRequest, CompletionRequest
@@ -46,6 +47,21 @@ app = FastAPI(title="Dovetail", description="OpenAI-compatible API over lossless
 # -- errors: always an OpenAI-style body, never a bare 500 for a client's mistake ----------------
 RETRY_AFTER_S = 1  # what a 429 tells a client to wait
 HEALTH_TIMEOUT_S = 5.0  # /health answers 503 when the engine cannot say it is ready within this
+
+
+def _replica_name() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # not inside a Serve replica
+        return "local"
+
+
+@app.middleware("http")
+async def _name_the_replica(request: Request, call_next):
+    """``X-Dovetail-Replica`` on every response: which replica answered (logs carry the same id)."""
+    response = await call_next(request)
+    response.headers["x-dovetail-replica"] = _replica_name()
+    return response
 
 
 @app.exception_handler(ApiError)
@@ -85,11 +101,9 @@ class DovetailServer:
 
         edge.replica_grpc_on_loopback()
         self.config = ServeConfig.parse(config)
-        context = serve.get_replica_context()
-        rank = getattr(context.rank, "rank", context.rank) or 0
-        slots = self.config.replica_slots
-        self.replica = f"{context.replica_id.unique_id}" if context.replica_id else "local"
-        self.dovetail = Dovetail(self.config.engine, partition=(rank % slots, slots)).load()
+        self.replica = _replica_name()
+        self.part = slots.claim_part(self.config.node_slots())  # this replica's share of its node
+        self.dovetail = Dovetail(self.config.engine, partition=self.part).load()
         self.engine, self.tokenizer = self.dovetail.engine, self.dovetail.tokenizer
         self.eos = set(self.dovetail.eos_token_ids)
         self.depth = self.engine.depth
@@ -104,12 +118,15 @@ class DovetailServer:
         self.generation = self.engine.info.get("generation", 1)  # of the worker group: counts its restarts
         _configure_logging()
         log.info(json.dumps({"event": "replica_ready", "replica": self.replica, "model": self.model_name,
-                             "part": f"{rank % slots + 1}/{slots}", "plan": self.engine.plan.describe()}))
+                             "part": f"{self.part[0] + 1}/{self.part[1]}", "node": self.engine.node_id,
+                             "plan": self.engine.plan.describe()}))
 
     def __del__(self):
         dovetail = getattr(self, "dovetail", None)
         if dovetail is not None:
             dovetail.close()
+        if getattr(self, "part", None) is not None:
+            slots.release_part()
 
     # -- endpoints -----------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
@@ -140,7 +157,8 @@ class DovetailServer:
         if not ready:
             return JSONResponse({"status": "unavailable", "waiting": self.waiting, "running": self.running},
                                 status_code=503)
-        out = {"status": "ok", "waiting": self.waiting, "running": self.running}
+        out = {"status": "ok", "waiting": self.waiting, "running": self.running, "replica": self.replica,
+               "node": self.engine.node_id, "part": f"{self.part[0] + 1}/{self.part[1]}"}
         if workers:
             info = await self.engine.coordinator.info.remote(refresh=True)
             out["worker_requests"] = {name: w.get("live_requests") for name, w in info["workers"].items()}
@@ -384,10 +402,14 @@ class DovetailServer:
 def build_app(args: dict | None = None):
     """The Serve application for ``args`` (a ``ServeConfig`` dict; YAML ``args`` land here)."""
     config = ServeConfig.parse(dict(args or {}))
+    if config.replicas_per_node is None and ray.is_initialized():  # spread over the cluster's nodes
+        config = config.model_copy(update={"replicas_per_node": config.node_slots(len(slots.cluster_nodes()))})
     # Serve must let every request the replica may hold through (the batch on the engine plus the
     # queue, plus one to refuse): with fewer, Serve queued the excess itself and the 429 never fired.
+    # A replica reserves its share of a node's CPUs, which its engine's actors (num_cpus=0) pin.
     options = dict(max_ongoing_requests=config.max_queued_requests + config.engine.max_batch + 1,
-                   ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1"}}})
+                   ray_actor_options={"num_cpus": slots.replica_cpus(config.node_slots()),
+                                      "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1"}}})
     if config.autoscaling:
         options["autoscaling_config"] = config.autoscaling.model_dump()
     else:

@@ -50,6 +50,9 @@ class ServeConfig(BaseModel):
     max_queued_requests: int = Field(64, ge=1)  # per replica; more get a 429
     api_key: str | None = Field(None, min_length=1)  # /v1/* then needs "Authorization: Bearer <key>"
     max_body_bytes: int = Field(4 << 20, ge=1024)  # larger request bodies get a 413 before they are read
+    # replicas sharing one node (its sockets cut into that many parts); default: the replicas
+    # spread over the cluster's nodes (all of them on a single machine)
+    replicas_per_node: int | None = Field(None, ge=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -88,8 +91,12 @@ class ServeConfig(BaseModel):
 
     @property
     def replica_slots(self) -> int:
-        """How many shares the machine is cut into: one per replica there can be at once."""
+        """How many replicas there can be at once."""
         return self.autoscaling.max_replicas if self.autoscaling else self.replicas
+
+    def node_slots(self, nodes: int = 1) -> int:
+        """How many shares each node is cut into: its replicas when they spread over ``nodes``."""
+        return self.replicas_per_node or max(1, -(-self.replica_slots // max(nodes, 1)))
 
     def to_args(self) -> dict:
         """The flat form ``parse`` reads back (what a replica receives)."""
