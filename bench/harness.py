@@ -107,6 +107,10 @@ def run_bench(args) -> int:
         from bench.serve import run_serve_bench
 
         return run_serve_bench(args)
+    if args.suite == "cluster":
+        from bench.cluster import run_cluster_bench
+
+        return run_cluster_bench(args)
     config = engine_config_from_args(args)
     config.engine = "inprocess"  # this suite compares decoding loops inside one process
     if config.draft == AUTO_DRAFT:  # compare both: the draft model here, the trained drafter (if any) below

@@ -6,7 +6,6 @@ An engine's actors must all land on the node that built it; Serve replicas sprea
 each serving exact output; killing one node leaves the other serving.
 """
 
-import os
 import threading
 import time
 
@@ -14,36 +13,17 @@ import httpx
 import pytest
 import ray
 
-from dovetail.actors.system import NODE_SOCKETS_ENV
 from dovetail.actors.worker import on_node
 from test_serve import served  # noqa: F401  (the served pair: tiny models with a tokenizer)
 from tiny_models import hf_greedy
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    from ray._private import ray_constants
-    from ray.cluster_utils import Cluster
+    from bench.cluster import local_cluster
 
-    # other tests may have put Ray in its single-machine (loopback) mode: a cluster needs it off
-    saved = os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "1"
-    ray_constants.ENABLE_RAY_CLUSTER = True
-    home = tmp_path_factory.mktemp("home")
-    env = {"DOVETAIL_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    made = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "env_vars": env,
-                                                         "temp_dir": "/tmp/dovetail-test-cluster"})
-    nodes = [made.add_node(num_cpus=1, env_vars={**env, NODE_SOCKETS_ENV: str(cpu)}) for cpu in (0, 1)]
-    ray.init(address=made.address, logging_level="WARNING")
-    try:
-        yield made, [node.node_id for node in nodes]
-    finally:
-        ray.shutdown()
-        made.shutdown()
-        if saved[0] is None:
-            os.environ.pop(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, None)
-        else:
-            os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = saved[0]
-        ray_constants.ENABLE_RAY_CLUSTER = saved[1]
+    with local_cluster([1, 1], env={"DOVETAIL_HOME": str(tmp_path_factory.mktemp("home"))},
+                       temp_dir="/tmp/dovetail-test-cluster") as made:
+        yield made
 
 
 @ray.remote(num_cpus=0)
@@ -92,6 +72,7 @@ def _complete(url: str, prompt: list[int], n: int, timeout: float = 120.0):
                       timeout=timeout)
 
 
+@pytest.mark.slow  # a minute: two replicas' engines on one-CPU nodes, then a node loss
 def test_replicas_spread_over_nodes_and_survive_a_node_loss(cluster, served):
     """Two Serve replicas land on different nodes (each reserves its node's CPU) and both serve
     exact output; the node of one is killed under load: requests on it end (an error, never a
