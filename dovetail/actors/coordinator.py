@@ -48,8 +48,8 @@ log = logging.getLogger("dovetail.coordinator")
 
 CANCEL_MEMORY_S = 600.0  # how long a cancellation for a request not (yet) seen here is remembered
 # Workers that take turns on the same CPUs: OpenMP threads of the one that just finished would
-# otherwise spin (libgomp's default, 300k pause loops: milliseconds on some CPUs) on the cores the
-# other one now needs. This spin still covers the gaps between one forward's kernels.
+# otherwise spin (libgomp's default, 300k pause loops: milliseconds) on the cores the other one now
+# needs. This shorter spin still covers the gaps between one forward's kernels.
 TAKING_TURNS_SPINCOUNT = 10_000
 
 
