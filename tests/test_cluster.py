@@ -141,3 +141,30 @@ def test_replicas_spread_over_nodes_and_survive_a_node_loss(cluster, served):
             assert response.json()["choices"][0]["text"] == expected
     finally:
         serve.shutdown()
+
+
+def test_a_node_ledger_hands_out_each_part_once_and_takes_back_dead_claims(cluster):
+    """Replicas sharing a node claim distinct parts of it; a claim is idempotent; a full node
+    refuses with a reason; the part of a replica that died goes to the next one."""
+    from dovetail.serve.slots import NodeSlots
+
+    @ray.remote(num_cpus=0)
+    class Replica:
+        def me(self):
+            return ray.get_runtime_context().get_actor_id()
+
+    _, node_ids = cluster
+    ledger = NodeSlots.options(**on_node(node_ids[0])).remote()
+    replicas = [Replica.options(**on_node(node_ids[0])).remote() for _ in range(3)]
+    a, b, c = ray.get([r.me.remote() for r in replicas])
+    assert ray.get([ledger.claim.remote(a, 2), ledger.claim.remote(b, 2), ledger.claim.remote(a, 2)]) == [0, 1, 0]
+    with pytest.raises(ray.exceptions.RayTaskError, match="all 2 parts"):
+        ray.get(ledger.claim.remote(c, 2))
+    ray.kill(replicas[0])
+    time.sleep(1)
+    assert ray.get(ledger.claim.remote(c, 2)) == 0
+    ray.get(ledger.release.remote(b))  # a replica that shut down gives its part back
+    d = Replica.options(**on_node(node_ids[0])).remote()
+    assert ray.get(ledger.claim.remote(ray.get(d.me.remote()), 2)) == 1
+    for r in replicas[1:] + [d, ledger]:
+        ray.kill(r)

@@ -24,7 +24,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 import ray
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dovetail.errors import EngineError, UserError
 from dovetail.request import RequestError, check_request
@@ -49,37 +48,7 @@ RETRY_AFTER_S = 1  # what a 429 tells a client to wait
 HEALTH_TIMEOUT_S = 5.0  # /health answers 503 when the engine cannot say it is ready within this
 
 
-def _replica_name() -> str:
-    try:
-        return serve.get_replica_context().replica_id.unique_id
-    except Exception:  # not inside a Serve replica
-        return "local"
-
-
-@app.middleware("http")
-async def _name_the_replica(request: Request, call_next):
-    """``X-Dovetail-Replica`` on every response: which replica answered (logs carry the same id)."""
-    response = await call_next(request)
-    response.headers["x-dovetail-replica"] = _replica_name()
-    return response
-
-
-@app.exception_handler(ApiError)
-async def _api_error(request: Request, exc: ApiError):
-    side_calls.count_error(exc.status)
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 429 else None
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException):
-    return await _api_error(request, ApiError(exc.status_code, str(exc.detail), code=f"http_{exc.status_code}"))
-
-
-@app.exception_handler(Exception)
-async def _unexpected(request: Request, exc: Exception):
-    log.exception("unexpected error on %s", request.url.path)
-    return await _api_error(request, ApiError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
+edge.install_handlers(app, log, RETRY_AFTER_S)
 
 
 # (helpers sit above the class: Serve pickles the class when it is decorated)
@@ -101,7 +70,7 @@ class DovetailServer:
 
         edge.replica_grpc_on_loopback()
         self.config = ServeConfig.parse(config)
-        self.replica = _replica_name()
+        self.replica = edge.replica_name()
         self.part = slots.claim_part(self.config.node_slots())  # this replica's share of its node
         self.dovetail = Dovetail(self.config.engine, partition=self.part).load()
         self.engine, self.tokenizer = self.dovetail.engine, self.dovetail.tokenizer

@@ -1,6 +1,6 @@
 """What the HTTP edge of a replica checks and queues before the engine sees a request: body
-size and schema, loopback-only routes, FIFO admission by batch slots and KV bytes, and the
-record of one request on its way (``Job``).
+size and schema, loopback-only routes, FIFO admission by batch slots and KV bytes, the record of
+one request on its way (``Job``), and the error bodies and headers of every response.
 """
 
 from __future__ import annotations
@@ -18,6 +18,46 @@ from pydantic import ValidationError
 
 from dovetail.models.verification import SamplingParams
 from dovetail.serve.schema import ApiError
+
+def replica_name() -> str:
+    """The Serve replica this process runs (its id), or "local" outside Serve."""
+    from ray import serve
+
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:
+        return "local"
+
+
+def install_handlers(app, log, retry_after_s: int) -> None:
+    """Every error gets an OpenAI-style body (never a bare 500 for a client's mistake), and every
+    response names the replica that answered (``X-Dovetail-Replica``; logs carry the same id)."""
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    from dovetail.serve import side_calls
+
+    @app.middleware("http")
+    async def name_the_replica(request: Request, call_next):
+        response = await call_next(request)
+        response.headers["x-dovetail-replica"] = replica_name()
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        side_calls.count_error(exc.status)
+        headers = {"Retry-After": str(retry_after_s)} if exc.status == 429 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return await api_error(request, ApiError(exc.status_code, str(exc.detail), code=f"http_{exc.status_code}"))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s", request.url.path)
+        return await api_error(request, ApiError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
+
 
 def replica_grpc_on_loopback() -> None:
     """Ray Serve starts an inter-deployment gRPC server in every replica, bound to all interfaces
