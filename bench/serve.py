@@ -140,16 +140,17 @@ def _batch_curve(what: str, prompts: list, start, separate, together, reps: int)
     return out
 
 
-def batched_verify_ms(target_dir, prompts: list[list[int]], tree_size: int = 4, reps: int = 3) -> dict:
+def batched_verify_ms(target_dir, prompts: list[list[int]], tree_size: int = 4, reps: int = 3,
+                      precision: str = "fp32") -> dict:
     """In process, before any server: one target forward over B requests' ``tree_size``-token
-    chains (``forward_trees``) against B forwards one after another."""
+    chains (``forward_trees``) against B forwards one after another, at the servers' precision."""
     import numpy as np
 
     from dovetail.models.cached_lm import CachedLM, forward_trees
     from dovetail.models.loading import load_causal_lm
     from dovetail.models.tree import DraftTree
 
-    model = load_causal_lm(target_dir, linear_kernel="mm")  # the kernel the shards use
+    model = load_causal_lm(target_dir, linear_kernel="mm", precision=precision)  # as the shards load it
     chain = DraftTree(np.arange(100, 100 + tree_size), np.arange(-1, tree_size - 1))
 
     def start():
@@ -196,7 +197,8 @@ def run_serve_bench(args) -> int:
     from dovetail.config import DEFAULT_TREE
     from dovetail.serve.server import ServerProcess
     from dovetail.store import DEFAULT_DRAFT, resolve_model
-    from dovetail.models.loading import load_tokenizer
+    from dovetail.models.loading import FLOAT_DEFAULT, load_tokenizer
+    from dovetail.models.quantized import resolve_precision
 
     if args.prompts < 1 or args.max_new_tokens < 1:
         raise UserError("--prompts and --max-new-tokens must be >= 1")
@@ -214,7 +216,10 @@ def run_serve_bench(args) -> int:
         "queueing": "strict FIFO slots per replica; up to --max-batch requests decode together "
                     "(batch per configuration name; default 4)"}, "configs": {}}
     if not args.no_curves:
-        report["batched_verify"] = batched_verify_ms(resolve_model(args.target), prompts)
+        target_dir = resolve_model(args.target)
+        precision = resolve_precision(args.target_precision, target_dir, FLOAT_DEFAULT["target"])
+        report["settings"]["target_precision"] = precision
+        report["batched_verify"] = batched_verify_ms(target_dir, prompts, precision=precision)
         if not no_draft:
             report["batched_draft"] = batched_draft_ms(resolve_model(draft), prompts, tree or str(DEFAULT_TREE),
                                                        args.draft_precision)
