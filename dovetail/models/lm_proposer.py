@@ -10,7 +10,7 @@ the bonus token) and grows the next tree from there. ``resolve(new_tokens)`` the
 when the bet was right, or rolls the cache back to the longest correct prefix and redrafts.
 
 Batches: ``propose_together`` grows several requests' trees at once, one draft forward per tree
-level for all of them (each proposer keeps its own cache; no betting in a batch).
+level for all of them (each proposer keeps its own cache; one with an open bet resolves alone).
 """
 
 from __future__ import annotations
