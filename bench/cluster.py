@@ -33,7 +33,9 @@ def local_cluster(cpus_per_node: list[int], env: dict | None = None, temp_dir: s
     saved = os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR), ray_constants.ENABLE_RAY_CLUSTER
     os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "1"
     ray_constants.ENABLE_RAY_CLUSTER = True
-    env = {"HF_HUB_OFFLINE": "1", **(env or {})}
+    from dovetail.serve.server import FRESH_QUEUE_LENGTHS
+
+    env = {"HF_HUB_OFFLINE": "1", FRESH_QUEUE_LENGTHS[0]: FRESH_QUEUE_LENGTHS[1], **(env or {})}
     made = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "env_vars": env, "temp_dir": temp_dir})
     try:
         first, nodes = 0, []

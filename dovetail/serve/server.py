@@ -13,6 +13,12 @@ from dovetail.serve.config import ServeConfig
 CONTROL_LOOP_INTERVAL_S = 1.0
 
 
+# Serve's router picks the replica with the shorter queue from lengths it caches for 10 s, so a
+# burst of requests can all go to one replica while another idles. 0: ask the replicas each time
+# (an actor call per request, about a millisecond, against steps of tens of milliseconds).
+FRESH_QUEUE_LENGTHS = ("RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S", "0")
+
+
 def run_server(config: ServeConfig, say=lambda msg: print(f"[dovetail] {msg}", file=sys.stderr, flush=True)) -> int:
     import ray
     from ray import serve
@@ -36,6 +42,7 @@ def run_server(config: ServeConfig, say=lambda msg: print(f"[dovetail] {msg}", f
     # shards' tightly synchronised GEMM threads (bench/results/serve.json measures the gain).
     # Only a Ray started here inherits it; a joined cluster keeps its own setting.
     os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", str(CONTROL_LOOP_INTERVAL_S))
+    os.environ.setdefault(*FRESH_QUEUE_LENGTHS)
     owns_ray = start_ray(engine.address, topology)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
