@@ -79,12 +79,9 @@ class FeatureDraftProposer:
         bonus token, and grow the next tree from there. The target's features of those tokens are
         not known yet: the path's predicted ones stand in until ``resolve`` brings the true ones."""
         mark = self.lm.committed
-        path, node = [], 0
         if self._tree is None:
             raise RuntimeError("predraft needs a tree to bet on: propose first")
-        while len(children := self._tree.children(node)):
-            node = int(children[0])
-            path.append(node)
+        path = self._tree.greedy_path()
         grown = [int(self._grown_ids[n]) for n in path]
         kept = self.lm.commit(grown[:-1])  # the leaf is fed below, for its logits
         feature = self._predicted[grown[kept - 1]] if kept else self._predicted[0]

@@ -86,12 +86,8 @@ class DraftProposer:
         return propose_together(proposers, new_tokens)
 
     def _best_path_tokens(self) -> list[int]:
-        """The draft's greedy path through its current tree (first child = most likely), root excluded."""
-        tokens, node = [], 0
-        while len(children := self._tree.children(node)):
-            node = int(children[0])
-            tokens.append(int(self._tree.tokens[node]))
-        return tokens
+        """The draft's greedy path through its current tree, root excluded, as tokens."""
+        return [int(self._tree.tokens[n]) for n in self._tree.greedy_path()]
 
     def _grow(self, root_token: int, root_logits: torch.Tensor) -> DraftTree:
         return drive(self._growth(root_token, root_logits), lambda block: forward_blocks([self.lm], [block])[0])

@@ -74,6 +74,14 @@ class DraftTree:
     def children(self, node: int) -> np.ndarray:
         return np.flatnonzero(self.parents == node)
 
+    def greedy_path(self) -> list[int]:
+        """The nodes of the draft's most likely path (first child at each level), root excluded."""
+        path, node = [], 0
+        while len(children := self.children(node)):
+            node = int(children[0])
+            path.append(node)
+        return path
+
     def path_to(self, node: int) -> list[int]:
         path = []
         while node >= 0:
