@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 
 from bench.harness import humaneval_prompts, machine_info, write_report
@@ -20,12 +21,20 @@ from dovetail.errors import UserError
 
 
 @contextlib.contextmanager
-def local_cluster(cpus_per_node: list[int], env: dict | None = None, temp_dir: str = "/tmp/dovetail-cluster"):
+def local_cluster(cpus_per_node: list[int], env: dict | None = None, temp_dir: str | None = None):
     """A Ray cluster on this machine, connected: a CPU-less head and one node per entry, node i
-    on the next ``cpus_per_node[i]`` CPUs (its ``DOVETAIL_SOCKETS``). Yields (cluster, node ids)."""
+    on the next ``cpus_per_node[i]`` CPUs (its ``DOVETAIL_SOCKETS``). Yields (cluster, node ids).
+
+    ``temp_dir`` (Ray's session files; default: a new short folder under the system temp dir,
+    removed afterwards) must stay short: Ray's unix sockets live inside it."""
     import ray
     from ray._private import ray_constants
     from ray.cluster_utils import Cluster
+
+    _make_ray_default_temp_dir()
+    made_temp = temp_dir is None
+    if made_temp:
+        temp_dir = tempfile.mkdtemp(prefix="dtc-")
 
     from dovetail.actors.system import NODE_SOCKETS_ENV
 
@@ -53,6 +62,19 @@ def local_cluster(cpus_per_node: list[int], env: dict | None = None, temp_dir: s
         else:
             os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = saved[0]
         ray_constants.ENABLE_RAY_CLUSTER = saved[1]
+        if made_temp:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _make_ray_default_temp_dir() -> None:
+    """``Cluster`` writes its address into Ray's *default* temp dir (``$RAY_TMPDIR``, else the
+    system temp dir, plus ``/ray``) even when given a ``temp_dir`` of its own, and does not make
+    that folder: on a machine where Ray never ran it would fail with FileNotFoundError."""
+    try:
+        from ray._common.utils import get_default_ray_temp_dir
+    except ImportError:  # older Ray kept it here
+        from ray._private.utils import get_default_ray_temp_dir
+    os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
 
 
 def run_cluster_bench(args) -> int:
@@ -77,8 +99,7 @@ def run_cluster_bench(args) -> int:
         "greedy": True, "nodes": "2 local Ray nodes of 1 CPU each (plus a CPU-less head); they share this "
                                  "machine's memory bandwidth"}, "configs": {}}
     home = os.environ.get("DOVETAIL_HOME")
-    with local_cluster([1, 1], env={"DOVETAIL_HOME": home} if home else None,
-                       temp_dir=tempfile.mkdtemp(prefix="dtc-", dir="/tmp")):
+    with local_cluster([1, 1], env={"DOVETAIL_HOME": home} if home else None):
         port = free_port()
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         for replicas in (1, 2):

@@ -21,8 +21,7 @@ from tiny_models import hf_greedy
 def cluster(tmp_path_factory):
     from bench.cluster import local_cluster
 
-    with local_cluster([1, 1], env={"DOVETAIL_HOME": str(tmp_path_factory.mktemp("home"))},
-                       temp_dir="/tmp/dovetail-test-cluster") as made:
+    with local_cluster([1, 1], env={"DOVETAIL_HOME": str(tmp_path_factory.mktemp("home"))}) as made:
         yield made
 
 
