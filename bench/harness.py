@@ -82,6 +82,7 @@ def run_bench(args) -> int:
     from dovetail.request import GenerationStats
     from dovetail.models.cached_lm import CachedLM
     from dovetail.models.fast_linear import set_linear_kernel
+    from dovetail.models.lm_proposer import DraftProposer
     from dovetail.store import is_drafter_dir
     from dovetail.models.loading import load_causal_lm
     from dovetail.store import AUTO_DRAFT, DEFAULT_DRAFT, DRAFTER_KEYWORD, drafter_dir
@@ -111,6 +112,10 @@ def run_bench(args) -> int:
         from bench.cluster import run_cluster_bench
 
         return run_cluster_bench(args)
+    if args.suite == "workloads":
+        from bench.workloads import run_workloads_bench
+
+        return run_workloads_bench(args)
     config = engine_config_from_args(args)
     config.engine = "inprocess"  # this suite compares decoding loops inside one process
     if config.draft == AUTO_DRAFT:  # compare both: the draft model here, the trained drafter (if any) below
@@ -154,9 +159,14 @@ def run_bench(args) -> int:
               file=sys.stderr, flush=True)
         write_report(report, args)
 
-    def run_dovetail(name, shape, params=SamplingParams()):
-        engine.draft.set_shape(shape)
-        results = [engine.generate(ids, args.max_new_tokens,
+    def run_dovetail(name, shape, params=SamplingParams(), draft=None):
+        """One row: ``draft`` (default: the loaded draft model) with ``shape`` pinned, through an
+        engine of its own over the loaded target."""
+        from dovetail.engine import SpeculativeEngine
+        from dovetail.speculation import SpeculationSetup
+
+        runner = SpeculativeEngine(engine.target, draft or engine.draft, eos, setup=SpeculationSetup(shape=shape))
+        results = [runner.generate(ids, args.max_new_tokens,
                                    replace(params, seed=i) if not params.greedy else params)
                    for i, ids in enumerate(prompts)]
         merged = GenerationStats(accepted_per_step=[a for r in results for a in r.stats.accepted_per_step])
@@ -183,10 +193,8 @@ def run_bench(args) -> int:
         if "dovetail" in methods and engine.draft:
             # The same fp32 draft HF used, under Dovetail's loop: separates loop from draft precision.
             set_linear_kernel(target, config.target_kernel if config.target_kernel != "mkldnn" else "stock")
-            quantised = engine.draft.lm
-            engine.draft.lm = CachedLM(assistant)
-            run_dovetail(f"dovetail[{trees[0]}, fp32 draft]", trees[0])
-            engine.draft.lm = quantised
+            fp32_draft = DraftProposer(CachedLM(assistant), trees[0], engine.draft.vocab_limit)
+            run_dovetail(f"dovetail[{trees[0]}, fp32 draft]", trees[0], draft=fp32_draft)
         del assistant
     set_linear_kernel(target, config.target_kernel if config.target_kernel != "mkldnn" else "stock")
     if "dovetail" in methods and engine.draft:
@@ -228,7 +236,7 @@ def _run_drafters(args, dt, engine, run_dovetail, report) -> None:
     if not args.drafter_paths:
         return
     shapes = [parse_tree(t) for t in args.drafter_trees.split(";") if t]
-    target_model, draft_model_proposer = engine.target.lm.model, engine.draft
+    target_model = engine.target.lm.model
     engine.target.lm.keep_hidden = True
     report["drafters"] = {}
     for path in args.drafter_paths:
@@ -242,14 +250,13 @@ def _run_drafters(args, dt, engine, run_dovetail, report) -> None:
                 "held_out_acc3", "held_out_chain_tau")}, "curve": _training_curve(path)}
             drafter = load_drafter(path, dt.target_dir, frozen=shared_frozen_tensors(target_model),
                                    draft_vocab=vocab, precision=args.draft_precision)
-            engine.draft = FeatureDraftProposer(CachedLM(drafter), shapes[0])
+            proposer = FeatureDraftProposer(CachedLM(drafter), shapes[0])
             for shape in tqdm(shapes if n == 0 else shapes[:1], desc=f"drafter {label}", file=sys.stderr):
-                run_dovetail(f"dovetail-drafter[{label}][{shape}]", shape)
+                run_dovetail(f"dovetail-drafter[{label}][{shape}]", shape, draft=proposer)
             if args.sampled and n == 0:
                 run_dovetail(f"dovetail-drafter[{label}][{shapes[0]}, T={args.sampled}]", shapes[0],
-                             SamplingParams(args.sampled))
+                             SamplingParams(args.sampled), draft=proposer)
     engine.target.lm.keep_hidden = False
-    engine.draft = draft_model_proposer
 
 
 def _training_curve(drafter: Path) -> list[list]:

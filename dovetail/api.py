@@ -29,6 +29,8 @@ from dovetail.models.loading import (FLOAT_DEFAULT, draft_vocab_limit, encode_ch
 from dovetail.models.quantized import gguf_formats, resolve_precision
 from dovetail.models.target import TargetVerifier
 from dovetail.models.verification import SamplingParams
+from dovetail.config import DEFAULT_TREE
+from dovetail.speculation import SpeculationSetup
 from dovetail.store import ModelStore, resolve_draft, resolve_model
 
 
@@ -49,7 +51,9 @@ class Dovetail:
         self.config, self.partition = config or EngineConfig(), partition
         self._say = _log if verbose else (lambda msg: None)
         self.target_dir = resolve_model(self.config.target, store)
-        self.draft_dir = resolve_draft(self.config.draft, self.config.target, store) if self.config.draft else None
+        self.proposers = self.config.proposers
+        self.draft_dir = (resolve_draft(self.proposers.model, self.config.target, store)
+                          if self.proposers.model is not None else None)
         self.feature_drafter = self.draft_dir is not None and is_drafter_dir(self.draft_dir)
         self.target_precision = resolve_precision(self.config.target_precision, self.target_dir, FLOAT_DEFAULT["target"])
         self.draft_precision = (resolve_precision(self.config.draft_precision, self.draft_dir, FLOAT_DEFAULT["draft"])
@@ -85,20 +89,41 @@ class Dovetail:
             frozen = shared_frozen_tensors(target_model) if self.target_precision == "fp32" else None
             drafter = load_drafter(self.draft_dir, self.target_dir, frozen=frozen,
                                    draft_vocab=cfg.draft_vocab, precision=cfg.draft_precision)
-            draft = FeatureDraftProposer(CachedLM(drafter), cfg.tree)
+            draft = FeatureDraftProposer(CachedLM(drafter), cfg.tree or DEFAULT_TREE)
         elif self.draft_dir is not None:
             draft_model = load_causal_lm(self.draft_dir, precision=self.draft_precision, role="draft")
             limit = draft_vocab_limit(self.tokenizer, load_tokenizer(self.draft_dir),
                                       target_model.config.vocab_size, draft_model.config.vocab_size)
-            draft = DraftProposer(CachedLM(draft_model), cfg.tree, vocab_limit=limit)
+            draft = DraftProposer(CachedLM(draft_model), cfg.tree or DEFAULT_TREE, vocab_limit=limit)
         target = TargetVerifier(CachedLM(target_model, keep_hidden=self.feature_drafter))
         self._engine = SpeculativeEngine(target, draft, eos_token_ids(target_model, self.tokenizer),
-                                         max_batch=cfg.max_batch)
+                                         max_batch=cfg.max_batch, setup=self.speculation_setup())
         self._engine.generate([0, 1], 2)  # warm up kernels and allocations before the first request
-        self._say(f"target {cfg.target} ({self.precision_label('target')}); "
-                  + (f"draft {self.draft_label}, tree {cfg.tree}; " if draft else "no draft (target-only decoding); ")
-                  + f"{cfg.threads} threads; loaded in {time.perf_counter() - t0:.1f}s")
+        self._say(f"target {cfg.target} ({self.precision_label('target')}); {self.speculation_label}; "
+                  f"{cfg.threads} threads; loaded in {time.perf_counter() - t0:.1f}s")
         return self
+
+    def speculation_setup(self) -> SpeculationSetup:
+        """The proposers besides the draft model, and the cost model's cache key: the curve it
+        measures depends on the machine, the models, their precision, the kernels and threads."""
+        from dovetail.kernels import build_id
+
+        cfg = self.config
+        key = {"target": str(self.target_dir), "target_precision": self.target_precision,
+               "draft": str(self.draft_dir), "draft_precision": self.draft_precision,
+               "kernels": build_id(), "engine": self.engine_kind(), "threads": cfg.threads, "shards": cfg.shards,
+               "sockets": cfg.sockets, "partition": list(self.partition), "draft_cpus": cfg.draft_cpus}
+        return SpeculationSetup(self.proposers.text, self.proposers.combined, cfg.tree, key, self._say)
+
+    @property
+    def speculation_label(self) -> str:
+        """What drafts, in words: ``draft ... + ngram + suffix, tree chosen per step by the cost model``."""
+        if not self.proposers.any:
+            return "no draft (target-only decoding)"
+        names = ([self.draft_label] if self.draft_dir is not None else []) + list(self.proposers.text)
+        how = ("trees merged every step" if self.proposers.combined else "one chosen per step") if len(names) > 1 else ""
+        tree = f"tree {self.config.tree}" if self.config.tree else "tree chosen per step by the cost model"
+        return f"draft {' + '.join(names)}" + (f" ({how})" if how else "") + f", {tree}"
 
     def engine_kind(self) -> str:
         """``engine="auto"`` (the CLI's ``generate`` default) runs the actor system only where its
@@ -129,14 +154,14 @@ class Dovetail:
             limit = draft_vocab_limit(self.tokenizer, load_tokenizer(self.draft_dir),
                                       self.target_config.vocab_size, draft_config.vocab_size)
         self._engine = ActorEngine(self.target_dir, self.draft_dir, cfg, eos, self.context_length, limit, self._say,
-                                   partition=self.partition)
+                                   partition=self.partition, setup=self.speculation_setup())
         self._say(f"actor engine up in {time.perf_counter() - t0:.1f}s: target {cfg.target} "
                   f"({self.precision_label('target')}, {len(self._engine.plan.shards)} shard(s)), "
-                  + (f"draft {self.draft_label}, tree {cfg.tree}, pipelining "
-                     + ("on" if self._engine.pipeline else
-                        "off (the draft shares the target's CPUs)" if cfg.pipeline else "off")
-                     + (f", batches of up to {self._engine.max_batch}" if self._engine.max_batch > 1 else "")
-                     if self.draft_dir else "no draft"))
+                  + self.speculation_label
+                  + ((", pipelining " + ("on" if self._engine.pipeline else
+                                         "off (the draft shares the target's CPUs)" if cfg.pipeline else "off"))
+                     if self.draft_dir else "")
+                  + (f", batches of up to {self._engine.max_batch}" if self._engine.max_batch > 1 else ""))
         return self
 
     def close(self, graceful: bool = True) -> None:
@@ -158,7 +183,8 @@ class Dovetail:
             vocab = f", head cut to {self.config.draft_vocab} tokens" if self.config.draft_vocab else ""
             precision = "fp32" if self.config.draft_precision == "fp32" else "int8"
             return f"Dovetail drafter {self.draft_dir} ({precision}{vocab})"
-        return f"{self.config.draft} ({self.precision_label('draft')})"
+        name = self.draft_dir.name if self.proposers.model == "auto" else self.proposers.model
+        return f"{name} ({self.precision_label('draft')})"
 
     def precision_label(self, role: str) -> str:
         """What runs, in words: ``native GGUF (Q4_K, Q6_K), avx512-vnni kernels`` or ``fp32, mm linears``."""

@@ -10,9 +10,8 @@ from dovetail.models.loading import PRECISIONS, default_threads
 from dovetail.models.tree import TreeShape
 from dovetail.store import AUTO_DRAFT, DEFAULT_TARGET
 
-# Chosen from bench/results (HumanEval, the packaged pair): verifying a few tokens costs little more
-# than one target step, so a 4-token chain wins over wider trees, whose extra draft levels and
-# verify rows cost more than they gain.
+# A draft proposer's tree when none is pinned for it: the shape that drafts a prototype's warm-up;
+# each step's shape is then the cost model's (dovetail/speculation).
 DEFAULT_TREE = TreeShape.chain(3)
 ENGINES = ("actors", "inprocess", "auto")  # auto: see Dovetail.engine_kind
 COLLECTIVES = ("shm", "gloo")
@@ -34,12 +33,14 @@ class EngineConfig:
     from it."""
 
     target: str = _option(DEFAULT_TARGET, "packaged model name or HF model folder")
-    draft: str | None = _option(AUTO_DRAFT, "'auto' (the Dovetail drafter train-draft made for the target if there "
-                                "is one, else the packaged 0.5B model), 'dovetail' (that drafter), a drafter folder, a "
-                                "packaged model name or an HF model folder", off="--no-draft",
-                                off_help="target-only decoding (speculation off)")
-    tree: TreeShape = _option(help="TOTAL,DEPTH,TOP_K (e.g. 16,7,10) or chain:K (default: chain:3)",
-                              factory=lambda: DEFAULT_TREE)
+    draft: str | None = _option(AUTO_DRAFT, "the proposers: 'auto' (a draft model -- the Dovetail drafter "
+                                "train-draft made for the target if there is one, else the packaged 0.5B model -- and "
+                                "'ngram' and 'suffix', the cost model picking one of them or none every step), "
+                                "'ngram', 'suffix', 'dovetail' (that drafter), a drafter folder, a packaged model "
+                                "name or an HF model folder, or several joined by '+' (their trees merged every step, "
+                                "e.g. ngram+suffix)", off="--no-draft", off_help="target-only decoding (speculation off)")
+    tree: TreeShape | None = _option(None, "pin the tree: TOTAL,DEPTH,TOP_K (e.g. 16,7,10) or chain:K (default "
+                                     "'auto': the cost model picks the depth, or no speculation, every step)")
     target_kernel: str = _option("mm", "fp32 targets only: the dense linear kernel", choices=KERNELS)
     target_precision: str = _option("auto", "native: the GGUF's own blocks (auto's choice for packaged models); "
                                     "int8/int4: quantized on load from float weights; fp32: dequantized floats "
@@ -69,7 +70,9 @@ class EngineConfig:
                                        "(default: 80%% of the RAM the plan leaves free)")
 
     def __post_init__(self):
-        if isinstance(self.tree, str):
+        if self.tree == "auto":
+            self.tree = None
+        elif isinstance(self.tree, str):
             self.tree = parse_tree(self.tree)
         elif isinstance(self.tree, dict):  # as asdict() wrote it
             self.tree = TreeShape(**self.tree)
@@ -78,6 +81,9 @@ class EngineConfig:
         _one_of("draft precision", self.draft_precision, PRECISIONS)
         _one_of("engine", self.engine, ENGINES)
         _one_of("collective", self.collective, COLLECTIVES)
+        from dovetail.speculation import parse_proposers
+
+        self.proposers = parse_proposers(self.draft)
         for name, low in (("draft_vocab", 0), ("threads", 1), ("max_batch", 1), ("shards", 1), ("kv_memory_mb", 1)):
             value = getattr(self, name)
             if value is not None and value < low:

@@ -2,17 +2,19 @@
 
 Per step, over the batch of live requests (one or more)::
 
-    trees  <- proposer.propose(requests without a held bet)   # one draft forward per tree level
+    trees  <- proposer.propose(requests without a held bet)   # it picks each one's proposers and tree
     verifier.submit(every request's tree)                     # one target forward for the batch
     proposer.bet(request, settled)  for each betting request  # grows tree k+1 while k is verified
     verdict <- verifier.collect(request); commit; stream       # accepted draft tokens + a bonus
     bet     <- proposer.collect_bet(request)
     bet.guess == verdict.tokens ? next tree = bet.tree : redraft next step
+    proposer.learn(request, tree, verdict, timings)            # its cost model learns
 
-A request without speculation verifies a root-only tree (plain target decoding); one that bets
-settles its previous held bet inside the next ``bet``. Betting, batching, per-request speculation
-and the feature drafter all compose: a proposer takes each request's features (or none) with its
-tokens, and ``_modes`` is the one place that decides what a request does.
+A request without speculation, or whose proposal this step is the root alone (the cost model
+found no tree worth its cost), verifies a root-only tree: plain target decoding. One that bets
+settles its previous held bet inside the next ``bet``. Betting, batching, per-request
+speculation and the feature drafter all compose: a proposer takes each request's features (or
+none) with its tokens, and ``_modes`` is the one place that decides what a request does.
 
 The proposer and verifier are objects in this process (``dovetail/local.py``) or adapters that
 turn the same calls into messages to the actors (``dovetail/actors/remote.py``). A request's own
@@ -26,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from dovetail.models.tree import DraftTree, TreeShape
 from dovetail.request import Failed, Finished, GenerationStats, OutputBuffer, Request, Tokens
 
 
@@ -37,23 +40,41 @@ class RequestFailure(RuntimeError):
         self.request_id = request_id
 
 
+@dataclass(frozen=True)
+class Choice:
+    """What a request speculates with in one step: which proposers grow its tree (their trees
+    merged under one root) and the tree's budget. ``bets``: its proposer may draft the next tree
+    while this one is verified."""
+
+    proposers: tuple[str, ...]
+    shape: TreeShape
+    bets: bool = False
+
+    def __str__(self) -> str:
+        """``proposer@depth`` (the depth is what the cost model chooses; a text proposer's width is its data's)."""
+        return f"{'+'.join(self.proposers)}@{self.shape.depth}"
+
+
 @dataclass
 class Drafting:
     """What a proposer learns about one request: the tokens committed since its last tree, and
-    for a feature drafter the target's features before each of them (None otherwise)."""
+    for a feature drafter the target's features before each of them (None otherwise).
+    ``shape``: the tree to grow (the speculator's choice); None: no tree, only learn the tokens."""
 
     request_id: str
     step: int
     new_tokens: list[int]
     features: object = None
+    shape: TreeShape | None = None
 
 
 @dataclass
 class Proposal:
-    tree: object  # what the verifier takes: a DraftTree in process, shared-memory refs across processes
-    nodes: int
+    tree: DraftTree
     compute_s: float = 0.0  # this request's share of the draft forwards
     guess: list[int] | None = None  # a bet: the committed tokens it assumed
+    choice: Choice | None = None  # what grew the tree (a speculator's pick; None: the root alone)
+    expected: float = 1.0  # the tokens the speculator expects this step to commit
 
 
 @dataclass
@@ -71,11 +92,32 @@ class Proposer(Protocol):
     def propose(self, items: list[Drafting]) -> list[Proposal | Exception]:
         """Each request's next tree (or its own error), grown together where the draft can."""
 
-    def bet(self, request_id: str, step: int, settled: Drafting | None) -> None:
-        """Start drafting tree ``step`` on a guess of the tree now under verification; ``settled``:
-        the previous step's outcome when the previous bet held."""
+    def bet(self, request_id: str, step: int, settled: Drafting | None, shape: TreeShape) -> None:
+        """Start drafting tree ``step`` (of ``shape``) on a guess of the tree now under
+        verification; ``settled``: the previous step's outcome when the previous bet held."""
 
     def collect_bet(self, request_id: str, step: int) -> Proposal: ...
+
+    def end(self, request_id: str) -> None: ...
+
+
+class Speculator(Protocol):
+    """What the loop drafts with (``dovetail/speculation``): it runs one or more ``Proposer``s,
+    picks each request's proposers and tree per step (or none), and learns from each step."""
+
+    def start(self, request_id: str, prompt_ids: list[int], tenant: str = "") -> None:
+        """``tenant``: whose earlier outputs the request may draft from (never another tenant's)."""
+
+    def propose(self, items: list[Drafting]) -> list[Proposal | Exception]:
+        """Each request's tree for this step (its ``choice`` says what grew it; None: the root alone)."""
+
+    def bet(self, request_id: str, step: int, settled: Drafting | None) -> None:
+        """For a request whose current proposal ``bets``: draft its next tree while this one is verified."""
+
+    def collect_bet(self, request_id: str, step: int) -> Proposal: ...
+
+    def learn(self, request_id: str, proposal: Proposal | None, verdict: "Verdict", step: "StepTimes") -> None:
+        """What one step of the request cost and gave (``proposal``: what it verified)."""
 
     def end(self, request_id: str) -> None: ...
 
@@ -88,10 +130,18 @@ class Verifier(Protocol):
 
     def collect(self, request_id: str, step: int) -> Verdict: ...
 
-    def root_only(self, token: int) -> object:
-        """The one-node tree of a request without speculation."""
-
     def end(self, request_id: str) -> None: ...
+
+
+@dataclass
+class StepTimes:
+    """One step, as the cost model learns it: the batch's verification (compute, rows, the
+    request's context), and the time the loop waited for the request's draft."""
+
+    verify_s: float
+    rows: int
+    context: int
+    draft_wait_s: float = 0.0
 
 
 @dataclass(eq=False)
@@ -109,7 +159,8 @@ class Live:
     new_tokens: list[int] = field(default_factory=list)
     features: object = None
     feature_bytes: int = 0
-    tree: Proposal | None = None  # a held bet: the next step's tree is already drafted
+    tree: Proposal | None = None  # this step's tree, drafted (a held bet: before the step began)
+    draft_wait_s: float = 0.0  # this step's wait for the draft
     settled: Drafting | None = None  # the outcome that bet assumed, for the draft to settle
     done: bool = False
 
@@ -123,7 +174,7 @@ def _failure_message(request_id: str, exc: Exception) -> str:
 
 
 class DecodeLoop:
-    def __init__(self, proposer: Proposer | None, verifier: Verifier, eos_token_ids, context_length: int,
+    def __init__(self, proposer: Speculator | None, verifier: Verifier, eos_token_ids, context_length: int,
                  max_batch: int = 1, betting: bool = False, cancelled: dict | None = None,
                  on_failure: Callable[[str, Exception], str] = _failure_message, prefill_together: bool = True):
         """``betting``: the default for requests that do not say; ``cancelled``: request ids to
@@ -168,10 +219,10 @@ class DecodeLoop:
         prompt = list(request.prompt_ids)
         try:
             if drafts and self.prefill_together:
-                self.proposer.start(lv.rid, prompt)
+                self.proposer.start(lv.rid, prompt, request.tenant)
             first = self.verifier.start(lv.rid, prompt, request.params)
             if drafts and not self.prefill_together:
-                self.proposer.start(lv.rid, prompt)
+                self.proposer.start(lv.rid, prompt, request.tenant)
         except RequestFailure as exc:
             return self._fail(lv, exc)
         lv.stats.prefill_s = time.perf_counter() - lv.t0
@@ -201,21 +252,28 @@ class DecodeLoop:
         if not batch:
             return
         t_send = time.perf_counter()
-        self.verifier.submit([(lv.rid, lv.step, lv.tree.tree if lv.drafts else self.verifier.root_only(lv.new_tokens[-1]))
-                              for lv in batch])
-        betting = [lv for lv in batch if lv.bets]
+        trees = [lv.tree.tree if lv.tree is not None else DraftTree([lv.new_tokens[-1]], [-1]) for lv in batch]
+        self.verifier.submit([(lv.rid, lv.step, tree) for lv, tree in zip(batch, trees)])
+        betting = [lv for lv in batch if lv.bets and lv.tree.choice is not None and lv.tree.choice.bets]
         t_bet = time.perf_counter()
         for lv in betting:
             self.proposer.bet(lv.rid, lv.step + 1, lv.settled)
         bet_call_s = (time.perf_counter() - t_bet) / max(len(betting), 1)  # in process: the bet's compute
-        for lv in batch:
+        verdicts = []
+        for lv, tree in zip(batch, trees):
             try:
                 verdict = self.verifier.collect(lv.rid, lv.step)
             except RequestFailure as exc:
                 self._fail(lv, exc)
                 continue
             self._count_verdict(lv.stats, verdict, time.perf_counter() - t_send)
+            verdicts.append((lv, lv.tree, verdict))
             self._commit(lv, verdict)
+        rows, verify_s = sum(len(t) for t in trees), sum(v.compute_s for _, _, v in verdicts)
+        for lv, proposal, verdict in verdicts:
+            if lv.drafts:
+                context = len(lv.request.prompt_ids) + len(lv.out.tokens) - len(verdict.tokens)
+                self.proposer.learn(lv.rid, proposal, verdict, StepTimes(verify_s, rows, context, lv.draft_wait_s))
         for lv in betting:
             if lv in self.live:
                 self._settle_bet(lv, bet_call_s)
@@ -236,10 +294,11 @@ class DecodeLoop:
             stats.draft_wait_s += wait
             stats.draft_s += proposal.compute_s
             stats.protocol_s += max(0.0, wait - proposal.compute_s)
-            stats.bytes_draft_target += 8 * proposal.nodes + 8 * len(lv.new_tokens)
+            stats.bytes_draft_target += 8 * len(proposal.tree) + 8 * len(lv.new_tokens)
             if lv.step > 1:  # per-step features (the prompt's are sent once)
                 stats.bytes_draft_target += lv.feature_bytes
-            lv.tree = proposal
+            stats.count_choice(proposal)
+            lv.tree, lv.draft_wait_s = proposal, wait
 
     def _settle_bet(self, lv: Live, bet_call_s: float) -> None:
         t = time.perf_counter()
@@ -255,8 +314,10 @@ class DecodeLoop:
         if bet.guess == lv.new_tokens:
             stats.bets_held += 1
             stats.draft_hidden_s += max(0.0, bet.compute_s - wait)
-            stats.bytes_draft_target += 8 * bet.nodes
-            lv.tree, lv.settled = bet, Drafting(lv.rid, lv.step, lv.new_tokens, lv.features)
+            stats.bytes_draft_target += 8 * len(bet.tree)
+            stats.count_choice(bet)
+            lv.tree, lv.draft_wait_s = bet, wait
+            lv.settled = Drafting(lv.rid, lv.step, lv.new_tokens, lv.features)
 
     @staticmethod
     def _count_verdict(stats: GenerationStats, verdict: Verdict, wait: float) -> None:

@@ -1,7 +1,8 @@
 """What every engine offers its drivers (the CLI, the Python API, the Serve app), and the
 in-process engine: ``dovetail/decode.py``'s loop over a draft and a target in this process.
 
-With no draft, every tree is just the root and the loop is plain target decoding.
+With no draft and no model-free proposer, every tree is just the root and the loop is plain
+target decoding.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import Iterator, Protocol, runtime_checkable
 
 from dovetail.decode import DecodeLoop
 from dovetail.local import LocalProposer, LocalVerifier
+from dovetail.speculation import SpeculationSetup, build_speculator, stats_depth
 from dovetail.models.target import TargetVerifier
 from dovetail.models.verification import SamplingParams
 from dovetail.request import GenerationResult, Request, Tokens, check_request, collect
@@ -41,18 +43,26 @@ class SpeculativeEngine(Generates):
     bet would cost draft time without hiding any: ``betting`` is off unless asked for."""
 
     def __init__(self, target: TargetVerifier, draft=None, eos_token_ids=(), betting: bool = False,
-                 max_batch: int = 1):
-        """``target`` and ``draft`` are prototypes: each request gets a fresh copy (its own KV cache)."""
+                 max_batch: int = 1, setup: SpeculationSetup | None = None):
+        """``target`` and ``draft`` are prototypes: each request gets a fresh copy (its own KV cache).
+        ``setup``: the model-free proposers and the cost model (default: the draft alone, its own
+        tree every step, as pinned by ``draft.shape``)."""
         self.target, self.draft = target, draft
+        self.setup = setup or SpeculationSetup(shape=draft.shape if draft is not None else None)
         self.eos = set(int(t) for t in eos_token_ids)
         self.context_length = target.context_length
-        self.loop = DecodeLoop(LocalProposer(draft.fresh) if draft else None, LocalVerifier(target.fresh),
-                               self.eos, self.context_length, max_batch=max_batch, betting=betting)
+        verifier = LocalVerifier(target.fresh)
+        feature = draft is not None and draft.reads_features
+        self.speculator = build_speculator(LocalProposer(draft.fresh) if draft is not None else None,
+                                           "dovetail" if feature else "model", self.setup, verifier,
+                                           self.context_length, every_step=feature, bets=betting)
+        self.loop = DecodeLoop(self.speculator, verifier, self.eos, self.context_length, max_batch=max_batch,
+                               betting=betting)
         self._events: dict[str, list] = {}
 
     @property
     def depth(self) -> int:
-        return self.draft.shape.depth if self.draft else 0
+        return stats_depth(self.setup.shape) if self.speculator else 0
 
     def submit(self, request: Request) -> Iterator:
         """Decode as the stream is read. Streams read in turn (in one thread) share the loop's batch."""

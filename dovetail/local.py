@@ -34,8 +34,14 @@ def state_of(states: dict, request_id: str):
         raise RuntimeError(f"no request {request_id!r} here (it never started, or it already ended)") from None
 
 
-def _proposal(tree: DraftTree, seconds: float, guess: list[int] | None = None) -> Proposal:
-    return Proposal(tree, len(tree), seconds, guess)
+def _proposal(tree: DraftTree | None, seconds: float, guess: list[int] | None = None, root: int = 0) -> Proposal:
+    """A proposal; no tree (the request only fed its tokens this step): the root alone."""
+    return Proposal(tree if tree is not None else DraftTree([root], [-1]), seconds, guess)
+
+
+def _feed_shape(item: Drafting):
+    """A model proposer's shape argument: no shape in the ``Drafting`` means feed only (False)."""
+    return False if item.shape is None else item.shape
 
 
 class LocalProposer:
@@ -70,9 +76,10 @@ class LocalProposer:
             try:
                 with Timer() as t:
                     trees = type(proposers[0]).propose_many(proposers, [i.new_tokens for i, _ in fresh],
-                                                            [i.features for i, _ in fresh])
+                                                            [i.features for i, _ in fresh],
+                                                            [_feed_shape(i) for i, _ in fresh])
                 for (item, _), tree in zip(fresh, trees):
-                    results[item.request_id] = _proposal(tree, t.seconds / len(fresh))
+                    results[item.request_id] = _proposal(tree, t.seconds / len(fresh), root=item.new_tokens[-1])
             except Exception as exc:  # the shared forward failed: every request in it
                 results.update((item.request_id, exc) for item, _ in fresh)
         return [results[item.request_id] for item in items]
@@ -81,23 +88,23 @@ class LocalProposer:
     def _resolve(proposer, item: Drafting) -> Proposal | Exception:
         try:
             with Timer() as t:
-                tree, _ = proposer.resolve(item.new_tokens, item.features)
-            return _proposal(tree, t.seconds)
+                tree, _ = proposer.resolve(item.new_tokens, item.features, _feed_shape(item))
+            return _proposal(tree, t.seconds, root=item.new_tokens[-1])
         except Exception as exc:
             return exc
 
-    def bet(self, request_id: str, step: int, settled: Drafting | None) -> None:
+    def bet(self, request_id: str, step: int, settled: Drafting | None, shape=None) -> None:
         """Here the bet is drafted at once (the target verifies after): same trees, no overlap."""
-        self._bets[request_id] = self.place_bet(request_id, settled)
+        self._bets[request_id] = self.place_bet(request_id, settled, shape)
 
-    def place_bet(self, request_id: str, settled: Drafting | None) -> Proposal:
+    def place_bet(self, request_id: str, settled: Drafting | None, shape=None) -> Proposal:
         proposer = state_of(self.states, request_id)
         with Timer() as t:
             if settled is not None:
                 _, held = proposer.resolve(settled.new_tokens, settled.features)
                 if not held:
                     raise RuntimeError("a bet was settled that did not hold")
-            guess, tree = proposer.predraft()
+            guess, tree = proposer.predraft(shape)
         return _proposal(tree, t.seconds, guess)
 
     def collect_bet(self, request_id: str, step: int) -> Proposal:
@@ -161,9 +168,6 @@ class LocalVerifier:
         for (rid, _, _), acceptance in zip(ready, acceptances):
             self._results[rid] = acceptance if isinstance(acceptance, Exception) else Verdict(
                 acceptance.tokens, acceptance.path, *_features(acceptance.features), t.seconds / len(ready))
-
-    def root_only(self, token: int) -> DraftTree:
-        return DraftTree([token], [-1])
 
     def end(self, request_id: str) -> None:
         self.states.pop(request_id, None)

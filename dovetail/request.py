@@ -43,6 +43,7 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     speculate: bool = True  # False: the target alone (every tree is just the root)
     pipeline: bool | None = None  # bet on the tree under verification; None: the engine's default
+    tenant: str = ""  # drafts may reuse earlier outputs of the same tenant only (the suffix cache)
     request_id: str = field(default_factory=lambda: secrets.token_hex(6))
 
 
@@ -63,6 +64,21 @@ class GenerationStats:
     verify_wait_s: float = 0.0  # the loop blocked on the target
     protocol_s: float = 0.0  # waits not explained by compute: messages, wake-ups, copies
     bytes_draft_target: int = 0  # tree arrays, token ids and features between draft and target
+    choices: dict = field(default_factory=dict)  # "proposer@depth" (or "none") -> steps that used it
+    predicted_tokens: float = 0.0  # what the cost model expected the drafted steps to commit, summed
+    draft_tokens: int = 0  # draft tokens proposed along the deepest path, summed over steps
+
+    def count_choice(self, proposal) -> None:
+        """One drafted step: what the speculator chose, and the tokens it expected."""
+        key = "none" if proposal.choice is None else str(proposal.choice)
+        self.choices[key] = self.choices.get(key, 0) + 1
+        self.predicted_tokens += proposal.expected
+        self.draft_tokens += proposal.choice.shape.depth if proposal.choice is not None else 0
+
+    @property
+    def predicted_per_step(self) -> float:
+        steps = sum(self.choices.values())
+        return self.predicted_tokens / steps if steps else 0.0
 
     @property
     def mean_accepted(self) -> float:
@@ -86,7 +102,9 @@ class GenerationStats:
     def to_dict(self, depth: int | None = None) -> dict:
         out = asdict(self)
         out.pop("accepted_per_step")
+        out.pop("predicted_tokens")
         out.update(mean_accepted=round(self.mean_accepted, 4), tokens_per_s=round(self.tokens_per_s, 4),
+                   predicted_per_step=round(self.predicted_per_step, 4),
                    overlap=round(self.overlap, 4),
                    bytes_per_token=round(self.bytes_draft_target / max(self.new_tokens, 1), 2))
         if depth:

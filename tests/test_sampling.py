@@ -39,12 +39,12 @@ def test_bad_sampling_params_are_refused(bad):
         SamplingParams(**bad)
 
 
-def exact_joint(target, params, length=3):
+def exact_joint(target, params, length=3, prompt=PROMPT):
     """The target's exact (warped) distribution over its first ``length`` sampled tokens."""
     probs = {}
     with torch.inference_mode():
         for seq in itertools.product(range(VOCAB), repeat=length - 1):
-            logits = target(torch.tensor([PROMPT + list(seq)])).logits[0, len(PROMPT) - 1:].float()
+            logits = target(torch.tensor([prompt + list(seq)])).logits[0, len(prompt) - 1:].float()
             step = target_probs(logits, params).double().numpy()
             prefix_p = np.prod([step[i, seq[i]] for i in range(length - 1)])
             for last in range(VOCAB):
@@ -52,11 +52,11 @@ def exact_joint(target, params, length=3):
     return probs
 
 
-def sample_counts(engine, params, n, length=3):
+def sample_counts(engine, params, n, length=3, prompt=PROMPT):
     counts = {}
     for seed in range(n):
         p = SamplingParams(params.temperature, params.top_p, params.top_k, seed=seed)
-        out = tuple(engine.generate(PROMPT, length, p).token_ids)
+        out = tuple(engine.generate(prompt, length, p).token_ids)
         counts[out] = counts.get(out, 0) + 1
     return counts
 
@@ -94,14 +94,28 @@ def test_speculative_samples_match_target_distribution(pair, exact, shape):
     assert chi_square_pvalue(counts, exact, N) > 1e-3
 
 
-def test_broken_acceptance_rule_is_detected(pair, exact, monkeypatch):
-    """Sibling trials without removing the rejected token's mass (a classic bug) must fail."""
+def test_broken_sampler_is_detected(pair, exact, monkeypatch):
+    """One uniform number reused at every position (positions no longer independent) must fail."""
     from dovetail.models.tree import TreeShape
 
-    monkeypatch.setattr(verification, "_remove", lambda p, token: p)
+    original = verification.position_uniform
+    monkeypatch.setattr(verification, "position_uniform", lambda seed, position: original(seed, 0))
     engine = make_engine(*pair, TreeShape.parse("6,2,3"), eos=-1)
     counts = sample_counts(engine, SamplingParams(**PARAMS), N)
     assert chi_square_pvalue(counts, exact, N) < 1e-6
+
+
+@pytest.mark.parametrize("shape", ["chain:1", "chain:4", "6,2,3"])
+def test_a_seed_gives_the_same_output_whatever_the_speculation(pair, shape):
+    """A position's token depends on the seed and the position only, never on the tree: seeded
+    output is the same with any tree and with speculation off."""
+    from dovetail.models.tree import TreeShape
+
+    params = SamplingParams(**PARAMS, seed=7)
+    alone = make_engine(pair[0], None, TreeShape.chain(1), eos=-1).generate(PROMPT, 20, params).token_ids
+    engine = make_engine(*pair, TreeShape.parse(shape), eos=-1)
+    result = engine.generate(PROMPT, 20, params)
+    assert result.token_ids == alone and sum(result.stats.accepted_per_step) > 0
 
 
 def test_same_seed_same_output(pair):

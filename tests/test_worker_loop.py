@@ -31,7 +31,7 @@ def test_draft_worker_loop_survives_bad_messages(tmp_path, caplog):
         error = coordinator.recv(timeout_ms=10_000)
         assert isinstance(error, m.ErrorReport) and error.request_id == "r" and "never started" in error.error
         coordinator.send(m.StartRequest("r2", prompts.put(np.array([4, 5, 6], dtype=np.int32))))
-        coordinator.send(m.ProposeTree("r2", 1, [7]))
+        coordinator.send(m.ProposeTree("r2", 1, [7], shape=[3, 2, 1]))
         tree = coordinator.recv(timeout_ms=10_000)
         assert isinstance(tree, m.TreeProposal) and tree.step == 1 and worker.ping()
         tokens = ShmArena(name=tree.tokens.segment)

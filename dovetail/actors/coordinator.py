@@ -41,7 +41,8 @@ from dovetail.placement import Plan
 from dovetail.protocol.channel import Channel, PeerUnavailable, ipc_address
 from dovetail.protocol.collectives import shm_collective_bytes
 from dovetail.protocol.messages import PROTOCOL_VERSION, Shutdown
-from dovetail.protocol.shm import ShmArena, pid_alive, remove_orphaned_segments
+from dovetail.protocol.shm import ArenaReader, ShmArena, pid_alive, remove_orphaned_segments
+from dovetail.speculation import SpeculationSetup, build_speculator
 from dovetail.request import Failed, Finished, Request, Tokens
 
 log = logging.getLogger("dovetail.coordinator")
@@ -74,6 +75,10 @@ class WorkerSpec:
     step_timeout_s: float = 600.0  # a reply (prefill included) not back by then fails its request
     context_length: int = 1 << 30
     node_id: str | None = None  # the Ray node every worker runs on (the engine's; its topology made the plan)
+    text_proposers: tuple[str, ...] = ()  # model-free proposers, run here in the loop (no actor, no CPUs)
+    combined: bool = True  # their trees (and the draft's) merge every step; False: one is chosen per step
+    pinned_tree: bool = True  # ``tree`` every step; False: the cost model picks the depth (or none)
+    cost_key: dict | None = None  # the measured cost curve's cache key
 
 
 @dataclass(eq=False)
@@ -98,7 +103,14 @@ class Coordinator(Messaging):
         self._lifecycle = threading.RLock()  # one worker-group restart at a time, from any thread
         self._inflight: set[str] = set()  # requests between generate()'s start and end
         self._start_workers()
-        self.loop = DecodeLoop(RemoteProposer(self) if spec.draft_dir else None, RemoteVerifier(self),
+        self.views = ArenaReader()  # the draft's trees, read from its arena
+        verifier = RemoteVerifier(self)
+        setup = SpeculationSetup(spec.text_proposers, spec.combined, spec.tree if spec.pinned_tree else None,
+                                 spec.cost_key, log.warning)
+        speculator = build_speculator(RemoteProposer(self) if spec.draft_dir else None,
+                                      "dovetail" if spec.feature_drafter else "model", setup, verifier,
+                                      spec.context_length, every_step=spec.feature_drafter, bets=True)
+        self.loop = DecodeLoop(speculator, verifier,
                                eos_token_ids, spec.context_length, spec.max_batch, cancelled=self._cancelled,
                                on_failure=self._fail_request,
                                prefill_together=not (spec.plan.draft and spec.plan.draft.shares_cpus))
@@ -238,6 +250,7 @@ class Coordinator(Messaging):
         self._stopping.set()
         self._scheduler.join(timeout=60)  # let it finish its step: stopping the workers under it would fail the step
         self._stop_workers(graceful=True)
+        self.views.close()
         self.arena.close()
         shutil.rmtree(self.run_dir, ignore_errors=True)
 

@@ -3,8 +3,7 @@
 It answers ``ProposeTree`` / ``ProposeBatch`` (grow the next trees after these committed tokens,
 together where it can) and ``Predraft`` (bet on the tree under verification and grow the next
 one) through ``dovetail/local.py``'s proposer, one per request, exactly as in process. Trees go
-out as int32 arrays in this actor's shared-memory arena; the coordinator forwards the references
-to the shards unchanged. A Dovetail feature drafter (a drafter folder) also reads the target's
+out as int32 arrays in this actor's shared-memory arena, which the coordinator reads. A Dovetail feature drafter (a drafter folder) also reads the target's
 features, which the messages point to in shard 0's arena.
 """
 
@@ -21,7 +20,7 @@ from dovetail.models.drafter_net import load_drafter
 from dovetail.models.feature_proposer import FeatureDraftProposer
 from dovetail.models.lm_proposer import DraftProposer
 from dovetail.models.loading import load_causal_lm
-from dovetail.models.tree import DraftTree
+from dovetail.models.tree import DraftTree, TreeShape
 from dovetail.protocol.messages import ArrayRef, Predraft, ProposeBatch, ProposeTree, StartRequest, TreeProposal
 from dovetail.protocol.shm import ShmArena
 from dovetail.store import is_drafter_dir
@@ -65,12 +64,15 @@ class DraftWorker(ChannelWorker):
         self.local.start(msg.request_id, self.view(msg.prompt).tolist())
 
     def propose(self, msg: ProposeTree) -> None:
-        self._propose([Drafting(msg.request_id, msg.step, msg.new_tokens, self._features(msg.features))])
+        self._propose([Drafting(msg.request_id, msg.step, msg.new_tokens, self._features(msg.features),
+                                tree_shape(msg.shape))])
 
     def propose_batch(self, msg: ProposeBatch) -> None:
         features = msg.features or [None] * len(msg.request_ids)
-        self._propose([Drafting(rid, step, new_tokens, self._features(ref)) for rid, step, new_tokens, ref
-                       in zip(msg.request_ids, msg.steps, msg.new_tokens, features)])
+        shapes = msg.shapes or [None] * len(msg.request_ids)
+        self._propose([Drafting(rid, step, new_tokens, self._features(ref), tree_shape(shape))
+                       for rid, step, new_tokens, ref, shape
+                       in zip(msg.request_ids, msg.steps, msg.new_tokens, features, shapes)])
 
     def _propose(self, items: list[Drafting]) -> None:
         """A request whose own drafting fails is reported alone; the others get their trees."""
@@ -82,7 +84,7 @@ class DraftWorker(ChannelWorker):
 
     def predraft(self, msg: Predraft) -> None:
         settled = Drafting(msg.request_id, msg.step, msg.settled, self._features(msg.features)) if msg.settled else None
-        bet = self.local.place_bet(msg.request_id, settled)
+        bet = self.local.place_bet(msg.request_id, settled, tree_shape(msg.shape))
         self._send_tree(msg.request_id, msg.step, bet.tree, bet.guess, bet.compute_s)
 
     def release(self, request_id: str) -> None:
@@ -99,3 +101,8 @@ class DraftWorker(ChannelWorker):
     def _close(self) -> None:
         super()._close()
         self.arena.close()
+
+
+def tree_shape(fields: list[int] | None) -> TreeShape | None:
+    """A message's shape fields (total_tokens, depth, top_k) as a ``TreeShape``; None stays None."""
+    return None if fields is None else TreeShape(*fields)

@@ -1,7 +1,9 @@
 """The proposer and the verifier of ``dovetail/decode.py`` as messages to the draft and shard actors.
 
 The loop's calls become protocol messages on the coordinator's channels (``link``: its
-``Messaging``); trees and features stay in shared memory and only their references travel.
+``Messaging``). The loop sees ``DraftTree``s: a proposal's arrays are read from the draft's
+arena, a tree to verify is put in the coordinator's (a few hundred bytes each way); features stay
+in shared memory and only their references travel.
 A ``RequestFailure`` from the link (a worker's error report, a missed deadline) is that request's
 alone; a ``WorkerFailure`` propagates to the coordinator.
 """
@@ -13,6 +15,7 @@ import dataclasses
 import numpy as np
 
 from dovetail.decode import Drafting, Proposal, RequestFailure, Verdict
+from dovetail.models.tree import DraftTree, TreeShape
 from dovetail.protocol.messages import (Accepted, ArrayRef, EndRequest, Predraft, ProposeBatch, ProposeTree,
                                         StartRequest, TreeProposal, VerifyBatch, VerifyTree)
 
@@ -21,13 +24,17 @@ def array_bytes(ref: ArrayRef | None) -> int:
     return 0 if ref is None else np.dtype(ref.dtype).itemsize * int(np.prod(ref.shape))
 
 
-def _proposal(reply: TreeProposal) -> Proposal:
-    return Proposal((reply.tokens, reply.parents), int(reply.tokens.shape[0]), reply.compute_s, reply.guess)
+def shape_fields(shape: TreeShape | None) -> list[int] | None:
+    return None if shape is None else [shape.total_tokens, shape.depth, shape.top_k]
 
 
 class RemoteProposer:
     def __init__(self, link):
         self.link = link
+
+    def _proposal(self, reply: TreeProposal) -> Proposal:
+        tree = DraftTree(self.link.views.view(reply.tokens), self.link.views.view(reply.parents))
+        return Proposal(tree, reply.compute_s, reply.guess)
 
     def start(self, request_id: str, prompt_ids: list[int]) -> None:
         prompt = self.link.arena.put(np.asarray(prompt_ids, dtype=np.int32))
@@ -36,25 +43,26 @@ class RemoteProposer:
     def propose(self, items: list[Drafting]) -> list[Proposal | Exception]:
         if len(items) == 1:
             (item,) = items
-            msg = ProposeTree(item.request_id, item.step, item.new_tokens, item.features)
+            msg = ProposeTree(item.request_id, item.step, item.new_tokens, item.features, shape_fields(item.shape))
         else:
             msg = ProposeBatch([i.request_id for i in items], [i.step for i in items], [i.new_tokens for i in items],
-                               [i.features for i in items])
+                               [i.features for i in items], [shape_fields(i.shape) for i in items])
         self.link._send(self.link.draft, msg)
         results: list[Proposal | Exception] = []
         for item in items:
             try:
-                results.append(_proposal(self.link._recv(self.link.draft, TreeProposal, item.request_id, item.step)))
+                results.append(self._proposal(self.link._recv(self.link.draft, TreeProposal, item.request_id,
+                                                              item.step)))
             except RequestFailure as exc:
                 results.append(exc)
         return results
 
-    def bet(self, request_id: str, step: int, settled: Drafting | None) -> None:
+    def bet(self, request_id: str, step: int, settled: Drafting | None, shape: TreeShape) -> None:
         self.link._send(self.link.draft, Predraft(request_id, step, settled.new_tokens if settled else [],
-                                                  settled.features if settled else None))
+                                                  settled.features if settled else None, shape_fields(shape)))
 
     def collect_bet(self, request_id: str, step: int) -> Proposal:
-        return _proposal(self.link._recv(self.link.draft, TreeProposal, request_id, step))
+        return self._proposal(self.link._recv(self.link.draft, TreeProposal, request_id, step))
 
     def end(self, request_id: str) -> None:
         self.link._send(self.link.draft, EndRequest(request_id))
@@ -77,20 +85,19 @@ class RemoteVerifier:
         self._to_shards(StartRequest(request_id, prompt, dataclasses.asdict(params)))
         return self.collect(request_id, 0)
 
-    def submit(self, trees: list[tuple[str, int, tuple[ArrayRef, ArrayRef]]]) -> None:
+    def submit(self, trees: list[tuple[str, int, DraftTree]]) -> None:
+        arena = self.link.arena
+        refs = [(arena.put(tree.tokens.astype(np.int32)), arena.put(tree.parents.astype(np.int32)))
+                for _, _, tree in trees]
         if len(trees) == 1:
-            ((rid, step, (tokens, parents)),) = trees
+            ((rid, step, _),), ((tokens, parents),) = trees, refs
             self._to_shards(VerifyTree(rid, step, tokens, parents))
         else:
             self._to_shards(VerifyBatch([rid for rid, _, _ in trees], [step for _, step, _ in trees],
-                                        [tree[0] for _, _, tree in trees], [tree[1] for _, _, tree in trees]))
+                                        [t for t, _ in refs], [p for _, p in refs]))
 
     def collect(self, request_id: str, step: int) -> Verdict:
         return _verdict(self.link._recv(self.link.shards[0], Accepted, request_id, step))
-
-    def root_only(self, token: int) -> tuple[ArrayRef, ArrayRef]:
-        arena = self.link.arena
-        return arena.put(np.array([token], dtype=np.int32)), arena.put(np.array([-1], dtype=np.int32))
 
     def end(self, request_id: str) -> None:
         self._to_shards(EndRequest(request_id))

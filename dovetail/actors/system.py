@@ -20,6 +20,8 @@ import ray
 
 from dovetail.actors.coordinator import Coordinator, WorkerSpec
 from dovetail.actors.worker import current_node, on_node
+from dovetail.config import DEFAULT_TREE
+from dovetail.speculation import Proposers, SpeculationSetup, stats_depth, tree_room
 from dovetail.engine import Generates
 from dovetail.errors import UserError
 from dovetail.request import Request, check_request
@@ -131,7 +133,9 @@ class EventStream:
 class ActorEngine(Generates):
     def __init__(self, target_dir: Path, draft_dir: Path | None, config, eos_token_ids: list[int],
                  context_length: int, vocab_limit: int | None = None, say=lambda msg: None,
-                 partition: tuple[int, int] = (0, 1)):
+                 partition: tuple[int, int] = (0, 1), setup: SpeculationSetup | None = None):
+        """``setup``: the model-free proposers and the cost model (default: the draft model alone,
+        with ``config``'s tree pinned, or chain:3)."""
         self.config, self.context_length = config, context_length
         topology = resolve_topology(config.sockets, partition)
         feature_drafter = bool(draft_dir) and is_drafter_dir(draft_dir)
@@ -166,12 +170,17 @@ class ActorEngine(Generates):
         runs = short_dir("run")
         remove_orphans(runs, "", lambda path: shutil.rmtree(path, ignore_errors=True))  # of killed engines
         self.run_dir = private_dir(runs / owned_name(""))
-        spec = WorkerSpec(self.plan, str(target_dir), str(draft_dir) if draft_dir else None, config.tree,
+        self.setup = setup or SpeculationSetup(shape=config.tree or DEFAULT_TREE)
+        self.tree_room = tree_room(Proposers("model" if draft_dir else None, self.setup.text), self.setup.shape)
+        spec = WorkerSpec(self.plan, str(target_dir), str(draft_dir) if draft_dir else None,
+                          self.setup.shape or DEFAULT_TREE,
                           config.target_kernel, self.draft_precision, vocab_limit, str(self.run_dir),
                           shm_or_gloo(config.collective, say), feature_drafter=feature_drafter,
                           draft_vocab=config.draft_vocab, gpu_share=1.0 / partition[1],
                           max_batch=self.max_batch, target_precision=self.target_precision,
-                          context_length=context_length, node_id=self.node_id)
+                          context_length=context_length, node_id=self.node_id,
+                          text_proposers=tuple(self.setup.text), combined=self.setup.combined,
+                          pinned_tree=self.setup.shape is not None, cost_key=self.setup.cost_key)
         # one thread per request in the batch relays its tokens (+2: one waiting to join, shutdown)
         coordinator_actor = ray.remote(num_cpus=0, max_restarts=-1, concurrency_groups={"control": 1},
                                        max_concurrency=self.max_batch + 2, **on_node(self.node_id))(Coordinator)
@@ -183,11 +192,11 @@ class ActorEngine(Generates):
 
     @property
     def depth(self) -> int:
-        return self.config.tree.depth if self.plan.draft else 0
+        return stats_depth(self.setup.shape) if (self.plan.draft or self.setup.text) else 0
 
     def kv_bytes(self, prompt_tokens: int, max_new_tokens: int) -> int:
-        """A request's worst-case KV cache: every position it can reach, plus one draft tree."""
-        return (prompt_tokens + max_new_tokens + self.depth + 1) * self.kv_bytes_per_token
+        """A request's worst-case KV cache: every position it can reach, plus the largest tree."""
+        return (prompt_tokens + max_new_tokens + self.tree_room) * self.kv_bytes_per_token
 
     def kv_room(self, prompt_tokens: int) -> int:
         """The most new tokens a request with this prompt may ask for within the KV budget."""

@@ -19,7 +19,7 @@ import torch
 from dovetail.models.tree import TreeShape
 from dovetail.protocol.channel import Channel
 from dovetail.protocol.messages import PROTOCOL_VERSION, ArrayRef, EndRequest, ErrorReport, Shutdown, Sync, Synced
-from dovetail.protocol.shm import ShmArena
+from dovetail.protocol.shm import ArenaReader, ShmArena
 
 log = logging.getLogger("dovetail.actors")
 
@@ -136,7 +136,7 @@ class ChannelWorker:
         thread team, and with two teams in a process libgomp stops spinning between regions
         (it counts more threads than CPUs), which made every quantized kernel call ~3x slower."""
         self.channel = Channel(address, bind=False)
-        self._arenas: dict[str, ShmArena] = {}
+        self._arenas = ArenaReader()
         done, failure = threading.Event(), []
 
         def run():
@@ -170,10 +170,7 @@ class ChannelWorker:
 
     def view(self, ref: ArrayRef):
         """A zero-copy read-only view of an array another process put in shared memory."""
-        arena = self._arenas.get(ref.segment)
-        if arena is None:
-            arena = self._arenas[ref.segment] = ShmArena(name=ref.segment)
-        return arena.view(ref)
+        return self._arenas.view(ref)
 
     def _loop(self) -> None:
         while True:
@@ -205,7 +202,5 @@ class ChannelWorker:
         self.channel.send(ErrorReport(request_id, f"{type(exc).__name__}: {exc}"))
 
     def _close(self) -> None:
-        for arena in self._arenas.values():
-            arena.close()
-        self._arenas.clear()
+        self._arenas.close()
         self.channel.close()

@@ -28,13 +28,19 @@ _lock = threading.Lock()
 _ops = None
 
 
+def build_id() -> str:
+    """Names this source and these flags' build (what a measured cost depends on), and the ISA
+    path that runs."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS + LDFLAGS).encode()).hexdigest()[:12]
+    return f"qlinear-{digest}"
+
+
 def _build_dir() -> Path:
     from dovetail.store import dovetail_home
 
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS + LDFLAGS).encode()).hexdigest()[:12]
     root = Path(os.environ["DOVETAIL_KERNEL_CACHE"]) if os.environ.get("DOVETAIL_KERNEL_CACHE") else (
         dovetail_home() / "kernels")
-    return root / f"qlinear-{digest}"
+    return root / build_id()
 
 
 def ops():

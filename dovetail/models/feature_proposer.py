@@ -22,6 +22,7 @@ from dovetail.models.tree import DraftTree, TreeBuilder, TreeShape
 
 
 class FeatureDraftProposer:
+    reads_features = True  # it must see every step's features, so it is told every step
     def __init__(self, lm: CachedLM, shape: TreeShape):
         self.lm = lm
         self.set_shape(shape)
@@ -46,9 +47,10 @@ class FeatureDraftProposer:
         self._unpaired = list(prompt_ids[1:])
         self._tree, self._bet, self._redo_mark, self._redo = None, None, None, []
 
-    def propose(self, new_tokens: list[int], features: torch.Tensor) -> DraftTree:
+    def propose(self, new_tokens: list[int], features: torch.Tensor, shape: TreeShape | None = None) -> DraftTree | None:
         """``new_tokens``: tokens committed since the last call; ``features``: the target's features
-        at the positions before each of them (the prompt's, on the first call)."""
+        at the positions before each of them (the prompt's, on the first call). ``shape``: this
+        tree's budget (default: the proposer's); ``False``: feed them, grow nothing."""
         features = torch.as_tensor(features)
         tokens = self._unpaired + [int(t) for t in new_tokens]
         self._unpaired = []
@@ -61,20 +63,25 @@ class FeatureDraftProposer:
             features = torch.cat([f for _, f in self._redo] + [features])
             self._redo_mark, self._redo = None, []
         self.lm.commit([])  # last step's tree was drafted from predicted features: drop it
-        return self._grow(int(tokens[-1]), self.lm.extend(tokens, features=features))
+        logits = self.lm.extend(tokens, features=features)
+        if shape is False:
+            self._tree = None
+            return None
+        return self._grow(int(tokens[-1]), logits, shape)
 
     @staticmethod
     def propose_many(proposers: list["FeatureDraftProposer"], new_tokens: list[list[int]],
-                     features: list[torch.Tensor]) -> list[DraftTree]:
+                     features: list[torch.Tensor], shapes=None) -> list[DraftTree | None]:
         """One after another: each tree grows from its own request's features."""
-        return [p.propose(t, f) for p, t, f in zip(proposers, new_tokens, features)]
+        shapes = shapes or [None] * len(proposers)
+        return [p.propose(t, f, shape) for p, t, f, shape in zip(proposers, new_tokens, features, shapes)]
 
     @property
     def betting(self) -> bool:
         """True between ``predraft`` and ``resolve``."""
         return self._bet is not None
 
-    def predraft(self) -> tuple[list[int], DraftTree]:
+    def predraft(self, shape: TreeShape | None = None) -> tuple[list[int], DraftTree]:
         """Bet that the draft's greedy path through its tree is accepted, plus its guess for the
         bonus token, and grow the next tree from there. The target's features of those tokens are
         not known yet: the path's predicted ones stand in until ``resolve`` brings the true ones."""
@@ -90,9 +97,10 @@ class FeatureDraftProposer:
             feature = self.lm.last_hidden[-1]
         guess = [int(self._tree.tokens[n]) for n in path] + [int(log_probs(logits).argmax())]
         self._bet = (mark, guess)
-        return guess, self._grow(guess[-1], self.lm.extend(guess[-1:], features=feature[None]))
+        return guess, self._grow(guess[-1], self.lm.extend(guess[-1:], features=feature[None]), shape)
 
-    def resolve(self, new_tokens: list[int], features: torch.Tensor) -> tuple[DraftTree, bool]:
+    def resolve(self, new_tokens: list[int], features: torch.Tensor,
+                shape: TreeShape | None = None) -> tuple[DraftTree, bool]:
         """After ``predraft``: the tree that follows ``new_tokens`` and whether the bet held. A held
         bet keeps its tree; its true features are fed with the next ``propose``."""
         mark, guess = self._bet
@@ -102,9 +110,9 @@ class FeatureDraftProposer:
             self._redo.append((list(guess), torch.as_tensor(features).clone()))
             return self._tree, True
         self.lm.rollback(mark)
-        return self.propose(new_tokens, features), False
+        return self.propose(new_tokens, features, shape), False
 
-    def _grow(self, root_token: int, root_logits: torch.Tensor) -> DraftTree:
+    def _grow(self, root_token: int, root_logits: torch.Tensor, shape: TreeShape | None = None) -> DraftTree:
         """Grow the tree whose root was fed last: a node's input is its parent's predicted feature
         and its own token."""
         predicted = {0: self.lm.last_hidden[-1]}  # node -> its predicted feature (input of its children)
@@ -119,6 +127,7 @@ class FeatureDraftProposer:
                 predicted[int(node)] = self.lm.last_hidden[i]
             return log_probs(logits)
 
-        self._tree, self._grown_ids = self.builder.build(root_token, expand)
+        builder = self.builder if shape is None else TreeBuilder(shape)
+        self._tree, self._grown_ids = builder.build(root_token, expand)
         self._predicted = predicted
         return self._tree

@@ -23,6 +23,7 @@ from dovetail.models.tree import DraftTree, TreeBuilder, TreeShape, drive, drive
 
 
 class DraftProposer:
+    reads_features = False
     def __init__(self, lm: CachedLM, shape: TreeShape, vocab_limit: int | None = None):
         self.lm = lm
         self.set_shape(shape)
@@ -46,18 +47,23 @@ class DraftProposer:
         self.lm.extend(prompt_ids)
         self._tree = self._grown_ids = self._bet = None
 
-    def propose(self, new_tokens: list[int], features=None) -> DraftTree:
+    def propose(self, new_tokens: list[int], features=None, shape: TreeShape | None = None) -> DraftTree | None:
         """``new_tokens``: every token committed since the last call (accepted ones, then the bonus).
-        ``features`` are for a feature drafter; this draft reads tokens only."""
-        return self._grow(int(new_tokens[-1]), self.lm.extend(self._to_feed(new_tokens))[-1:])
+        ``features`` are for a feature drafter; this draft reads tokens only. ``shape``: this
+        tree's budget (default: the proposer's); ``False``: feed the tokens, grow nothing."""
+        logits = self.lm.extend(self._to_feed(new_tokens))[-1:]
+        if shape is False:
+            self._tree = self._grown_ids = None
+            return None
+        return self._grow(int(new_tokens[-1]), logits, shape)
 
     @property
     def betting(self) -> bool:
         """True between ``predraft`` and ``resolve``."""
         return self._bet is not None
 
-    def predraft(self) -> tuple[list[int], DraftTree]:
-        """Bet on the current tree's outcome and grow the next tree from it (see module doc).
+    def predraft(self, shape: TreeShape | None = None) -> tuple[list[int], DraftTree]:
+        """Bet on the current tree's outcome and grow the next tree (of ``shape``) from it (see module doc).
 
         Returns the guessed committed tokens and the tree; ``resolve`` must follow."""
         mark = self.lm.committed
@@ -65,12 +71,12 @@ class DraftProposer:
         reused = self._keep_accepted_entries(path)  # keeps at most len(path)-1: the leaf is fed for its logits
         bonus = int(self._log_probs(self.lm.extend(path[reused:])[-1:]).argmax())
         guess = path + [bonus]
-        tree = self._grow(bonus, self.lm.extend([bonus])[-1:])
+        tree = self._grow(bonus, self.lm.extend([bonus])[-1:], shape)
         self._bet = (mark, guess, tree)
         return guess, tree
 
-    def resolve(self, new_tokens: list[int], features=None) -> tuple[DraftTree, bool]:
-        """After ``predraft``: the tree that follows ``new_tokens`` and whether the bet held."""
+    def resolve(self, new_tokens: list[int], features=None, shape: TreeShape | None = None) -> tuple[DraftTree, bool]:
+        """After ``predraft``: the tree (of ``shape``) that follows ``new_tokens`` and whether the bet held."""
         mark, guess, tree = self._bet
         self._bet = None
         if list(new_tokens) == guess:
@@ -79,24 +85,27 @@ class DraftProposer:
         same = min(same, len(new_tokens) - 1)  # the root (last new token) is fed again for its logits
         self.lm.rollback(mark + same)
         self._tree = self._grown_ids = None
-        return self.propose(list(new_tokens[same:])), False
+        return self.propose(list(new_tokens[same:]), shape=shape), False
 
     @staticmethod
-    def propose_many(proposers: list["DraftProposer"], new_tokens: list[list[int]], features=None) -> list[DraftTree]:
-        return propose_together(proposers, new_tokens)
+    def propose_many(proposers: list["DraftProposer"], new_tokens: list[list[int]], features=None,
+                     shapes=None) -> list[DraftTree | None]:
+        return propose_together(proposers, new_tokens, shapes)
 
     def _best_path_tokens(self) -> list[int]:
         """The draft's greedy path through its current tree, root excluded, as tokens."""
         return [int(self._tree.tokens[n]) for n in self._tree.greedy_path()]
 
-    def _grow(self, root_token: int, root_logits: torch.Tensor) -> DraftTree:
-        return drive(self._growth(root_token, root_logits), lambda block: forward_blocks([self.lm], [block])[0])
+    def _grow(self, root_token: int, root_logits: torch.Tensor, shape: TreeShape | None = None) -> DraftTree:
+        return drive(self._growth(root_token, root_logits, shape),
+                     lambda block: forward_blocks([self.lm], [block])[0])
 
-    def _growth(self, root_token: int, root_logits: torch.Tensor):
-        """The next tree, as a generator that yields each draft forward it needs (a ``TreeBlock``)
-        and is sent its logits; returns the tree. The root's logits are already known."""
+    def _growth(self, root_token: int, root_logits: torch.Tensor, shape: TreeShape | None = None):
+        """The next tree (of ``shape``, default the proposer's), as a generator that yields each
+        draft forward it needs (a ``TreeBlock``) and is sent its logits; returns the tree. The
+        root's logits are already known."""
         base = self.lm.committed - 1  # the root is the last committed entry; its children sit one later
-        steps = self.builder.grow(root_token)
+        steps = (self.builder if shape is None else TreeBuilder(shape)).grow(root_token)
         try:
             frontier, tokens, parents = next(steps)
             while True:
@@ -131,16 +140,26 @@ class DraftProposer:
         return log_probs(logits, self.vocab_limit)
 
 
-def propose_together(proposers: list[DraftProposer], new_tokens: list[list[int]]) -> list[DraftTree]:
+def propose_together(proposers: list[DraftProposer], new_tokens: list[list[int]],
+                     shapes: list | None = None) -> list[DraftTree | None]:
     """``propose`` for several requests at once, one draft forward per tree level for all of them
     (their caches side by side, as the target verifies a batch): the weights stream once per level
-    instead of once per request and level. Same trees as proposing one after another."""
+    instead of once per request and level. Same trees as proposing one after another. A request
+    whose shape is ``False`` only feeds its tokens (no tree: None)."""
     if any(p.betting for p in proposers):
         raise RuntimeError("a proposer with an open bet cannot propose in a batch")
+    shapes = shapes or [None] * len(proposers)
     root_logits = extend_together([p.lm for p in proposers], [p._to_feed(t) for p, t in zip(proposers, new_tokens)])
-    growths = [p._growth(int(t[-1]), logits) for p, t, logits in zip(proposers, new_tokens, root_logits)]
-    return drive_together(growths, lambda asked: forward_blocks([proposers[i].lm for i, _ in asked],
-                                                                [block for _, block in asked]))
+    growing = [i for i, shape in enumerate(shapes) if shape is not False]
+    for i in set(range(len(proposers))) - set(growing):
+        proposers[i]._tree = proposers[i]._grown_ids = None
+    growths = [proposers[i]._growth(int(new_tokens[i][-1]), root_logits[i], shapes[i]) for i in growing]
+    trees = drive_together(growths, lambda asked: forward_blocks([proposers[growing[i]].lm for i, _ in asked],
+                                                                 [block for _, block in asked]))
+    out: list[DraftTree | None] = [None] * len(proposers)
+    for i, tree in zip(growing, trees):
+        out[i] = tree
+    return out
 
 
 def log_probs(logits: torch.Tensor, vocab_limit: int | None = None) -> torch.Tensor:

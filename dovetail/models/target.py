@@ -20,7 +20,7 @@ class TargetVerifier:
     def __init__(self, lm: CachedLM):
         self.lm = lm
         self.params = SamplingParams()
-        self.generator: torch.Generator | None = None
+        self.seed: int | None = None
         self.prompt_features: torch.Tensor | None = None
 
     def fresh(self) -> "TargetVerifier":
@@ -35,12 +35,12 @@ class TargetVerifier:
         """Prefill the prompt and return the first generated token."""
         self.lm.reset()
         self.params = params
-        self.generator = None if params.greedy else params.generator()
+        self.seed = None if params.greedy else params.seeded().seed
         logits = self.lm.extend(prompt_ids)
         self.prompt_features = self.lm.last_hidden if self.lm.keep_hidden else None
         if params.greedy:
             return int(logits[-1].argmax())
-        return sample_token(target_probs(logits[-1:], params)[0], self.generator)
+        return sample_token(target_probs(logits[-1:], params)[0], self.seed, len(prompt_ids))
 
     def verify(self, tree: DraftTree) -> Acceptance:
         """One forward over the whole tree (root = last committed token), accept, commit the path."""
@@ -51,7 +51,9 @@ class TargetVerifier:
         if self.params.greedy:
             acceptance = accept_greedy(tree, logits)
         else:
-            acceptance = accept_sampling(tree, target_probs(logits, self.params), self.generator)
+            # the root is the last committed token (its entry not computed yet): the first sampled
+            # token's position is one past it
+            acceptance = accept_sampling(tree, target_probs(logits, self.params), self.seed, self.lm.committed + 1)
         if self.lm.keep_hidden:
             acceptance.features = self.lm.last_hidden[acceptance.path]
         self.lm.commit(acceptance.path)

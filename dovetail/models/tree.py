@@ -82,6 +82,16 @@ class DraftTree:
             path.append(node)
         return path
 
+    def truncated(self, depth: int) -> "DraftTree":
+        """The nodes at most ``depth`` levels below the root (parent-first order keeps)."""
+        keep = np.flatnonzero(self.depths <= depth)
+        if len(keep) == len(self):
+            return self
+        remap = -np.ones(len(self), dtype=np.int64)
+        remap[keep] = np.arange(len(keep))
+        parents = self.parents[keep]
+        return DraftTree(self.tokens[keep], np.where(parents >= 0, remap[np.maximum(parents, 0)], -1))
+
     def path_to(self, node: int) -> list[int]:
         path = []
         while node >= 0:
@@ -190,3 +200,72 @@ def drive_together(all_steps: list, answer_all) -> list:
                 results[i] = done.value
                 del pending[i]
     return results
+
+
+def merge_trees(trees: list[DraftTree]) -> DraftTree:
+    """Several proposers' trees (same root) as one: shared prefixes once, no duplicate siblings.
+    Children keep the order they first appear in (the first tree's first), so the first child is
+    still its proposer's most likely one; nodes stay parent-first."""
+    if not trees:
+        raise ValueError("merge_trees needs at least one tree")
+    root = int(trees[0].tokens[0])
+    if any(int(t.tokens[0]) != root for t in trees):
+        raise ValueError("trees to merge must share their root token")
+    tokens, parents = [root], [-1]
+    index: dict[tuple[int, int], int] = {}  # (merged parent, token) -> merged node
+    for tree in trees:
+        mapped = np.zeros(len(tree), dtype=np.int64)
+        for node in range(1, len(tree)):
+            key = (int(mapped[tree.parents[node]]), int(tree.tokens[node]))
+            if key not in index:
+                index[key] = len(tokens)
+                tokens.append(key[1])
+                parents.append(key[0])
+            mapped[node] = index[key]
+    return _breadth_first(DraftTree(tokens, parents))
+
+
+def _breadth_first(tree: DraftTree) -> DraftTree:
+    """The same tree with its nodes renumbered level by level (siblings in their order)."""
+    order = np.lexsort((np.arange(len(tree)), tree.depths))
+    remap = np.empty(len(tree), dtype=np.int64)
+    remap[order] = np.arange(len(tree))
+    parents = tree.parents[order]
+    return DraftTree(tree.tokens[order], np.where(parents >= 0, remap[np.maximum(parents, 0)], -1))
+
+
+def tree_from_continuations(root_token: int, expand, shape: TreeShape, min_prob: float = 0.0) -> DraftTree:
+    """A tree grown best-first from a proposer's own estimates, within ``shape``'s budget.
+
+    ``expand(path)`` gives the likely next tokens after the draft tokens ``path`` (root excluded)
+    as ``[(token, probability), ...]``. Nodes are taken in order of their path's probability (the
+    product along it) while the path probability stays at or above ``min_prob``, at most
+    ``shape.top_k`` children per node, ``shape.depth`` levels and ``shape.total_tokens`` nodes."""
+    import heapq
+
+    tokens, parents, paths = [root_token], [-1], [()]
+    children = [0]
+    heap = []  # (-probability, tie-break, parent node, token)
+    counter = 0
+
+    def push(node: int, prob: float) -> None:
+        nonlocal counter
+        if len(paths[node]) >= shape.depth:
+            return
+        for token, p in expand(list(paths[node])):
+            if prob * p >= min_prob and prob * p > 0:
+                heapq.heappush(heap, (-prob * p, counter, node, int(token)))
+                counter += 1
+
+    push(0, 1.0)
+    while heap and len(tokens) < shape.total_tokens:
+        neg, _, parent, token = heapq.heappop(heap)
+        if children[parent] >= shape.top_k:
+            continue
+        children[parent] += 1
+        tokens.append(token)
+        parents.append(parent)
+        paths.append(paths[parent] + (token,))
+        children.append(0)
+        push(len(tokens) - 1, -neg)
+    return DraftTree(tokens, parents)

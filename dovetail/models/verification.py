@@ -3,17 +3,21 @@
 Greedy: walk from the root, follow the child whose token equals the target's argmax, stop when
 none does; the target's argmax at the last accepted node is the bonus token.
 
-Sampling: multi-candidate rejection sampling. The draft picks children deterministically (top-k),
-so each candidate's proposal distribution is a point mass and ``min(1, p/q)`` is ``p(c)``. Try
-siblings in order; accept child c with probability p(c); on rejection remove c from p and
-renormalise (the residual); if every child fails, sample the bonus from the residual. Each
-step then emits exactly the target's (warped) next-token distribution, so the output is
-distributed as target-only sampling. Temperature, top-k and top-p are applied to the target's
-logits first (in HF's order), so the guarantee covers them.
+Sampling: every proposer picks its children deterministically (a model's top-k, a text
+proposer's continuations), so each candidate's proposal distribution is a point mass. The token
+at sequence position t is sampled from the target's (warped) distribution there by inverse CDF
+with one uniform number that depends on the request's seed and t alone (``position_uniform``);
+the walk accepts the child holding that token, else that token is the bonus. Child c is then
+accepted with probability p(c), and siblings together with the sum of theirs, exactly as
+multi-candidate rejection sampling with point masses; each position emits exactly the target's
+distribution. And since a position's token never depends on the tree, a seeded request gives the
+same output whatever the speculation chose, speculation off included. Temperature, top-k and
+top-p are applied to the target's logits first (in HF's order), so the guarantee covers them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from dataclasses import dataclass, replace
 
@@ -54,10 +58,6 @@ class SamplingParams:
         entropy, never torch's global generator, which reseeding would disturb)."""
         return self if self.seed is not None else replace(self, seed=secrets.randbits(63))
 
-    def generator(self) -> torch.Generator:
-        gen = torch.Generator()
-        gen.manual_seed(self.seeded().seed)
-        return gen
 
 
 def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -108,29 +108,29 @@ def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> Acceptance:
     return Acceptance(path, [int(tree.tokens[n]) for n in path[1:]] + [best[node]])
 
 
-def accept_sampling(tree: DraftTree, probs: torch.Tensor, generator: torch.Generator) -> Acceptance:
+def accept_sampling(tree: DraftTree, probs: torch.Tensor, seed: int, position: int) -> Acceptance:
+    """``probs[n]``: the target's distribution after tree node n; ``position``: the sequence index
+    of the token sampled after the root (node n's follows at ``position + depth(n)``)."""
     path, node = [0], 0
     while True:
-        residual = probs[node].double().clone()
-        for child in tree.children(node):
-            token = int(tree.tokens[child])
-            if torch.rand((), generator=generator, dtype=torch.float64) < residual[token]:
-                node = int(child)
-                path.append(node)
-                break
-            residual = _remove(residual, token)
-        else:
-            bonus = int(torch.multinomial(residual, 1, generator=generator))
-            return Acceptance(path, [int(tree.tokens[n]) for n in path[1:]] + [bonus])
+        token = sample_token(probs[node], seed, position + len(path) - 1)
+        match = [c for c in tree.children(node) if tree.tokens[c] == token]
+        if not match:
+            return Acceptance(path, [int(tree.tokens[n]) for n in path[1:]] + [token])
+        node = int(match[0])
+        path.append(node)
 
 
-def _remove(p: torch.Tensor, token: int) -> torch.Tensor:
-    """The residual max(p - onehot(token), 0), renormalised (rejecting a point-mass proposal)."""
-    p = p.clone()
-    p[token] = 0.0
-    total = p.sum()
-    return p / total if total > 0 else p
+def position_uniform(seed: int, position: int) -> float:
+    """A uniform number in [0, 1) that is a function of (seed, position) alone, independent across
+    positions and seeds."""
+    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") >> 11) / float(1 << 53)
 
 
-def sample_token(probs: torch.Tensor, generator: torch.Generator) -> int:
-    return int(torch.multinomial(probs.double(), 1, generator=generator))
+def sample_token(probs: torch.Tensor, seed: int, position: int) -> int:
+    """The token at ``position``: inverse CDF of ``probs`` at ``position_uniform(seed, position)``."""
+    cdf = probs.double().cumsum(0)
+    u = position_uniform(seed, position) * float(cdf[-1])
+    index = int(torch.searchsorted(cdf, torch.tensor([u], dtype=torch.float64), right=True))
+    return min(index, len(cdf) - 1)

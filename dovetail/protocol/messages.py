@@ -68,6 +68,7 @@ class ProposeTree:
     step: int
     new_tokens: list[int]
     features: ArrayRef | None = None
+    shape: list[int] | None = None  # the tree's (total_tokens, depth, top_k); None: feed the tokens only
 
 
 @message("propose_batch")
@@ -79,6 +80,7 @@ class ProposeBatch:
     steps: list[int]
     new_tokens: list[list[int]]
     features: list[ArrayRef | None] = field(default_factory=list)  # per request (a feature drafter's)
+    shapes: list[list[int] | None] = field(default_factory=list)  # per request, as ``ProposeTree.shape``
 
 
 @message("predraft")
@@ -90,6 +92,7 @@ class Predraft:
     step: int
     settled: list[int] = field(default_factory=list)
     features: ArrayRef | None = None  # a feature drafter's: the target's features before the settled tokens
+    shape: list[int] | None = None  # the next tree's (total_tokens, depth, top_k)
 
 
 @message("tree")

@@ -106,6 +106,25 @@ class ShmArena:
         self.close()
 
 
+class ArenaReader:
+    """Zero-copy views of arrays that other processes put in their arenas; attaches to each
+    arena once, on first use."""
+
+    def __init__(self):
+        self._arenas: dict[str, ShmArena] = {}
+
+    def view(self, ref: ArrayRef) -> np.ndarray:
+        arena = self._arenas.get(ref.segment)
+        if arena is None:
+            arena = self._arenas[ref.segment] = ShmArena(name=ref.segment)
+        return arena.view(ref)
+
+    def close(self) -> None:
+        for arena in self._arenas.values():
+            arena.close()
+        self._arenas.clear()
+
+
 def segment_names(shm_dir: str = "/dev/shm") -> set[str]:
     """The Dovetail shared-memory segments that exist now."""
     return {path.name for path in Path(shm_dir).glob(f"{PREFIX}*")}

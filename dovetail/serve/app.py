@@ -215,7 +215,7 @@ class DovetailServer:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
         return edge.Job(rid, prompt_ids, max_tokens, params, body.speculate, body.stop or [],
                    self.engine.kv_bytes(len(prompt_ids), max_tokens),
-                   client_id=header if REQUEST_ID.fullmatch(header) else None)
+                   client_id=header if REQUEST_ID.fullmatch(header) else None, tenant=body.user or "")
 
     async def _encode(self, body, chat: bool) -> list[int]:
         """The prompt's ids, made in a thread so that a long prompt or template never stalls the
@@ -277,7 +277,7 @@ class DovetailServer:
 
         assembler = TextAssembler(self.tokenizer, job.stop)
         stream = self.engine.submit(Request(job.prompt_ids, job.max_tokens, job.params, job.speculate,
-                                            request_id=job.rid))
+                                            request_id=job.rid, tenant=job.tenant))
         finished = False
         try:
             async for item in stream:
@@ -354,6 +354,9 @@ class DovetailServer:
         summary = {
             "finish_reason": outcome, "prompt_tokens": len(job.prompt_ids), "completion_tokens": len(job.tokens),
             "accepted_per_step": list(stats.accepted_per_step) if stats else [], "depth": depth,
+            "draft_tokens": stats.draft_tokens if stats and job.speculate else 0,
+            "choices": dict(stats.choices) if stats and job.speculate else {},
+            "predicted_tokens": stats.predicted_tokens if stats and job.speculate else 0.0,
             "ttft_s": job.first_token - job.arrival if job.first_token else None,
             "queue_s": job.started - job.arrival if job.started else None, "latency_s": now - job.arrival,
             "device_seconds": device_seconds(stats) if stats else {},

@@ -182,6 +182,7 @@ class Job:
     stop: list[str]
     kv_bytes: int  # worst case (prompt + max_tokens): what admission reserves
     client_id: str | None = None  # the request's X-Request-Id (the client's, else Serve's): logged, never the engine's key
+    tenant: str = ""  # the body's ``user``: drafts reuse earlier outputs of the same user only (the suffix cache)
     arrival: float = field(default_factory=time.perf_counter)
     created: int = field(default_factory=lambda: int(time.time()))
     started: float | None = None

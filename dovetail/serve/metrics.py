@@ -33,8 +33,13 @@ class MetricsStore:
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter(p + "generation_tokens", "Generated tokens", registry=r)
         self.drafts = Counter(p + "spec_decode_num_drafts", "Verification steps (draft blocks)", registry=r)
-        self.draft_tokens = Counter(p + "spec_decode_num_draft_tokens", "Draft tokens proposed on the verified path "
-                                    "(steps x tree depth)", registry=r)
+        self.draft_tokens = Counter(p + "spec_decode_num_draft_tokens", "Draft tokens proposed (each step's tree "
+                                    "depth)", registry=r)
+        self.choices = Counter(p + "spec_decode_num_choices", "Steps by what the cost model chose: proposer(s) and "
+                               "depth ('none', 0: the target alone)", ["proposer", "depth"], registry=r)
+        self.predicted = Counter(p + "spec_decode_num_predicted_tokens", "Tokens the cost model expected its "
+                                 "drafted steps to commit (compare with the steps' committed tokens: "
+                                 "num_drafts + num_accepted_tokens)", registry=r)
         self.accepted = Counter(p + "spec_decode_num_accepted_tokens", "Accepted draft tokens", registry=r)
         self.accepted_per_pos = Counter(p + "spec_decode_num_accepted_tokens_per_pos",
                                         "Accepted draft tokens by position in the block", ["position"], registry=r)
@@ -66,12 +71,16 @@ class MetricsStore:
         accepted, depth = summary["accepted_per_step"], summary["depth"]
         if accepted and depth:
             self.drafts.inc(len(accepted))
-            self.draft_tokens.inc(len(accepted) * depth)
+            self.draft_tokens.inc(summary.get("draft_tokens", 0))
             self.accepted.inc(sum(accepted))
             for pos in range(1, depth + 1):
                 self.accepted_per_pos.labels(str(pos)).inc(sum(a >= pos for a in accepted))
         if accepted:
             self.tau.observe(1 + sum(accepted) / len(accepted))
+        for choice, steps in summary.get("choices", {}).items():
+            proposer, _, chosen_depth = choice.partition("@")
+            self.choices.labels(proposer, chosen_depth or "0").inc(steps)
+        self.predicted.inc(max(0.0, summary.get("predicted_tokens", 0.0)))
         for (device, state), seconds in summary["device_seconds"].items():
             self.device_seconds.labels(device, state).inc(max(0.0, seconds))
             self.busy[device] = self.busy.get(device, 0.0) + max(0.0, seconds)

@@ -1,0 +1,122 @@
+"""The cost model's start: the target's verify time by rows and a draft model's time per tree
+level, measured through the loop's own verifier and proposer (in process or through the actors,
+the same calls), and cached under ``$DOVETAIL_HOME/costs`` per machine, model, precision and
+kernel build, so only the first start of a configuration pays for it (a few seconds)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from dovetail.decode import Drafting
+from dovetail.models.tree import DraftTree, TreeShape
+from dovetail.models.verification import SamplingParams
+
+ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+REPEATS = 3
+PROMPT = 8  # tokens of the probe request's prompt
+FORMAT = 1  # of the cache files
+
+
+def machine_fingerprint() -> dict:
+    """What makes one machine's costs differ from another's: CPU model, flags, count."""
+    model, flags = platform.processor(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = hashlib.sha256(line.encode()).hexdigest()[:12]
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "flags": flags, "cpus": len(os.sched_getaffinity(0))}
+
+
+def cache_path(key: dict) -> Path:
+    from dovetail.store import dovetail_home
+
+    digest = hashlib.sha256(json.dumps({**key, **machine_fingerprint(), "format": FORMAT},
+                                       sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return dovetail_home() / "costs" / f"{digest}.json"
+
+
+def measured_costs(verifier, proposer=None, context_length: int = 1 << 30, key: dict | None = None,
+                   say=lambda msg: None) -> dict:
+    """``{"verify": {rows: seconds}, "draft_level_s": seconds | None}``, from the cache for ``key``
+    or measured now (``key=None``: always measured, never cached)."""
+    path = cache_path(key) if key is not None else None
+    if path is not None and path.exists():
+        try:
+            data = json.loads(path.read_text())
+            return {"verify": {int(r): float(s) for r, s in data["verify"].items()},
+                    "draft_level_s": data.get("draft_level_s")}
+        except (ValueError, KeyError, TypeError):
+            pass  # unreadable: measure again
+    rows = [r for r in ROWS if PROMPT + (REPEATS + 2) * (r + 1) < context_length] or [1]
+    say(f"measuring the verify cost curve of this machine (rows {rows[0]}..{rows[-1]}"
+        + (", and the draft's cost per tree level" if proposer is not None else "")
+        + (f"; once, cached in {path.parent}" if path else "") + ")")
+    t = time.perf_counter()
+    costs = {"verify": {r: _verify_seconds(verifier, r) for r in rows},
+             "draft_level_s": _draft_level_seconds(proposer) if proposer is not None else None}
+    say(f"cost curve measured in {time.perf_counter() - t:.1f}s: "
+        + ", ".join(f"{r} rows {s * 1e3:.1f} ms" for r, s in costs["verify"].items() if r in (1, 4, 16, 32))
+        + (f"; draft {costs['draft_level_s'] * 1e3:.1f} ms per level" if costs["draft_level_s"] else ""))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(costs))
+        tmp.replace(path)
+    return costs
+
+
+def _probe_token(i: int) -> int:
+    """Ids 2..6: in every vocabulary (what they are does not change what a forward costs)."""
+    return i % 5 + 2
+
+
+def _probe_prompt() -> list[int]:
+    return [_probe_token(3 * i) for i in range(PROMPT)]
+
+
+def _verify_seconds(verifier, rows: int) -> float:
+    """Median compute of a forward over a chain of ``rows`` nodes (after one warm-up), in a probe
+    request of its own."""
+    rid = f"calibrate-{rows}-{os.getpid()}"
+    first = verifier.start(rid, _probe_prompt(), SamplingParams())
+    last, times = first.tokens[-1], []
+    try:
+        for step in range(1, REPEATS + 2):
+            chain = DraftTree([last] + [_probe_token(step + i) for i in range(rows - 1)], list(range(-1, rows - 1)))
+            verifier.submit([(rid, step, chain)])
+            verdict = verifier.collect(rid, step)
+            last = verdict.tokens[-1]
+            if step > 1:
+                times.append(verdict.compute_s)
+    finally:
+        verifier.end(rid)
+    return statistics.median(times)
+
+
+def _draft_level_seconds(proposer) -> float:
+    """A draft model's compute per tree level: chains of 2 levels, median of ``REPEATS``."""
+    rid = f"calibrate-draft-{os.getpid()}"
+    proposer.start(rid, _probe_prompt())
+    times, last = [], _probe_prompt()[-1]
+    try:
+        for step in range(1, REPEATS + 2):
+            (proposal,) = proposer.propose([Drafting(rid, step, [last], None, TreeShape.chain(2))])
+            if isinstance(proposal, Exception):
+                raise proposal
+            last = _probe_token(last + step)
+            if step > 1:
+                times.append(proposal.compute_s / 2)
+    finally:
+        proposer.end(rid)
+    return statistics.median(times)

@@ -1,0 +1,315 @@
+"""The speculator: the one proposer the decode loop sees. It runs the configured proposers and
+picks, for each request and step, which of them grow the tree and how deep, or none at all.
+
+Each step, per request:
+
+1. The model-free proposers (``ngram``, ``suffix``) learn the new tokens and propose their
+   deepest tree (microseconds).
+2. The cost model rates every option: expected committed tokens (its acceptance by depth) over
+   the step's cost (the draft's measured wait + the target's verify curve at the tree's rows and
+   this context). "None" (the target alone) is always an option, so a step is never expected to
+   be slower than plain decoding. A batch is rated as a whole (its rows share one forward).
+3. A model proposer grows its tree only when chosen. When it is not, it is not run at all: the
+   tokens it missed are fed with its next proposal, in one forward.
+4. The chosen trees are merged under one root; ``learn`` then feeds the cost model what the step
+   cost and committed.
+
+Options that lose are tried again now and then (every 8 steps, doubling to 128 while they keep
+losing), so a change in the text or the machine is noticed. ``shape`` pins the tree (``--tree``):
+then only the proposer is chosen, and never none.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from dovetail.decode import Choice, Drafting, Proposal, Proposer, StepTimes, Verdict
+from dovetail.models.tree import DraftTree, TreeShape, merge_trees
+from dovetail.speculation.cost import Acceptance, Ema, VerifyCurve, blended, expected_tokens
+
+log = logging.getLogger("dovetail")
+
+MAX_DEPTH = 6  # the deepest chain the cost model considers
+TEXT_SHAPE = TreeShape(total_tokens=3 * MAX_DEPTH + 1, depth=MAX_DEPTH, top_k=3)  # what text proposers offer
+PROBE_FIRST, PROBE_LAST = 8, 128  # steps before a losing option is tried again (doubling)
+PRIOR = {"model": 0.7, "text": 0.5}  # acceptance before anything is seen (optimistic: it gets tried)
+
+
+@dataclass
+class Member:
+    """A proposer the speculator runs. ``free``: model-free, told every step, its drafting costs
+    ~nothing; ``every_step``: must be told every step even when not chosen (a feature drafter
+    needs the target's features of each step); ``bets``: can draft the next tree during
+    verification (a model on its own cores or GPU)."""
+
+    name: str
+    proposer: Proposer
+    free: bool = False
+    every_step: bool = False
+    bets: bool = False
+    step_s: float = 0.0  # a model's measured seconds per tree level (its draft forward)
+
+
+@dataclass
+class RequestState:
+    context: int
+    pending: dict[str, list[int]]  # tokens a skipped model has not been told yet
+    acceptance: dict[tuple[str, ...], Acceptance] = field(default_factory=dict)
+    losing: dict[tuple[str, ...], int] = field(default_factory=dict)  # steps since the option was used
+    probe_after: dict[tuple[str, ...], int] = field(default_factory=dict)
+    current: Choice | None = None
+    off_said: bool = False
+
+
+@dataclass
+class Option:
+    """One way to draft a step, rated: ``tokens`` expected over ``seconds`` of draft + verify."""
+
+    key: tuple[str, ...]
+    depth: int
+    rows: int
+    tokens: float
+    draft_s: float
+    tree: DraftTree | None = None  # a text option's tree, already grown
+
+
+class Speculator:
+    def __init__(self, members: list[Member], options: list[tuple[str, ...]], curve: VerifyCurve,
+                 shape: TreeShape | None = None, say=None):
+        """``options``: the proposer combinations to choose from (each merged under one root);
+        ``curve``: the target's measured verify cost; ``shape``: a pinned tree."""
+        self.members = {m.name: m for m in members}
+        unknown = {n for key in options for n in key} - set(self.members)
+        if unknown or not options:
+            raise ValueError(f"options name unknown proposers {sorted(unknown)}" if unknown else "no options")
+        self.options, self.curve, self.shape = [tuple(o) for o in options], curve, shape
+        self.say = say or log.info
+        self.max_depth = shape.depth if shape is not None else MAX_DEPTH
+        self.acceptance = {key: Acceptance(self.max_depth, self._prior(key)) for key in self.options}
+        self.draft_wait: dict[tuple[tuple[str, ...], int], Ema] = {}
+        self.states: dict[str, RequestState] = {}
+
+    @property
+    def largest_tree(self) -> int:
+        """Nodes of the largest tree a step may verify (KV admission counts it)."""
+        if self.shape is not None:
+            return self.shape.total_tokens * max(len(o) for o in self.options)
+        return max(sum(TEXT_SHAPE.total_tokens - 1 if self.members[n].free else MAX_DEPTH for n in key) + 1
+                   for key in self.options)
+
+    def _prior(self, key: tuple[str, ...]) -> float:
+        return PRIOR["text"] if all(self.members[n].free for n in key) else PRIOR["model"]
+
+    # -- the Speculator protocol ---------------------------------------------------------------
+    def start(self, request_id: str, prompt_ids: list[int], tenant: str = "") -> None:
+        self.states[request_id] = RequestState(len(prompt_ids), {n: [] for n in self.members})
+        for member in self.members.values():
+            if member.free:
+                member.proposer.start(request_id, prompt_ids, tenant)
+            else:
+                member.proposer.start(request_id, prompt_ids)
+
+    def end(self, request_id: str) -> None:
+        self.states.pop(request_id, None)
+        for member in self.members.values():
+            member.proposer.end(request_id)
+
+    def propose(self, items: list[Drafting]) -> list[Proposal | Exception]:
+        t0 = time.perf_counter()
+        failed: dict[str, Exception] = {}
+        for item in items:
+            state = self.states[item.request_id]
+            state.context += len(item.new_tokens)
+            for pending in state.pending.values():
+                pending.extend(int(t) for t in item.new_tokens)
+        text_trees = self._text_trees(items, failed)
+        text_s = time.perf_counter() - t0
+        picks = self._choose([i for i in items if i.request_id not in failed], text_trees, text_s)
+        grown = self._run_models(items, picks, failed)
+        out: list[Proposal | Exception] = []
+        for item in items:
+            rid = item.request_id
+            if rid in failed:
+                out.append(failed[rid])
+                continue
+            option = picks[rid]
+            root = int(item.new_tokens[-1])
+            trees = ([text_trees[(rid, n)].truncated(option.depth) for n in option.key if self.members[n].free]
+                     + [grown[(rid, n)].tree for n in option.key if not self.members[n].free]) if option else []
+            tree = merge_trees(trees) if trees else DraftTree([root], [-1])
+            compute = text_s / len(items) + sum(grown[(rid, n)].compute_s for n in (option.key if option else ())
+                                                if (rid, n) in grown)
+            choice = self._choice(option)
+            self.states[rid].current = choice
+            out.append(Proposal(tree, compute, None, choice, option.tokens if option else 1.0))
+        return out
+
+    def bet(self, request_id: str, step: int, settled: Drafting | None) -> None:
+        choice = self.states[request_id].current
+        (name,) = choice.proposers
+        for other, pending in self.states[request_id].pending.items():
+            if other != name and settled is not None:
+                pending.extend(int(t) for t in settled.new_tokens)
+        self.members[name].proposer.bet(request_id, step, settled, choice.shape)
+
+    def collect_bet(self, request_id: str, step: int) -> Proposal:
+        choice = self.states[request_id].current
+        (name,) = choice.proposers
+        bet = self.members[name].proposer.collect_bet(request_id, step)
+        rates = self._rates(request_id, choice.proposers)
+        return Proposal(bet.tree, bet.compute_s, bet.guess, choice, expected_tokens(rates, choice.shape.depth))
+
+    def learn(self, request_id: str, proposal: Proposal | None, verdict: Verdict, step: StepTimes) -> None:
+        self.curve.observe(step.rows, step.context, step.verify_s)
+        state = self.states.get(request_id)
+        if state is None or proposal is None or proposal.choice is None:
+            return
+        key = proposal.choice.proposers
+        depth = int(proposal.tree.depths.max()) if len(proposal.tree) > 1 else 0
+        accepted = len(verdict.path) - 1
+        if depth:
+            self.acceptance[key].observe(depth, accepted)
+            state.acceptance.setdefault(key, Acceptance(self.max_depth, 0.0, 0.0)).observe(depth, accepted)
+        self.draft_wait.setdefault((key, proposal.choice.shape.depth), Ema()).add(step.draft_wait_s)
+
+    # -- choosing ------------------------------------------------------------------------------
+    def _text_trees(self, items: list[Drafting], failed: dict) -> dict[tuple[str, str], DraftTree]:
+        """Every model-free proposer's deepest tree for every request (it also learns the tokens)."""
+        trees = {}
+        for member in self.members.values():
+            if not member.free:
+                continue
+            asks = [Drafting(i.request_id, i.step, self._take(i.request_id, member.name), None,
+                             self.shape or TEXT_SHAPE) for i in items]
+            for item, proposal in zip(items, member.proposer.propose(asks)):
+                if isinstance(proposal, Exception):
+                    failed[item.request_id] = proposal
+                else:
+                    trees[(item.request_id, member.name)] = proposal.tree
+        return trees
+
+    def _take(self, request_id: str, name: str) -> list[int]:
+        pending = self.states[request_id].pending
+        tokens, pending[name] = pending[name], []
+        return tokens
+
+    def _choose(self, items: list[Drafting], text_trees: dict, text_s: float) -> dict[str, Option | None]:
+        """Each request's option, rating the batch as a whole: requests are decided in turn, each
+        against the rows and tokens the others bring (one row and one token each, to begin)."""
+        picks: dict[str, Option | None] = {i.request_id: None for i in items}
+        rows, tokens, draft_s = len(items), float(len(items)), 0.0
+        for item in items:
+            rid, state = item.request_id, self.states[item.request_id]
+            options = self._options(rid, text_trees, text_s / max(len(items), 1))
+
+            def rate(o: Option | None) -> float:
+                r = rows - 1 + (o.rows if o else 1)
+                t = tokens - 1 + (o.tokens if o else 1.0)
+                return t / (self.curve.at(r, state.context) + draft_s + (o.draft_s if o else 0.0))
+
+            best = max(options, key=rate, default=None)
+            if self.shape is None and best is not None and rate(best) <= rate(None):
+                best = None
+            best = self._maybe_probe(state, best, options)
+            if best is None and self.shape is None:
+                self._say_off(rid, state, options, rate)
+            picks[rid] = best
+            rows += (best.rows - 1) if best else 0
+            tokens += (best.tokens - 1) if best else 0.0
+            draft_s += best.draft_s if best else 0.0
+        return picks
+
+    def _options(self, request_id: str, text_trees: dict, text_s: float) -> list[Option]:
+        out = []
+        for key in self.options:
+            rates = self._rates(request_id, key)
+            free = [n for n in key if self.members[n].free]
+            models = [n for n in key if not self.members[n].free]
+            text = merge_trees([text_trees[(request_id, n)] for n in free]) if free else None
+            if text is not None and len(text) == 1 and not models:
+                continue  # nothing to propose this step
+            depths = ([self.shape.depth] if self.shape is not None else
+                      range(1, (MAX_DEPTH if models else int(text.depths.max())) + 1))
+            for depth in depths:
+                text_rows = len(text.truncated(depth)) - 1 if text is not None else 0
+                model_rows = (self.shape.total_tokens - 1 if self.shape is not None else depth) if models else 0
+                draft_s = (text_s if free else 0.0) + sum(self._draft_cost(key, n, depth) for n in models)
+                out.append(Option(key, depth, 1 + text_rows + model_rows, expected_tokens(rates, depth), draft_s,
+                                  text))
+        return out
+
+    def _draft_cost(self, key: tuple[str, ...], name: str, depth: int) -> float:
+        """What the loop waits for a model's tree of ``depth`` levels: measured when seen, else
+        its calibrated forward time per level."""
+        seen = self.draft_wait.get((key, depth))
+        if seen is not None and seen.weight >= 1.0:
+            return seen.value
+        return depth * self.members[name].step_s
+
+    def _rates(self, request_id: str, key: tuple[str, ...]) -> list[float]:
+        own = self.states[request_id].acceptance.get(key)
+        prior = self.acceptance[key]
+        return blended(own, prior) if own is not None else prior.rates()
+
+    def _maybe_probe(self, state: RequestState, best: Option | None, options: list[Option]) -> Option | None:
+        """Now and then, an option that keeps losing is tried anyway (its best depth), so its
+        acceptance and cost stay current."""
+        chosen = best.key if best else None
+        for key in self.options:
+            if key == chosen:
+                state.losing[key], state.probe_after[key] = 0, PROBE_FIRST
+                continue
+            state.losing[key] = state.losing.get(key, 0) + 1
+            if state.losing[key] >= state.probe_after.setdefault(key, PROBE_FIRST):
+                candidates = [o for o in options if o.key == key]
+                if candidates:
+                    state.losing[key] = 0
+                    state.probe_after[key] = min(2 * state.probe_after[key], PROBE_LAST)
+                    return max(candidates, key=lambda o: o.tokens / max(o.rows, 1))
+        return best
+
+    def _say_off(self, request_id: str, state: RequestState, options: list[Option], rate) -> None:
+        if state.off_said:
+            return
+        state.off_said = True
+        best = max(options, key=rate, default=None)
+        why = (f"the best draft, {'+'.join(best.key)} at depth {best.depth}, is expected to give "
+               f"{rate(best):.1f} tok/s against {rate(None):.1f} for the target alone" if best else
+               "no proposer has a draft")
+        self.say(f"request {request_id}: speculation off ({why}); the cost model tries again now and then")
+
+    # -- running the chosen models -------------------------------------------------------------
+    def _run_models(self, items: list[Drafting], picks: dict, failed: dict) -> dict[tuple[str, str], Proposal]:
+        """Model proposers grow the trees chosen for them (a batch's together); one that must be
+        told every step is told when not chosen; one that is not chosen keeps its tokens pending."""
+        grown: dict[tuple[str, str], Proposal] = {}
+        for member in self.members.values():
+            if member.free:
+                continue
+            asks = []
+            for item in items:
+                option = picks.get(item.request_id)
+                chosen = option is not None and member.name in option.key
+                if item.request_id in failed or not (chosen or member.every_step):
+                    continue
+                shape = (self.shape or TreeShape.chain(option.depth)) if chosen else None
+                asks.append(Drafting(item.request_id, item.step, self._take(item.request_id, member.name),
+                                     item.features, shape))
+            if not asks:
+                continue
+            for ask, proposal in zip(asks, member.proposer.propose(asks)):
+                if isinstance(proposal, Exception):
+                    failed[ask.request_id] = proposal
+                else:
+                    grown[(ask.request_id, member.name)] = proposal
+        return grown
+
+    def _choice(self, option: Option | None) -> Choice | None:
+        if option is None:
+            return None
+        shape = self.shape or TreeShape(max(option.rows, 2), option.depth, 1 if option.rows == option.depth + 1 else
+                                        TEXT_SHAPE.top_k)
+        bets = len(option.key) == 1 and self.members[option.key[0]].bets
+        return Choice(option.key, shape, bets)

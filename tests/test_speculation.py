@@ -1,0 +1,323 @@
+"""Proposers without a model, merged trees, and the cost model that picks each step's speculation.
+
+Every engine-level test checks token identity with the target's own greedy decoding (or the
+chi-square fit of sampled output), whatever the proposers and the cost model chose.
+"""
+
+import pytest
+import torch
+
+from dovetail.decode import Drafting, Proposal, StepTimes, Verdict
+from dovetail.engine import SpeculativeEngine
+from dovetail.errors import UserError
+from dovetail.models.cached_lm import CachedLM
+from dovetail.models.lm_proposer import DraftProposer
+from dovetail.models.target import TargetVerifier
+from dovetail.models.tree import DraftTree, TreeShape, merge_trees
+from dovetail.models.verification import SamplingParams
+from dovetail.request import Request
+from dovetail.speculation import SpeculationSetup, parse_proposers
+from dovetail.speculation.cost import Acceptance, VerifyCurve, expected_tokens
+from dovetail.speculation.lookup import NgramProposer, SuffixCache, SuffixProposer, SuffixTrie
+from dovetail.speculation.speculator import Member, Speculator
+from tiny_models import hf_greedy, perturbed, tiny_model
+
+EOS = 1
+
+
+def _tree(proposer, request_id, new_tokens, shape=TreeShape(8, 4, 2)):
+    (proposal,) = proposer.propose([Drafting(request_id, 1, new_tokens, None, shape)])
+    return proposal.tree
+
+
+def _paths(tree):
+    """Every root-to-leaf token path of a tree, root excluded."""
+    leaves = [n for n in range(len(tree)) if not len(tree.children(n))]
+    return sorted(tuple(int(tree.tokens[m]) for m in tree.path_to(n)[1:]) for n in leaves)
+
+
+# -- the model-free proposers -----------------------------------------------------------------
+def test_ngram_proposes_what_followed_the_last_tokens():
+    p = NgramProposer(min_n=2, max_n=3)
+    p.start("r", [5, 6, 7, 8, 9, 40, 5, 6])
+    assert _paths(_tree(p, "r", [7])) == [(8, 9, 40, 5)]  # [5, 6, 7] occurred: what followed it
+    p.start("s", [5, 6, 1, 2, 3, 5, 6, 4, 4, 4, 9, 5])
+    tree = _tree(p, "s", [6], TreeShape(9, 4, 2))
+    assert _paths(tree) == [(1, 2, 3, 5), (4, 4, 4, 9)]  # two continuations: a tree
+    assert int(tree.tokens[tree.children(0)[0]]) == 4  # the most recent occurrence first
+    p.start("t", [1, 2, 3])
+    assert len(_tree(p, "t", [4])) == 1  # nothing matches: the root alone
+
+
+def test_suffix_trie_counts_every_substring_and_forgets_exactly():
+    trie = SuffixTrie(depth=4)
+    trie.add([1, 2, 3, 1, 2, 4])
+    node, length = trie.match([9, 1, 2], longest=8)
+    assert length == 2 and {t: c[0] for t, c in node[1].items()} == {3: 1, 4: 1}
+    fed = SuffixTrie(depth=4)
+    fed.feed([1, 2, 3])
+    fed.feed([1, 2, 4])  # fed in pieces: the same counts as added whole
+    assert fed.root == trie.root
+    trie.add([7, 7, 7, 8])
+    trie.remove([7, 7, 7, 8])
+    assert trie.root == fed.root
+    trie.remove([1, 2, 3, 1, 2, 4])
+    assert trie.root == [0, {}]
+
+
+def test_suffix_proposer_weights_continuations_by_frequency():
+    p = SuffixProposer(min_prob=0.0)
+    p.start("r", [1, 2, 3, 1, 2, 3, 1, 2, 4, 1])
+    tree = _tree(p, "r", [2], TreeShape(8, 2, 2))
+    first, second = tree.children(0)
+    assert (int(tree.tokens[first]), int(tree.tokens[second])) == (3, 4)  # seen twice, then once
+
+
+def test_suffix_cache_is_bounded_and_never_crosses_tenants():
+    cache = SuffixCache(depth=8, max_tokens=12)
+    secret = [50, 51, 52, 53, 54, 55]
+    p = SuffixProposer(cache)
+    p.start("a", [9], tenant="alice")
+    p.propose([Drafting("a", 1, secret, None, TreeShape.chain(3))])
+    p.end("a")  # alice's output joins her tenant's cache
+    p.start("b", [50, 51], tenant="bob")
+    assert len(_tree(p, "b", [52])) == 1, "bob was offered alice's text"
+    p.start("c", [50, 51], tenant="alice")
+    assert _paths(_tree(p, "c", [52], TreeShape.chain(3))) == [(53, 54, 55)]
+    for i in range(3):  # more than max_tokens of newer outputs push the oldest out
+        p.start(f"x{i}", [9], tenant="alice")
+        p.propose([Drafting(f"x{i}", 1, [60 + i] * 6, None, None)])
+        p.end(f"x{i}")
+    assert cache.tokens <= 12
+    p.start("d", [50, 51], tenant="alice")
+    assert len(_tree(p, "d", [52])) == 1
+
+
+def test_merged_trees_share_prefixes_once():
+    a = DraftTree([9, 1, 2, 3], [-1, 0, 1, 0])
+    b = DraftTree([9, 1, 4, 1], [-1, 0, 1, 2])
+    merged = merge_trees([a, b])
+    assert _paths(merged) == sorted([(1, 2), (1, 4, 1), (3,)])
+    assert len(merged) == 6  # root, 1, 3, 2, 4, 1
+    assert [int(merged.tokens[c]) for c in merged.children(0)] == [1, 3]  # first tree's order kept
+
+
+def test_parse_proposers():
+    assert parse_proposers("auto").text == ("ngram", "suffix") and not parse_proposers("auto").combined
+    assert parse_proposers("ngram+suffix") == parse_proposers("ngram+suffix") and parse_proposers("ngram").model is None
+    assert parse_proposers("model+suffix").model == "auto"
+    with pytest.raises(UserError):
+        parse_proposers("a+b")
+    with pytest.raises(UserError):
+        parse_proposers("ngram++suffix")
+
+
+# -- the cost model on synthetic curves ------------------------------------------------------------
+class FixedText:
+    """A model-free proposer that always offers the same chain after the last token."""
+
+    def __init__(self, chain):
+        self.chain = list(chain)
+
+    def start(self, request_id, prompt_ids, tenant=""):
+        pass
+
+    def propose(self, items):
+        return [Proposal(DraftTree([i.new_tokens[-1]] + self.chain[:i.shape.depth],
+                                   list(range(-1, min(len(self.chain), i.shape.depth)))), 0.0) for i in items]
+
+    def end(self, request_id):
+        pass
+
+
+class FakeModel(FixedText):
+    """A 'draft model' whose chains are free to grow (its cost comes from ``step_s``)."""
+
+
+def _speculator(curve_ms, acceptance, model_step_ms=None, text_acceptance=None):
+    members = [Member("ngram", FixedText(range(10, 20)), free=True)]
+    options = [("ngram",)]
+    if model_step_ms is not None:
+        members.append(Member("model", FakeModel(range(30, 40)), step_s=model_step_ms / 1e3))
+        options.append(("model",))
+    spec = Speculator(members, options, VerifyCurve({r: ms / 1e3 for r, ms in curve_ms.items()}))
+    for key, rates in ((("model",), acceptance), (("ngram",), text_acceptance or acceptance)):
+        if key in spec.acceptance:
+            spec.acceptance[key] = Acceptance(6, list(rates), prior_weight=1e6)
+    spec.start("r", [1, 2, 3])
+    return spec
+
+
+def _best_by_arithmetic(curve, rates, step_s=0.0):
+    """The depth the rate formula says, 0 for none."""
+    rate = {0: 1 / curve.at(1)}
+    for k in range(1, 7):
+        rate[k] = expected_tokens(rates, k) / (curve.at(k + 1) + k * step_s)
+    return max(rate, key=rate.get)
+
+
+def test_cost_model_picks_none_when_verification_is_steep_and_acceptance_low():
+    steep = {1: 40, 2: 80, 4: 160, 8: 320, 16: 640, 32: 1280}
+    spec = _speculator(steep, [0.3] * 6, model_step_ms=15)
+    (proposal,) = spec.propose([Drafting("r", 1, [4])])
+    assert proposal.choice is None and len(proposal.tree) == 1
+    assert _best_by_arithmetic(spec.curve, [0.3] * 6) == 0
+
+
+@pytest.mark.parametrize("acceptance,curve", [
+    ([0.9] * 6, {1: 40, 2: 41, 4: 43, 8: 60, 16: 120, 32: 240}),  # flat: deep chains pay
+    ([0.8, 0.5, 0.3, 0.2, 0.1, 0.1], {1: 40, 2: 46, 4: 59, 8: 92, 16: 167, 32: 330}),
+    ([0.6] * 6, {1: 40, 2: 50, 4: 70, 8: 110, 16: 190, 32: 350}),
+])
+def test_cost_model_picks_the_depth_the_arithmetic_says(acceptance, curve):
+    spec = _speculator(curve, acceptance)
+    (proposal,) = spec.propose([Drafting("r", 1, [4])])
+    depth = proposal.choice.shape.depth if proposal.choice else 0
+    assert depth == _best_by_arithmetic(spec.curve, acceptance)
+    assert proposal.choice is None or proposal.choice.proposers == ("ngram",)
+
+
+def test_cost_model_counts_the_draft_models_cost():
+    """Same acceptance for both: the free proposer wins over a model whose forwards cost time;
+    a model with much better acceptance wins despite them."""
+    curve = {1: 40, 2: 44, 4: 52, 8: 80, 16: 150, 32: 300}
+    spec = _speculator(curve, [0.7] * 6, model_step_ms=15, text_acceptance=[0.7] * 6)
+    (proposal,) = spec.propose([Drafting("r", 1, [4])])
+    assert proposal.choice.proposers == ("ngram",)
+    spec = _speculator(curve, [0.95] * 6, model_step_ms=2, text_acceptance=[0.05] * 6)
+    (proposal,) = spec.propose([Drafting("r", 1, [4])])
+    assert proposal.choice.proposers == ("model",)
+
+
+def test_cost_model_learns_the_curve_by_context():
+    curve = VerifyCurve({1: 0.040, 4: 0.060, 16: 0.170})
+    assert curve.at(2) == pytest.approx(0.040 + 0.020 / 3)
+    for _ in range(30):  # at 4k tokens one row costs twice as much: rows never seen there scale too
+        curve.observe(1, 4096, 0.080)
+    assert curve.at(1, 4096) == pytest.approx(0.080)
+    assert curve.at(4, 4096) == pytest.approx(0.120, rel=0.01)
+    assert curve.at(4, 100) == pytest.approx(0.060)
+
+
+def test_speculator_learns_acceptance_and_switches_off_then_probes():
+    curve = {1: 40, 2: 48, 4: 64, 8: 96, 16: 160, 32: 288}
+    spec = _speculator(curve, [0.9] * 6)
+    spec.acceptance[("ngram",)] = Acceptance(6, 0.9, prior_weight=2)
+    chosen = []
+    for step in range(1, 40):
+        (proposal,) = spec.propose([Drafting("r", step, [4])])
+        chosen.append(proposal.choice)
+        verdict = Verdict([5], [0])  # nothing is ever accepted
+        rows = len(proposal.tree)  # the step cost what the curve says
+        spec.learn("r", proposal, verdict, StepTimes(spec.curve.base_at(rows), rows, 10))
+    assert chosen[0] is not None and any(c is None for c in chosen[-10:])
+    offs = [i for i, c in enumerate(chosen) if c is None]
+    assert offs and any(c is not None for c in chosen[offs[0]:]), "a losing option is never probed again"
+
+
+# -- the engine: identity with the target alone, whatever was chosen ------------------------------
+def _engine(target, draft, text=(), combined=True, shape=None, betting=False, max_batch=1, eos=EOS):
+    proposer = DraftProposer(CachedLM(draft), shape or TreeShape.chain(3)) if draft is not None else None
+    setup = SpeculationSetup(tuple(text), combined, shape)
+    return SpeculativeEngine(TargetVerifier(CachedLM(target)), proposer, [eos], betting=betting,
+                             max_batch=max_batch, setup=setup)
+
+
+SMALL_VOCAB = 16  # a random model over few tokens repeats itself: the text proposers find matches
+
+
+def _repetitive_prompts():
+    g = torch.Generator().manual_seed(3)
+    base = torch.randint(3, SMALL_VOCAB, (12,), generator=g).tolist()
+    return [base * 2, base[:5] + base + base[:7], torch.randint(3, SMALL_VOCAB, (9,), generator=g).tolist()]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    target = tiny_model("llama", seed=21, vocab_size=SMALL_VOCAB)
+    return target, perturbed(target, 0.05, seed=22)
+
+
+@pytest.mark.parametrize("text,model,combined,shape", [
+    (("ngram",), False, True, None),
+    (("suffix",), False, True, None),
+    (("ngram", "suffix"), False, True, None),  # merged trees
+    (("ngram", "suffix"), True, False, None),  # auto: one of model, ngram, suffix or none per step
+    (("ngram", "suffix"), True, True, TreeShape(8, 3, 2)),  # everything merged under a pinned tree
+    ((), True, True, None),  # the model alone, its depth chosen per step
+], ids=["ngram", "suffix", "ngram+suffix", "auto", "all-merged-pinned", "model-adaptive"])
+@pytest.mark.parametrize("batch", [1, 3], ids=["alone", "batched"])
+def test_greedy_identity_with_every_proposer(pair, text, model, combined, shape, batch):
+    target, draft = pair
+    engine = _engine(target, draft if model else None, text, combined, shape, max_batch=batch)
+    prompts = _repetitive_prompts()
+    results = engine.generate_batch([Request(p, 40) for p in prompts])
+    accepted, chosen = 0, set()
+    for p, result in zip(prompts, results):
+        assert result.token_ids == hf_greedy(target, p, 40, eos=EOS)
+        accepted += sum(result.stats.accepted_per_step)
+        chosen |= set(result.stats.choices)
+    assert accepted > 0, f"nothing was ever accepted ({chosen}): the proposers were not exercised"
+    if not combined:
+        assert len(chosen) >= 2, f"the cost model never switched: {chosen}"
+
+
+@pytest.mark.parametrize("betting", [False, True], ids=["no-bets", "bets"])
+def test_model_with_cost_model_and_bets_is_exact(pair, betting):
+    target, draft = pair
+    engine = _engine(target, draft, ("suffix",), combined=False, betting=betting)
+    for p in _repetitive_prompts():
+        result = engine.generate(p, 40)
+        assert result.token_ids == hf_greedy(target, p, 40, eos=EOS)
+
+
+# -- sampling stays exact with every proposer and with the cost model switching -----------------------
+@pytest.mark.parametrize("text,model,combined,shape", [
+    (("ngram",), False, True, TreeShape(6, 3, 2)), (("suffix",), False, True, TreeShape(6, 3, 2)),
+    (("ngram", "suffix"), True, False, None)], ids=["ngram", "suffix", "auto-switching"])
+def test_sampling_with_proposers_matches_target_distribution(text, model, combined, shape):
+    """A repetitive prompt over 8 tokens, so the text proposers find matches and trees get
+    verified (a pinned tree: every step that has a match speculates); the joint of the first 3
+    sampled tokens must fit the target's exactly."""
+    from test_sampling import N, PARAMS, VOCAB, chi_square_pvalue, exact_joint, sample_counts
+
+    target = tiny_model("llama", seed=11, vocab_size=VOCAB, initializer_range=0.5, num_hidden_layers=1,
+                        eos_token_id=None)
+    draft = perturbed(target, 0.6, seed=12)
+    engine = _engine(target, draft if model else None, text, combined, shape, eos=-1)
+    prompt = [3, 7, 2, 3, 7, 2, 3, 7]
+    counts = sample_counts(engine, SamplingParams(**PARAMS), N, prompt=prompt)
+    assert chi_square_pvalue(counts, exact_joint(target, SamplingParams(**PARAMS), prompt=prompt), N) > 1e-3
+    runs = [engine.generate(prompt, 3, SamplingParams(**PARAMS, seed=s)).stats for s in range(100)]
+    assert sum(sum(r.accepted_per_step) for r in runs) > 0, "no draft token was ever accepted"
+
+
+# -- through the actors: the speculator runs in the coordinator, the draft model in its actor --------
+from test_actors import _concurrently, _live_requests, _save_pair, ray_session  # noqa: E402,F401
+
+
+@pytest.mark.parametrize("text,combined,batch", [(("ngram", "suffix"), False, 1), (("suffix",), True, 3)],
+                         ids=["auto-alone", "suffix-batched"])
+def test_actors_identity_with_proposers_and_cost_model(ray_session, pair, tmp_path, text, combined, batch):
+    from dovetail.actors.system import ActorEngine
+    from dovetail.config import EngineConfig
+
+    target, draft = pair
+    target_dir, draft_dir = _save_pair(tmp_path, target, draft)
+    config = EngineConfig(target=str(target_dir), draft=str(draft_dir), sockets="0", draft_precision="fp32",
+                          max_batch=batch)
+    engine = ActorEngine(target_dir, draft_dir, config, [EOS], context_length=512,
+                         setup=SpeculationSetup(text, combined, None))
+    try:
+        prompts = _repetitive_prompts()
+        chosen, accepted = set(), 0
+        for pipeline in (True, False):
+            results = _concurrently(lambda i: engine.generate(prompts[i], 40, pipeline=pipeline), len(prompts))
+            for i, p in enumerate(prompts):
+                assert results[i].token_ids == hf_greedy(target, p, 40, eos=EOS), (i, pipeline)
+                chosen |= set(results[i].stats.choices)
+                accepted += sum(results[i].stats.accepted_per_step)
+        assert accepted > 0 and len(chosen) >= 2, chosen
+        assert set(_live_requests(engine).values()) == {0}
+    finally:
+        engine.shutdown()
