@@ -91,14 +91,6 @@ class Speculator:
         self.draft_wait: dict[tuple[tuple[str, ...], int], Ema] = {}
         self.states: dict[str, RequestState] = {}
 
-    @property
-    def largest_tree(self) -> int:
-        """Nodes of the largest tree a step may verify (KV admission counts it)."""
-        if self.shape is not None:
-            return self.shape.total_tokens * max(len(o) for o in self.options)
-        return max(sum(TEXT_SHAPE.total_tokens - 1 if self.members[n].free else MAX_DEPTH for n in key) + 1
-                   for key in self.options)
-
     def _prior(self, key: tuple[str, ...]) -> float:
         return PRIOR["text"] if all(self.members[n].free for n in key) else PRIOR["model"]
 
@@ -213,7 +205,7 @@ class Speculator:
             if self.shape is None and best is not None and rate(best) <= rate(None):
                 best = None
             best = self._maybe_probe(state, best, options)
-            if best is None and self.shape is None:
+            if best is None and options and self.shape is None:
                 self._say_off(rid, state, options, rate)
             picks[rid] = best
             rows += (best.rows - 1) if best else 0
@@ -274,11 +266,10 @@ class Speculator:
         if state.off_said:
             return
         state.off_said = True
-        best = max(options, key=rate, default=None)
-        why = (f"the best draft, {'+'.join(best.key)} at depth {best.depth}, is expected to give "
-               f"{rate(best):.1f} tok/s against {rate(None):.1f} for the target alone" if best else
-               "no proposer has a draft")
-        self.say(f"request {request_id}: speculation off ({why}); the cost model tries again now and then")
+        best = max(options, key=rate)
+        self.say(f"request {request_id}: speculation off: the best draft, {'+'.join(best.key)} at depth "
+                 f"{best.depth}, is expected to give {rate(best):.1f} tok/s against {rate(None):.1f} for the "
+                 f"target alone; the cost model tries again now and then")
 
     # -- running the chosen models -------------------------------------------------------------
     def _run_models(self, items: list[Drafting], picks: dict, failed: dict) -> dict[tuple[str, str], Proposal]:
