@@ -31,7 +31,7 @@ from dovetail.models.target import TargetVerifier
 from dovetail.models.verification import SamplingParams
 from dovetail.config import DEFAULT_TREE
 from dovetail.speculation import SpeculationSetup
-from dovetail.store import ModelStore, resolve_draft, resolve_model
+from dovetail.store import AUTO_DRAFT, ModelStore, resolve_draft, resolve_model
 
 
 def _log(msg: str) -> None:
@@ -183,7 +183,7 @@ class Dovetail:
             vocab = f", head cut to {self.config.draft_vocab} tokens" if self.config.draft_vocab else ""
             precision = "fp32" if self.config.draft_precision == "fp32" else "int8"
             return f"Dovetail drafter {self.draft_dir} ({precision}{vocab})"
-        name = self.draft_dir.name if self.proposers.model == "auto" else self.proposers.model
+        name = self.draft_dir.name if self.proposers.model == AUTO_DRAFT else self.proposers.model
         return f"{name} ({self.precision_label('draft')})"
 
     def precision_label(self, role: str) -> str:

@@ -16,10 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dovetail.errors import UserError
+from dovetail.store import AUTO_DRAFT
 
 TEXT_PROPOSERS = ("ngram", "suffix")
-AUTO = "auto"
-MODEL_DEFAULT = "auto"  # what the model part of --draft auto resolves to (dovetail.store.AUTO_DRAFT)
 
 
 @dataclass(frozen=True)
@@ -45,13 +44,13 @@ def parse_proposers(spec: str | None) -> Proposers:
     """``None`` (speculation off), ``auto``, a name, or names joined by ``+``."""
     if spec is None:
         return Proposers(None)
-    if spec == AUTO:
-        return Proposers(MODEL_DEFAULT, TEXT_PROPOSERS, combined=False)
+    if spec == AUTO_DRAFT:  # the draft model "auto" resolves to, and both model-free proposers
+        return Proposers(AUTO_DRAFT, TEXT_PROPOSERS, combined=False)
     parts = [p.strip() for p in spec.split("+")]
     if any(not p for p in parts):
         raise UserError(f"bad --draft {spec!r}: names joined by '+', e.g. ngram+suffix")
     text = tuple(p for p in parts if p in TEXT_PROPOSERS)
-    models = [("auto" if p == "model" else p) for p in parts if p not in TEXT_PROPOSERS]
+    models = [(AUTO_DRAFT if p == "model" else p) for p in parts if p not in TEXT_PROPOSERS]
     if len(models) > 1:
         raise UserError(f"bad --draft {spec!r}: at most one draft model, got {models}")
     if len(set(text)) != len(text):
