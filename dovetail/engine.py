@@ -52,10 +52,9 @@ class SpeculativeEngine(Generates):
         self.eos = set(int(t) for t in eos_token_ids)
         self.context_length = target.context_length
         verifier = LocalVerifier(target.fresh)
-        feature = draft is not None and draft.reads_features
-        self.speculator = build_speculator(LocalProposer(draft.fresh) if draft is not None else None,
-                                           "dovetail" if feature else "model", self.setup, verifier,
-                                           self.context_length, every_step=feature, bets=betting)
+        self.speculator = build_speculator(LocalProposer(draft.fresh) if draft is not None else None, self.setup,
+                                           verifier, self.context_length,
+                                           reads_features=draft is not None and draft.reads_features, bets=betting)
         self.loop = DecodeLoop(self.speculator, verifier, self.eos, self.context_length, max_batch=max_batch,
                                betting=betting)
         self._events: dict[str, list] = {}

@@ -107,9 +107,8 @@ class Coordinator(Messaging):
         verifier = RemoteVerifier(self)
         setup = SpeculationSetup(spec.text_proposers, spec.combined, spec.tree if spec.pinned_tree else None,
                                  spec.cost_key, log.warning)
-        speculator = build_speculator(RemoteProposer(self) if spec.draft_dir else None,
-                                      "dovetail" if spec.feature_drafter else "model", setup, verifier,
-                                      spec.context_length, every_step=spec.feature_drafter, bets=True)
+        speculator = build_speculator(RemoteProposer(self) if spec.draft_dir else None, setup, verifier,
+                                      spec.context_length, reads_features=spec.feature_drafter, bets=True)
         self.loop = DecodeLoop(speculator, verifier,
                                eos_token_ids, spec.context_length, spec.max_batch, cancelled=self._cancelled,
                                on_failure=self._fail_request,

@@ -3,8 +3,9 @@
 It answers ``ProposeTree`` / ``ProposeBatch`` (grow the next trees after these committed tokens,
 together where it can) and ``Predraft`` (bet on the tree under verification and grow the next
 one) through ``dovetail/local.py``'s proposer, one per request, exactly as in process. Trees go
-out as int32 arrays in this actor's shared-memory arena, which the coordinator reads. A Dovetail feature drafter (a drafter folder) also reads the target's
-features, which the messages point to in shard 0's arena.
+out as int32 arrays in this actor's shared-memory arena, which the coordinator reads. A Dovetail
+feature drafter (a drafter folder) also reads the target's features, which the messages point to
+in shard 0's arena.
 """
 
 from __future__ import annotations
@@ -65,12 +66,12 @@ class DraftWorker(ChannelWorker):
 
     def propose(self, msg: ProposeTree) -> None:
         self._propose([Drafting(msg.request_id, msg.step, msg.new_tokens, self._features(msg.features),
-                                tree_shape(msg.shape))])
+                                _shape(msg.shape))])
 
     def propose_batch(self, msg: ProposeBatch) -> None:
         features = msg.features or [None] * len(msg.request_ids)
         shapes = msg.shapes or [None] * len(msg.request_ids)
-        self._propose([Drafting(rid, step, new_tokens, self._features(ref), tree_shape(shape))
+        self._propose([Drafting(rid, step, new_tokens, self._features(ref), _shape(shape))
                        for rid, step, new_tokens, ref, shape
                        in zip(msg.request_ids, msg.steps, msg.new_tokens, features, shapes)])
 
@@ -84,7 +85,7 @@ class DraftWorker(ChannelWorker):
 
     def predraft(self, msg: Predraft) -> None:
         settled = Drafting(msg.request_id, msg.step, msg.settled, self._features(msg.features)) if msg.settled else None
-        bet = self.local.place_bet(msg.request_id, settled, tree_shape(msg.shape))
+        bet = self.local.place_bet(msg.request_id, settled, _shape(msg.shape))
         self._send_tree(msg.request_id, msg.step, bet.tree, bet.guess, bet.compute_s)
 
     def release(self, request_id: str) -> None:
@@ -103,6 +104,6 @@ class DraftWorker(ChannelWorker):
         self.arena.close()
 
 
-def tree_shape(fields: list[int] | None) -> TreeShape | None:
-    """A message's shape fields (total_tokens, depth, top_k) as a ``TreeShape``; None stays None."""
+def _shape(fields: list[int] | None) -> TreeShape | None:
+    """A message's ``TreeShape.fields()`` back as a shape; None stays None."""
     return None if fields is None else TreeShape(*fields)

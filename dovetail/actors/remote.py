@@ -24,10 +24,6 @@ def array_bytes(ref: ArrayRef | None) -> int:
     return 0 if ref is None else np.dtype(ref.dtype).itemsize * int(np.prod(ref.shape))
 
 
-def shape_fields(shape: TreeShape | None) -> list[int] | None:
-    return None if shape is None else [shape.total_tokens, shape.depth, shape.top_k]
-
-
 class RemoteProposer:
     def __init__(self, link):
         self.link = link
@@ -43,10 +39,10 @@ class RemoteProposer:
     def propose(self, items: list[Drafting]) -> list[Proposal | Exception]:
         if len(items) == 1:
             (item,) = items
-            msg = ProposeTree(item.request_id, item.step, item.new_tokens, item.features, shape_fields(item.shape))
+            msg = ProposeTree(item.request_id, item.step, item.new_tokens, item.features, _fields(item.shape))
         else:
             msg = ProposeBatch([i.request_id for i in items], [i.step for i in items], [i.new_tokens for i in items],
-                               [i.features for i in items], [shape_fields(i.shape) for i in items])
+                               [i.features for i in items], [_fields(i.shape) for i in items])
         self.link._send(self.link.draft, msg)
         results: list[Proposal | Exception] = []
         for item in items:
@@ -59,13 +55,17 @@ class RemoteProposer:
 
     def bet(self, request_id: str, step: int, settled: Drafting | None, shape: TreeShape) -> None:
         self.link._send(self.link.draft, Predraft(request_id, step, settled.new_tokens if settled else [],
-                                                  settled.features if settled else None, shape_fields(shape)))
+                                                  settled.features if settled else None, _fields(shape)))
 
     def collect_bet(self, request_id: str, step: int) -> Proposal:
         return self._proposal(self.link._recv(self.link.draft, TreeProposal, request_id, step))
 
     def end(self, request_id: str) -> None:
         self.link._send(self.link.draft, EndRequest(request_id))
+
+
+def _fields(shape: TreeShape | None) -> list[int] | None:
+    return None if shape is None else shape.fields()
 
 
 def _verdict(reply: Accepted) -> Verdict:

@@ -23,6 +23,7 @@ from dovetail.models.tree import DraftTree, TreeBuilder, TreeShape
 
 class FeatureDraftProposer:
     reads_features = True  # it must see every step's features, so it is told every step
+
     def __init__(self, lm: CachedLM, shape: TreeShape):
         self.lm = lm
         self.set_shape(shape)

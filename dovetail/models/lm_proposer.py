@@ -24,6 +24,7 @@ from dovetail.models.tree import DraftTree, TreeBuilder, TreeShape, drive, drive
 
 class DraftProposer:
     reads_features = False
+
     def __init__(self, lm: CachedLM, shape: TreeShape, vocab_limit: int | None = None):
         self.lm = lm
         self.set_shape(shape)

@@ -38,6 +38,10 @@ class TreeShape:
         total, depth, top_k = (int(x) for x in text.split(","))
         return cls(total, depth, top_k)
 
+    def fields(self) -> list[int]:
+        """``[total_tokens, depth, top_k]``: how a shape travels in a message."""
+        return [self.total_tokens, self.depth, self.top_k]
+
     def __str__(self) -> str:
         if self.top_k == 1 and self.total_tokens == self.depth + 1:
             return f"chain:{self.depth}"

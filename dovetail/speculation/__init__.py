@@ -73,11 +73,13 @@ class SpeculationSetup:
     suffix_cache: object = field(default=None, repr=False)
 
 
-def build_speculator(model, model_name: str, setup: SpeculationSetup, verifier, context_length: int,
-                     every_step: bool = False, bets: bool = False):
+def build_speculator(model, setup: SpeculationSetup, verifier, context_length: int,
+                     reads_features: bool = False, bets: bool = False):
     """The loop's speculator over ``model`` (a ``Proposer`` over the draft model, or None) and the
-    model-free proposers ``setup.text``; None when there is nothing to propose with. The cost
-    curve is measured through ``verifier`` (and ``model``) when the cost model has a choice."""
+    model-free proposers ``setup.text``; None when there is nothing to propose with. A draft that
+    ``reads_features`` (the Dovetail drafter, named ``dovetail``) is told every step; the draft
+    model (``model``) only when chosen. The cost curve is measured through ``verifier`` (and a
+    draft model) when the cost model has a choice."""
     from dovetail.models.tree import TreeShape
     from dovetail.speculation.calibrate import measured_costs
     from dovetail.speculation.cost import VerifyCurve
@@ -86,7 +88,8 @@ def build_speculator(model, model_name: str, setup: SpeculationSetup, verifier, 
 
     members = []
     if model is not None:
-        members.append(Member(model_name, model, every_step=every_step, bets=bets))
+        members.append(Member("dovetail" if reads_features else "model", model, every_step=reads_features,
+                              bets=bets))
     for name in setup.text:
         if name == "ngram":
             proposer = NgramProposer()
@@ -101,7 +104,7 @@ def build_speculator(model, model_name: str, setup: SpeculationSetup, verifier, 
     if shape is not None and len(options) == 1:  # nothing to choose: no curve to measure
         curve = VerifyCurve({1: 1.0})
     else:
-        costs = measured_costs(verifier, model if model is not None and not every_step else None,
+        costs = measured_costs(verifier, model if model is not None and not reads_features else None,
                                context_length, setup.cost_key, setup.say or (lambda msg: None))
         curve = VerifyCurve(costs["verify"])
         if model is not None:
