@@ -7,6 +7,10 @@ prompts (token ids through the chat template, greedy) over HTTP and measures:
               engine's own prefill time for the same request, and the server's overhead per
               streamed token ((client time - engine time) / tokens)
   concurrent  the same prompts all at once: aggregate tokens/s, ratio to single
+  speculation (config "defaults, speculation on and off"): ``launch.py serve`` with nothing but
+              its target, chat prompts (two HumanEval, two creative) one at a time, greedy and at
+              temperature 1.0 (the OpenAI API's default, no seed), each with ``speculate`` true
+              and false: decode tokens/s (after the first token) and the ratio on/off
 Configurations: the default plan (1 replica, target shard + draft on their own cores) with one
 request at a time and with a batch of 4 (trees verified in one forward), and the scaling pairs on
 virtual sockets (batch 4): 1 replica on socket "0" -> 2 replicas on "0|1", and 1 shard on "0" ->
@@ -27,7 +31,9 @@ from pathlib import Path
 from bench.harness import humaneval_prompts, machine_info, write_report
 from dovetail.errors import UserError
 
+SPECULATION = "defaults, speculation on and off"
 CONFIGS = {  # name -> extra `launch.py serve` flags
+    SPECULATION: [],
     "default plan, one request at a time (max batch 1)": ["--max-batch", "1"],
     "default plan, max batch 4": ["--max-batch", "4"],
     "1 replica, 1 shard, socket '0'": ["--sockets", "0"],
@@ -36,12 +42,12 @@ CONFIGS = {  # name -> extra `launch.py serve` flags
 }
 
 
-def stream_request(client, url: str, prompt_ids: list[int], max_tokens: int) -> dict:
+def stream_request(client, url: str, prompt_ids: list[int], max_tokens: int, **extra) -> dict:
     """One streamed completion over ``client`` (an ``httpx.Client``, kept across requests: a new
     client costs ~25 ms of TLS set-up that no server should be blamed for); client-side times
-    and the server's usage extension."""
+    and the server's usage extension. ``extra``: more body fields (greedy unless told)."""
     body = {"prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **extra}
     t0 = time.perf_counter()
     first, last, usage, text = None, None, None, ""
     with client.stream("POST", url + "/v1/completions", json=body, timeout=3600) as response:
@@ -109,6 +115,30 @@ def measure(url: str, prompts: list[list[int]], max_tokens: int) -> dict:
                        "vs_single": round(conc_tokens / wall / single_tps, 3),
                        "same_text_as_single": all(a["text"] == b["text"] for a, b in zip(results, single))},
     }
+
+
+def measure_speculation(url: str, prompts: list[list[int]], max_tokens: int, rounds: int = 2) -> dict:
+    """Each prompt with ``speculate`` true and false, alternating (so drift hits both alike), greedy
+    and at temperature 1.0; decode tokens/s from the first streamed token to the last."""
+    import httpx
+
+    client = httpx.Client(timeout=3600)
+    stream_request(client, url, prompts[0], 4)  # warm-up
+    out = {}
+    for temperature in (0.0, 1.0):
+        tokens, seconds = {True: 0, False: 0}, {True: 0.0, False: 0.0}
+        for _ in range(rounds):
+            for prompt in prompts:
+                for speculate in (True, False):
+                    r = stream_request(client, url, prompt, max_tokens, temperature=temperature, speculate=speculate)
+                    tokens[speculate] += r["usage"]["completion_tokens"] - 1
+                    seconds[speculate] += r["streaming_s"]
+        rate = {k: tokens[k] / seconds[k] for k in tokens}
+        out[f"temperature {temperature}"] = {"speculate_tok_s": round(rate[True], 2),
+                                             "target_alone_tok_s": round(rate[False], 2),
+                                             "ratio": round(rate[True] / rate[False], 3)}
+        print(f"[bench] served, temperature {temperature}: {out[f'temperature {temperature}']}", flush=True)
+    return out
 
 
 def _best_ms(fn, reset, reps: int) -> float:
@@ -226,6 +256,12 @@ def run_serve_bench(args) -> int:
     logs = Path(tempfile.mkdtemp(prefix="dovetail-bench-serve-"))
     for i, name in enumerate(names):
         print(f"[bench] {name}: starting the server", flush=True)
+        if name == SPECULATION:  # the server's own defaults: the cost model over every proposer
+            with ServerProcess(["--target", args.target], logs / f"server{i}.log") as server:
+                report["configs"][name] = result = measure_speculation(server.url, _chat_prompts(args),
+                                                                       args.max_new_tokens)
+            print(f"[bench] {name}: {json.dumps(result)}", flush=True)
+            continue
         with ServerProcess(model_args + CONFIGS[name], logs / f"server{i}.log") as server:
             report["configs"][name] = result = measure(server.url, prompts, args.max_new_tokens)
         print(f"[bench] {name}: {json.dumps(result)}", flush=True)
@@ -233,6 +269,16 @@ def run_serve_bench(args) -> int:
     path = write_report(report, args)
     print(f"[bench] wrote {path} (server logs in {logs})")
     return 0
+
+
+def _chat_prompts(args) -> list[list[int]]:
+    """Two HumanEval and two creative chat prompts, as token ids through the chat template."""
+    from bench.workloads import CREATIVE
+    from dovetail.models.loading import encode_chat, load_tokenizer
+    from dovetail.store import resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(args.target))
+    return humaneval_prompts(tokenizer, 2) + [encode_chat(tokenizer, text) for text in CREATIVE[:2]]
 
 
 def _scaling(configs: dict) -> None:

@@ -6,6 +6,11 @@ Workloads (the packaged pair; greedy unless said):
   long-context  chat: ~4k tokens of real source code, then a question about it
   multi-turn    one conversation grown over 4 turns (each turn's answer joins the next prompt)
   sampling      the humaneval prompts at temperature 0.8
+  creative      short creative chat prompts at temperature 0.8
+
+Sampled workloads pass no seed (as most API callers), so a draft model samples its trees and
+verification rejects against its q; the row "model chain:3, top-1 draft" gives each prompt a seed,
+which keeps the draft on its most likely tokens (the rule before sampled drafts), for comparison.
 
 Dovetail configurations share one loaded target and draft: the target alone, the defaults (the
 cost model over the draft model, ``ngram`` and ``suffix``), the model-free proposers alone
@@ -22,7 +27,6 @@ whether the output is token-identical to Dovetail's target alone. JSON and PNG g
 from __future__ import annotations
 
 import inspect
-import json
 import sys
 import tempfile
 import textwrap
@@ -85,7 +89,14 @@ def workloads(dt, count: int, context_tokens: int) -> dict[str, dict]:
                                  "Rewrite it without using the datetime module's fromisoformat."],
                        "temperature": 0.0},
         "sampling": {"prompts": humaneval_prompts(tok, count), "temperature": 0.8},
+        "creative": {"prompts": [encode_chat(tok, text) for text in CREATIVE[:count]], "temperature": 0.8},
     }
+
+
+CREATIVE = ["Write a short poem about the sea at night.",
+            "Tell me a story about a fox who learns to fly, in one paragraph.",
+            "Describe a city of the future in five sentences.",
+            "Write a letter from a lighthouse keeper to a friend far away."]
 
 
 def _engines(dt) -> dict:
@@ -96,23 +107,28 @@ def _engines(dt) -> dict:
 
     base = dt.engine
     key = dt.speculation_setup().cost_key
+    chain3 = SpeculativeEngine(base.target, base.draft, base.eos, setup=SpeculationSetup(shape=TreeShape.chain(3)))
     return {
         "target alone": (base, False),
         "default (cost model: model, ngram, suffix)": (base, True),
         "ngram+suffix (cost model)": (SpeculativeEngine(base.target, None, base.eos, setup=SpeculationSetup(
             ("ngram", "suffix"), False, None, {**key, "draft": None}, _say)), True),
-        "model chain:3 (former default)": (SpeculativeEngine(base.target, base.draft, base.eos, setup=SpeculationSetup(
-            shape=TreeShape.chain(3))), True),
+        "model chain:3 (former default)": (chain3, True),
+        SEEDED_ROW: (chain3, True),
     }
 
 
-def _run(engine, speculate: bool, prompts: list[list[int]], max_new: int, temperature: float) -> dict:
+SEEDED_ROW = "model chain:3, top-1 draft (seeded)"  # sampled workloads only
+
+
+def _run(engine, speculate: bool, prompts: list[list[int]], max_new: int, temperature: float,
+         seeded: bool = False) -> dict:
     from dovetail.models.verification import SamplingParams
     from dovetail.request import GenerationStats
 
     tokens, decode_s, outputs, merged = 0, 0.0, [], GenerationStats()
     for i, ids in enumerate(prompts):
-        params = SamplingParams(temperature, seed=i) if temperature else SamplingParams()
+        params = SamplingParams(temperature, seed=i if seeded else None) if temperature else SamplingParams()
         result = engine.generate(ids, max_new, params, speculate=speculate)
         s = result.stats
         tokens += s.new_tokens
@@ -225,8 +241,11 @@ def run_workloads_bench(args) -> int:
                                              "temperature": work["temperature"], "rows": {}}
         reference = None
         for label, (engine, speculate) in engines.items():
+            if label == SEEDED_ROW and not work["temperature"]:
+                continue
             t = time.perf_counter()
-            row, outputs = _run(engine, speculate, prompts, args.max_new_tokens, work["temperature"])
+            row, outputs = _run(engine, speculate, prompts, args.max_new_tokens, work["temperature"],
+                                seeded=label == SEEDED_ROW)
             if label == "target alone":
                 reference = outputs
             elif work["temperature"] == 0:

@@ -87,7 +87,8 @@ class Verdict:
 
 
 class Proposer(Protocol):
-    def start(self, request_id: str, prompt_ids: list[int]) -> None: ...
+    def start(self, request_id: str, prompt_ids: list[int], params=None) -> None:
+        """``params``: the request's ``SamplingParams``, for a proposer that samples by them."""
 
     def propose(self, items: list[Drafting]) -> list[Proposal | Exception]:
         """Each request's next tree (or its own error), grown together where the draft can."""
@@ -105,8 +106,9 @@ class Speculator(Protocol):
     """What the loop drafts with (``dovetail/speculation``): it runs one or more ``Proposer``s,
     picks each request's proposers and tree per step (or none), and learns from each step."""
 
-    def start(self, request_id: str, prompt_ids: list[int], tenant: str = "") -> None:
-        """``tenant``: whose earlier outputs the request may draft from (never another tenant's)."""
+    def start(self, request_id: str, prompt_ids: list[int], tenant: str = "", params=None) -> None:
+        """``tenant``: whose earlier outputs the request may draft from (never another tenant's);
+        ``params``: its ``SamplingParams``."""
 
     def propose(self, items: list[Drafting]) -> list[Proposal | Exception]:
         """Each request's tree for this step (its ``choice`` says what grew it; None: the root alone)."""
@@ -219,10 +221,10 @@ class DecodeLoop:
         prompt = list(request.prompt_ids)
         try:
             if drafts and self.prefill_together:
-                self.proposer.start(lv.rid, prompt, request.tenant)
+                self.proposer.start(lv.rid, prompt, request.tenant, request.params)
             first = self.verifier.start(lv.rid, prompt, request.params)
             if drafts and not self.prefill_together:
-                self.proposer.start(lv.rid, prompt, request.tenant)
+                self.proposer.start(lv.rid, prompt, request.tenant, request.params)
         except RequestFailure as exc:
             return self._fail(lv, exc)
         lv.stats.prefill_s = time.perf_counter() - lv.t0

@@ -52,9 +52,10 @@ class LocalProposer:
         self.states: dict = {}
         self._bets: dict[str, Proposal] = {}
 
-    def start(self, request_id: str, prompt_ids: list[int]) -> None:
+    def start(self, request_id: str, prompt_ids: list[int], params=None) -> None:
+        """``params``: the request's ``SamplingParams`` (a draft model samples its trees by them)."""
         proposer = self.states[request_id] = self.new_proposer()
-        proposer.start(prompt_ids)
+        proposer.start(prompt_ids, params)
 
     def propose(self, items: list[Drafting]) -> list[Proposal | Exception]:
         """Requests without an open bet grow their trees together; one whose bet missed redrafts

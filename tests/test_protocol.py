@@ -28,24 +28,42 @@ def test_messages_round_trip(arena):
     ref = arena.put(np.arange(5, dtype=np.int64))
     for msg in (m.StartRequest("r1", ref, {"temperature": 0.5}), m.ProposeTree("r1", 3, [4, 5, 6]),
                 m.ProposeBatch(["r1", "r2"], [3, 1], [[4, 5], [6]]),
-                m.TreeProposal("r1", 3, ref, ref), m.Accepted("r1", 3, [0, 2], [7, 8]),
+                m.TreeProposal("r1", 3, ref, ref), m.TreeProposal("r1", 3, ref, ref, q_tokens=ref, q_probs=ref),
+                m.VerifyBatch(["r1", "r2"], [3, 1], [ref, ref], [ref, ref], [None, ref], [None, ref]),
+                m.Accepted("r1", 3, [0, 2], [7, 8]),
                 m.ErrorReport("r1", "boom"), m.Shutdown()):
         assert m.decode(m.encode(msg)) == msg
+
+
+def test_a_sampled_tree_travels_with_its_q(arena):
+    from dovetail.actors.worker import put_tree, read_tree
+    from dovetail.models.tree import DraftTree
+
+    q_tokens = np.array([[4, 9, 0], [0, 0, 0], [0, 0, 0]])
+    q_probs = np.array([[0.7, 0.3, 0.0], [0, 0, 0], [0, 0, 0]], dtype=np.float32)
+    for tree in (DraftTree([1, 4, 9], [-1, 0, 0]), DraftTree([1, 4, 9], [-1, 0, 0], q_tokens, q_probs)):
+        refs = put_tree(arena, tree)
+        msg = m.decode(m.encode(m.VerifyTree("r", 1, **refs)))
+        back = read_tree(arena.view, msg.tokens, msg.parents, msg.q_tokens, msg.q_probs)
+        assert back.tokens.tolist() == [1, 4, 9] and back.parents.tolist() == [-1, 0, 0]
+        assert back.sampled == tree.sampled
+        if tree.sampled:
+            assert back.q_tokens.tolist() == q_tokens.tolist() and np.array_equal(back.q_probs, q_probs)
 
 
 @pytest.mark.parametrize("payload,why", [
     (b"\xc1garbage", "undecodable"),
     (msgpack.packb([1, 2]), "must be a map"),
     (msgpack.packb({"v": 99, "kind": "shutdown"}), "protocol version"),
-    (msgpack.packb({"v": 1, "kind": "launch_missiles"}), "unknown message kind"),
-    (msgpack.packb({"v": 1, "kind": "propose", "request_id": "r", "step": 1}), "missing field 'new_tokens'"),
-    (msgpack.packb({"v": 1, "kind": "propose", "request_id": "r", "step": "1", "new_tokens": []}), "expected int"),
-    (msgpack.packb({"v": 1, "kind": "propose_batch", "request_ids": ["r"], "steps": [1], "new_tokens": [[1, "2"]]}),
+    (msgpack.packb({"v": m.PROTOCOL_VERSION, "kind": "launch_missiles"}), "unknown message kind"),
+    (msgpack.packb({"v": m.PROTOCOL_VERSION, "kind": "propose", "request_id": "r", "step": 1}), "missing field 'new_tokens'"),
+    (msgpack.packb({"v": m.PROTOCOL_VERSION, "kind": "propose", "request_id": "r", "step": "1", "new_tokens": []}), "expected int"),
+    (msgpack.packb({"v": m.PROTOCOL_VERSION, "kind": "propose_batch", "request_ids": ["r"], "steps": [1], "new_tokens": [[1, "2"]]}),
      "list of list"),
-    (msgpack.packb({"v": 1, "kind": "propose", "request_id": "r", "step": 1, "new_tokens": ["a"]}), "list of int"),
-    (msgpack.packb({"v": 1, "kind": "accepted", "request_id": "r", "step": 1, "path": [], "tokens": [],
+    (msgpack.packb({"v": m.PROTOCOL_VERSION, "kind": "propose", "request_id": "r", "step": 1, "new_tokens": ["a"]}), "list of int"),
+    (msgpack.packb({"v": m.PROTOCOL_VERSION, "kind": "accepted", "request_id": "r", "step": 1, "path": [], "tokens": [],
                     "extra": 1}), "unknown fields"),
-    (msgpack.packb({"v": 1, "kind": "tree", "request_id": "r", "step": 1, "tokens": 5, "parents": 5}),
+    (msgpack.packb({"v": m.PROTOCOL_VERSION, "kind": "tree", "request_id": "r", "step": 1, "tokens": 5, "parents": 5}),
      "array reference"),
 ])
 def test_malformed_messages_raise_protocol_error(payload, why):

@@ -52,10 +52,12 @@ def exact_joint(target, params, length=3, prompt=PROMPT):
     return probs
 
 
-def sample_counts(engine, params, n, length=3, prompt=PROMPT):
+def sample_counts(engine, params, n, length=3, prompt=PROMPT, seeded=True):
+    """``seeded``: seeds 0..n-1 given by the caller (the draft then proposes its top-k); False:
+    no seed, so a draft model samples its trees and verification rejects against its q."""
     counts = {}
     for seed in range(n):
-        p = SamplingParams(params.temperature, params.top_p, params.top_k, seed=seed)
+        p = SamplingParams(params.temperature, params.top_p, params.top_k, seed=seed if seeded else None)
         out = tuple(engine.generate(prompt, length, p).token_ids)
         counts[out] = counts.get(out, 0) + 1
     return counts
@@ -99,10 +101,91 @@ def test_broken_sampler_is_detected(pair, exact, monkeypatch):
     from dovetail.models.tree import TreeShape
 
     original = verification.position_uniform
-    monkeypatch.setattr(verification, "position_uniform", lambda seed, position: original(seed, 0))
+    monkeypatch.setattr(verification, "position_uniform", lambda seed, position, *stream: original(seed, 0, *stream))
     engine = make_engine(*pair, TreeShape.parse("6,2,3"), eos=-1)
     counts = sample_counts(engine, SamplingParams(**PARAMS), N)
     assert chi_square_pvalue(counts, exact, N) < 1e-6
+
+
+@pytest.mark.parametrize("shape", ["chain:3", "6,2,3"])
+def test_sampled_drafts_match_target_distribution(pair, exact, shape, monkeypatch):
+    """Without a caller's seed the draft samples its trees from q and verification rejects
+    against q (recursive rejection for siblings): still exactly the target's distribution."""
+    from dovetail.models.tree import TreeShape
+
+    drawn = []
+    original = verification.DraftSampler.draw
+    monkeypatch.setattr(verification.DraftSampler, "draw", lambda self, *a: drawn.append(1) or original(self, *a))
+    engine = make_engine(*pair, TreeShape.parse(shape), eos=-1)
+    counts = sample_counts(engine, SamplingParams(**PARAMS), N, seeded=False)
+    assert drawn, "the draft never sampled"
+    assert chi_square_pvalue(counts, exact, N) > 1e-3
+
+
+def test_a_wrong_q_is_detected(pair, exact, monkeypatch):
+    """A draft that samples from q but tells verification another q (flatter than the real one)
+    must fail the same test."""
+    from dovetail.models.tree import TreeShape
+
+    original = verification.DraftSampler.draw
+
+    def lying_draw(self, log_probs, k):
+        scores, tokens, (q_tokens, q_probs) = original(self, log_probs, k)
+        flat = np.where(q_probs > 0, 1.0, 0.0).astype(np.float32)
+        return scores, tokens, (q_tokens, flat / flat.sum(axis=-1, keepdims=True))
+
+    monkeypatch.setattr(verification.DraftSampler, "draw", lying_draw)
+    engine = make_engine(*pair, TreeShape.parse("chain:3"), eos=-1)
+    counts = sample_counts(engine, SamplingParams(**PARAMS), N, seeded=False)
+    assert chi_square_pvalue(counts, exact, N) < 1e-6
+
+
+P_ONE = np.array([0.05, 0.1, 0.1, 0.15, 0.3, 0.3])
+Q_ONE = np.array([0.4, 0.25, 0.1, 0.1, 0.1, 0.05])
+
+
+@pytest.mark.parametrize("siblings", [1, 2, 3])
+def test_recursive_rejection_over_sampled_siblings_is_exact(siblings):
+    """One position, ``siblings`` children drawn from q without replacement: the emitted token
+    follows p, and with one child it is accepted with probability sum(min(p, q))."""
+    from dovetail.models.tree import DraftTree
+
+    sampler = verification.DraftSampler(SamplingParams(temperature=1.0))
+    n, counts, accepted = 6000, np.zeros(len(P_ONE)), 0
+    probs = torch.tensor(P_ONE).repeat(siblings + 1, 1)
+    for seed in range(n):
+        _, tokens, (q_tokens, q_probs) = sampler.draw(torch.tensor(Q_ONE).log()[None], siblings)
+        rows = np.zeros((siblings + 1, q_tokens.shape[1]), dtype=np.int64), np.zeros((siblings + 1, q_probs.shape[1]))
+        rows[0][0], rows[1][0] = q_tokens[0], q_probs[0]
+        tree = DraftTree([0] + tokens[0].tolist(), [-1] + [0] * siblings, *rows)
+        result = verification.accept_sampling(tree, probs, seed, 10)
+        counts[result.tokens[0]] += 1
+        accepted += len(result.path) > 1
+    assert stats.chisquare(counts, P_ONE * n).pvalue > 1e-3
+    if siblings == 1:
+        assert abs(accepted / n - np.minimum(P_ONE, Q_ONE).sum()) < 0.03
+
+
+def test_sampled_trees_keep_first_draws_and_merging_drops_q():
+    """Pruning keeps, of each node's children, a first run in drawing order; a sampled tree merged
+    with another proposer's tree counts as fixed choices (no q)."""
+    from dovetail.models.tree import DraftTree, TreeBuilder, TreeShape, merge_trees
+
+    sampler = verification.DraftSampler(SamplingParams(temperature=1.0))
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(3)) * 2
+    for seed in range(20):
+        torch.manual_seed(seed)
+        tree, _ = TreeBuilder(TreeShape(7, 3, 3), sampler).build(1, lambda nodes, t, p: logits.expand(len(nodes), -1))
+        assert tree.sampled and len(tree) <= 7
+        for node in range(len(tree)):
+            children = tree.children(node)
+            if len(children):
+                q_tokens, q_probs = tree.proposal(node)
+                drawn = [int(t) for t in tree.tokens[children]]
+                assert len(set(drawn)) == len(drawn) and set(drawn) <= set(q_tokens[q_probs > 0].tolist())
+    other = DraftTree([1, 5, 6], [-1, 0, 1])
+    assert merge_trees([tree, DraftTree([1], [-1])]).sampled
+    assert not merge_trees([tree, other]).sampled
 
 
 @pytest.mark.parametrize("shape", ["chain:1", "chain:4", "6,2,3"])

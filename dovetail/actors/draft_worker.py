@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dovetail.actors.worker import ChannelWorker, DraftSpec, lean_loading, pin_to
+from dovetail.actors.worker import ChannelWorker, DraftSpec, lean_loading, pin_to, put_tree
 from dovetail.decode import Drafting
 from dovetail.local import LocalProposer
 from dovetail.models.cached_lm import CachedLM
@@ -22,6 +22,7 @@ from dovetail.models.feature_proposer import FeatureDraftProposer
 from dovetail.models.lm_proposer import DraftProposer
 from dovetail.models.loading import load_causal_lm
 from dovetail.models.tree import DraftTree, TreeShape
+from dovetail.models.verification import SamplingParams
 from dovetail.protocol.messages import ArrayRef, Predraft, ProposeBatch, ProposeTree, StartRequest, TreeProposal
 from dovetail.protocol.shm import ShmArena
 from dovetail.store import is_drafter_dir
@@ -62,7 +63,8 @@ class DraftWorker(ChannelWorker):
                 "arena": self.arena.name}
 
     def start(self, msg: StartRequest) -> None:
-        self.local.start(msg.request_id, self.view(msg.prompt).tolist())
+        self.local.start(msg.request_id, self.view(msg.prompt).tolist(),
+                         SamplingParams(**msg.sampling) if msg.sampling else None)
 
     def propose(self, msg: ProposeTree) -> None:
         self._propose([Drafting(msg.request_id, msg.step, msg.new_tokens, self._features(msg.features),
@@ -96,8 +98,7 @@ class DraftWorker(ChannelWorker):
         return None if ref is None else torch.from_numpy(np.array(self.view(ref)))
 
     def _send_tree(self, request_id: str, step: int, tree: DraftTree, guess: list[int], seconds: float) -> None:
-        self.channel.send(TreeProposal(request_id, step, self.arena.put(tree.tokens.astype(np.int32)),
-                                       self.arena.put(tree.parents.astype(np.int32)), guess, seconds))
+        self.channel.send(TreeProposal(request_id, step, guess=guess, compute_s=seconds, **put_tree(self.arena, tree)))
 
     def _close(self) -> None:
         super()._close()

@@ -14,6 +14,7 @@ import dataclasses
 
 import numpy as np
 
+from dovetail.actors.worker import put_tree, read_tree
 from dovetail.decode import Drafting, Proposal, RequestFailure, Verdict
 from dovetail.models.tree import DraftTree, TreeShape
 from dovetail.protocol.messages import (Accepted, ArrayRef, EndRequest, Predraft, ProposeBatch, ProposeTree,
@@ -29,12 +30,13 @@ class RemoteProposer:
         self.link = link
 
     def _proposal(self, reply: TreeProposal) -> Proposal:
-        tree = DraftTree(self.link.views.view(reply.tokens), self.link.views.view(reply.parents))
+        tree = read_tree(self.link.views.view, reply.tokens, reply.parents, reply.q_tokens, reply.q_probs)
         return Proposal(tree, reply.compute_s, reply.guess)
 
-    def start(self, request_id: str, prompt_ids: list[int]) -> None:
+    def start(self, request_id: str, prompt_ids: list[int], params=None) -> None:
         prompt = self.link.arena.put(np.asarray(prompt_ids, dtype=np.int32))
-        self.link._send(self.link.draft, StartRequest(request_id, prompt))
+        sampling = dataclasses.asdict(params) if params is not None else {}
+        self.link._send(self.link.draft, StartRequest(request_id, prompt, sampling))
 
     def propose(self, items: list[Drafting]) -> list[Proposal | Exception]:
         if len(items) == 1:
@@ -86,15 +88,14 @@ class RemoteVerifier:
         return self.collect(request_id, 0)
 
     def submit(self, trees: list[tuple[str, int, DraftTree]]) -> None:
-        arena = self.link.arena
-        refs = [(arena.put(tree.tokens.astype(np.int32)), arena.put(tree.parents.astype(np.int32)))
-                for _, _, tree in trees]
+        refs = [put_tree(self.link.arena, tree) for _, _, tree in trees]
         if len(trees) == 1:
-            ((rid, step, _),), ((tokens, parents),) = trees, refs
-            self._to_shards(VerifyTree(rid, step, tokens, parents))
+            ((rid, step, _),), (ref,) = trees, refs
+            self._to_shards(VerifyTree(rid, step, **ref))
         else:
             self._to_shards(VerifyBatch([rid for rid, _, _ in trees], [step for _, step, _ in trees],
-                                        [t for t, _ in refs], [p for _, p in refs]))
+                                        *([r.get(name) for r in refs]
+                                          for name in ("tokens", "parents", "q_tokens", "q_probs"))))
 
     def collect(self, request_id: str, step: int) -> Verdict:
         return _verdict(self.link._recv(self.link.shards[0], Accepted, request_id, step))

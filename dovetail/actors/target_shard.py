@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from dovetail.actors.worker import ChannelWorker, ShardSpec, lean_loading, pin_to
+from dovetail.actors.worker import ChannelWorker, ShardSpec, lean_loading, pin_to, read_tree
 from dovetail.local import LocalVerifier
 from dovetail.models.cached_lm import CachedLM
 from dovetail.models.target import TargetVerifier
-from dovetail.models.tree import DraftTree
 from dovetail.protocol.collectives import LocalCollective, ShmCollective, TorchDistributedCollective
 from dovetail.models.tp import load_shard
 from dovetail.models.verification import SamplingParams
@@ -55,11 +54,15 @@ class TargetShard(ChannelWorker):
             self._reply(msg.request_id, 0, verdict)
 
     def verify(self, msg: VerifyTree) -> None:
-        self._verify([(msg.request_id, msg.step, DraftTree(self.view(msg.tokens), self.view(msg.parents)))])
+        self._verify([(msg.request_id, msg.step, read_tree(self.view, msg.tokens, msg.parents, msg.q_tokens,
+                                                           msg.q_probs))])
 
     def verify_batch(self, msg: VerifyBatch) -> None:
-        self._verify([(rid, step, DraftTree(self.view(tokens), self.view(parents)))
-                      for rid, step, tokens, parents in zip(msg.request_ids, msg.steps, msg.tokens, msg.parents)])
+        n = len(msg.request_ids)
+        self._verify([(rid, step, read_tree(self.view, tokens, parents, q_tokens, q_probs))
+                      for rid, step, tokens, parents, q_tokens, q_probs
+                      in zip(msg.request_ids, msg.steps, msg.tokens, msg.parents, msg.q_tokens or [None] * n,
+                             msg.q_probs or [None] * n)])
 
     def _verify(self, trees: list) -> None:
         """One forward for every tree; rank 0 answers each request (or reports its own error)."""

@@ -14,9 +14,10 @@ import os
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from dovetail.models.tree import TreeShape
+from dovetail.models.tree import DraftTree, TreeShape
 from dovetail.protocol.channel import Channel
 from dovetail.protocol.messages import PROTOCOL_VERSION, ArrayRef, EndRequest, ErrorReport, Shutdown, Sync, Synced
 from dovetail.protocol.shm import ArenaReader, ShmArena
@@ -121,6 +122,22 @@ def rss_bytes() -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def put_tree(arena: ShmArena, tree: DraftTree) -> dict:
+    """A tree's arrays put in ``arena``, as the message fields that carry them: ``tokens``,
+    ``parents`` and, for a sampled tree, ``q_tokens`` and ``q_probs``."""
+    refs = {"tokens": arena.put(tree.tokens.astype(np.int32)), "parents": arena.put(tree.parents.astype(np.int32))}
+    if tree.sampled:
+        refs.update(q_tokens=arena.put(tree.q_tokens.astype(np.int32)), q_probs=arena.put(tree.q_probs))
+    return refs
+
+
+def read_tree(view, tokens: ArrayRef, parents: ArrayRef, q_tokens: ArrayRef | None = None,
+              q_probs: ArrayRef | None = None) -> DraftTree:
+    """The tree a message's references point at (``view`` reads one reference)."""
+    return DraftTree(view(tokens), view(parents), None if q_tokens is None else view(q_tokens),
+                     None if q_probs is None else view(q_probs))
 
 
 class ChannelWorker:

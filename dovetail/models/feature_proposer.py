@@ -42,8 +42,9 @@ class FeatureDraftProposer:
         self.shape = shape
         self.builder = TreeBuilder(shape)
 
-    def start(self, prompt_ids: list[int]) -> None:
-        """A new request. Prompt tokens 1.. pair with the prompt's features on the first ``propose``."""
+    def start(self, prompt_ids: list[int], params=None) -> None:
+        """A new request. Prompt tokens 1.. pair with the prompt's features on the first ``propose``.
+        ``params`` are not used: this drafter proposes its top-k (fixed choices) at any temperature."""
         self.lm.reset()
         self._unpaired = list(prompt_ids[1:])
         self._tree, self._bet, self._redo_mark, self._redo = None, None, None, []

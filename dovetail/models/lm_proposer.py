@@ -9,6 +9,10 @@ outcome (the draft's own greedy path through the tree, all accepted, plus the dr
 the bonus token) and grows the next tree from there. ``resolve(new_tokens)`` then keeps that tree
 when the bet was right, or rolls the cache back to the longest correct prefix and redrafts.
 
+Sampling: for a request that samples (and gave no seed of its own), children are drawn from the
+draft's distribution at the request's temperature, top-k and top-p, and the tree carries that
+distribution for the rejection rule (``verification.DraftSampler``); otherwise they are its top-k.
+
 Batches: ``propose_together`` grows several requests' trees at once, one draft forward per tree
 level for all of them (each proposer keeps its own cache; one with an open bet resolves alone).
 """
@@ -20,6 +24,7 @@ import torch
 
 from dovetail.models.cached_lm import CachedLM, TreeBlock, extend_together, forward_blocks
 from dovetail.models.tree import DraftTree, TreeBuilder, TreeShape, drive, drive_together
+from dovetail.models.verification import DraftSampler, SamplingParams
 
 
 class DraftProposer:
@@ -33,6 +38,7 @@ class DraftProposer:
         self._tree: DraftTree | None = None
         self._grown_ids: np.ndarray | None = None
         self._bet: tuple[int, list[int], DraftTree] | None = None  # (cache mark, guessed tokens, tree)
+        self.sampler: DraftSampler | None = None
 
     def fresh(self) -> "DraftProposer":
         """A proposer for another request: its own KV cache over the same weights."""
@@ -41,12 +47,13 @@ class DraftProposer:
     def set_shape(self, shape: TreeShape) -> None:
         """Change the tree budget (takes effect from the next request)."""
         self.shape = shape
-        self.builder = TreeBuilder(shape)
 
-    def start(self, prompt_ids: list[int]) -> None:
+    def start(self, prompt_ids: list[int], params: SamplingParams | None = None) -> None:
+        """``params``: the request's sampling; its trees are sampled when ``params.draft_samples``."""
         self.lm.reset()
         self.lm.extend(prompt_ids)
         self._tree = self._grown_ids = self._bet = None
+        self.sampler = DraftSampler(params) if params is not None and params.draft_samples else None
 
     def propose(self, new_tokens: list[int], features=None, shape: TreeShape | None = None) -> DraftTree | None:
         """``new_tokens``: every token committed since the last call (accepted ones, then the bonus).
@@ -106,7 +113,7 @@ class DraftProposer:
         draft forward it needs (a ``TreeBlock``) and is sent its logits; returns the tree. The
         root's logits are already known."""
         base = self.lm.committed - 1  # the root is the last committed entry; its children sit one later
-        steps = (self.builder if shape is None else TreeBuilder(shape)).grow(root_token)
+        steps = TreeBuilder(shape or self.shape, self.sampler).grow(root_token)
         try:
             frontier, tokens, parents = next(steps)
             while True:

@@ -50,16 +50,54 @@ class TreeShape:
 
 @dataclass
 class DraftTree:
-    """Tokens and parent links of a draft tree (node 0 = root). Plain arrays: it crosses processes."""
+    """Tokens and parent links of a draft tree (node 0 = root). Plain arrays: it crosses processes.
+
+    A tree whose children were *sampled* from the draft's distribution q also carries q:
+    ``q_tokens[i]`` / ``q_probs[i]`` (sparse, [n, K]) is the distribution node i's children were
+    drawn from, without replacement, in their stored order (all-zero row: node i's children are
+    not sampled). Verification then accepts by rejection against q (``verification``); without q
+    the children count as fixed choices."""
 
     tokens: np.ndarray  # int64 [n]
     parents: np.ndarray  # int64 [n], parents[0] == -1
+    q_tokens: np.ndarray | None = None  # int64 [n, K]
+    q_probs: np.ndarray | None = None  # float32 [n, K]
 
     def __post_init__(self):
         self.tokens = np.asarray(self.tokens, dtype=np.int64)
         self.parents = np.asarray(self.parents, dtype=np.int64)
         if self.parents[0] != -1 or np.any(self.parents[1:] >= np.arange(1, len(self.parents))):
             raise ValueError("tree must be stored parent-first with parents[0] == -1")
+        if (self.q_tokens is None) != (self.q_probs is None):
+            raise ValueError("a sampled tree needs both q_tokens and q_probs")
+        if self.q_tokens is not None:
+            self.q_tokens = np.asarray(self.q_tokens, dtype=np.int64)
+            self.q_probs = np.asarray(self.q_probs, dtype=np.float32)
+            if self.q_tokens.shape != self.q_probs.shape or self.q_tokens.shape[0] != len(self.tokens):
+                raise ValueError(f"q arrays {self.q_tokens.shape} / {self.q_probs.shape} do not fit a tree of "
+                                 f"{len(self.tokens)} nodes")
+
+    @property
+    def sampled(self) -> bool:
+        return self.q_tokens is not None
+
+    def proposal(self, node: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The (tokens, probabilities) node's children were sampled from, or None (fixed choices)."""
+        if self.q_tokens is None or not self.q_probs[node].any():
+            return None
+        return self.q_tokens[node], self.q_probs[node]
+
+    def subset(self, keep: np.ndarray) -> "DraftTree":
+        """The nodes ``keep`` (ascending or any order that lists parents first), renumbered in that
+        order; every kept node's parent must be kept."""
+        keep = np.asarray(keep, dtype=np.int64)
+        remap = -np.ones(len(self), dtype=np.int64)
+        remap[keep] = np.arange(len(keep))
+        parents = self.parents[keep]
+        new_parents = np.where(parents >= 0, remap[np.maximum(parents, 0)], -1)
+        if self.q_tokens is None:
+            return DraftTree(self.tokens[keep], new_parents)
+        return DraftTree(self.tokens[keep], new_parents, self.q_tokens[keep], self.q_probs[keep])
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -89,12 +127,7 @@ class DraftTree:
     def truncated(self, depth: int) -> "DraftTree":
         """The nodes at most ``depth`` levels below the root (parent-first order keeps)."""
         keep = np.flatnonzero(self.depths <= depth)
-        if len(keep) == len(self):
-            return self
-        remap = -np.ones(len(self), dtype=np.int64)
-        remap[keep] = np.arange(len(keep))
-        parents = self.parents[keep]
-        return DraftTree(self.tokens[keep], np.where(parents >= 0, remap[np.maximum(parents, 0)], -1))
+        return self if len(keep) == len(self) else self.subset(keep)
 
     def path_to(self, node: int) -> list[int]:
         path = []
@@ -120,10 +153,16 @@ class TreeBuilder:
     the ``top_k`` best new nodes by cumulative log-probability; finally the best
     ``total_tokens - 1`` nodes overall (plus the root) are kept. Ties go to shallower, earlier nodes,
     so the kept set always contains every kept node's parent.
+
+    With a ``sampler`` (``verification.DraftSampler``) each expanded node's children are drawn
+    from the draft's distribution without replacement instead of taken top-first, and the tree
+    carries that distribution; pruning then keeps, of each node's children, only a first run in
+    drawing order (what rejection against q needs to stay exact).
     """
 
-    def __init__(self, shape: TreeShape):
+    def __init__(self, shape: TreeShape, sampler=None):
         self.shape = shape
+        self.sampler = sampler
 
     def build(self, root_token: int, expand) -> tuple[DraftTree, np.ndarray]:
         """``expand(nodes, tokens, parents)`` answers each level (see ``grow``)."""
@@ -139,24 +178,32 @@ class TreeBuilder:
 
         k = self.shape.top_k
         tokens, parents, scores = [root_token], [-1], [0.0]
+        proposals: dict[int, tuple] = {}  # expanded node -> (q tokens, q probs), when sampling
         frontier = [0]
         for level in range(self.shape.depth):
-            logp = yield frontier, np.array(tokens), np.array(parents)
-            top = torch.topk(torch.as_tensor(logp), k, dim=-1)
-            cand_scores = (torch.tensor([scores[f] for f in frontier])[:, None] + top.values).flatten()
-            cand_parent = torch.tensor(frontier).repeat_interleave(k)
-            cand_tokens = top.indices.flatten()
+            logp = torch.as_tensor((yield frontier, np.array(tokens), np.array(parents)))
+            if self.sampler is None:
+                increments, cand_tokens = torch.topk(logp, k, dim=-1)
+            else:
+                increments, cand_tokens, (q_tokens, q_probs) = self.sampler.draw(logp, k)
+                proposals.update((node, (q_tokens[j], q_probs[j])) for j, node in enumerate(frontier))
+            cand_scores = (torch.tensor([scores[f] for f in frontier])[:, None] + increments).flatten()
+            cand_parent = torch.tensor(frontier).repeat_interleave(increments.shape[1])
             first_new = len(tokens)
-            tokens += cand_tokens.tolist()
+            tokens += cand_tokens.flatten().tolist()
             parents += cand_parent.tolist()
             scores += cand_scores.tolist()
             if level + 1 < self.shape.depth:
-                best = torch.topk(cand_scores, min(k, len(cand_scores))).indices.sort().values
-                frontier = [first_new + int(i) for i in best]
-        return self._prune(np.array(tokens), np.array(parents), np.array(scores))
+                best = torch.topk(cand_scores, min(k, len(cand_scores)))
+                frontier = [first_new + int(i) for i, v in sorted(zip(best.indices.tolist(), best.values.tolist()))
+                            if v > -float("inf")]
+                if not frontier:
+                    break
+        return self._prune(np.array(tokens), np.array(parents), np.array(scores), proposals)
 
-    def _prune(self, tokens, parents, scores) -> tuple[DraftTree, np.ndarray]:
-        keep_n = min(self.shape.total_tokens - 1, len(tokens) - 1)
+    def _prune(self, tokens, parents, scores, proposals) -> tuple[DraftTree, np.ndarray]:
+        finite = int(np.isfinite(scores[1:]).sum())
+        keep_n = min(self.shape.total_tokens - 1, finite)
         order = np.lexsort((np.arange(1, len(tokens)), -scores[1:]))[:keep_n] + 1
         kept = np.zeros(len(tokens), dtype=bool)
         kept[0] = True
@@ -167,11 +214,34 @@ class TreeBuilder:
             while j >= 0 and not kept[j]:
                 kept[j] = True
                 j = parents[j]
+        if self.sampler is not None:
+            _keep_first_runs(kept, parents)
         index = np.flatnonzero(kept)
         remap = -np.ones(len(tokens), dtype=np.int64)
         remap[index] = np.arange(len(index))
         new_parents = np.where(parents[index] >= 0, remap[np.maximum(parents[index], 0)], -1)
-        return DraftTree(tokens[index], new_parents), index
+        if self.sampler is None:
+            return DraftTree(tokens[index], new_parents), index
+        width = self.sampler.support
+        q_tokens = np.zeros((len(index), width), dtype=np.int64)
+        q_probs = np.zeros((len(index), width), dtype=np.float32)
+        for row, node in enumerate(index):
+            if int(node) in proposals:
+                ids, probs = proposals[int(node)]
+                q_tokens[row, :len(ids)], q_probs[row, :len(probs)] = ids, probs
+        return DraftTree(tokens[index], new_parents, q_tokens, q_probs), index
+
+
+def _keep_first_runs(kept: np.ndarray, parents: np.ndarray) -> None:
+    """Drop every node after the first dropped sibling (siblings stored in drawing order) and
+    every node whose parent is dropped: each node's kept children are its first draws."""
+    broken = np.zeros(len(kept), dtype=bool)
+    for i in range(1, len(kept)):
+        parent = parents[i]
+        if kept[i] and (not kept[parent] or broken[parent]):
+            kept[i] = False
+        if not kept[i]:
+            broken[parent] = True
 
 
 def drive(steps, answer):
@@ -209,12 +279,19 @@ def drive_together(all_steps: list, answer_all) -> list:
 def merge_trees(trees: list[DraftTree]) -> DraftTree:
     """Several proposers' trees (same root) as one: shared prefixes once, no duplicate siblings.
     Children keep the order they first appear in (the first tree's first), so the first child is
-    still its proposer's most likely one; nodes stay parent-first."""
+    still its proposer's most likely one; nodes stay parent-first.
+
+    A sampled tree (with q) keeps its q only when it is the only one with draft nodes: merged
+    with others its children count as fixed choices, which is exact too (they were drawn without
+    looking at the target), only accepted less often."""
     if not trees:
         raise ValueError("merge_trees needs at least one tree")
     root = int(trees[0].tokens[0])
     if any(int(t.tokens[0]) != root for t in trees):
         raise ValueError("trees to merge must share their root token")
+    grown = [t for t in trees if len(t) > 1]
+    if len(grown) == 1 and grown[0].sampled:
+        return _breadth_first(grown[0])
     tokens, parents = [root], [-1]
     index: dict[tuple[int, int], int] = {}  # (merged parent, token) -> merged node
     for tree in trees:
@@ -231,11 +308,7 @@ def merge_trees(trees: list[DraftTree]) -> DraftTree:
 
 def _breadth_first(tree: DraftTree) -> DraftTree:
     """The same tree with its nodes renumbered level by level (siblings in their order)."""
-    order = np.lexsort((np.arange(len(tree)), tree.depths))
-    remap = np.empty(len(tree), dtype=np.int64)
-    remap[order] = np.arange(len(tree))
-    parents = tree.parents[order]
-    return DraftTree(tree.tokens[order], np.where(parents >= 0, remap[np.maximum(parents, 0)], -1))
+    return tree.subset(np.lexsort((np.arange(len(tree)), tree.depths)))
 
 
 def tree_from_continuations(root_token: int, expand, shape: TreeShape, min_prob: float = 0.0) -> DraftTree:

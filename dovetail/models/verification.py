@@ -3,16 +3,27 @@
 Greedy: walk from the root, follow the child whose token equals the target's argmax, stop when
 none does; the target's argmax at the last accepted node is the bonus token.
 
-Sampling: every proposer picks its children deterministically (a model's top-k, a text
-proposer's continuations), so each candidate's proposal distribution is a point mass. The token
-at sequence position t is sampled from the target's (warped) distribution there by inverse CDF
-with one uniform number that depends on the request's seed and t alone (``position_uniform``);
-the walk accepts the child holding that token, else that token is the bonus. Child c is then
-accepted with probability p(c), and siblings together with the sum of theirs, exactly as
-multi-candidate rejection sampling with point masses; each position emits exactly the target's
-distribution. And since a position's token never depends on the tree, a seeded request gives the
-same output whatever the speculation chose, speculation off included. Temperature, top-k and
-top-p are applied to the target's logits first (in HF's order), so the guarantee covers them.
+Sampling, at each accepted node, by how its children were chosen:
+
+* Fixed choices (a text proposer's continuations, a draft's top-k: each candidate's proposal is a
+  point mass). The token at sequence position t is sampled from the target's (warped)
+  distribution there by inverse CDF with one uniform number that depends on the request's seed
+  and t alone (``position_uniform``); the walk accepts the child holding that token, else that
+  token is the bonus. Child c is then accepted with probability p(c), and siblings together with
+  the sum of theirs, exactly as multi-candidate rejection sampling with point masses. Since a
+  position's token never depends on the tree, a seeded request gives the same output whatever
+  the speculation chose, speculation off included.
+* Children drawn from the draft's distribution q without replacement (``DraftSampler``; the tree
+  carries q). Recursive rejection sampling: child x_i is accepted with probability
+  min(1, p_i(x_i) / q_i(x_i)); on rejection p_{i+1} = norm(max(0, p_i - q_i)) and q_{i+1} is q_i
+  without x_i; if every child is rejected the token is drawn from the last p. Each position
+  again emits exactly p, and a child is accepted with probability sum(min(p, q)) rather than
+  p(argmax q), which is what makes speculation pay at high temperatures. The output now depends
+  on the draws, so the draft samples only when the request's seed was not given by the caller
+  (``SamplingParams.draft_samples``): a caller's seed keeps its output independent of speculation.
+
+Temperature, top-k and top-p are applied to the target's logits first (in HF's order), so the
+guarantee covers them; the draft's q is warped the same way.
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    seed_drawn: bool = False  # the engine drew the seed (the caller gave none)
 
     def __post_init__(self):
         if not np.isfinite(self.temperature) or self.temperature < 0:
@@ -56,7 +68,14 @@ class SamplingParams:
     def seeded(self) -> "SamplingParams":
         """These parameters with a seed: their own, else a fresh one (the one seed policy: OS
         entropy, never torch's global generator, which reseeding would disturb)."""
-        return self if self.seed is not None else replace(self, seed=secrets.randbits(63))
+        return self if self.seed is not None else replace(self, seed=secrets.randbits(63), seed_drawn=True)
+
+    @property
+    def draft_samples(self) -> bool:
+        """Whether a draft model may sample its trees from its own distribution: when the request
+        samples and its caller did not give a seed (a given seed promises an output that does not
+        depend on speculation; see the module doc)."""
+        return not self.greedy and (self.seed is None or self.seed_drawn)
 
 
 
@@ -113,18 +132,82 @@ def accept_sampling(tree: DraftTree, probs: torch.Tensor, seed: int, position: i
     of the token sampled after the root (node n's follows at ``position + depth(n)``)."""
     path, node = [0], 0
     while True:
-        token = sample_token(probs[node], seed, position + len(path) - 1)
-        match = [c for c in tree.children(node) if tree.tokens[c] == token]
-        if not match:
+        at = position + len(path) - 1
+        children = tree.children(node)
+        proposal = tree.proposal(node) if len(children) else None
+        if proposal is None:
+            token = sample_token(probs[node], seed, at)
+            match = [int(c) for c in children if tree.tokens[c] == token]
+            child = match[0] if match else None
+        else:
+            child, token = reject_against(probs[node], proposal, [int(c) for c in children],
+                                          [int(tree.tokens[c]) for c in children], seed, at)
+        if child is None:
             return Acceptance(path, [int(tree.tokens[n]) for n in path[1:]] + [token])
-        node = int(match[0])
+        node = child
         path.append(node)
 
 
-def position_uniform(seed: int, position: int) -> float:
-    """A uniform number in [0, 1) that is a function of (seed, position) alone, independent across
-    positions and seeds."""
-    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
+def reject_against(p: torch.Tensor, proposal: tuple, children: list[int], tokens: list[int], seed: int,
+                   position: int) -> tuple[int | None, int]:
+    """Recursive rejection sampling of one position over children drawn from q without
+    replacement (in ``children`` order). Returns (the accepted child, its token), or (None, the
+    token drawn from what is left of p)."""
+    p = p.double().clone()
+    q = torch.zeros_like(p)
+    q_tokens, q_probs = (np.asarray(a) for a in proposal)
+    held = q_probs > 0  # a row is padded with zeros past the draft's support
+    q[torch.as_tensor(q_tokens[held], dtype=torch.long)] = torch.as_tensor(q_probs[held], dtype=torch.float64)
+    q /= q.sum()
+    for i, (child, token) in enumerate(zip(children, tokens)):
+        qx = float(q[token])
+        if qx <= 0.0:
+            break  # not drawn from q (cannot happen for a well-formed tree): fall back to p as it is
+        if position_uniform(seed, position, f"accept{i}") * qx < float(p[token]):
+            return child, token
+        residual = (p - q).clamp_min_(0.0)
+        if float(residual.sum()) <= 1e-12:  # p and q agree to rounding: nothing left to reject into
+            break
+        p = residual / residual.sum()
+        q[token] = 0.0
+        if float(q.sum()) <= 0.0:
+            break
+        q /= q.sum()
+    return None, sample_token(p, seed, position)
+
+
+class DraftSampler:
+    """How a draft model draws a node's children from its own distribution q: the draft's
+    log-probabilities warped by the request's temperature, top-k and top-p (as the target's),
+    cut to its ``support`` most likely tokens and renormalised (q travels with the tree, so it
+    stays small), then ``k`` children drawn without replacement (Gumbel top-k) with the draft's
+    own generator. The draws need never be reproduced: exactness only needs them independent of
+    the target's."""
+
+    support = 64
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.generator = torch.Generator().manual_seed(secrets.randbits(63))
+
+    def draw(self, log_probs: torch.Tensor, k: int):
+        """For each row of ``log_probs`` [f, V]: the children's log q [f, k] (-inf where q has
+        fewer than k tokens), their tokens [f, k], and q itself as (tokens, probs) [f, support]."""
+        q = target_probs(log_probs, self.params)
+        q_probs, q_tokens = torch.topk(q, min(self.support, q.shape[-1]), dim=-1)
+        q_probs = q_probs / q_probs.sum(dim=-1, keepdim=True)
+        uniform = torch.rand(q_probs.shape, generator=self.generator, dtype=torch.float64).clamp_(1e-300, 1.0)
+        keys = q_probs.double().log() - (-uniform.log()).log()
+        order = torch.topk(keys, min(k, keys.shape[-1]), dim=-1).indices
+        return (q_probs.gather(-1, order).log(), q_tokens.gather(-1, order),
+                (q_tokens.numpy(), q_probs.float().numpy()))
+
+
+def position_uniform(seed: int, position: int, stream: str = "") -> float:
+    """A uniform number in [0, 1) that is a function of (seed, position, stream) alone,
+    independent across all three; stream "" draws the position's token itself."""
+    key = f"{seed}:{position}" + (f":{stream}" if stream else "")
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return (int.from_bytes(digest, "little") >> 11) / float(1 << 53)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class ProtocolError(ValueError):
@@ -97,7 +97,8 @@ class Predraft:
 
 @message("tree")
 class TreeProposal:
-    """Draft -> coordinator: a draft tree (node 0 = root) as two int32 arrays in shared memory;
+    """Draft -> coordinator: a draft tree (node 0 = root) as two int32 arrays in shared memory,
+    and for a sampled tree its q (``DraftTree.q_tokens`` int32 / ``q_probs`` float32 [n, K]);
     ``guess``: the committed tokens it bets on (predraft only); ``compute_s``: draft time."""
 
     request_id: str
@@ -106,16 +107,20 @@ class TreeProposal:
     parents: ArrayRef
     guess: list[int] = field(default_factory=list)
     compute_s: float = 0.0
+    q_tokens: ArrayRef | None = None
+    q_probs: ArrayRef | None = None
 
 
 @message("verify")
 class VerifyTree:
-    """Coordinator -> every shard: verify this tree (the arrays stay in the draft's arena)."""
+    """Coordinator -> every shard: verify this tree (arrays as in ``TreeProposal``)."""
 
     request_id: str
     step: int
     tokens: ArrayRef
     parents: ArrayRef
+    q_tokens: ArrayRef | None = None
+    q_probs: ArrayRef | None = None
 
 
 @message("verify_batch")
@@ -127,6 +132,8 @@ class VerifyBatch:
     steps: list[int]
     tokens: list[ArrayRef]
     parents: list[ArrayRef]
+    q_tokens: list[ArrayRef | None] = field(default_factory=list)  # per request; None: not sampled
+    q_probs: list[ArrayRef | None] = field(default_factory=list)
 
 
 @message("accepted")

@@ -7,8 +7,9 @@ Each step, per request:
    deepest tree (microseconds).
 2. The cost model rates every option: expected committed tokens (its acceptance by depth) over
    the step's cost (the draft's measured wait + the target's verify curve at the tree's rows and
-   this context). "None" (the target alone) is always an option, so a step is never expected to
-   be slower than plain decoding. A batch is rated as a whole (its rows share one forward).
+   this context). "None" (the target alone) is always an option, and a draft is chosen only when
+   it is expected to be ``MARGIN`` faster, so a step is never expected to be slower than plain
+   decoding. A batch is rated as a whole (its rows share one forward).
 3. A model proposer grows its tree only when chosen. When it is not, it is not run at all: the
    tokens it missed are fed with its next proposal, in one forward.
 4. The chosen trees are merged under one root; ``learn`` then feeds the cost model what the step
@@ -35,6 +36,8 @@ MAX_DEPTH = 6  # the deepest chain the cost model considers
 TEXT_SHAPE = TreeShape(total_tokens=3 * MAX_DEPTH + 1, depth=MAX_DEPTH, top_k=3)  # what text proposers offer
 PROBE_FIRST, PROBE_LAST = 8, 128  # steps before a losing option is tried again (doubling)
 PRIOR = {"model": 0.7, "text": 0.5}  # acceptance before anything is seen (optimistic: it gets tried)
+MARGIN = 1.05  # a draft must be expected this much faster than the target alone: estimates err both ways,
+# and a draft chosen on a near tie loses about as often as it wins
 
 
 @dataclass
@@ -95,13 +98,13 @@ class Speculator:
         return PRIOR["text"] if all(self.members[n].free for n in key) else PRIOR["model"]
 
     # -- the Speculator protocol ---------------------------------------------------------------
-    def start(self, request_id: str, prompt_ids: list[int], tenant: str = "") -> None:
+    def start(self, request_id: str, prompt_ids: list[int], tenant: str = "", params=None) -> None:
         self.states[request_id] = RequestState(len(prompt_ids), {n: [] for n in self.members})
         for member in self.members.values():
             if member.free:
                 member.proposer.start(request_id, prompt_ids, tenant)
             else:
-                member.proposer.start(request_id, prompt_ids)
+                member.proposer.start(request_id, prompt_ids, params)
 
     def end(self, request_id: str) -> None:
         self.states.pop(request_id, None)
@@ -202,7 +205,7 @@ class Speculator:
                 return t / (self.curve.at(r, state.context) + draft_s + (o.draft_s if o else 0.0))
 
             best = max(options, key=rate, default=None)
-            if self.shape is None and best is not None and rate(best) <= rate(None):
+            if self.shape is None and best is not None and rate(best) <= MARGIN * rate(None):
                 best = None
             best = self._maybe_probe(state, best, options)
             if best is None and options and self.shape is None:
