@@ -91,6 +91,11 @@ def run_bench(args) -> int:
         from bench.native import run_native_bench
 
         return run_native_bench(args)
+    if args.suite == "profile":
+        from bench.profile import run_profile_bench
+
+        args.name = args.name or args.suite
+        return run_profile_bench(args)
     if args.prompts < 1 or args.max_new_tokens < 1:
         raise UserError("--prompts and --max-new-tokens must be >= 1")
     args.name = args.name or args.suite

@@ -257,9 +257,10 @@ def run_serve_bench(args) -> int:
     for i, name in enumerate(names):
         print(f"[bench] {name}: starting the server", flush=True)
         if name == SPECULATION:  # the server's own defaults: the cost model over every proposer
-            with ServerProcess(["--target", args.target], logs / f"server{i}.log") as server:
-                report["configs"][name] = result = measure_speculation(server.url, _chat_prompts(args),
-                                                                       args.max_new_tokens)
+            flags = ["--target", args.target]
+            with ServerProcess(flags, logs / f"server{i}.log") as server:
+                result = measure_speculation(server.url, _chat_prompts(args), args.max_new_tokens)
+            report["configs"][name] = result = {"server_flags": flags, "prompts": 4, **result}
             print(f"[bench] {name}: {json.dumps(result)}", flush=True)
             continue
         with ServerProcess(model_args + CONFIGS[name], logs / f"server{i}.log") as server:

@@ -146,6 +146,39 @@ def _run(engine, speculate: bool, prompts: list[list[int]], max_new: int, temper
     return row, outputs
 
 
+ACCEPTANCE_TEMPERATURES = (0.8, 1.0, 1.5)
+
+
+def expected_first_acceptance(dt, prompts: list[list[int]], outputs: list[list[int]]) -> dict:
+    """Along the target's own sampled texts: the chance that the draft's first token is accepted,
+    exactly (no second sampling): p(the draft's top token) when the draft proposes its top token
+    (a request with its own seed), sum(min(p, q)) when it samples from q (without a seed), both
+    warped at each temperature (the texts themselves were sampled at the workload's)."""
+    import torch
+
+    from dovetail.models.verification import SamplingParams, target_probs
+
+    target_lm, draft_lm = dt.engine.target.lm.fresh(), dt.engine.draft.lm.fresh()
+    sums = {t: {"top-1 draft": 0.0, "sampled draft": 0.0} for t in ACCEPTANCE_TEMPERATURES}
+    positions = 0
+    with torch.inference_mode():
+        for prompt, output in zip(prompts, outputs):
+            ids = list(prompt) + list(output[:-1])
+            keep = len(output)  # the logits before each output token
+            target_lm.reset(), draft_lm.reset()
+            p_logits = target_lm.extend(ids, logits_to_keep=keep).float()
+            q_logits = draft_lm.extend(ids, logits_to_keep=keep).float()
+            vocab = min(p_logits.shape[-1], q_logits.shape[-1])
+            for t in ACCEPTANCE_TEMPERATURES:
+                params = SamplingParams(t)
+                p, q = target_probs(p_logits[:, :vocab], params), target_probs(q_logits[:, :vocab], params)
+                sums[t]["top-1 draft"] += float(p.gather(-1, q.argmax(-1, keepdim=True)).sum())
+                sums[t]["sampled draft"] += float(torch.minimum(p, q).sum())
+            positions += keep
+    return {"positions": positions, **{f"T={t}": {k: round(v / positions, 3) for k, v in by.items()}
+                                       for t, by in sums.items()}}
+
+
 def _proposer_mix(choices: dict) -> dict:
     """Steps by proposer (depths summed), largest first."""
     mix: dict[str, int] = {}
@@ -259,6 +292,9 @@ def run_workloads_bench(args) -> int:
                                           threads).items():
                 entry["rows"][label] = row
                 _say(f"{name} / {label}: {row}")
+        if work["temperature"] and dt.engine.draft is not None:
+            entry["expected_first_acceptance"] = expected_first_acceptance(dt, prompts, reference)
+            _say(f"{name} / expected first-token acceptance: {entry['expected_first_acceptance']}")
         _ratios(entry)
         write_report(report, args)
     path = write_report(report, args)

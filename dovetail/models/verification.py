@@ -152,28 +152,38 @@ def reject_against(p: torch.Tensor, proposal: tuple, children: list[int], tokens
                    position: int) -> tuple[int | None, int]:
     """Recursive rejection sampling of one position over children drawn from q without
     replacement (in ``children`` order). Returns (the accepted child, its token), or (None, the
-    token drawn from what is left of p)."""
-    p = p.double().clone()
-    q = torch.zeros_like(p)
+    token drawn from what is left of p).
+
+    q is sparse (the draft's support), so p only ever changes there: it is kept unnormalised as
+    the original p off the support and ``r`` on it, with total ``mass``; a rejection updates ``r``
+    (max(0, p - q) scaled by ``mass``), and the dense residual is built once, for the final draw."""
     q_tokens, q_probs = (np.asarray(a) for a in proposal)
     held = q_probs > 0  # a row is padded with zeros past the draft's support
-    q[torch.as_tensor(q_tokens[held], dtype=torch.long)] = torch.as_tensor(q_probs[held], dtype=torch.float64)
-    q /= q.sum()
+    support = torch.as_tensor(q_tokens[held], dtype=torch.long)
+    q = torch.as_tensor(q_probs[held], dtype=torch.float64)
+    q = q / q.sum()
+    p = p.double()
+    r = p[support].clone()
+    off_support = float(p.sum()) - float(r.sum())
+    where = {int(t): i for i, t in enumerate(support.tolist())}
     for i, (child, token) in enumerate(zip(children, tokens)):
-        qx = float(q[token])
-        if qx <= 0.0:
-            break  # not drawn from q (cannot happen for a well-formed tree): fall back to p as it is
-        if position_uniform(seed, position, f"accept{i}") * qx < float(p[token]):
+        j = where.get(token)
+        if j is None or float(q[j]) <= 0.0:
+            break  # not drawn from q (cannot happen for a well-formed tree): draw from p as it is
+        mass = off_support + float(r.sum())
+        if position_uniform(seed, position, f"accept{i}") * float(q[j]) * mass < float(r[j]):
             return child, token
-        residual = (p - q).clamp_min_(0.0)
-        if float(residual.sum()) <= 1e-12:  # p and q agree to rounding: nothing left to reject into
+        rest = (r - mass * q).clamp_min_(0.0)
+        if off_support + float(rest.sum()) <= 1e-12 * mass:  # p and q agree to rounding: nothing left
             break
-        p = residual / residual.sum()
-        q[token] = 0.0
+        r = rest
+        q[j] = 0.0
         if float(q.sum()) <= 0.0:
             break
-        q /= q.sum()
-    return None, sample_token(p, seed, position)
+        q = q / q.sum()
+    residual = p.clone()
+    residual[support] = r
+    return None, sample_token(residual, seed, position)
 
 
 class DraftSampler:
