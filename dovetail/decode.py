@@ -4,15 +4,15 @@ Per step, over the batch of live requests (one or more)::
 
     trees  <- proposer.propose(requests without a held bet)   # it picks each one's proposers and tree
     verifier.submit(every request's tree)                     # one target forward for the batch
-    proposer.bet(request, settled)  for each betting request  # grows tree k+1 while k is verified
+    proposer.bet(request)  for each betting request           # grows tree k+1 while k is verified
     verdict <- verifier.collect(request); commit; stream       # accepted draft tokens + a bonus
-    bet     <- proposer.collect_bet(request)
-    bet.guess == verdict.tokens ? next tree = bet.tree : redraft next step
+    bet     <- proposer.collect_bet(request, verdict)          # it judges its own guess
+    bet.held ? next tree = bet.tree : redraft next step
     proposer.learn(request, tree, verdict, timings)            # its cost model learns
 
 A request without speculation, or whose proposal this step is the root alone (the cost model
-found no tree worth its cost), verifies a root-only tree: plain target decoding. One that bets
-settles its previous held bet inside the next ``bet``. Betting, batching, per-request
+found no tree worth its cost), verifies a root-only tree: plain target decoding. The proposer
+owns its bets: ``collect_bet`` tells it the outcome, and it alone compares its guess. Betting, batching, per-request
 speculation and the feature drafter all compose: a proposer takes each request's features (or
 none) with its tokens, and ``_modes`` is the one place that decides what a request does.
 
@@ -73,6 +73,7 @@ class Proposal:
     tree: DraftTree
     compute_s: float = 0.0  # this request's share of the draft forwards
     guess: list[int] | None = None  # a bet: the committed tokens it assumed
+    held: bool | None = None  # a bet, once told the outcome: whether its guess came true
     choice: Choice | None = None  # what grew the tree (a speculator's pick; None: the root alone)
     expected: float = 1.0  # the tokens the speculator expects this step to commit
 
@@ -93,11 +94,13 @@ class Proposer(Protocol):
     def propose(self, items: list[Drafting]) -> list[Proposal | Exception]:
         """Each request's next tree (or its own error), grown together where the draft can."""
 
-    def bet(self, request_id: str, step: int, settled: Drafting | None, shape: TreeShape) -> None:
-        """Start drafting tree ``step`` (of ``shape``) on a guess of the tree now under
-        verification; ``settled``: the previous step's outcome when the previous bet held."""
+    def bet(self, request_id: str, step: int, shape: TreeShape) -> None:
+        """Start drafting tree ``step`` (of ``shape``) on a guess of the tree now under verification."""
 
-    def collect_bet(self, request_id: str, step: int) -> Proposal: ...
+    def collect_bet(self, request_id: str, step: int, outcome: Drafting) -> Proposal:
+        """The bet on tree ``step``, told ``outcome`` (what the tree under verification committed):
+        ``held`` says whether the guess came true (the tree is then the next step's); if not, the
+        next ``propose`` redrafts from the outcome."""
 
     def end(self, request_id: str) -> None: ...
 
@@ -113,10 +116,11 @@ class Speculator(Protocol):
     def propose(self, items: list[Drafting]) -> list[Proposal | Exception]:
         """Each request's tree for this step (its ``choice`` says what grew it; None: the root alone)."""
 
-    def bet(self, request_id: str, step: int, settled: Drafting | None) -> None:
+    def bet(self, request_id: str, step: int) -> None:
         """For a request whose current proposal ``bets``: draft its next tree while this one is verified."""
 
-    def collect_bet(self, request_id: str, step: int) -> Proposal: ...
+    def collect_bet(self, request_id: str, step: int, outcome: Drafting) -> Proposal:
+        """As ``Proposer.collect_bet``."""
 
     def learn(self, request_id: str, proposal: Proposal | None, verdict: "Verdict", step: "StepTimes") -> None:
         """What one step of the request cost and gave (``proposal``: what it verified)."""
@@ -163,7 +167,6 @@ class Live:
     feature_bytes: int = 0
     tree: Proposal | None = None  # this step's tree, drafted (a held bet: before the step began)
     draft_wait_s: float = 0.0  # this step's wait for the draft
-    settled: Drafting | None = None  # the outcome that bet assumed, for the draft to settle
     done: bool = False
 
     @property
@@ -259,7 +262,7 @@ class DecodeLoop:
         betting = [lv for lv in batch if lv.bets and lv.tree.choice is not None and lv.tree.choice.bets]
         t_bet = time.perf_counter()
         for lv in betting:
-            self.proposer.bet(lv.rid, lv.step + 1, lv.settled)
+            self.proposer.bet(lv.rid, lv.step + 1)
         bet_call_s = (time.perf_counter() - t_bet) / max(len(betting), 1)  # in process: the bet's compute
         verdicts = []
         for lv, tree in zip(batch, trees):
@@ -305,7 +308,7 @@ class DecodeLoop:
     def _settle_bet(self, lv: Live, bet_call_s: float) -> None:
         t = time.perf_counter()
         try:
-            bet = self.proposer.collect_bet(lv.rid, lv.step + 1)
+            bet = self.proposer.collect_bet(lv.rid, lv.step + 1, Drafting(lv.rid, lv.step, lv.new_tokens, lv.features))
         except RequestFailure as exc:
             return self._fail(lv, exc)
         wait = bet_call_s + time.perf_counter() - t
@@ -313,13 +316,12 @@ class DecodeLoop:
         stats.draft_wait_s += wait
         stats.draft_s += bet.compute_s
         stats.bets += 1
-        if bet.guess == lv.new_tokens:
+        if bet.held:
             stats.bets_held += 1
             stats.draft_hidden_s += max(0.0, bet.compute_s - wait)
             stats.bytes_draft_target += 8 * len(bet.tree)
             stats.count_choice(bet)
             lv.tree, lv.draft_wait_s = bet, wait
-            lv.settled = Drafting(lv.rid, lv.step, lv.new_tokens, lv.features)
 
     @staticmethod
     def _count_verdict(stats: GenerationStats, verdict: Verdict, wait: float) -> None:
@@ -333,7 +335,7 @@ class DecodeLoop:
     @staticmethod
     def _commit(lv: Live, verdict: Verdict) -> None:
         lv.new_tokens, lv.features, lv.feature_bytes = verdict.tokens, verdict.features, verdict.feature_bytes
-        lv.tree, lv.settled = None, None
+        lv.tree = None
         lv.done = lv.out.add(verdict.tokens)
 
     # -- leaving ----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ same objects and only translate messages, so both engines run the very same code
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -44,6 +45,27 @@ def _feed_shape(item: Drafting):
     return False if item.shape is None else item.shape
 
 
+class Bets:
+    """What an adapter keeps of its draft's bets: for each request, the outcome of a bet that
+    held, which the draft must be told with the next bet (it still holds the tree it grew on the
+    guess). The one place a guess is compared with what the target committed."""
+
+    def __init__(self):
+        self.settled: dict[str, Drafting] = {}
+
+    def judge(self, request_id: str, bet: Proposal, outcome: Drafting) -> Proposal:
+        held = bet.guess is not None and list(bet.guess) == list(outcome.new_tokens)
+        if held:
+            self.settled[request_id] = outcome
+        return replace(bet, held=held)
+
+    def take_settled(self, request_id: str) -> Drafting | None:
+        return self.settled.pop(request_id, None)
+
+    def end(self, request_id: str) -> None:
+        self.settled.pop(request_id, None)
+
+
 class LocalProposer:
     """Draft proposers (``DraftProposer`` or ``FeatureDraftProposer``), one per request."""
 
@@ -51,6 +73,7 @@ class LocalProposer:
         self.new_proposer = new_proposer
         self.states: dict = {}
         self._bets: dict[str, Proposal] = {}
+        self.book = Bets()
 
     def start(self, request_id: str, prompt_ids: list[int], params=None) -> None:
         """``params``: the request's ``SamplingParams`` (a draft model samples its trees by them)."""
@@ -94,11 +117,13 @@ class LocalProposer:
         except Exception as exc:
             return exc
 
-    def bet(self, request_id: str, step: int, settled: Drafting | None, shape=None) -> None:
+    def bet(self, request_id: str, step: int, shape=None) -> None:
         """Here the bet is drafted at once (the target verifies after): same trees, no overlap."""
-        self._bets[request_id] = self.place_bet(request_id, settled, shape)
+        self._bets[request_id] = self.place_bet(request_id, self.book.take_settled(request_id), shape)
 
     def place_bet(self, request_id: str, settled: Drafting | None, shape=None) -> Proposal:
+        """Settle the previous bet (``settled``: its outcome, when it held) and bet again (the
+        draft actor calls this with what the coordinator's ``Bets`` kept)."""
         proposer = state_of(self.states, request_id)
         with Timer() as t:
             if settled is not None:
@@ -108,12 +133,13 @@ class LocalProposer:
             guess, tree = proposer.predraft(shape)
         return _proposal(tree, t.seconds, guess)
 
-    def collect_bet(self, request_id: str, step: int) -> Proposal:
-        return self._bets.pop(request_id)
+    def collect_bet(self, request_id: str, step: int, outcome: Drafting) -> Proposal:
+        return self.book.judge(request_id, self._bets.pop(request_id), outcome)
 
     def end(self, request_id: str) -> None:
         self.states.pop(request_id, None)
         self._bets.pop(request_id, None)
+        self.book.end(request_id)
 
 
 class LocalVerifier:

@@ -16,6 +16,7 @@ import numpy as np
 
 from dovetail.actors.worker import put_tree, read_tree
 from dovetail.decode import Drafting, Proposal, RequestFailure, Verdict
+from dovetail.local import Bets
 from dovetail.models.tree import DraftTree, TreeShape
 from dovetail.protocol.messages import (Accepted, ArrayRef, EndRequest, Predraft, ProposeBatch, ProposeTree,
                                         StartRequest, TreeProposal, VerifyBatch, VerifyTree)
@@ -28,6 +29,7 @@ def array_bytes(ref: ArrayRef | None) -> int:
 class RemoteProposer:
     def __init__(self, link):
         self.link = link
+        self.book = Bets()
 
     def _proposal(self, reply: TreeProposal) -> Proposal:
         tree = read_tree(self.link.views.view, reply.tokens, reply.parents, reply.q_tokens, reply.q_probs)
@@ -55,14 +57,17 @@ class RemoteProposer:
                 results.append(exc)
         return results
 
-    def bet(self, request_id: str, step: int, settled: Drafting | None, shape: TreeShape) -> None:
+    def bet(self, request_id: str, step: int, shape: TreeShape) -> None:
+        settled = self.book.take_settled(request_id)
         self.link._send(self.link.draft, Predraft(request_id, step, settled.new_tokens if settled else [],
                                                   settled.features if settled else None, _fields(shape)))
 
-    def collect_bet(self, request_id: str, step: int) -> Proposal:
-        return self._proposal(self.link._recv(self.link.draft, TreeProposal, request_id, step))
+    def collect_bet(self, request_id: str, step: int, outcome: Drafting) -> Proposal:
+        bet = self._proposal(self.link._recv(self.link.draft, TreeProposal, request_id, step))
+        return self.book.judge(request_id, bet, outcome)
 
     def end(self, request_id: str) -> None:
+        self.book.end(request_id)
         self.link._send(self.link.draft, EndRequest(request_id))
 
 

@@ -51,10 +51,10 @@ class TextProposer:
                 out.append(exc)
         return out
 
-    def bet(self, request_id: str, step: int, settled: Drafting | None) -> None:
+    def bet(self, request_id: str, step: int, shape=None) -> None:
         raise RuntimeError(f"{type(self).__name__} does not bet")
 
-    def collect_bet(self, request_id: str, step: int) -> Proposal:
+    def collect_bet(self, request_id: str, step: int, outcome: Drafting) -> Proposal:
         raise RuntimeError(f"{type(self).__name__} does not bet")
 
     def end(self, request_id: str) -> None:

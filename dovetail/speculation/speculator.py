@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from dovetail.decode import Choice, Drafting, Proposal, Proposer, StepTimes, Verdict
 from dovetail.models.tree import DraftTree, TreeShape, merge_trees
@@ -138,23 +138,28 @@ class Speculator:
                                                 if (rid, n) in grown)
             choice = self._choice(option)
             self.states[rid].current = choice
-            out.append(Proposal(tree, compute, None, choice, option.tokens if option else 1.0))
+            out.append(Proposal(tree, compute, choice=choice, expected=option.tokens if option else 1.0))
         return out
 
-    def bet(self, request_id: str, step: int, settled: Drafting | None) -> None:
+    def bet(self, request_id: str, step: int) -> None:
         choice = self.states[request_id].current
         (name,) = choice.proposers
-        for other, pending in self.states[request_id].pending.items():
-            if other != name and settled is not None:
-                pending.extend(int(t) for t in settled.new_tokens)
-        self.members[name].proposer.bet(request_id, step, settled, choice.shape)
+        self.members[name].proposer.bet(request_id, step, choice.shape)
 
-    def collect_bet(self, request_id: str, step: int) -> Proposal:
-        choice = self.states[request_id].current
+    def collect_bet(self, request_id: str, step: int, outcome: Drafting) -> Proposal:
+        """The betting member's bet, judged by it; a held bet's tree is next step's, so no
+        ``propose`` will tell the others the outcome: they get it as pending tokens here."""
+        state = self.states[request_id]
+        choice = state.current
         (name,) = choice.proposers
-        bet = self.members[name].proposer.collect_bet(request_id, step)
-        rates = self._rates(request_id, choice.proposers)
-        return Proposal(bet.tree, bet.compute_s, bet.guess, choice, expected_tokens(rates, choice.shape.depth))
+        bet = self.members[name].proposer.collect_bet(request_id, step, outcome)
+        if bet.held:
+            state.context += len(outcome.new_tokens)
+            for other, pending in state.pending.items():
+                if other != name:
+                    pending.extend(int(t) for t in outcome.new_tokens)
+        expected = expected_tokens(self._rates(request_id, choice.proposers), choice.shape.depth)
+        return replace(bet, choice=choice, expected=expected)
 
     def learn(self, request_id: str, proposal: Proposal | None, verdict: Verdict, step: StepTimes) -> None:
         self.curve.observe(step.rows, step.context, step.verify_s)
