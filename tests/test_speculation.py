@@ -189,6 +189,22 @@ def test_cost_model_counts_the_draft_models_cost():
     assert proposal.choice.proposers == ("model",)
 
 
+def test_a_batch_shares_its_draft_model():
+    """Four requests: a model whose level costs 8 ms for one tree and 10 ms for eight (grown
+    together) pays for the batch, though no request's turn alone justifies delaying the other
+    three; charged one request at a time (8 ms a tree a level) it does not."""
+    curve = {1: 40, 2: 41, 4: 43, 8: 46, 16: 52, 32: 70}
+    for together, expected in ((True, ("model",)), (False, None)):
+        spec = _speculator(curve, [0.95] * 6, model_step_ms=8, text_acceptance=[0.05] * 6)
+        if together:
+            spec.members["model"].batch_level_s = {1: 0.008, 2: 0.0085, 4: 0.009, 8: 0.010}
+        for rid in "abcd":
+            spec.start(rid, [1, 2, 3])
+        proposals = spec.propose([Drafting(rid, 1, [4]) for rid in "abcd"])
+        assert {p.choice.proposers if p.choice else None for p in proposals} == {expected}
+        assert spec.members["model"].level_s(3) == pytest.approx(0.00875 if together else 0.024)
+
+
 def test_cost_model_learns_the_curve_by_context():
     curve = VerifyCurve({1: 0.040, 4: 0.060, 16: 0.170})
     assert curve.at(2) == pytest.approx(0.040 + 0.020 / 3)

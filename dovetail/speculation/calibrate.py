@@ -1,5 +1,5 @@
 """The cost model's start: the target's verify time by rows and a draft model's time per tree
-level, measured through the loop's own verifier and proposer (in process or through the actors,
+level for 1, 2, 4 and 8 trees grown together (a batch's), measured through the loop's own verifier and proposer (in process or through the actors,
 the same calls), and cached under ``$DOVETAIL_HOME/costs`` per machine, model, precision and
 kernel build, so only the first start of a configuration pays for it (a few seconds)."""
 
@@ -18,9 +18,10 @@ from dovetail.models.tree import DraftTree, TreeShape
 from dovetail.models.verification import SamplingParams
 
 ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+DRAFT_BATCHES = (1, 2, 4, 8)
 REPEATS = 3
 PROMPT = 8  # tokens of the probe request's prompt
-FORMAT = 1  # of the cache files
+FORMAT = 2  # of the cache files
 
 
 def machine_fingerprint() -> dict:
@@ -48,26 +49,28 @@ def cache_path(key: dict) -> Path:
 
 def measured_costs(verifier, proposer=None, context_length: int = 1 << 30, key: dict | None = None,
                    say=lambda msg: None) -> dict:
-    """``{"verify": {rows: seconds}, "draft_level_s": seconds | None}``, from the cache for ``key``
-    or measured now (``key=None``: always measured, never cached)."""
+    """``{"verify": {rows: seconds}, "draft_level_s": {trees: seconds per level} | None}``, from
+    the cache for ``key`` or measured now (``key=None``: always measured, never cached)."""
     path = cache_path(key) if key is not None else None
     if path is not None and path.exists():
         try:
             data = json.loads(path.read_text())
+            draft = data.get("draft_level_s")
             return {"verify": {int(r): float(s) for r, s in data["verify"].items()},
-                    "draft_level_s": data.get("draft_level_s")}
+                    "draft_level_s": None if draft is None else {int(b): float(s) for b, s in draft.items()}}
         except (ValueError, KeyError, TypeError):
             pass  # unreadable: measure again
     rows = [r for r in ROWS if PROMPT + (REPEATS + 2) * (r + 1) < context_length] or [1]
     say(f"measuring the verify cost curve of this machine (rows {rows[0]}..{rows[-1]}"
-        + (", and the draft's cost per tree level" if proposer is not None else "")
+        + (", and the draft's cost per tree level for 1-8 trees" if proposer is not None else "")
         + (f"; once, cached in {path.parent}" if path else "") + ")")
     t = time.perf_counter()
     costs = {"verify": {r: _verify_seconds(verifier, r) for r in rows},
              "draft_level_s": _draft_level_seconds(proposer) if proposer is not None else None}
     say(f"cost curve measured in {time.perf_counter() - t:.1f}s: "
         + ", ".join(f"{r} rows {s * 1e3:.1f} ms" for r, s in costs["verify"].items() if r in (1, 4, 16, 32))
-        + (f"; draft {costs['draft_level_s'] * 1e3:.1f} ms per level" if costs["draft_level_s"] else ""))
+        + ("; draft per level: " + ", ".join(f"{b} trees {s * 1e3:.1f} ms" for b, s in costs["draft_level_s"].items())
+           if costs["draft_level_s"] else ""))
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -104,19 +107,27 @@ def _verify_seconds(verifier, rows: int) -> float:
     return statistics.median(times)
 
 
-def _draft_level_seconds(proposer) -> float:
-    """A draft model's compute per tree level: chains of 2 levels, median of ``REPEATS``."""
-    rid = f"calibrate-draft-{os.getpid()}"
-    proposer.start(rid, _probe_prompt())
+def _draft_level_seconds(proposer) -> dict[int, float]:
+    """A draft model's compute per tree level with 1, 2, 4 and 8 trees grown together (one
+    forward per level for all): chains of 2 levels, medians of ``REPEATS``."""
+    return {trees: _draft_level(proposer, trees) for trees in DRAFT_BATCHES}
+
+
+def _draft_level(proposer, trees: int) -> float:
+    rids = [f"calibrate-draft-{trees}-{i}-{os.getpid()}" for i in range(trees)]
+    for rid in rids:
+        proposer.start(rid, _probe_prompt())
     times, last = [], _probe_prompt()[-1]
     try:
         for step in range(1, REPEATS + 2):
-            (proposal,) = proposer.propose([Drafting(rid, step, [last], None, TreeShape.chain(2))])
-            if isinstance(proposal, Exception):
-                raise proposal
+            proposals = proposer.propose([Drafting(rid, step, [last], None, TreeShape.chain(2)) for rid in rids])
+            for proposal in proposals:
+                if isinstance(proposal, Exception):
+                    raise proposal
             last = _probe_token(last + step)
             if step > 1:
-                times.append(proposal.compute_s / 2)
+                times.append(sum(p.compute_s for p in proposals) / 2)
     finally:
-        proposer.end(rid)
+        for rid in rids:
+            proposer.end(rid)
     return statistics.median(times)

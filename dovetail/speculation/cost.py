@@ -42,8 +42,8 @@ class Ema:
 
 @dataclass
 class VerifyCurve:
-    """Seconds of a target forward by rows. ``base``: measured at a short context (rows ->
-    seconds). Online, each (context bucket, rows) keeps its own decayed mean; rows never seen in a
+    """Seconds of a target forward by rows (a draft's tree level by trees grown together uses the
+    same interpolation). ``base``: measured at a short context (rows -> seconds). Online, each (context bucket, rows) keeps its own decayed mean; rows never seen in a
     bucket are the base curve times that bucket's observed ratio to it."""
 
     base: dict[int, float]

@@ -53,6 +53,18 @@ class Member:
     every_step: bool = False
     bets: bool = False
     step_s: float = 0.0  # a model's measured seconds per tree level (its draft forward)
+    batch_level_s: dict[int, float] | None = None  # seconds per level with B trees grown together
+    _levels: VerifyCurve | None = field(default=None, repr=False)
+
+    def level_s(self, trees: int) -> float:
+        """Seconds of one tree level grown for ``trees`` requests together (one forward)."""
+        if trees < 1:
+            return 0.0
+        if not self.batch_level_s:
+            return trees * self.step_s
+        if self._levels is None or self._levels.base is not self.batch_level_s:
+            self._levels = VerifyCurve(self.batch_level_s)
+        return self._levels.base_at(trees)
 
 
 @dataclass
@@ -74,8 +86,12 @@ class Option:
     depth: int
     rows: int
     tokens: float
-    draft_s: float
+    draft_s: float  # alone: the model-free proposers' time + the models' (measured wait, else calibrated)
+    free_s: float = 0.0  # the model-free part of draft_s
     tree: DraftTree | None = None  # a text option's tree, already grown
+
+    def models(self, members: dict) -> list[str]:
+        return [n for n in self.key if not members[n].free]
 
 
 class Speculator:
@@ -196,18 +212,20 @@ class Speculator:
         return tokens
 
     def _choose(self, items: list[Drafting], text_trees: dict, text_s: float) -> dict[str, Option | None]:
-        """Each request's option, rating the batch as a whole: requests are decided in turn, each
-        against the rows and tokens the others bring (one row and one token each, to begin)."""
-        picks: dict[str, Option | None] = {i.request_id: None for i in items}
-        rows, tokens, draft_s = len(items), float(len(items)), 0.0
+        """Each request's option, rating the batch as a whole (``_batch_rate``): requests are
+        decided in turn, each against what the ones before it chose (the rest count as the target
+        alone). A draft model shared by the batch may pay only when several requests use it, which
+        no single request's turn can see: so the batch where every request takes its own best
+        option is rated too, and wins when it is expected ``MARGIN`` faster."""
+        share = text_s / max(len(items), 1)
+        offered = {i.request_id: self._options(i.request_id, text_trees, share) for i in items}
+        picks: dict[str, Option | None] = {rid: None for rid in offered}
         for item in items:
             rid, state = item.request_id, self.states[item.request_id]
-            options = self._options(rid, text_trees, text_s / max(len(items), 1))
+            options = offered[rid]
 
             def rate(o: Option | None) -> float:
-                r = rows - 1 + (o.rows if o else 1)
-                t = tokens - 1 + (o.tokens if o else 1.0)
-                return t / (self.curve.at(r, state.context) + draft_s + (o.draft_s if o else 0.0))
+                return self._batch_rate(items, {**picks, rid: o})
 
             best = max(options, key=rate, default=None)
             if self.shape is None and best is not None and rate(best) <= MARGIN * rate(None):
@@ -216,10 +234,35 @@ class Speculator:
             if best is None and options and self.shape is None:
                 self._say_off(rid, state, options, rate)
             picks[rid] = best
-            rows += (best.rows - 1) if best else 0
-            tokens += (best.tokens - 1) if best else 0.0
-            draft_s += best.draft_s if best else 0.0
+        if len(items) > 1 and self.shape is None:
+            together = {i.request_id: max(offered[i.request_id], default=None,
+                                          key=lambda o, i=i: self._batch_rate([i], {i.request_id: o}))
+                        for i in items}
+            if self._batch_rate(items, together) > MARGIN * self._batch_rate(items, picks):
+                picks = together
         return picks
+
+    def _batch_rate(self, items: list[Drafting], picks: dict[str, Option | None]) -> float:
+        """Expected committed tokens per second of one step of ``items`` with these options (None:
+        the target alone). One request: its option's own draft wait. Several: the model-free
+        proposers' times add up; a model grows all its trees together, one forward a level whose
+        rows are the trees still growing (``Member.level_s``)."""
+        chosen = [picks.get(i.request_id) for i in items]
+        rows = sum(o.rows if o else 1 for o in chosen)
+        tokens = sum(o.tokens if o else 1.0 for o in chosen)
+        context = max(self.states[i.request_id].context for i in items)
+        if len(items) == 1:
+            draft = chosen[0].draft_s if chosen[0] else 0.0
+        else:
+            draft = sum(o.free_s for o in chosen if o) + sum(
+                self._batch_draft_s(name, [o.depth for o in chosen if o and name in o.models(self.members)])
+                for name, member in self.members.items() if not member.free)
+        return tokens / (self.curve.at(rows, context) + draft)
+
+    def _batch_draft_s(self, name: str, depths: list[int]) -> float:
+        """A model's time for trees of these depths grown together (lockstep, one forward a level)."""
+        member = self.members[name]
+        return sum(member.level_s(sum(1 for d in depths if d > level)) for level in range(max(depths, default=0)))
 
     def _options(self, request_id: str, text_trees: dict, text_s: float) -> list[Option]:
         out = []
@@ -235,9 +278,10 @@ class Speculator:
             for depth in depths:
                 text_rows = len(text.truncated(depth)) - 1 if text is not None else 0
                 model_rows = (self.shape.total_tokens - 1 if self.shape is not None else depth) if models else 0
-                draft_s = (text_s if free else 0.0) + sum(self._draft_cost(key, n, depth) for n in models)
+                free_s = text_s if free else 0.0
+                draft_s = free_s + sum(self._draft_cost(key, n, depth) for n in models)
                 out.append(Option(key, depth, 1 + text_rows + model_rows, expected_tokens(rates, depth), draft_s,
-                                  text))
+                                  free_s, text))
         return out
 
     def _draft_cost(self, key: tuple[str, ...], name: str, depth: int) -> float:
