@@ -423,10 +423,12 @@ def test_workers_at_another_protocol_version_are_refused_at_start(ray_session, q
     _, (target_dir, draft_dir) = qwen_pair
     engine = _engine(target_dir, draft_dir, "chain:3", "0")
     try:
-        def restart_as_version_2(c):
+        other = m.PROTOCOL_VERSION + 1
+
+        def restart_at_another_version(c):
             import dovetail.actors.coordinator as coordinator
 
-            coordinator.PROTOCOL_VERSION = 2
+            coordinator.PROTOCOL_VERSION = other
             try:
                 c.restart_workers()
             except RuntimeError as exc:
@@ -435,8 +437,8 @@ def test_workers_at_another_protocol_version_are_refused_at_start(ray_session, q
                 coordinator.PROTOCOL_VERSION = m.PROTOCOL_VERSION
             return "no error"
 
-        message = _on_coordinator(engine, restart_as_version_2)
-        assert "protocol version mismatch (coordinator: 2)" in message and f"speaks {m.PROTOCOL_VERSION}" in message
+        message = _on_coordinator(engine, restart_at_another_version)
+        assert f"protocol version mismatch (coordinator: {other})" in message and f"speaks {m.PROTOCOL_VERSION}" in message
         assert ray.get(engine.coordinator.ping.remote())
     finally:
         engine.shutdown()
