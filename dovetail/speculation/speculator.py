@@ -235,12 +235,14 @@ class Speculator:
                 self._say_off(rid, state, options, rate)
             picks[rid] = best
         if len(items) > 1 and self.shape is None:
-            together = {i.request_id: max(offered[i.request_id], default=None,
-                                          key=lambda o, i=i: self._batch_rate([i], {i.request_id: o}))
-                        for i in items}
+            together = {i.request_id: self._best_alone(i, offered[i.request_id]) for i in items}
             if self._batch_rate(items, together) > MARGIN * self._batch_rate(items, picks):
                 picks = together
         return picks
+
+    def _best_alone(self, item: Drafting, options: list[Option]) -> Option | None:
+        """The request's best draft were it alone (even one that loses alone: shared, it may pay)."""
+        return max(options, key=lambda o: self._batch_rate([item], {item.request_id: o}), default=None)
 
     def _batch_rate(self, items: list[Drafting], picks: dict[str, Option | None]) -> float:
         """Expected committed tokens per second of one step of ``items`` with these options (None:
