@@ -49,10 +49,12 @@ class Choice:
     proposers: tuple[str, ...]
     shape: TreeShape
     bets: bool = False
+    width: int = 1  # a draft model's children per expanded node, as the cost model chose it
 
     def __str__(self) -> str:
-        """``proposer@depth`` (the depth is what the cost model chooses; a text proposer's width is its data's)."""
-        return f"{'+'.join(self.proposers)}@{self.shape.depth}"
+        """``proposer@depth``, ``proposer*width@depth`` for a wide model tree (the cost model
+        chooses these; a text proposer's width is its data's)."""
+        return f"{'+'.join(self.proposers)}{f'*{self.width}' if self.width > 1 else ''}@{self.shape.depth}"
 
 
 @dataclass

@@ -142,8 +142,9 @@ def _speculator(curve_ms, acceptance, model_step_ms=None, text_acceptance=None):
         options.append(("model",))
     spec = Speculator(members, options, VerifyCurve({r: ms / 1e3 for r, ms in curve_ms.items()}))
     for key, rates in ((("model",), acceptance), (("ngram",), text_acceptance or acceptance)):
-        if key in spec.acceptance:
-            spec.acceptance[key] = Acceptance(6, list(rates), prior_weight=1e6)
+        for width in (1, 2):  # a wide model tree: as likely as the chain here, so never better
+            if (key, width) in spec.acceptance:
+                spec.acceptance[(key, width)] = Acceptance(6, list(rates), prior_weight=1e6)
     spec.start("r", [1, 2, 3])
     return spec
 
@@ -205,6 +206,21 @@ def test_a_batch_shares_its_draft_model():
         assert spec.members["model"].level_s(3) == pytest.approx(0.00875 if together else 0.024)
 
 
+def test_cost_model_picks_the_width_the_arithmetic_says():
+    """A lone model has two arms, a chain and two children per expanded node (twice the rows):
+    the wide one wins where verification is flat and a second child is often right, not where
+    rows are dear."""
+    for curve, wide_wins in (({1: 40, 2: 41, 4: 42, 8: 44, 16: 50, 32: 70}, True),
+                             ({1: 40, 2: 70, 4: 130, 8: 250, 16: 490, 32: 970}, False)):
+        spec = _speculator(curve, [0.6] * 6, model_step_ms=2, text_acceptance=[0.01] * 6)
+        spec.acceptance[(("model",), 2)] = Acceptance(6, [0.9] * 6, prior_weight=1e6)
+        (proposal,) = spec.propose([Drafting("r", 1, [4])])
+        width = proposal.choice.width if proposal.choice else 0
+        assert (width == 2) == wide_wins, (curve, proposal.choice)
+        if wide_wins:
+            assert proposal.choice.shape.top_k == 2 and str(proposal.choice).startswith("model*2@")
+
+
 def test_cost_model_learns_the_curve_by_context():
     curve = VerifyCurve({1: 0.040, 4: 0.060, 16: 0.170})
     assert curve.at(2) == pytest.approx(0.040 + 0.020 / 3)
@@ -218,7 +234,7 @@ def test_cost_model_learns_the_curve_by_context():
 def test_speculator_learns_acceptance_and_switches_off_then_probes():
     curve = {1: 40, 2: 48, 4: 64, 8: 96, 16: 160, 32: 288}
     spec = _speculator(curve, [0.9] * 6)
-    spec.acceptance[("ngram",)] = Acceptance(6, 0.9, prior_weight=2)
+    spec.acceptance[(("ngram",), 1)] = Acceptance(6, 0.9, prior_weight=2)
     chosen = []
     for step in range(1, 40):
         (proposal,) = spec.propose([Drafting("r", step, [4])])
@@ -276,6 +292,28 @@ def test_greedy_identity_with_every_proposer(pair, text, model, combined, shape,
     assert accepted > 0, f"nothing was ever accepted ({chosen}): the proposers were not exercised"
     if not combined:
         assert len(chosen) >= 2, f"the cost model never switched: {chosen}"
+
+
+@pytest.mark.parametrize("betting", [False, True], ids=["no-bets", "bets"])
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.8)], ids=["greedy", "sampled"])
+def test_a_wide_model_tree_when_the_cost_model_picks_it(pair, betting, params):
+    """The model's width-2 arm made the likely winner (its acceptance high, the draft's cost
+    ignored): its trees (two children per expanded node; sampled from q at T=0.8) are chosen,
+    verified and, greedy, still the target's own output."""
+    target, draft = pair
+    engine = _engine(target, draft, betting=betting)
+    speculator = engine.speculator
+    assert (("model",), 2) in speculator.arms
+    speculator.acceptance[(("model",), 1)] = Acceptance(6, [0.2] * 6, prior_weight=1e6)
+    speculator.acceptance[(("model",), 2)] = Acceptance(6, [0.99] * 6, prior_weight=1e6)
+    speculator._draft_cost = lambda arm, name, depth: 0.0  # this tiny draft costs what its target does
+    chosen = set()
+    for p in _repetitive_prompts():
+        result = engine.generate(p, 30, params)
+        chosen |= set(result.stats.choices)
+        if params.greedy:
+            assert result.token_ids == hf_greedy(target, p, 30, eos=EOS)
+    assert any(c.startswith("model*2@") for c in chosen), chosen
 
 
 @pytest.mark.parametrize("betting", [False, True], ids=["no-bets", "bets"])

@@ -117,11 +117,12 @@ def build_speculator(model, setup: SpeculationSetup, verifier, context_length: i
 
 def tree_room(proposers: Proposers, shape) -> int:
     """The most nodes one step's tree can have (KV admission counts them)."""
-    from dovetail.speculation.speculator import MAX_DEPTH, TEXT_SHAPE
+    from dovetail.speculation.speculator import MAX_DEPTH, MODEL_WIDTHS, TEXT_SHAPE
 
     if shape is not None:
         return shape.total_tokens * max(len(proposers.names), 1)
-    return MAX_DEPTH * (proposers.model is not None) + (TEXT_SHAPE.total_tokens - 1) * len(proposers.text) + 1
+    model = MAX_DEPTH * max(MODEL_WIDTHS) * (proposers.model is not None)
+    return model + (TEXT_SHAPE.total_tokens - 1) * len(proposers.text) + 1
 
 
 def stats_depth(shape) -> int:

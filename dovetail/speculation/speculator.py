@@ -35,7 +35,8 @@ log = logging.getLogger("dovetail")
 MAX_DEPTH = 6  # the deepest chain the cost model considers
 TEXT_SHAPE = TreeShape(total_tokens=3 * MAX_DEPTH + 1, depth=MAX_DEPTH, top_k=3)  # what text proposers offer
 PROBE_FIRST, PROBE_LAST = 8, 128  # steps before a losing option is tried again (doubling)
-PRIOR = {"model": 0.7, "text": 0.5}  # acceptance before anything is seen (optimistic: it gets tried)
+MODEL_WIDTHS = (1, 2)  # a lone draft model's tree: a chain, or two children under each expanded node
+PRIOR = {"model": 0.7, "wide": 0.8, "text": 0.5}  # acceptance before anything is seen (optimistic: it gets tried)
 MARGIN = 1.05  # a draft must be expected this much faster than the target alone: estimates err both ways,
 # and a draft chosen on a near tie loses about as often as it wins
 
@@ -71,9 +72,9 @@ class Member:
 class RequestState:
     context: int
     pending: dict[str, list[int]]  # tokens a skipped model has not been told yet
-    acceptance: dict[tuple[str, ...], Acceptance] = field(default_factory=dict)
-    losing: dict[tuple[str, ...], int] = field(default_factory=dict)  # steps since the option was used
-    probe_after: dict[tuple[str, ...], int] = field(default_factory=dict)
+    acceptance: dict[tuple, Acceptance] = field(default_factory=dict)  # by arm (see Speculator.arms)
+    losing: dict[tuple, int] = field(default_factory=dict)  # steps since the arm was used
+    probe_after: dict[tuple, int] = field(default_factory=dict)
     current: Choice | None = None
     off_said: bool = False
 
@@ -89,9 +90,18 @@ class Option:
     draft_s: float  # alone: the model-free proposers' time + the models' (measured wait, else calibrated)
     free_s: float = 0.0  # the model-free part of draft_s
     tree: DraftTree | None = None  # a text option's tree, already grown
+    width: int = 1  # a model's children per expanded node (its node budget: width x depth)
+
+    @property
+    def arm(self) -> tuple[tuple[str, ...], int]:
+        """What acceptance is learnt for: the proposers and the model's width."""
+        return self.key, self.width
 
     def models(self, members: dict) -> list[str]:
         return [n for n in self.key if not members[n].free]
+
+    def model_shape(self) -> TreeShape:
+        return TreeShape(self.width * self.depth + 1, self.depth, self.width)
 
 
 class Speculator:
@@ -106,12 +116,21 @@ class Speculator:
         self.options, self.curve, self.shape = [tuple(o) for o in options], curve, shape
         self.say = say or log.info
         self.max_depth = shape.depth if shape is not None else MAX_DEPTH
-        self.acceptance = {key: Acceptance(self.max_depth, self._prior(key)) for key in self.options}
-        self.draft_wait: dict[tuple[tuple[str, ...], int], Ema] = {}
+        # arms: an option's proposers and, for a lone draft model, its width (each learns its acceptance)
+        self.arms = [(key, width) for key in self.options for width in self._widths(key)]
+        self.acceptance = {arm: Acceptance(self.max_depth, self._prior(arm)) for arm in self.arms}
+        self.draft_wait: dict[tuple[tuple, int], Ema] = {}  # (arm, depth) -> the loop's wait for the draft
         self.states: dict[str, RequestState] = {}
 
-    def _prior(self, key: tuple[str, ...]) -> float:
-        return PRIOR["text"] if all(self.members[n].free for n in key) else PRIOR["model"]
+    def _widths(self, key: tuple[str, ...]) -> tuple[int, ...]:
+        lone_model = len(key) == 1 and not self.members[key[0]].free
+        return MODEL_WIDTHS if lone_model and self.shape is None else (1,)
+
+    def _prior(self, arm: tuple[tuple[str, ...], int]) -> float:
+        key, width = arm
+        if all(self.members[n].free for n in key):
+            return PRIOR["text"]
+        return PRIOR["wide"] if width > 1 else PRIOR["model"]
 
     # -- the Speculator protocol ---------------------------------------------------------------
     def start(self, request_id: str, prompt_ids: list[int], tenant: str = "", params=None) -> None:
@@ -174,7 +193,7 @@ class Speculator:
             for other, pending in state.pending.items():
                 if other != name:
                     pending.extend(int(t) for t in outcome.new_tokens)
-        expected = expected_tokens(self._rates(request_id, choice.proposers), choice.shape.depth)
+        expected = expected_tokens(self._rates(request_id, (choice.proposers, choice.width)), choice.shape.depth)
         return replace(bet, choice=choice, expected=expected)
 
     def learn(self, request_id: str, proposal: Proposal | None, verdict: Verdict, step: StepTimes) -> None:
@@ -182,13 +201,13 @@ class Speculator:
         state = self.states.get(request_id)
         if state is None or proposal is None or proposal.choice is None:
             return
-        key = proposal.choice.proposers
+        arm = (proposal.choice.proposers, proposal.choice.width)
         depth = int(proposal.tree.depths.max()) if len(proposal.tree) > 1 else 0
         accepted = len(verdict.path) - 1
         if depth:
-            self.acceptance[key].observe(depth, accepted)
-            state.acceptance.setdefault(key, Acceptance(self.max_depth, 0.0, 0.0)).observe(depth, accepted)
-        self.draft_wait.setdefault((key, proposal.choice.shape.depth), Ema()).add(step.draft_wait_s)
+            self.acceptance[arm].observe(depth, accepted)
+            state.acceptance.setdefault(arm, Acceptance(self.max_depth, 0.0, 0.0)).observe(depth, accepted)
+        self.draft_wait.setdefault((arm, proposal.choice.shape.depth), Ema()).add(step.draft_wait_s)
 
     # -- choosing ------------------------------------------------------------------------------
     def _text_trees(self, items: list[Drafting], failed: dict) -> dict[tuple[str, str], DraftTree]:
@@ -257,19 +276,21 @@ class Speculator:
             draft = chosen[0].draft_s if chosen[0] else 0.0
         else:
             draft = sum(o.free_s for o in chosen if o) + sum(
-                self._batch_draft_s(name, [o.depth for o in chosen if o and name in o.models(self.members)])
+                self._batch_draft_s(name, [(o.depth, o.width) for o in chosen if o and name in o.models(self.members)])
                 for name, member in self.members.items() if not member.free)
         return tokens / (self.curve.at(rows, context) + draft)
 
-    def _batch_draft_s(self, name: str, depths: list[int]) -> float:
-        """A model's time for trees of these depths grown together (lockstep, one forward a level)."""
+    def _batch_draft_s(self, name: str, trees: list[tuple[int, int]]) -> float:
+        """A model's time for trees of these (depth, width) grown together (lockstep, one forward a
+        level over the nodes each tree still expands)."""
         member = self.members[name]
-        return sum(member.level_s(sum(1 for d in depths if d > level)) for level in range(max(depths, default=0)))
+        return sum(member.level_s(sum(w for d, w in trees if d > level))
+                   for level in range(max((d for d, _ in trees), default=0)))
 
     def _options(self, request_id: str, text_trees: dict, text_s: float) -> list[Option]:
         out = []
-        for key in self.options:
-            rates = self._rates(request_id, key)
+        for key, width in self.arms:
+            rates = self._rates(request_id, (key, width))
             free = [n for n in key if self.members[n].free]
             models = [n for n in key if not self.members[n].free]
             text = merge_trees([text_trees[(request_id, n)] for n in free]) if free else None
@@ -279,40 +300,40 @@ class Speculator:
                       range(1, (MAX_DEPTH if models else int(text.depths.max())) + 1))
             for depth in depths:
                 text_rows = len(text.truncated(depth)) - 1 if text is not None else 0
-                model_rows = (self.shape.total_tokens - 1 if self.shape is not None else depth) if models else 0
+                model_rows = (self.shape.total_tokens - 1 if self.shape is not None else width * depth) if models else 0
                 free_s = text_s if free else 0.0
-                draft_s = free_s + sum(self._draft_cost(key, n, depth) for n in models)
+                draft_s = free_s + sum(self._draft_cost((key, width), n, depth) for n in models)
                 out.append(Option(key, depth, 1 + text_rows + model_rows, expected_tokens(rates, depth), draft_s,
-                                  free_s, text))
+                                  free_s, text, width))
         return out
 
-    def _draft_cost(self, key: tuple[str, ...], name: str, depth: int) -> float:
+    def _draft_cost(self, arm: tuple, name: str, depth: int) -> float:
         """What the loop waits for a model's tree of ``depth`` levels: measured when seen, else
-        its calibrated forward time per level."""
-        seen = self.draft_wait.get((key, depth))
+        its calibrated forward time per level (a level of a wide tree expands ``width`` nodes)."""
+        seen = self.draft_wait.get((arm, depth))
         if seen is not None and seen.weight >= 1.0:
             return seen.value
-        return depth * self.members[name].step_s
+        return depth * self.members[name].level_s(arm[1])
 
-    def _rates(self, request_id: str, key: tuple[str, ...]) -> list[float]:
-        own = self.states[request_id].acceptance.get(key)
-        prior = self.acceptance[key]
+    def _rates(self, request_id: str, arm: tuple) -> list[float]:
+        own = self.states[request_id].acceptance.get(arm)
+        prior = self.acceptance[arm]
         return blended(own, prior) if own is not None else prior.rates()
 
     def _maybe_probe(self, state: RequestState, best: Option | None, options: list[Option]) -> Option | None:
         """Now and then, an option that keeps losing is tried anyway (its best depth), so its
         acceptance and cost stay current."""
-        chosen = best.key if best else None
-        for key in self.options:
-            if key == chosen:
-                state.losing[key], state.probe_after[key] = 0, PROBE_FIRST
+        chosen = best.arm if best else None
+        for arm in self.arms:
+            if arm == chosen:
+                state.losing[arm], state.probe_after[arm] = 0, PROBE_FIRST
                 continue
-            state.losing[key] = state.losing.get(key, 0) + 1
-            if state.losing[key] >= state.probe_after.setdefault(key, PROBE_FIRST):
-                candidates = [o for o in options if o.key == key]
+            state.losing[arm] = state.losing.get(arm, 0) + 1
+            if state.losing[arm] >= state.probe_after.setdefault(arm, PROBE_FIRST):
+                candidates = [o for o in options if o.arm == arm]
                 if candidates:
-                    state.losing[key] = 0
-                    state.probe_after[key] = min(2 * state.probe_after[key], PROBE_LAST)
+                    state.losing[arm] = 0
+                    state.probe_after[arm] = min(2 * state.probe_after[arm], PROBE_LAST)
                     return max(candidates, key=lambda o: o.tokens / max(o.rows, 1))
         return best
 
@@ -321,9 +342,9 @@ class Speculator:
             return
         state.off_said = True
         best = max(options, key=rate)
-        self.say(f"request {request_id}: speculation off: the best draft, {'+'.join(best.key)} at depth "
-                 f"{best.depth}, is expected to give {rate(best):.1f} tok/s against {rate(None):.1f} for the "
-                 f"target alone; the cost model tries again now and then")
+        self.say(f"request {request_id}: speculation off: the best draft, {self._choice(best)} (proposer@depth), is "
+                 f"expected to give {rate(best):.1f} tok/s against {rate(None):.1f} for the target alone; the cost "
+                 f"model tries again now and then")
 
     # -- running the chosen models -------------------------------------------------------------
     def _run_models(self, items: list[Drafting], picks: dict, failed: dict) -> dict[tuple[str, str], Proposal]:
@@ -339,7 +360,7 @@ class Speculator:
                 chosen = option is not None and member.name in option.key
                 if item.request_id in failed or not (chosen or member.every_step):
                     continue
-                shape = (self.shape or TreeShape.chain(option.depth)) if chosen else None
+                shape = (self.shape or option.model_shape()) if chosen else None
                 asks.append(Drafting(item.request_id, item.step, self._take(item.request_id, member.name),
                                      item.features, shape))
             if not asks:
@@ -354,7 +375,11 @@ class Speculator:
     def _choice(self, option: Option | None) -> Choice | None:
         if option is None:
             return None
-        shape = self.shape or TreeShape(max(option.rows, 2), option.depth, 1 if option.rows == option.depth + 1 else
-                                        TEXT_SHAPE.top_k)
+        if self.shape is not None:
+            shape = self.shape
+        elif option.models(self.members) and len(option.key) == 1:
+            shape = option.model_shape()
+        else:
+            shape = TreeShape(max(option.rows, 2), option.depth, 1 if option.rows == option.depth + 1 else TEXT_SHAPE.top_k)
         bets = len(option.key) == 1 and self.members[option.key[0]].bets
-        return Choice(option.key, shape, bets)
+        return Choice(option.key, shape, bets, option.width)
