@@ -166,23 +166,29 @@ def test_recursive_rejection_over_sampled_siblings_is_exact(siblings):
         assert abs(accepted / n - np.minimum(P_ONE, Q_ONE).sum()) < 0.03
 
 
-def test_sampled_trees_keep_first_draws_and_merging_drops_q():
-    """Pruning keeps, of each node's children, a first run in drawing order; a sampled tree merged
-    with another proposer's tree counts as fixed choices (no q)."""
+def test_sampled_trees_keep_first_draws_and_merging_drops_q(monkeypatch):
+    """Pruning fills the budget with, of each node's children, a first run in drawing order; a
+    sampled tree merged with another proposer's tree counts as fixed choices (no q)."""
     from dovetail.models.tree import DraftTree, TreeBuilder, TreeShape, merge_trees
 
-    sampler = verification.DraftSampler(SamplingParams(temperature=1.0))
+    grown_parents = []
+    original = TreeBuilder._prune
+    monkeypatch.setattr(TreeBuilder, "_prune", lambda self, tokens, parents, *rest: grown_parents.append(parents)
+                        or original(self, tokens, parents, *rest))
     logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(3)) * 2
-    for seed in range(20):
-        torch.manual_seed(seed)
-        tree, _ = TreeBuilder(TreeShape(7, 3, 3), sampler).build(1, lambda nodes, t, p: logits.expand(len(nodes), -1))
-        assert tree.sampled and len(tree) <= 7
+    for _ in range(50):
+        sampler = verification.DraftSampler(SamplingParams(temperature=1.0))
+        tree, grown = TreeBuilder(TreeShape(7, 3, 3), sampler).build(1, lambda nodes, t, p: logits.expand(len(nodes), -1))
+        assert tree.sampled and len(tree) == 7  # 3 + 9 + 9 drawn: the budget is always filled
         for node in range(len(tree)):
             children = tree.children(node)
             if len(children):
                 q_tokens, q_probs = tree.proposal(node)
                 drawn = [int(t) for t in tree.tokens[children]]
                 assert len(set(drawn)) == len(drawn) and set(drawn) <= set(q_tokens[q_probs > 0].tolist())
+                # children were grown in drawing order: the kept ones are the first of them
+                all_drawn = np.flatnonzero(grown_parents[-1] == grown[node]).tolist()
+                assert sorted(int(grown[c]) for c in children) == all_drawn[:len(children)]
     other = DraftTree([1, 5, 6], [-1, 0, 1])
     assert merge_trees([tree, DraftTree([1], [-1])]).sampled
     assert not merge_trees([tree, other]).sampled

@@ -157,7 +157,7 @@ class TreeBuilder:
     With a ``sampler`` (``verification.DraftSampler``) each expanded node's children are drawn
     from the draft's distribution without replacement instead of taken top-first, and the tree
     carries that distribution; pruning then keeps, of each node's children, only a first run in
-    drawing order (what rejection against q needs to stay exact).
+    drawing order (what rejection against q needs to stay exact), best-first within that rule.
     """
 
     def __init__(self, shape: TreeShape, sampler=None):
@@ -202,20 +202,20 @@ class TreeBuilder:
         return self._prune(np.array(tokens), np.array(parents), np.array(scores), proposals)
 
     def _prune(self, tokens, parents, scores, proposals) -> tuple[DraftTree, np.ndarray]:
-        finite = int(np.isfinite(scores[1:]).sum())
-        keep_n = min(self.shape.total_tokens - 1, finite)
-        order = np.lexsort((np.arange(1, len(tokens)), -scores[1:]))[:keep_n] + 1
-        kept = np.zeros(len(tokens), dtype=bool)
-        kept[0] = True
-        kept[order] = True
-        # Close under ancestry (float ties can otherwise orphan a node), then renumber parent-first.
-        for i in sorted(np.flatnonzero(kept), reverse=True):
-            j = parents[i]
-            while j >= 0 and not kept[j]:
-                kept[j] = True
-                j = parents[j]
         if self.sampler is not None:
-            _keep_first_runs(kept, parents)
+            kept = _best_first_runs(parents, scores, self.shape.total_tokens)
+        else:
+            keep_n = min(self.shape.total_tokens - 1, len(tokens) - 1)
+            order = np.lexsort((np.arange(1, len(tokens)), -scores[1:]))[:keep_n] + 1
+            kept = np.zeros(len(tokens), dtype=bool)
+            kept[0] = True
+            kept[order] = True
+            # Close under ancestry (float ties can otherwise orphan a node).
+            for i in sorted(np.flatnonzero(kept), reverse=True):
+                j = parents[i]
+                while j >= 0 and not kept[j]:
+                    kept[j] = True
+                    j = parents[j]
         index = np.flatnonzero(kept)
         remap = -np.ones(len(tokens), dtype=np.int64)
         remap[index] = np.arange(len(index))
@@ -232,16 +232,32 @@ class TreeBuilder:
         return DraftTree(tokens[index], new_parents, q_tokens, q_probs), index
 
 
-def _keep_first_runs(kept: np.ndarray, parents: np.ndarray) -> None:
-    """Drop every node after the first dropped sibling (siblings stored in drawing order) and
-    every node whose parent is dropped: each node's kept children are its first draws."""
-    broken = np.zeros(len(kept), dtype=bool)
-    for i in range(1, len(kept)):
-        parent = parents[i]
-        if kept[i] and (not kept[parent] or broken[parent]):
-            kept[i] = False
-        if not kept[i]:
-            broken[parent] = True
+def _best_first_runs(parents: np.ndarray, scores: np.ndarray, total: int) -> np.ndarray:
+    """The best ``total`` nodes (root included) of a sampled tree such that each node's kept
+    children are its first draws (siblings are stored in drawing order): best-first by score, a
+    node becoming eligible once its parent and its previous sibling are kept. Nodes with a -inf
+    score (drawn beyond q's support) are never kept."""
+    import heapq
+
+    children: dict[int, list[int]] = {}
+    for node in range(1, len(parents)):
+        children.setdefault(int(parents[node]), []).append(node)
+    kept = np.zeros(len(parents), dtype=bool)
+    kept[0] = True
+    heap: list[tuple[float, int, int]] = []  # (-score, node, its rank among its siblings)
+
+    def offer(parent: int, rank: int) -> None:
+        siblings = children.get(parent, [])
+        if rank < len(siblings) and np.isfinite(scores[siblings[rank]]):
+            heapq.heappush(heap, (-float(scores[siblings[rank]]), siblings[rank], rank))
+
+    offer(0, 0)
+    while heap and int(kept.sum()) < total:
+        _, node, rank = heapq.heappop(heap)
+        kept[node] = True
+        offer(int(parents[node]), rank + 1)
+        offer(node, 0)
+    return kept
 
 
 def drive(steps, answer):
