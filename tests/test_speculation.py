@@ -198,7 +198,7 @@ def test_a_batch_shares_its_draft_model():
     for together, expected in ((True, ("model",)), (False, None)):
         spec = _speculator(curve, [0.95] * 6, model_step_ms=8, text_acceptance=[0.05] * 6)
         if together:
-            spec.members["model"].batch_level_s = {1: 0.008, 2: 0.0085, 4: 0.009, 8: 0.010}
+            spec.members["model"].levels = VerifyCurve({1: 0.008, 2: 0.0085, 4: 0.009, 8: 0.010})
         for rid in "abcd":
             spec.start(rid, [1, 2, 3])
         proposals = spec.propose([Drafting(rid, 1, [4]) for rid in "abcd"])

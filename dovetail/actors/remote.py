@@ -99,8 +99,8 @@ class RemoteVerifier:
             self._to_shards(VerifyTree(rid, step, **ref))
         else:
             self._to_shards(VerifyBatch([rid for rid, _, _ in trees], [step for _, step, _ in trees],
-                                        *([r.get(name) for r in refs]
-                                          for name in ("tokens", "parents", "q_tokens", "q_probs"))))
+                                        **{name: [r.get(name) for r in refs]
+                                           for name in ("tokens", "parents", "q_tokens", "q_probs")}))
 
     def collect(self, request_id: str, step: int) -> Verdict:
         return _verdict(self.link._recv(self.link.shards[0], Accepted, request_id, step))

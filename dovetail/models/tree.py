@@ -217,19 +217,13 @@ class TreeBuilder:
                     kept[j] = True
                     j = parents[j]
         index = np.flatnonzero(kept)
-        remap = -np.ones(len(tokens), dtype=np.int64)
-        remap[index] = np.arange(len(index))
-        new_parents = np.where(parents[index] >= 0, remap[np.maximum(parents[index], 0)], -1)
         if self.sampler is None:
-            return DraftTree(tokens[index], new_parents), index
-        width = self.sampler.support
-        q_tokens = np.zeros((len(index), width), dtype=np.int64)
-        q_probs = np.zeros((len(index), width), dtype=np.float32)
-        for row, node in enumerate(index):
-            if int(node) in proposals:
-                ids, probs = proposals[int(node)]
-                q_tokens[row, :len(ids)], q_probs[row, :len(probs)] = ids, probs
-        return DraftTree(tokens[index], new_parents, q_tokens, q_probs), index
+            return DraftTree(tokens, parents).subset(index), index
+        q_tokens = np.zeros((len(tokens), self.sampler.support), dtype=np.int64)
+        q_probs = np.zeros((len(tokens), self.sampler.support), dtype=np.float32)
+        for node, (ids, probs) in proposals.items():
+            q_tokens[node, :len(ids)], q_probs[node, :len(probs)] = ids, probs
+        return DraftTree(tokens, parents, q_tokens, q_probs).subset(index), index
 
 
 def _best_first_runs(parents: np.ndarray, scores: np.ndarray, total: int) -> np.ndarray:
@@ -252,9 +246,10 @@ def _best_first_runs(parents: np.ndarray, scores: np.ndarray, total: int) -> np.
             heapq.heappush(heap, (-float(scores[siblings[rank]]), siblings[rank], rank))
 
     offer(0, 0)
-    while heap and int(kept.sum()) < total:
+    count = 1
+    while heap and count < total:
         _, node, rank = heapq.heappop(heap)
-        kept[node] = True
+        kept[node], count = True, count + 1
         offer(int(parents[node]), rank + 1)
         offer(node, 0)
     return kept

@@ -108,8 +108,9 @@ def build_speculator(model, setup: SpeculationSetup, verifier, context_length: i
                                context_length, setup.cost_key, setup.say or (lambda msg: None))
         curve = VerifyCurve(costs["verify"])
         if model is not None:
-            levels = costs["draft_level_s"] or {1: 0.0}
-            members[0].step_s, members[0].batch_level_s = levels[1], levels
+            levels = costs["draft_level_s"]
+            if levels:
+                members[0].step_s, members[0].levels = levels[1], VerifyCurve(levels)
     if shape is not None and not isinstance(shape, TreeShape):
         raise TypeError(f"shape must be a TreeShape, got {shape!r}")
     return Speculator(members, options, curve, shape, say=setup.say)

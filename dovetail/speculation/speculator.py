@@ -54,18 +54,13 @@ class Member:
     every_step: bool = False
     bets: bool = False
     step_s: float = 0.0  # a model's measured seconds per tree level (its draft forward)
-    batch_level_s: dict[int, float] | None = None  # seconds per level with B trees grown together
-    _levels: VerifyCurve | None = field(default=None, repr=False)
+    levels: VerifyCurve | None = None  # seconds per level by trees grown together (calibrated)
 
     def level_s(self, trees: int) -> float:
         """Seconds of one tree level grown for ``trees`` requests together (one forward)."""
         if trees < 1:
             return 0.0
-        if not self.batch_level_s:
-            return trees * self.step_s
-        if self._levels is None or self._levels.base is not self.batch_level_s:
-            self._levels = VerifyCurve(self.batch_level_s)
-        return self._levels.base_at(trees)
+        return self.levels.base_at(trees) if self.levels is not None else trees * self.step_s
 
 
 @dataclass
