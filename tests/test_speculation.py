@@ -206,6 +206,34 @@ def test_a_batch_shares_its_draft_model():
         assert spec.members["model"].level_s(3) == pytest.approx(0.00875 if together else 0.024)
 
 
+def test_a_skipped_models_catch_up_is_priced():
+    """A model not run last step feeds every token it missed in its next first forward: those rows
+    (its level curve at that many rows, less the usual one) are part of that option's cost, and
+    tip the choice when they outweigh its gain; once run, its next step costs the usual again."""
+    curve = {1: 40, 2: 42, 4: 46, 8: 54, 16: 70, 32: 102}
+    spec = _speculator(curve, [0.8] * 6, model_step_ms=10, text_acceptance=[0.01] * 6)
+    spec.members["model"].levels = VerifyCurve({1: 0.010, 2: 0.011, 4: 0.013, 8: 0.017})
+    missed = list(range(100, 180))  # 80 tokens committed while the model was not run
+    options = spec._options("r", {("r", "ngram"): DraftTree([4], [-1])}, 0.0)
+    usual = {(o.width, o.depth): o.draft_s for o in options if o.key == ("model",)}
+    spec.states["r"].pending["model"].extend(missed)
+    options = spec._options("r", {("r", "ngram"): DraftTree([4], [-1])}, 0.0)
+    extra = spec.members["model"].level_s(80) - spec.members["model"].level_s(1)
+    assert extra == pytest.approx(0.017 + 72 * 0.001 - 0.010)
+    for o in options:
+        if o.key == ("model",):
+            assert o.catch_up_s == pytest.approx(extra) and o.draft_s == pytest.approx(usual[(o.width, o.depth)] + extra)
+    # the same model, chosen with a one-token catch-up, is not worth an 80-token one
+    spec.states["r"].pending["model"].clear()
+    (proposal,) = spec.propose([Drafting("r", 1, [4])])
+    assert proposal.choice.proposers == ("model",)
+    spec.start("fresh", [1, 2, 3])
+    (skipped,) = spec.propose([Drafting("fresh", 1, missed)])
+    assert skipped.choice is None or skipped.choice.proposers != ("model",), skipped.choice
+    (again,) = spec.propose([Drafting("r", 2, [5, 6])])  # run last step: no catch-up
+    assert again.choice.proposers == ("model",) and spec.states["r"].catch_up_s == 0.0
+
+
 def test_cost_model_picks_the_width_the_arithmetic_says():
     """A lone model has two arms, a chain and two children per expanded node (twice the rows):
     the wide one wins where verification is flat and a second child is often right, not where

@@ -11,7 +11,8 @@ Each step, per request:
    it is expected to be ``MARGIN`` faster, so a step is never expected to be slower than plain
    decoding. A batch is rated as a whole (its rows share one forward).
 3. A model proposer grows its tree only when chosen. When it is not, it is not run at all: the
-   tokens it missed are fed with its next proposal, in one forward.
+   tokens it missed are fed with its next proposal, in one forward, whose extra rows are priced
+   into that proposal's cost (``_catch_up_s``).
 4. The chosen trees are merged under one root; ``learn`` then feeds the cost model what the step
    cost and committed.
 
@@ -71,6 +72,7 @@ class RequestState:
     losing: dict[tuple, int] = field(default_factory=dict)  # steps since the arm was used
     probe_after: dict[tuple, int] = field(default_factory=dict)
     current: Choice | None = None
+    catch_up_s: float = 0.0  # the current choice's predicted catch-up (not part of a draft's usual wait)
     off_said: bool = False
 
 
@@ -84,6 +86,7 @@ class Option:
     tokens: float
     draft_s: float  # alone: the model-free proposers' time + the models' (measured wait, else calibrated)
     free_s: float = 0.0  # the model-free part of draft_s
+    catch_up_s: float = 0.0  # the part of draft_s that feeds tokens a skipped model missed
     tree: DraftTree | None = None  # a text option's tree, already grown
     width: int = 1  # a model's children per expanded node (its node budget: width x depth)
 
@@ -168,6 +171,7 @@ class Speculator:
                                                 if (rid, n) in grown)
             choice = self._choice(option)
             self.states[rid].current = choice
+            self.states[rid].catch_up_s = option.catch_up_s if option else 0.0
             out.append(Proposal(tree, compute, choice=choice, expected=option.tokens if option else 1.0))
         return out
 
@@ -202,7 +206,8 @@ class Speculator:
         if depth:
             self.acceptance[arm].observe(depth, accepted)
             state.acceptance.setdefault(arm, Acceptance(self.max_depth, 0.0, 0.0)).observe(depth, accepted)
-        self.draft_wait.setdefault((arm, proposal.choice.shape.depth), Ema()).add(step.draft_wait_s)
+        usual_wait = max(0.0, step.draft_wait_s - state.catch_up_s)  # the catch-up is priced apart
+        self.draft_wait.setdefault((arm, proposal.choice.shape.depth), Ema()).add(usual_wait)
 
     # -- choosing ------------------------------------------------------------------------------
     def _text_trees(self, items: list[Drafting], failed: dict) -> dict[tuple[str, str], DraftTree]:
@@ -270,7 +275,7 @@ class Speculator:
         if len(items) == 1:
             draft = chosen[0].draft_s if chosen[0] else 0.0
         else:
-            draft = sum(o.free_s for o in chosen if o) + sum(
+            draft = sum(o.free_s + o.catch_up_s for o in chosen if o) + sum(
                 self._batch_draft_s(name, [(o.depth, o.width) for o in chosen if o and name in o.models(self.members)])
                 for name, member in self.members.items() if not member.free)
         return tokens / (self.curve.at(rows, context) + draft)
@@ -284,6 +289,7 @@ class Speculator:
 
     def _options(self, request_id: str, text_trees: dict, text_s: float) -> list[Option]:
         out = []
+        catch_ups = {n: self._catch_up_s(request_id, n) for n, m in self.members.items() if not m.free}
         for key, width in self.arms:
             rates = self._rates(request_id, (key, width))
             free = [n for n in key if self.members[n].free]
@@ -297,9 +303,10 @@ class Speculator:
                 text_rows = len(text.truncated(depth)) - 1 if text is not None else 0
                 model_rows = (self.shape.total_tokens - 1 if self.shape is not None else width * depth) if models else 0
                 free_s = text_s if free else 0.0
-                draft_s = free_s + sum(self._draft_cost((key, width), n, depth) for n in models)
+                catch_up = sum(catch_ups[n] for n in models)
+                draft_s = free_s + catch_up + sum(self._draft_cost((key, width), n, depth) for n in models)
                 out.append(Option(key, depth, 1 + text_rows + model_rows, expected_tokens(rates, depth), draft_s,
-                                  free_s, text, width))
+                                  free_s, catch_up, text, width))
         return out
 
     def _draft_cost(self, arm: tuple, name: str, depth: int) -> float:
@@ -309,6 +316,17 @@ class Speculator:
         if seen is not None and seen.weight >= 1.0:
             return seen.value
         return depth * self.members[name].level_s(arm[1])
+
+    def _catch_up_s(self, request_id: str, name: str) -> float:
+        """What a model's next tree costs beyond its usual wait because it was not run last step:
+        its first forward then feeds every token it missed (one row each) instead of the last one.
+        A model run last step feeds only the committed tokens its tree did not hold, as usual."""
+        state = self.states[request_id]
+        member = self.members[name]
+        if member.every_step or (state.current is not None and name in state.current.proposers):
+            return 0.0
+        rows = len(state.pending[name])
+        return max(0.0, member.level_s(rows) - member.level_s(1)) if rows > 1 else 0.0
 
     def _rates(self, request_id: str, arm: tuple) -> list[float]:
         own = self.states[request_id].acceptance.get(arm)
