@@ -4,6 +4,7 @@ Every engine-level test checks token identity with the target's own greedy decod
 chi-square fit of sampled output), whatever the proposers and the cost model chose.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,7 +18,7 @@ from dovetail.models.tree import DraftTree, TreeShape, merge_trees
 from dovetail.models.verification import SamplingParams
 from dovetail.request import Request
 from dovetail.speculation import SpeculationSetup, parse_proposers
-from dovetail.speculation.cost import Acceptance, VerifyCurve, expected_tokens
+from dovetail.speculation.cost import Acceptance, Confidence, VerifyCurve, expected_tokens
 from dovetail.speculation.lookup import NgramProposer, SuffixCache, SuffixProposer, SuffixTrie
 from dovetail.speculation.speculator import Member, Speculator
 from tiny_models import hf_greedy, perturbed, tiny_model
@@ -232,6 +233,49 @@ def test_a_skipped_models_catch_up_is_priced():
     assert skipped.choice is None or skipped.choice.proposers != ("model",), skipped.choice
     (again,) = spec.propose([Drafting("r", 2, [5, 6])])  # run last step: no catch-up
     assert again.choice.proposers == ("model",) and spec.states["r"].catch_up_s == 0.0
+
+
+def test_confidence_cuts_where_nodes_stop_paying():
+    """The cut-off is the lowest draft probability from which on every bucket commits at least
+    what a node costs; it never rises above the top bucket's edge (those are always tried)."""
+    assert Confidence().lowest(0.55) == pytest.approx(0.5)  # before anything is seen: the midpoints
+    seen = Confidence()
+    for _ in range(100):
+        for p in (0.05, 0.15, 0.25, 0.35):
+            seen.observe(p, False)
+        for p in (0.45, 0.55, 0.65, 0.75, 0.85, 0.95):
+            seen.observe(p, True)
+    assert seen.lowest(0.3) == pytest.approx(0.4) and seen.lowest(0.0) == 0.0
+    assert seen.lowest(1.5) == Confidence.TOP
+
+
+class RecordingModel(FakeModel):
+    """A fake draft model that records the shapes it is asked to grow."""
+
+    def __init__(self, chain):
+        super().__init__(chain)
+        self.shapes = []
+
+    def propose(self, items):
+        self.shapes += [i.shape for i in items]
+        return super().propose(items)
+
+
+def test_the_models_tree_is_cut_where_its_nodes_stop_paying():
+    """Once the draft's unlikely nodes are seen never to commit, its trees come with cut-offs
+    above them (and under its likely ones); learnt per arm, from every node of every tree."""
+    curve = {1: 40, 2: 50, 4: 70, 8: 110, 16: 190, 32: 350}
+    spec = _speculator(curve, [0.9] * 6, model_step_ms=5, text_acceptance=[0.01] * 6)
+    model = spec.members["model"].proposer = RecordingModel(range(30, 40))
+    (first,) = spec.propose([Drafting("r", 1, [4])])
+    assert first.choice.proposers == ("model",) and model.shapes[-1].p_keep == 0.0  # nothing seen yet
+    for step in range(2, 60):  # nodes the draft gives 0.92 and 0.55 are accepted, 0.25 never
+        tree = DraftTree([4, 30, 31, 32], [-1, 0, 1, 2], scores=np.log([1.0, 0.92, 0.55, 0.25]))
+        spec.learn("r", Proposal(tree, 0.0, choice=first.choice), Verdict([30, 31, 9], [0, 1, 2]),
+                   StepTimes(0.07, 4, 10))
+    (cut,) = spec.propose([Drafting("r", 2, [5])])
+    shape = model.shapes[-1]
+    assert cut.choice.shape == shape and 0.2 < shape.p_keep <= 0.5 and shape.p_grow >= shape.p_keep
 
 
 def test_cost_model_picks_the_width_the_arithmetic_says():

@@ -69,3 +69,36 @@ def test_tree_budget_ancestry_closed_and_best_scores(shape):
     # Siblings are ordered by draft score (best first): the first child of the root is its top-1.
     root_logp = expand([0], np.array([3]), np.array([-1]))[0]
     assert tree.tokens[tree.children(0)[0]] == int(root_logp.argmax())
+
+
+@pytest.mark.parametrize("shape", [TreeShape.chain(6), TreeShape(16, 6, 3)])
+@pytest.mark.parametrize("p_keep,p_grow", [(0.05, 0.3), (0.2, 0.2), (0.5, 0.9)])
+def test_cut_offs_drop_unlikely_nodes_and_skip_their_levels(shape, p_keep, p_grow):
+    """A tree grown with cut-offs is the same growth with every node under ``p_keep`` (cumulative
+    draft probability) and its subtree dropped; only nodes at ``p_grow`` or more are expanded, so
+    a level whose candidates are all under it costs no draft forward. Scores travel with the tree."""
+    expand, calls = _fixed_expand(seed=shape.total_tokens)
+    cut = TreeShape(shape.total_tokens, shape.depth, shape.top_k, p_keep, p_grow)
+    tree, grown = TreeBuilder(cut).build(3, expand)
+    probs = np.exp(tree.scores.astype(np.float64))
+    assert probs[0] == 1.0 and np.all(probs[1:] >= p_keep * (1 - 1e-6))
+    assert all(tree.parents[i] < i for i in range(1, len(tree))) and len(tree) <= shape.total_tokens
+    assert all(calls[1:]), "a level with nothing to expand was run"
+    kept_by_growth_id = dict(zip(grown.tolist(), probs.tolist()))
+    for frontier in calls[1:]:  # the root is always expanded (its answer comes with the feed)
+        assert all(kept_by_growth_id.get(n, 1.0) >= p_grow * (1 - 1e-6) for n in frontier)
+    # cut-offs only remove: every kept path is one the uncut growth has, with the same score
+    full, _ = TreeBuilder(TreeShape(10_000, shape.depth, shape.top_k)).build(3, _fixed_expand(seed=shape.total_tokens)[0])
+    full_paths = {tuple(full.tokens[full.path_to(n)]): full.scores[n] for n in range(len(full))}
+    for n in range(len(tree)):
+        assert full_paths[tuple(tree.tokens[tree.path_to(n)])] == pytest.approx(tree.scores[n], abs=1e-5)
+    if p_grow >= 0.5:  # strict enough here that some level is skipped
+        assert len(calls) < shape.depth
+
+
+def test_cut_offs_travel_as_message_fields():
+    shape = TreeShape(9, 4, 2, 0.125, 0.5)
+    assert TreeShape.from_fields(shape.fields()) == shape
+    assert TreeShape.from_fields([5, 4, 1]) == TreeShape.chain(4)
+    with pytest.raises(ValueError):
+        TreeShape(5, 4, 1, p_keep=1.5)

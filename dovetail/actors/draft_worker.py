@@ -98,13 +98,14 @@ class DraftWorker(ChannelWorker):
         return None if ref is None else torch.from_numpy(np.array(self.view(ref)))
 
     def _send_tree(self, request_id: str, step: int, tree: DraftTree, guess: list[int], seconds: float) -> None:
-        self.channel.send(TreeProposal(request_id, step, guess=guess, compute_s=seconds, **put_tree(self.arena, tree)))
+        self.channel.send(TreeProposal(request_id, step, guess=guess, compute_s=seconds,
+                                       **put_tree(self.arena, tree, scores=True)))
 
     def _close(self) -> None:
         super()._close()
         self.arena.close()
 
 
-def _shape(fields: list[int] | None) -> TreeShape | None:
+def _shape(fields: list[float] | None) -> TreeShape | None:
     """A message's ``TreeShape.fields()`` back as a shape; None stays None."""
-    return None if fields is None else TreeShape(*fields)
+    return None if fields is None else TreeShape.from_fields(fields)

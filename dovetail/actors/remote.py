@@ -32,7 +32,8 @@ class RemoteProposer:
         self.book = Bets()
 
     def _proposal(self, reply: TreeProposal) -> Proposal:
-        tree = read_tree(self.link.views.view, reply.tokens, reply.parents, reply.q_tokens, reply.q_probs)
+        tree = read_tree(self.link.views.view, reply.tokens, reply.parents, reply.q_tokens, reply.q_probs,
+                         reply.scores)
         return Proposal(tree, reply.compute_s, reply.guess)
 
     def start(self, request_id: str, prompt_ids: list[int], params=None) -> None:
@@ -71,7 +72,7 @@ class RemoteProposer:
         self.link._send(self.link.draft, EndRequest(request_id))
 
 
-def _fields(shape: TreeShape | None) -> list[int] | None:
+def _fields(shape: TreeShape | None) -> list[float] | None:
     return None if shape is None else shape.fields()
 
 

@@ -124,20 +124,25 @@ def rss_bytes() -> int:
     return 0
 
 
-def put_tree(arena: ShmArena, tree: DraftTree) -> dict:
+def put_tree(arena: ShmArena, tree: DraftTree, scores: bool = False) -> dict:
     """A tree's arrays put in ``arena``, as the message fields that carry them: ``tokens``,
-    ``parents`` and, for a sampled tree, ``q_tokens`` and ``q_probs``."""
+    ``parents``, for a sampled tree ``q_tokens`` and ``q_probs``, and with ``scores`` (the
+    draft's answer; verification does not read them) its scores when it has them."""
     refs = {"tokens": arena.put(tree.tokens.astype(np.int32)), "parents": arena.put(tree.parents.astype(np.int32))}
     if tree.sampled:
         refs.update(q_tokens=arena.put(tree.q_tokens.astype(np.int32)), q_probs=arena.put(tree.q_probs))
+    if scores and tree.scores is not None:
+        refs.update(scores=arena.put(tree.scores))
     return refs
 
 
 def read_tree(view, tokens: ArrayRef, parents: ArrayRef, q_tokens: ArrayRef | None = None,
-              q_probs: ArrayRef | None = None) -> DraftTree:
-    """The tree a message's references point at (``view`` reads one reference)."""
-    return DraftTree(view(tokens), view(parents), None if q_tokens is None else view(q_tokens),
-                     None if q_probs is None else view(q_probs))
+              q_probs: ArrayRef | None = None, scores: ArrayRef | None = None) -> DraftTree:
+    """The tree a message's references point at (``view`` reads one reference); the scores are
+    copied out (they are read after the step, when the draft may have reused their memory)."""
+    read = lambda ref: None if ref is None else view(ref)  # noqa: E731
+    return DraftTree(view(tokens), view(parents), read(q_tokens), read(q_probs),
+                     None if scores is None else np.array(view(scores)))
 
 
 class ChannelWorker:

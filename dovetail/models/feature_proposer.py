@@ -30,6 +30,7 @@ class FeatureDraftProposer:
         self._unpaired: list[int] = []
         self._tree: DraftTree | None = None
         self._grown_ids = None  # tree node -> its node id while growing (the pending entries' keys)
+        self._root_logits = None  # the current tree's root's (a bet on a tree cut to its root uses them)
         self._predicted: dict = {}  # grown node id -> its predicted feature
         self._bet: tuple[int, list[int]] | None = None  # (cache mark, guessed tokens)
         self._redo_mark: int | None = None  # where the entries drafted from predicted features start
@@ -94,6 +95,7 @@ class FeatureDraftProposer:
         grown = [int(self._grown_ids[n]) for n in path]
         kept = self.lm.commit(grown[:-1])  # the leaf is fed below, for its logits
         feature = self._predicted[grown[kept - 1]] if kept else self._predicted[0]
+        logits = self._root_logits  # stays the root's when the tree was cut to its root
         for n in path[kept:]:
             logits = self.lm.extend([int(self._tree.tokens[n])], features=feature[None])
             feature = self.lm.last_hidden[-1]
@@ -117,6 +119,7 @@ class FeatureDraftProposer:
     def _grow(self, root_token: int, root_logits: torch.Tensor, shape: TreeShape | None = None) -> DraftTree:
         """Grow the tree whose root was fed last: a node's input is its parent's predicted feature
         and its own token."""
+        self._root_logits = root_logits[-1:]
         predicted = {0: self.lm.last_hidden[-1]}  # node -> its predicted feature (input of its children)
         base = self.lm.committed - 1
 

@@ -38,6 +38,7 @@ class DraftProposer:
         self._tree: DraftTree | None = None
         self._grown_ids: np.ndarray | None = None
         self._bet: tuple[int, list[int], DraftTree] | None = None  # (cache mark, guessed tokens, tree)
+        self._root_logits: torch.Tensor | None = None  # the current tree's root's (its first level's)
         self.sampler: DraftSampler | None = None
 
     def fresh(self) -> "DraftProposer":
@@ -77,7 +78,8 @@ class DraftProposer:
         mark = self.lm.committed
         path = self._best_path_tokens()
         reused = self._keep_accepted_entries(path)  # keeps at most len(path)-1: the leaf is fed for its logits
-        bonus = int(self._log_probs(self.lm.extend(path[reused:])[-1:]).argmax())
+        leaf_logits = self.lm.extend(path[reused:])[-1:] if path else self._root_logits  # a tree cut to its root
+        bonus = int(self._log_probs(leaf_logits).argmax())
         guess = path + [bonus]
         tree = self._grow(bonus, self.lm.extend([bonus])[-1:], shape)
         self._bet = (mark, guess, tree)
@@ -113,6 +115,7 @@ class DraftProposer:
         draft forward it needs (a ``TreeBlock``) and is sent its logits; returns the tree. The
         root's logits are already known."""
         base = self.lm.committed - 1  # the root is the last committed entry; its children sit one later
+        self._root_logits = root_logits
         steps = TreeBuilder(shape or self.shape, self.sampler).grow(root_token)
         try:
             frontier, tokens, parents = next(steps)

@@ -8,6 +8,7 @@ A chain of k tokens is the tree with ``top_k=1``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,15 +17,24 @@ import numpy as np
 @dataclass(frozen=True)
 class TreeShape:
     """Tree budget: ``total_tokens`` nodes incl. the root, ``depth`` draft levels, ``top_k`` children
-    per expanded node and expanded nodes per level (EAGLE-2's knobs)."""
+    per expanded node and expanded nodes per level (EAGLE-2's knobs).
+
+    Confidence cut-offs on the draft's cumulative probability of a node (the product along its
+    path; 0: off): a node is kept only at ``p_keep`` or more, and expanded (which costs a draft
+    forward) only at ``p_grow`` or more. The cost model sets them from what a verified row and a
+    draft level cost against what a node of that probability is seen to commit."""
 
     total_tokens: int = 5
     depth: int = 4
     top_k: int = 1
+    p_keep: float = 0.0
+    p_grow: float = 0.0
 
     def __post_init__(self):
         if self.depth < 1 or self.top_k < 1 or self.total_tokens < 2:
             raise ValueError(f"tree needs depth>=1, top_k>=1, total_tokens>=2; got {self}")
+        if not (0.0 <= self.p_keep <= 1.0 and 0.0 <= self.p_grow <= 1.0):
+            raise ValueError(f"tree cut-offs must be probabilities; got {self}")
 
     @classmethod
     def chain(cls, length: int) -> "TreeShape":
@@ -38,9 +48,14 @@ class TreeShape:
         total, depth, top_k = (int(x) for x in text.split(","))
         return cls(total, depth, top_k)
 
-    def fields(self) -> list[int]:
-        """``[total_tokens, depth, top_k]``: how a shape travels in a message."""
-        return [self.total_tokens, self.depth, self.top_k]
+    def fields(self) -> list[float]:
+        """``[total_tokens, depth, top_k, p_keep, p_grow]``: how a shape travels in a message."""
+        return [self.total_tokens, self.depth, self.top_k, self.p_keep, self.p_grow]
+
+    @classmethod
+    def from_fields(cls, fields: list[float]) -> "TreeShape":
+        total, depth, top_k, *cut_offs = fields
+        return cls(int(total), int(depth), int(top_k), *(float(p) for p in cut_offs))
 
     def __str__(self) -> str:
         if self.top_k == 1 and self.total_tokens == self.depth + 1:
@@ -56,12 +71,16 @@ class DraftTree:
     ``q_tokens[i]`` / ``q_probs[i]`` (sparse, [n, K]) is the distribution node i's children were
     drawn from, without replacement, in their stored order (all-zero row: node i's children are
     not sampled). Verification then accepts by rejection against q (``verification``); without q
-    the children count as fixed choices."""
+    the children count as fixed choices.
+
+    A draft model's tree also carries ``scores``: the draft's cumulative log-probability of each
+    node (0 at the root), which the cost model relates to what gets accepted."""
 
     tokens: np.ndarray  # int64 [n]
     parents: np.ndarray  # int64 [n], parents[0] == -1
     q_tokens: np.ndarray | None = None  # int64 [n, K]
     q_probs: np.ndarray | None = None  # float32 [n, K]
+    scores: np.ndarray | None = None  # float32 [n]
 
     def __post_init__(self):
         self.tokens = np.asarray(self.tokens, dtype=np.int64)
@@ -76,6 +95,10 @@ class DraftTree:
             if self.q_tokens.shape != self.q_probs.shape or self.q_tokens.shape[0] != len(self.tokens):
                 raise ValueError(f"q arrays {self.q_tokens.shape} / {self.q_probs.shape} do not fit a tree of "
                                  f"{len(self.tokens)} nodes")
+        if self.scores is not None:
+            self.scores = np.asarray(self.scores, dtype=np.float32)
+            if self.scores.shape != self.tokens.shape:
+                raise ValueError(f"scores {self.scores.shape} do not fit a tree of {len(self.tokens)} nodes")
 
     @property
     def sampled(self) -> bool:
@@ -95,9 +118,8 @@ class DraftTree:
         remap[keep] = np.arange(len(keep))
         parents = self.parents[keep]
         new_parents = np.where(parents >= 0, remap[np.maximum(parents, 0)], -1)
-        if self.q_tokens is None:
-            return DraftTree(self.tokens[keep], new_parents)
-        return DraftTree(self.tokens[keep], new_parents, self.q_tokens[keep], self.q_probs[keep])
+        pick = lambda a: None if a is None else a[keep]  # noqa: E731
+        return DraftTree(self.tokens[keep], new_parents, pick(self.q_tokens), pick(self.q_probs), pick(self.scores))
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -158,6 +180,10 @@ class TreeBuilder:
     from the draft's distribution without replacement instead of taken top-first, and the tree
     carries that distribution; pruning then keeps, of each node's children, only a first run in
     drawing order (what rejection against q needs to stay exact), best-first within that rule.
+
+    The shape's cut-offs apply to the cumulative probability: nodes under ``p_keep`` are dropped
+    (with their subtrees), nodes under ``p_grow`` are not expanded, so a level whose nodes are all
+    under it is never run.
     """
 
     def __init__(self, shape: TreeShape, sampler=None):
@@ -195,17 +221,21 @@ class TreeBuilder:
             scores += cand_scores.tolist()
             if level + 1 < self.shape.depth:
                 best = torch.topk(cand_scores, min(k, len(cand_scores)))
+                grow_at = math.log(self.shape.p_grow) if self.shape.p_grow > 0 else -math.inf
                 frontier = [first_new + int(i) for i, v in sorted(zip(best.indices.tolist(), best.values.tolist()))
-                            if v > -float("inf")]
+                            if v > -math.inf and v >= grow_at]
                 if not frontier:
                     break
         return self._prune(np.array(tokens), np.array(parents), np.array(scores), proposals)
 
     def _prune(self, tokens, parents, scores, proposals) -> tuple[DraftTree, np.ndarray]:
+        if self.shape.p_keep > 0:  # under the cut-off: as if never drawn (the root always stays)
+            scores = np.where(scores >= math.log(self.shape.p_keep), scores, -np.inf)
+            scores[0] = 0.0
         if self.sampler is not None:
             kept = _best_first_runs(parents, scores, self.shape.total_tokens)
         else:
-            keep_n = min(self.shape.total_tokens - 1, len(tokens) - 1)
+            keep_n = min(self.shape.total_tokens - 1, int(np.isfinite(scores[1:]).sum()))
             order = np.lexsort((np.arange(1, len(tokens)), -scores[1:]))[:keep_n] + 1
             kept = np.zeros(len(tokens), dtype=bool)
             kept[0] = True
@@ -218,12 +248,12 @@ class TreeBuilder:
                     j = parents[j]
         index = np.flatnonzero(kept)
         if self.sampler is None:
-            return DraftTree(tokens, parents).subset(index), index
+            return DraftTree(tokens, parents, scores=scores).subset(index), index
         q_tokens = np.zeros((len(tokens), self.sampler.support), dtype=np.int64)
         q_probs = np.zeros((len(tokens), self.sampler.support), dtype=np.float32)
         for node, (ids, probs) in proposals.items():
             q_tokens[node, :len(ids)], q_probs[node, :len(probs)] = ids, probs
-        return DraftTree(tokens, parents, q_tokens, q_probs).subset(index), index
+        return DraftTree(tokens, parents, q_tokens, q_probs, scores).subset(index), index
 
 
 def _best_first_runs(parents: np.ndarray, scores: np.ndarray, total: int) -> np.ndarray:
@@ -292,7 +322,7 @@ def merge_trees(trees: list[DraftTree]) -> DraftTree:
     Children keep the order they first appear in (the first tree's first), so the first child is
     still its proposer's most likely one; nodes stay parent-first.
 
-    A sampled tree (with q) keeps its q only when it is the only one with draft nodes: merged
+    A sampled tree (with q) keeps its q (and any tree its scores) only when it is the only one with draft nodes: merged
     with others its children count as fixed choices, which is exact too (they were drawn without
     looking at the target), only accepted less often."""
     if not trees:
@@ -301,7 +331,7 @@ def merge_trees(trees: list[DraftTree]) -> DraftTree:
     if any(int(t.tokens[0]) != root for t in trees):
         raise ValueError("trees to merge must share their root token")
     grown = [t for t in trees if len(t) > 1]
-    if len(grown) == 1 and grown[0].sampled:
+    if len(grown) == 1 and (grown[0].sampled or grown[0].scores is not None):  # a draft model's, alone
         return _breadth_first(grown[0])
     tokens, parents = [root], [-1]
     index: dict[tuple[int, int], int] = {}  # (merged parent, token) -> merged node

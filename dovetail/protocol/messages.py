@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 class ProtocolError(ValueError):
@@ -68,7 +68,7 @@ class ProposeTree:
     step: int
     new_tokens: list[int]
     features: ArrayRef | None = None
-    shape: list[int] | None = None  # the tree's (total_tokens, depth, top_k); None: feed the tokens only
+    shape: list[float] | None = None  # the tree's ``TreeShape.fields()``; None: feed the tokens only
 
 
 @message("propose_batch")
@@ -80,7 +80,7 @@ class ProposeBatch:
     steps: list[int]
     new_tokens: list[list[int]]
     features: list[ArrayRef | None] = field(default_factory=list)  # per request (a feature drafter's)
-    shapes: list[list[int] | None] = field(default_factory=list)  # per request, as ``ProposeTree.shape``
+    shapes: list[list[float] | None] = field(default_factory=list)  # per request, as ``ProposeTree.shape``
 
 
 @message("predraft")
@@ -92,13 +92,14 @@ class Predraft:
     step: int
     settled: list[int] = field(default_factory=list)
     features: ArrayRef | None = None  # a feature drafter's: the target's features before the settled tokens
-    shape: list[int] | None = None  # the next tree's (total_tokens, depth, top_k)
+    shape: list[float] | None = None  # the next tree's ``TreeShape.fields()``
 
 
 @message("tree")
 class TreeProposal:
     """Draft -> coordinator: a draft tree (node 0 = root) as two int32 arrays in shared memory,
-    and for a sampled tree its q (``DraftTree.q_tokens`` int32 / ``q_probs`` float32 [n, K]);
+    and for a sampled tree its q (``DraftTree.q_tokens`` int32 / ``q_probs`` float32 [n, K]), for
+    a draft model's tree its ``scores`` (float32 [n]);
     ``guess``: the committed tokens it bets on (predraft only); ``compute_s``: draft time."""
 
     request_id: str
@@ -109,6 +110,7 @@ class TreeProposal:
     compute_s: float = 0.0
     q_tokens: ArrayRef | None = None
     q_probs: ArrayRef | None = None
+    scores: ArrayRef | None = None
 
 
 @message("verify")

@@ -6,6 +6,8 @@
 * ``Acceptance``: per proposer, the chance that a draft token at depth d is accepted once
   depth d-1 was, decayed so that it follows the text; per request, with the proposer's
   engine-wide figure as its prior.
+* ``Confidence``: per draft model, how often a node is accepted against the draft's own
+  cumulative probability of it, so that each tree can be cut where its nodes stop paying.
 * ``expected_tokens``: committed tokens per step for a chain of k such tokens (+ the bonus).
 
 A step's rate is expected tokens / (draft wait + verification); the speculator picks the
@@ -109,6 +111,42 @@ class Acceptance:
         for d in range(1, min(proposed_depth, accepted + 1, self.max_depth) + 1):
             self.reached[d - 1] = self.reached[d - 1] * DECAY + 1.0
             self.accepted[d - 1] = self.accepted[d - 1] * DECAY + (1.0 if accepted >= d else 0.0)
+
+
+class Confidence:
+    """How often a draft node is accepted (the target commits it) by the draft's cumulative
+    probability of it, in buckets of 0.1, decayed; a bucket starts at its midpoint as if seen
+    ``prior_weight`` times. ``lowest(worth)`` is where a tree should be cut."""
+
+    BUCKETS = 10
+    TOP = 0.9  # nodes at least this likely are always worth trying: the buckets under a cut-off
+    # see nothing until a probe, so a cut-off never rises above the top bucket's edge
+
+    def __init__(self, prior_weight: float = 2.0):
+        self.accepted = [(b + 0.5) / self.BUCKETS * prior_weight for b in range(self.BUCKETS)]
+        self.seen = [prior_weight] * self.BUCKETS
+
+    def _bucket(self, prob: float) -> int:
+        return min(max(int(prob * self.BUCKETS), 0), self.BUCKETS - 1)
+
+    def rate(self, prob: float) -> float:
+        b = self._bucket(prob)
+        return self.accepted[b] / self.seen[b]
+
+    def observe(self, prob: float, accepted: bool) -> None:
+        b = self._bucket(prob)
+        self.seen[b] = self.seen[b] * DECAY + 1.0
+        self.accepted[b] = self.accepted[b] * DECAY + (1.0 if accepted else 0.0)
+
+    def lowest(self, worth: float) -> float:
+        """The lowest cumulative probability from which on every bucket is accepted at least
+        ``worth`` of the time (a node's cost in tokens at the step's rate): the cut-off."""
+        cut = 1.0
+        for b in reversed(range(self.BUCKETS)):
+            if self.accepted[b] / self.seen[b] < worth:
+                break
+            cut = b / self.BUCKETS
+        return min(cut, self.TOP)
 
 
 def blended(own: Acceptance, prior: Acceptance, weight: float = 4.0) -> list[float]:

@@ -10,10 +10,13 @@ Each step, per request:
    this context). "None" (the target alone) is always an option, and a draft is chosen only when
    it is expected to be ``MARGIN`` faster, so a step is never expected to be slower than plain
    decoding. A batch is rated as a whole (its rows share one forward).
-3. A model proposer grows its tree only when chosen. When it is not, it is not run at all: the
+3. A lone draft model's tree is cut where its nodes stop paying: a node is kept (and expanded)
+   only if the draft's cumulative probability of it is one at which nodes are seen to commit at
+   least what a verified row (and a draft level) costs at the step's rate (``_with_cut_offs``).
+4. A model proposer grows its tree only when chosen. When it is not, it is not run at all: the
    tokens it missed are fed with its next proposal, in one forward, whose extra rows are priced
    into that proposal's cost (``_catch_up_s``).
-4. The chosen trees are merged under one root; ``learn`` then feeds the cost model what the step
+5. The chosen trees are merged under one root; ``learn`` then feeds the cost model what the step
    cost and committed.
 
 Options that lose are tried again now and then (every 8 steps, doubling to 128 while they keep
@@ -24,12 +27,13 @@ then only the proposer is chosen, and never none.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
 
 from dovetail.decode import Choice, Drafting, Proposal, Proposer, StepTimes, Verdict
 from dovetail.models.tree import DraftTree, TreeShape, merge_trees
-from dovetail.speculation.cost import Acceptance, Ema, VerifyCurve, blended, expected_tokens
+from dovetail.speculation.cost import Acceptance, Confidence, Ema, VerifyCurve, blended, expected_tokens
 
 log = logging.getLogger("dovetail")
 
@@ -71,6 +75,7 @@ class RequestState:
     acceptance: dict[tuple, Acceptance] = field(default_factory=dict)  # by arm (see Speculator.arms)
     losing: dict[tuple, int] = field(default_factory=dict)  # steps since the arm was used
     probe_after: dict[tuple, int] = field(default_factory=dict)
+    sampled: bool = False  # its draft model samples its trees (confidence is learnt apart)
     current: Choice | None = None
     catch_up_s: float = 0.0  # the current choice's predicted catch-up (not part of a draft's usual wait)
     off_said: bool = False
@@ -89,6 +94,8 @@ class Option:
     catch_up_s: float = 0.0  # the part of draft_s that feeds tokens a skipped model missed
     tree: DraftTree | None = None  # a text option's tree, already grown
     width: int = 1  # a model's children per expanded node (its node budget: width x depth)
+    cut_offs: tuple[float, float] = (0.0, 0.0)  # a lone model's (p_keep, p_grow), see TreeShape
+    probe: bool = False  # chosen to refresh what is known of it, not for its rate
 
     @property
     def arm(self) -> tuple[tuple[str, ...], int]:
@@ -99,7 +106,7 @@ class Option:
         return [n for n in self.key if not members[n].free]
 
     def model_shape(self) -> TreeShape:
-        return TreeShape(self.width * self.depth + 1, self.depth, self.width)
+        return TreeShape(self.width * self.depth + 1, self.depth, self.width, *self.cut_offs)
 
 
 class Speculator:
@@ -118,6 +125,7 @@ class Speculator:
         self.arms = [(key, width) for key in self.options for width in self._widths(key)]
         self.acceptance = {arm: Acceptance(self.max_depth, self._prior(arm)) for arm in self.arms}
         self.draft_wait: dict[tuple[tuple, int], Ema] = {}  # (arm, depth) -> the loop's wait for the draft
+        self.confidence: dict[tuple[tuple, bool], Confidence] = {}  # (arm, sampled) -> by draft probability
         self.states: dict[str, RequestState] = {}
 
     def _widths(self, key: tuple[str, ...]) -> tuple[int, ...]:
@@ -132,7 +140,8 @@ class Speculator:
 
     # -- the Speculator protocol ---------------------------------------------------------------
     def start(self, request_id: str, prompt_ids: list[int], tenant: str = "", params=None) -> None:
-        self.states[request_id] = RequestState(len(prompt_ids), {n: [] for n in self.members})
+        self.states[request_id] = RequestState(len(prompt_ids), {n: [] for n in self.members},
+                                               sampled=params is not None and params.draft_samples)
         for member in self.members.values():
             if member.free:
                 member.proposer.start(request_id, prompt_ids, tenant)
@@ -203,6 +212,11 @@ class Speculator:
         arm = (proposal.choice.proposers, proposal.choice.width)
         depth = int(proposal.tree.depths.max()) if len(proposal.tree) > 1 else 0
         accepted = len(verdict.path) - 1
+        if proposal.tree.scores is not None and len(arm[0]) == 1:
+            confidence = self.confidence.setdefault((arm, state.sampled), Confidence())
+            on_path = set(verdict.path)
+            for node in range(1, len(proposal.tree)):
+                confidence.observe(math.exp(float(proposal.tree.scores[node])), node in on_path)
         if depth:
             self.acceptance[arm].observe(depth, accepted)
             state.acceptance.setdefault(arm, Acceptance(self.max_depth, 0.0, 0.0)).observe(depth, accepted)
@@ -257,7 +271,32 @@ class Speculator:
             together = {i.request_id: self._best_alone(i, offered[i.request_id]) for i in items}
             if self._batch_rate(items, together) > MARGIN * self._batch_rate(items, picks):
                 picks = together
-        return picks
+        return self._with_cut_offs(items, picks)
+
+    def _with_cut_offs(self, items: list[Drafting], picks: dict[str, Option | None]) -> dict[str, Option | None]:
+        """Each lone model's tree cut where its nodes stop paying. At the step's expected rate r, a
+        node costs r x (a verified row) tokens to keep and r x (a row + a draft level) to expand;
+        the cut-offs are the draft probabilities from which on nodes are seen to commit that much
+        (``Confidence.lowest``). Not for a pinned shape, nor for a probe (which is how the buckets
+        under a cut-off are seen again)."""
+        if self.shape is not None:
+            return picks
+        rate = self._batch_rate(items, picks)
+        rows = sum(o.rows if o else 1 for o in picks.values())
+        context = max((self.states[i.request_id].context for i in items), default=0)
+        row_s = max(self.curve.at(rows + 1, context) - self.curve.at(rows, context), 0.0)
+        out = dict(picks)
+        for item in items:
+            option = picks.get(item.request_id)
+            if option is None or option.probe or len(option.key) != 1 or self.members[option.key[0]].free:
+                continue
+            confidence = self.confidence.get((option.arm, self.states[item.request_id].sampled))
+            if confidence is None:
+                continue  # nothing seen yet: the whole tree
+            level_s = self.members[option.key[0]].level_s(1)
+            cuts = (confidence.lowest(rate * row_s), confidence.lowest(rate * (row_s + level_s)))
+            out[item.request_id] = replace(option, cut_offs=cuts)
+        return out
 
     def _best_alone(self, item: Drafting, options: list[Option]) -> Option | None:
         """The request's best draft were it alone (even one that loses alone: shared, it may pay)."""
@@ -347,7 +386,7 @@ class Speculator:
                 if candidates:
                     state.losing[arm] = 0
                     state.probe_after[arm] = min(2 * state.probe_after[arm], PROBE_LAST)
-                    return max(candidates, key=lambda o: o.tokens / max(o.rows, 1))
+                    return replace(max(candidates, key=lambda o: o.tokens / max(o.rows, 1)), probe=True)
         return best
 
     def _say_off(self, request_id: str, state: RequestState, options: list[Option], rate) -> None:
