@@ -266,6 +266,7 @@ def test_the_models_tree_is_cut_where_its_nodes_stop_paying():
     above them (and under its likely ones); learnt per arm, from every node of every tree."""
     curve = {1: 40, 2: 50, 4: 70, 8: 110, 16: 190, 32: 350}
     spec = _speculator(curve, [0.9] * 6, model_step_ms=5, text_acceptance=[0.01] * 6)
+    spec.cut_offs = True
     model = spec.members["model"].proposer = RecordingModel(range(30, 40))
     (first,) = spec.propose([Drafting("r", 1, [4])])
     assert first.choice.proposers == ("model",) and model.shapes[-1].p_keep == 0.0  # nothing seen yet
@@ -370,8 +371,8 @@ def test_greedy_identity_with_every_proposer(pair, text, model, combined, shape,
 @pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.8)], ids=["greedy", "sampled"])
 def test_a_wide_model_tree_when_the_cost_model_picks_it(pair, betting, params):
     """The model's width-2 arm made the likely winner (its acceptance high, the draft's cost
-    ignored): its trees (two children per expanded node; sampled from q at T=0.8) are chosen,
-    verified and, greedy, still the target's own output."""
+    ignored): its trees (two children per expanded node; sampled from q at T=0.8; cut by the
+    draft's confidence) are chosen, verified and, greedy, still the target's own output."""
     target, draft = pair
     engine = _engine(target, draft, betting=betting)
     speculator = engine.speculator
@@ -379,6 +380,7 @@ def test_a_wide_model_tree_when_the_cost_model_picks_it(pair, betting, params):
     speculator.acceptance[(("model",), 1)] = Acceptance(6, [0.2] * 6, prior_weight=1e6)
     speculator.acceptance[(("model",), 2)] = Acceptance(6, [0.99] * 6, prior_weight=1e6)
     speculator._draft_cost = lambda arm, name, depth: 0.0  # this tiny draft costs what its target does
+    speculator.cut_offs = True  # trees cut by the draft's confidence (down to the root) stay exact
     chosen = set()
     for p in _repetitive_prompts():
         result = engine.generate(p, 30, params)

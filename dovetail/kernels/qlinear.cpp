@@ -130,6 +130,30 @@ inline void group_scales_512(const Packed& w, int64_t t, int64_t u, int h, __m51
   }
 }
 
+// Vector S and M of group h of unit u, rows 8k .. 8k+7 (k = 0, 1): group_scales_512's arithmetic
+// on 256-bit halves. Done per unit, so with one row it weighs as much as the products themselves.
+template <int MODE>
+__attribute__((target("avx2,fma")))
+inline void group_scales_256(const Packed& w, int64_t t, int64_t u, int h, __m256* S, __m256* M) {
+  const int64_t g = u * (32 / w.gs) + h;
+  const int64_t s = (u * 32 + h * w.gs) / w.sb;
+  for (int k = 0; k < 2; ++k) {
+    S[k] = _mm256_loadu_ps(w.D + (t * w.nsb + s) * 16 + k * 8);
+    if (MODE == SYM_K || MODE == ASYM_K)
+      S[k] = _mm256_mul_ps(S[k], _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                     _mm_loadl_epi64((const __m128i*)(w.sc + (t * w.ngroups + g) * 16 + k * 8)))));
+    if (MODE == ASYM_K) {
+      const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+          _mm_loadl_epi64((const __m128i*)(w.mn + (t * w.ngroups + g) * 16 + k * 8))));
+      M[k] = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(_mm256_loadu_ps(w.Dm + (t * w.nsb + s) * 16 + k * 8), mn));
+    } else if (MODE == ASYM_BLOCK) {
+      M[k] = _mm256_loadu_ps(w.Dm + (t * w.nsb + s) * 16 + k * 8);
+    } else {
+      M[k] = _mm256_mul_ps(_mm256_set1_ps(-w.z), S[k]);
+    }
+  }
+}
+
 // ---- AVX2 + FMA: each 64-byte chunk is two 256-bit halves (rows 0-7, rows 8-15) ---------------
 template <int BITS, int GS, int MODE>
 __attribute__((target("avx2,fma")))
@@ -139,8 +163,8 @@ void tile_avx2(const Packed& w, int64_t t, const int8_t* xq, const float* xs, in
   const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
                                           2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
   const __m256i bitsel = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
-  alignas(32) float S[2][16], Mo[2][16];
   constexpr int HALVES = 32 / GS, CHUNKS = GS / 4;
+  __m256 S[HALVES][2], Mo[HALVES][2];
   for (int64_t u = 0; u < w.U; ++u) {
     const uint8_t* p = w.q + (t * w.U + u) * w.qbytes;
     for (int64_t b = 0; b < w.qbytes; b += 64) _mm_prefetch((const char*)(p + PREFETCH_BYTES + b), _MM_HINT_T0);
@@ -169,7 +193,7 @@ void tile_avx2(const Packed& w, int64_t t, const int8_t* xq, const float* xs, in
           }
       }
     }
-    for (int h = 0; h < HALVES; ++h) group_scales(w, t, u, h, S[h], Mo[h]);
+    for (int h = 0; h < HALVES; ++h) group_scales_256<MODE>(w, t, u, h, S[h], Mo[h]);
     for (int64_t m = 0; m < M; ++m) {
       const int8_t* x = xq + m * w.K + u * 32;
       const float* s = xs + (m * w.U + u) * 4;
@@ -177,20 +201,27 @@ void tile_avx2(const Packed& w, int64_t t, const int8_t* xq, const float* xs, in
       for (int h = 0; h < HALVES; ++h) {
         const __m256 sx = _mm256_set1_ps(HALVES == 1 ? s[1] : s[2 + h]);
         for (int k = 0; k < 2; ++k) {
-          __m256i isum = _mm256_setzero_si256();
+          // A chunk's maddubs pair sums are at most 2 x 127 x (largest weight), so PER16 chunks
+          // add up exactly in int16 (< 32768) before one widening madd: 8 for 4-bit weights, 4 for
+          // 5-bit, 2 for 6-bit, 1 for 8-bit. Integer sums: exact in any grouping.
+          constexpr int PER16 = 32767 / (2 * 127 * (BITS == 8 ? 128 : (1 << BITS) - 1));
+          __m256i isum = _mm256_setzero_si256(), s16 = _mm256_setzero_si256();
           for (int c = h * CHUNKS; c < (h + 1) * CHUNKS; ++c) {
             int32_t x4;
             std::memcpy(&x4, x + c * 4, 4);
             const __m256i xb = _mm256_set1_epi32(x4);
-            const __m256i prod = BITS == 8 ? _mm256_maddubs_epi16(wabs[c][k], _mm256_sign_epi8(xb, wv[c][k]))
-                                           : _mm256_maddubs_epi16(wv[c][k], xb);
-            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(prod, ones));
+            s16 = _mm256_add_epi16(s16, BITS == 8 ? _mm256_maddubs_epi16(wabs[c][k], _mm256_sign_epi8(xb, wv[c][k]))
+                                                  : _mm256_maddubs_epi16(wv[c][k], xb));
+            if ((c - h * CHUNKS) % PER16 == PER16 - 1 || c == (h + 1) * CHUNKS - 1) {
+              isum = _mm256_add_epi32(isum, _mm256_madd_epi16(s16, ones));
+              s16 = _mm256_setzero_si256();
+            }
           }
           float* a = acc + m * 16 + k * 8;
           __m256 f = _mm256_loadu_ps(a);
-          const __m256 sd = _mm256_mul_ps(_mm256_loadu_ps(S[h] + k * 8), dx);
+          const __m256 sd = _mm256_mul_ps(S[h][k], dx);
           f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), sd, f);
-          f = _mm256_fmadd_ps(_mm256_loadu_ps(Mo[h] + k * 8), sx, f);
+          f = _mm256_fmadd_ps(Mo[h][k], sx, f);
           _mm256_storeu_ps(a, f);
         }
       }

@@ -62,8 +62,9 @@ def parse_proposers(spec: str | None) -> Proposers:
 class SpeculationSetup:
     """How an engine speculates, besides its draft model: the model-free proposers, whether
     trees merge (``combined``), a pinned tree (None: the cost model picks), the cache key of the
-    cost curve (None: measure, do not cache), where to say things, and the suffix cache shared by
-    the engine's requests."""
+    cost curve (None: measure, do not cache), where to say things, the suffix cache shared by
+    the engine's requests, and whether the cost model cuts a draft model's trees by the draft's
+    confidence (``cut_offs``: off by default, as it has not paid in measurement; see the README)."""
 
     text: tuple[str, ...] = ()
     combined: bool = True
@@ -71,6 +72,7 @@ class SpeculationSetup:
     cost_key: dict | None = None
     say: object = None
     suffix_cache: object = field(default=None, repr=False)
+    cut_offs: bool = False
 
 
 def build_speculator(model, setup: SpeculationSetup, verifier, context_length: int,
@@ -113,7 +115,7 @@ def build_speculator(model, setup: SpeculationSetup, verifier, context_length: i
                 members[0].step_s, members[0].levels = levels[1], VerifyCurve(levels)
     if shape is not None and not isinstance(shape, TreeShape):
         raise TypeError(f"shape must be a TreeShape, got {shape!r}")
-    return Speculator(members, options, curve, shape, say=setup.say)
+    return Speculator(members, options, curve, shape, say=setup.say, cut_offs=setup.cut_offs)
 
 
 def tree_room(proposers: Proposers, shape) -> int:

@@ -10,9 +10,10 @@ Each step, per request:
    this context). "None" (the target alone) is always an option, and a draft is chosen only when
    it is expected to be ``MARGIN`` faster, so a step is never expected to be slower than plain
    decoding. A batch is rated as a whole (its rows share one forward).
-3. A lone draft model's tree is cut where its nodes stop paying: a node is kept (and expanded)
-   only if the draft's cumulative probability of it is one at which nodes are seen to commit at
-   least what a verified row (and a draft level) costs at the step's rate (``_with_cut_offs``).
+3. With ``cut_offs``, a lone draft model's tree is cut where its nodes stop paying: a node is
+   kept (and expanded) only if the draft's cumulative probability of it is one at which nodes are
+   seen to commit at least what a verified row (and a draft level) costs at the step's rate
+   (``_with_cut_offs``). Off by default: it has not paid in measurement (see the README).
 4. A model proposer grows its tree only when chosen. When it is not, it is not run at all: the
    tokens it missed are fed with its next proposal, in one forward, whose extra rows are priced
    into that proposal's cost (``_catch_up_s``).
@@ -111,14 +112,17 @@ class Option:
 
 class Speculator:
     def __init__(self, members: list[Member], options: list[tuple[str, ...]], curve: VerifyCurve,
-                 shape: TreeShape | None = None, say=None):
+                 shape: TreeShape | None = None, say=None, cut_offs: bool = False):
         """``options``: the proposer combinations to choose from (each merged under one root);
-        ``curve``: the target's measured verify cost; ``shape``: a pinned tree."""
+        ``curve``: the target's measured verify cost; ``shape``: a pinned tree; ``cut_offs``: cut
+        a draft model's trees by its confidence (``_with_cut_offs``; the confidence is learnt
+        either way)."""
         self.members = {m.name: m for m in members}
         unknown = {n for key in options for n in key} - set(self.members)
         if unknown or not options:
             raise ValueError(f"options name unknown proposers {sorted(unknown)}" if unknown else "no options")
         self.options, self.curve, self.shape = [tuple(o) for o in options], curve, shape
+        self.cut_offs = cut_offs
         self.say = say or log.info
         self.max_depth = shape.depth if shape is not None else MAX_DEPTH
         # arms: an option's proposers and, for a lone draft model, its width (each learns its acceptance)
@@ -210,7 +214,9 @@ class Speculator:
         if state is None or proposal is None or proposal.choice is None:
             return
         arm = (proposal.choice.proposers, proposal.choice.width)
-        depth = int(proposal.tree.depths.max()) if len(proposal.tree) > 1 else 0
+        # The depth chosen, not the tree's: levels the cut-offs left out count as not accepted, so
+        # the rates are what the choice yields (a tree cut to its root still cost a draft forward).
+        depth = proposal.choice.shape.depth
         accepted = len(verdict.path) - 1
         if proposal.tree.scores is not None and len(arm[0]) == 1:
             confidence = self.confidence.setdefault((arm, state.sampled), Confidence())
@@ -279,7 +285,7 @@ class Speculator:
         the cut-offs are the draft probabilities from which on nodes are seen to commit that much
         (``Confidence.lowest``). Not for a pinned shape, nor for a probe (which is how the buckets
         under a cut-off are seen again)."""
-        if self.shape is not None:
+        if self.shape is not None or not self.cut_offs:
             return picks
         rate = self._batch_rate(items, picks)
         rows = sum(o.rows if o else 1 for o in picks.values())
