@@ -144,8 +144,8 @@ def _speculator(curve_ms, acceptance, model_step_ms=None, text_acceptance=None):
     spec = Speculator(members, options, VerifyCurve({r: ms / 1e3 for r, ms in curve_ms.items()}))
     for key, rates in ((("model",), acceptance), (("ngram",), text_acceptance or acceptance)):
         for width in (1, 2):  # a wide model tree: as likely as the chain here, so never better
-            if (key, width) in spec.acceptance:
-                spec.acceptance[(key, width)] = Acceptance(6, list(rates), prior_weight=1e6)
+            if ((key, width), False) in spec.acceptance:
+                spec.acceptance[((key, width), False)] = Acceptance(6, list(rates), prior_weight=1e6)
     spec.start("r", [1, 2, 3])
     return spec
 
@@ -286,7 +286,7 @@ def test_cost_model_picks_the_width_the_arithmetic_says():
     for curve, wide_wins in (({1: 40, 2: 41, 4: 42, 8: 44, 16: 50, 32: 70}, True),
                              ({1: 40, 2: 70, 4: 130, 8: 250, 16: 490, 32: 970}, False)):
         spec = _speculator(curve, [0.6] * 6, model_step_ms=2, text_acceptance=[0.01] * 6)
-        spec.acceptance[(("model",), 2)] = Acceptance(6, [0.9] * 6, prior_weight=1e6)
+        spec.acceptance[((("model",), 2), False)] = Acceptance(6, [0.9] * 6, prior_weight=1e6)
         (proposal,) = spec.propose([Drafting("r", 1, [4])])
         width = proposal.choice.width if proposal.choice else 0
         assert (width == 2) == wide_wins, (curve, proposal.choice)
@@ -307,7 +307,7 @@ def test_cost_model_learns_the_curve_by_context():
 def test_speculator_learns_acceptance_and_switches_off_then_probes():
     curve = {1: 40, 2: 48, 4: 64, 8: 96, 16: 160, 32: 288}
     spec = _speculator(curve, [0.9] * 6)
-    spec.acceptance[(("ngram",), 1)] = Acceptance(6, 0.9, prior_weight=2)
+    spec.acceptance[((("ngram",), 1), False)] = Acceptance(6, 0.9, prior_weight=2)
     chosen = []
     for step in range(1, 40):
         (proposal,) = spec.propose([Drafting("r", step, [4])])
@@ -318,6 +318,30 @@ def test_speculator_learns_acceptance_and_switches_off_then_probes():
     assert chosen[0] is not None and any(c is None for c in chosen[-10:])
     offs = [i for i, c in enumerate(chosen) if c is None]
     assert offs and any(c is not None for c in chosen[offs[0]:]), "a losing option is never probed again"
+
+
+def test_acceptance_and_probing_are_engine_wide_and_apart_for_sampled_requests():
+    """What a sampled request teaches the cost model leaves the greedy figures alone, and a new
+    request continues the engine's probing schedule instead of re-probing every losing option."""
+    curve = {1: 40, 2: 48, 4: 64, 8: 96, 16: 160, 32: 288}
+    spec = _speculator(curve, [0.9] * 6)
+    arm = (("ngram",), 1)
+    spec.acceptance[(arm, True)] = Acceptance(6, 0.9, prior_weight=2)
+
+    def step(rid, n):
+        (proposal,) = spec.propose([Drafting(rid, n, [4])])
+        rows = len(proposal.tree)
+        spec.learn(rid, proposal, Verdict([5], [0]), StepTimes(spec.curve.base_at(rows), rows, 10))
+        return proposal.choice
+
+    spec.start("s", [1, 2, 3], params=SamplingParams(temperature=1.0))
+    first = [step("s", n) for n in range(1, 40)]  # nothing a sampled request drafts is accepted
+    assert first[0] is not None and first[-1] is None
+    assert spec.acceptance[(arm, True)].rate(1) < 0.5 and spec.acceptance[(arm, False)].rate(1) == pytest.approx(0.9)
+    spec.start("t", [1, 2, 3], params=SamplingParams(temperature=1.0))
+    assert all(step("t", n) is None for n in range(1, 9)), "a new request re-probed at once"
+    spec.start("g", [1, 2, 3])  # a greedy request still expects its own figure
+    assert step("g", 1) is not None
 
 
 # -- the engine: identity with the target alone, whatever was chosen ------------------------------
@@ -377,8 +401,9 @@ def test_a_wide_model_tree_when_the_cost_model_picks_it(pair, betting, params):
     engine = _engine(target, draft, betting=betting)
     speculator = engine.speculator
     assert (("model",), 2) in speculator.arms
-    speculator.acceptance[(("model",), 1)] = Acceptance(6, [0.2] * 6, prior_weight=1e6)
-    speculator.acceptance[(("model",), 2)] = Acceptance(6, [0.99] * 6, prior_weight=1e6)
+    for sampled in (False, True):
+        speculator.acceptance[((("model",), 1), sampled)] = Acceptance(6, [0.2] * 6, prior_weight=1e6)
+        speculator.acceptance[((("model",), 2), sampled)] = Acceptance(6, [0.99] * 6, prior_weight=1e6)
     speculator._draft_cost = lambda arm, name, depth: 0.0  # this tiny draft costs what its target does
     speculator.cut_offs = True  # trees cut by the draft's confidence (down to the root) stay exact
     chosen = set()

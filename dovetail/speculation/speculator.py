@@ -20,8 +20,8 @@ Each step, per request:
 5. The chosen trees are merged under one root; ``learn`` then feeds the cost model what the step
    cost and committed.
 
-Options that lose are tried again now and then (every 8 steps, doubling to 128 while they keep
-losing), so a change in the text or the machine is noticed. ``shape`` pins the tree (``--tree``):
+Options that lose are tried again now and then (every 8 request-steps of the engine, doubling to
+128 while they keep losing), so a change in the text or the machine is noticed. ``shape`` pins the tree (``--tree``):
 then only the proposer is chosen, and never none.
 """
 
@@ -74,8 +74,6 @@ class RequestState:
     context: int
     pending: dict[str, list[int]]  # tokens a skipped model has not been told yet
     acceptance: dict[tuple, Acceptance] = field(default_factory=dict)  # by arm (see Speculator.arms)
-    losing: dict[tuple, int] = field(default_factory=dict)  # steps since the arm was used
-    probe_after: dict[tuple, int] = field(default_factory=dict)
     sampled: bool = False  # its draft model samples its trees (confidence is learnt apart)
     current: Choice | None = None
     catch_up_s: float = 0.0  # the current choice's predicted catch-up (not part of a draft's usual wait)
@@ -127,7 +125,14 @@ class Speculator:
         self.max_depth = shape.depth if shape is not None else MAX_DEPTH
         # arms: an option's proposers and, for a lone draft model, its width (each learns its acceptance)
         self.arms = [(key, width) for key in self.options for width in self._widths(key)]
-        self.acceptance = {arm: Acceptance(self.max_depth, self._prior(arm)) for arm in self.arms}
+        # engine-wide, by (arm, sampled): a draft's acceptance when the request samples is another
+        # matter than when it is greedy (a request's own figure is blended with the one that fits it)
+        self.acceptance = {(arm, sampled): Acceptance(self.max_depth, self._prior(arm))
+                           for arm in self.arms for sampled in (False, True)}
+        # probing, engine-wide by (arm, sampled): request-steps since the arm was used, and after how many
+        # it is tried again (a per-request schedule re-probed every arm in every short request)
+        self.losing: dict[tuple, int] = {}
+        self.probe_after: dict[tuple, int] = {}
         self.draft_wait: dict[tuple[tuple, int], Ema] = {}  # (arm, depth) -> the loop's wait for the draft
         self.confidence: dict[tuple[tuple, bool], Confidence] = {}  # (arm, sampled) -> by draft probability
         self.states: dict[str, RequestState] = {}
@@ -224,7 +229,7 @@ class Speculator:
             for node in range(1, len(proposal.tree)):
                 confidence.observe(math.exp(float(proposal.tree.scores[node])), node in on_path)
         if depth:
-            self.acceptance[arm].observe(depth, accepted)
+            self.acceptance[(arm, state.sampled)].observe(depth, accepted)
             state.acceptance.setdefault(arm, Acceptance(self.max_depth, 0.0, 0.0)).observe(depth, accepted)
         usual_wait = max(0.0, step.draft_wait_s - state.catch_up_s)  # the catch-up is priced apart
         self.draft_wait.setdefault((arm, proposal.choice.shape.depth), Ema()).add(usual_wait)
@@ -374,24 +379,27 @@ class Speculator:
         return max(0.0, member.level_s(rows) - member.level_s(1)) if rows > 1 else 0.0
 
     def _rates(self, request_id: str, arm: tuple) -> list[float]:
-        own = self.states[request_id].acceptance.get(arm)
-        prior = self.acceptance[arm]
+        state = self.states[request_id]
+        own = state.acceptance.get(arm)
+        prior = self.acceptance[(arm, state.sampled)]
         return blended(own, prior) if own is not None else prior.rates()
 
     def _maybe_probe(self, state: RequestState, best: Option | None, options: list[Option]) -> Option | None:
         """Now and then, an option that keeps losing is tried anyway (its best depth), so its
-        acceptance and cost stay current."""
+        acceptance and cost stay current. Counted in request-steps across the engine, apart for
+        greedy and sampled requests."""
         chosen = best.arm if best else None
         for arm in self.arms:
+            key = (arm, state.sampled)
             if arm == chosen:
-                state.losing[arm], state.probe_after[arm] = 0, PROBE_FIRST
+                self.losing[key], self.probe_after[key] = 0, PROBE_FIRST
                 continue
-            state.losing[arm] = state.losing.get(arm, 0) + 1
-            if state.losing[arm] >= state.probe_after.setdefault(arm, PROBE_FIRST):
+            self.losing[key] = self.losing.get(key, 0) + 1
+            if self.losing[key] >= self.probe_after.setdefault(key, PROBE_FIRST):
                 candidates = [o for o in options if o.arm == arm]
                 if candidates:
-                    state.losing[arm] = 0
-                    state.probe_after[arm] = min(2 * state.probe_after[arm], PROBE_LAST)
+                    self.losing[key] = 0
+                    self.probe_after[key] = min(2 * self.probe_after[key], PROBE_LAST)
                     return replace(max(candidates, key=lambda o: o.tokens / max(o.rows, 1)), probe=True)
         return best
 
