@@ -11,12 +11,16 @@
 //   * per group (16 or 32 inputs) a float scale S and offset M, computed from the format's own
 //     compact metadata (D, Dm per super-block; integer sub-scales sc, mins mn per group), so
 //     w = S * q + M reproduces the GGUF dequantisation exactly.
-// Activations are quantised per row to int8 in blocks of 32 (scale dx; sums of the quantised
-// values), so a group's contribution to output o of row m is
-//     S * dx * sum(q * xq)  +  M * dx * sum(xq),
-// an exact integer dot product followed by two fused multiply-adds in a fixed order. Each row's
-// result depends on that row alone: the same token gives bit-identical outputs whether it is
-// verified alone, in a tree or in a batch, and the scalar, AVX2 and AVX-512 paths agree exactly.
+// Activations are quantised per row to int8 in blocks of 32 (scale dx; integer sums of the
+// quantised values, per block and per half block). For the symmetric formats (w = S * (q - z),
+// S = D * sc) the offset and a K-format's integer sub-scales stay in the integer sum:
+//     total = sum over groups h of the unit: sc_h * (sum(q * xq) - z * sum(xq)),   (exact int32)
+//     acc   = fma(float(total), D * dx, acc),
+// and for the asymmetric ones (w = S * q + M) each group adds
+//     acc = fma(float(sum(q * xq)), S * dx, acc);  acc = fma(M, dx * sum(xq), acc).
+// Each row's result depends on that row alone: the same token gives bit-identical outputs whether
+// it is verified alone, in a tree or in a batch, and the scalar, AVX2 and AVX-512 paths agree
+// exactly (tile_scalar is the reference each vector path follows lane by lane).
 // The weight unit is unpacked once and applied to every row of the block: the cost of a block of
 // rows grows far slower than the number of rows, which is what speculative verification needs.
 #include <torch/extension.h>
@@ -45,20 +49,39 @@ struct Packed {
   int64_t N, K, T, U, nsb, ngroups, qbytes;
   int bits, gs, sb, mode;
   float z;
+  int32_t zi;  // z as an integer (every symmetric format's zero point is one)
 };
 
-// S and M of group h (0 .. 32/gs - 1) of unit u of tile t, for the 16 rows.
-inline void group_scales(const Packed& w, int64_t t, int64_t u, int h, float* S, float* M) {
-  const int64_t g = u * (32 / w.gs) + h;
-  const int64_t s = (u * 32 + h * w.gs) / w.sb;
+// The factors of unit u of tile t, for the 16 rows. Symmetric formats (w = S * (q - z)): the
+// block's float scale D and, for K-formats, the integer sub-scale sc of each group, applied to
+// the exact integer sum; asymmetric formats: w = S * q + M per group (h = 0 .. 32/gs - 1).
+struct UnitFactors {
+  float D[16];
+  int32_t sc[2][16];
+  float S[2][16], M[2][16];
+};
+
+inline void unit_factors(const Packed& w, int64_t t, int64_t u, UnitFactors& f) {
+  const int halves = 32 / w.gs;
+  const int64_t s = u * 32 / w.sb;  // a unit lies in one super-block
   const float* D = w.D + (t * w.nsb + s) * 16;
-  for (int o = 0; o < 16; ++o) {
-    float scale = D[o];
-    if (w.sc) scale = scale * (float)w.sc[(t * w.ngroups + g) * 16 + o];
-    S[o] = scale;
-    if (w.mode == ASYM_K) M[o] = -(w.Dm[(t * w.nsb + s) * 16 + o] * (float)w.mn[(t * w.ngroups + g) * 16 + o]);
-    else if (w.mode == ASYM_BLOCK) M[o] = w.Dm[(t * w.nsb + s) * 16 + o];
-    else M[o] = -w.z * scale;
+  for (int o = 0; o < 16; ++o) f.D[o] = D[o];
+  for (int h = 0; h < halves; ++h) {
+    const int64_t g = u * halves + h;
+    for (int o = 0; o < 16; ++o) {
+      const int32_t sc = w.sc ? (int32_t)w.sc[(t * w.ngroups + g) * 16 + o] : 1;
+      f.sc[h][o] = sc;
+      if (w.mode == ASYM_K) {
+        f.S[h][o] = D[o] * (float)sc;
+        f.M[h][o] = -(w.Dm[(t * w.nsb + s) * 16 + o] * (float)w.mn[(t * w.ngroups + g) * 16 + o]);
+      } else if (w.mode == ASYM_BLOCK) {
+        f.S[h][o] = D[o];
+        f.M[h][o] = w.Dm[(t * w.nsb + s) * 16 + o];
+      } else {  // the dequantized weight of a symmetric format (what dequantize_rows returns)
+        f.S[h][o] = w.sc ? D[o] * (float)sc : D[o];
+        f.M[h][o] = -w.z * f.S[h][o];
+      }
+    }
   }
 }
 
@@ -81,75 +104,76 @@ inline void unpack_unit(const Packed& w, int64_t t, int64_t u, uint8_t* out) {
 }
 
 // ---- one tile, rows [0, M): portable scalar path ---------------------------------------------
+// The arithmetic every path follows, lane by lane: per row and unit, isum_h = sum(q * xq) over
+// group h (exact int32). Symmetric: total = sum_h sc_h * (isum_h - z * sum_h(xq)) in int32, then
+// acc = fma(float(total), D * dx, acc). Asymmetric: acc = fma(float(isum_h), S_h * dx, acc), then
+// acc = fma(M_h, dx * sum_h(xq), acc) per group.
 void tile_scalar(const Packed& w, int64_t t, const int8_t* xq, const float* xs, int64_t M, float* acc) {
   alignas(64) uint8_t vals[512];
-  float S[2][16], Mo[2][16];
+  UnitFactors uf;
   const int halves = 32 / w.gs, chunks = w.gs / 4;
+  const bool sym = w.mode == SYM_BLOCK || w.mode == SYM_K;
   for (int64_t u = 0; u < w.U; ++u) {
     unpack_unit(w, t, u, vals);
-    for (int h = 0; h < halves; ++h) group_scales(w, t, u, h, S[h], Mo[h]);
+    unit_factors(w, t, u, uf);
     for (int64_t m = 0; m < M; ++m) {
       const int8_t* x = xq + m * w.K + u * 32;
       const float* s = xs + (m * w.U + u) * 4;
-      for (int h = 0; h < halves; ++h) {
-        const float sx = halves == 1 ? s[1] : s[2 + h];
-        for (int o = 0; o < 16; ++o) {
+      for (int o = 0; o < 16; ++o) {
+        float f = acc[m * 16 + o];
+        int32_t total = 0;
+        for (int h = 0; h < halves; ++h) {
           int32_t isum = 0;
           for (int c = h * chunks; c < (h + 1) * chunks; ++c)
             for (int j = 0; j < 4; ++j) {
               const int32_t q = w.bits == 8 ? (int32_t)(int8_t)vals[c * 64 + o * 4 + j] : (int32_t)vals[c * 64 + o * 4 + j];
               isum += q * (int32_t)x[c * 4 + j];
             }
-          float f = acc[m * 16 + o];
-          const float sd = S[h][o] * s[0];
-          f = std::fma((float)isum, sd, f);
-          f = std::fma(Mo[h][o], sx, f);
-          acc[m * 16 + o] = f;
+          if (sym) {
+            const int32_t xsum = halves == 1 ? (int32_t)s[2] + (int32_t)s[3] : (int32_t)s[2 + h];
+            total += uf.sc[h][o] * (isum - w.zi * xsum);
+          } else {
+            f = std::fma((float)isum, uf.S[h][o] * s[0], f);
+            f = std::fma(uf.M[h][o], halves == 1 ? s[1] : s[0] * s[2 + h], f);
+          }
         }
+        if (sym) f = std::fma((float)total, uf.D[o] * s[0], f);
+        acc[m * 16 + o] = f;
       }
     }
   }
 }
 
-// Vector S and M of group h of unit u (16 rows): the same arithmetic as group_scales, lane by lane.
-template <int MODE>
-__attribute__((target("avx512f,avx512bw,avx512vl")))
-inline void group_scales_512(const Packed& w, int64_t t, int64_t u, int h, __m512& S, __m512& M) {
-  const int64_t g = u * (32 / w.gs) + h;
-  const int64_t s = (u * 32 + h * w.gs) / w.sb;
-  S = _mm512_loadu_ps(w.D + (t * w.nsb + s) * 16);
-  if (MODE == SYM_K || MODE == ASYM_K)
-    S = _mm512_mul_ps(S, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w.sc + (t * w.ngroups + g) * 16)))));
-  if (MODE == ASYM_K) {
-    const __m512 mn = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w.mn + (t * w.ngroups + g) * 16))));
-    M = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(_mm512_loadu_ps(w.Dm + (t * w.nsb + s) * 16), mn));
-  } else if (MODE == ASYM_BLOCK) {
-    M = _mm512_loadu_ps(w.Dm + (t * w.nsb + s) * 16);
-  } else {
-    M = _mm512_mul_ps(_mm512_set1_ps(-w.z), S);
-  }
-}
+// unit_factors on 256-bit halves: lanes k = 0, 1 hold rows 8k .. 8k+7 of the tile.
+template <int MODE, int HALVES>
+struct Unit256 {
+  __m256 D[2];
+  __m256i sc[HALVES][2];
+  __m256 S[HALVES][2], M[HALVES][2];
+};
 
-// Vector S and M of group h of unit u, rows 8k .. 8k+7 (k = 0, 1): group_scales_512's arithmetic
-// on 256-bit halves. Done per unit, so with one row it weighs as much as the products themselves.
-template <int MODE>
+template <int MODE, int HALVES>
 __attribute__((target("avx2,fma")))
-inline void group_scales_256(const Packed& w, int64_t t, int64_t u, int h, __m256* S, __m256* M) {
-  const int64_t g = u * (32 / w.gs) + h;
-  const int64_t s = (u * 32 + h * w.gs) / w.sb;
+inline void unit_factors_256(const Packed& w, int64_t t, int64_t u, Unit256<MODE, HALVES>& f8) {
+  const int64_t s = u * 32 / w.sb;
   for (int k = 0; k < 2; ++k) {
-    S[k] = _mm256_loadu_ps(w.D + (t * w.nsb + s) * 16 + k * 8);
-    if (MODE == SYM_K || MODE == ASYM_K)
-      S[k] = _mm256_mul_ps(S[k], _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-                                     _mm_loadl_epi64((const __m128i*)(w.sc + (t * w.ngroups + g) * 16 + k * 8)))));
-    if (MODE == ASYM_K) {
-      const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-          _mm_loadl_epi64((const __m128i*)(w.mn + (t * w.ngroups + g) * 16 + k * 8))));
-      M[k] = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(_mm256_loadu_ps(w.Dm + (t * w.nsb + s) * 16 + k * 8), mn));
-    } else if (MODE == ASYM_BLOCK) {
-      M[k] = _mm256_loadu_ps(w.Dm + (t * w.nsb + s) * 16 + k * 8);
-    } else {
-      M[k] = _mm256_mul_ps(_mm256_set1_ps(-w.z), S[k]);
+    const __m256 D = _mm256_loadu_ps(w.D + (t * w.nsb + s) * 16 + k * 8);
+    f8.D[k] = D;
+    for (int h = 0; h < HALVES; ++h) {
+      const int64_t g = u * HALVES + h;
+      if (MODE == SYM_K || MODE == ASYM_K) {
+        const __m256i sc = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w.sc + (t * w.ngroups + g) * 16 + k * 8)));
+        if (MODE == SYM_K) f8.sc[h][k] = sc;
+        else f8.S[h][k] = _mm256_mul_ps(D, _mm256_cvtepi32_ps(sc));
+      }
+      if (MODE == ASYM_K) {
+        const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+            _mm_loadl_epi64((const __m128i*)(w.mn + (t * w.ngroups + g) * 16 + k * 8))));
+        f8.M[h][k] = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(_mm256_loadu_ps(w.Dm + (t * w.nsb + s) * 16 + k * 8), mn));
+      } else if (MODE == ASYM_BLOCK) {
+        f8.S[h][k] = D;
+        f8.M[h][k] = _mm256_loadu_ps(w.Dm + (t * w.nsb + s) * 16 + k * 8);
+      }
     }
   }
 }
@@ -164,7 +188,8 @@ void tile_avx2(const Packed& w, int64_t t, const int8_t* xq, const float* xs, in
                                           2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
   const __m256i bitsel = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
   constexpr int HALVES = 32 / GS, CHUNKS = GS / 4;
-  __m256 S[HALVES][2], Mo[HALVES][2];
+  constexpr bool SYM = MODE == SYM_BLOCK || MODE == SYM_K;
+  Unit256<MODE, HALVES> f8;
   for (int64_t u = 0; u < w.U; ++u) {
     const uint8_t* p = w.q + (t * w.U + u) * w.qbytes;
     for (int64_t b = 0; b < w.qbytes; b += 64) _mm_prefetch((const char*)(p + PREFETCH_BYTES + b), _MM_HINT_T0);
@@ -193,13 +218,15 @@ void tile_avx2(const Packed& w, int64_t t, const int8_t* xq, const float* xs, in
           }
       }
     }
-    for (int h = 0; h < HALVES; ++h) group_scales_256<MODE>(w, t, u, h, S[h], Mo[h]);
+    unit_factors_256<MODE, HALVES>(w, t, u, f8);
     for (int64_t m = 0; m < M; ++m) {
       const int8_t* x = xq + m * w.K + u * 32;
       const float* s = xs + (m * w.U + u) * 4;
       const __m256 dx = _mm256_set1_ps(s[0]);
+      __m256i total[2];
       for (int h = 0; h < HALVES; ++h) {
-        const __m256 sx = _mm256_set1_ps(HALVES == 1 ? s[1] : s[2 + h]);
+        const int32_t xsum = HALVES == 1 ? (int32_t)s[2] + (int32_t)s[3] : (int32_t)s[2 + h];
+        const __m256 sx = _mm256_set1_ps(HALVES == 1 ? s[1] : s[0] * s[2 + h]);
         for (int k = 0; k < 2; ++k) {
           // A chunk's maddubs pair sums are at most 2 x 127 x (largest weight), so PER16 chunks
           // add up exactly in int16 (< 32768) before one widening madd: 8 for 4-bit weights, 4 for
@@ -217,35 +244,66 @@ void tile_avx2(const Packed& w, int64_t t, const int8_t* xq, const float* xs, in
               s16 = _mm256_setzero_si256();
             }
           }
-          float* a = acc + m * 16 + k * 8;
-          __m256 f = _mm256_loadu_ps(a);
-          const __m256 sd = _mm256_mul_ps(S[h][k], dx);
-          f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), sd, f);
-          f = _mm256_fmadd_ps(Mo[h][k], sx, f);
-          _mm256_storeu_ps(a, f);
+          if (SYM) {
+            isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(w.zi * xsum));
+            if (MODE == SYM_K) isum = _mm256_mullo_epi32(isum, f8.sc[h][k]);
+            total[k] = h == 0 ? isum : _mm256_add_epi32(total[k], isum);
+          } else {
+            float* a = acc + m * 16 + k * 8;
+            __m256 f = _mm256_loadu_ps(a);
+            f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(f8.S[h][k], dx), f);
+            f = _mm256_fmadd_ps(f8.M[h][k], sx, f);
+            _mm256_storeu_ps(a, f);
+          }
         }
       }
+      if (SYM)
+        for (int k = 0; k < 2; ++k) {
+          float* a = acc + m * 16 + k * 8;
+          _mm256_storeu_ps(a, _mm256_fmadd_ps(_mm256_cvtepi32_ps(total[k]), _mm256_mul_ps(f8.D[k], dx), _mm256_loadu_ps(a)));
+        }
     }
   }
 }
 
 // ---- AVX-512 VNNI: one dpbusd per chunk and row ------------------------------------------------
-template <int BITS, int GS, int R>
+// The per-unit weight factors the rows share: for the symmetric formats (w = S * (q - z)) the
+// offset is folded into the integer sum and a K-format's integer sub-scales multiply it in int32,
+// so each row pays one float multiply-add per unit; the asymmetric formats keep S and M per group.
+template <int MODE, int HALVES>
+struct Unit512 {
+  __m512 D;               // symmetric: the block's (or super-block's) float scale
+  __m512i sc[HALVES];     // SYM_K: the groups' integer sub-scales
+  __m512 S[HALVES], M[HALVES];  // asymmetric: w = S * q + M per group
+};
+
+// R rows of one unit. Every loop is unrolled (the pragmas) so partial sums stay in registers: left
+// to itself GCC kept the group loop of 16-input formats rolled and spilled them to the stack, which
+// made Q6_K about half as fast per multiply-add as Q4_K.
+template <int BITS, int GS, int MODE, int R>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 inline void rows_avx512(const Packed& w, int64_t u, const int8_t* xq, const float* xs, int64_t m0, float* acc,
-                        const __m512i* wv, const __mmask64* neg, const __m512* S, const __m512* Mo) {
+                        const __m512i* wv, const __mmask64* neg, const Unit512<MODE, 32 / GS>& f8) {
   constexpr int HALVES = 32 / GS, CHUNKS = GS / 4;
+  constexpr bool SYM = MODE == SYM_BLOCK || MODE == SYM_K;
   const __m512i zero = _mm512_setzero_si512();
   __m512 f[R];
+  __m512i total[R];
+  #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) f[r] = _mm512_loadu_ps(acc + (m0 + r) * 16);
   // P independent dpbusd chains per row (chunks round-robin), summed at the end: the integer sum
   // is exact in any order, and enough chains in flight hide the instruction's latency.
-  constexpr int WANT = R >= 4 ? 2 : R == 2 ? 2 : 4, P = WANT < CHUNKS ? WANT : CHUNKS;
+  constexpr int WANT = R >= 8 ? 1 : R >= 2 ? 2 : 4, P = WANT < CHUNKS ? WANT : CHUNKS;
+  #pragma GCC unroll 16
   for (int h = 0; h < HALVES; ++h) {
     __m512i part[R][P];
+    #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
+      #pragma GCC unroll 16
       for (int j = 0; j < P; ++j) part[r][j] = zero;
+    #pragma GCC unroll 16
     for (int c = h * CHUNKS; c < (h + 1) * CHUNKS; ++c)
+      #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
         int32_t x4;
         std::memcpy(&x4, xq + (m0 + r) * w.K + u * 32 + c * 4, 4);
@@ -253,19 +311,56 @@ inline void rows_avx512(const Packed& w, int64_t u, const int8_t* xq, const floa
         if (BITS == 8) xb = _mm512_mask_sub_epi8(xb, neg[c], zero, xb);  // sign(x, w): |w| is unsigned
         part[r][c % P] = _mm512_dpbusd_epi32(part[r][c % P], wv[c], xb);
       }
-    __m512i isum[R];
+    #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      isum[r] = part[r][0];
-      for (int j = 1; j < P; ++j) isum[r] = _mm512_add_epi32(isum[r], part[r][j]);
-    }
-    for (int r = 0; r < R; ++r) {
+      __m512i isum = part[r][0];
+      #pragma GCC unroll 16
+      for (int j = 1; j < P; ++j) isum = _mm512_add_epi32(isum, part[r][j]);
       const float* s = xs + ((m0 + r) * w.U + u) * 4;
-      f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), _mm512_mul_ps(S[h], _mm512_set1_ps(s[0])), f[r]);
-      f[r] = _mm512_fmadd_ps(Mo[h], _mm512_set1_ps(HALVES == 1 ? s[1] : s[2 + h]), f[r]);
+      if (SYM) {
+        const int32_t xsum = HALVES == 1 ? (int32_t)s[2] + (int32_t)s[3] : (int32_t)s[2 + h];
+        isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(w.zi * xsum));
+        if (MODE == SYM_K) isum = _mm512_mullo_epi32(isum, f8.sc[h]);
+        total[r] = h == 0 ? isum : _mm512_add_epi32(total[r], isum);
+      } else {
+        f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(f8.S[h], _mm512_set1_ps(s[0])), f[r]);
+        f[r] = _mm512_fmadd_ps(f8.M[h], _mm512_set1_ps(HALVES == 1 ? s[1] : s[0] * s[2 + h]), f[r]);
+      }
     }
   }
+  if (SYM)
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const float* s = xs + ((m0 + r) * w.U + u) * 4;
+      f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total[r]), _mm512_mul_ps(f8.D, _mm512_set1_ps(s[0])), f[r]);
+    }
+  #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(acc + (m0 + r) * 16, f[r]);
 }
+
+template <int MODE, int HALVES>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline void unit_factors_512(const Packed& w, int64_t t, int64_t u, Unit512<MODE, HALVES>& f8) {
+  const int64_t s = u * 32 / w.sb;  // a unit lies in one super-block
+  const __m512 D = _mm512_loadu_ps(w.D + (t * w.nsb + s) * 16);
+  f8.D = D;
+  for (int h = 0; h < HALVES; ++h) {
+    const int64_t g = u * HALVES + h;
+    const __m512i sc = MODE == SYM_K || MODE == ASYM_K
+                           ? _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w.sc + (t * w.ngroups + g) * 16)))
+                           : _mm512_setzero_si512();
+    if (MODE == SYM_K) f8.sc[h] = sc;
+    if (MODE == ASYM_K) {
+      f8.S[h] = _mm512_mul_ps(D, _mm512_cvtepi32_ps(sc));
+      const __m512 mn = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w.mn + (t * w.ngroups + g) * 16))));
+      f8.M[h] = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(_mm512_loadu_ps(w.Dm + (t * w.nsb + s) * 16), mn));
+    } else if (MODE == ASYM_BLOCK) {
+      f8.S[h] = D;
+      f8.M[h] = _mm512_loadu_ps(w.Dm + (t * w.nsb + s) * 16);
+    }
+  }
+}
+
 // (tile loop) ------------------------------------------------
 template <int BITS, int GS, int MODE>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
@@ -273,8 +368,8 @@ void tile_avx512(const Packed& w, int64_t t, const int8_t* xq, const float* xs, 
   __m512i wv[8];
   __mmask64 neg[8];
   const __m512i low4 = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
-  constexpr int HALVES = 32 / GS, CHUNKS = GS / 4;
-  __m512 S[HALVES], Mo[HALVES];
+  constexpr int HALVES = 32 / GS;
+  Unit512<MODE, HALVES> f8;
   for (int64_t u = 0; u < w.U; ++u) {
     const uint8_t* p = w.q + (t * w.U + u) * w.qbytes;
     for (int64_t b = 0; b < w.qbytes; b += 64) _mm_prefetch((const char*)(p + PREFETCH_BYTES + b), _MM_HINT_T0);
@@ -299,12 +394,13 @@ void tile_avx512(const Packed& w, int64_t t, const int8_t* xq, const float* xs, 
         }
       }
     }
-    for (int h = 0; h < HALVES; ++h) group_scales_512<MODE>(w, t, u, h, S[h], Mo[h]);
-    // Four rows at a time: four independent dpbusd chains hide the instruction's latency.
+    unit_factors_512<MODE, HALVES>(w, t, u, f8);
+    // Eight, four, two rows at a time: independent dpbusd chains hide the instruction's latency.
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) rows_avx512<BITS, GS, 4>(w, u, xq, xs, m, acc, wv, neg, S, Mo);
-    for (; m + 2 <= M; m += 2) rows_avx512<BITS, GS, 2>(w, u, xq, xs, m, acc, wv, neg, S, Mo);
-    for (; m < M; ++m) rows_avx512<BITS, GS, 1>(w, u, xq, xs, m, acc, wv, neg, S, Mo);
+    for (; m + 8 <= M; m += 8) rows_avx512<BITS, GS, MODE, 8>(w, u, xq, xs, m, acc, wv, neg, f8);
+    for (; m + 4 <= M; m += 4) rows_avx512<BITS, GS, MODE, 4>(w, u, xq, xs, m, acc, wv, neg, f8);
+    for (; m + 2 <= M; m += 2) rows_avx512<BITS, GS, MODE, 2>(w, u, xq, xs, m, acc, wv, neg, f8);
+    for (; m < M; ++m) rows_avx512<BITS, GS, MODE, 1>(w, u, xq, xs, m, acc, wv, neg, f8);
   }
 }
 
@@ -369,7 +465,7 @@ Packed make_packed(const torch::Tensor& q, const torch::Tensor& D, const torch::
               "packed tensors must be contiguous");
   Packed w;
   w.N = N; w.K = K; w.T = (N + 15) / 16; w.U = K / 32; w.nsb = K / sb; w.ngroups = K / gs;
-  w.bits = (int)bits; w.gs = (int)gs; w.sb = (int)sb; w.mode = (int)mode; w.z = (float)z;
+  w.bits = (int)bits; w.gs = (int)gs; w.sb = (int)sb; w.mode = (int)mode; w.z = (float)z; w.zi = (int32_t)z;
   w.qbytes = bits == 8 ? 512 : 256 + (bits - 4) * 64;
   TORCH_CHECK(q.numel() == w.T * w.U * w.qbytes, "packed values have the wrong size");
   TORCH_CHECK(D.numel() == w.T * w.nsb * 16, "packed scales have the wrong size");
@@ -379,7 +475,8 @@ Packed make_packed(const torch::Tensor& q, const torch::Tensor& D, const torch::
 
 }  // namespace
 
-// One block of 32 activations -> int8 values and (dx, dx*sum, dx*sum(first 16), dx*sum(last 16)).
+// One block of 32 activations -> int8 values and (dx, dx*sum, sum(first 16), sum(last 16)); the two
+// half sums are integers (held exactly in float32), which the symmetric formats use in int32.
 // q = round-to-nearest-even(v / dx): the AVX2 clone's cvtps rounds the same way as nearbyint, and
 // max and integer sums do not depend on order, so both clones give the same bits.
 inline void quantize_block_scalar(const float* v, int8_t* q8, float* s) {
@@ -394,8 +491,8 @@ inline void quantize_block_scalar(const float* v, int8_t* q8, float* s) {
   }
   s[0] = d;
   s[1] = d * (float)(lo + hi);
-  s[2] = d * (float)lo;
-  s[3] = d * (float)hi;
+  s[2] = (float)lo;
+  s[3] = (float)hi;
 }
 
 __attribute__((target("avx2,fma")))
@@ -428,12 +525,12 @@ void quantize_blocks_avx2(const float* x, int8_t* q8, float* s, int64_t b, int64
     float* si = s + i * 4;
     si[0] = d;
     si[1] = d * (float)(lo + hi);
-    si[2] = d * (float)lo;
-    si[3] = d * (float)hi;
+    si[2] = (float)lo;
+    si[3] = (float)hi;
   }
 }
 
-// x: [M, K] float32 -> (xq int8 [M, K], xs float32 [M, K/32, 4] = dx, dx*sum, dx*sum(first 16), dx*sum(last 16))
+// x: [M, K] float32 -> (xq int8 [M, K], xs float32 [M, K/32, 4] = dx, dx*sum, sum(first 16), sum(last 16))
 std::vector<torch::Tensor> quantize_rows(const torch::Tensor& x_in, int64_t isa) {
   sync_thread_count();
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) % 32 == 0, "activations must be [M, K] with K a multiple of 32");
@@ -593,19 +690,19 @@ torch::Tensor dequantize_rows(const torch::Tensor& q, const torch::Tensor& D, co
   float* po = out.data_ptr<float>();
   at::parallel_for(0, R, 16, [&](int64_t b, int64_t e) {
     alignas(64) uint8_t vals[512];
-    float S[2][16], Mo[2][16];
+    UnitFactors uf;
     for (int64_t i = b; i < e; ++i) {
       const int64_t t = pr[i] / 16, o = pr[i] % 16;
       for (int64_t u = 0; u < w.U; ++u) {
         unpack_unit(w, t, u, vals);
-        for (int h = 0; h < 32 / w.gs; ++h) group_scales(w, t, u, h, S[h], Mo[h]);
+        unit_factors(w, t, u, uf);
         for (int c = 0; c < 8; ++c)
           for (int j = 0; j < 4; ++j) {
             const int h = (c * 4) / w.gs;
             const uint8_t raw = vals[c * 64 + o * 4 + j];
             const float qv = w.bits == 8 ? (float)(int8_t)raw : (float)raw;
-            const float prod = S[h][o] * qv;  // exact: small integer times a short mantissa
-            po[i * K + u * 32 + c * 4 + j] = prod + Mo[h][o];
+            const float prod = uf.S[h][o] * qv;  // exact: small integer times a short mantissa
+            po[i * K + u * 32 + c * 4 + j] = prod + uf.M[h][o];
           }
       }
     }
