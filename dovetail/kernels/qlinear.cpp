@@ -821,120 +821,191 @@ torch::Tensor pack_values(const torch::Tensor& q_in, int64_t bits) {
 // Each query row attends to its visible keys in cache order with a fixed order of operations, so
 // a token's attention output is bit-identical whether it is decoded alone or verified inside a
 // tree or a batch (a library attention kernel picks its blocking by shape, and with quantized
-// activations a last-bit difference can flip an int8 rounding). Dot products run in 32 lanes
-// (8-float vectors, reduced in a fixed order), so vectorising never reorders them; exp is a fixed
-// polynomial.
+// activations a last-bit difference can flip an int8 rounding). The arithmetic of one (row, head):
+//   score_t = dot(q, k_t) * scale, the dot product in 32 lanes reduced in a fixed tree;
+//   p_t     = exp(score_t - max) / sum, the sum in 16 lanes (key t in lane t % 16), reduced in a
+//             fixed tree; exp is a fixed polynomial;
+//   out     = sum over t of p_t * v_t, each output lane summing the keys in cache order.
+// Only vector widths change between the AVX-512, AVX2 and baseline clones, never the order of
+// operations (no -ffast-math, no contraction), so every clone gives the same bits.
+//
+// The loops are arranged so that the keys and values of a KV head are read once for all the query
+// rows and heads that share them (decoding one token, verifying a block, or a block of prompt
+// rows): at long context a block's attention costs about what one row's does in memory traffic.
 namespace {
 
-typedef float v8f __attribute__((vector_size(32)));  // 8 lanes: one ymm, or two xmm on baseline x86-64
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v16f __attribute__((vector_size(64)));  // one zmm, two ymm or four xmm
 
-inline v8f load8(const float* p) {
-  v8f v;
+template <typename V>
+__attribute__((always_inline)) inline V loadv(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+template <typename V>
+__attribute__((always_inline)) inline void storev(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
 
-// a . b in 32 lanes (four independent chains, so the adds' latency overlaps), reduced in a fixed order
-inline float dot32(const float* a, const float* b, int64_t n) {
-  v8f acc[4] = {{0, 0, 0, 0, 0, 0, 0, 0}, {0, 0, 0, 0, 0, 0, 0, 0}, {0, 0, 0, 0, 0, 0, 0, 0}, {0, 0, 0, 0, 0, 0, 0, 0}};
+__attribute__((always_inline)) inline float tree8(const float* l) { return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7])); }
+
+// a . b over d in 32 lanes: lane j % 32 sums its products in order; lanes l, l+8, l+16, l+24 are
+// added pairwise, then the 8 results in a fixed tree.
+__attribute__((always_inline)) inline float dot32(const float* a, const float* b, int64_t d) {
+  v16f acc0 = {}, acc1 = {};
   int64_t j = 0;
-  for (; j + 32 <= n; j += 32)
-    for (int r = 0; r < 4; ++r) acc[r] = acc[r] + load8(a + j + 8 * r) * load8(b + j + 8 * r);
-  for (; j + 8 <= n; j += 8) acc[0] = acc[0] + load8(a + j) * load8(b + j);
+  for (; j + 32 <= d; j += 32) {
+    acc0 = acc0 + loadv<v16f>(a + j) * loadv<v16f>(b + j);
+    acc1 = acc1 + loadv<v16f>(a + j + 16) * loadv<v16f>(b + j + 16);
+  }
+  if (j < d) {  // a head size that is not a multiple of 32: the tail goes to its lanes one by one
+    float lanes[32];
+    storev(lanes, acc0);
+    storev(lanes + 16, acc1);
+    for (; j < d; ++j) lanes[j % 32] = lanes[j % 32] + a[j] * b[j];
+    acc0 = loadv<v16f>(lanes);
+    acc1 = loadv<v16f>(lanes + 16);
+  }
+  const v8f x = (__builtin_shufflevector(acc0, acc0, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(acc0, acc0, 8, 9, 10, 11, 12, 13, 14, 15)) +
+                (__builtin_shufflevector(acc1, acc1, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(acc1, acc1, 8, 9, 10, 11, 12, 13, 14, 15));
   float lane[8];
-  store8(lane, (acc[0] + acc[1]) + (acc[2] + acc[3]));
-  for (; j < n; ++j) lane[j % 8] = lane[j % 8] + a[j] * b[j];
-  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+  storev(lane, x);
+  return tree8(lane);
 }
 
-// o[0:d] = sum over t of w[t] * v[keys[t]] (rows of length d, in order t = 0, 1, ...): 32 outputs
-// at a time stay in registers across the keys.
-inline void weighted_sum(float* o, const float* w, const float* v, const int64_t* keys, int64_t n, int64_t d) {
-  int64_t c = 0;
-  for (; c + 32 <= d; c += 32) {
-    v8f acc[4] = {{0, 0, 0, 0, 0, 0, 0, 0}, {0, 0, 0, 0, 0, 0, 0, 0}, {0, 0, 0, 0, 0, 0, 0, 0}, {0, 0, 0, 0, 0, 0, 0, 0}};
-    for (int64_t t = 0; t < n; ++t) {
-      const float* vj = v + keys[t] * d + c;
-      const v8f wt = {w[t], w[t], w[t], w[t], w[t], w[t], w[t], w[t]};
-      for (int r = 0; r < 4; ++r) acc[r] = acc[r] + wt * load8(vj + 8 * r);
-    }
-    for (int r = 0; r < 4; ++r) store8(o + c + 8 * r, acc[r]);
-  }
-  for (; c < d; ++c) {
-    float acc = 0.f;
-    for (int64_t t = 0; t < n; ++t) acc = acc + w[t] * v[keys[t] * d + c];
-    o[c] = acc;
-  }
-}
-
-// exp(x) for x <= 0 (scores minus their max): 2^n * p(f), deterministic, ~1 ulp.
-inline float exp_neg(float x) {
-  if (x < -87.f) return 0.f;
-  const float t = x * 1.44269504088896341f;
-  const float n = std::floor(t);
-  const float f = (t - n) * 0.69314718055994531f;  // f in [0, ln 2)
-  float p = 1.f / 5040.f;
-  p = p * f + 1.f / 720.f;
+// exp(x) for x <= 0 (scores minus their max), 16 at a time: 2^n * p(f), deterministic, ~1 ulp.
+__attribute__((always_inline)) inline v16f exp_neg16(v16f x) {
+  typedef int32_t v16i __attribute__((vector_size(64)));
+  const v16i big = x < -87.f;  // all ones where e^x underflows (and for -inf): the result is 0
+  x = big ? v16f{} : x;        // keeps the arithmetic below finite in those lanes
+  const v16f t = x * 1.44269504088896341f;
+  v16i n = __builtin_convertvector(t, v16i);  // toward zero; t <= 0, so floor is one less where inexact
+  n = n - (__builtin_convertvector(n, v16f) > t ? 1 : 0);
+  const v16f f = (t - __builtin_convertvector(n, v16f)) * 0.69314718055994531f;  // f in [0, ln 2)
+  v16f p = f * (1.f / 5040.f) + 1.f / 720.f;
   p = p * f + 1.f / 120.f;
   p = p * f + 1.f / 24.f;
   p = p * f + 1.f / 6.f;
   p = p * f + 0.5f;
   p = p * f + 1.f;
   p = p * f + 1.f;
-  const int32_t bits = ((int32_t)n + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
+  const v16i bits = ((n + 127) << 23) & ~big;  // 2^n, or 0
+  v16f scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
 
-// Items [b, e) of one attention, an item being one query row and one KV head: the query heads
-// that share that KV head run together, so each key and value row is read once per item, not
-// once per head. Every (row, head) output still sums its own visible keys in cache order, so
-// grouping changes no result. Compiled twice (AVX2 and baseline x86-64, picked by the loader):
-// the vectoriser widens lanes, never the order of operations (no -ffast-math, no contraction),
-// so both clones give the same bits.
-__attribute__((target_clones("avx2", "default")))
-void attend_range(int64_t b, int64_t e, const float* pq, const float* pk, const float* pv, const uint8_t* vis,
-                  float* po, int64_t H, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t d, float sc) {
-  const int64_t G = H / Hkv;
-  std::vector<float> score(G * Lk);
-  std::vector<int64_t> keys(Lk);
-  for (int64_t item = b; item < e; ++item) {
-    const int64_t i = item / Hkv, g = item % Hkv;
-    int64_t n = 0;
-    for (int64_t j = 0; j < Lk; ++j)
-      if (vis[i * Lk + j]) keys[n++] = j;
-    if (n == 0) {
-      for (int64_t hh = 0; hh < G; ++hh) std::memset(po + (i * H + g * G + hh) * d, 0, sizeof(float) * d);
-      continue;
+// In place over s[0:n): s = exp(s - max) / sum, the sum in 16 lanes (key t in lane t % 16).
+__attribute__((always_inline)) inline void softmax16(float* s, int64_t n) {
+  float top = -INFINITY;
+  for (int64_t t = 0; t < n; ++t) top = std::max(top, s[t]);
+  v16f acc = {};
+  int64_t t = 0;
+  for (; t + 16 <= n; t += 16) {
+    const v16f e = exp_neg16(loadv<v16f>(s + t) - top);
+    storev(s + t, e);
+    acc = acc + e;
+  }
+  if (t < n) {  // the tail: padded lanes hold e^-inf = 0 and are never stored
+    float tail[16];
+    for (int i = 0; i < 16; ++i) tail[i] = t + i < n ? s[t + i] - top : -INFINITY;
+    v16f e = exp_neg16(loadv<v16f>(tail));
+    storev(tail, e);
+    for (int64_t i = 0; t + i < n; ++i) s[t + i] = tail[i];
+    acc = acc + e;
+  }
+  float lane[16];
+  storev(lane, acc);
+  for (int i = 0; i < 8; ++i) lane[i] = lane[i] + lane[i + 8];
+  const float inv = 1.f / tree8(lane);
+  for (t = 0; t < n; ++t) s[t] = s[t] * inv;
+}
+
+// One item of an attention: KV head g, query rows [i0, i1), the group's heads [h0, h1). Keys and
+// values are each read once for all of them; scores live in `score` ([row][head][key], the
+// row's visible keys only), the outputs accumulate across blocks of keys in `po` directly.
+__attribute__((always_inline)) inline void attend_item(int64_t g, int64_t i0, int64_t i1, int64_t h0, int64_t h1, const float* pq, const float* pk,
+                 const float* pv, const uint8_t* vis, float* po, int64_t H, int64_t Hkv, int64_t Lq, int64_t Lk,
+                 int64_t d, float sc, std::vector<float>& score, std::vector<int64_t>& count) {
+  const int64_t G = H / Hkv, R = i1 - i0, NH = h1 - h0;
+  const float* K = pk + g * Lk * d;
+  const float* V = pv + g * Lk * d;
+  score.resize(R * NH * Lk);
+  count.assign(R, 0);
+  // scores, key by key (key j is read once for every row that sees it and every head)
+  for (int64_t j = 0; j < Lk; ++j) {
+    const float* kj = K + j * d;
+    for (int64_t r = 0; r < R; ++r) {
+      if (!vis[(i0 + r) * Lk + j]) continue;
+      const int64_t t = count[r]++;
+      for (int64_t hh = 0; hh < NH; ++hh)
+        score[(r * NH + hh) * Lk + t] = dot32(pq + ((g * G + h0 + hh) * Lq + i0 + r) * d, kj, d) * sc;
     }
-    for (int64_t t = 0; t < n; ++t) {
-      const float* kj = pk + (g * Lk + keys[t]) * d;
-      for (int64_t hh = 0; hh < G; ++hh) score[hh * Lk + t] = dot32(pq + ((g * G + hh) * Lq + i) * d, kj, d) * sc;
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t hh = 0; hh < NH; ++hh) {
+      float* o = po + ((i0 + r) * H + g * G + h0 + hh) * d;
+      std::memset(o, 0, sizeof(float) * d);
+      if (count[r]) softmax16(score.data() + (r * NH + hh) * Lk, count[r]);
     }
-    for (int64_t hh = 0; hh < G; ++hh) {
-      float* sh = score.data() + hh * Lk;
-      float top = -INFINITY;
-      for (int64_t t = 0; t < n; ++t) top = std::max(top, sh[t]);
-      float total = 0.f;
-      for (int64_t t = 0; t < n; ++t) {
-        sh[t] = exp_neg(sh[t] - top);
-        total = total + sh[t];
+  // values, in blocks of keys that stay in L1 while every row and head takes its share; each
+  // output lane still adds its keys in cache order (accumulators go through memory, exactly)
+  constexpr int64_t KB = 32;
+  std::vector<int64_t> seen(R, 0);
+  for (int64_t j0 = 0; j0 < Lk; j0 += KB) {
+    const int64_t j1 = std::min(Lk, j0 + KB);
+    for (int64_t r = 0; r < R; ++r) {
+      const uint8_t* vr = vis + (i0 + r) * Lk;
+      int64_t keys[KB], nk = 0;
+      for (int64_t j = j0; j < j1; ++j)
+        if (vr[j]) keys[nk++] = j;
+      if (!nk) continue;
+      const int64_t t0 = seen[r];
+      seen[r] += nk;
+      for (int64_t hh = 0; hh < NH; ++hh) {
+        const float* w = score.data() + (r * NH + hh) * Lk + t0;
+        float* o = po + ((i0 + r) * H + g * G + h0 + hh) * d;
+        int64_t c = 0;
+        for (; c + 32 <= d; c += 32) {
+          v16f a0 = loadv<v16f>(o + c), a1 = loadv<v16f>(o + c + 16);
+          for (int64_t t = 0; t < nk; ++t) {
+            const float* vj = V + keys[t] * d + c;
+            a0 = a0 + w[t] * loadv<v16f>(vj);
+            a1 = a1 + w[t] * loadv<v16f>(vj + 16);
+          }
+          storev(o + c, a0);
+          storev(o + c + 16, a1);
+        }
+        for (; c < d; ++c)
+          for (int64_t t = 0; t < nk; ++t) o[c] = o[c] + w[t] * V[keys[t] * d + c];
       }
-      const float inv = 1.f / total;
-      for (int64_t t = 0; t < n; ++t) sh[t] = sh[t] * inv;
-      weighted_sum(po + (i * H + g * G + hh) * d, sh, pv + g * Lk * d, keys.data(), n, d);
     }
   }
 }
+
+using AttendFn = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, const float*, const float*, const float*,
+                         const uint8_t*, float*, int64_t, int64_t, int64_t, int64_t, int64_t, float, std::vector<float>&,
+                         std::vector<int64_t>&);
+
+// The same source compiled three times; the vector width is all that differs (see above).
+#define DOVETAIL_ATTEND(NAME, TARGET)                                                                          \
+  TARGET void NAME(int64_t g, int64_t i0, int64_t i1, int64_t h0, int64_t h1, const float* pq, const float* pk, \
+                   const float* pv, const uint8_t* vis, float* po, int64_t H, int64_t Hkv, int64_t Lq,          \
+                   int64_t Lk, int64_t d, float sc, std::vector<float>& score, std::vector<int64_t>& count) {   \
+    attend_item(g, i0, i1, h0, h1, pq, pk, pv, vis, po, H, Hkv, Lq, Lk, d, sc, score, count);                    \
+  }
+DOVETAIL_ATTEND(attend_scalar, )
+DOVETAIL_ATTEND(attend_avx2, __attribute__((target("avx2"))))
+DOVETAIL_ATTEND(attend_avx512, __attribute__((target("avx512f"))))
+#undef DOVETAIL_ATTEND
 
 }  // namespace
 
 // q [H, Lq, d], k/v [Hkv, Lk, d] float32, visible uint8 [Lq, Lk] -> out [Lq, H, d].
 torch::Tensor row_attention(const torch::Tensor& q_in, const torch::Tensor& k_in, const torch::Tensor& v_in,
-                            const torch::Tensor& visible_in, double scale) {
+                            const torch::Tensor& visible_in, double scale, int64_t isa) {
   sync_thread_count();
   const torch::Tensor q = q_in.to(torch::kFloat32).contiguous(), k = k_in.to(torch::kFloat32).contiguous(),
                       v = v_in.to(torch::kFloat32).contiguous(), visible = visible_in.to(torch::kUInt8).contiguous();
@@ -944,8 +1015,24 @@ torch::Tensor row_attention(const torch::Tensor& q_in, const torch::Tensor& k_in
   const float *pq = q.data_ptr<float>(), *pk = k.data_ptr<float>(), *pv = v.data_ptr<float>();
   const uint8_t* vis = visible.data_ptr<uint8_t>();
   float* po = out.data_ptr<float>();
-  at::parallel_for(0, Lq * Hkv, 1, [&](int64_t b, int64_t e) {
-    attend_range(b, e, pq, pk, pv, vis, po, H, Hkv, Lq, Lk, d, (float)scale);
+  // Items: (KV head, block of up to 16 query rows, share of the group's heads). Heads are split
+  // only as far as it takes to give every thread an item: each split reads the keys once more.
+  const int64_t G = H / Hkv, RB = 16, blocks = (Lq + RB - 1) / RB;
+  const int64_t threads = at::get_num_threads();
+  const int64_t splits = std::min<int64_t>(G, std::max<int64_t>(1, (threads + Hkv * blocks - 1) / (Hkv * blocks)));
+  const int64_t per = (G + splits - 1) / splits;
+  const int path = resolve_isa(isa);
+  const AttendFn attend = path == ISA_AVX512 ? &attend_avx512 : path == ISA_AVX2 ? &attend_avx2 : &attend_scalar;
+  at::parallel_for(0, Hkv * blocks * splits, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> score;
+    std::vector<int64_t> count;
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t g = item / (blocks * splits), blk = (item / splits) % blocks, part = item % splits;
+      const int64_t h0 = part * per, h1 = std::min(G, h0 + per);
+      if (h0 >= h1) continue;
+      attend(g, blk * RB, std::min(Lq, blk * RB + RB), h0, h1, pq, pk, pv, vis, po, H, Hkv, Lq, Lk, d,
+                  (float)scale, score, count);
+    }
   });
   return out;
 }
@@ -963,7 +1050,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_", &rope_, "rotary embedding in place (HF half-rotation convention)");
   m.def("dequantize_rows", &dequantize_rows, "rows of a packed weight as float32");
   m.def("best_isa", &cpu_best_isa, "1 scalar, 2 AVX2+FMA, 3 AVX-512 VNNI");
-  m.def("row_attention", &row_attention, "attention, each query row on its own (block-independent)");
+  m.def("row_attention", &row_attention, "attention, each query row on its own (block-independent)", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("visible"), py::arg("scale"), py::arg("isa") = 0);
   m.def("set_prefetch_bytes", &set_prefetch_bytes, "software prefetch distance (benchmarks)");
   m.def("decode_values", &decode_values, "integer values of GGUF blocks");
   m.def("pack_values", &pack_values, "values -> the kernel's tile layout");

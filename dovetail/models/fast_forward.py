@@ -95,7 +95,8 @@ class FastForward:
             d = p["head_dim"]
             keys, values = cache.update(k.view(length, p["kv_heads"], d).transpose(0, 1)[None],
                                         v.view(length, p["kv_heads"], d).transpose(0, 1)[None], i)
-            a = o.row_attention(q.view(length, p["heads"], d).transpose(0, 1), keys[0], values[0], visible, p["scale"])
+            a = o.row_attention(q.view(length, p["heads"], d).transpose(0, 1), keys[0], values[0], visible, p["scale"],
+                                self.isa)
             x = o.add_rms_norm_(h, p["o"](a.view(length, -1)), p["ln2"], p["eps"])
             xq, xs = o.quantize_rows(x, self.isa)
             gate = p["gate"].forward_quantized(xq, xs)

@@ -17,6 +17,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
 from dovetail.kernels import ops
+from dovetail.models.quantized import kernel_isa
 
 NAME = "dovetail_rows"
 
@@ -36,7 +37,7 @@ def row_attention_forward(module, query, key, value, attention_mask, scaling=Non
     q_len, kv_len = query.shape[2], key.shape[2]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     visible = visible_keys(attention_mask, q_len, kv_len)
-    out = ops().row_attention(query[0], key[0], value[0], visible, scale)
+    out = ops().row_attention(query[0], key[0], value[0], visible, scale, kernel_isa())
     return out[None].to(query.dtype), None
 
 
