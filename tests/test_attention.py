@@ -62,3 +62,12 @@ def test_a_row_that_sees_no_key_gets_zeros_and_huge_gaps_underflow_cleanly():
     out = ops().row_attention(q, k, v, visible, 1.0)
     assert not out[1].any()
     assert torch.isfinite(out).all()
+
+
+def test_keys_and_values_may_be_views_into_a_larger_buffer():
+    """The KV cache hands over prefix views of buffers with spare room (models/kv_cache.py)."""
+    q, k, v, visible = case(Lq=4, Lk=100)
+    big_k, big_v = torch.randn(2, 160, 128), torch.randn(2, 160, 128)
+    big_k[:, :100], big_v[:, :100] = k, v
+    want = ops().row_attention(q, k, v, visible, 0.1)
+    assert torch.equal(ops().row_attention(q, big_k[:, :100], big_v[:, :100], visible, 0.1), want)

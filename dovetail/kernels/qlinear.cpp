@@ -927,11 +927,11 @@ __attribute__((always_inline)) inline void softmax16(float* s, int64_t n) {
 // values are each read once for all of them; scores live in `score` ([row][head][key], the
 // row's visible keys only), the outputs accumulate across blocks of keys in `po` directly.
 __attribute__((always_inline)) inline void attend_item(int64_t g, int64_t i0, int64_t i1, int64_t h0, int64_t h1, const float* pq, const float* pk,
-                 const float* pv, const uint8_t* vis, float* po, int64_t H, int64_t Hkv, int64_t Lq, int64_t Lk,
-                 int64_t d, float sc, std::vector<float>& score, std::vector<int64_t>& count) {
+                 const float* pv, int64_t k_stride, int64_t v_stride, const uint8_t* vis, float* po, int64_t H, int64_t Hkv, int64_t Lq,
+                 int64_t Lk, int64_t d, float sc, std::vector<float>& score, std::vector<int64_t>& count) {
   const int64_t G = H / Hkv, R = i1 - i0, NH = h1 - h0;
-  const float* K = pk + g * Lk * d;
-  const float* V = pv + g * Lk * d;
+  const float* K = pk + g * k_stride;
+  const float* V = pv + g * v_stride;
   score.resize(R * NH * Lk);
   count.assign(R, 0);
   // scores, key by key (key j is read once for every row that sees it and every head)
@@ -986,15 +986,16 @@ __attribute__((always_inline)) inline void attend_item(int64_t g, int64_t i0, in
 }
 
 using AttendFn = void (*)(int64_t, int64_t, int64_t, int64_t, int64_t, const float*, const float*, const float*,
-                         const uint8_t*, float*, int64_t, int64_t, int64_t, int64_t, int64_t, float, std::vector<float>&,
+                         int64_t, int64_t, const uint8_t*, float*, int64_t, int64_t, int64_t, int64_t, int64_t, float, std::vector<float>&,
                          std::vector<int64_t>&);
 
 // The same source compiled three times; the vector width is all that differs (see above).
 #define DOVETAIL_ATTEND(NAME, TARGET)                                                                          \
   TARGET void NAME(int64_t g, int64_t i0, int64_t i1, int64_t h0, int64_t h1, const float* pq, const float* pk, \
-                   const float* pv, const uint8_t* vis, float* po, int64_t H, int64_t Hkv, int64_t Lq,          \
-                   int64_t Lk, int64_t d, float sc, std::vector<float>& score, std::vector<int64_t>& count) {   \
-    attend_item(g, i0, i1, h0, h1, pq, pk, pv, vis, po, H, Hkv, Lq, Lk, d, sc, score, count);                    \
+                   const float* pv, int64_t ks, int64_t vs, const uint8_t* vis, float* po, int64_t H,          \
+                   int64_t Hkv, int64_t Lq, int64_t Lk, int64_t d, float sc, std::vector<float>& score,         \
+                   std::vector<int64_t>& count) {                                                               \
+    attend_item(g, i0, i1, h0, h1, pq, pk, pv, ks, vs, vis, po, H, Hkv, Lq, Lk, d, sc, score, count);           \
   }
 DOVETAIL_ATTEND(attend_scalar, )
 DOVETAIL_ATTEND(attend_avx2, __attribute__((target("avx2"))))
@@ -1007,10 +1008,17 @@ DOVETAIL_ATTEND(attend_avx512, __attribute__((target("avx512f"))))
 torch::Tensor row_attention(const torch::Tensor& q_in, const torch::Tensor& k_in, const torch::Tensor& v_in,
                             const torch::Tensor& visible_in, double scale, int64_t isa) {
   sync_thread_count();
-  const torch::Tensor q = q_in.to(torch::kFloat32).contiguous(), k = k_in.to(torch::kFloat32).contiguous(),
-                      v = v_in.to(torch::kFloat32).contiguous(), visible = visible_in.to(torch::kUInt8).contiguous();
+  // The cache's keys and values are views into buffers with room to spare (models/kv_cache.py):
+  // rows must be contiguous, heads may lie any distance apart, so the cache is never copied here.
+  const auto rows_contiguous = [](const torch::Tensor& t) {
+    torch::Tensor f = t.to(torch::kFloat32);
+    return f.stride(2) == 1 && (f.size(1) <= 1 || f.stride(1) == f.size(2)) ? f : f.contiguous();
+  };
+  const torch::Tensor q = q_in.to(torch::kFloat32).contiguous(), visible = visible_in.to(torch::kUInt8).contiguous();
+  torch::Tensor k = rows_contiguous(k_in), v = rows_contiguous(v_in);
   const int64_t H = q.size(0), Lq = q.size(1), d = q.size(2), Hkv = k.size(0), Lk = k.size(1);
-  TORCH_CHECK(H % Hkv == 0 && visible.size(0) == Lq && visible.size(1) == Lk, "bad attention shapes");
+  TORCH_CHECK(H % Hkv == 0 && visible.size(0) == Lq && visible.size(1) == Lk && k.size(2) == d &&
+              v.sizes() == k.sizes(), "bad attention shapes");
   auto out = torch::empty({Lq, H, d}, torch::kFloat32);
   const float *pq = q.data_ptr<float>(), *pk = k.data_ptr<float>(), *pv = v.data_ptr<float>();
   const uint8_t* vis = visible.data_ptr<uint8_t>();
@@ -1030,7 +1038,7 @@ torch::Tensor row_attention(const torch::Tensor& q_in, const torch::Tensor& k_in
       const int64_t g = item / (blocks * splits), blk = (item / splits) % blocks, part = item % splits;
       const int64_t h0 = part * per, h1 = std::min(G, h0 + per);
       if (h0 >= h1) continue;
-      attend(g, blk * RB, std::min(Lq, blk * RB + RB), h0, h1, pq, pk, pv, vis, po, H, Hkv, Lq, Lk, d,
+      attend(g, blk * RB, std::min(Lq, blk * RB + RB), h0, h1, pq, pk, pv, k.stride(0), v.stride(0), vis, po, H, Hkv, Lq, Lk, d,
                   (float)scale, score, count);
     }
   });

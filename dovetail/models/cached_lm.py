@@ -24,6 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from dovetail.models import fast_forward
+from dovetail.models.kv_cache import appending_cache
 from dovetail.models.tree import ancestry_matrix
 
 
@@ -47,7 +48,7 @@ class CachedLM:
         return other
 
     def reset(self) -> None:
-        self.cache = DynamicCache(config=self.config)
+        self.cache = appending_cache(self.config)
         self.committed = 0
         self._pending_nodes: list[int] = []
 
