@@ -1,7 +1,8 @@
 """``python launch.py bench --suite profile``: where a target forward's time goes, by operator, at 1-16 rows.
 
 The packaged target (its GGUF blocks through the lean forward, as ``generate`` runs it) verifies
-chains of 1, 2, 4, 8 and 16 rows after a 150-token prefix, the way a speculative step does. Every
+chains of 1, 2, 4, 8 and 16 rows after a 150-token prefix and after a 4,000-token one, the way a
+speculative step does. Every
 call into the compiled kernels is timed through a proxy around ``dovetail.kernels.ops()`` and
 attributed to:
 
@@ -28,6 +29,7 @@ from collections import defaultdict
 
 ROWS = (1, 2, 4, 8, 16)
 PREFIX = 150
+LONG_PREFIX = 4000
 CATEGORY = {"quantize_rows": "quantize activations", "rms_norm": "norms", "add_rms_norm_": "norms",
             "rope_": "rotary", "row_attention": "attention"}
 GLUE = "torch + Python"
@@ -78,8 +80,9 @@ def _linears(model) -> dict[str, dict]:
     return out
 
 
-def profile_forward(lm, rows_list=ROWS, reps: int = 7) -> dict:
-    """Per-operator medians (ms) of ``lm``'s forward over chains of each row count."""
+def profile_forward(lm, rows_list=ROWS, reps: int = 7, prefix: int = PREFIX) -> dict:
+    """Per-operator medians (ms) of ``lm``'s forward over chains of each row count, after a
+    ``prefix``-token context."""
     import numpy as np
     import torch
 
@@ -92,7 +95,7 @@ def profile_forward(lm, rows_list=ROWS, reps: int = 7) -> dict:
     quantized.ops, lm.fast.ops = (lambda: timed), timed
     try:
         lm.reset()
-        lm.extend(list(range(1000, 1000 + PREFIX)))
+        lm.extend([1000 + i % 5000 for i in range(prefix)])
         report = {}
         for rows in rows_list:
             tokens, parents = np.arange(2000, 2000 + rows), np.arange(-1, rows - 1)
@@ -111,7 +114,7 @@ def profile_forward(lm, rows_list=ROWS, reps: int = 7) -> dict:
                 for key, seconds in timed.seconds.items():
                     samples[key].append(seconds)
             report[rows] = {key: round(1e3 * statistics.median(v), 3) for key, v in samples.items()}
-            _say(f"{rows} rows: total {report[rows]['total']} ms")
+            _say(f"after {prefix} tokens, {rows} rows: total {report[rows]['total']} ms")
     finally:
         quantized.ops, lm.fast.ops = real_ops, real_fast_ops
     return _with_rates(report, linears)
@@ -156,8 +159,14 @@ def run_profile_bench(args) -> int:
     report = {"machine": machine_info(), "settings": {
         "target": args.target, "precision": "native", "isa": os.environ.get("DOVETAIL_KERNEL_ISA") or best_isa_name(), "threads": torch.get_num_threads(),
         "prefix_tokens": PREFIX, "reps": args.reps, "rows": list(ROWS),
-        "note": "medians per operator; 'torch + Python' is the forward's wall time minus the timed kernels"},
+        "note": "medians per operator; 'torch + Python' is the forward's wall time minus the timed kernels; "
+                "'profile' is after a 150-token prefix, 'profile_long' after 4,000 (attention's share)"},
         "profile": profile_forward(lm, ROWS, args.reps)}
+    report["profile_long"] = profile_forward(lm, ROWS, max(3, args.reps // 2), prefix=LONG_PREFIX)
+    report["verify_cost_ratio"] = {  # a forward of n rows against one row, the figure verification pays
+        name: {rows: round(by[rows]["total"]["ms"] / by["1"]["total"]["ms"], 2) for rows in by}
+        for name, by in (("prefix_150", report["profile"]), ("prefix_4000", report["profile_long"]))}
+    _say(f"verify cost ratios: {report['verify_cost_ratio']}")
     path = write_report(report, args)
     _say(f"wrote {path}")
     return 0

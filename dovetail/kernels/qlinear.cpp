@@ -822,7 +822,7 @@ torch::Tensor pack_values(const torch::Tensor& q_in, int64_t bits) {
 // a token's attention output is bit-identical whether it is decoded alone or verified inside a
 // tree or a batch (a library attention kernel picks its blocking by shape, and with quantized
 // activations a last-bit difference can flip an int8 rounding). The arithmetic of one (row, head):
-//   score_t = dot(q, k_t) * scale, the dot product in 32 lanes reduced in a fixed tree;
+//   score_t = dot(q, k_t) * scale, the dot product in 16 lanes reduced in a fixed tree (dots16);
 //   p_t     = exp(score_t - max) / sum, the sum in 16 lanes (key t in lane t % 16), reduced in a
 //             fixed tree; exp is a fixed polynomial;
 //   out     = sum over t of p_t * v_t, each output lane summing the keys in cache order.
@@ -849,30 +849,30 @@ __attribute__((always_inline)) inline void storev(float* p, V v) { std::memcpy(p
 
 __attribute__((always_inline)) inline float tree8(const float* l) { return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7])); }
 
-// a . b over d in 32 lanes: lane j % 32 sums its products in order; lanes l, l+8, l+16, l+24 are
-// added pairwise, then the 8 results in a fixed tree.
-__attribute__((always_inline)) inline float dot32(const float* a, const float* b, int64_t d) {
-  v16f acc0 = {}, acc1 = {};
-  int64_t j = 0;
-  for (; j + 32 <= d; j += 32) {
-    acc0 = acc0 + loadv<v16f>(a + j) * loadv<v16f>(b + j);
-    acc1 = acc1 + loadv<v16f>(a + j + 16) * loadv<v16f>(b + j + 16);
+// q . k_i for 16 keys at once (d a multiple of 16), lane i of the result holding key i: lane l of
+// key i's accumulator sums q[c + l] * k_i[c + l] over c = 0, 16, 32, ... in order, then each key's
+// 16 lanes are added in a fixed tree, (l, l + 8), then (l, l + 4), (l, l + 2), (l, l + 1), by a
+// transposing network that reduces all 16 keys together. A key's score depends on that key alone,
+// never on which keys share its group.
+__attribute__((always_inline)) inline v16f dots16(const float* q, const float* const* k, int64_t d) {
+  v16f acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = v16f{};
+  for (int64_t c = 0; c < d; c += 16) {
+    const v16f qc = loadv<v16f>(q + c);
+    for (int i = 0; i < 16; ++i) acc[i] = acc[i] + qc * loadv<v16f>(k[i] + c);
   }
-  if (j < d) {  // a head size that is not a multiple of 32: the tail goes to its lanes one by one
-    float lanes[32];
-    storev(lanes, acc0);
-    storev(lanes + 16, acc1);
-    for (; j < d; ++j) lanes[j % 32] = lanes[j % 32] + a[j] * b[j];
-    acc0 = loadv<v16f>(lanes);
-    acc1 = loadv<v16f>(lanes + 16);
-  }
-  const v8f x = (__builtin_shufflevector(acc0, acc0, 0, 1, 2, 3, 4, 5, 6, 7) +
-                 __builtin_shufflevector(acc0, acc0, 8, 9, 10, 11, 12, 13, 14, 15)) +
-                (__builtin_shufflevector(acc1, acc1, 0, 1, 2, 3, 4, 5, 6, 7) +
-                 __builtin_shufflevector(acc1, acc1, 8, 9, 10, 11, 12, 13, 14, 15));
-  float lane[8];
-  storev(lane, x);
-  return tree8(lane);
+  v16f b[8], c4[4], e[2];
+  for (int m = 0; m < 8; ++m)  // keys 2m, 2m+1: 8 partial sums each (lanes l + l+8)
+    b[m] = __builtin_shufflevector(acc[2 * m], acc[2 * m + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(acc[2 * m], acc[2 * m + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int n = 0; n < 4; ++n)  // keys 4n .. 4n+3: 4 partial sums each
+    c4[n] = __builtin_shufflevector(b[2 * n], b[2 * n + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+            __builtin_shufflevector(b[2 * n], b[2 * n + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int h = 0; h < 2; ++h)  // keys 8h .. 8h+7: 2 partial sums each
+    e[h] = __builtin_shufflevector(c4[2 * h], c4[2 * h + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(c4[2 * h], c4[2 * h + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(e[0], e[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(e[0], e[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
 // exp(x) for x <= 0 (scores minus their max), 16 at a time: 2^n * p(f), deterministic, ~1 ulp.
@@ -934,14 +934,30 @@ __attribute__((always_inline)) inline void attend_item(int64_t g, int64_t i0, in
   const float* V = pv + g * v_stride;
   score.resize(R * NH * Lk);
   count.assign(R, 0);
-  // scores, key by key (key j is read once for every row that sees it and every head)
-  for (int64_t j = 0; j < Lk; ++j) {
-    const float* kj = K + j * d;
+  // scores, in blocks of keys that stay in cache while every row and head takes its share
+  constexpr int64_t KB = 64;
+  for (int64_t j0 = 0; j0 < Lk; j0 += KB) {
+    const int64_t j1 = std::min(Lk, j0 + KB);
     for (int64_t r = 0; r < R; ++r) {
-      if (!vis[(i0 + r) * Lk + j]) continue;
-      const int64_t t = count[r]++;
-      for (int64_t hh = 0; hh < NH; ++hh)
-        score[(r * NH + hh) * Lk + t] = dot32(pq + ((g * G + h0 + hh) * Lq + i0 + r) * d, kj, d) * sc;
+      const uint8_t* vr = vis + (i0 + r) * Lk;
+      const float* kp[KB];
+      int64_t nk = 0;
+      for (int64_t j = j0; j < j1; ++j)
+        if (vr[j]) kp[nk++] = K + j * d;
+      if (!nk) continue;
+      const int64_t t0 = count[r];
+      count[r] += nk;
+      for (int64_t hh = 0; hh < NH; ++hh) {
+        const float* qv = pq + ((g * G + h0 + hh) * Lq + i0 + r) * d;
+        float* out = score.data() + (r * NH + hh) * Lk + t0;
+        for (int64_t s0 = 0; s0 < nk; s0 += 16) {
+          const float* group[16];
+          for (int i = 0; i < 16; ++i) group[i] = kp[std::min(s0 + i, nk - 1)];  // a short group repeats its last key
+          float lanes[16];
+          storev(lanes, dots16(qv, group, d) * sc);
+          std::memcpy(out + s0, lanes, sizeof(float) * std::min<int64_t>(16, nk - s0));
+        }
+      }
     }
   }
   for (int64_t r = 0; r < R; ++r)
@@ -950,9 +966,8 @@ __attribute__((always_inline)) inline void attend_item(int64_t g, int64_t i0, in
       std::memset(o, 0, sizeof(float) * d);
       if (count[r]) softmax16(score.data() + (r * NH + hh) * Lk, count[r]);
     }
-  // values, in blocks of keys that stay in L1 while every row and head takes its share; each
-  // output lane still adds its keys in cache order (accumulators go through memory, exactly)
-  constexpr int64_t KB = 32;
+  // values, by the same blocks of keys; each output lane still adds its keys in cache order
+  // (the accumulators go through memory between blocks, exactly)
   std::vector<int64_t> seen(R, 0);
   for (int64_t j0 = 0; j0 < Lk; j0 += KB) {
     const int64_t j1 = std::min(Lk, j0 + KB);
@@ -967,19 +982,22 @@ __attribute__((always_inline)) inline void attend_item(int64_t g, int64_t i0, in
       for (int64_t hh = 0; hh < NH; ++hh) {
         const float* w = score.data() + (r * NH + hh) * Lk + t0;
         float* o = po + ((i0 + r) * H + g * G + h0 + hh) * d;
+        // 128 outputs at a time: 8 independent accumulators hide the adds' latency
         int64_t c = 0;
-        for (; c + 32 <= d; c += 32) {
-          v16f a0 = loadv<v16f>(o + c), a1 = loadv<v16f>(o + c + 16);
+        for (; c + 128 <= d; c += 128) {
+          v16f a[8];
+          for (int i = 0; i < 8; ++i) a[i] = loadv<v16f>(o + c + 16 * i);
           for (int64_t t = 0; t < nk; ++t) {
             const float* vj = V + keys[t] * d + c;
-            a0 = a0 + w[t] * loadv<v16f>(vj);
-            a1 = a1 + w[t] * loadv<v16f>(vj + 16);
+            for (int i = 0; i < 8; ++i) a[i] = a[i] + w[t] * loadv<v16f>(vj + 16 * i);
           }
-          storev(o + c, a0);
-          storev(o + c + 16, a1);
+          for (int i = 0; i < 8; ++i) storev(o + c + 16 * i, a[i]);
         }
-        for (; c < d; ++c)
-          for (int64_t t = 0; t < nk; ++t) o[c] = o[c] + w[t] * V[keys[t] * d + c];
+        for (; c < d; c += 16) {
+          v16f a = loadv<v16f>(o + c);
+          for (int64_t t = 0; t < nk; ++t) a = a + w[t] * loadv<v16f>(V + keys[t] * d + c);
+          storev(o + c, a);
+        }
       }
     }
   }
@@ -1019,6 +1037,7 @@ torch::Tensor row_attention(const torch::Tensor& q_in, const torch::Tensor& k_in
   const int64_t H = q.size(0), Lq = q.size(1), d = q.size(2), Hkv = k.size(0), Lk = k.size(1);
   TORCH_CHECK(H % Hkv == 0 && visible.size(0) == Lq && visible.size(1) == Lk && k.size(2) == d &&
               v.sizes() == k.sizes(), "bad attention shapes");
+  TORCH_CHECK(d % 16 == 0, "attention head size ", d, " is not a multiple of 16");
   auto out = torch::empty({Lq, H, d}, torch::kFloat32);
   const float *pq = q.data_ptr<float>(), *pk = k.data_ptr<float>(), *pv = v.data_ptr<float>();
   const uint8_t* vis = visible.data_ptr<uint8_t>();
