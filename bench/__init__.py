@@ -9,6 +9,8 @@
                 model's defaults against the target alone and llama.cpp's proposers
     profile.py  the target's forward by operator (linears by format, quantization, norms,
                 rotary, attention, glue) at 1-16 rows
+    kernels.py  the target's forward cost, prefill and decoding at depth against the machine's
+                roof and llama.cpp on the same file
 
 This module stays light (no torch): ``launch.py`` imports it to build its command line.
 """
@@ -32,7 +34,7 @@ def add_bench_args(p) -> None:
     p.add_argument("--methods", default="target,hf_assisted,dovetail", help="comma-separated subset")
     p.add_argument("--no-curves", action="store_true", help="skip the forward-cost curves")
     p.add_argument("--suite", choices=("native", "humaneval", "actors", "serve", "cluster", "workloads",
-                                        "profile"),
+                                        "profile", "kernels"),
                    default="native",
                    help="native (default): Dovetail on the packaged GGUF files vs llama.cpp on the same files "
                         "(methods: llama,dovetail_inprocess,dovetail_actors,curves,ttft and the slow fp32,7b); "
@@ -40,13 +42,14 @@ def add_bench_args(p) -> None:
                         "serve: the HTTP server (TTFT, overhead per token, concurrency, replicas/shards scaling); "
                         "cluster: serving on 1 then 2 nodes of a local two-node Ray cluster; workloads: chat, "
                         "code editing, long context, multi-turn and sampling against the target alone and llama.cpp; "
-                        "profile: the target's forward by operator at 1-16 rows")
+                        "profile: the target's forward by operator at 1-16 rows; kernels: forward cost by "
+                        "tokens at 150/1k/4k context, prefill and the machine's roof, against llama.cpp")
     p.add_argument("--workloads", default="", help="workloads suite: comma-separated subset (default: all)")
     p.add_argument("--context-tokens", type=int, default=4000, help="workloads suite: the long-context prompt's size")
-    p.add_argument("--no-llama", action="store_true", help="workloads suite: skip llama.cpp's rows")
+    p.add_argument("--no-llama", action="store_true", help="workloads and kernels suites: skip llama.cpp's rows")
     p.add_argument("--serve-configs", default="",
                    help="serve suite: ';'-separated substrings picking configurations (default: all)")
-    p.add_argument("--reps", type=int, default=7, help="profile suite: forwards per row count (medians)")
+    p.add_argument("--reps", type=int, default=7, help="profile and kernels suites: forwards per row count (medians)")
     p.add_argument("--name", default=None, help="results file stem (default: the suite)")
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help=f"where results go (default: {RESULTS_DIR})")
     p.add_argument("--drafters", default="",

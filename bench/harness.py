@@ -96,6 +96,10 @@ def run_bench(args) -> int:
 
         args.name = args.name or args.suite
         return run_profile_bench(args)
+    if args.suite == "kernels":
+        from bench.kernels import run_kernels_bench
+
+        return run_kernels_bench(args)
     if args.prompts < 1 or args.max_new_tokens < 1:
         raise UserError("--prompts and --max-new-tokens must be >= 1")
     args.name = args.name or args.suite

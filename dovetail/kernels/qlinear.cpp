@@ -27,6 +27,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cmath>
+#include <chrono>
 #include <cstring>
 #include <vector>
 
@@ -834,7 +835,6 @@ torch::Tensor pack_values(const torch::Tensor& q_in, int64_t bits) {
 // rows): at long context a block's attention costs about what one row's does in memory traffic.
 namespace {
 
-typedef float v8f __attribute__((vector_size(32)));
 typedef float v16f __attribute__((vector_size(64)));  // one zmm, two ymm or four xmm
 
 template <typename V>
@@ -1064,6 +1064,93 @@ torch::Tensor row_attention(const torch::Tensor& q_in, const torch::Tensor& k_in
   return out;
 }
 
+// ---- the machine's roof (benchmarks) -------------------------------------------------------------
+// What the kernels' figures are fractions of: the int8 multiply-add peak of a kernel path (chains
+// of dpbusd, or maddubs + madd, on registers only) and the rate at which the threads can stream
+// memory (a sum over a buffer far larger than the caches).
+namespace {
+
+constexpr int CHAINS = 16;  // independent accumulators: enough to hide the instruction's latency
+
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+int32_t spin_avx512(int64_t iters) {
+  __m512i acc[CHAINS];
+  for (int i = 0; i < CHAINS; ++i) acc[i] = _mm512_set1_epi32(i);
+  __m512i a = _mm512_set1_epi8(3), b = _mm512_set1_epi8(5);
+  for (int64_t it = 0; it < iters; ++it) {
+    __asm__ volatile("" : "+v"(a), "+v"(b));  // no instruction: only keeps the products in the loop
+#pragma GCC unroll 16
+    for (int i = 0; i < CHAINS; ++i) acc[i] = _mm512_dpbusd_epi32(acc[i], a, b);
+  }
+  __m512i total = acc[0];
+  for (int i = 1; i < CHAINS; ++i) total = _mm512_add_epi32(total, acc[i]);
+  return _mm512_reduce_add_epi32(total);
+}
+
+__attribute__((target("avx2,fma")))
+int32_t spin_avx2(int64_t iters) {
+  __m256i acc[CHAINS];
+  for (int i = 0; i < CHAINS; ++i) acc[i] = _mm256_set1_epi32(i);
+  __m256i a = _mm256_set1_epi8(3), b = _mm256_set1_epi8(5);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t it = 0; it < iters; ++it) {
+#pragma GCC unroll 16
+    for (int i = 0; i < CHAINS; ++i) {
+      __asm__ volatile("" : "+x"(a), "+x"(b));  // no instruction: each chain computes its own products
+      acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones));
+    }
+  }
+  __m256i total = acc[0];
+  for (int i = 1; i < CHAINS; ++i) total = _mm256_add_epi32(total, acc[i]);
+  int32_t lanes[8];
+  _mm256_storeu_si256((__m256i*)lanes, total);
+  return lanes[0];
+}
+
+}  // namespace
+
+// int8 multiply-adds per second of kernel path `isa` (2 AVX2, 3 AVX-512 VNNI) on torch's threads.
+double roof_int8_macs(int64_t isa, int64_t iters) {
+  sync_thread_count();
+  const int path = resolve_isa(isa);
+  TORCH_CHECK(path >= ISA_AVX2, "the int8 roof is measured for the AVX2 and AVX-512 paths");
+  const int64_t threads = at::get_num_threads();
+  std::vector<int32_t> sink(threads);
+  const auto t0 = std::chrono::steady_clock::now();
+  at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) sink[i] = path == ISA_AVX512 ? spin_avx512(iters) : spin_avx2(iters);
+  });
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  volatile int32_t keep = sink[0];
+  (void)keep;
+  return (double)threads * iters * CHAINS * (path == ISA_AVX512 ? 64 : 32) / seconds;
+}
+
+// Bytes per second the threads read from `buffer` (uint8, much larger than the caches), best of
+// `reps` passes.
+double roof_read_bytes(const torch::Tensor& buffer, int64_t reps) {
+  sync_thread_count();
+  TORCH_CHECK(buffer.is_contiguous() && buffer.scalar_type() == torch::kUInt8, "a contiguous uint8 buffer");
+  const int64_t words = buffer.numel() / 8;
+  const uint64_t* p = (const uint64_t*)buffer.data_ptr<uint8_t>();
+  double best = 0;
+  for (int64_t r = 0; r < reps; ++r) {
+    std::vector<uint64_t> sums(at::get_num_threads() * 8, 0);
+    const auto t0 = std::chrono::steady_clock::now();
+    at::parallel_for(0, words, 1 << 16, [&](int64_t b, int64_t e) {
+      uint64_t s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int64_t i = b; i + 8 <= e; i += 8)
+        for (int j = 0; j < 8; ++j) s[j] += p[i + j];
+      for (int j = 0; j < 8; ++j) sums[at::get_thread_num() * 8 + j] += s[j];
+    });
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    volatile uint64_t keep = sums[0];
+    (void)keep;
+    best = std::max(best, (double)words * 8 / seconds);
+  }
+  return best;
+}
+
 int64_t cpu_best_isa() { return best_isa(); }
 
 void set_prefetch_bytes(int64_t bytes) { PREFETCH_BYTES = bytes; }
@@ -1080,6 +1167,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_attention", &row_attention, "attention, each query row on its own (block-independent)", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("visible"), py::arg("scale"), py::arg("isa") = 0);
   m.def("set_prefetch_bytes", &set_prefetch_bytes, "software prefetch distance (benchmarks)");
+  m.def("roof_int8_macs", &roof_int8_macs, "int8 multiply-adds per second of a kernel path (benchmarks)");
+  m.def("roof_read_bytes", &roof_read_bytes, "bytes per second the threads stream from a buffer (benchmarks)");
   m.def("decode_values", &decode_values, "integer values of GGUF blocks");
   m.def("pack_values", &pack_values, "values -> the kernel's tile layout");
 }

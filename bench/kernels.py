@@ -1,0 +1,181 @@
+"""``python launch.py bench --suite kernels``: the target's kernels against this machine's roof and
+against llama.cpp on the same GGUF file, side by side in one run.
+
+  roof        the int8 multiply-add peak of every kernel path this CPU runs (the extension's own
+              probe: independent dpbusd, or maddubs + madd, chains on registers) and the read
+              bandwidth of the threads (a sum over 1 GiB)
+  curve       the packaged 1.5B target's forward by tokens per forward (1-32, a chain as a
+              verification block), after 150, 1,000 and 4,000 tokens of context: ms, the ratio to
+              one token, and what the linears' multiply-adds and one token's weight stream
+              would take at the roof (so each figure reads as a fraction of it)
+  prefill     prompt tokens per second at 512, 1,024 and 4,096 tokens (a fresh cache each)
+  llama.cpp   ``llama-bench`` on the same file and threads: ``pp N -d D`` for the same curve,
+              ``pp N`` for prefill and ``tg 64 -d D`` for decoding at depth
+
+``DOVETAIL_KERNEL_ISA=avx2`` runs Dovetail's AVX2 path on an AVX-512 machine (the roof reports
+both). llama.cpp is built once by ``bench/build_llamacpp.sh``; without it its rows are skipped
+with a note. JSON and PNG: ``<--results-dir>/<name>.{json,png}``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+DEPTHS = (150, 1000, 4000)
+ROWS = (1, 2, 4, 8, 16, 32)
+PREFILL = (512, 1024, 4096)
+
+
+def _say(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def measure_roof() -> dict:
+    """The machine's int8 peak per kernel path and its read bandwidth, on torch's threads."""
+    import torch
+
+    from dovetail.kernels import ISA_NAMES, ops
+
+    o = ops()
+    peaks = {}
+    for isa in range(2, o.best_isa() + 1):
+        o.roof_int8_macs(isa, 200_000)  # warm up (clocks, thread pool)
+        peaks[ISA_NAMES[isa]] = round(max(o.roof_int8_macs(isa, 2_000_000) for _ in range(3)) / 1e9, 1)
+    buffer = torch.ones(1 << 30, dtype=torch.uint8)
+    read = o.roof_read_bytes(buffer, 4) / 1e9
+    return {"int8_g_macs_per_s": peaks, "read_gb_per_s": round(read, 1), "threads": torch.get_num_threads()}
+
+
+def _weights(model) -> tuple[int, int]:
+    """Packed bytes and multiply-adds per token of the target's quantized linears (LM head included)."""
+    from dovetail.models.quantized import QuantLinear
+
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    return (sum(m.q.numel() + 4 * m.D.numel() for m in linears),
+            sum(m.in_features * m.out_features for m in linears))
+
+
+def dovetail_curve(lm, depth: int, reps: int) -> dict[int, float]:
+    """Median ms of a forward of n chained tokens after ``depth`` tokens of context."""
+    import numpy as np
+    import torch
+
+    lm.reset()
+    with torch.inference_mode():
+        lm.extend([1000 + i % 5000 for i in range(depth)])
+        curve = {}
+        for n in ROWS:
+            times = []
+            for _ in range(reps + 1):
+                t0 = time.perf_counter()
+                lm.forward_tree(np.arange(n) + 2000, np.arange(-1, n - 1), range(n), lm.committed)
+                times.append(time.perf_counter() - t0)
+                lm.commit([])
+            curve[n] = round(1e3 * statistics.median(times[1:]), 1)
+    return curve
+
+
+def dovetail_prefill(lm, tokens: int) -> float:
+    """Prompt tokens per second of one prefill into a fresh cache."""
+    import torch
+
+    lm.reset()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        lm.extend([1000 + i % 5000 for i in range(tokens)])
+    return round(tokens / (time.perf_counter() - t0), 1)
+
+
+def llama_rows(gguf, threads: int) -> dict:
+    from bench.native import llama_bench, llama_cpp_bin
+
+    bin_dir = llama_cpp_bin()
+    if bin_dir is None:
+        return {"note": "llama.cpp could not be built here: its rows are skipped"}
+    out = {"curve_ms": {}, "prefill_tok_s": {}, "decode_tok_s": {}}
+    for depth in DEPTHS:  # llama-bench fills the depth again for every size and repetition: fewer at depth
+        sizes, reps = (ROWS, 3) if depth == DEPTHS[0] else ((1, 4, 16), 1)
+        rows = llama_bench(bin_dir, gguf, threads, ["-p", ",".join(map(str, sizes)), "-n", "0", "-d", str(depth),
+                                                    "-r", str(reps)])
+        out["curve_ms"][depth] = {int(r["n_prompt"]): round(r["n_prompt"] / r["avg_ts"] * 1e3, 1) for r in rows}
+        _say(f"llama.cpp after {depth}: {out['curve_ms'][depth]}")
+    rows = llama_bench(bin_dir, gguf, threads, ["-p", ",".join(map(str, PREFILL)), "-n", "0", "-r", "1"])
+    out["prefill_tok_s"] = {int(r["n_prompt"]): round(r["avg_ts"], 1) for r in rows}
+    for depth in DEPTHS[1:]:
+        rows = llama_bench(bin_dir, gguf, threads, ["-p", "0", "-n", "32", "-d", str(depth), "-r", "1"])
+        out["decode_tok_s"][depth] = round(rows[0]["avg_ts"], 1)
+    _say(f"llama.cpp prefill {out['prefill_tok_s']}, decode at depth {out['decode_tok_s']}")
+    return out
+
+
+def run_kernels_bench(args) -> int:
+    import os
+
+    import torch
+
+    from bench.harness import machine_info, write_report
+    from dovetail.kernels import best_isa_name
+    from dovetail.models.cached_lm import CachedLM
+    from dovetail.models.loading import load_causal_lm
+    from dovetail.store import GGUF_NAME, resolve_model
+
+    args.name = args.name or "kernels"
+    target_dir = resolve_model(args.target)
+    roof = measure_roof()
+    _say(f"roof: {roof}")
+    lm = CachedLM(load_causal_lm(target_dir, precision="native"))
+    weight_bytes, macs = _weights(lm.model)
+    isa = os.environ.get("DOVETAIL_KERNEL_ISA") or best_isa_name()
+    peak = roof["int8_g_macs_per_s"]["avx2" if isa == "avx2" else max(roof["int8_g_macs_per_s"], key=roof["int8_g_macs_per_s"].get)]
+    at_roof = {"one_token_weights_ms": round(weight_bytes / roof["read_gb_per_s"] / 1e6, 1),
+               "linears_ms_per_token_at_peak": round(macs / peak / 1e6, 2)}
+    report = {"machine": machine_info(), "roof": roof, "settings": {
+        "target": args.target, "isa": isa, "threads": torch.get_num_threads(), "reps": args.reps,
+        "weights_gb": round(weight_bytes / 1e9, 3), "g_macs_per_token": round(macs / 1e9, 3)},
+        "at_roof": at_roof, "dovetail": {"curve_ms": {}, "prefill_tok_s": {}}}
+    for depth in DEPTHS:
+        curve = dovetail_curve(lm, depth, args.reps)
+        report["dovetail"]["curve_ms"][depth] = curve
+        _say(f"Dovetail after {depth}: {curve} (x one token: "
+             f"{ {n: round(ms / curve[1], 2) for n, ms in curve.items()} })")
+    for tokens in PREFILL:
+        report["dovetail"]["prefill_tok_s"][tokens] = dovetail_prefill(lm, tokens)
+        _say(f"Dovetail prefill {tokens}: {report['dovetail']['prefill_tok_s'][tokens]} tok/s")
+    base = report["dovetail"]["curve_ms"][DEPTHS[0]]
+    report["fractions_of_roof"] = {
+        "one_token_of_read_roof": round(at_roof["one_token_weights_ms"] / base[1], 2),
+        "linears_at_32_rows_of_int8_peak": round(32 * at_roof["linears_ms_per_token_at_peak"] / base[32], 2),
+        "note": "one token: the weight stream at the read roof over the measured forward; 32 rows: the "
+                "linears' multiply-adds at the int8 peak over the whole measured forward (a lower bound)"}
+    if not args.no_llama:
+        report["llama_cpp"] = llama_rows(target_dir / GGUF_NAME, torch.get_num_threads())
+    path = write_report(report, args)
+    _plot(report, path.with_suffix(".png"))
+    _say(f"wrote {path}")
+    return 0
+
+
+def _plot(report: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(DEPTHS), figsize=(5.5 * len(DEPTHS), 4.2), squeeze=False)
+    llama = report.get("llama_cpp", {}).get("curve_ms", {})
+    for ax, depth in zip(axes[0], DEPTHS):
+        mine = report["dovetail"]["curve_ms"][depth]
+        ax.plot(list(mine), list(mine.values()), "o-", label="Dovetail")
+        if depth in llama:
+            ax.plot(list(llama[depth]), list(llama[depth].values()), "s--", label="llama.cpp")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens per forward")
+        ax.set_ylabel("ms")
+        ax.set_title(f"after {depth} tokens of context")
+        ax.legend()
+    fig.suptitle(f"forward cost, {report['settings']['isa']}, {report['settings']['threads']} threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
