@@ -53,7 +53,8 @@ def _weights(model) -> tuple[int, int]:
     from dovetail.models.quantized import QuantLinear
 
     linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    return (sum(m.q.numel() + 4 * m.D.numel() for m in linears),
+    packed = lambda m: sum(t.numel() * t.element_size() for t in (m.q, m.D, m.Dm, m.sc, m.mn))
+    return (sum(packed(m) for m in linears),
             sum(m.in_features * m.out_features for m in linears))
 
 

@@ -1070,20 +1070,27 @@ torch::Tensor row_attention(const torch::Tensor& q_in, const torch::Tensor& k_in
 // memory (a sum over a buffer far larger than the caches).
 namespace {
 
-constexpr int CHAINS = 16;  // independent accumulators: enough to hide the instruction's latency
+constexpr int CHAINS = 16;  // independent accumulators: enough to hide the instructions' latency
 
+#define DOVETAIL_16(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15)
+
+// Sixteen named accumulators (an array let the compiler shuffle registers between iterations).
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 int32_t spin_avx512(int64_t iters) {
-  __m512i acc[CHAINS];
-  for (int i = 0; i < CHAINS; ++i) acc[i] = _mm512_set1_epi32(i);
+#define DOVETAIL_DECL(i) __m512i acc##i = _mm512_set1_epi32(i);
+#define DOVETAIL_STEP(i) acc##i = _mm512_dpbusd_epi32(acc##i, a, b);
+#define DOVETAIL_SUM(i) total = _mm512_add_epi32(total, acc##i);
+  DOVETAIL_16(DOVETAIL_DECL)
   __m512i a = _mm512_set1_epi8(3), b = _mm512_set1_epi8(5);
   for (int64_t it = 0; it < iters; ++it) {
     __asm__ volatile("" : "+v"(a), "+v"(b));  // no instruction: only keeps the products in the loop
-#pragma GCC unroll 16
-    for (int i = 0; i < CHAINS; ++i) acc[i] = _mm512_dpbusd_epi32(acc[i], a, b);
+    DOVETAIL_16(DOVETAIL_STEP)
   }
-  __m512i total = acc[0];
-  for (int i = 1; i < CHAINS; ++i) total = _mm512_add_epi32(total, acc[i]);
+  __m512i total = _mm512_setzero_si512();
+  DOVETAIL_16(DOVETAIL_SUM)
+#undef DOVETAIL_DECL
+#undef DOVETAIL_STEP
+#undef DOVETAIL_SUM
   return _mm512_reduce_add_epi32(total);
 }
 
