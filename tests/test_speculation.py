@@ -297,11 +297,18 @@ def test_cost_model_picks_the_width_the_arithmetic_says():
 def test_cost_model_learns_the_curve_by_context():
     curve = VerifyCurve({1: 0.040, 4: 0.060, 16: 0.170})
     assert curve.at(2) == pytest.approx(0.040 + 0.020 / 3)
-    for _ in range(30):  # at 4k tokens one row costs twice as much: rows never seen there scale too
+    for _ in range(30):  # at 4k tokens one row costs twice as much
         curve.observe(1, 4096, 0.080)
     assert curve.at(1, 4096) == pytest.approx(0.080)
-    assert curve.at(4, 4096) == pytest.approx(0.120, rel=0.01)
+    # rows never seen there: all of one row's extra is taken as per-row (attention is rows x context)
+    assert curve.at(4, 4096) == pytest.approx(0.060 + 4 * 0.040)
     assert curve.at(4, 100) == pytest.approx(0.060)
+    # a longer context with nothing seen borrows the line, doubled per bucket
+    assert curve.at(1, 8192) == pytest.approx(0.040 + 2 * 0.040)
+    for _ in range(30):  # a second row count seen: the extra is the line through both
+        curve.observe(4, 4096, 0.130)  # extra 0.070 at 4 rows, 0.040 at 1: 0.030 + 0.010 per row
+    assert curve.at(4, 4096) == pytest.approx(0.130)
+    assert curve.at(16, 4096) == pytest.approx(0.170 + 0.030 + 16 * 0.010)
 
 
 def test_speculator_learns_acceptance_and_switches_off_then_probes():

@@ -45,12 +45,17 @@ class Ema:
 @dataclass
 class VerifyCurve:
     """Seconds of a target forward by rows (a draft's tree level by trees grown together uses the
-    same interpolation). ``base``: measured at a short context (rows -> seconds). Online, each (context bucket, rows) keeps its own decayed mean; rows never seen in a
-    bucket are the base curve times that bucket's observed ratio to it."""
+    same interpolation). ``base``: measured at a short context (rows -> seconds).
+
+    Online, each (context bucket, rows) keeps its own decayed mean. Rows never seen in a bucket pay
+    the base curve plus the bucket's *extra* over it, as a line in the rows: attention costs rows
+    x context, so at a long context every row adds its share. With two or more row counts seen the
+    line runs through them (least squares); with one, all of its extra is taken as per-row, which
+    over- rather than under-prices a larger block; a bucket with nothing seen borrows the nearest
+    shorter one's line, doubled per bucket (the context doubles)."""
 
     base: dict[int, float]
     seen: dict[tuple[int, int], Ema] = field(default_factory=dict)
-    ratios: dict[int, Ema] = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.base or any(r < 1 or s <= 0 for r, s in self.base.items()):
@@ -74,15 +79,36 @@ class VerifyCurve:
         seen = self.seen.get((bucket, rows))
         if seen is not None and seen.weight >= 1.0:
             return seen.value
-        ratio = self.ratios.get(bucket)
-        return self.base_at(rows) * (ratio.value if ratio is not None else 1.0)
+        return max(self.base_at(rows) + self.extra(rows, bucket), 1e-6)
+
+    def extra(self, rows: int, bucket: int) -> float:
+        """The bucket's predicted seconds over the base curve for ``rows`` (see the class doc)."""
+        for lower in range(bucket, -1, -1):
+            line = self._extra_line(lower)
+            if line is not None:
+                intercept, slope = line
+                return (intercept + slope * rows) * 2 ** (bucket - lower)
+        return 0.0
+
+    def _extra_line(self, bucket: int) -> tuple[float, float] | None:
+        points = [(r, ema.value - self.base_at(r), ema.weight) for (b, r), ema in self.seen.items()
+                  if b == bucket and ema.weight >= 1.0]
+        if not points:
+            return None
+        if len({r for r, _, _ in points}) == 1:
+            r, e, _ = points[0]
+            return (0.0, e / r) if e > 0 else (e, 0.0)
+        total = sum(w for _, _, w in points)
+        mean_r = sum(r * w for r, _, w in points) / total
+        mean_e = sum(e * w for _, e, w in points) / total
+        spread = sum(w * (r - mean_r) ** 2 for r, _, w in points)
+        slope = max(sum(w * (r - mean_r) * (e - mean_e) for r, e, w in points) / spread, 0.0)
+        return mean_e - slope * mean_r, slope
 
     def observe(self, rows: int, context: int, seconds: float) -> None:
         if rows < 1 or seconds <= 0:
             return
-        bucket = context_bucket(context)
-        self.seen.setdefault((bucket, rows), Ema()).add(seconds)
-        self.ratios.setdefault(bucket, Ema()).add(seconds / self.base_at(rows))
+        self.seen.setdefault((context_bucket(context), rows), Ema()).add(seconds)
 
 
 class Acceptance:
