@@ -91,5 +91,17 @@ def _ninja_from_pip() -> bool:
     return False
 
 
+# DOVETAIL_KERNEL_ISA = scalar | avx2 | avx512: force one kernel path (tests, benchmarks); default: the best
+_ISA_CODES = {"": 0, "auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
+
+
+def kernel_isa() -> int:
+    """The kernel path every operator is asked for (0: the best this CPU runs)."""
+    name = os.environ.get("DOVETAIL_KERNEL_ISA", "").lower()
+    if name not in _ISA_CODES:
+        raise UserError(f"DOVETAIL_KERNEL_ISA must be one of {sorted(k for k in _ISA_CODES if k)}, got {name!r}")
+    return _ISA_CODES[name]
+
+
 def best_isa_name() -> str:
     return ISA_NAMES[ops().best_isa()]

@@ -155,25 +155,25 @@ struct Unit256 {
 
 template <int MODE, int HALVES>
 __attribute__((target("avx2,fma")))
-inline void unit_factors_256(const Packed& w, int64_t t, int64_t u, Unit256<MODE, HALVES>& f8) {
+inline void unit_factors_256(const Packed& w, int64_t t, int64_t u, Unit256<MODE, HALVES>& uf) {
   const int64_t s = u * 32 / w.sb;
   for (int k = 0; k < 2; ++k) {
     const __m256 D = _mm256_loadu_ps(w.D + (t * w.nsb + s) * 16 + k * 8);
-    f8.D[k] = D;
+    uf.D[k] = D;
     for (int h = 0; h < HALVES; ++h) {
       const int64_t g = u * HALVES + h;
       if (MODE == SYM_K || MODE == ASYM_K) {
         const __m256i sc = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w.sc + (t * w.ngroups + g) * 16 + k * 8)));
-        if (MODE == SYM_K) f8.sc[h][k] = sc;
-        else f8.S[h][k] = _mm256_mul_ps(D, _mm256_cvtepi32_ps(sc));
+        if (MODE == SYM_K) uf.sc[h][k] = sc;
+        else uf.S[h][k] = _mm256_mul_ps(D, _mm256_cvtepi32_ps(sc));
       }
       if (MODE == ASYM_K) {
         const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
             _mm_loadl_epi64((const __m128i*)(w.mn + (t * w.ngroups + g) * 16 + k * 8))));
-        f8.M[h][k] = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(_mm256_loadu_ps(w.Dm + (t * w.nsb + s) * 16 + k * 8), mn));
+        uf.M[h][k] = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(_mm256_loadu_ps(w.Dm + (t * w.nsb + s) * 16 + k * 8), mn));
       } else if (MODE == ASYM_BLOCK) {
-        f8.S[h][k] = D;
-        f8.M[h][k] = _mm256_loadu_ps(w.Dm + (t * w.nsb + s) * 16 + k * 8);
+        uf.S[h][k] = D;
+        uf.M[h][k] = _mm256_loadu_ps(w.Dm + (t * w.nsb + s) * 16 + k * 8);
       }
     }
   }
@@ -190,7 +190,7 @@ void tile_avx2(const Packed& w, int64_t t, const int8_t* xq, const float* xs, in
   const __m256i bitsel = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
   constexpr int HALVES = 32 / GS, CHUNKS = GS / 4;
   constexpr bool SYM = MODE == SYM_BLOCK || MODE == SYM_K;
-  Unit256<MODE, HALVES> f8;
+  Unit256<MODE, HALVES> uf;
   for (int64_t u = 0; u < w.U; ++u) {
     const uint8_t* p = w.q + (t * w.U + u) * w.qbytes;
     for (int64_t b = 0; b < w.qbytes; b += 64) _mm_prefetch((const char*)(p + PREFETCH_BYTES + b), _MM_HINT_T0);
@@ -219,7 +219,7 @@ void tile_avx2(const Packed& w, int64_t t, const int8_t* xq, const float* xs, in
           }
       }
     }
-    unit_factors_256<MODE, HALVES>(w, t, u, f8);
+    unit_factors_256<MODE, HALVES>(w, t, u, uf);
     for (int64_t m = 0; m < M; ++m) {
       const int8_t* x = xq + m * w.K + u * 32;
       const float* s = xs + (m * w.U + u) * 4;
@@ -247,13 +247,13 @@ void tile_avx2(const Packed& w, int64_t t, const int8_t* xq, const float* xs, in
           }
           if (SYM) {
             isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(w.zi * xsum));
-            if (MODE == SYM_K) isum = _mm256_mullo_epi32(isum, f8.sc[h][k]);
+            if (MODE == SYM_K) isum = _mm256_mullo_epi32(isum, uf.sc[h][k]);
             total[k] = h == 0 ? isum : _mm256_add_epi32(total[k], isum);
           } else {
             float* a = acc + m * 16 + k * 8;
             __m256 f = _mm256_loadu_ps(a);
-            f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(f8.S[h][k], dx), f);
-            f = _mm256_fmadd_ps(f8.M[h][k], sx, f);
+            f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(uf.S[h][k], dx), f);
+            f = _mm256_fmadd_ps(uf.M[h][k], sx, f);
             _mm256_storeu_ps(a, f);
           }
         }
@@ -261,7 +261,7 @@ void tile_avx2(const Packed& w, int64_t t, const int8_t* xq, const float* xs, in
       if (SYM)
         for (int k = 0; k < 2; ++k) {
           float* a = acc + m * 16 + k * 8;
-          _mm256_storeu_ps(a, _mm256_fmadd_ps(_mm256_cvtepi32_ps(total[k]), _mm256_mul_ps(f8.D[k], dx), _mm256_loadu_ps(a)));
+          _mm256_storeu_ps(a, _mm256_fmadd_ps(_mm256_cvtepi32_ps(total[k]), _mm256_mul_ps(uf.D[k], dx), _mm256_loadu_ps(a)));
         }
     }
   }
@@ -284,7 +284,7 @@ struct Unit512 {
 template <int BITS, int GS, int MODE, int R>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 inline void rows_avx512(const Packed& w, int64_t u, const int8_t* xq, const float* xs, int64_t m0, float* acc,
-                        const __m512i* wv, const __mmask64* neg, const Unit512<MODE, 32 / GS>& f8) {
+                        const __m512i* wv, const __mmask64* neg, const Unit512<MODE, 32 / GS>& uf) {
   constexpr int HALVES = 32 / GS, CHUNKS = GS / 4;
   constexpr bool SYM = MODE == SYM_BLOCK || MODE == SYM_K;
   const __m512i zero = _mm512_setzero_si512();
@@ -321,11 +321,11 @@ inline void rows_avx512(const Packed& w, int64_t u, const int8_t* xq, const floa
       if (SYM) {
         const int32_t xsum = HALVES == 1 ? (int32_t)s[2] + (int32_t)s[3] : (int32_t)s[2 + h];
         isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(w.zi * xsum));
-        if (MODE == SYM_K) isum = _mm512_mullo_epi32(isum, f8.sc[h]);
+        if (MODE == SYM_K) isum = _mm512_mullo_epi32(isum, uf.sc[h]);
         total[r] = h == 0 ? isum : _mm512_add_epi32(total[r], isum);
       } else {
-        f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(f8.S[h], _mm512_set1_ps(s[0])), f[r]);
-        f[r] = _mm512_fmadd_ps(f8.M[h], _mm512_set1_ps(HALVES == 1 ? s[1] : s[0] * s[2 + h]), f[r]);
+        f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(uf.S[h], _mm512_set1_ps(s[0])), f[r]);
+        f[r] = _mm512_fmadd_ps(uf.M[h], _mm512_set1_ps(HALVES == 1 ? s[1] : s[0] * s[2 + h]), f[r]);
       }
     }
   }
@@ -333,7 +333,7 @@ inline void rows_avx512(const Packed& w, int64_t u, const int8_t* xq, const floa
     #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const float* s = xs + ((m0 + r) * w.U + u) * 4;
-      f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total[r]), _mm512_mul_ps(f8.D, _mm512_set1_ps(s[0])), f[r]);
+      f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total[r]), _mm512_mul_ps(uf.D, _mm512_set1_ps(s[0])), f[r]);
     }
   #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(acc + (m0 + r) * 16, f[r]);
@@ -341,23 +341,23 @@ inline void rows_avx512(const Packed& w, int64_t u, const int8_t* xq, const floa
 
 template <int MODE, int HALVES>
 __attribute__((target("avx512f,avx512bw,avx512vl")))
-inline void unit_factors_512(const Packed& w, int64_t t, int64_t u, Unit512<MODE, HALVES>& f8) {
+inline void unit_factors_512(const Packed& w, int64_t t, int64_t u, Unit512<MODE, HALVES>& uf) {
   const int64_t s = u * 32 / w.sb;  // a unit lies in one super-block
   const __m512 D = _mm512_loadu_ps(w.D + (t * w.nsb + s) * 16);
-  f8.D = D;
+  uf.D = D;
   for (int h = 0; h < HALVES; ++h) {
     const int64_t g = u * HALVES + h;
     const __m512i sc = MODE == SYM_K || MODE == ASYM_K
                            ? _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w.sc + (t * w.ngroups + g) * 16)))
                            : _mm512_setzero_si512();
-    if (MODE == SYM_K) f8.sc[h] = sc;
+    if (MODE == SYM_K) uf.sc[h] = sc;
     if (MODE == ASYM_K) {
-      f8.S[h] = _mm512_mul_ps(D, _mm512_cvtepi32_ps(sc));
+      uf.S[h] = _mm512_mul_ps(D, _mm512_cvtepi32_ps(sc));
       const __m512 mn = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w.mn + (t * w.ngroups + g) * 16))));
-      f8.M[h] = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(_mm512_loadu_ps(w.Dm + (t * w.nsb + s) * 16), mn));
+      uf.M[h] = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(_mm512_loadu_ps(w.Dm + (t * w.nsb + s) * 16), mn));
     } else if (MODE == ASYM_BLOCK) {
-      f8.S[h] = D;
-      f8.M[h] = _mm512_loadu_ps(w.Dm + (t * w.nsb + s) * 16);
+      uf.S[h] = D;
+      uf.M[h] = _mm512_loadu_ps(w.Dm + (t * w.nsb + s) * 16);
     }
   }
 }
@@ -370,7 +370,7 @@ void tile_avx512(const Packed& w, int64_t t, const int8_t* xq, const float* xs, 
   __mmask64 neg[8];
   const __m512i low4 = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
   constexpr int HALVES = 32 / GS;
-  Unit512<MODE, HALVES> f8;
+  Unit512<MODE, HALVES> uf;
   for (int64_t u = 0; u < w.U; ++u) {
     const uint8_t* p = w.q + (t * w.U + u) * w.qbytes;
     for (int64_t b = 0; b < w.qbytes; b += 64) _mm_prefetch((const char*)(p + PREFETCH_BYTES + b), _MM_HINT_T0);
@@ -395,13 +395,13 @@ void tile_avx512(const Packed& w, int64_t t, const int8_t* xq, const float* xs, 
         }
       }
     }
-    unit_factors_512<MODE, HALVES>(w, t, u, f8);
+    unit_factors_512<MODE, HALVES>(w, t, u, uf);
     // Eight, four, two rows at a time: independent dpbusd chains hide the instruction's latency.
     int64_t m = 0;
-    for (; m + 8 <= M; m += 8) rows_avx512<BITS, GS, MODE, 8>(w, u, xq, xs, m, acc, wv, neg, f8);
-    for (; m + 4 <= M; m += 4) rows_avx512<BITS, GS, MODE, 4>(w, u, xq, xs, m, acc, wv, neg, f8);
-    for (; m + 2 <= M; m += 2) rows_avx512<BITS, GS, MODE, 2>(w, u, xq, xs, m, acc, wv, neg, f8);
-    for (; m < M; ++m) rows_avx512<BITS, GS, MODE, 1>(w, u, xq, xs, m, acc, wv, neg, f8);
+    for (; m + 8 <= M; m += 8) rows_avx512<BITS, GS, MODE, 8>(w, u, xq, xs, m, acc, wv, neg, uf);
+    for (; m + 4 <= M; m += 4) rows_avx512<BITS, GS, MODE, 4>(w, u, xq, xs, m, acc, wv, neg, uf);
+    for (; m + 2 <= M; m += 2) rows_avx512<BITS, GS, MODE, 2>(w, u, xq, xs, m, acc, wv, neg, uf);
+    for (; m < M; ++m) rows_avx512<BITS, GS, MODE, 1>(w, u, xq, xs, m, acc, wv, neg, uf);
   }
 }
 

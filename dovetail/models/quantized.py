@@ -19,7 +19,6 @@ super-block boundaries, so an intermediate size that is not a multiple of ``256 
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dovetail.errors import UserError
-from dovetail.kernels import ops
+from dovetail.kernels import kernel_isa, ops
 from gguf import GGML_QUANT_SIZES
 
 from dovetail.models.gguf_index import GGUFIndex
@@ -40,15 +39,6 @@ from dovetail.kernels.packing import SCHEMES, Decoded, PackedWeight, decode, enc
 
 PRECISIONS = ("auto", "native", "int8", "int4", "fp32")
 QUANTIZED = ("native", "int8", "int4")
-# DOVETAIL_KERNEL_ISA = scalar | avx2 | avx512: force one kernel path (tests, benchmarks); default: the best
-_ISA_CODES = {"": 0, "auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
-
-
-def kernel_isa() -> int:
-    name = os.environ.get("DOVETAIL_KERNEL_ISA", "").lower()
-    if name not in _ISA_CODES:
-        raise UserError(f"DOVETAIL_KERNEL_ISA must be one of {sorted(k for k in _ISA_CODES if k)}, got {name!r}")
-    return _ISA_CODES[name]
 
 
 def gguf_file(path: str | Path) -> Path | None:

@@ -16,8 +16,7 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
-from dovetail.kernels import ops
-from dovetail.models.quantized import kernel_isa
+from dovetail.kernels import kernel_isa, ops
 
 NAME = "dovetail_rows"
 
