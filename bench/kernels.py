@@ -19,7 +19,6 @@ with a note. JSON and PNG: ``<--results-dir>/<name>.{json,png}``.
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 
@@ -56,26 +55,6 @@ def _weights(model) -> tuple[int, int]:
     packed = lambda m: sum(t.numel() * t.element_size() for t in (m.q, m.D, m.Dm, m.sc, m.mn))
     return (sum(packed(m) for m in linears),
             sum(m.in_features * m.out_features for m in linears))
-
-
-def dovetail_curve(lm, depth: int, reps: int) -> dict[int, float]:
-    """Median ms of a forward of n chained tokens after ``depth`` tokens of context."""
-    import numpy as np
-    import torch
-
-    lm.reset()
-    with torch.inference_mode():
-        lm.extend([1000 + i % 5000 for i in range(depth)])
-        curve = {}
-        for n in ROWS:
-            times = []
-            for _ in range(reps + 1):
-                t0 = time.perf_counter()
-                lm.forward_tree(np.arange(n) + 2000, np.arange(-1, n - 1), range(n), lm.committed)
-                times.append(time.perf_counter() - t0)
-                lm.commit([])
-            curve[n] = round(1e3 * statistics.median(times[1:]), 1)
-    return curve
 
 
 def dovetail_prefill(lm, tokens: int) -> float:
@@ -117,6 +96,7 @@ def run_kernels_bench(args) -> int:
     import torch
 
     from bench.harness import machine_info, write_report
+    from bench.native import forward_curve
     from dovetail.kernels import best_isa_name
     from dovetail.models.cached_lm import CachedLM
     from dovetail.models.loading import load_causal_lm
@@ -137,7 +117,7 @@ def run_kernels_bench(args) -> int:
         "weights_gb": round(weight_bytes / 1e9, 3), "g_macs_per_token": round(macs / 1e9, 3)},
         "at_roof": at_roof, "dovetail": {"curve_ms": {}, "prefill_tok_s": {}}}
     for depth in DEPTHS:
-        curve = dovetail_curve(lm, depth, args.reps)
+        curve = forward_curve(lm.model, ROWS, context=depth, reps=args.reps)
         report["dovetail"]["curve_ms"][depth] = curve
         _say(f"Dovetail after {depth}: {curve} (x one token: "
              f"{ {n: round(ms / curve[1], 2) for n, ms in curve.items()} })")

@@ -951,6 +951,14 @@ __attribute__((always_inline)) inline void softmax16(float* s, int64_t n) {
   for (t = 0; t < n; ++t) s[t] = s[t] * inv;
 }
 
+// The keys of [j0, j1) that a row sees (its visibility row `vr`), in cache order; returns how many.
+__attribute__((always_inline)) inline int64_t visible_in_block(const uint8_t* vr, int64_t j0, int64_t j1, int64_t* keys) {
+  int64_t n = 0;
+  for (int64_t j = j0; j < j1; ++j)
+    if (vr[j]) keys[n++] = j;
+  return n;
+}
+
 // One item of an attention: KV head g, query rows [i0, i1), the group's heads [h0, h1). Keys and
 // values are each read once for all of them; scores live in `score` ([row][head][key], the
 // row's visible keys only), the outputs accumulate across blocks of keys in `po` directly.
@@ -968,11 +976,8 @@ __attribute__((always_inline)) inline void attend_item(int64_t g, int64_t i0, in
   for (int64_t j0 = 0; j0 < Lk; j0 += KB) {
     const int64_t j1 = std::min(Lk, j0 + KB);
     for (int64_t r = 0; r < R; ++r) {
-      const uint8_t* vr = vis + (i0 + r) * Lk;
-      const float* kp[KB];
-      int64_t nk = 0;
-      for (int64_t j = j0; j < j1; ++j)
-        if (vr[j]) kp[nk++] = K + j * d;
+      int64_t keys[KB];
+      const int64_t nk = visible_in_block(vis + (i0 + r) * Lk, j0, j1, keys);
       if (!nk) continue;
       const int64_t t0 = count[r];
       count[r] += nk;
@@ -981,7 +986,7 @@ __attribute__((always_inline)) inline void attend_item(int64_t g, int64_t i0, in
         float* out = score.data() + (r * NH + hh) * Lk + t0;
         for (int64_t s0 = 0; s0 < nk; s0 += KG) {
           const float* group[KG];
-          for (int i = 0; i < KG; ++i) group[i] = kp[std::min(s0 + i, nk - 1)];  // a short group repeats its last key
+          for (int i = 0; i < KG; ++i) group[i] = K + keys[std::min(s0 + i, nk - 1)] * d;  // a short group repeats its last key
           float lanes[KG];
           dots_group<KG>(qv, group, d, lanes);
           for (int64_t i = 0; i < std::min<int64_t>(KG, nk - s0); ++i) out[s0 + i] = lanes[i] * sc;
@@ -1001,10 +1006,8 @@ __attribute__((always_inline)) inline void attend_item(int64_t g, int64_t i0, in
   for (int64_t j0 = 0; j0 < Lk; j0 += KB) {
     const int64_t j1 = std::min(Lk, j0 + KB);
     for (int64_t r = 0; r < R; ++r) {
-      const uint8_t* vr = vis + (i0 + r) * Lk;
-      int64_t keys[KB], nk = 0;
-      for (int64_t j = j0; j < j1; ++j)
-        if (vr[j]) keys[nk++] = j;
+      int64_t keys[KB];
+      const int64_t nk = visible_in_block(vis + (i0 + r) * Lk, j0, j1, keys);
       if (!nk) continue;
       const int64_t t0 = seen[r];
       seen[r] += nk;
@@ -1180,8 +1183,10 @@ double roof_read_bytes(const torch::Tensor& buffer, int64_t reps) {
     const auto t0 = std::chrono::steady_clock::now();
     at::parallel_for(0, words, 1 << 16, [&](int64_t b, int64_t e) {
       uint64_t s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int64_t i = b; i + 8 <= e; i += 8)
+      int64_t i = b;
+      for (; i + 8 <= e; i += 8)
         for (int j = 0; j < 8; ++j) s[j] += p[i + j];
+      for (; i < e; ++i) s[0] += p[i];
       for (int j = 0; j < 8; ++j) sums[at::get_thread_num() * 8 + j] += s[j];
     });
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
