@@ -35,13 +35,13 @@ def measure_roof() -> dict:
     """The machine's int8 peak per kernel path and its read bandwidth, on torch's threads."""
     import torch
 
-    from dovetail.kernels import ISA_NAMES, ops
+    from dovetail.kernels import ops
 
     o = ops()
     peaks = {}
     for isa in range(2, o.best_isa() + 1):
         o.roof_int8_macs(isa, 200_000)  # warm up (clocks, thread pool)
-        peaks[ISA_NAMES[isa]] = round(max(o.roof_int8_macs(isa, 2_000_000) for _ in range(3)) / 1e9, 1)
+        peaks[o.kernel_path_name(isa)] = round(max(o.roof_int8_macs(isa, 2_000_000) for _ in range(3)) / 1e9, 1)
     buffer = torch.ones(1 << 30, dtype=torch.uint8)
     read = o.roof_read_bytes(buffer, 4) / 1e9
     return {"int8_g_macs_per_s": peaks, "read_gb_per_s": round(read, 1), "threads": torch.get_num_threads()}
@@ -91,13 +91,11 @@ def llama_rows(gguf, threads: int) -> dict:
 
 
 def run_kernels_bench(args) -> int:
-    import os
-
     import torch
 
     from bench.harness import machine_info, write_report
     from bench.native import forward_curve
-    from dovetail.kernels import best_isa_name
+    from dovetail.kernels import kernel_path_name
     from dovetail.models.cached_lm import CachedLM
     from dovetail.models.loading import load_causal_lm
     from dovetail.store import GGUF_NAME, resolve_model
@@ -108,8 +106,9 @@ def run_kernels_bench(args) -> int:
     _say(f"roof: {roof}")
     lm = CachedLM(load_causal_lm(target_dir, precision="native"))
     weight_bytes, macs = _weights(lm.model)
-    isa = os.environ.get("DOVETAIL_KERNEL_ISA") or best_isa_name()
-    peak = roof["int8_g_macs_per_s"]["avx2" if isa == "avx2" else max(roof["int8_g_macs_per_s"], key=roof["int8_g_macs_per_s"].get)]
+    isa = kernel_path_name()
+    peaks = roof["int8_g_macs_per_s"]
+    peak = peaks.get(isa, max(peaks.values()))  # the scalar path has no probe of its own
     at_roof = {"one_token_weights_ms": round(weight_bytes / roof["read_gb_per_s"] / 1e6, 1),
                "linears_ms_per_token_at_peak": round(macs / peak / 1e6, 2)}
     report = {"machine": machine_info(), "roof": roof, "settings": {

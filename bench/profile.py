@@ -143,9 +143,7 @@ def run_profile_bench(args) -> int:
     import torch
 
     from bench.harness import machine_info, write_report
-    import os
-
-    from dovetail.kernels import best_isa_name
+    from dovetail.kernels import kernel_path_name
     from dovetail.models.cached_lm import CachedLM
     from dovetail.models.loading import load_causal_lm
     from dovetail.store import resolve_model
@@ -157,7 +155,7 @@ def run_profile_bench(args) -> int:
         _say("this target does not run the lean forward: nothing to profile by operator")
         return 1
     report = {"machine": machine_info(), "settings": {
-        "target": args.target, "precision": "native", "isa": os.environ.get("DOVETAIL_KERNEL_ISA") or best_isa_name(), "threads": torch.get_num_threads(),
+        "target": args.target, "precision": "native", "isa": kernel_path_name(), "threads": torch.get_num_threads(),
         "prefix_tokens": PREFIX, "reps": args.reps, "rows": list(ROWS),
         "note": "medians per operator; 'torch + Python' is the forward's wall time minus the timed kernels; "
                 "'profile' is after a 150-token prefix, 'profile_long' after 4,000 (attention's share)"},

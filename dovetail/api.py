@@ -191,11 +191,11 @@ class Dovetail:
         precision = getattr(self, f"{role}_precision")
         if precision == "fp32":
             return "fp32, " + (f"{self.config.target_kernel} linears" if role == "target" else "dense")
-        from dovetail.kernels import best_isa_name
+        from dovetail.kernels import kernel_path_name
 
         if precision == "native":
-            return f"native GGUF ({', '.join(gguf_formats(getattr(self, f'{role}_dir')))}), {best_isa_name()} kernels"
-        return f"{precision} quantized on load, {best_isa_name()} kernels"
+            return f"native GGUF ({', '.join(gguf_formats(getattr(self, f'{role}_dir')))}), {kernel_path_name()} kernels"
+        return f"{precision} quantized on load, {kernel_path_name()} kernels"
 
     @property
     def context_length(self) -> int:

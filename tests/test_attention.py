@@ -1,4 +1,4 @@
-"""The row attention kernel (``row_attention`` in qlinear.cpp): every kernel path gives the same
+"""The row attention kernel (``row_attention``, kernels/csrc/attention.h): every kernel path gives the same
 bits, a query row's output does not depend on the rows computed beside it (decoding alone,
 verifying a tree, a block of prompt rows, any thread count), and it computes softmax attention."""
 

@@ -1,9 +1,11 @@
 """Quantized CPU kernels: built from source on first use, chosen at run time by CPU features.
 
-``ops()`` compiles ``qlinear.cpp`` once per source version (cached under
-``$DOVETAIL_HOME/kernels``, or ``$DOVETAIL_KERNEL_CACHE``) and loads it. One binary carries every path -- portable scalar,
+``ops()`` compiles ``csrc/`` once per source version (cached under ``$DOVETAIL_HOME/kernels``, or
+``$DOVETAIL_KERNEL_CACHE``) and loads it. One binary carries every path -- portable scalar,
 AVX2 + FMA, AVX-512 VNNI -- each function compiled for its own instruction set, and the best
 one this CPU runs is picked when called (``best_isa``), so the cache can move between machines.
+``csrc/ops.h`` maps the sources: one file per operator family, the kernel registry in
+``registry.cpp``, the x86 kernels under ``x86/`` (a non-x86 CPU builds the portable path alone).
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ from pathlib import Path
 
 from dovetail.errors import UserError
 
-SOURCE = Path(__file__).with_name("qlinear.cpp")
-ISA_NAMES = {1: "scalar", 2: "avx2", 3: "avx512-vnni"}
+SOURCE_DIR = Path(__file__).with_name("csrc")
 # -fopenmp: ATen's parallel_for is inline OpenMP, single-threaded without it. At run time the
 # libgomp that torch already loaded (same soname) serves it, so there is one thread pool.
 CFLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]
@@ -28,19 +29,29 @@ _lock = threading.Lock()
 _ops = None
 
 
-def build_id() -> str:
-    """Names this source and these flags' build (what a measured cost depends on), and the ISA
-    path that runs."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS + LDFLAGS).encode()).hexdigest()[:12]
-    return f"qlinear-{digest}"
+def sources() -> list[Path]:
+    return sorted(SOURCE_DIR.rglob("*.cpp"))
+
+
+def build_id(extra_cflags: tuple[str, ...] = ()) -> str:
+    """Names this source and these flags' build (what a measured cost depends on)."""
+    digest = hashlib.sha256()
+    for path in sorted(SOURCE_DIR.rglob("*")):
+        if path.suffix in (".cpp", ".h"):
+            digest.update(str(path.relative_to(SOURCE_DIR)).encode() + b"\0" + path.read_bytes())
+    digest.update(" ".join(CFLAGS + list(extra_cflags) + LDFLAGS).encode())
+    return f"kernels-{digest.hexdigest()[:12]}"
 
 
 def _build_dir() -> Path:
+    return kernel_cache() / build_id()
+
+
+def kernel_cache() -> Path:
     from dovetail.store import dovetail_home
 
-    root = Path(os.environ["DOVETAIL_KERNEL_CACHE"]) if os.environ.get("DOVETAIL_KERNEL_CACHE") else (
+    return Path(os.environ["DOVETAIL_KERNEL_CACHE"]) if os.environ.get("DOVETAIL_KERNEL_CACHE") else (
         dovetail_home() / "kernels")
-    return root / build_id()
 
 
 def ops():
@@ -55,9 +66,14 @@ def ops():
 
 
 def _load():
+    return compile_kernels(_build_dir())
+
+
+def compile_kernels(build: Path, extra_cflags: tuple[str, ...] = ()):
+    """Builds (unless ``build`` holds it already) and loads the extension. ``extra_cflags`` are for
+    tests: ``-DDOVETAIL_NO_X86`` builds what a non-x86 CPU gets, the portable path alone."""
     from torch.utils import cpp_extension
 
-    build = _build_dir()
     built = any(build.glob("*.so"))
     if not built:
         compiler = os.environ.get("CXX", "c++")
@@ -71,14 +87,16 @@ def _load():
     build.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
-        module = cpp_extension.load(name="dovetail_qlinear", sources=[str(SOURCE)], build_directory=str(build),
-                                    extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, verbose=False)
+        module = cpp_extension.load(name="dovetail_kernels" + ("_" + build.name.replace("-", "_") if extra_cflags else ""),
+                                    sources=[str(p) for p in sources()], build_directory=str(build),
+                                    extra_cflags=CFLAGS + list(extra_cflags), extra_ldflags=LDFLAGS,
+                                    extra_include_paths=[str(SOURCE_DIR)], verbose=False)
     except (RuntimeError, OSError, ImportError) as exc:
         detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise UserError(f"building the quantized kernels failed: {detail}") from None
     if not built:
         print(f"[dovetail] kernels built in {time.perf_counter() - t0:.0f}s "
-              f"(this CPU: {ISA_NAMES[module.best_isa()]})", file=sys.stderr, flush=True)
+              f"(this CPU: {module.kernel_path_name(0)})", file=sys.stderr, flush=True)
     return module
 
 
@@ -103,5 +121,6 @@ def kernel_isa() -> int:
     return _ISA_CODES[name]
 
 
-def best_isa_name() -> str:
-    return ISA_NAMES[ops().best_isa()]
+def kernel_path_name() -> str:
+    """The kernel path the operators run (DOVETAIL_KERNEL_ISA, or the best this CPU has)."""
+    return ops().kernel_path_name(kernel_isa())

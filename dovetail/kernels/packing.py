@@ -10,7 +10,7 @@ per-group float scales, ``w = S * q + M`` with
     M = Dm              (block formats with a float min: Q4_1, Q5_1)
 
 which is bit-exactly what ``gguf``'s own dequantisation computes. ``decode`` produces that form,
-``pack`` lays it out for ``qlinear.cpp`` (see its header for the byte layout).
+``pack`` lays it out for the kernels (``csrc/kernels.h`` describes the byte layout).
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def decode(raw: np.ndarray, qtype: QT, rows: int, cols: int) -> Decoded:
 # -- the kernel's layout ---------------------------------------------------------------------
 @dataclass
 class PackedWeight:
-    """A weight in ``qlinear.cpp``'s tile layout (tensors) plus its scheme and logical shape."""
+    """A weight in the kernels' tile layout (tensors) plus its scheme and logical shape."""
 
     q: torch.Tensor
     D: torch.Tensor

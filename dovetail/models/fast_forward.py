@@ -7,7 +7,7 @@ runs the same model from the same modules and the same cache in about a dozen ca
 one C++ call each for RMSNorm (fused with the residual add), the rotary embedding and the
 attention; one activation quantization shared by q/k/v and one by gate/up.
 
-Exactness: every operator here computes each row on its own in a fixed order (``qlinear.cpp``),
+Exactness: every operator here computes each row on its own in a fixed order (``kernels/csrc``),
 so a token's logits are bit-identical whether it is decoded alone, in a tree or in a batch, which
 is what lossless verification needs. The target's plain decoding runs this same forward. (It is not
 bit-identical to HF's forward of the same weights: the norm sums in another order.)

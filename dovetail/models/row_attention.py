@@ -2,7 +2,7 @@
 ``dovetail_rows``).
 
 Speculative verification is lossless only if a token gets the same logits inside a draft block
-as when decoded alone. The quantized linears compute each row on its own (``qlinear.cpp``), but a
+as when decoded alone. The quantized linears compute each row on its own (``kernels/csrc``), but a
 library attention kernel blocks its work by shape, so a token's attention output can differ in
 the last bits between a 1-row and an n-row forward; with int8 activations such a difference can
 flip a rounding and move logits by far more. This attention computes every query row from its
