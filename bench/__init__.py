@@ -47,6 +47,9 @@ def add_bench_args(p) -> None:
     p.add_argument("--workloads", default="", help="workloads suite: comma-separated subset (default: all)")
     p.add_argument("--context-tokens", type=int, default=4000, help="workloads suite: the long-context prompt's size")
     p.add_argument("--no-llama", action="store_true", help="workloads and kernels suites: skip llama.cpp's rows")
+    p.add_argument("--seven-b", action="store_true",
+                   help="kernels suite: also a 7B-shaped random Q4_K file (made once, ~4.4 GB): its curve, prefill "
+                        "and a projected speculative rate with the packaged draft")
     p.add_argument("--serve-configs", default="",
                    help="serve suite: ';'-separated substrings picking configurations (default: all)")
     p.add_argument("--reps", type=int, default=7, help="profile and kernels suites: forwards per row count (medians)")

@@ -92,8 +92,10 @@ def compile_kernels(build: Path, extra_cflags: tuple[str, ...] = ()):
                                     extra_cflags=CFLAGS + list(extra_cflags), extra_ldflags=LDFLAGS,
                                     extra_include_paths=[str(SOURCE_DIR)], verbose=False)
     except (RuntimeError, OSError, ImportError) as exc:
-        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"building the quantized kernels failed: {detail}") from None
+        lines = str(exc).strip().splitlines()
+        errors = [line.strip() for line in lines if "error:" in line or "Error:" in line]
+        detail = (errors or lines or [type(exc).__name__])[0 if errors else -1]
+        raise UserError(f"building the quantized kernels failed: {detail} (build folder: {build})") from None
     if not built:
         print(f"[dovetail] kernels built in {time.perf_counter() - t0:.0f}s "
               f"(this CPU: {module.kernel_path_name(0)})", file=sys.stderr, flush=True)

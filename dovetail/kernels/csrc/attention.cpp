@@ -8,7 +8,7 @@ namespace dovetail {
 
 // 4 keys scored together and 4 vectors of 8 outputs summed together: 16 registers' worth on most
 // CPUs with 128-bit vectors.
-DOVETAIL_ATTEND_BUILD(attend_scalar, 4, v8f, 4)
+DOVETAIL_ATTEND_BUILD(attend_scalar, 4, v8f, 4, PortableFma)
 
 // q [H, Lq, d], k/v [Hkv, Lk, d] float32, visible uint8 [Lq, Lk] -> out [Lq, H, d].
 at::Tensor row_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,

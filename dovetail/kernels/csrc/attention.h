@@ -1,16 +1,19 @@
 // Attention, row by row: the arithmetic every path shares, written with GCC vector types so that
-// each build (attention.cpp: portable; x86/attention_x86.cpp: AVX2 and AVX-512) compiles the same
-// source for its own vector width.
+// each build (attention.cpp: portable; x86/attention_avx2.cpp and x86/attention_avx512.cpp)
+// compiles the same source for its own vector width.
 // Each query row attends to its visible keys in cache order with a fixed order of operations, so
 // a token's attention output is bit-identical whether it is decoded alone or verified inside a
 // tree or a batch (a library attention kernel picks its blocking by shape, and with quantized
 // activations a last-bit difference can flip an int8 rounding). The arithmetic of one (row, head):
-//   score_t = dot(q, k_t) * scale, the dot product in 16 lanes reduced in a fixed tree (dots16);
+//   score_t = dot(q, k_t) * scale, the dot product in 16 lanes of fused multiply-adds reduced in
+//             a fixed tree (dots16);
 //   p_t     = exp(score_t - max) / sum, the sum in 16 lanes (key t in lane t % 16), reduced in a
 //             fixed tree; exp is a fixed polynomial;
-//   out     = sum over t of p_t * v_t, each output lane summing the keys in cache order.
+//   out     = sum over t of p_t * v_t, each output lane a chain of fused multiply-adds over the
+//             keys in cache order.
 // Only vector widths change between the builds, never the order of operations (no -ffast-math,
-// no contraction), so every build gives the same bits.
+// no contraction: each fused multiply-add is explicit, one rounding on every build), so every
+// build gives the same bits.
 //
 // The loops are arranged so that the keys and values of a KV head are read once for all the query
 // rows and heads that share them (decoding one token, verifying a block, or a block of prompt
@@ -40,19 +43,31 @@ __attribute__((always_inline)) inline V loadv(const float* p) {
 template <typename V>
 __attribute__((always_inline)) inline void storev(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
 
+// The portable build's fused multiply-add, lane by lane (one rounding, as the x86 builds' fma
+// instructions): every build gives the same bits.
+struct PortableFma {
+  template <typename V>
+  __attribute__((always_inline)) static inline V fma(V a, V b, V c) {
+    V r;
+    for (int i = 0; i < (int)(sizeof(V) / sizeof(float)); ++i) r[i] = std::fma(a[i], b[i], c[i]);
+    return r;
+  }
+};
+
 __attribute__((always_inline)) inline float tree8(const float* l) { return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7])); }
 
 // q . k_i for 16 keys at once (d a multiple of 16), lane i of the result holding key i: lane l of
-// key i's accumulator sums q[c + l] * k_i[c + l] over c = 0, 16, 32, ... in order, then each key's
+// key i's accumulator sums q[c + l] * k_i[c + l] over c = 0, 16, 32, ... in order (fused), then each key's
 // 16 lanes are added in a fixed tree, (l, l + 8), then (l, l + 4), (l, l + 2), (l, l + 1), by a
 // transposing network that reduces all 16 keys together. A key's score depends on that key alone,
 // never on which keys share its group.
+template <typename F>
 __attribute__((always_inline)) inline v16f dots16(const float* q, const float* const* k, int64_t d) {
   v16f acc[16];
   for (int i = 0; i < 16; ++i) acc[i] = v16f{};
   for (int64_t c = 0; c < d; c += 16) {
     const v16f qc = loadv<v16f>(q + c);
-    for (int i = 0; i < 16; ++i) acc[i] = acc[i] + qc * loadv<v16f>(k[i] + c);
+    for (int i = 0; i < 16; ++i) acc[i] = F::fma(qc, loadv<v16f>(k[i] + c), acc[i]);
   }
   v16f b[8], c4[4], e[2];
   for (int m = 0; m < 8; ++m)  // keys 2m, 2m+1: 8 partial sums each (lanes l + l+8)
@@ -71,18 +86,18 @@ __attribute__((always_inline)) inline v16f dots16(const float* q, const float* c
 // The same sums for fewer keys at a time (KG of them), each key's 16 lanes reduced by the same
 // tree: (l, l + 8), (l, l + 4), (l, l + 2), (l, l + 1). Paths with 16 vector registers (AVX2,
 // baseline) use 4 keys, which keeps the accumulators in registers; the bits are those of dots16.
-template <int KG>
+template <int KG, typename F>
 __attribute__((always_inline)) inline void dots_group(const float* q, const float* const* k, int64_t d, float* out) {
   if constexpr (KG == 16) {
-    storev(out, dots16(q, k, d));
+    storev(out, dots16<F>(q, k, d));
   } else {
     v8f lo[KG], hi[KG];  // lanes 0-7 and 8-15 of each key's accumulator, in native 256-bit vectors
     for (int i = 0; i < KG; ++i) lo[i] = hi[i] = v8f{};
     for (int64_t c = 0; c < d; c += 16) {
       const v8f qlo = loadv<v8f>(q + c), qhi = loadv<v8f>(q + c + 8);
       for (int i = 0; i < KG; ++i) {
-        lo[i] = lo[i] + qlo * loadv<v8f>(k[i] + c);
-        hi[i] = hi[i] + qhi * loadv<v8f>(k[i] + c + 8);
+        lo[i] = F::fma(qlo, loadv<v8f>(k[i] + c), lo[i]);
+        hi[i] = F::fma(qhi, loadv<v8f>(k[i] + c + 8), hi[i]);
       }
     }
     for (int i = 0; i < KG; ++i) {
@@ -154,7 +169,7 @@ __attribute__((always_inline)) inline int64_t visible_in_block(const uint8_t* vr
 // One item of an attention: KV head g, query rows [i0, i1), the group's heads [h0, h1). Keys and
 // values are each read once for all of them; scores live in `score` ([row][head][key], the
 // row's visible keys only), the outputs accumulate across blocks of keys in `po` directly.
-template <int KG, typename VT, int OC>
+template <int KG, typename VT, int OC, typename F>
 __attribute__((always_inline)) inline void attend_item(int64_t g, int64_t i0, int64_t i1, int64_t h0, int64_t h1, const float* pq, const float* pk,
                  const float* pv, int64_t k_stride, int64_t v_stride, const uint8_t* vis, float* po, int64_t H, int64_t Hkv, int64_t Lq,
                  int64_t Lk, int64_t d, float sc, std::vector<float>& score, std::vector<int64_t>& count) {
@@ -180,7 +195,7 @@ __attribute__((always_inline)) inline void attend_item(int64_t g, int64_t i0, in
           const float* group[KG];
           for (int i = 0; i < KG; ++i) group[i] = K + keys[std::min(s0 + i, nk - 1)] * d;  // a short group repeats its last key
           float lanes[KG];
-          dots_group<KG>(qv, group, d, lanes);
+          dots_group<KG, F>(qv, group, d, lanes);
           for (int64_t i = 0; i < std::min<int64_t>(KG, nk - s0); ++i) out[s0 + i] = lanes[i] * sc;
         }
       }
@@ -215,13 +230,13 @@ __attribute__((always_inline)) inline void attend_item(int64_t g, int64_t i0, in
           for (int i = 0; i < OC; ++i) a[i] = loadv<VT>(o + c + VL * i);
           for (int64_t t = 0; t < nk; ++t) {
             const float* vj = V + keys[t] * d + c;
-            for (int i = 0; i < OC; ++i) a[i] = a[i] + w[t] * loadv<VT>(vj + VL * i);
+            for (int i = 0; i < OC; ++i) a[i] = F::fma(VT{} + w[t], loadv<VT>(vj + VL * i), a[i]);
           }
           for (int i = 0; i < OC; ++i) storev(o + c + VL * i, a[i]);
         }
         for (; c < d; c += 16) {
           v16f a = loadv<v16f>(o + c);
-          for (int64_t t = 0; t < nk; ++t) a = a + w[t] * loadv<v16f>(V + keys[t] * d + c);
+          for (int64_t t = 0; t < nk; ++t) a = F::fma(v16f{} + w[t], loadv<v16f>(V + keys[t] * d + c), a);
           storev(o + c, a);
         }
       }
@@ -233,9 +248,10 @@ __attribute__((always_inline)) inline void attend_item(int64_t g, int64_t i0, in
 }  // namespace
 }  // namespace dovetail
 
-// A build of attend_item: KG keys scored together, OC vectors of VT outputs summed together.
-#define DOVETAIL_ATTEND_BUILD(NAME, KG, VT, OC)                                                          \
+// A build of attend_item: KG keys scored together, OC vectors of VT outputs summed together, F's
+// fused multiply-adds.
+#define DOVETAIL_ATTEND_BUILD(NAME, KG, VT, OC, F)                                                          \
   void NAME(DOVETAIL_ATTEND_ARGS) {                                                                        \
-    attend_item<KG, VT, OC>(g, i0, i1, h0, h1, pq, pk, pv, k_stride, v_stride, vis, po, H, Hkv, Lq, Lk, d, scale, \
+    attend_item<KG, VT, OC, F>(g, i0, i1, h0, h1, pq, pk, pv, k_stride, v_stride, vis, po, H, Hkv, Lq, Lk, d, scale, \
                             score, count);                                                                 \
   }
