@@ -11,7 +11,7 @@ against llama.cpp on the same GGUF file, side by side in one run.
   prefill     prompt tokens per second at 512, 1,024 and 4,096 tokens (a fresh cache each)
   llama.cpp   ``llama-bench`` on the same file and threads: ``pp N -d D`` for the same curve,
               ``pp N`` for prefill and ``tg 64 -d D`` for decoding at depth
-  7B          with ``--seven-b``: the same curve and prefill on a Qwen2-7B-shaped file of random
+  7B          with ``--seven-b``: the same curve, and prefill at 512 / 1k, on a Qwen2-7B-shaped file of random
               Q4_K blocks (made once, ~4.4 GB), llama.cpp's ``pp N`` on it, and a *projected*
               speculative rate for a 7B target with the packaged 0.5B draft: the real pair's
               measured acceptance by position (the workloads suite's HumanEval chain:3 row), the
@@ -32,6 +32,7 @@ DEPTHS = (150, 1000, 4000)
 ROWS = (1, 2, 4, 8, 16, 32)
 PREFILL = (512, 1024, 4096)
 ROWS_7B = (1, 2, 3, 4, 8, 16, 32)  # 2-4: the verification blocks of chain:1-3
+PREFILL_7B = (512, 1024)  # 4,096 tokens of a 7B take minutes on a small machine, twice (llama.cpp too)
 ACCEPTANCE_ROW = "model chain:3 (former default)"  # in workloads-humaneval.json
 
 
@@ -123,7 +124,7 @@ def seven_b_rows(args, like) -> dict:
     lm = CachedLM(load_causal_lm(folder, precision="native"))
     out["curve_ms"][150] = forward_curve(lm.model, ROWS_7B, context=150, reps=max(1, args.reps // 2))
     _say(f"7B after 150: {out['curve_ms'][150]}")
-    for tokens in PREFILL:
+    for tokens in PREFILL_7B:
         out["prefill_tok_s"][tokens] = dovetail_prefill(lm, tokens)
         _say(f"7B prefill {tokens}: {out['prefill_tok_s'][tokens]} tok/s")
     del lm
@@ -139,7 +140,7 @@ def seven_b_rows(args, like) -> dict:
             rows = llama_bench(bin_dir, folder / GGUF_NAME, threads, ["-p", "1,4,16", "-n", "0", "-d", "150", "-r", "2"])
             out["llama_cpp_curve_ms"] = {int(r["n_prompt"]): round(r["n_prompt"] / r["avg_ts"] * 1e3, 1) for r in rows}
             rows = llama_bench(bin_dir, folder / GGUF_NAME, threads,
-                               ["-p", ",".join(map(str, PREFILL)), "-n", "0", "-r", "1"])
+                               ["-p", ",".join(map(str, PREFILL_7B)), "-n", "0", "-r", "1"])
             out["llama_cpp_prefill_tok_s"] = {int(r["n_prompt"]): round(r["avg_ts"], 1) for r in rows}
             _say(f"llama.cpp 7B: {out['llama_cpp_curve_ms']}, prefill {out['llama_cpp_prefill_tok_s']}")
         except subprocess.CalledProcessError as exc:
