@@ -20,7 +20,7 @@ from dovetail.request import Request
 from dovetail.speculation import SpeculationSetup, parse_proposers
 from dovetail.speculation.cost import Acceptance, Confidence, VerifyCurve, expected_tokens
 from dovetail.speculation.lookup import NgramProposer, SuffixCache, SuffixProposer, SuffixTrie
-from dovetail.speculation.speculator import Member, Speculator
+from dovetail.speculation.speculator import PROBE_FIRST, Member, Speculator
 from tiny_models import hf_greedy, perturbed, tiny_model
 
 EOS = 1
@@ -325,6 +325,38 @@ def test_speculator_learns_acceptance_and_switches_off_then_probes():
     assert chosen[0] is not None and any(c is None for c in chosen[-10:])
     offs = [i for i, c in enumerate(chosen) if c is None]
     assert offs and any(c is not None for c in chosen[offs[0]:]), "a losing option is never probed again"
+
+
+def test_an_unverified_text_tree_is_judged_against_what_was_committed():
+    """A model-free tree that was not verified still learns its acceptance from the committed
+    tokens, so text that starts repeating switches speculation back on at once, not at the next
+    probe; and it is scored exactly as far as those tokens reach."""
+    from dovetail.speculation.speculator import _matched
+
+    tree = DraftTree([1, 10, 20, 11], [-1, 0, 0, 1])  # 10 -> 11, or 20
+    assert _matched(tree, [20]) == (1, 1) and _matched(tree, [10, 11, 7]) == (2, 2)
+    assert _matched(tree, [10, 7]) == (2, 1) and _matched(tree, [7]) == (1, 0) and _matched(tree, []) == (0, 0)
+
+    curve = {1: 40, 2: 48, 4: 64, 8: 96, 16: 160, 32: 288}
+    spec = _speculator(curve, [0.9] * 6)
+    arm = (("ngram",), 1)
+    spec.acceptance[(arm, False)] = Acceptance(6, 0.9, prior_weight=2)
+
+    def step(n, committed):
+        (proposal,) = spec.propose([Drafting("r", n, [4])])
+        path = [0] + [i + 1 for i, t in enumerate(committed[:-1]) if t == 10 + i]
+        spec.learn("r", proposal, Verdict(committed, path[:len(committed)]),
+                   StepTimes(spec.curve.base_at(len(proposal.tree)), len(proposal.tree), 10))
+        return proposal.choice
+
+    n = 0
+    while step(n := n + 1, [5]) is not None:  # nothing matches: it switches off
+        assert n < 20
+    low = spec.acceptance[(arm, False)].rate(1)
+    off = [step(n := n + 1, [10]) for _ in range(3)]  # the text starts matching
+    assert spec.acceptance[(arm, False)].rate(1) > low
+    assert off[0] is None and any(c is not None for c in off), "matching text was not noticed before a probe"
+    assert spec.probe_after[(arm, False)] == PROBE_FIRST, "the comeback was a probe"
 
 
 def test_acceptance_and_probing_are_engine_wide_and_apart_for_sampled_requests():

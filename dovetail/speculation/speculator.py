@@ -18,7 +18,9 @@ Each step, per request:
    tokens it missed are fed with its next proposal, in one forward, whose extra rows are priced
    into that proposal's cost (``_catch_up_s``).
 5. The chosen trees are merged under one root; ``learn`` then feeds the cost model what the step
-   cost and committed.
+   cost and committed. A model-free option that was not verified is judged too, for free,
+   against the tokens the step committed (``RequestState.shadow``): text that starts repeating
+   is noticed at once instead of at the next probe.
 
 Options that lose are tried again now and then (every 8 request-steps of the engine, doubling to
 128 while they keep losing), so a change in the text or the machine is noticed. ``shape`` pins the tree (``--tree``):
@@ -78,6 +80,11 @@ class RequestState:
     current: Choice | None = None
     catch_up_s: float = 0.0  # the current choice's predicted catch-up (not part of a draft's usual wait)
     off_said: bool = False
+    # model-free arms proposed but not verified this step, with their trees: ``learn`` scores each
+    # against the committed tokens (greedy: exactly what verifying it would have accepted, as far
+    # as those tokens reach; sampled: the same chance at depth 1, as a fixed candidate set is accepted
+    # with the target's probability of it)
+    shadow: dict[tuple, DraftTree] = field(default_factory=dict)
 
 
 @dataclass
@@ -178,6 +185,7 @@ class Speculator:
         for item in items:
             rid = item.request_id
             if rid in failed:
+                self.states[rid].shadow = {}
                 out.append(failed[rid])
                 continue
             option = picks[rid]
@@ -189,6 +197,10 @@ class Speculator:
                                                 if (rid, n) in grown)
             choice = self._choice(option)
             self.states[rid].current = choice
+            self.states[rid].shadow = {
+                arm: text for arm in self.arms if arm != (option.arm if option else None)
+                and all(self.members[n].free for n in arm[0])
+                and len(text := self._text_tree(rid, arm[0], text_trees)) > 1}
             self.states[rid].catch_up_s = option.catch_up_s if option else 0.0
             out.append(Proposal(tree, compute, choice=choice, expected=option.tokens if option else 1.0))
         return out
@@ -216,7 +228,12 @@ class Speculator:
     def learn(self, request_id: str, proposal: Proposal | None, verdict: Verdict, step: StepTimes) -> None:
         self.curve.observe(step.rows, step.context, step.verify_s)
         state = self.states.get(request_id)
-        if state is None or proposal is None or proposal.choice is None:
+        if state is None:
+            return
+        shadow, state.shadow = state.shadow, {}
+        for arm, tree in shadow.items():
+            self._observe(state, arm, *_matched(tree, verdict.tokens))
+        if proposal is None or proposal.choice is None:
             return
         arm = (proposal.choice.proposers, proposal.choice.width)
         # The depth chosen, not the tree's: levels the cut-offs left out count as not accepted, so
@@ -229,10 +246,13 @@ class Speculator:
             for node in range(1, len(proposal.tree)):
                 confidence.observe(math.exp(float(proposal.tree.scores[node])), node in on_path)
         if depth:
-            self.acceptance[(arm, state.sampled)].observe(depth, accepted)
-            state.acceptance.setdefault(arm, Acceptance(self.max_depth, 0.0, 0.0)).observe(depth, accepted)
+            self._observe(state, arm, depth, accepted)
         usual_wait = max(0.0, step.draft_wait_s - state.catch_up_s)  # the catch-up is priced apart
         self.draft_wait.setdefault((arm, proposal.choice.shape.depth), Ema()).add(usual_wait)
+
+    def _observe(self, state: RequestState, arm: tuple, depth: int, accepted: int) -> None:
+        self.acceptance[(arm, state.sampled)].observe(depth, accepted)
+        state.acceptance.setdefault(arm, Acceptance(self.max_depth, 0.0, 0.0)).observe(depth, accepted)
 
     # -- choosing ------------------------------------------------------------------------------
     def _text_trees(self, items: list[Drafting], failed: dict) -> dict[tuple[str, str], DraftTree]:
@@ -344,7 +364,7 @@ class Speculator:
             rates = self._rates(request_id, (key, width))
             free = [n for n in key if self.members[n].free]
             models = [n for n in key if not self.members[n].free]
-            text = merge_trees([text_trees[(request_id, n)] for n in free]) if free else None
+            text = self._text_tree(request_id, key, text_trees)
             if text is not None and len(text) == 1 and not models:
                 continue  # nothing to propose this step
             depths = ([self.shape.depth] if self.shape is not None else
@@ -358,6 +378,11 @@ class Speculator:
                 out.append(Option(key, depth, 1 + text_rows + model_rows, expected_tokens(rates, depth), draft_s,
                                   free_s, catch_up, text, width))
         return out
+
+    def _text_tree(self, request_id: str, key: tuple[str, ...], text_trees: dict) -> DraftTree | None:
+        """The model-free proposers' trees of ``key`` merged (None: it names none)."""
+        free = [text_trees[(request_id, n)] for n in key if self.members[n].free]
+        return merge_trees(free) if free else None
 
     def _draft_cost(self, arm: tuple, name: str, depth: int) -> float:
         """What the loop waits for a model's tree of ``depth`` levels: measured when seen, else
@@ -449,3 +474,15 @@ class Speculator:
             shape = TreeShape(max(option.rows, 2), option.depth, 1 if option.rows == option.depth + 1 else TEXT_SHAPE.top_k)
         bets = len(option.key) == 1 and self.members[option.key[0]].bets
         return Choice(option.key, shape, bets, option.width)
+
+
+def _matched(tree: DraftTree, committed: list[int]) -> tuple[int, int]:
+    """How deep ``committed`` tells about ``tree`` (the tokens known below its root, up to its
+    depth) and how many of them the tree's nodes follow from the root."""
+    node, matched = 0, 0
+    for token in committed:
+        nxt = next((int(c) for c in tree.children(node) if int(tree.tokens[c]) == int(token)), None)
+        if nxt is None:
+            break
+        node, matched = nxt, matched + 1
+    return min(len(committed), int(tree.depths.max())), matched
