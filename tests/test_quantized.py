@@ -68,6 +68,14 @@ def test_each_row_is_computed_independently_of_the_block():
     for i in (0, 5, 31):
         assert torch.equal(run(x[i:i + 1], pw, 0)[0], block[i])
     assert torch.equal(run(x[3:11], pw, 0), block[3:11])
+    # a long prompt's rows go in passes that fit a core's L2 (64 rows at a time for 4,352 inputs):
+    # rows in the last, partial pass and alone match, on every path
+    _, _, wide = packed_weight(QT.Q6_K, 20, 4352, seed=3)
+    x = torch.randn(150, 4352)
+    blocks = [run(x, wide, isa) for isa in PATHS]
+    assert all(torch.equal(b, blocks[0]) for b in blocks[1:])
+    for i in (0, 63, 64, 149):
+        assert torch.equal(run(x[i:i + 1], wide, 0)[0], blocks[0][i])
 
 
 def test_activation_quantization_is_the_same_on_every_path():

@@ -2,6 +2,7 @@
 // portable tile kernel every other path follows, and the exact dequantisation of rows.
 // The weight unit is unpacked once and applied to every row of the block: the cost of a block of
 // rows grows far slower than the number of rows, which is what speculative verification needs.
+#include <algorithm>
 #include <cmath>
 
 #include "ops.h"
@@ -100,24 +101,30 @@ at::Tensor qmatmul_quantized(const at::Tensor& xq_in, const at::Tensor& xs_in, c
   const float* xs = xs_t.data_ptr<float>();
   auto y = at::empty({M, N}, at::kFloat);
   float* py = y.data_ptr<float>();
-  constexpr int64_t ROWS = 64;  // rows per pass: their accumulators stay in L1
-  at::parallel_for(0, w.T, 1, [&](int64_t b, int64_t e) {
-    alignas(64) float acc[ROWS * 16];
-    for (int64_t t = b; t < e; ++t)
-      for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
-        const int64_t rows = std::min(ROWS, M - m0);
-        std::memset(acc, 0, sizeof(float) * rows * 16);
-        const int8_t* xr = xq + m0 * K;
-        const float* sr = xs + m0 * w.U * 4;
-        tile(w, t, xr, sr, rows, acc);
-        const int64_t n0 = t * 16, width = std::min<int64_t>(16, N - n0);
-        for (int64_t m = 0; m < rows; ++m) {
-          float* out = py + (m0 + m) * N + n0;
-          if (pb) for (int64_t o = 0; o < width; ++o) out[o] = acc[m * 16 + o] + pb[n0 + o];
-          else std::memcpy(out, acc + m * 16, sizeof(float) * width);
+  // Rows go in passes whose int8 activations stay in a core's L2 (PASS_BYTES) while every tile of
+  // the weight streams past them; within a pass, ROWS rows at a time keep their accumulators in L1.
+  // One pass covers decoding and verification; a long prompt's rows would otherwise be re-read from
+  // memory for every tile (the down projection, 8960 inputs a row, ran at half its rate at 512 rows).
+  constexpr int64_t ROWS = 64, PASS_BYTES = 512 * 1024;
+  const int64_t pass = std::max<int64_t>(ROWS, PASS_BYTES / K / ROWS * ROWS);
+  for (int64_t p0 = 0; p0 < M; p0 += pass) {
+    const int64_t p1 = std::min(M, p0 + pass);
+    at::parallel_for(0, w.T, 1, [&](int64_t b, int64_t e) {
+      alignas(64) float acc[ROWS * 16];
+      for (int64_t t = b; t < e; ++t)
+        for (int64_t m0 = p0; m0 < p1; m0 += ROWS) {
+          const int64_t rows = std::min(ROWS, p1 - m0);
+          std::memset(acc, 0, sizeof(float) * rows * 16);
+          tile(w, t, xq + m0 * K, xs + m0 * w.U * 4, rows, acc);
+          const int64_t n0 = t * 16, width = std::min<int64_t>(16, N - n0);
+          for (int64_t m = 0; m < rows; ++m) {
+            float* out = py + (m0 + m) * N + n0;
+            if (pb) for (int64_t o = 0; o < width; ++o) out[o] = acc[m * 16 + o] + pb[n0 + o];
+            else std::memcpy(out, acc + m * 16, sizeof(float) * width);
+          }
         }
-      }
-  });
+    });
+  }
   return y;
 }
 
