@@ -138,6 +138,10 @@ inline void unpack_unit(const Packed& w, int64_t t, int64_t u, uint8_t* out) {
 
 // ---- the kernel registry -------------------------------------------------------------------------
 // One tile of 16 output rows for activation rows [0, M): acc[m * 16 + o] += row m . weight row o.
+// The rows come unit-major (pack_rows in matmul.cpp): row m's 32 int8 values of unit u start at
+// xq + unit_row(M, u, m) * 32 and its 4 block floats at xs + unit_row(M, u, m) * 4, so one unit of
+// every row is one contiguous run and a kernel addresses its rows by constant offsets.
+inline int64_t unit_row(int64_t M, int64_t u, int64_t m) { return u * M + m; }
 using TileFn = void (*)(const Packed&, int64_t t, const int8_t* xq, const float* xs, int64_t M, float* acc);
 // Blocks [b, e) of 32 activations -> int8 values q8 and per block (dx, dx*sum, sum(first 16),
 // sum(last 16)); the half sums are integers held exactly in float32.

@@ -24,8 +24,8 @@ void tile_scalar(const Packed& w, int64_t t, const int8_t* xq, const float* xs, 
     unpack_unit(w, t, u, vals);
     unit_factors(w, t, u, uf);
     for (int64_t m = 0; m < M; ++m) {
-      const int8_t* x = xq + m * w.K + u * 32;
-      const float* s = xs + (m * w.U + u) * 4;
+      const int8_t* x = xq + unit_row(M, u, m) * 32;
+      const float* s = xs + unit_row(M, u, m) * 4;
       for (int o = 0; o < 16; ++o) {
         float f = acc[m * 16 + o];
         int32_t total = 0;
@@ -78,6 +78,22 @@ Packed make_packed(const at::Tensor& q, const at::Tensor& D, const at::Tensor& D
 }
 
 
+// The rows of xq [M, K] / xs [M, U, 4] (quantize_rows) in blocks of `rows`, each block unit-major
+// (unit_row, kernels.h): a tile then reads one contiguous run per unit instead of one cache line
+// per row, and addresses its rows by constant offsets.
+static void pack_rows(const int8_t* xq, const float* xs, int64_t M, int64_t U, int64_t rows, int8_t* xp, float* sp) {
+  at::parallel_for(0, (M + rows - 1) / rows, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      const int64_t m0 = c * rows, n = std::min(rows, M - m0);
+      for (int64_t m = 0; m < n; ++m)
+        for (int64_t u = 0; u < U; ++u) {
+          std::memcpy(xp + (m0 * U + unit_row(n, u, m)) * 32, xq + ((m0 + m) * U + u) * 32, 32);
+          std::memcpy(sp + (m0 * U + unit_row(n, u, m)) * 4, xs + ((m0 + m) * U + u) * 4, 4 * sizeof(float));
+        }
+    }
+  });
+}
+
 // y = x @ W.T (+ bias) from activations already quantised by quantize_rows: several weights that
 // read the same input (q/k/v, gate/up) share one quantisation.
 at::Tensor qmatmul_quantized(const at::Tensor& xq_in, const at::Tensor& xs_in, const at::Tensor& q,
@@ -97,8 +113,6 @@ at::Tensor qmatmul_quantized(const at::Tensor& xq_in, const at::Tensor& xs_in, c
     TORCH_CHECK(bias.numel() == N, "bias has the wrong size");
   }
   const float* pb = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  const int8_t* xq = xq_t.data_ptr<int8_t>();
-  const float* xs = xs_t.data_ptr<float>();
   auto y = at::empty({M, N}, at::kFloat);
   float* py = y.data_ptr<float>();
   // Rows go in passes whose int8 activations stay in a core's L2 (PASS_BYTES) while every tile of
@@ -106,6 +120,10 @@ at::Tensor qmatmul_quantized(const at::Tensor& xq_in, const at::Tensor& xs_in, c
   // One pass covers decoding and verification; a long prompt's rows would otherwise be re-read from
   // memory for every tile (the down projection, 8960 inputs a row, ran at half its rate at 512 rows).
   constexpr int64_t ROWS = 64, PASS_BYTES = 512 * 1024;
+  at::Tensor xp_t = at::empty_like(xq_t), sp_t = at::empty_like(xs_t);
+  int8_t* xq = xp_t.data_ptr<int8_t>();
+  float* xs = sp_t.data_ptr<float>();
+  pack_rows(xq_t.data_ptr<int8_t>(), xs_t.data_ptr<float>(), M, w.U, ROWS, xq, xs);
   const int64_t pass = std::max<int64_t>(ROWS, PASS_BYTES / K / ROWS * ROWS);
   for (int64_t p0 = 0; p0 < M; p0 += pass) {
     const int64_t p1 = std::min(M, p0 + pass);

@@ -84,8 +84,8 @@ void tile_avx2(const Packed& w, int64_t t, const int8_t* xq, const float* xs, in
     }
     unit_factors_256<MODE, HALVES>(w, t, u, uf);
     for (int64_t m = 0; m < M; ++m) {
-      const int8_t* x = xq + m * w.K + u * 32;
-      const float* s = xs + (m * w.U + u) * 4;
+      const int8_t* x = xq + unit_row(M, u, m) * 32;
+      const float* s = xs + unit_row(M, u, m) * 4;
       const __m256 dx = _mm256_set1_ps(s[0]);
       __m256i total[2];
       for (int h = 0; h < HALVES; ++h) {

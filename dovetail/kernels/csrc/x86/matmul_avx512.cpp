@@ -23,7 +23,7 @@ struct Unit512 {
 // made Q6_K about half as fast per multiply-add as Q4_K.
 template <int BITS, int GS, int MODE, int R>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-inline void rows_avx512(const Packed& w, int64_t u, const int8_t* xq, const float* xs, int64_t m0, float* acc,
+inline void rows_avx512(const int8_t* xq, const float* xs, float* acc, int32_t zi,
                         const __m512i* wv, const __mmask64* neg, const Unit512<MODE, 32 / GS>& uf) {
   constexpr int HALVES = 32 / GS, CHUNKS = GS / 4;
   constexpr bool SYM = MODE == SYM_BLOCK || MODE == SYM_K;
@@ -31,7 +31,7 @@ inline void rows_avx512(const Packed& w, int64_t u, const int8_t* xq, const floa
   __m512 f[R];
   __m512i total[R];
   #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) f[r] = _mm512_loadu_ps(acc + (m0 + r) * 16);
+  for (int r = 0; r < R; ++r) f[r] = _mm512_loadu_ps(acc + r * 16);
   // P independent dpbusd chains per row (chunks round-robin), summed at the end: the integer sum
   // is exact in any order, and enough chains in flight hide the instruction's latency.
   constexpr int WANT = R >= 8 ? 1 : R >= 2 ? 2 : 4, P = WANT < CHUNKS ? WANT : CHUNKS;
@@ -47,7 +47,7 @@ inline void rows_avx512(const Packed& w, int64_t u, const int8_t* xq, const floa
       #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
         int32_t x4;
-        std::memcpy(&x4, xq + (m0 + r) * w.K + u * 32 + c * 4, 4);
+        std::memcpy(&x4, xq + r * 32 + c * 4, 4);
         __m512i xb = _mm512_set1_epi32(x4);
         if (BITS == 8) xb = _mm512_mask_sub_epi8(xb, neg[c], zero, xb);  // sign(x, w): |w| is unsigned
         part[r][c % P] = _mm512_dpbusd_epi32(part[r][c % P], wv[c], xb);
@@ -57,10 +57,10 @@ inline void rows_avx512(const Packed& w, int64_t u, const int8_t* xq, const floa
       __m512i isum = part[r][0];
       #pragma GCC unroll 16
       for (int j = 1; j < P; ++j) isum = _mm512_add_epi32(isum, part[r][j]);
-      const float* s = xs + ((m0 + r) * w.U + u) * 4;
+      const float* s = xs + r * 4;
       if (SYM) {
         const int32_t xsum = HALVES == 1 ? (int32_t)s[2] + (int32_t)s[3] : (int32_t)s[2 + h];
-        isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(w.zi * xsum));
+        isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(zi * xsum));
         if (MODE == SYM_K) isum = _mm512_mullo_epi32(isum, uf.sc[h]);
         total[r] = h == 0 ? isum : _mm512_add_epi32(total[r], isum);
       } else {
@@ -72,11 +72,11 @@ inline void rows_avx512(const Packed& w, int64_t u, const int8_t* xq, const floa
   if (SYM)
     #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      const float* s = xs + ((m0 + r) * w.U + u) * 4;
+      const float* s = xs + r * 4;
       f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total[r]), _mm512_mul_ps(uf.D, _mm512_set1_ps(s[0])), f[r]);
     }
   #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(acc + (m0 + r) * 16, f[r]);
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(acc + r * 16, f[r]);
 }
 
 template <int MODE, int HALVES>
@@ -137,11 +137,15 @@ void tile_avx512(const Packed& w, int64_t t, const int8_t* xq, const float* xs, 
     }
     unit_factors_512<MODE, HALVES>(w, t, u, uf);
     // Eight, four, two rows at a time: independent dpbusd chains hide the instruction's latency.
+    const int8_t* x = xq + unit_row(M, u, 0) * 32;
+    const float* s = xs + unit_row(M, u, 0) * 4;
     int64_t m = 0;
-    for (; m + 8 <= M; m += 8) rows_avx512<BITS, GS, MODE, 8>(w, u, xq, xs, m, acc, wv, neg, uf);
-    for (; m + 4 <= M; m += 4) rows_avx512<BITS, GS, MODE, 4>(w, u, xq, xs, m, acc, wv, neg, uf);
-    for (; m + 2 <= M; m += 2) rows_avx512<BITS, GS, MODE, 2>(w, u, xq, xs, m, acc, wv, neg, uf);
-    for (; m < M; ++m) rows_avx512<BITS, GS, MODE, 1>(w, u, xq, xs, m, acc, wv, neg, uf);
+#define DOVETAIL_ROWS(R) rows_avx512<BITS, GS, MODE, R>(x + m * 32, s + m * 4, acc + m * 16, w.zi, wv, neg, uf)
+    for (; m + 8 <= M; m += 8) DOVETAIL_ROWS(8);
+    for (; m + 4 <= M; m += 4) DOVETAIL_ROWS(4);
+    for (; m + 2 <= M; m += 2) DOVETAIL_ROWS(2);
+    for (; m < M; ++m) DOVETAIL_ROWS(1);
+#undef DOVETAIL_ROWS
   }
 }
 
