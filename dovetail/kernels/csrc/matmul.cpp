@@ -120,10 +120,11 @@ at::Tensor qmatmul_quantized(const at::Tensor& xq_in, const at::Tensor& xs_in, c
   // One pass covers decoding and verification; a long prompt's rows would otherwise be re-read from
   // memory for every tile (the down projection, 8960 inputs a row, ran at half its rate at 512 rows).
   constexpr int64_t ROWS = 64, PASS_BYTES = 512 * 1024;
-  at::Tensor xp_t = at::empty_like(xq_t), sp_t = at::empty_like(xs_t);
+  // One row (decoding) is unit-major as it stands: only blocks of rows are packed.
+  at::Tensor xp_t = M > 1 ? at::empty_like(xq_t) : xq_t, sp_t = M > 1 ? at::empty_like(xs_t) : xs_t;
   int8_t* xq = xp_t.data_ptr<int8_t>();
   float* xs = sp_t.data_ptr<float>();
-  pack_rows(xq_t.data_ptr<int8_t>(), xs_t.data_ptr<float>(), M, w.U, ROWS, xq, xs);
+  if (M > 1) pack_rows(xq_t.data_ptr<int8_t>(), xs_t.data_ptr<float>(), M, w.U, ROWS, xq, xs);
   const int64_t pass = std::max<int64_t>(ROWS, PASS_BYTES / K / ROWS * ROWS);
   for (int64_t p0 = 0; p0 < M; p0 += pass) {
     const int64_t p1 = std::min(M, p0 + pass);
