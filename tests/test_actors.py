@@ -443,3 +443,22 @@ def test_workers_at_another_protocol_version_are_refused_at_start(ray_session, q
     finally:
         engine.shutdown()
     assert _segments() <= ray_session
+
+
+def test_socket_dirs_leave_room_for_rays_own_socket_paths(monkeypatch):
+    """Ray puts "/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store" (64 bytes) under its
+    temp dir, and a unix socket path holds 107: a home whose ``ray`` dir is 48 bytes long (a longer
+    TMPDIR under pytest) made every server start fail; such a dir moves to a short /tmp path."""
+    import shutil
+    from pathlib import Path
+
+    from dovetail.actors.system import short_dir
+
+    session = "/session_2026-12-03_06-16-50_480238_1234567/sockets/plasma_store"
+    home = Path("/tmp") / ("dovetail-test-" + "x" * (48 - len("/tmp/dovetail-test-/ray")))
+    assert len(str(home / "ray")) == 48
+    monkeypatch.setenv("DOVETAIL_HOME", str(home))
+    try:
+        assert len(str(short_dir("ray")) + session) <= 107
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

@@ -35,7 +35,9 @@ from dovetail.topology import Topology, detect, parse_sockets
 
 log = logging.getLogger("dovetail")
 
-UNIX_PATH_ROOM = 48  # ray and zmq put sockets under these dirs; unix socket paths max out at 107 bytes
+# ray and zmq put sockets under these dirs, and unix socket paths max out at 107 bytes; ray's own
+# part is the longest, "/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store": 64 with a 7-digit pid
+UNIX_PATH_ROOM = 107 - 64
 
 
 def short_dir(name: str) -> Path:
