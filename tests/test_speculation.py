@@ -513,3 +513,14 @@ def test_actors_identity_with_proposers_and_cost_model(ray_session, pair, tmp_pa
         assert set(_live_requests(engine).values()) == {0}
     finally:
         engine.shutdown()
+
+
+def test_a_slowed_point_of_the_first_cost_curve_is_cut_down_to_a_larger_ones():
+    """Noise from other processes only adds time: a 16-row forward timed above the 32-row one, or
+    one tree above eight, is cut to the larger block's cost, so one spike cannot switch speculation off."""
+    from dovetail.speculation.calibrate import monotone
+
+    assert monotone({1: 0.080, 4: 0.117, 16: 1.320, 32: 0.410}) == {1: 0.080, 4: 0.117, 16: 0.410, 32: 0.410}
+    assert monotone({1: 0.165, 2: 0.140, 4: 0.198, 8: 0.093}) == {1: 0.093, 2: 0.093, 4: 0.093, 8: 0.093}
+    curve = {1: 0.08, 2: 0.09, 4: 0.1}
+    assert monotone(curve) == curve

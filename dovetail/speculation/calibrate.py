@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 DRAFT_BATCHES = (1, 2, 4, 8)
 REPEATS = 3
 PROMPT = 8  # tokens of the probe request's prompt
-FORMAT = 2  # of the cache files
+FORMAT = 3  # of the cache files (3: fastest of the repeats, monotone curves)
 
 
 def machine_fingerprint() -> dict:
@@ -65,8 +64,8 @@ def measured_costs(verifier, proposer=None, context_length: int = 1 << 30, key: 
         + (", and the draft's cost per tree level for 1-8 trees" if proposer is not None else "")
         + (f"; once, cached in {path.parent}" if path else "") + ")")
     t = time.perf_counter()
-    costs = {"verify": {r: _verify_seconds(verifier, r) for r in rows},
-             "draft_level_s": _draft_level_seconds(proposer) if proposer is not None else None}
+    costs = {"verify": monotone({r: _verify_seconds(verifier, r) for r in rows}),
+             "draft_level_s": monotone(_draft_level_seconds(proposer)) if proposer is not None else None}
     say(f"cost curve measured in {time.perf_counter() - t:.1f}s: "
         + ", ".join(f"{r} rows {s * 1e3:.1f} ms" for r, s in costs["verify"].items() if r in (1, 4, 16, 32))
         + ("; draft per level: " + ", ".join(f"{b} trees {s * 1e3:.1f} ms" for b, s in costs["draft_level_s"].items())
@@ -79,6 +78,17 @@ def measured_costs(verifier, proposer=None, context_length: int = 1 << 30, key: 
     return costs
 
 
+def monotone(curve: dict[int, float]) -> dict[int, float]:
+    """A forward over more rows (or trees) never costs less than over fewer: a point above a larger
+    one's was slowed by something else on the machine, and is cut down to it. (One such spike in
+    the first curve made the cost model price speculation off until the per-step refresh caught up.)"""
+    out, low = {}, float("inf")
+    for size in sorted(curve, reverse=True):
+        low = min(low, curve[size])
+        out[size] = low
+    return dict(sorted(out.items()))
+
+
 def _probe_token(i: int) -> int:
     """Ids 2..6: in every vocabulary (what they are does not change what a forward costs)."""
     return i % 5 + 2
@@ -89,8 +99,8 @@ def _probe_prompt() -> list[int]:
 
 
 def _verify_seconds(verifier, rows: int) -> float:
-    """Median compute of a forward over a chain of ``rows`` nodes (after one warm-up), in a probe
-    request of its own."""
+    """The fastest compute of a forward over a chain of ``rows`` nodes (after one warm-up), in a
+    probe request of its own: noise from other processes only ever adds time."""
     rid = f"calibrate-{rows}-{os.getpid()}"
     first = verifier.start(rid, _probe_prompt(), SamplingParams())
     last, times = first.tokens[-1], []
@@ -104,12 +114,12 @@ def _verify_seconds(verifier, rows: int) -> float:
                 times.append(verdict.compute_s)
     finally:
         verifier.end(rid)
-    return statistics.median(times)
+    return min(times)
 
 
 def _draft_level_seconds(proposer) -> dict[int, float]:
     """A draft model's compute per tree level with 1, 2, 4 and 8 trees grown together (one
-    forward per level for all): chains of 2 levels, medians of ``REPEATS``."""
+    forward per level for all): chains of 2 levels, the fastest of ``REPEATS``."""
     return {trees: _draft_level(proposer, trees) for trees in DRAFT_BATCHES}
 
 
@@ -130,4 +140,4 @@ def _draft_level(proposer, trees: int) -> float:
     finally:
         for rid in rids:
             proposer.end(rid)
-    return statistics.median(times)
+    return min(times)
