@@ -206,6 +206,21 @@ def test_speculative_greedy_identical_to_the_quantized_target_alone(tmp_path, ar
     assert accepted, "no draft token was ever accepted: acceptance went untested"
 
 
+def test_a_prompt_prefilled_in_one_block_is_decoding_it_token_by_token(tmp_path):
+    """Prefill (one forward over the whole prompt: the kernels' row blocks and passes) gives the
+    bits that decoding the prompt one token at a time gives, at every position, and leaves a cache
+    from which the next token's logits are the same: so plain decoding and speculation, which both
+    prefill through it, start from the same prompt cache whatever the prompt's length."""
+    _, folder, _ = gguf_model(tmp_path, seed=3)
+    target = load_quantized(folder, "native")
+    p = prompt(150, 11)  # more rows than one kernel block of 64
+    block, single = CachedLM(target), CachedLM(target)
+    prefilled = block.extend(p, logits_to_keep=0)
+    decoded = torch.cat([single.extend(p[i:i + 1]) for i in range(len(p))])
+    assert torch.equal(prefilled, decoded)
+    assert torch.equal(block.extend([5]), single.extend([5]))
+
+
 def test_batched_verification_matches_single_requests(tmp_path):
     from dovetail.models.cached_lm import forward_trees
     from dovetail.models.tree import DraftTree
