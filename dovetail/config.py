@@ -32,13 +32,15 @@ class EngineConfig:
     these fields (``add_engine_args``), ``ServeConfig`` embeds one, and the workers get theirs
     from it."""
 
-    target: str = _option(DEFAULT_TARGET, "packaged model name or HF model folder")
+    target: str = _option(DEFAULT_TARGET, "a packaged model name, a GGUF file, a folder holding one, or an HF "
+                                          "model folder")
     draft: str | None = _option(AUTO_DRAFT, "the proposers: 'auto' (a draft model -- the Dovetail drafter "
                                 "train-draft made for the target if there is one, else the packaged 0.5B model -- and "
                                 "'ngram' and 'suffix', the cost model picking one of them or none every step), "
                                 "'ngram', 'suffix', 'dovetail' (that drafter), a drafter folder, a packaged model "
-                                "name or an HF model folder, or several joined by '+' (their trees merged every step, "
-                                "e.g. ngram+suffix)", off="--no-draft", off_help="target-only decoding (speculation off)")
+                                "name, a GGUF file (or a folder holding one) or an HF model folder, or several "
+                                "joined by '+' (their trees merged every step, e.g. ngram+suffix)",
+                                off="--no-draft", off_help="target-only decoding (speculation off)")
     tree: TreeShape | None = _option(None, "pin the tree: TOTAL,DEPTH,TOP_K (e.g. 16,7,10) or chain:K (default "
                                      "'auto': the cost model picks the depth, or no speculation, every step)")
     target_kernel: str = _option("mm", "fp32 targets only: the dense linear kernel", choices=KERNELS)

@@ -8,6 +8,10 @@ Layout under ``$DOVETAIL_HOME`` (default ``~/.cache/dovetail``)::
                                     joined, sha256-verified GGUF file, run natively by default)
     models/<name>/fp32/             an HF safetensors folder, made only when a float precision
                                     (fp32, or int8/int4 quantized from floats) is asked for
+    local/<stem>-<hash>/            a GGUF file given by path, seen as a model folder: the config,
+                                    tokenizer and generation config transformers reads from the
+                                    file's metadata, and model.gguf, a link to the file (its
+                                    weights are never copied); fp32/ as above, on request
 
 Every step writes to a temporary path and renames it into place, so an interrupted fetch
 resumes where it stopped and never leaves a half-written file where a finished one belongs.
@@ -117,6 +121,10 @@ class ModelStore:
     def wheel_dir(self, requirement: str) -> Path:
         return self.root / "wheels" / requirement.split("==")[0]
 
+    def local_dir(self, gguf: Path) -> Path:
+        digest = hashlib.sha256(str(gguf).encode()).hexdigest()[:12]
+        return self.root / "local" / f"{gguf.stem}-{digest}"
+
     def is_fetched(self, name: str) -> bool:
         marker = self.model_dir(name) / MARKER
         return marker.exists() and json.loads(marker.read_text()).get("layout") == LAYOUT
@@ -129,6 +137,57 @@ class ModelStore:
             raise StoreError(f"unknown model {name!r}; packaged models: {', '.join(sorted(PACKAGED))}")
         self._once(name, lambda: self.is_fetched(name), lambda: self._fetch(name, model))
         return self.model_dir(name)
+
+    def catalog(self) -> list[tuple[str, str, Path | None]]:
+        """(name, where it comes from, model folder or None) of every packaged model, fetched or
+        not, and of every GGUF file run by path before (None when the file is gone)."""
+        rows: list[tuple[str, str, Path | None]] = [
+            (name, "packaged" if self.is_fetched(name) else f"packaged, not fetched (launch.py fetch {name})",
+             self.model_dir(name) if self.is_fetched(name) else None) for name in sorted(PACKAGED)]
+        for marker in sorted((self.root / "local").glob(f"*/{MARKER}")):
+            meta = json.loads(marker.read_text())
+            source = Path(meta["local"]["source"])
+            there = source.exists()
+            rows.append((meta["name"], str(source) + ("" if there else " (missing)"), marker.parent if there else None))
+        return rows
+
+    def open_local(self, gguf: Path) -> Path:
+        """The model folder of a GGUF file given by path (see the module's layout): made once
+        (transformers reads the tokenizer from the metadata: about a minute for a 150k-token
+        vocabulary), and again if the file changes."""
+        from dovetail.models.gguf_index import check_gguf
+
+        gguf = gguf.expanduser().resolve()
+        stat = gguf.stat()
+        identity = {"source": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        final = self.local_dir(gguf)
+
+        def current() -> bool:
+            marker = final / MARKER
+            return marker.exists() and json.loads(marker.read_text()).get("local") == identity
+
+        if not current():
+            check_gguf(gguf)  # a one-line refusal of a file that is not a whole GGUF, before the slow part
+        self._once(final.name, current, lambda: self._open_local(gguf, final, identity))
+        return final
+
+    def _open_local(self, gguf: Path, final: Path, identity: dict) -> None:
+        partial = final.with_name(final.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        try:
+            with tqdm(total=1, desc=f"metadata {gguf.name}", disable=not self.progress, unit="step") as bar:
+                try:
+                    save_gguf_metadata(gguf, partial)
+                except (ValueError, KeyError, OSError) as err:  # transformers: an architecture it cannot read
+                    raise UserError(f"{gguf}: its metadata cannot be read as a model: {err}") from None
+                bar.update(1)
+            (partial / GGUF_NAME).symlink_to(gguf)
+            (partial / MARKER).write_text(json.dumps({"name": gguf.stem, "local": identity, "layout": LAYOUT}))
+            shutil.rmtree(final, ignore_errors=True)  # the view of an older version of the file
+            partial.rename(final)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
 
     def _once(self, key: str, done, make) -> None:
         """``make()`` unless ``done()``, under an exclusive file lock on ``key``: two processes (say,
@@ -167,17 +226,21 @@ class ModelStore:
 
     def fetch_float(self, name: str) -> Path:
         """The fp32 HF folder of packaged model ``name`` (converted from its GGUF once; cached)."""
-        self.fetch(name)
-        final = self.float_dir(name)
-        self._once(f"{name}-fp32", lambda: (final / MARKER).exists(), lambda: self._convert_float(name, final))
+        return self.float_of(self.fetch(name))
+
+    def float_of(self, folder: Path) -> Path:
+        """The fp32 HF folder of a store folder's GGUF (packaged or local), converted once."""
+        final = folder / FLOAT_DIR
+        self._once(f"{folder.name}-fp32", lambda: (final / MARKER).exists(), lambda: self._convert_float(folder, final))
         return final
 
-    def _convert_float(self, name: str, final: Path) -> None:
+    def _convert_float(self, folder: Path, final: Path) -> None:
         partial = final.with_name(final.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
+        name = json.loads((folder / MARKER).read_text())["name"]
         try:
             with tqdm(total=3, desc=f"convert {name} to fp32", disable=not self.progress, unit="step") as bar:
-                save_gguf_as_hf(self.gguf_path(name), partial, bar)
+                save_gguf_as_hf(folder / GGUF_NAME, partial, bar)
             (partial / MARKER).write_text(json.dumps({"name": name, "precision": "fp32"}))
             partial.rename(final)
         finally:
@@ -262,9 +325,12 @@ def float_weights(path: str | Path, store: "ModelStore | None" = None) -> Path:
         return path / FLOAT_DIR
     marker = path / MARKER
     if marker.exists():
-        name = json.loads(marker.read_text()).get("name")
-        if name in PACKAGED:
-            return (store or ModelStore(path.parent.parent)).fetch_float(name)
+        meta = json.loads(marker.read_text())
+        store = store or ModelStore(path.parent.parent)
+        if "local" in meta:
+            return store.float_of(path)
+        if meta.get("name") in PACKAGED:
+            return store.fetch_float(meta["name"])
     raise UserError(f"{path} has no float weights (safetensors); use precision 'native' for its GGUF file")
 
 
@@ -316,7 +382,7 @@ AUTO_DRAFT = "auto"  # the default: that drafter when it has been trained, else 
 
 def drafter_dir(target: str) -> Path:
     """Where ``train-draft`` puts the drafter for a target, and where the engine looks for it."""
-    return dovetail_home() / "drafters" / Path(target).name
+    return dovetail_home() / "drafters" / model_name(target)
 
 
 DRAFTER_SPEC_FILE = "drafter.json"  # what marks a folder as a Dovetail drafter (models/drafter_net.py)
@@ -342,14 +408,32 @@ def resolve_draft(spec: str, target: str, store: ModelStore | None = None) -> Pa
     return resolve_model(spec, store)
 
 
+def model_name(spec: str) -> str:
+    """What a model is called (in the API, logs, the drafter's folder): a packaged name as it is,
+    a path by its last part without ``.gguf``."""
+    name = Path(spec).name
+    return name[:-len(".gguf")] if name.endswith(".gguf") else name
+
+
 def resolve_model(spec: str, store: ModelStore | None = None) -> Path:
-    """A packaged model name (fetched on first use) or an existing local HF folder."""
+    """A model folder for ``spec``: a packaged model's name (fetched on first use), a GGUF file, a
+    folder holding one GGUF file (both seen through ``ModelStore.open_local``), or an HF folder."""
     path = Path(spec).expanduser()
     if spec in PACKAGED:
         return (store or ModelStore()).fetch(spec)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UserError(f"{path} is not a GGUF file (a model file must end in .gguf)")
+        return (store or ModelStore()).open_local(path)
     if path.is_dir():
-        if not (path / "config.json").exists():
-            raise UserError(f"{path} is not an HF model folder (no config.json)")
-        return path
-    raise UserError(f"unknown model {spec!r}: not a packaged model ({', '.join(sorted(PACKAGED))}) "
-                    f"and not an existing directory")
+        if (path / "config.json").exists():
+            return path
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return (store or ModelStore()).open_local(ggufs[0])
+        if ggufs:
+            raise UserError(f"{path} holds {len(ggufs)} GGUF files ({', '.join(g.name for g in ggufs)}); "
+                            "pass the one to run")
+        raise UserError(f"{path} is neither an HF model folder (no config.json) nor a folder with a GGUF file")
+    raise UserError(f"unknown model {spec!r}: not a packaged model ({', '.join(sorted(PACKAGED))}), "
+                    "a GGUF file or an existing directory")

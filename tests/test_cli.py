@@ -56,7 +56,7 @@ def test_unknown_model_name_and_missing_directory(run, tmp_path):
     code, _, err = run("--prompt", "w5", "--target", "no-such-model", models=False)
     assert code == 2 and "unknown model 'no-such-model'" in _one_line_error(err)
     code, _, err = run("--prompt", "w5", "--target", str(tmp_path / "missing"), models=False)
-    assert code == 2 and "not an existing directory" in _one_line_error(err)
+    assert code == 2 and "a GGUF file or an existing directory" in _one_line_error(err)
 
 
 def test_json_output_contract(run):

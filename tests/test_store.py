@@ -176,10 +176,18 @@ def test_resolve_model_accepts_hf_dirs_and_refuses_the_rest(tmp_path):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text("{}")
     assert store_mod.resolve_model(str(tmp_path / "hf")) == tmp_path / "hf"
-    with pytest.raises(UserError, match="not an HF model folder"):
+    with pytest.raises(UserError, match="neither an HF model folder .* nor a folder with a GGUF file"):
         store_mod.resolve_model(str(tmp_path))
     with pytest.raises(UserError, match="unknown model"):
         store_mod.resolve_model(str(tmp_path / "missing"))
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(UserError, match="not a GGUF file"):
+        store_mod.resolve_model(str(tmp_path / "weights.bin"))
+    for name in ("a.gguf", "b.gguf"):
+        (tmp_path / "two").mkdir(exist_ok=True)
+        (tmp_path / "two" / name).write_bytes(b"GGUF")
+    with pytest.raises(UserError, match="holds 2 GGUF files .* pass the one to run"):
+        store_mod.resolve_model(str(tmp_path / "two"))
 
 
 def test_two_processes_fetching_at_once_end_with_one_verified_copy(fake_store, monkeypatch):

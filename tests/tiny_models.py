@@ -66,20 +66,52 @@ def write_gguf_folder(model, tokenizer, out, formats: dict[str, "object"] | None
     weights the native model must run with."""
     from pathlib import Path
 
-    import gguf
-    import numpy as np
-
-    from dovetail.kernels.packing import encode
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     model.generation_config.save_pretrained(out)
-    arch = model.config.model_type
+    return write_gguf(model, out / "model.gguf", formats, default)
+
+
+def write_gguf(model, path, formats: dict[str, "object"] | None = None, default=None, metadata: bool = False,
+               edit=None):
+    """``model``'s tensors as a GGUF file (see ``write_gguf_folder``). ``metadata``: also the
+    hyperparameters and a tokenizer (``gguf_vocabulary``), as llama.cpp's converter writes them,
+    so the file stands alone. ``edit(writer)`` may add or change anything before it is written."""
+    import gguf
+    import numpy as np
+
+    from dovetail.kernels.packing import SCHEMES, encode
+
+    cfg = model.config
+    arch = cfg.model_type
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
-    names = gguf.TensorNameMap(arch_id, model.config.num_hidden_layers)
-    writer = gguf.GGUFWriter(str(out / "model.gguf"), arch)
+    names = gguf.TensorNameMap(arch_id, cfg.num_hidden_layers)
+    writer = gguf.GGUFWriter(str(path), arch)
+    if metadata:
+        writer.add_name(f"tiny-{arch}")
+        writer.add_context_length(cfg.max_position_embeddings)
+        writer.add_embedding_length(cfg.hidden_size)
+        writer.add_block_count(cfg.num_hidden_layers)
+        writer.add_feed_forward_length(cfg.intermediate_size)
+        writer.add_head_count(cfg.num_attention_heads)
+        writer.add_head_count_kv(cfg.num_key_value_heads)
+        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
+        tokens, types = gguf_vocabulary(cfg.vocab_size)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_scores([0.0] * len(tokens))
+        writer.add_token_merges([])
+        writer.add_bos_token_id(0)
+        writer.add_eos_token_id(1)
+        writer.add_pad_token_id(0)
+        writer.add_chat_template("{% for m in messages %}{{ m['content'] }} {% endfor %}")
+    if edit is not None:
+        edit(writer)
     expected = {}
     for name, param in model.state_dict().items():
         w = param.detach().float().numpy()
@@ -90,11 +122,16 @@ def write_gguf_folder(model, tokenizer, out, formats: dict[str, "object"] | None
             continue
         qtype = next((t for part, t in (formats or {}).items() if part in name), default or gguf.GGMLQuantizationType.Q8_0)
         stored = w
-        heads = {"q_proj": model.config.num_attention_heads, "k_proj": model.config.num_key_value_heads}
+        heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
         part = next((p for p in heads if f"self_attn.{p}" in name), None)
         if arch == "llama" and part:  # llama.cpp's permutation of q/k rows
             n = heads[part]
             stored = w.reshape(n, 2, w.shape[0] // n // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+        if qtype not in SCHEMES:  # a format Dovetail cannot encode (nor run): random blocks of its size
+            per, size = gguf.GGML_QUANT_SIZES[qtype]
+            raw = np.random.default_rng(0).integers(0, 256, (w.shape[0], w.shape[1] // per * size), dtype=np.uint8)
+            writer.add_tensor(key, raw, raw_dtype=qtype)
+            continue
         raw = encode(stored, qtype)
         writer.add_tensor(key, raw, raw_dtype=qtype)
         deq = gguf.quants.dequantize(raw, qtype).reshape(w.shape)
@@ -107,6 +144,16 @@ def write_gguf_folder(model, tokenizer, out, formats: dict[str, "object"] | None
     writer.write_tensors_to_file()
     writer.close()
     return expected
+
+
+def gguf_vocabulary(vocab: int) -> tuple[list[str], list[int]]:
+    """A byte-level BPE vocabulary with no merges: <pad>, </s>, <unk> (control tokens), then single
+    printable characters (one byte each), so every id is a token and text round-trips."""
+    chars = [chr(c) for c in range(ord("!"), ord("~") + 1)] + [chr(c) for c in range(0xA1, 0xAC)]
+    tokens = ["<pad>", "</s>", "<unk>"] + chars[:vocab - 3]
+    if len(tokens) < vocab:
+        raise ValueError(f"at most {len(chars) + 3} tokens, asked {vocab}")
+    return tokens, [3, 3, 2] + [1] * (vocab - 3)
 
 
 def dequantized_copy(model, weights: dict):

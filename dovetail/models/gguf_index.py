@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from dovetail.errors import UserError
+
 _SCALARS = {GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
             GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
             GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
@@ -66,6 +68,9 @@ class GGUFIndex:
             count = int(np.prod(dims))
             per, size = GGML_QUANT_SIZES[ttype]
             nbytes = count // per * size
+            if start + offset + nbytes > len(self._mm):
+                raise ValueError(f"truncated: tensor {name} ends at byte {start + offset + nbytes:,}, "
+                                 f"the file has {len(self._mm):,}")
             raw = self._mm[start + offset:start + offset + nbytes]
             if ttype == GGMLQuantizationType.F32:
                 raw = raw.view(np.float32)
@@ -116,3 +121,26 @@ class GGUFIndex:
                     self._value(buf, etype)
             return None
         raise ValueError(f"unknown GGUF value type {vtype}")
+
+
+def check_gguf(path: str | Path) -> GGUFIndex:
+    """The index of a whole, self-consistent GGUF model file, or a one-line ``UserError``: not a
+    GGUF file, cut short, no architecture, or metadata that contradicts the tensors (the layer
+    count, the hidden size)."""
+    try:
+        index = GGUFIndex(path)
+    except (ValueError, struct.error, OSError) as err:  # an unknown type id is a ValueError too
+        raise UserError(f"{path}: not a readable GGUF file ({err})") from None
+    arch = index.metadata.get("general.architecture")
+    if not arch:
+        raise UserError(f"{path}: the GGUF metadata names no architecture (general.architecture)")
+    layers = {int(name.split(".")[1]) for name in index.tensors if name.startswith("blk.")}
+    declared = index.metadata.get(f"{arch}.block_count")
+    if declared is not None and layers != set(range(int(declared))):
+        raise UserError(f"{path}: the metadata declares {declared} layers ({arch}.block_count) but the file "
+                        f"has tensors for {len(layers)}")
+    embed, hidden = index.tensors.get("token_embd.weight"), index.metadata.get(f"{arch}.embedding_length")
+    if embed is not None and hidden is not None and embed.shape[0] != int(hidden):
+        raise UserError(f"{path}: the metadata declares a hidden size of {hidden} ({arch}.embedding_length) "
+                        f"but token_embd.weight has rows of {embed.shape[0]}")
+    return index

@@ -58,16 +58,36 @@ def gguf_formats(path: str | Path) -> list[str]:
     return [name for name, _ in sizes.most_common()]
 
 
+FLOAT_TYPES = ("F32", "F16", "BF16")  # GGUF tensors kept as floats (norms; some files' embeddings)
+
+
+def unsupported_tensor(path: str | Path) -> tuple[str, str] | None:
+    """(tensor, format) of the first matrix in a GGUF model folder that the kernels cannot run."""
+    for t in GGUFIndex(gguf_file(path)).tensors.values():
+        if len(t.shape) > 1 and t.tensor_type not in SCHEMES and t.tensor_type.name not in FLOAT_TYPES:
+            return t.name, t.tensor_type.name
+    return None
+
+
+def refuse_unsupported(path: str | Path, tensor: str, fmt: str):
+    supported = ", ".join(q.name for q in SCHEMES)
+    raise UserError(f"{gguf_file(path)}: tensor {tensor} is {fmt}, a block format the native kernels do not run "
+                    f"(they run {supported}); precision fp32 runs it dequantized")
+
+
 def resolve_precision(precision: str, path: str | Path, float_default: str) -> str:
-    """``auto`` -> ``native`` for a GGUF folder, else ``float_default``; ``native`` needs a GGUF."""
+    """``auto`` -> ``native`` for a GGUF folder, else ``float_default``; ``native`` needs a GGUF
+    whose every matrix is in a block format the kernels run (never a silent float layer)."""
     if precision not in PRECISIONS:
         raise UserError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     has_gguf = gguf_file(path) is not None
     if precision == "auto":
-        return "native" if has_gguf else float_default
+        precision = "native" if has_gguf else float_default
     if precision == "native" and not has_gguf:
         raise UserError(f"precision 'native' needs a GGUF model ({path} has no {GGUF_NAME}); "
                         "use int8, int4 or fp32 for a float checkpoint")
+    if precision == "native" and (bad := unsupported_tensor(path)) is not None:
+        refuse_unsupported(path, *bad)
     return precision
 
 
@@ -164,7 +184,9 @@ class GGUFSource:
     def dense(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         t = self._tensor(name)
         data = np.asarray(t.data)
-        if t.tensor_type.name not in ("F32", "F16", "BF16"):
+        if t.tensor_type.name == "BF16":  # the index keeps its bytes: widen to the float32 bits
+            data = (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        elif t.tensor_type.name not in FLOAT_TYPES:
             import gguf
 
             data = gguf.quants.dequantize(data, t.tensor_type)
@@ -179,8 +201,14 @@ class GGUFSource:
         return out
 
     def format_of(self, name: str):
+        """The tensor's block format, or None for a float tensor (kept dense); any other format is
+        refused: a layer never silently becomes fp32."""
         t = self._tensor(name)
-        return t.tensor_type if t.tensor_type in SCHEMES else None
+        if t.tensor_type in SCHEMES:
+            return t.tensor_type
+        if t.tensor_type.name in FLOAT_TYPES:
+            return None
+        refuse_unsupported(self.index.path.parent, t.name, t.tensor_type.name)
 
     def decoded(self, name: str, rows: tuple[int, int] | None, cols: tuple[int, int] | None) -> Decoded:
         t = self._tensor(name)

@@ -7,14 +7,13 @@ sockets) and how long the fair queue in front of each engine may grow.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from dataclasses import asdict, fields
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dovetail.config import EngineConfig
 from dovetail.errors import UserError
+from dovetail.store import model_name
 
 
 class Autoscaling(BaseModel):
@@ -87,7 +86,7 @@ class ServeConfig(BaseModel):
 
     @property
     def model_name(self) -> str:
-        return self.served_model_name or Path(self.engine.target).name
+        return self.served_model_name or model_name(self.engine.target)
 
     @property
     def replica_slots(self) -> int:
