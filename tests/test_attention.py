@@ -71,3 +71,14 @@ def test_keys_and_values_may_be_views_into_a_larger_buffer():
     big_k[:, :100], big_v[:, :100] = k, v
     want = ops().row_attention(q, k, v, visible, 0.1)
     assert torch.equal(ops().row_attention(q, big_k[:, :100], big_v[:, :100], visible, 0.1), want)
+
+
+@pytest.mark.parametrize("option", ["softcap", "s_aux"])
+def test_an_attention_option_it_does_not_implement_is_refused_not_ignored(option):
+    from dovetail.models.row_attention import row_attention_forward
+
+    q = torch.randn(1, 4, 3, 16)
+    kv = torch.randn(1, 4, 5, 16)
+    row_attention_forward(None, q, kv, kv, None)  # without it: computed
+    with pytest.raises(ValueError, match=option):
+        row_attention_forward(None, q, kv, kv, None, **{option: 30.0})

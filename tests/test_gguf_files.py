@@ -135,3 +135,15 @@ def test_no_layer_is_ever_a_silent_float_layer(tmp_path, isolated_home):
     bad = resolve_model(str(_bad(tmp_path, "unsupported")))
     with pytest.raises(UserError, match="Q5_K"):
         load_quantized(bad, "native")
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_an_architecture_not_yet_native_is_refused_natively_by_name(tmp_path, arch):
+    from dovetail.errors import UserError
+    from dovetail.models.quantized import resolve_precision
+
+    (tmp_path / "m").mkdir()
+    write_gguf(tiny_model("qwen2", seed=2, **SHAPE), tmp_path / "m" / "model.gguf", FORMATS, default=QT.Q4_K, arch=arch)
+    with pytest.raises(UserError, match=f"architecture '{arch}' does not run natively yet"):
+        resolve_precision("auto", tmp_path / "m", "fp32")
+    assert resolve_precision("fp32", tmp_path / "m", "fp32") == "fp32"

@@ -75,17 +75,18 @@ def write_gguf_folder(model, tokenizer, out, formats: dict[str, "object"] | None
 
 
 def write_gguf(model, path, formats: dict[str, "object"] | None = None, default=None, metadata: bool = False,
-               edit=None):
+               edit=None, arch: str | None = None):
     """``model``'s tensors as a GGUF file (see ``write_gguf_folder``). ``metadata``: also the
     hyperparameters and a tokenizer (``gguf_vocabulary``), as llama.cpp's converter writes them,
-    so the file stands alone. ``edit(writer)`` may add or change anything before it is written."""
+    so the file stands alone. ``edit(writer)`` may add or change anything before it is written;
+    ``arch`` names another GGUF architecture than the model's (for refusal tests)."""
     import gguf
     import numpy as np
 
     from dovetail.kernels.packing import SCHEMES, encode
 
     cfg = model.config
-    arch = cfg.model_type
+    arch = arch or cfg.model_type
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     names = gguf.TensorNameMap(arch_id, cfg.num_hidden_layers)
     writer = gguf.GGUFWriter(str(path), arch)

@@ -58,6 +58,7 @@ def gguf_formats(path: str | Path) -> list[str]:
     return [name for name, _ in sizes.most_common()]
 
 
+NATIVE_ARCHITECTURES = ("llama", "qwen2")  # GGUF architectures whose tensors and forward are tested natively
 FLOAT_TYPES = ("F32", "F16", "BF16")  # GGUF tensors kept as floats (norms; some files' embeddings)
 
 
@@ -86,8 +87,13 @@ def resolve_precision(precision: str, path: str | Path, float_default: str) -> s
     if precision == "native" and not has_gguf:
         raise UserError(f"precision 'native' needs a GGUF model ({path} has no {GGUF_NAME}); "
                         "use int8, int4 or fp32 for a float checkpoint")
-    if precision == "native" and (bad := unsupported_tensor(path)) is not None:
-        refuse_unsupported(path, *bad)
+    if precision == "native":
+        arch = GGUFIndex(gguf_file(path)).architecture
+        if arch not in NATIVE_ARCHITECTURES:
+            raise UserError(f"{gguf_file(path)}: architecture {arch!r} does not run natively yet (only "
+                            f"{', '.join(NATIVE_ARCHITECTURES)}); precision fp32 runs it through transformers")
+        if (bad := unsupported_tensor(path)) is not None:
+            refuse_unsupported(path, *bad)
     return precision
 
 

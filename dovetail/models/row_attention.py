@@ -30,7 +30,13 @@ def visible_keys(mask: torch.Tensor | None, q_len: int, kv_len: int) -> torch.Te
     return m if m.dtype == torch.bool else m == 0
 
 
+UNSUPPORTED = ("softcap", "s_aux")  # logit softcapping, attention sinks: refused, never ignored
+
+
 def row_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    for name in UNSUPPORTED:
+        if kwargs.get(name) is not None:
+            raise ValueError(f"dovetail_rows attention does not implement {name!r}, which this model uses")
     if query.shape[0] != 1:
         raise ValueError("dovetail_rows attention runs one sequence per forward (batches are laid side by side)")
     q_len, kv_len = query.shape[2], key.shape[2]
