@@ -232,7 +232,7 @@ def run_serve_bench(args) -> int:
 
     if args.prompts < 1 or args.max_new_tokens < 1:
         raise UserError("--prompts and --max-new-tokens must be >= 1")
-    draft = DEFAULT_DRAFT if args.draft == "auto" else args.draft  # the fastest draft on this machine (README)
+    draft = DEFAULT_DRAFT if args.draft == "auto" else args.draft  # the fastest draft on this machine (docs/benchmarks.md)
     model_args = ["--target", args.target, "--draft-precision", args.draft_precision]
     no_draft, tree = args.draft is None, str(args.tree) if args.tree else None
     model_args += ["--no-draft"] if no_draft else ["--draft", draft]

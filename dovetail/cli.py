@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from dovetail.errors import EngineError, UserError  # noqa: E402
 
 EXIT_BAD_INPUT = 2
-# packaged answers + 300 steps: ~46 min on a 2-core machine, inside the 2-hour budget (README)
+# packaged answers + 300 steps: ~46 min on a 2-core machine, inside the 2-hour budget (docs/drafter.md)
 TRAIN_TOKENS, TRAIN_STEPS = 100_000, 300
 
 

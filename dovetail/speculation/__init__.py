@@ -64,7 +64,7 @@ class SpeculationSetup:
     trees merge (``combined``), a pinned tree (None: the cost model picks), the cache key of the
     cost curve (None: measure, do not cache), where to say things, the suffix cache shared by
     the engine's requests, and whether the cost model cuts a draft model's trees by the draft's
-    confidence (``cut_offs``: off by default, as it has not paid in measurement; see the README)."""
+    confidence (``cut_offs``: off by default, as it has not paid in measurement; see docs/design.md)."""
 
     text: tuple[str, ...] = ()
     combined: bool = True

@@ -13,7 +13,7 @@ Each step, per request:
 3. With ``cut_offs``, a lone draft model's tree is cut where its nodes stop paying: a node is
    kept (and expanded) only if the draft's cumulative probability of it is one at which nodes are
    seen to commit at least what a verified row (and a draft level) costs at the step's rate
-   (``_with_cut_offs``). Off by default: it has not paid in measurement (see the README).
+   (``_with_cut_offs``). Off by default: it has not paid in measurement (see docs/design.md).
 4. A model proposer grows its tree only when chosen. When it is not, it is not run at all: the
    tokens it missed are fed with its next proposal, in one forward, whose extra rows are priced
    into that proposal's cost (``_catch_up_s``).
