@@ -78,14 +78,15 @@ _QUANTIZED_SHARE = {"int8": 0.28, "int4": 0.16}
 
 
 def model_bytes(path: str | Path, precision: str = "auto") -> int:
-    """Bytes of a model's weights once loaded at ``precision``: a GGUF runs at about its file size
-    (repacked blocks), fp32 at its float size (bf16/fp16 files count double), int8/int4 at a share."""
-    from dovetail.models.quantized import gguf_file
+    """Bytes of a model's weights once loaded at ``precision``: a GGUF at the size of its blocks
+    repacked for the kernels (floats as fp32), fp32 at its float size (bf16/fp16 files count
+    double), int8/int4 at a share."""
+    from dovetail.models.quantized import gguf_file, native_bytes
 
     path = Path(path)
     gguf = gguf_file(path)
     if gguf is not None and precision in ("auto", "native"):
-        return int(gguf.stat().st_size * 1.05)
+        return native_bytes(gguf)
     if gguf is not None and not any(path.glob("*.safetensors")):  # its float conversion
         path = path / "fp32"
         if not path.is_dir():

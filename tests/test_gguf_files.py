@@ -11,6 +11,7 @@ from gguf import GGMLQuantizationType as QT
 from dovetail.api import Dovetail
 from dovetail.cli import main
 from dovetail.config import EngineConfig
+from dovetail.kernels.packing import SUPPORTED
 from dovetail.models.quantized import load_quantized
 from dovetail.store import ModelStore, resolve_model
 from test_cli import _one_line_error
@@ -58,6 +59,26 @@ def test_a_gguf_file_runs_by_path_natively_and_speculation_is_exact(tmp_path, is
     assert generate(paths["target"], paths["draft"], PROMPT, tree="chain:3") == alone
 
 
+MIXES = {  # the K-quant files people hold, roughly as llama.cpp's presets lay them out
+    "Q5_K_M": ({"mlp.down_proj": QT.Q6_K, "lm_head": QT.Q6_K}, QT.Q5_K),
+    "Q3_K_M": ({"mlp.down_proj": QT.Q5_K, "self_attn.v_proj": QT.Q5_K, "lm_head": QT.Q6_K}, QT.Q3_K),
+    "Q2_K": ({"mlp.down_proj": QT.Q3_K, "lm_head": QT.Q6_K, "embed_tokens": QT.Q4_K}, QT.Q2_K),
+}
+
+
+@pytest.mark.parametrize("mix", MIXES)
+def test_k_quant_files_run_natively_and_speculation_is_exact(tmp_path, isolated_home, mix):
+    formats, default = MIXES[mix]
+    target = tiny_model("qwen2", seed=2, **SHAPE)
+    paths = {}
+    for role, model in (("target", target), ("draft", perturbed(target, 0.05, seed=3))):
+        paths[role] = tmp_path / f"{role}-{mix}.gguf"
+        write_gguf(model, paths[role], formats, default=default, metadata=True)
+    alone = generate(paths["target"], None, PROMPT)
+    assert generate(paths["target"], paths["draft"], PROMPT, tree="chain:3") == alone
+    assert generate(paths["target"], paths["draft"], PROMPT, tree="8,4,2") == alone
+
+
 def test_fp32_from_a_gguf_file_is_hf_transformers_own_greedy(tmp_path, isolated_home):
     from transformers import AutoModelForCausalLM
 
@@ -97,7 +118,7 @@ def _bad(tmp_path, kind):
         data = path.read_bytes()
         path.write_bytes(data[:len(data) - 4096])
     elif kind == "unsupported":
-        write_gguf(model, path, {**FORMATS, "mlp.up_proj": QT.Q5_K}, default=QT.Q4_K, metadata=True)
+        write_gguf(model, path, {**FORMATS, "mlp.up_proj": QT.IQ4_NL}, default=QT.Q4_K, metadata=True)
     elif kind == "contradiction":
         write_gguf(tiny_model("qwen2", seed=2, **{**SHAPE, "num_hidden_layers": 1}), path, FORMATS,
                    default=QT.Q4_K, metadata=True, edit=lambda w: w.add_uint32("qwen2.block_count", 2))
@@ -107,7 +128,7 @@ def _bad(tmp_path, kind):
 @pytest.mark.parametrize("kind,message", [
     ("not-gguf", "not a readable GGUF file"),
     ("truncated", "truncated: tensor"),
-    ("unsupported", "is Q5_K, a block format the native kernels do not run"),
+    ("unsupported", "is IQ4_NL, a block format the native kernels do not run"),
     ("contradiction", "declares 2 layers"),
 ])
 def test_a_bad_file_is_refused_in_one_line(tmp_path, isolated_home, capsys, kind, message):
@@ -124,7 +145,7 @@ def test_no_layer_is_ever_a_silent_float_layer(tmp_path, isolated_home):
     from dovetail.errors import UserError
     from dovetail.models.quantized import QuantEmbedding, QuantLinear
 
-    for qtype in (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q6_K):
+    for qtype in SUPPORTED:
         path = tmp_path / f"{qtype.name}.gguf"
         write_gguf(tiny_model("llama", seed=1, **SHAPE), path, {}, default=qtype, metadata=True)
         model = load_quantized(resolve_model(str(path)), "native")
@@ -133,7 +154,7 @@ def test_no_layer_is_ever_a_silent_float_layer(tmp_path, isolated_home):
         assert isinstance(model.model.embed_tokens, QuantEmbedding) and isinstance(model.lm_head, QuantLinear)
         assert {m.qtype for m in linears} == {qtype}
     bad = resolve_model(str(_bad(tmp_path, "unsupported")))
-    with pytest.raises(UserError, match="Q5_K"):
+    with pytest.raises(UserError, match="IQ4_NL"):
         load_quantized(bad, "native")
 
 

@@ -15,13 +15,19 @@ from dovetail.models.cached_lm import CachedLM
 from dovetail.models.quantized import QuantEmbedding, QuantLinear, load_quantized, resolve_precision
 from dovetail.models.tree import TreeShape
 from test_greedy_identity import make_engine, prompt
-from tiny_models import dequantized_copy, perturbed, tiny_model, tiny_tokenizer, write_gguf_folder
+from tiny_models import (ENCODABLE, dequantized_copy, perturbed, random_blocks, tiny_model, tiny_tokenizer,
+                         write_gguf_folder)
 
 PATHS = list(range(1, ops().best_isa() + 1))  # 1 scalar, 2 AVX2, 3 AVX-512 VNNI: those this CPU runs
-K_QUANTS = (QT.Q4_K, QT.Q6_K)
+K_QUANTS = (QT.Q4_K, QT.Q6_K, QT.Q5_K, QT.Q3_K, QT.Q2_K)
 
 
 def packed_weight(qtype, rows, cols, seed=0):
+    """(float weights, GGUF blocks, packed): rounded from Gaussian weights where Dovetail encodes
+    the format, else random blocks (their dequantisation is then the float weights)."""
+    if qtype.name not in ENCODABLE:
+        raw = random_blocks(qtype, rows, cols, seed)
+        return quants.dequantize(raw, qtype).reshape(rows, cols), raw, pack(decode(raw, qtype, rows, cols))
     w = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
     w[:, :7] *= 8  # an outlier column: scales must differ a lot between groups
     raw = encode(w, qtype)
@@ -257,3 +263,15 @@ def test_sampling_with_a_quantized_target_matches_its_distribution(tmp_path):
     engine = make_engine(target, perturbed(model, 0.6, seed=12), TreeShape.parse("6,2,3"), eos=-1)
     n = 2500
     assert chi_square_pvalue(sample_counts(engine, params, n), exact, n) > 1e-3
+
+
+@pytest.mark.parametrize("qtype", SUPPORTED, ids=lambda t: t.name)
+def test_the_memory_plan_counts_the_packed_bytes_of_every_format(qtype):
+    """The plan's estimate (``packed_bytes``) is what packing allocates, rows padded to a tile:
+    Q3_K and Q2_K take more than their file, so the file's size would under-count them."""
+    from dovetail.kernels.packing import packed_bytes
+
+    _, raw, pw = packed_weight(qtype, 37, 512)
+    assert packed_bytes(qtype, 37, 512) == pw.nbytes
+    if qtype in (QT.Q3_K, QT.Q2_K):
+        assert pw.nbytes > 1.3 * raw.nbytes

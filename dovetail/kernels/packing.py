@@ -5,8 +5,8 @@ Every supported format is a set of small unsigned (or, for 8-bit, signed) intege
 per-group float scales, ``w = S * q + M`` with
 
     S = D * sc          (D per super-block, sc an integer sub-scale per group, 1 if none)
-    M = -z * S          (symmetric formats, zero point z: Q4_0, Q5_0, Q8_0, Q6_K)
-    M = -(Dm * mn)      (K-quants with mins: Q4_K)
+    M = -z * S          (symmetric formats, zero point z: Q4_0, Q5_0, Q8_0, Q6_K, Q3_K)
+    M = -(Dm * mn)      (K-quants with mins: Q4_K, Q5_K, Q2_K)
     M = Dm              (block formats with a float min: Q4_1, Q5_1)
 
 which is bit-exactly what ``gguf``'s own dequantisation computes. ``decode`` produces that form,
@@ -46,6 +46,9 @@ SCHEMES: dict[QT, Scheme] = {
     QT.Q8_0: Scheme(8, 32, 32, SYM_BLOCK, 0.0),
     QT.Q4_K: Scheme(4, 32, 256, ASYM_K),
     QT.Q6_K: Scheme(6, 16, 256, SYM_K, 32.0),
+    QT.Q5_K: Scheme(5, 32, 256, ASYM_K),
+    QT.Q3_K: Scheme(4, 16, 256, SYM_K, 4.0),  # 3-bit values in nibbles: 0.58 bytes a weight for the file's 0.43
+    QT.Q2_K: Scheme(4, 16, 256, ASYM_K),  # 2-bit values in nibbles: 0.66 bytes a weight for the file's 0.33
 }
 SUPPORTED = tuple(SCHEMES)
 
@@ -81,6 +84,16 @@ class Decoded:
         return Decoded(self.qtype, self.q[:, lo:hi], sb(self.D), sb(self.Dm), gr(self.sc), gr(self.mn))
 
 
+def packed_bytes(qtype: QT, rows: int, cols: int) -> int:
+    """Bytes a [rows, cols] weight of ``qtype`` takes in the tile layout (what ``pack`` allocates)."""
+    s = SCHEMES[qtype]
+    tiles_rows = -(-rows // TILE) * TILE
+    values = tiles_rows * cols // 32 * (32 if s.bits == 8 else 16 + (s.bits - 4) * 4)
+    floats = tiles_rows * cols // s.superblock * 4 * (2 if s.mode in (ASYM_K, ASYM_BLOCK) else 1)
+    ints = tiles_rows * cols // s.group * ((s.mode == SYM_K) + 2 * (s.mode == ASYM_K))
+    return values + floats + ints
+
+
 def block_shape(qtype: QT) -> tuple[int, int]:
     """(weights per block, bytes per block)."""
     return GGML_QUANT_SIZES[qtype]
@@ -96,6 +109,16 @@ def _q4k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     sc = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
     mn = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=-1)
     return sc, mn
+
+
+def _q3k_scales(scales: np.ndarray) -> np.ndarray:
+    """The 16 six-bit scales packed in Q3_K's 12 bytes, less their offset of 32: scale k has its
+    low four bits in a nibble of bytes 0-7 (low nibbles first) and its top two in byte 8 + k % 4,
+    at bit 2 * (k // 4)."""
+    low, high = scales[..., 0:8], scales[..., 8:12]
+    nibble = np.concatenate([low & 0x0F, low >> 4], axis=-1)
+    top = (np.concatenate([high] * 4, axis=-1) >> np.repeat(np.arange(0, 8, 2, dtype=np.uint8), 4)) & 3
+    return (nibble | (top << 4)).astype(np.int16) - 32
 
 
 def decode(raw: np.ndarray, qtype: QT, rows: int, cols: int) -> Decoded:
@@ -118,10 +141,18 @@ def decode(raw: np.ndarray, qtype: QT, rows: int, cols: int) -> Decoded:
         return Decoded(qtype, q, _f16(b[..., 0:2]), None, None, None)
     if qtype in (QT.Q4_1, QT.Q5_1):
         return Decoded(qtype, q, _f16(b[..., 0:2]), _f16(b[..., 2:4]), None, None)
-    if qtype == QT.Q4_K:
+    if qtype in (QT.Q4_K, QT.Q5_K):
         sc, mn = _q4k_scale_min(b[..., 4:16])
         return Decoded(qtype, q, _f16(b[..., 0:2]), _f16(b[..., 2:4]), sc.reshape(rows, nb * 8).astype(np.int8),
                        mn.reshape(rows, nb * 8).astype(np.int8))
+    if qtype == QT.Q3_K:
+        sc = _q3k_scales(b[..., 96:108]).astype(np.int8)
+        return Decoded(qtype, q, _f16(b[..., 108:110]), None, sc.reshape(rows, nb * 16), None)
+    if qtype == QT.Q2_K:
+        packed = b[..., 0:16]
+        return Decoded(qtype, q, _f16(b[..., 80:82]), _f16(b[..., 82:84]),
+                       (packed & 0x0F).astype(np.int8).reshape(rows, nb * 16),
+                       (packed >> 4).astype(np.int8).reshape(rows, nb * 16))
     if qtype == QT.Q6_K:
         sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8).reshape(rows, nb * 16)
         return Decoded(qtype, q, _f16(b[..., 208:210]), None, sc, None)

@@ -35,7 +35,8 @@ from gguf import GGML_QUANT_SIZES
 from dovetail.models.gguf_index import GGUFIndex
 from dovetail.models.slices import SPLITS, SliceReader, weight_files
 from dovetail.store import GGUF_NAME
-from dovetail.kernels.packing import SCHEMES, Decoded, PackedWeight, decode, encode, pack, precision_format
+from dovetail.kernels.packing import (SCHEMES, Decoded, PackedWeight, decode, encode, pack, packed_bytes,
+                                      precision_format)
 
 PRECISIONS = ("auto", "native", "int8", "int4", "fp32")
 QUANTIZED = ("native", "int8", "int4")
@@ -60,6 +61,20 @@ def gguf_formats(path: str | Path) -> list[str]:
 
 NATIVE_ARCHITECTURES = ("llama", "qwen2")  # GGUF architectures whose tensors and forward are tested natively
 FLOAT_TYPES = ("F32", "F16", "BF16")  # GGUF tensors kept as floats (norms; some files' embeddings)
+
+
+def native_bytes(gguf: str | Path) -> int:
+    """Resident bytes of a GGUF file's tensors once loaded natively: each matrix repacked in the
+    tile layout (Q3_K and Q2_K take more than in the file), float tensors as fp32."""
+    from math import prod
+
+    total = 0
+    for t in GGUFIndex(gguf).tensors.values():
+        if len(t.shape) > 1 and t.tensor_type in SCHEMES:
+            total += packed_bytes(t.tensor_type, prod(t.shape[1:]), t.shape[0])
+        else:
+            total += 4 * prod(t.shape)
+    return total
 
 
 def unsupported_tensor(path: str | Path) -> tuple[str, str] | None:

@@ -51,7 +51,10 @@ enum Mode { SYM_BLOCK = 0, SYM_K = 1, ASYM_K = 2, ASYM_BLOCK = 3 };
   X(5, 32, ASYM_BLOCK) /* Q5_1 */      \
   X(8, 32, SYM_BLOCK)  /* Q8_0 */      \
   X(4, 32, ASYM_K)     /* Q4_K */      \
-  X(6, 16, SYM_K)      /* Q6_K */
+  X(6, 16, SYM_K)      /* Q6_K */      \
+  X(5, 32, ASYM_K)     /* Q5_K */      \
+  X(4, 16, SYM_K)      /* Q3_K: 3-bit values held as nibbles */ \
+  X(4, 16, ASYM_K)     /* Q2_K: 2-bit values held as nibbles */
 #define DOVETAIL_COUNT(B, G, MODE) +1
 constexpr int N_FORMATS = 0 DOVETAIL_FORMATS(DOVETAIL_COUNT);
 #undef DOVETAIL_COUNT

@@ -5,7 +5,7 @@
 namespace dovetail {
 
 // GGML type ids of the formats whose values decode_values extracts.
-enum GgmlType { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
+enum GgmlType { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
 
 // The integer values of GGUF blocks [N, bytes per row] -> uint8 [N, K] (int8 bits for Q8_0), in
 // the order of the weights; the scales are read by packing.py. Mirrors ggml's block layouts.
@@ -21,7 +21,10 @@ at::Tensor decode_values(const at::Tensor& raw_in, int64_t type, int64_t N, int6
     case Q5_0: size = 22; break;
     case Q5_1: size = 24; break;
     case Q8_0: size = 34; break;
+    case Q2_K: per = 256; size = 84; break;
+    case Q3_K: per = 256; size = 110; break;
     case Q4_K: per = 256; size = 144; break;
+    case Q5_K: per = 256; size = 176; break;
     case Q6_K: per = 256; size = 210; break;
     default: TORCH_CHECK(false, "decode_values: unsupported GGML type ", type);
   }
@@ -56,6 +59,28 @@ at::Tensor decode_values(const at::Tensor& raw_in, int64_t type, int64_t N, int6
           const uint8_t* qs = x + 16;
           for (int j = 0; j < 4; ++j)
             for (int i = 0; i < 32; ++i) { y[64 * j + i] = qs[32 * j + i] & 15; y[64 * j + 32 + i] = qs[32 * j + i] >> 4; }
+          break;
+        }
+        case Q5_K: {  // d, dmin, 12 bytes of scales, then the fifth bits, then the nibbles
+          const uint8_t* qh = x + 16;
+          const uint8_t* qs = x + 48;
+          for (int j = 0; j < 4; ++j)
+            for (int i = 0; i < 32; ++i) {
+              y[64 * j + i] = (qs[32 * j + i] & 15) | (((qh[i] >> (2 * j)) & 1) << 4);
+              y[64 * j + 32 + i] = (qs[32 * j + i] >> 4) | (((qh[i] >> (2 * j + 1)) & 1) << 4);
+            }
+          break;
+        }
+        case Q3_K: case Q2_K: {  // 2-bit fields, four to a byte, 32 bytes per 128 weights
+          const uint8_t* qs = x + (type == Q3_K ? 32 : 16);
+          const uint8_t* hmask = x;  // Q3_K: the third bit, one bit plane per 32 weights
+          for (int half = 0; half < 2; ++half)
+            for (int j = 0; j < 4; ++j)
+              for (int l = 0; l < 32; ++l) {
+                uint8_t v = (qs[32 * half + l] >> (2 * j)) & 3;
+                if (type == Q3_K) v |= ((hmask[l] >> (4 * half + j)) & 1) << 2;
+                y[128 * half + 32 * j + l] = v;
+              }
           break;
         }
         case Q6_K: {
