@@ -202,7 +202,7 @@ def run_bench(args) -> int:
         if "dovetail" in methods and engine.draft:
             # The same fp32 draft HF used, under Dovetail's loop: separates loop from draft precision.
             set_linear_kernel(target, config.target_kernel if config.target_kernel != "mkldnn" else "stock")
-            fp32_draft = DraftProposer(CachedLM(assistant), trees[0], engine.draft.vocab_limit)
+            fp32_draft = DraftProposer(CachedLM(assistant), trees[0], engine.draft.vocab)
             run_dovetail(f"dovetail[{trees[0]}, fp32 draft]", trees[0], draft=fp32_draft)
         del assistant
     set_linear_kernel(target, config.target_kernel if config.target_kernel != "mkldnn" else "stock")

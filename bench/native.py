@@ -280,6 +280,7 @@ def run_native_bench(args) -> int:
                     a == b for a, b in zip(out, outputs["native_alone"]))
     if "7b" in methods:
         from dovetail.actors.system import ActorEngine
+        from dovetail.models.lm_proposer import DraftVocab
 
         folder = random_q4_model(store, target_dir)
         t0 = time.perf_counter()
@@ -291,7 +292,7 @@ def run_native_bench(args) -> int:
         for sockets in ("0", "0|1"):  # the actor system: load, then verify chain:3 blocks (target-only steps too)
             config = EngineConfig(target=str(folder), draft=str(draft_dir), sockets=sockets, draft_cpus="shared",
                                   engine="actors")
-            engine = ActorEngine(folder, draft_dir, config, [], context_length=4096, vocab_limit=151936)
+            engine = ActorEngine(folder, draft_dir, config, [], context_length=4096, vocab=DraftVocab(151936))
             try:
                 result = engine.generate(prompts[0], 16)
                 key = f"7b_actors_{len(engine.plan.shards)}_shards"

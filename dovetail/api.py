@@ -22,10 +22,10 @@ from dovetail.errors import UserError
 from dovetail.models.cached_lm import CachedLM
 from dovetail.models.drafter_net import load_drafter, shared_frozen_tensors
 from dovetail.store import is_drafter_dir
-from dovetail.models.lm_proposer import DraftProposer
+from dovetail.models.lm_proposer import DraftProposer, DraftVocab
 from dovetail.models.feature_proposer import FeatureDraftProposer
-from dovetail.models.loading import (FLOAT_DEFAULT, draft_vocab_limit, encode_chat, eos_token_ids,
-                                     eos_token_ids_from_config, load_causal_lm, load_tokenizer)
+from dovetail.models.loading import (FLOAT_DEFAULT, describe_draft_vocabulary, draft_vocabulary, encode_chat,
+                                     eos_token_ids, eos_token_ids_from_config, load_causal_lm, load_tokenizer)
 from dovetail.models.quantized import gguf_formats, resolve_precision
 from dovetail.models.target import TargetVerifier
 from dovetail.models.verification import SamplingParams
@@ -92,9 +92,8 @@ class Dovetail:
             draft = FeatureDraftProposer(CachedLM(drafter), cfg.tree or DEFAULT_TREE)
         elif self.draft_dir is not None:
             draft_model = load_causal_lm(self.draft_dir, precision=self.draft_precision, role="draft")
-            limit = draft_vocab_limit(self.tokenizer, load_tokenizer(self.draft_dir),
-                                      target_model.config.vocab_size, draft_model.config.vocab_size)
-            draft = DraftProposer(CachedLM(draft_model), cfg.tree or DEFAULT_TREE, vocab_limit=limit)
+            vocab = self._draft_vocabulary(draft_model.config.vocab_size)
+            draft = DraftProposer(CachedLM(draft_model), cfg.tree or DEFAULT_TREE, vocab)
         target = TargetVerifier(CachedLM(target_model, keep_hidden=self.feature_drafter))
         self._engine = SpeculativeEngine(target, draft, eos_token_ids(target_model, self.tokenizer),
                                          max_batch=cfg.max_batch, setup=self.speculation_setup())
@@ -102,6 +101,13 @@ class Dovetail:
         self._say(f"target {cfg.target} ({self.precision_label('target')}); {self.speculation_label}; "
                   f"{cfg.threads} threads; loaded in {time.perf_counter() - t0:.1f}s")
         return self
+
+    def _draft_vocabulary(self, draft_vocab_size: int) -> DraftVocab:
+        """The draft model's ids it may propose (its tokenizer checked against the target's), reported."""
+        vocab = draft_vocabulary(self.tokenizer, load_tokenizer(self.draft_dir), self.target_config.vocab_size,
+                                 draft_vocab_size)
+        self._say(describe_draft_vocabulary(vocab))
+        return vocab
 
     def speculation_setup(self) -> SpeculationSetup:
         """The proposers besides the draft model, and the cost model's cache key: the curve it
@@ -148,12 +154,10 @@ class Dovetail:
 
         cfg = self.config
         t0 = time.perf_counter()
-        limit, eos = None, self.eos_token_ids
+        vocab, eos = None, self.eos_token_ids
         if self.draft_dir is not None and not self.feature_drafter:
-            draft_config = AutoConfig.from_pretrained(self.draft_dir)
-            limit = draft_vocab_limit(self.tokenizer, load_tokenizer(self.draft_dir),
-                                      self.target_config.vocab_size, draft_config.vocab_size)
-        self._engine = ActorEngine(self.target_dir, self.draft_dir, cfg, eos, self.context_length, limit, self._say,
+            vocab = self._draft_vocabulary(AutoConfig.from_pretrained(self.draft_dir).vocab_size)
+        self._engine = ActorEngine(self.target_dir, self.draft_dir, cfg, eos, self.context_length, vocab, self._say,
                                    partition=self.partition, setup=self.speculation_setup())
         self._say(f"actor engine up in {time.perf_counter() - t0:.1f}s: target {cfg.target} "
                   f"({self.precision_label('target')}, {len(self._engine.plan.shards)} shard(s)), "

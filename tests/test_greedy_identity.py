@@ -5,7 +5,7 @@ import torch
 
 from dovetail.engine import SpeculativeEngine
 from dovetail.models.cached_lm import CachedLM
-from dovetail.models.lm_proposer import DraftProposer
+from dovetail.models.lm_proposer import DraftProposer, DraftVocab
 from dovetail.models.target import TargetVerifier
 from dovetail.models.tree import TreeShape
 from tiny_models import VOCAB, hf_greedy, perturbed, tiny_model
@@ -15,8 +15,8 @@ SHAPES = [TreeShape.chain(1), TreeShape.chain(4), TreeShape(4, 2, 2), TreeShape(
           TreeShape(16, 5, 4), TreeShape(16, 7, 10)]
 
 
-def make_engine(target, draft, shape, eos=EOS, vocab_limit=None, **loop_options):
-    proposer = DraftProposer(CachedLM(draft), shape, vocab_limit) if draft is not None else None
+def make_engine(target, draft, shape, eos=EOS, vocab=None, **loop_options):
+    proposer = DraftProposer(CachedLM(draft), shape, vocab) if draft is not None else None
     return SpeculativeEngine(TargetVerifier(CachedLM(target)), proposer, [eos], **loop_options)
 
 
@@ -88,7 +88,7 @@ def test_padded_larger_draft_vocabulary_is_masked():
     draft = tiny_model("llama", seed=9, vocab_size=VOCAB + 32)
     with torch.no_grad():  # the draft prefers the padded ids: masking must keep them out
         draft.lm_head.weight[VOCAB:] = draft.lm_head.weight[:32] * 5
-    engine = make_engine(target, draft, TreeShape(8, 3, 3), vocab_limit=VOCAB)
+    engine = make_engine(target, draft, TreeShape(8, 3, 3), vocab=DraftVocab(VOCAB))
     p = prompt(6, 9)
     proposals = []
     original = engine.loop.proposer.propose  # every tree the loop gets, for every request

@@ -36,6 +36,7 @@ import zmq
 from dovetail.actors.messaging import SEND_TIMEOUT_MS, Inbox, Messaging, WorkerFailure
 from dovetail.actors.remote import RemoteProposer, RemoteVerifier
 from dovetail.decode import DecodeLoop
+from dovetail.models.lm_proposer import DraftVocab
 from dovetail.models.tree import TreeShape
 from dovetail.placement import Plan
 from dovetail.protocol.channel import Channel, PeerUnavailable, ipc_address
@@ -64,7 +65,7 @@ class WorkerSpec:
     tree: TreeShape
     target_kernel: str = "mm"
     draft_precision: str = "auto"
-    vocab_limit: int | None = None
+    vocab: DraftVocab | None = None  # the draft's ids it may not propose
     run_dir: str = "/tmp/dovetail-run"
     collective: str = "shm"  # how shards all-reduce: "shm" (shared memory) or "gloo"
     feature_drafter: bool = False  # draft_dir is a Dovetail drafter: shards send it their features
@@ -150,7 +151,7 @@ class Coordinator(Messaging):
             d = plan.draft
             actor = ray.remote(DraftWorker).options(num_cpus=0, num_gpus=spec.gpu_share if d.device == "cuda" else 0,
                                                      max_restarts=0, **env).remote(DraftSpec(
-                spec.draft_dir, spec.tree, d.device, d.cpus, address, spec.draft_precision, spec.vocab_limit,
+                spec.draft_dir, spec.tree, d.device, d.cpus, address, spec.draft_precision, spec.vocab,
                 spec.target_dir, spec.draft_vocab))
             self.draft = Inbox("draft", channel, actor)
         inboxes = self._inboxes()

@@ -50,7 +50,7 @@ class DraftWorker(ChannelWorker):
             if feature_drafter:
                 prototype = FeatureDraftProposer(CachedLM(model), spec.tree)
             else:
-                prototype = DraftProposer(CachedLM(model), spec.tree, spec.vocab_limit)
+                prototype = DraftProposer(CachedLM(model), spec.tree, spec.vocab)
             self.local = LocalProposer(prototype.fresh)
             warm_up = prototype.fresh()
             warm_up.start([0, 1])

@@ -27,6 +27,7 @@ from dovetail.errors import UserError
 from dovetail.request import Request, check_request
 from dovetail.store import is_drafter_dir
 from dovetail.models.loading import FLOAT_DEFAULT
+from dovetail.models.lm_proposer import DraftVocab
 from dovetail.models.quantized import resolve_precision
 from dovetail.placement import MiB, Plan, drafter_bytes, kv_budget, kv_bytes_per_token, make_plan, model_bytes
 from dovetail.protocol.shm import owned_name, remove_orphaned_segments, remove_orphans
@@ -134,7 +135,7 @@ class EventStream:
 
 class ActorEngine(Generates):
     def __init__(self, target_dir: Path, draft_dir: Path | None, config, eos_token_ids: list[int],
-                 context_length: int, vocab_limit: int | None = None, say=lambda msg: None,
+                 context_length: int, vocab: DraftVocab | None = None, say=lambda msg: None,
                  partition: tuple[int, int] = (0, 1), setup: SpeculationSetup | None = None):
         """``setup``: the model-free proposers and the cost model (default: the draft model alone,
         with ``config``'s tree pinned, or chain:3)."""
@@ -176,7 +177,7 @@ class ActorEngine(Generates):
         self.tree_room = tree_room(Proposers("model" if draft_dir else None, self.setup.text), self.setup.shape)
         spec = WorkerSpec(self.plan, str(target_dir), str(draft_dir) if draft_dir else None,
                           self.setup.shape or DEFAULT_TREE,
-                          config.target_kernel, self.draft_precision, vocab_limit, str(self.run_dir),
+                          config.target_kernel, self.draft_precision, vocab, str(self.run_dir),
                           shm_or_gloo(config.collective, say), feature_drafter=feature_drafter,
                           draft_vocab=config.draft_vocab, gpu_share=1.0 / partition[1],
                           max_batch=self.max_batch, target_precision=self.target_precision,

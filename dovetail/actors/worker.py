@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from dovetail.models.tree import DraftTree, TreeShape
+from dovetail.models.lm_proposer import DraftVocab
 from dovetail.protocol.channel import Channel
 from dovetail.protocol.messages import PROTOCOL_VERSION, ArrayRef, EndRequest, ErrorReport, Shutdown, Sync, Synced
 from dovetail.protocol.shm import ArenaReader, ShmArena
@@ -53,7 +54,7 @@ class DraftSpec:
     cpus: tuple[int, ...]
     address: str
     precision: str = "auto"
-    vocab_limit: int | None = None
+    vocab: DraftVocab | None = None
     target_dir: str | None = None
     draft_vocab: int = 0
 

@@ -19,6 +19,8 @@ level for all of them (each proposer keeps its own cache; one with an open bet r
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -27,14 +29,35 @@ from dovetail.models.tree import DraftTree, TreeBuilder, TreeShape, drive, drive
 from dovetail.models.verification import DraftSampler, SamplingParams
 
 
+@dataclass(frozen=True)
+class DraftVocab:
+    """The draft's token ids it never proposes, because they mean nothing or something else to the
+    target: every id from ``limit`` on (past the target's vocabulary, or a padded embedding), and
+    ``masked`` (special tokens the two tokenizers name differently). ``agreed``: how many ordinary
+    tokens the check found equal, for the start-up report."""
+
+    limit: int | None = None
+    masked: tuple[int, ...] = ()
+    agreed: int = 0
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.limit is None and not self.masked:
+            return logits
+        logits = logits.clone()
+        if self.limit is not None:
+            logits[:, self.limit:] = -float("inf")
+        if self.masked:
+            logits[:, list(self.masked)] = -float("inf")
+        return logits
+
+
 class DraftProposer:
     reads_features = False
 
-    def __init__(self, lm: CachedLM, shape: TreeShape, vocab_limit: int | None = None):
+    def __init__(self, lm: CachedLM, shape: TreeShape, vocab: DraftVocab | None = None):
         self.lm = lm
         self.set_shape(shape)
-        # Draft ids at or above vocab_limit do not exist for the target: never propose them.
-        self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < lm.vocab_size else None
+        self.vocab = vocab or DraftVocab()
         self._tree: DraftTree | None = None
         self._grown_ids: np.ndarray | None = None
         self._bet: tuple[int, list[int], DraftTree] | None = None  # (cache mark, guessed tokens, tree)
@@ -43,7 +66,7 @@ class DraftProposer:
 
     def fresh(self) -> "DraftProposer":
         """A proposer for another request: its own KV cache over the same weights."""
-        return DraftProposer(self.lm.fresh(), self.shape, self.vocab_limit)
+        return DraftProposer(self.lm.fresh(), self.shape, self.vocab)
 
     def set_shape(self, shape: TreeShape) -> None:
         """Change the tree budget (takes effect from the next request)."""
@@ -148,7 +171,7 @@ class DraftProposer:
         return self.lm.commit(path)
 
     def _log_probs(self, logits: torch.Tensor) -> torch.Tensor:
-        return log_probs(logits, self.vocab_limit)
+        return log_probs(self.vocab.mask(logits))
 
 
 def propose_together(proposers: list[DraftProposer], new_tokens: list[list[int]],
@@ -173,9 +196,6 @@ def propose_together(proposers: list[DraftProposer], new_tokens: list[list[int]]
     return out
 
 
-def log_probs(logits: torch.Tensor, vocab_limit: int | None = None) -> torch.Tensor:
-    """Draft log-probabilities on the CPU; ids at or above ``vocab_limit`` get -inf."""
-    if vocab_limit is not None:
-        logits = logits.clone()
-        logits[:, vocab_limit:] = -float("inf")
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Draft log-probabilities on the CPU."""
     return torch.log_softmax(logits.float(), dim=-1).cpu()

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from dovetail.errors import UserError
 from dovetail.models.fast_linear import accelerate_linears
+from dovetail.models.lm_proposer import DraftVocab
 from dovetail.models.quantized import PRECISIONS, QUANTIZED, load_quantized, resolve_precision  # noqa: F401
 
 FLOAT_DEFAULT = {"target": "fp32", "draft": "int8"}  # what ``auto`` means for a float checkpoint
@@ -106,28 +107,53 @@ def _eos_ids(eos, tokenizer) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
-def draft_vocab_limit(target_tokenizer, draft_tokenizer, target_vocab_size: int, draft_vocab_size: int) -> int:
-    """Check that the draft speaks the target's token ids; return the first draft id to mask.
+MAX_VOCAB_GAP = 128  # ordinary tokens one side may lack (llama.cpp's limit on a draft's vocabulary size)
 
-    Identical tokenizers pass. A draft vocabulary that only adds ids past the target's (extra
-    tokens, or a padded embedding) passes, with those ids masked out of its proposals. Anything
-    else raises a ``UserError`` that names the mismatch.
+
+def draft_vocabulary(target_tokenizer, draft_tokenizer, target_vocab_size: int, draft_vocab_size: int) -> DraftVocab:
+    """Check that the draft speaks the target's token ids, and say which of its ids it may not propose.
+
+    Compared id by id: every ordinary token the two share an id for must be the same text. Special
+    and added tokens (chat markers, BOS/EOS) may differ, as may up to ``MAX_VOCAB_GAP`` ids one side
+    lacks: the draft never proposes those ids (``DraftVocab.masked``), nor any id past the target's
+    vocabulary or embedding (``DraftVocab.limit``). Anything else raises a ``UserError`` that names
+    the first mismatch. Output never depends on this (verification is exact); acceptance does.
     """
-    target_vocab, draft_vocab = target_tokenizer.get_vocab(), draft_tokenizer.get_vocab()
-    moved = [tok for tok in target_vocab.keys() & draft_vocab.keys() if target_vocab[tok] != draft_vocab[tok]]
-    missing = sorted(target_vocab.keys() - draft_vocab.keys(), key=target_vocab.get)
-    extra_ids = sorted(draft_vocab[tok] for tok in draft_vocab.keys() - target_vocab.keys())
-    if moved:
-        tok = sorted(moved, key=target_vocab.get)[0]
-        raise UserError(f"draft and target tokenizers differ: {len(moved)} tokens have different ids "
-                        f"(e.g. {tok!r}: target id {target_vocab[tok]}, draft id {draft_vocab[tok]})")
-    if missing:
-        raise UserError(f"draft tokenizer lacks {len(missing)} of the target's tokens "
-                        f"(e.g. {missing[0]!r}, target id {target_vocab[missing[0]]})")
-    limit = min(target_vocab_size, draft_vocab_size)
-    if extra_ids and extra_ids[0] < len(target_vocab):
-        raise UserError(f"draft tokenizer has {len(extra_ids)} tokens the target lacks, inside the target's "
-                        f"id range (first id {extra_ids[0]})")
-    if extra_ids:
-        limit = min(limit, extra_ids[0])
-    return limit
+    target = {i: tok for tok, i in target_tokenizer.get_vocab().items()}
+    draft = {i: tok for tok, i in draft_tokenizer.get_vocab().items()}
+    special = set(target_tokenizer.all_special_ids) | set(getattr(target_tokenizer, "added_tokens_decoder", {}))
+    special |= set(draft_tokenizer.all_special_ids) | set(getattr(draft_tokenizer, "added_tokens_decoder", {}))
+    limit = min(target_vocab_size, draft_vocab_size, max(target) + 1)
+    agreed, masked, lacking, differ = 0, [], [], []
+    for i in range(min(limit, max(draft) + 1)):
+        t, d = target.get(i), draft.get(i)
+        if t == d and t is not None:
+            agreed += i not in special
+        elif i in special:
+            masked.append(i)
+        elif t is None or d is None:
+            lacking.append(i)
+        else:
+            differ.append(i)
+    if differ:
+        i = differ[0]
+        raise UserError(f"draft and target tokenizers differ on {len(differ)} ordinary tokens (e.g. id {i}: "
+                        f"target {target[i]!r}, draft {draft[i]!r}); a draft must share the target's vocabulary "
+                        "(special tokens may differ)")
+    lacking += [i for i in range(max(draft) + 1, limit) if i not in special]  # target tokens past the draft's
+    if len(lacking) > MAX_VOCAB_GAP:
+        side = "draft" if draft.get(lacking[0]) is None else "target"
+        raise UserError(f"the {side} tokenizer lacks {len(lacking)} of the other's tokens (e.g. id {lacking[0]}); "
+                        f"at most {MAX_VOCAB_GAP} may differ")
+    return DraftVocab(limit if limit < draft_vocab_size else None, tuple(masked + lacking), agreed)
+
+
+def describe_draft_vocabulary(vocab: DraftVocab) -> str:
+    """One line for the start-up log: how far the tokenizers agree, and what the draft may not propose."""
+    line = f"draft tokenizer: {vocab.agreed:,} ordinary tokens agree with the target's"
+    if vocab.masked:
+        shown = ", ".join(str(i) for i in vocab.masked[:8]) + (", ..." if len(vocab.masked) > 8 else "")
+        line += f"; {len(vocab.masked)} ids that differ are never proposed ({shown})"
+    if vocab.limit is not None:
+        line += f"; nor any id from {vocab.limit:,} on (past the target's vocabulary)"
+    return line
