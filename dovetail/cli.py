@@ -45,6 +45,8 @@ def build_parser(extra: dict | None = None) -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the packaged models and the GGUF files run by path, described")
     models.add_argument("paths", nargs="*", help="describe these models (a GGUF file, a folder, a packaged name)")
     _add_generate_args(sub.add_parser("generate", help="generate text for one prompt"))
+    _add_check_args(sub.add_parser("check", help="self-test on this machine and these models: kernels, exactness, "
+                                                 "sampling, costs, speed, and the settings to use"))
     _add_serve_args(sub.add_parser("serve", help="OpenAI-compatible HTTP server (Ray Serve); the default command"))
     for name, (help_text, add_args, _) in (extra or {}).items():  # e.g. launch.py's bench, from the checkout
         add_args(sub.add_parser(name, help=help_text))
@@ -65,6 +67,16 @@ def _add_generate_args(gen) -> None:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--chat", action="store_true", help="apply the target's chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def _add_check_args(check) -> None:
+    from dovetail.config import add_engine_args
+
+    add_engine_args(check)
+    check.add_argument("--samples", type=_positive_int, default=150,
+                       help="sampled pairs of tokens for the chi-square check (default 150)")
+    check.add_argument("--new-tokens", type=_positive_int, default=48,
+                       help="tokens per prompt for the identity check; twice that for the speed check (default 48)")
 
 
 def _add_serve_args(srv) -> None:
@@ -147,6 +159,13 @@ def cmd_models(args) -> int:
                     f"{gguf.stat().st_size / 1e9:.2f} GB, {runs}")
         print(f"{name:40s} {what}\n{'':40s} {source}")
     return 0
+
+
+def cmd_check(args) -> int:
+    from dovetail.check import run_check
+    from dovetail.config import engine_config_from_args
+
+    return run_check(engine_config_from_args(args), samples=args.samples, new_tokens=args.new_tokens)
 
 
 def cmd_serve(args) -> int:
@@ -237,7 +256,7 @@ def main(argv=None, extra: dict | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:  # `python launch.py` alone serves the defaults
         args = parser.parse_args(["serve"])
-    handlers = {"fetch": cmd_fetch, "models": cmd_models, "generate": cmd_generate, "serve": cmd_serve, "train-draft": cmd_train_draft,
+    handlers = {"fetch": cmd_fetch, "models": cmd_models, "check": cmd_check, "generate": cmd_generate, "serve": cmd_serve, "train-draft": cmd_train_draft,
                 **{name: run for name, (_, _, run) in (extra or {}).items()}}
     try:
         return handlers[args.command](args)

@@ -10,13 +10,12 @@ from gguf import quants
 
 from dovetail.errors import UserError
 from dovetail.kernels import ops
-from dovetail.kernels.packing import SUPPORTED, decode, encode, pack, precision_format
+from dovetail.kernels.packing import ENCODABLE, SUPPORTED, decode, encode, pack, precision_format, random_blocks
 from dovetail.models.cached_lm import CachedLM
 from dovetail.models.quantized import QuantEmbedding, QuantLinear, load_quantized, resolve_precision
 from dovetail.models.tree import TreeShape
 from test_greedy_identity import make_engine, prompt
-from tiny_models import (ENCODABLE, dequantized_copy, perturbed, random_blocks, tiny_model, tiny_tokenizer,
-                         write_gguf_folder)
+from tiny_models import dequantized_copy, perturbed, tiny_model, tiny_tokenizer, write_gguf_folder
 
 PATHS = list(range(1, ops().best_isa() + 1))  # 1 scalar, 2 AVX2, 3 AVX-512 VNNI: those this CPU runs
 K_QUANTS = (QT.Q4_K, QT.Q6_K, QT.Q5_K, QT.Q3_K, QT.Q2_K)
@@ -25,7 +24,7 @@ K_QUANTS = (QT.Q4_K, QT.Q6_K, QT.Q5_K, QT.Q3_K, QT.Q2_K)
 def packed_weight(qtype, rows, cols, seed=0):
     """(float weights, GGUF blocks, packed): rounded from Gaussian weights where Dovetail encodes
     the format, else random blocks (their dequantisation is then the float weights)."""
-    if qtype.name not in ENCODABLE:
+    if qtype not in ENCODABLE:
         raw = random_blocks(qtype, rows, cols, seed)
         return quants.dequantize(raw, qtype).reshape(rows, cols), raw, pack(decode(raw, qtype, rows, cols))
     w = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)

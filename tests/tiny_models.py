@@ -83,7 +83,7 @@ def write_gguf(model, path, formats: dict[str, "object"] | None = None, default=
     import gguf
     import numpy as np
 
-    from dovetail.kernels.packing import SCHEMES, encode
+    from dovetail.kernels.packing import ENCODABLE, SCHEMES, encode, random_blocks
 
     cfg = model.config
     arch = arch or cfg.model_type
@@ -128,7 +128,7 @@ def write_gguf(model, path, formats: dict[str, "object"] | None = None, default=
         if arch == "llama" and part:  # llama.cpp's permutation of q/k rows
             n = heads[part]
             stored = w.reshape(n, 2, w.shape[0] // n // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
-        if qtype.name not in ENCODABLE:  # a format Dovetail does not encode: random blocks (the weights change)
+        if qtype not in ENCODABLE:  # a format Dovetail does not encode: random blocks (the weights change)
             raw = random_blocks(qtype, *w.shape, seed=len(expected))
             writer.add_tensor(key, raw, raw_dtype=qtype)
             if qtype not in SCHEMES:  # nor run: the file is for refusal tests
@@ -146,27 +146,6 @@ def write_gguf(model, path, formats: dict[str, "object"] | None = None, default=
     writer.write_tensors_to_file()
     writer.close()
     return expected
-
-
-ENCODABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K")  # packing.encode's formats, by name
-
-# Byte offsets of the float16 scales in a block of the formats ``encode`` does not make.
-F16_SCALES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q5_K": (0, 2)}
-
-
-def random_blocks(qtype, rows: int, cols: int, seed: int = 0):
-    """``rows`` x ``cols`` weights of ``qtype`` as random blocks (uint8 [rows, bytes]): every value
-    and integer scale random, the float16 scales small and positive, so the weights are finite."""
-    import numpy as np
-    from gguf import GGML_QUANT_SIZES
-
-    per, size = GGML_QUANT_SIZES[qtype]
-    rng = np.random.default_rng(seed)
-    blocks = rng.integers(0, 256, (rows, cols // per, size), dtype=np.uint8)
-    for offset in F16_SCALES.get(qtype.name, ()):
-        scale = rng.uniform(0.002, 0.02, (rows, cols // per)).astype(np.float16)
-        blocks[..., offset:offset + 2] = scale[..., None].view(np.uint8)
-    return blocks.reshape(rows, -1)
 
 
 def gguf_vocabulary(vocab: int) -> tuple[list[str], list[int]]:

@@ -263,6 +263,27 @@ def encode_q6_k(w: np.ndarray) -> np.ndarray:
     return out.reshape(rows, -1)
 
 
+ENCODABLE = (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q6_K)  # what ``encode`` makes
+
+# Byte offsets of the float16 scales in a block of the formats ``encode`` does not make.
+_F16_SCALES = {QT.Q2_K: (80, 82), QT.Q3_K: (108,), QT.Q5_K: (0, 2)}
+
+
+def random_blocks(qtype: QT, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Random blocks of any supported format (uint8 [rows, bytes]), for checks of formats that
+    ``encode`` cannot round to: every value and integer scale random, the float16 scales small and
+    positive, so the weights are finite. Other formats: ``encode`` of Gaussian weights."""
+    rng = np.random.default_rng(seed)
+    if qtype in ENCODABLE:
+        return encode(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
+    per, size = block_shape(qtype)
+    blocks = rng.integers(0, 256, (rows, cols // per, size), dtype=np.uint8)
+    for offset in _F16_SCALES.get(qtype, ()):
+        scale = rng.uniform(0.002, 0.02, (rows, cols // per)).astype(np.float16)
+        blocks[..., offset:offset + 2] = scale[..., None].view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
 def encode(w: np.ndarray, qtype: QT) -> np.ndarray:
     """Float [rows, cols] -> GGUF blocks of ``qtype`` as uint8 [rows, bytes per row]."""
     if qtype == QT.Q4_K:
