@@ -135,7 +135,7 @@ def test_train_draft_bad_input_is_one_line(isolated_home, tiny_model_dirs, capsy
     assert code == 2 and message in _one_line_error(capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("command", ["generate", "serve"])
+@pytest.mark.parametrize("command", ["generate", "serve", "check"])
 def test_the_cli_exposes_every_engine_config_field(command):
     """The engine's flags are made from EngineConfig: every field has one, with its choices, and the
     parsed flags give back the same config (serve's batch default is its own)."""

@@ -104,7 +104,7 @@ def test_the_packaged_file_renamed_and_moved_runs_by_path_exactly(tmp_path):
     outputs = []
     for target in (DEFAULT_TARGET, str(moved), str(moved.parent)):
         with Dovetail(EngineConfig(target=target, draft=None, engine="inprocess")) as dt:
-            outputs.append(dt.generate("def fibonacci(n):", max_new_tokens=32).token_ids)
+            outputs.append(dt.generate("def fibonacci(n):", max_new_tokens=32)["token_ids"])
     assert outputs[0] == outputs[1] == outputs[2]
 
 
