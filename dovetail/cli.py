@@ -143,7 +143,7 @@ def cmd_models(args) -> int:
     """One line per model: name, architecture, block formats (most bytes first), file size, and
     whether the native kernels run it; then where it comes from."""
     from dovetail.models.gguf_index import GGUFIndex
-    from dovetail.models.quantized import gguf_file, gguf_formats, unsupported_tensor
+    from dovetail.models.quantized import gguf_file, gguf_formats, native_refusal
     from dovetail.store import ModelStore, model_name, resolve_model
 
     store = ModelStore()
@@ -153,10 +153,10 @@ def cmd_models(args) -> int:
         if gguf is None:
             what = "HF folder" if folder is not None else "-"
         else:
-            bad = unsupported_tensor(folder)
-            runs = f"native: no ({bad[0]} is {bad[1]})" if bad else "native"
+            refusal = native_refusal(folder)
             what = (f"{GGUFIndex(gguf).architecture}, {'+'.join(gguf_formats(folder))}, "
-                    f"{gguf.stat().st_size / 1e9:.2f} GB, {runs}")
+                    f"{gguf.stat().st_size / 1e9:.2f} GB, {'native' if refusal is None else 'not native'}")
+            source += "" if refusal is None else f"\n{'':40s} {refusal}"
         print(f"{name:40s} {what}\n{'':40s} {source}")
     return 0
 
@@ -256,7 +256,8 @@ def main(argv=None, extra: dict | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:  # `python launch.py` alone serves the defaults
         args = parser.parse_args(["serve"])
-    handlers = {"fetch": cmd_fetch, "models": cmd_models, "check": cmd_check, "generate": cmd_generate, "serve": cmd_serve, "train-draft": cmd_train_draft,
+    handlers = {"fetch": cmd_fetch, "models": cmd_models, "check": cmd_check, "generate": cmd_generate,
+                "serve": cmd_serve, "train-draft": cmd_train_draft,
                 **{name: run for name, (_, _, run) in (extra or {}).items()}}
     try:
         return handlers[args.command](args)

@@ -77,18 +77,24 @@ def native_bytes(gguf: str | Path) -> int:
     return total
 
 
-def unsupported_tensor(path: str | Path) -> tuple[str, str] | None:
-    """(tensor, format) of the first matrix in a GGUF model folder that the kernels cannot run."""
-    for t in GGUFIndex(gguf_file(path)).tensors.values():
+def native_refusal(path: str | Path) -> str | None:
+    """Why a GGUF model folder cannot run natively (its architecture, or the first matrix in a
+    format the kernels do not run), or None: one read of the file's index for both."""
+    gguf = gguf_file(path)
+    index = GGUFIndex(gguf)
+    if index.architecture not in NATIVE_ARCHITECTURES:
+        return (f"{gguf}: architecture {index.architecture!r} does not run natively yet (only "
+                f"{', '.join(NATIVE_ARCHITECTURES)}); precision fp32 runs it through transformers")
+    for t in index.tensors.values():
         if len(t.shape) > 1 and t.tensor_type not in SCHEMES and t.tensor_type.name not in FLOAT_TYPES:
-            return t.name, t.tensor_type.name
+            return _unsupported_message(gguf, t.name, t.tensor_type.name)
     return None
 
 
-def refuse_unsupported(path: str | Path, tensor: str, fmt: str):
+def _unsupported_message(gguf: Path, tensor: str, fmt: str) -> str:
     supported = ", ".join(q.name for q in SCHEMES)
-    raise UserError(f"{gguf_file(path)}: tensor {tensor} is {fmt}, a block format the native kernels do not run "
-                    f"(they run {supported}); precision fp32 runs it dequantized")
+    return (f"{gguf}: tensor {tensor} is {fmt}, a block format the native kernels do not run "
+            f"(they run {supported}); precision fp32 runs it dequantized")
 
 
 def resolve_precision(precision: str, path: str | Path, float_default: str) -> str:
@@ -102,13 +108,8 @@ def resolve_precision(precision: str, path: str | Path, float_default: str) -> s
     if precision == "native" and not has_gguf:
         raise UserError(f"precision 'native' needs a GGUF model ({path} has no {GGUF_NAME}); "
                         "use int8, int4 or fp32 for a float checkpoint")
-    if precision == "native":
-        arch = GGUFIndex(gguf_file(path)).architecture
-        if arch not in NATIVE_ARCHITECTURES:
-            raise UserError(f"{gguf_file(path)}: architecture {arch!r} does not run natively yet (only "
-                            f"{', '.join(NATIVE_ARCHITECTURES)}); precision fp32 runs it through transformers")
-        if (bad := unsupported_tensor(path)) is not None:
-            refuse_unsupported(path, *bad)
+    if precision == "native" and (reason := native_refusal(path)) is not None:
+        raise UserError(reason)
     return precision
 
 
@@ -229,7 +230,7 @@ class GGUFSource:
             return t.tensor_type
         if t.tensor_type.name in FLOAT_TYPES:
             return None
-        refuse_unsupported(self.index.path.parent, t.name, t.tensor_type.name)
+        raise UserError(_unsupported_message(self.index.path, t.name, t.tensor_type.name))
 
     def decoded(self, name: str, rows: tuple[int, int] | None, cols: tuple[int, int] | None) -> Decoded:
         t = self._tensor(name)
