@@ -358,7 +358,7 @@ def save_gguf_as_hf(gguf: Path, out: Path, bar=None) -> None:
     clean.tie_weights()
     del loaded, state
     clean.generation_config = clean.generation_config.__class__.from_model_config(config)
-    clean.save_pretrained(out)
+    clean.save_pretrained(out, is_main_process=True)  # whatever torch.distributed says (a shard may convert)
     tokenizer.save_pretrained(out)
     step(1)
 

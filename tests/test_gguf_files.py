@@ -158,7 +158,7 @@ def test_no_layer_is_ever_a_silent_float_layer(tmp_path, isolated_home):
         load_quantized(bad, "native")
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+@pytest.mark.parametrize("arch", ["minicpm", "stablelm"])
 def test_an_architecture_not_yet_native_is_refused_natively_by_name(tmp_path, arch):
     from dovetail.errors import UserError
     from dovetail.models.quantized import resolve_precision

@@ -1,21 +1,27 @@
-"""Tiny random Llama/Qwen2 models built from configs, for fast exact tests (no downloads)."""
+"""Tiny random models of every supported architecture, built from configs, for fast exact tests
+(no downloads)."""
 
 from __future__ import annotations
 
 import copy
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Phi3Config, Qwen2Config, Qwen3Config
 
 VOCAB = 96
 
 
 def tiny_config(arch: str = "llama", vocab: int = VOCAB, layers: int = 2, kv_heads: int = 2, **overrides):
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "gemma3": Gemma3TextConfig,
+           "phi3": Phi3Config}[arch]
     cfg = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512,
                initializer_range=0.3, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
                pad_token_id=0)
+    if arch == "qwen3":  # what transformers assumes for a Qwen3 GGUF file (it reads no head size from it)
+        cfg["head_dim"] = 128
+    if arch == "gemma3":  # a head size of its own, a short window beside full layers, sandwich norms
+        cfg.update(head_dim=64, sliding_window=6)
     cfg.update(overrides)
     return cls(**cfg)
 
@@ -85,8 +91,12 @@ def write_gguf(model, path, formats: dict[str, "object"] | None = None, default=
 
     from dovetail.kernels.packing import ENCODABLE, SCHEMES, encode, random_blocks
 
+    from dovetail.models.architectures import of_config
+
     cfg = model.config
-    arch = arch or cfg.model_type
+    family = of_config(cfg)
+    arch = arch or family.gguf
+    permuted = arch == "llama" and family.permuted_qk
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     names = gguf.TensorNameMap(arch_id, cfg.num_hidden_layers)
     writer = gguf.GGUFWriter(str(path), arch)
@@ -99,7 +109,13 @@ def write_gguf(model, path, formats: dict[str, "object"] | None = None, default=
         writer.add_head_count(cfg.num_attention_heads)
         writer.add_head_count_kv(cfg.num_key_value_heads)
         writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-        writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
+        rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)
+        writer.add_rope_freq_base(float(rope["rope_theta"]))
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        if getattr(cfg, "layer_types", None) and "sliding_attention" in cfg.layer_types:
+            writer.add_sliding_window(cfg.sliding_window)
         tokens, types = gguf_vocabulary(cfg.vocab_size)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre("default")
@@ -118,14 +134,15 @@ def write_gguf(model, path, formats: dict[str, "object"] | None = None, default=
         w = param.detach().float().numpy()
         key = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if w.ndim == 1:
-            writer.add_tensor(key, w.astype(np.float32))
+            stored = w + family.norm_offset if "norm" in name else w  # as llama.cpp's converter stores norms
+            writer.add_tensor(key, stored.astype(np.float32))
             expected[name] = w
             continue
         qtype = next((t for part, t in (formats or {}).items() if part in name), default or gguf.GGMLQuantizationType.Q8_0)
         stored = w
         heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
         part = next((p for p in heads if f"self_attn.{p}" in name), None)
-        if arch == "llama" and part:  # llama.cpp's permutation of q/k rows
+        if permuted and part:  # llama.cpp's permutation of q/k rows
             n = heads[part]
             stored = w.reshape(n, 2, w.shape[0] // n // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
         if qtype not in ENCODABLE:  # a format Dovetail does not encode: random blocks (the weights change)
@@ -137,7 +154,7 @@ def write_gguf(model, path, formats: dict[str, "object"] | None = None, default=
             raw = encode(stored, qtype)
             writer.add_tensor(key, raw, raw_dtype=qtype)
         deq = gguf.quants.dequantize(raw, qtype).reshape(w.shape)
-        if arch == "llama" and part:  # undo the permutation: HF's row order
+        if permuted and part:  # undo the permutation: HF's row order
             n = heads[part]
             deq = deq.reshape(n, w.shape[0] // n // 2, 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
         expected[name] = deq

@@ -24,6 +24,8 @@ import torch
 from transformers import DynamicCache
 
 from dovetail.models import fast_forward
+from dovetail.models.architectures import sliding_window
+from dovetail.models.row_attention import windowed
 from dovetail.models.kv_cache import appending_cache
 from dovetail.models.tree import ancestry_matrix
 
@@ -148,6 +150,21 @@ def additive_mask(allowed: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return mask.masked_fill_(torch.from_numpy(~allowed), torch.finfo(dtype).min)
 
 
+def layer_masks(config, allowed: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor,
+                dtype: torch.dtype, device) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The additive mask a forward takes for ``allowed`` [queries, keys]: with sliding-window layers
+    the window is cut from it too, in one mask for every layer, or one per layer type where
+    sliding layers sit beside full ones (the form transformers' Gemma 3 takes)."""
+    def additive(window: int | None) -> torch.Tensor:
+        seen = allowed if window is None else windowed(allowed, query_positions, key_positions, window)
+        return additive_mask(seen.numpy(), dtype).to(device)[None, None]
+
+    windows = {sliding_window(config, i) for i in range(config.num_hidden_layers)}
+    if len(windows) == 1:
+        return additive(windows.pop())
+    return {"full_attention": additive(None), "sliding_attention": additive(config.sliding_window)}
+
+
 @dataclass
 class TreeBlock:
     """Tree ``nodes`` (indices into ``tokens``/``parents``) to write as pending entries of one cache,
@@ -182,28 +199,36 @@ def forward_blocks(lms: list[CachedLM], blocks: list[TreeBlock], features: torch
     nodes = [np.asarray(b.nodes, dtype=np.int64) for b in blocks]
     total_context, total_nodes = sum(contexts), sum(len(n) for n in nodes)
     allowed = np.zeros((total_nodes, total_context + total_nodes), dtype=bool)
+    key_positions = np.zeros(total_context + total_nodes, dtype=np.int64)
     ids, positions = [], []
     row = col = 0
     for lm, block, new, context in zip(lms, blocks, nodes, contexts):
         anc = ancestry_matrix(np.asarray(block.parents, dtype=np.int64))
+        depth = anc.sum(1) - 1
+        pending = np.asarray(lm._pending_nodes, dtype=np.int64)
         visible = anc[new]  # ancestry rows of the new nodes over the whole tree
-        rows = slice(row, row + len(new))
+        rows, fresh = slice(row, row + len(new)), slice(total_context + row, total_context + row + len(new))
         allowed[rows, col:col + lm.committed] = True
-        allowed[rows, col + lm.committed:col + context] = visible[:, np.asarray(lm._pending_nodes, dtype=np.int64)]
-        allowed[rows, total_context + row:total_context + row + len(new)] = visible[:, new]
+        allowed[rows, col + lm.committed:col + context] = visible[:, pending]
+        allowed[rows, fresh] = visible[:, new]
+        key_positions[col:col + lm.committed] = np.arange(lm.committed)
+        key_positions[col + lm.committed:col + context] = block.base_position + depth[pending]
+        key_positions[fresh] = block.base_position + depth[new]
         ids.append(np.asarray(block.tokens, dtype=np.int64)[new])
-        positions.append(block.base_position + anc.sum(1)[new] - 1)
+        positions.append(block.base_position + depth[new])
         row, col = row + len(new), col + context
-    mask = additive_mask(allowed, first.dtype).to(first.device)[None, None]
+    positions = torch.from_numpy(np.concatenate(positions))
+    mask = layer_masks(first.config, torch.from_numpy(allowed), positions, torch.from_numpy(key_positions),
+                       first.dtype, first.device)
     ids = torch.from_numpy(np.concatenate(ids)).to(first.device).view(1, -1)
-    positions = torch.from_numpy(np.concatenate(positions)).to(first.device).view(1, -1)
+    positions = positions.to(first.device).view(1, -1)
     sizes = [len(new) for new in nodes]
     keep = torch.tensor(np.cumsum(sizes) - 1, device=first.device) if last_only else 0
     if len(lms) == 1:  # alone: straight into its own cache
         logits = first._forward(ids, positions, mask, keep, features)
         first._pending_nodes.extend(int(n) for n in nodes[0])
         return [logits]
-    scratch = DynamicCache(config=first.config)
+    scratch = DynamicCache()  # plain layers that keep every row (a sliding one would drop some)
     for i in range(len(first.cache.layers)):
         scratch.update(torch.cat([lm.cache.layers[i].keys for lm in lms], dim=2),
                        torch.cat([lm.cache.layers[i].values for lm in lms], dim=2), i)

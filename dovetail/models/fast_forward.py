@@ -1,4 +1,5 @@
-"""The decoder forward of a quantized Llama/Qwen2-family model, without HF's module machinery.
+"""The decoder forward of a quantized model (every family of ``architectures.py``), without HF's
+module machinery.
 
 HF's forward runs some fifty small tensor operators per layer (norm, rotary, cache bookkeeping,
 mask conversion, dtype casts) around the seven linears: a large share of a small model's 1-token
@@ -22,10 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from dovetail.kernels import ops
+from dovetail.models.architectures import ACTIVATIONS, of_config, sliding_window
 from dovetail.models.quantized import QuantLinear
-from dovetail.models.row_attention import visible_keys
+from dovetail.models.row_attention import visible_keys, windowed
 
-SUPPORTED_TYPES = ("llama", "qwen2")
+PROJECTIONS = {  # the linears the forward calls as matrices; the others run as modules (tp.py wraps them)
+    False: (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj"))),
+    True: (("self_attn", ("qkv_proj",)), ("mlp", ("gate_up_proj",))),
+}
 
 
 def _quant(module) -> QuantLinear | None:
@@ -37,71 +42,145 @@ def _quant(module) -> QuantLinear | None:
 def supports(model: torch.nn.Module) -> bool:
     """Whether ``model`` is a quantized decoder this forward reproduces (else HF's forward runs)."""
     config = model.config
-    if config.model_type not in SUPPORTED_TYPES or getattr(config, "hidden_act", "silu") != "silu":
+    family = of_config(config)
+    if family is None or getattr(config, family.activation_key, "silu") not in ACTIVATIONS:
         return False
-    if getattr(config, "use_sliding_window", False):
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None):
+        return False
+    if (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0) != 1.0:
         return False
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not layers:
         return False
+    fused = family.fused_qkv
     for layer in layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        if any(_quant(getattr(attn, n)) is None for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        for part, names in PROJECTIONS[fused]:
+            if any(_quant(getattr(getattr(layer, part), n, None)) is None for n in names):
+                return False
+        if _quant(layer.self_attn.o_proj) is None or _quant(layer.mlp.down_proj) is None:
             return False
-        if any(_quant(getattr(mlp, n)) is None for n in ("gate_proj", "up_proj", "down_proj")):
-            return False
-        if not hasattr(layer.input_layernorm, "variance_epsilon"):
-            return False
-    return True
+    return family.fused_qkv == family.fused_gate_up
+
+
+def _norm(module, offset: float) -> tuple[torch.Tensor, float]:
+    """(the weight the kernel multiplies by, eps) of an RMSNorm module (``offset``: see ``Architecture``)."""
+    eps = getattr(module, "variance_epsilon", None)
+    return module.weight.detach().float() + offset, float(module.eps if eps is None else eps)
 
 
 class FastForward:
     """``hidden(ids, positions, mask, cache)`` -> the final-norm hidden states [L, hidden]."""
 
     def __init__(self, model: torch.nn.Module):
-        backbone = model.model
-        self.embed, self.rotary, self.norm = backbone.embed_tokens, backbone.rotary_emb, backbone.norm
+        backbone, config = model.model, model.config
+        family = of_config(config)
+        self.family = family
+        self.embed, self.rotary, self.final = backbone.embed_tokens, backbone.rotary_emb, _norm(backbone.norm, family.norm_offset)
         self.ops = ops()
+        act = getattr(config, family.activation_key, "silu")
+        self.activation = (lambda x: F.silu(x, inplace=True)) if act == "silu" else (
+            lambda x: F.gelu(x, approximate="tanh"))
+        types = getattr(config, "layer_types", None) or ["full_attention"] * len(backbone.layers)
         self.layers = []
-        for layer in backbone.layers:
+        for i, layer in enumerate(backbone.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            head_dim = attn.head_dim
-            self.layers.append(dict(
-                ln1=layer.input_layernorm.weight.detach(), ln2=layer.post_attention_layernorm.weight.detach(),
-                eps=float(layer.input_layernorm.variance_epsilon),
-                q=_quant(attn.q_proj), k=_quant(attn.k_proj), v=_quant(attn.v_proj), o=attn.o_proj,
-                gate=_quant(mlp.gate_proj), up=_quant(mlp.up_proj), down=mlp.down_proj,
-                head_dim=head_dim, scale=float(attn.scaling),
-                heads=_quant(attn.q_proj).out_features // head_dim,
-                kv_heads=_quant(attn.k_proj).out_features // head_dim))
-        self.final_eps = float(self.norm.variance_epsilon)
-        self.isa = self.layers[0]["q"].isa
+            head_dim, offset = attn.head_dim, family.norm_offset
+            p = dict(ln1=_norm(layer.input_layernorm, offset), o=attn.o_proj, down=mlp.down_proj,
+                     head_dim=head_dim, scale=float(attn.scaling), window=sliding_window(config, i),
+                     rope=types[i] if family.rope_per_layer_type else None)
+            if family.fused_qkv:
+                p.update(qkv=_quant(attn.qkv_proj), gate_up=_quant(mlp.gate_up_proj))
+            else:
+                p.update(q=_quant(attn.q_proj), k=_quant(attn.k_proj), v=_quant(attn.v_proj),
+                         gate=_quant(mlp.gate_proj), up=_quant(mlp.up_proj))
+            if family.qk_norm:
+                p.update(q_norm=_norm(attn.q_norm, offset), k_norm=_norm(attn.k_norm, offset))
+            if family.sandwich_norms:
+                p.update(post_attn=_norm(layer.post_attention_layernorm, offset),
+                         pre_mlp=_norm(layer.pre_feedforward_layernorm, offset),
+                         post_mlp=_norm(layer.post_feedforward_layernorm, offset))
+            else:
+                p.update(pre_mlp=_norm(layer.post_attention_layernorm, offset))
+            if family.fused_qkv:  # this shard's q | k | v: the head counts follow from the grouping
+                kv_heads = p["qkv"].out_features // head_dim // (attn.num_key_value_groups + 2)
+                heads = kv_heads * attn.num_key_value_groups
+            else:
+                heads, kv_heads = p["q"].out_features // head_dim, p["k"].out_features // head_dim
+            p.update(heads=heads, kv_heads=kv_heads, q_rows=heads * head_dim, kv_rows=kv_heads * head_dim)
+            self.layers.append(p)
+        first = self.layers[0]
+        self.isa = (first["qkv"] if family.fused_qkv else first["q"]).isa
+
+    def _qkv(self, p, xq, xs):
+        if "qkv" not in p:
+            return p["q"].forward_quantized(xq, xs), p["k"].forward_quantized(xq, xs), p["v"].forward_quantized(xq, xs)
+        y = p["qkv"].forward_quantized(xq, xs)
+        q, kv = p["q_rows"], p["kv_rows"]
+        return y[:, :q].contiguous(), y[:, q:q + kv].contiguous(), y[:, q + kv:]
+
+    def _gate_up(self, p, xq, xs):
+        if "gate_up" not in p:
+            return p["gate"].forward_quantized(xq, xs), p["up"].forward_quantized(xq, xs)
+        y = p["gate_up"].forward_quantized(xq, xs)
+        half = y.shape[1] // 2
+        return y[:, :half], y[:, half:]
+
+    def _visible(self, mask, positions, length: int, kv_len: int) -> dict:
+        """Which keys each query row sees, per (rotary table, window) of a layer: the causal (or
+        tree) mask, and for sliding-window layers only keys less than the window behind. A mask
+        given per layer type (``cached_lm.forward_blocks``) carries its windows already."""
+        out = {}
+        for p in self.layers:
+            key = (p["rope"], p["window"])
+            if key in out:
+                continue
+            if isinstance(mask, dict):
+                seen = visible_keys(mask["sliding_attention" if p["window"] else "full_attention"], length, kv_len)
+            else:
+                seen = visible_keys(mask, length, kv_len)
+                if mask is None and p["window"]:
+                    seen = windowed(seen, positions, torch.arange(kv_len), p["window"])
+            out[key] = seen.to(torch.uint8).contiguous()
+        return out
 
     @torch.inference_mode()
-    def hidden(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache) -> torch.Tensor:
+    def hidden(self, ids: torch.Tensor, positions: torch.Tensor, mask, cache) -> torch.Tensor:
         o = self.ops
         length = ids.shape[-1]
         h = self.embed(ids.view(1, -1))  # [1, L, H]
-        cos, sin = self.rotary(h, positions.view(1, -1))
-        cos, sin = cos[0].float().contiguous(), sin[0].float().contiguous()
+        tables = {}
+        for p in self.layers:
+            if p["rope"] not in tables:
+                args = (p["rope"],) if p["rope"] is not None else ()
+                cos, sin = self.rotary(h, positions.view(1, -1), *args)
+                tables[p["rope"]] = cos[0].float().contiguous(), sin[0].float().contiguous()
         h = h[0].float().contiguous()
-        visible = visible_keys(mask, length, cache.get_seq_length() + length).to(torch.uint8).contiguous()
-        x = o.rms_norm(h, self.layers[0]["ln1"], self.layers[0]["eps"])
+        visible = self._visible(mask, positions.view(-1), length, cache.get_seq_length() + length)
+        w, eps = self.layers[0]["ln1"]
+        x = o.rms_norm(h, w, eps)
         for i, p in enumerate(self.layers):
+            d = p["head_dim"]
+            cos, sin = tables[p["rope"]]
             xq, xs = o.quantize_rows(x, self.isa)
-            q, k, v = p["q"].forward_quantized(xq, xs), p["k"].forward_quantized(xq, xs), p["v"].forward_quantized(xq, xs)
+            q, k, v = self._qkv(p, xq, xs)
+            if "q_norm" in p:  # per head, before the rotary embedding
+                q = o.rms_norm(q.view(length * p["heads"], d), *p["q_norm"]).view(length, -1)
+                k = o.rms_norm(k.view(length * p["kv_heads"], d), *p["k_norm"]).view(length, -1)
             o.rope_(q, cos, sin)
             o.rope_(k, cos, sin)
-            d = p["head_dim"]
             keys, values = cache.update(k.view(length, p["kv_heads"], d).transpose(0, 1)[None],
-                                        v.view(length, p["kv_heads"], d).transpose(0, 1)[None], i)
-            a = o.row_attention(q.view(length, p["heads"], d).transpose(0, 1), keys[0], values[0], visible, p["scale"],
-                                self.isa)
-            x = o.add_rms_norm_(h, p["o"](a.view(length, -1)), p["ln2"], p["eps"])
+                                        v.reshape(length, p["kv_heads"], d).transpose(0, 1)[None], i)
+            a = o.row_attention(q.view(length, p["heads"], d).transpose(0, 1), keys[0], values[0],
+                                visible[p["rope"], p["window"]], p["scale"], self.isa)
+            a = p["o"](a.view(length, -1))
+            if "post_attn" in p:
+                a = o.rms_norm(a, *p["post_attn"])
+            x = o.add_rms_norm_(h, a, *p["pre_mlp"])
             xq, xs = o.quantize_rows(x, self.isa)
-            gate = p["gate"].forward_quantized(xq, xs)
-            gate = F.silu(gate, inplace=True).mul_(p["up"].forward_quantized(xq, xs))
-            nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
-            w, eps = (nxt["ln1"], nxt["eps"]) if nxt else (self.norm.weight.detach(), self.final_eps)
-            x = o.add_rms_norm_(h, p["down"](gate), w, eps)
+            gate, up = self._gate_up(p, xq, xs)
+            m = p["down"](self.activation(gate).mul_(up))
+            if "post_mlp" in p:
+                m = o.rms_norm(m, *p["post_mlp"])
+            nxt = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.final
+            x = o.add_rms_norm_(h, m, *nxt)
         return x

@@ -60,8 +60,9 @@ class AppendingLayer(DynamicLayer):
 
 
 def appending_cache(config) -> DynamicCache:
-    """A ``DynamicCache`` for ``config`` whose full-attention layers append in place (sliding-window
-    layers, which drop old rows, stay as transformers makes them)."""
+    """A ``DynamicCache`` for ``config`` whose layers all append in place and keep every row, the
+    sliding-window ones too: the window is applied by the attention mask, so a cache's entries are
+    always its positions in order (what committing a tree and batching requests rely on)."""
     cache = DynamicCache(config=config)
-    cache.layers = [AppendingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [AppendingLayer() for _ in cache.layers]
     return cache

@@ -32,8 +32,9 @@ from dovetail.errors import UserError
 from dovetail.kernels import kernel_isa, ops
 from gguf import GGML_QUANT_SIZES
 
+from dovetail.models.architectures import GGUF_NAMES, by_gguf_name
 from dovetail.models.gguf_index import GGUFIndex
-from dovetail.models.slices import SPLITS, SliceReader, weight_files
+from dovetail.models.slices import Span, SliceReader, shard_spans, split_of, weight_files
 from dovetail.store import GGUF_NAME
 from dovetail.kernels.packing import (SCHEMES, Decoded, PackedWeight, decode, encode, pack, packed_bytes,
                                       precision_format)
@@ -59,7 +60,7 @@ def gguf_formats(path: str | Path) -> list[str]:
     return [name for name, _ in sizes.most_common()]
 
 
-NATIVE_ARCHITECTURES = ("llama", "qwen2")  # GGUF architectures whose tensors and forward are tested natively
+NATIVE_ARCHITECTURES = GGUF_NAMES  # those of ``architectures.py``: their tensors and forward are tested natively
 FLOAT_TYPES = ("F32", "F16", "BF16")  # GGUF tensors kept as floats (norms; some files' embeddings)
 
 
@@ -154,15 +155,18 @@ class QuantLinear(nn.Module):
 
 
 class QuantEmbedding(nn.Module):
-    """A token embedding kept quantized: looked-up rows are dequantized exactly."""
+    """A token embedding kept quantized: looked-up rows are dequantized exactly (then multiplied by
+    ``scale`` where the model scales its embeddings, as Gemma does by sqrt(hidden))."""
 
-    def __init__(self, table: QuantLinear):
+    def __init__(self, table: QuantLinear, scale: torch.Tensor | None = None):
         super().__init__()
         self.table = table
         self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
+        self.scale = None if scale is None else scale.float()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.table.dequantize(ids.reshape(-1)).view(*ids.shape, self.embedding_dim)
+        rows = self.table.dequantize(ids.reshape(-1)).view(*ids.shape, self.embedding_dim)
+        return rows if self.scale is None else rows * self.scale
 
 
 # -- where tensors come from ---------------------------------------------------------------------
@@ -175,9 +179,9 @@ class GGUFSource:
         index = GGUFIndex(path)
         arch = index.architecture
         arch_id = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), None)
-        if arch_id is None:
-            raise UserError(f"{path}: unknown GGUF architecture {arch!r}")
-        self.arch = arch
+        self.family = by_gguf_name(arch)
+        if arch_id is None or self.family is None:
+            raise UserError(f"{path}: GGUF architecture {arch!r} does not run natively")
         self.index = index
         self.names = gguf.TensorNameMap(arch_id, config.num_hidden_layers)
         self.tensors = index.tensors
@@ -192,7 +196,7 @@ class GGUFSource:
 
     def _row_order(self, name: str, rows: int) -> np.ndarray | None:
         """llama.cpp stores Llama q/k rows interleaved for its RoPE; HF's order is restored here."""
-        if self.arch != "llama":
+        if not self.family.permuted_qk:
             return None
         m = re.search(r"self_attn\.([qk])_proj\.", name)
         if not m:
@@ -203,7 +207,7 @@ class GGUFSource:
         return (np.arange(heads)[:, None, None] * head_dim + np.arange(2)[None, :, None]
                 + 2 * half[None, None, :]).reshape(-1)
 
-    def dense(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def dense(self, name: str, rows: list[Span] | None = None) -> torch.Tensor:
         t = self._tensor(name)
         data = np.asarray(t.data)
         if t.tensor_type.name == "BF16":  # the index keeps its bytes: widen to the float32 bits
@@ -217,10 +221,12 @@ class GGUFSource:
         if order is not None:
             data = data[order]
         if rows is not None:
-            data = data[rows[0]:rows[1]]
-        out = torch.from_numpy(np.array(data, dtype=np.float32))
+            data = np.concatenate([data[lo:hi] for lo, hi in rows])
+        data = np.array(data, dtype=np.float32)
+        if self.family.norm_offset and name.endswith("norm.weight"):
+            data -= np.float32(self.family.norm_offset)  # HF's parameter (its norm adds the offset back)
         self.index.release(t)
-        return out
+        return torch.from_numpy(data)
 
     def format_of(self, name: str):
         """The tensor's block format, or None for a float tensor (kept dense); any other format is
@@ -232,7 +238,7 @@ class GGUFSource:
             return None
         raise UserError(_unsupported_message(self.index.path, t.name, t.tensor_type.name))
 
-    def decoded(self, name: str, rows: tuple[int, int] | None, cols: tuple[int, int] | None) -> Decoded:
+    def decoded(self, name: str, rows: list[Span] | None, cols: Span | None) -> Decoded:
         t = self._tensor(name)
         n_cols, n_rows = int(t.shape[0]), int(t.shape[1])
         raw = np.asarray(t.data).reshape(n_rows, -1)
@@ -240,7 +246,8 @@ class GGUFSource:
         if order is not None:
             raw = raw[order]
         if rows is not None:
-            raw, n_rows = raw[rows[0]:rows[1]], rows[1] - rows[0]
+            raw = np.concatenate([raw[lo:hi] for lo, hi in rows])
+            n_rows = len(raw)
         per, size = GGML_QUANT_SIZES[t.tensor_type]
         if cols is not None:  # whole blocks only: the caller split on super-block boundaries
             raw = raw.reshape(n_rows, n_cols // per, size)[:, cols[0] // per:cols[1] // per].reshape(n_rows, -1)
@@ -267,9 +274,9 @@ class FloatSource:
     def has(self, name: str) -> bool:
         return name in self.files
 
-    def dense(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def dense(self, name: str, rows: list[Span] | None = None) -> torch.Tensor:
         reader = self._reader(name)
-        t = reader.read(name) if rows is None else reader.read(name, 0, *rows)
+        t = reader.read(name) if rows is None else torch.cat([reader.read(name, 0, lo, hi) for lo, hi in rows])
         return t.float()
 
     def cols_of(self, name: str) -> int:
@@ -278,13 +285,12 @@ class FloatSource:
     def format_of(self, name: str):
         return precision_format(self.precision, self.cols_of(name))
 
-    def decoded(self, name: str, rows: tuple[int, int] | None, cols: tuple[int, int] | None) -> Decoded:
-        reader = self._reader(name)
-        w = reader.read(name) if rows is None else reader.read(name, 0, *rows)
+    def decoded(self, name: str, rows: list[Span] | None, cols: Span | None) -> Decoded:
+        w = self.dense(name, rows)
         if cols is not None:
             w = w[:, cols[0]:cols[1]]
         qtype = self.format_of(name)  # chosen from the full row length, so every shard agrees
-        w = w.float().numpy()
+        w = w.numpy()
         return decode(encode(w, qtype), qtype, *w.shape)
 
     def close(self):
@@ -307,9 +313,8 @@ def balanced(total: int, unit: int, rank: int, world: int) -> tuple[int, int]:
     return lo * unit, (hi * unit if rank < world - 1 else total)
 
 
-def shard_ranges(config, source, rank: int, world: int) -> dict[str, tuple[int, int]]:
-    """This rank's span of each split dimension (heads, KV heads, MLP, vocabulary)."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+def shard_ranges(config, source, rank: int, world: int) -> dict[str, list[Span]]:
+    """This rank's spans of each split (``slices.shard_spans``), the MLP cut on block edges."""
     kv_heads = getattr(config, "num_key_value_heads", config.num_attention_heads)
     for name, size in (("attention heads", config.num_attention_heads), ("KV heads", kv_heads),
                        ("vocabulary", config.vocab_size)):
@@ -323,21 +328,15 @@ def shard_ranges(config, source, rank: int, world: int) -> dict[str, tuple[int, 
     if config.intermediate_size < unit * world:
         raise UserError(f"cannot split an MLP of {config.intermediate_size} into {world} shards of whole "
                         f"{unit}-weight blocks")
-    q_span = config.num_attention_heads * head_dim // world
-    return {"q": (rank * q_span, (rank + 1) * q_span),
-            "kv": (rank * kv_heads * head_dim // world, (rank + 1) * kv_heads * head_dim // world),
-            "mlp": balanced(config.intermediate_size, unit, rank, world),
-            "vocab": (rank * config.vocab_size // world, (rank + 1) * config.vocab_size // world)}
-
-
-def _split(name: str, spans, world: int):
-    """(rows, cols) slices of parameter ``name`` for this shard (None: whole)."""
-    if world == 1:
-        return None, None
-    for pattern, dim, kind in SPLITS:  # the same Megatron layout as the fp32 shards
-        if pattern.search(name):
-            return (spans[kind], None) if dim == 0 else (None, spans[kind])
-    return None, None
+    spans = shard_spans(config, rank, world, mlp=balanced(config.intermediate_size, unit, rank, world))
+    q_cols = spans["q"][0][1] - spans["q"][0][0]
+    for i in range(config.num_hidden_layers):  # o_proj's input columns split by heads: on block edges too?
+        qtype = source.format_of(f"model.layers.{i}.self_attn.o_proj.weight")
+        if qtype is not None and q_cols % SCHEMES[qtype].superblock:
+            raise UserError(f"cannot split this model into {world} shards: each shard's attention output "
+                            f"({q_cols} columns of o_proj, {qtype.name}) is not whole "
+                            f"{SCHEMES[qtype].superblock}-weight blocks")
+    return spans
 
 
 def load_quantized(path: str | Path, precision: str, rank: int = 0, world: int = 1) -> nn.Module:
@@ -352,7 +351,7 @@ def load_quantized(path: str | Path, precision: str, rank: int = 0, world: int =
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
     def quant_linear(weight_name: str, bias: torch.Tensor | None) -> nn.Module:
-        rows, cols = _split(weight_name, spans, world)
+        rows, cols = split_of(weight_name, spans)
         if source.format_of(weight_name) is None:  # a float tensor inside a GGUF file: keep it dense
             from dovetail.models.fast_linear import FastLinear
 
@@ -370,7 +369,7 @@ def load_quantized(path: str | Path, precision: str, rank: int = 0, world: int =
         weight_name = f"{name}.weight"
         bias = None
         if linear.bias is not None:
-            rows, _ = _split(f"{name}.bias", spans, world)
+            rows, _ = split_of(f"{name}.bias", spans)
             bias = source.dense(f"{name}.bias", rows)
             if rank > 0 and re.search(r"\.(o_proj|down_proj)$", name):
                 bias = torch.zeros_like(bias)  # a row-parallel bias is added once, not once per shard
@@ -383,14 +382,14 @@ def load_quantized(path: str | Path, precision: str, rank: int = 0, world: int =
     table = quant_linear(embed_name, None)
     if not isinstance(table, QuantLinear):
         raise UserError(f"{path}: the token embedding is not in a quantized format")
-    model.model.embed_tokens = QuantEmbedding(table)
+    model.model.embed_tokens = QuantEmbedding(table, getattr(model.model.embed_tokens, "embed_scale", None))
     if not source.has("lm_head.weight"):
         model.lm_head = table
     for name, param in list(model.named_parameters()):  # norms (and anything else left on meta)
         if param.device.type != "meta":
             continue
         module_name, _, param_name = name.rpartition(".")
-        rows, _ = _split(name, spans, world)
+        rows, _ = split_of(name, spans)
         setattr(model.get_submodule(module_name), param_name, nn.Parameter(source.dense(name, rows), requires_grad=False))
     if isinstance(source, FloatSource):
         source.close()

@@ -30,6 +30,13 @@ def visible_keys(mask: torch.Tensor | None, q_len: int, kv_len: int) -> torch.Te
     return m if m.dtype == torch.bool else m == 0
 
 
+def windowed(visible: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor,
+             window: int) -> torch.Tensor:
+    """``visible`` without the keys ``window`` or more positions behind their query: what a
+    sliding-window layer sees (transformers' rule)."""
+    return visible & ((query_positions[:, None] - key_positions[None, :]) < window)
+
+
 UNSUPPORTED = ("softcap", "s_aux")  # logit softcapping, attention sinks: refused, never ignored
 
 

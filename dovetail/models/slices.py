@@ -13,16 +13,52 @@ from pathlib import Path
 
 import torch
 
-# the Megatron layout: parameter name pattern -> (dimension to split, which size governs it)
+# the Megatron layout: parameter name pattern -> (dimension to split, which spans a shard holds)
 SPLITS = [
     (re.compile(r"\.self_attn\.q_proj\.(weight|bias)$"), 0, "q"),
     (re.compile(r"\.self_attn\.[kv]_proj\.(weight|bias)$"), 0, "kv"),
+    (re.compile(r"\.self_attn\.qkv_proj\.(weight|bias)$"), 0, "qkv"),
     (re.compile(r"\.self_attn\.o_proj\.weight$"), 1, "q"),
     (re.compile(r"\.mlp\.(gate|up)_proj\.weight$"), 0, "mlp"),
+    (re.compile(r"\.mlp\.gate_up_proj\.weight$"), 0, "gate_up"),
     (re.compile(r"\.mlp\.down_proj\.weight$"), 1, "mlp"),
     (re.compile(r"^lm_head\.weight$"), 0, "vocab"),
     (re.compile(r"^model\.embed_tokens\.weight$"), 0, "vocab"),
 ]
+
+Span = tuple[int, int]
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def shard_spans(config, rank: int, world: int, mlp: Span | None = None) -> dict[str, list[Span]]:
+    """Rank ``rank``'s rows (or columns) of each kind of split, as ranges to concatenate: its heads
+    of q and of k/v, its part of the MLP (``mlp``, else an even split) and of the vocabulary. A fused
+    projection holds one range of each part it fuses: qkv is q | k | v, gate_up is gate | up."""
+    d, kv_heads = head_dim(config), getattr(config, "num_key_value_heads", config.num_attention_heads)
+    q_rows, kv_rows, inner = config.num_attention_heads * d, kv_heads * d, config.intermediate_size
+
+    def share(total: int) -> Span:
+        return rank * total // world, (rank + 1) * total // world
+
+    def shifted(span: Span, by: int) -> Span:
+        return span[0] + by, span[1] + by
+
+    q, kv, mlp = share(q_rows), share(kv_rows), mlp or share(inner)
+    return {"q": [q], "kv": [kv], "mlp": [mlp], "vocab": [share(config.vocab_size)],
+            "qkv": [q, shifted(kv, q_rows), shifted(kv, q_rows + kv_rows)], "gate_up": [mlp, shifted(mlp, inner)]}
+
+
+def split_of(name: str, spans: dict[str, list[Span]] | None) -> tuple[list[Span] | None, Span | None]:
+    """(row ranges, column range) of parameter ``name`` a shard holds (None: all of them)."""
+    if spans is None:
+        return None, None
+    for pattern, dim, kind in SPLITS:
+        if pattern.search(name):
+            return (spans[kind], None) if dim == 0 else (None, spans[kind][0])
+    return None, None
 
 
 def weight_files(path: Path) -> dict[str, Path]:

@@ -1,9 +1,10 @@
 """Tensor-parallel sharding of an HF decoder across CPU sockets (Megatron layout, gpt-fast style).
 
 Per decoder layer, shard r of n holds:
-  q/k/v projections: the rows of its attention heads (q heads and GQA KV heads split evenly)
+  q/k/v projections: the rows of its attention heads (q heads and GQA KV heads split evenly;
+                     a fused qkv projection holds its rows of each of the three)
   o projection:      the matching input columns -> partial sums, all-reduced
-  gate/up:           its slice of the MLP intermediate dimension
+  gate/up:           its slice of the MLP intermediate dimension (of both halves when fused)
   down projection:   the matching input columns -> partial sums, all-reduced
   LM head:           its slice of the vocabulary -> logits all-gathered
   embeddings:        its slice of the vocabulary -> rows outside it are zero, all-reduced
@@ -16,6 +17,7 @@ peak memory is about model/n plus the replicated norms, never the whole model.
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 import torch
@@ -26,7 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from dovetail.errors import UserError
 from dovetail.protocol.collectives import Collective
 from dovetail.models.fast_linear import accelerate_linears
-from dovetail.models.slices import SPLITS, SliceReader, weight_files
+from dovetail.models.slices import SliceReader, shard_spans, split_of, weight_files
 
 
 def check_shardable(config, world_size: int) -> None:
@@ -58,6 +60,7 @@ def load_shard(path: str | Path, collective: Collective, linear_kernel: str = "m
     if n > 1:
         vocab_lo = r * model.config.vocab_size // n
         for layer in model.model.layers:
+            _hold_local_heads(layer.self_attn, n)
             layer.self_attn.o_proj = _Reduced(layer.self_attn.o_proj, collective)
             layer.mlp.down_proj = _Reduced(layer.mlp.down_proj, collective)
         model.lm_head = _Gathered(model.lm_head, collective)
@@ -69,10 +72,7 @@ def _load_float_shard(path: Path, r: int, n: int, linear_kernel: str) -> nn.Modu
     """Rank ``r``'s fp32 slices of the float checkpoint in ``path`` (no collectives yet)."""
     config = AutoConfig.from_pretrained(path)
     check_shardable(config, n)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", config.num_attention_heads)
-    span = {"q": config.num_attention_heads * head_dim // n, "kv": kv_heads * head_dim // n,
-            "mlp": config.intermediate_size // n, "vocab": config.vocab_size // n}
+    spans = shard_spans(config, r, n) if n > 1 else None
     with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers real
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     files = weight_files(path)
@@ -87,12 +87,13 @@ def _load_float_shard(path: Path, r: int, n: int, linear_kernel: str) -> nn.Modu
             continue
         file = files[source]
         reader = readers.get(file) or readers.setdefault(file, SliceReader(file))
-        rule = next(((dim, kind) for pattern, dim, kind in SPLITS if pattern.search(source)), None)
-        if rule is None or n == 1:
-            tensor = reader.read(source)
+        rows, cols = split_of(source, spans)
+        if rows is not None:
+            tensor = torch.cat([reader.read(source, 0, lo, hi) for lo, hi in rows])
+        elif cols is not None:
+            tensor = reader.read(source, 1, *cols)
         else:
-            dim, kind = rule
-            tensor = reader.read(source, dim, r * span[kind], (r + 1) * span[kind])
+            tensor = reader.read(source)
         if r > 0 and re.search(r"\.(o_proj|down_proj)\.bias$", name):
             tensor = torch.zeros_like(tensor)  # a row-parallel bias is added once, not once per shard
         state[name] = loaded[source] = tensor.to(torch.float32).contiguous()
@@ -110,6 +111,17 @@ def _load_float_shard(path: Path, r: int, n: int, linear_kernel: str) -> nn.Modu
     del state, loaded, readers
     model.eval()
     return accelerate_linears(model, linear_kernel)
+
+
+def _hold_local_heads(attention: nn.Module, n: int) -> None:
+    """Give a shard's attention module its own head counts: some modules read them from the config
+    (Phi-3 cuts its fused qkv output at ``num_attention_heads * head_dim``), not from the widths."""
+    config = copy.copy(attention.config)
+    config.num_attention_heads //= n
+    config.num_key_value_heads = getattr(config, "num_key_value_heads", attention.config.num_attention_heads) // n
+    attention.config = config
+    if hasattr(attention, "num_key_value_heads"):
+        attention.num_key_value_heads = config.num_key_value_heads
 
 
 class _VocabParallelEmbedding(nn.Module):
