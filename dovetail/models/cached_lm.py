@@ -5,7 +5,7 @@ nodes written by ``forward_tree`` during the current step. A tree block attends 
 committed prefix, to the pending entries that are its ancestors, and to its own ancestors inside
 the block (a 4D float mask, positions ``base + depth``). ``commit(path)`` keeps the pending entries
 on one root-to-leaf path, moves them to contiguous positions right after the prefix, and drops
-the rest. Any transformers Llama/Qwen2/Mistral-style model works: only its forward is used.
+the rest. Any transformers decoder of ``architectures.py`` works: only its forward is used.
 
 Features: with ``keep_hidden=True`` every forward also leaves its last-layer hidden states (after
 the final norm) in ``last_hidden``, which is what a feature drafter reads. A feature drafter itself
@@ -38,7 +38,7 @@ class CachedLM:
         self.config = model.config
         self.dtype = model.dtype
         self.device = next(model.parameters()).device  # the draft may live on a GPU
-        # quantized Llama/Qwen2 models run a lean forward of their own (same modules and cache)
+        # quantized models run a lean forward of their own (same modules and cache)
         self.fast = fast_forward.FastForward(model) if fast_forward.supports(model) else None
         self.reset()
 
