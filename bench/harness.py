@@ -85,7 +85,7 @@ def run_bench(args) -> int:
     from dovetail.models.lm_proposer import DraftProposer
     from dovetail.store import is_drafter_dir
     from dovetail.models.loading import load_causal_lm
-    from dovetail.store import AUTO_DRAFT, DEFAULT_DRAFT, DRAFTER_KEYWORD, drafter_dir
+    from dovetail.store import AUTO_DRAFT, DEFAULT_DRAFT, DRAFTER_KEYWORD, describe_model, drafter_dir
 
     if args.suite == "native":
         from bench.native import run_native_bench
@@ -195,7 +195,7 @@ def run_bench(args) -> int:
         record("target", outs, seconds)
         reference = outs
     if "hf_assisted" in methods and config.draft:
-        assistant = load_causal_lm(dt.draft_dir)  # fp32, stock kernels: HF's own way
+        assistant = load_causal_lm(describe_model(dt.draft_dir, "fp32", "draft"))  # stock kernels: HF's own way
         set_linear_kernel(target, "stock")
         outs, seconds = hf_generate(assistant_model=assistant)
         record("hf_assisted", outs, seconds)

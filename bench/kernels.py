@@ -116,19 +116,19 @@ def seven_b_rows(args, like) -> dict:
 
     from bench.native import forward_curve, llama_bench, llama_cpp_bin, random_q4_model
     from dovetail.models.cached_lm import CachedLM
-    from dovetail.models.loading import load_causal_lm
+    from dovetail.models.quantized import load_quantized
     from dovetail.store import DEFAULT_DRAFT, GGUF_NAME, ModelStore, resolve_model
 
     folder = random_q4_model(ModelStore(), like)
     out = {"model": "Qwen2-7B shape, random Q4_K blocks", "curve_ms": {}, "prefill_tok_s": {}}
-    lm = CachedLM(load_causal_lm(folder, precision="native"))
+    lm = CachedLM(load_quantized(folder, "native"))
     out["curve_ms"][150] = forward_curve(lm.model, ROWS_7B, context=150, reps=max(1, args.reps // 2))
     _say(f"7B after 150: {out['curve_ms'][150]}")
     for tokens in PREFILL_7B:
         out["prefill_tok_s"][tokens] = dovetail_prefill(lm, tokens)
         _say(f"7B prefill {tokens}: {out['prefill_tok_s'][tokens]} tok/s")
     del lm
-    draft = load_causal_lm(resolve_model(DEFAULT_DRAFT), precision="native")
+    draft = load_quantized(resolve_model(DEFAULT_DRAFT), "native")
     draft_ms = forward_curve(draft, (1,), context=150, reps=args.reps)[1]
     del draft
     out["projection"] = project_speculation(out["curve_ms"][150], draft_ms, args.results_dir)
@@ -182,14 +182,14 @@ def run_kernels_bench(args) -> int:
     from bench.native import forward_curve
     from dovetail.kernels import kernel_path_name
     from dovetail.models.cached_lm import CachedLM
-    from dovetail.models.loading import load_causal_lm
+    from dovetail.models.quantized import load_quantized
     from dovetail.store import GGUF_NAME, resolve_model
 
     args.name = args.name or "kernels"
     target_dir = resolve_model(args.target)
     roof = measure_roof()
     _say(f"roof: {roof}")
-    lm = CachedLM(load_causal_lm(target_dir, precision="native"))
+    lm = CachedLM(load_quantized(target_dir, "native"))
     weight_bytes, macs = _weights(lm.model)
     isa = kernel_path_name()
     peaks = roof["int8_g_macs_per_s"]

@@ -279,7 +279,10 @@ def run_native_bench(args) -> int:
                 results.setdefault("identical_to_target_alone", {})[key] = sum(
                     a == b for a, b in zip(out, outputs["native_alone"]))
     if "7b" in methods:
+        import dataclasses
+
         from dovetail.actors.system import ActorEngine
+        from dovetail.store import describe_model
         from dovetail.models.lm_proposer import DraftVocab
 
         folder = random_q4_model(store, target_dir)
@@ -292,7 +295,10 @@ def run_native_bench(args) -> int:
         for sockets in ("0", "0|1"):  # the actor system: load, then verify chain:3 blocks (target-only steps too)
             config = EngineConfig(target=str(folder), draft=str(draft_dir), sockets=sockets, draft_cpus="shared",
                                   engine="actors")
-            engine = ActorEngine(folder, draft_dir, config, [], context_length=4096, vocab=DraftVocab(151936))
+            target = dataclasses.replace(describe_model(folder, "native", weights=False), eos_token_ids=(),
+                                         context_length=4096)
+            engine = ActorEngine(target, describe_model(draft_dir, "auto", "draft", weights=False), config,
+                                 vocab=DraftVocab(151936))
             try:
                 result = engine.generate(prompts[0], 16)
                 key = f"7b_actors_{len(engine.plan.shards)}_shards"

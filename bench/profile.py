@@ -145,11 +145,11 @@ def run_profile_bench(args) -> int:
     from bench.harness import machine_info, write_report
     from dovetail.kernels import kernel_path_name
     from dovetail.models.cached_lm import CachedLM
-    from dovetail.models.loading import load_causal_lm
+    from dovetail.models.quantized import load_quantized
     from dovetail.store import resolve_model
 
     target_dir = resolve_model(args.target)
-    model = load_causal_lm(target_dir, precision="native")
+    model = load_quantized(target_dir, "native")
     lm = CachedLM(model)
     if lm.fast is None:
         _say("this target does not run the lean forward: nothing to profile by operator")

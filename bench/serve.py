@@ -179,8 +179,9 @@ def batched_verify_ms(target_dir, prompts: list[list[int]], tree_size: int = 4, 
     from dovetail.models.cached_lm import CachedLM, forward_trees
     from dovetail.models.loading import load_causal_lm
     from dovetail.models.tree import DraftTree
+    from dovetail.store import describe_model
 
-    model = load_causal_lm(target_dir, linear_kernel="mm", precision=precision)  # as the shards load it
+    model = load_causal_lm(describe_model(target_dir, precision), "mm")  # as the shards load it
     chain = DraftTree(np.arange(100, 100 + tree_size), np.arange(-1, tree_size - 1))
 
     def start():
@@ -202,8 +203,9 @@ def batched_draft_ms(draft_dir, prompts: list[list[int]], shape: str, precision:
     from dovetail.models.lm_proposer import DraftProposer, propose_together
     from dovetail.models.loading import load_causal_lm
     from dovetail.models.tree import TreeShape
+    from dovetail.store import describe_model
 
-    model = load_causal_lm(draft_dir, precision=precision)
+    model = load_causal_lm(describe_model(draft_dir, precision, "draft"))
     committed = [prompt[-4:] for prompt in prompts]  # as if each had just committed these
 
     def start():
@@ -227,8 +229,9 @@ def run_serve_bench(args) -> int:
     from dovetail.config import DEFAULT_TREE
     from dovetail.serve.server import ServerProcess
     from dovetail.store import DEFAULT_DRAFT, resolve_model
-    from dovetail.models.loading import FLOAT_DEFAULT, load_tokenizer
+    from dovetail.models.loading import load_tokenizer
     from dovetail.models.quantized import resolve_precision
+    from dovetail.models.spec import FLOAT_DEFAULT
 
     if args.prompts < 1 or args.max_new_tokens < 1:
         raise UserError("--prompts and --max-new-tokens must be >= 1")

@@ -24,14 +24,14 @@ from dovetail.models.drafter_net import load_drafter, shared_frozen_tensors
 from dovetail.store import is_drafter_dir
 from dovetail.models.lm_proposer import DraftProposer, DraftVocab
 from dovetail.models.feature_proposer import FeatureDraftProposer
-from dovetail.models.loading import (FLOAT_DEFAULT, describe_draft_vocabulary, draft_vocabulary, encode_chat,
-                                     eos_token_ids, eos_token_ids_from_config, load_causal_lm, load_tokenizer)
-from dovetail.models.quantized import gguf_formats, resolve_precision
+from dovetail.models.loading import describe_draft_vocabulary, draft_vocabulary, encode_chat, load_causal_lm, load_tokenizer
+from dovetail.models.quantized import gguf_formats
+from dovetail.models.spec import ModelSpec
 from dovetail.models.target import TargetVerifier
 from dovetail.models.verification import SamplingParams
 from dovetail.config import DEFAULT_TREE
 from dovetail.speculation import SpeculationSetup
-from dovetail.store import AUTO_DRAFT, ModelStore, resolve_draft, resolve_model
+from dovetail.store import AUTO_DRAFT, ModelStore, describe_model, float_weights, resolve_draft, resolve_model, with_weights
 
 
 def _log(msg: str) -> None:
@@ -55,12 +55,15 @@ class Dovetail:
         self.draft_dir = (resolve_draft(self.proposers.model, self.config.target, store)
                           if self.proposers.model is not None else None)
         self.feature_drafter = self.draft_dir is not None and is_drafter_dir(self.draft_dir)
-        self.target_precision = resolve_precision(self.config.target_precision, self.target_dir, FLOAT_DEFAULT["target"])
-        self.draft_precision = (resolve_precision(self.config.draft_precision, self.draft_dir, FLOAT_DEFAULT["draft"])
-                                if self.draft_dir is not None and not self.feature_drafter else self.config.draft_precision)
         self.tokenizer = load_tokenizer(self.target_dir)
         self.target_config = AutoConfig.from_pretrained(self.target_dir)
-        self.eos_token_ids = eos_token_ids_from_config(self.target_dir, self.tokenizer)
+        # each model resolved once (precision, EOS, context); its weights are made ready on load()
+        self.target: ModelSpec = describe_model(self.target_dir, self.config.target_precision, "target",
+                                                self.tokenizer, weights=False, store=store)
+        self.draft: ModelSpec | None = (describe_model(self.draft_dir, self.config.draft_precision, "draft",
+                                                       weights=False, store=store)
+                                        if self.draft_dir is not None and not self.feature_drafter else None)
+        self.store = store
         self._engine: SpeculativeEngine | None = None
         self._loading = threading.Lock()
 
@@ -82,25 +85,49 @@ class Dovetail:
         cfg = self.config
         torch.set_num_threads(cfg.threads)
         t0 = time.perf_counter()
-        target_model = load_causal_lm(self.target_dir, linear_kernel=cfg.target_kernel,
-                                      precision=self.target_precision)
+        self._ready_weights()
+        target_model = load_causal_lm(self.target, cfg.target_kernel)
         draft = None
         if self.feature_drafter:
             frozen = shared_frozen_tensors(target_model) if self.target_precision == "fp32" else None
-            drafter = load_drafter(self.draft_dir, self.target_dir, frozen=frozen,
+            drafter = load_drafter(self.draft_dir, self.target_float_weights, frozen=frozen,
                                    draft_vocab=cfg.draft_vocab, precision=cfg.draft_precision)
             draft = FeatureDraftProposer(CachedLM(drafter), cfg.tree or DEFAULT_TREE)
-        elif self.draft_dir is not None:
-            draft_model = load_causal_lm(self.draft_dir, precision=self.draft_precision, role="draft")
+        elif self.draft is not None:
+            draft_model = load_causal_lm(self.draft)
             vocab = self._draft_vocabulary(draft_model.config.vocab_size)
             draft = DraftProposer(CachedLM(draft_model), cfg.tree or DEFAULT_TREE, vocab)
         target = TargetVerifier(CachedLM(target_model, keep_hidden=self.feature_drafter))
-        self._engine = SpeculativeEngine(target, draft, eos_token_ids(target_model, self.tokenizer),
+        self._engine = SpeculativeEngine(target, draft, self.eos_token_ids,
                                          max_batch=cfg.max_batch, setup=self.speculation_setup())
         self._engine.generate([0, 1], 2)  # warm up kernels and allocations before the first request
         self._say(f"target {cfg.target} ({self.precision_label('target')}); {self.speculation_label}; "
                   f"{cfg.threads} threads; loaded in {time.perf_counter() - t0:.1f}s")
         return self
+
+    def _ready_weights(self) -> None:
+        """Make the weights every process loads from (a GGUF folder's fp32 conversion, once), here in
+        the driver, before any worker starts."""
+        self.target = with_weights(self.target, self.store)
+        if self.draft is not None:
+            self.draft = with_weights(self.draft, self.store)
+
+    @property
+    def target_float_weights(self) -> str:
+        """The target's float weights folder: a feature drafter takes its embedding and head from it."""
+        return self.target.weights if self.target.precision == "fp32" else str(float_weights(self.target_dir, self.store))
+
+    @property
+    def target_precision(self) -> str:
+        return self.target.precision
+
+    @property
+    def draft_precision(self) -> str:
+        return self.draft.precision if self.draft is not None else self.config.draft_precision
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return list(self.target.eos_token_ids)
 
     def _draft_vocabulary(self, draft_vocab_size: int) -> DraftVocab:
         """The draft model's ids it may propose (its tokenizer checked against the target's), reported."""
@@ -154,11 +181,10 @@ class Dovetail:
 
         cfg = self.config
         t0 = time.perf_counter()
-        vocab, eos = None, self.eos_token_ids
-        if self.draft_dir is not None and not self.feature_drafter:
-            vocab = self._draft_vocabulary(AutoConfig.from_pretrained(self.draft_dir).vocab_size)
-        self._engine = ActorEngine(self.target_dir, self.draft_dir, cfg, eos, self.context_length, vocab, self._say,
-                                   partition=self.partition, setup=self.speculation_setup())
+        vocab = self._draft_vocabulary(self.draft.vocab_size) if self.draft is not None else None
+        self._engine = ActorEngine(self.target, self.draft, cfg, vocab, self._say, partition=self.partition,
+                                   setup=self.speculation_setup(),
+                                   drafter_dir=self.draft_dir if self.feature_drafter else None)
         self._say(f"actor engine up in {time.perf_counter() - t0:.1f}s: target {cfg.target} "
                   f"({self.precision_label('target')}, {len(self._engine.plan.shards)} shard(s)), "
                   + self.speculation_label
@@ -203,7 +229,7 @@ class Dovetail:
 
     @property
     def context_length(self) -> int:
-        return int(getattr(self.target_config, "max_position_embeddings", 1 << 30))
+        return self.target.context_length
 
     def check_request(self, prompt_ids: list[int], max_new_tokens: int | None) -> None:
         """Refuse a request before any model work (``dovetail.request.check_request``)."""

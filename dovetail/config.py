@@ -6,7 +6,8 @@ from dataclasses import MISSING, dataclass, field, fields
 
 from dovetail.errors import UserError
 from dovetail.models.fast_linear import KERNELS
-from dovetail.models.loading import PRECISIONS, default_threads
+from dovetail.models.loading import default_threads
+from dovetail.models.spec import PRECISIONS
 from dovetail.models.tree import TreeShape
 from dovetail.store import AUTO_DRAFT, DEFAULT_TARGET
 

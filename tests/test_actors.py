@@ -10,7 +10,7 @@ import pytest
 import ray
 import torch
 
-from dovetail.actors.system import ActorEngine, _wait_for_exit
+from dovetail.actors.system import _wait_for_exit
 from dovetail.config import EngineConfig
 from dovetail.request import Failed, Finished, Request, Tokens
 from dovetail.errors import EngineError
@@ -18,7 +18,7 @@ from dovetail.models.verification import SamplingParams
 from dovetail.protocol import messages as m
 from dovetail.protocol.shm import PREFIX, segment_names as _segments
 from test_sampling import PARAMS, PROMPT, chi_square_pvalue, exact_joint, sample_counts
-from tiny_models import hf_greedy, perturbed, tiny_model
+from tiny_models import actor_engine, hf_greedy, perturbed, tiny_model
 
 EOS = 1
 
@@ -41,7 +41,7 @@ def _save_pair(root, target, draft):
 def _engine(target_dir, draft_dir, tree, sockets, eos=EOS):
     config = EngineConfig(target=str(target_dir), draft=str(draft_dir), tree=tree, sockets=sockets,
                           draft_precision="fp32")
-    return ActorEngine(target_dir, draft_dir, config, [eos], context_length=512)
+    return actor_engine(target_dir, draft_dir, config, [eos])
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +196,7 @@ def test_feature_drafter_batched_and_betting_through_the_actors(ray_session, fea
     worker drops every request's state."""
     target, target_dir, drafter_dir = feature_pair
     config = EngineConfig(target=str(target_dir), draft=str(drafter_dir), tree="6,3,2", sockets="0", max_batch=3)
-    engine = ActorEngine(target_dir, drafter_dir, config, [EOS], context_length=512)
+    engine = actor_engine(target_dir, drafter_dir, config, [EOS])
     prompts = _prompts() + [[9, 8, 7, 6]]
     try:
         results = _concurrently(lambda i: engine.generate(prompts[i], 30, speculate=i != 1, pipeline=True), len(prompts))
@@ -222,7 +222,7 @@ def test_batched_requests_are_exact_and_free_their_caches(ray_session, qwen_pair
     target, (target_dir, draft_dir) = qwen_pair
     config = EngineConfig(target=str(target_dir), draft=str(draft_dir), tree="chain:3", sockets=sockets,
                           draft_precision="fp32", max_batch=3)
-    engine = ActorEngine(target_dir, draft_dir, config, [EOS], context_length=512)
+    engine = actor_engine(target_dir, draft_dir, config, [EOS])
     prompts = _prompts() + [[9, 8, 7, 6], [50] * 12, list(range(10, 30))]
     try:
         results = _concurrently(lambda i: engine.generate(prompts[i], 40, speculate=i != 4), len(prompts))
@@ -259,7 +259,7 @@ def test_quantized_target_through_the_actors(ray_session, tmp_path, sockets):
     perturbed(model, 0.02, seed=8).save_pretrained(tmp_path / "draft")
     config = EngineConfig(target=str(folder), draft=str(tmp_path / "draft"), tree="8,4,2", sockets=sockets,
                           draft_precision="int4", max_batch=1)
-    engine = ActorEngine(folder, tmp_path / "draft", config, [EOS], context_length=512)
+    engine = actor_engine(folder, tmp_path / "draft", config, [EOS])
     prompts = _prompts()
     try:
         assert engine.target_precision == "native"
@@ -277,7 +277,7 @@ def test_quantized_target_through_the_actors(ray_session, tmp_path, sockets):
     finally:
         engine.shutdown()
     config.max_batch = 3
-    engine = ActorEngine(folder, tmp_path / "draft", config, [EOS], context_length=512)
+    engine = actor_engine(folder, tmp_path / "draft", config, [EOS])
     try:
         results = _concurrently(lambda i: engine.generate(prompts[i], 40), len(prompts))
         assert [results[i].token_ids for i in range(len(prompts))] == plain
@@ -327,7 +327,7 @@ def test_a_failing_request_in_a_batch_fails_alone(ray_session, qwen_pair):
     target, (target_dir, draft_dir) = qwen_pair
     config = EngineConfig(target=str(target_dir), draft=str(draft_dir), tree="chain:3", sockets="0",
                           draft_precision="fp32", max_batch=4)
-    engine = ActorEngine(target_dir, draft_dir, config, [EOS], context_length=512)
+    engine = actor_engine(target_dir, draft_dir, config, [EOS])
     prompts = _prompts() + [[9, 8, 7, 6]]
     bad = 2
     prompts[bad] = prompts[bad] + [10**6]

@@ -13,7 +13,7 @@ from dovetail.training.answers import (AnswerCorpus, answer_corpus, batched_gree
 from dovetail.models.loading import encode_chat
 from dovetail.training.corpus import Windows
 from dovetail.training.features import dump_features
-from tiny_models import hf_greedy, tiny_model, tiny_tokenizer
+from tiny_models import described, hf_greedy, tiny_model, tiny_tokenizer
 
 MODULE = '''
 def public(a, b=2, *, c=None):
@@ -164,7 +164,7 @@ def test_grow_answers_records_the_targets_greedy_answers(isolated_home, tiny_mod
     records = corpus.records()
     assert len(records) % 3 == 0 and [r["request"] for r in records] == \
         [r for r in docstring_requests(seed=0) if r in {x["request"] for x in records}]  # request order
-    tokenizer, model = load_tokenizer(tiny_model_dirs["target"]), load_causal_lm(tiny_model_dirs["target"])
+    tokenizer, model = load_tokenizer(tiny_model_dirs["target"]), load_causal_lm(described(tiny_model_dirs["target"]))
     for record in records[:4]:
         prompt = encode_chat(tokenizer, record["request"])
         assert len(prompt) + 8 <= 64  # prompts that leave no room for the answer are skipped

@@ -15,7 +15,7 @@ from dovetail.models.quantized import load_quantized
 from dovetail.models.tree import TreeShape
 from dovetail.store import resolve_model
 from test_gguf_files import generate
-from tiny_models import hf_greedy, perturbed, tiny_model, write_gguf
+from tiny_models import described, hf_greedy, perturbed, tiny_model, write_gguf
 
 ARCHS = [a.gguf for a in ARCHITECTURES]
 MODEL_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3", "phi3": "phi3"}
@@ -65,14 +65,14 @@ def test_the_native_forward_is_what_transformers_computes_from_the_file(tmp_path
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fp32_is_transformers_own_greedy_and_native_speculation_is_exact(tmp_path, isolated_home, arch):
     paths = family_files(tmp_path, arch)
-    expected = hf_greedy(transformers_model(paths["target"]), PROMPT, 24)
+    expected = hf_greedy(transformers_model(paths["target"]), PROMPT, 24, eos=1)  # the file's EOS
     assert generate(paths["target"], None, PROMPT, target_precision="fp32") == expected
     alone = generate(paths["target"], None, PROMPT)
     for shape in SHAPES:
         assert generate(paths["target"], paths["draft"], PROMPT, tree=str(shape)) == alone, shape
 
 
-def _shard_worker(rank, folder, draft_folder, init_file, out):
+def _shard_worker(rank, models, draft_folder, init_file, out):
     import torch.distributed as dist
 
     from dovetail.protocol.collectives import TorchDistributedCollective
@@ -84,8 +84,8 @@ def _shard_worker(rank, folder, draft_folder, init_file, out):
     try:
         draft = load_quantized(draft_folder, "native")
         result = {}
-        for precision in ("native", "fp32"):
-            shard = load_shard(folder, TorchDistributedCollective(), precision=precision)
+        for precision, model in models.items():
+            shard = load_shard(model, TorchDistributedCollective())
             lm = CachedLM(shard)
             logits = lm.extend(PROMPT, logits_to_keep=0)
             runs = [make_engine(shard, d, TreeShape(8, 4, 2)).generate(PROMPT, 24).token_ids
@@ -108,7 +108,8 @@ def test_two_shards_compute_the_model_and_speculate_exactly(tmp_path, isolated_h
                  "fp32": transformers_model(paths["target"])(torch.tensor([PROMPT])).logits[0]}
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_shard_worker, args=(r, folder, draft_folder, tmp_path / "init", out))
+    models = {precision: described(folder, precision) for precision in ("native", "fp32")}  # as the driver does
+    procs = [ctx.Process(target=_shard_worker, args=(r, models, draft_folder, tmp_path / "init", out))
              for r in range(2)]
     for p in procs:
         p.start()

@@ -30,12 +30,16 @@ class _Driver:
     """A driver process on one node: builds an engine there, as a serving replica would."""
 
     def run(self, target_dir: str, draft_dir: str, prompts: list[list[int]]):
+        from dataclasses import replace
+
         from dovetail.actors.system import ActorEngine
+        from dovetail.store import describe_model
         from dovetail.actors.worker import current_node
         from dovetail.config import EngineConfig
 
         config = EngineConfig(target=target_dir, draft=draft_dir, tree="chain:3", draft_precision="fp32")
-        engine = ActorEngine(target_dir, draft_dir, config, [1], context_length=2048)
+        target = replace(describe_model(target_dir, "auto"), eos_token_ids=(1,), context_length=2048)
+        engine = ActorEngine(target, describe_model(draft_dir, "fp32", "draft"), config)
         try:
             outputs = [engine.generate(p, 24).token_ids for p in prompts]
             info = ray.get(engine.coordinator.info.remote(refresh=True))

@@ -21,7 +21,7 @@ from dovetail.speculation import SpeculationSetup, parse_proposers
 from dovetail.speculation.cost import Acceptance, Confidence, VerifyCurve, expected_tokens
 from dovetail.speculation.lookup import NgramProposer, SuffixCache, SuffixProposer, SuffixTrie
 from dovetail.speculation.speculator import PROBE_FIRST, Member, Speculator
-from tiny_models import hf_greedy, perturbed, tiny_model
+from tiny_models import actor_engine, hf_greedy, perturbed, tiny_model
 
 EOS = 1
 
@@ -491,15 +491,13 @@ from test_actors import _concurrently, _live_requests, _save_pair, ray_session  
 @pytest.mark.parametrize("text,combined,batch", [(("ngram", "suffix"), False, 1), (("suffix",), True, 3)],
                          ids=["auto-alone", "suffix-batched"])
 def test_actors_identity_with_proposers_and_cost_model(ray_session, pair, tmp_path, text, combined, batch):
-    from dovetail.actors.system import ActorEngine
     from dovetail.config import EngineConfig
 
     target, draft = pair
     target_dir, draft_dir = _save_pair(tmp_path, target, draft)
     config = EngineConfig(target=str(target_dir), draft=str(draft_dir), sockets="0", draft_precision="fp32",
                           max_batch=batch)
-    engine = ActorEngine(target_dir, draft_dir, config, [EOS], context_length=512,
-                         setup=SpeculationSetup(text, combined, None))
+    engine = actor_engine(target_dir, draft_dir, config, [EOS], setup=SpeculationSetup(text, combined, None))
     try:
         prompts = _repetitive_prompts()
         chosen, accepted = set(), 0

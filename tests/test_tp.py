@@ -8,7 +8,7 @@ from dovetail.errors import UserError
 from dovetail.protocol.collectives import LocalCollective, shm_collective_bytes
 from dovetail.protocol.shm import ShmArena
 from dovetail.models.tp import check_shardable, load_shard
-from tiny_models import VOCAB, hf_greedy, perturbed, tiny_config, tiny_model
+from tiny_models import VOCAB, described, hf_greedy, perturbed, tiny_config, tiny_model
 
 PROMPT = [5, 17, 33, 2, 90, 41, 7]
 
@@ -24,7 +24,7 @@ def _shard_worker(rank, world, init_file, model_dir, draft_dir, out, segment):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         collective = ShmCollective(segment, world, rank, slot_bytes=4096) if segment else TorchDistributedCollective()
-        shard = load_shard(model_dir, collective)
+        shard = load_shard(described(model_dir), collective)
         draft = torch.load(draft_dir, weights_only=False)
         tokens = make_engine(shard, draft, TreeShape(8, 4, 2)).generate(PROMPT, 30).token_ids
         with torch.inference_mode():
@@ -67,7 +67,7 @@ def test_two_shards_match_the_full_model(tmp_path, arch, collective):
 def test_one_shard_is_the_whole_model(tmp_path):
     target = tiny_model("qwen2", seed=22)
     target.save_pretrained(tmp_path)
-    shard = load_shard(tmp_path, LocalCollective())
+    shard = load_shard(described(tmp_path), LocalCollective())
     with torch.inference_mode():
         torch.testing.assert_close(shard(torch.tensor([PROMPT])).logits, target(torch.tensor([PROMPT])).logits,
                                    atol=1e-5, rtol=1e-5)

@@ -11,7 +11,7 @@ from dovetail.models.tree import TreeShape
 from dovetail.protocol import messages as m
 from dovetail.protocol.channel import Channel, ipc_address
 from dovetail.protocol.shm import PREFIX, ShmArena
-from tiny_models import tiny_model
+from tiny_models import described, tiny_model
 
 
 def test_draft_worker_loop_survives_bad_messages(tmp_path, caplog):
@@ -19,8 +19,8 @@ def test_draft_worker_loop_survives_bad_messages(tmp_path, caplog):
     address = ipc_address(tmp_path, "draft")
     coordinator = Channel(address, bind=True)
     threads = torch.get_num_threads()
-    worker = DraftWorker(DraftSpec(str(tmp_path / "draft"), TreeShape.chain(2), "cpu", tuple(os.sched_getaffinity(0)),
-                                   address, precision="fp32"))
+    worker = DraftWorker(DraftSpec(TreeShape.chain(2), "cpu", tuple(os.sched_getaffinity(0)), address,
+                                   model=described(tmp_path / "draft", "fp32", "draft")))
     torch.set_num_threads(threads)
     prompts = ShmArena(4096)
     try:

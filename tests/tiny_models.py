@@ -186,3 +186,25 @@ def dequantized_copy(model, weights: dict):
         for name, param in ref.state_dict().items():
             param.copy_(torch.from_numpy(weights[name]))
     return ref
+
+
+def described(folder, precision: str = "auto", role: str = "target", eos=None, context_length: int | None = None):
+    """``store.describe_model`` of ``folder``, its EOS ids and context set where a test pins them."""
+    from dataclasses import replace
+
+    from dovetail.store import describe_model
+
+    spec = describe_model(folder, precision, role)
+    return replace(spec, eos_token_ids=spec.eos_token_ids if eos is None else tuple(eos),
+                   context_length=context_length or spec.context_length)
+
+
+def actor_engine(target_dir, draft_dir, config, eos, context_length: int = 512, **options):
+    """An ``ActorEngine`` for folders as a test names them: a draft model or a feature drafter."""
+    from dovetail.actors.system import ActorEngine
+    from dovetail.models.spec import is_drafter_dir
+
+    drafter = draft_dir is not None and is_drafter_dir(draft_dir)
+    draft = described(draft_dir, config.draft_precision, "draft") if draft_dir is not None and not drafter else None
+    return ActorEngine(described(target_dir, config.target_precision, eos=eos, context_length=context_length), draft,
+                       config, drafter_dir=draft_dir if drafter else None, **options)

@@ -37,6 +37,7 @@ from dovetail.actors.messaging import SEND_TIMEOUT_MS, Inbox, Messaging, WorkerF
 from dovetail.actors.remote import RemoteProposer, RemoteVerifier
 from dovetail.decode import DecodeLoop
 from dovetail.models.lm_proposer import DraftVocab
+from dovetail.models.spec import ModelSpec
 from dovetail.models.tree import TreeShape
 from dovetail.placement import Plan
 from dovetail.protocol.channel import Channel, PeerUnavailable, ipc_address
@@ -60,26 +61,33 @@ class WorkerSpec:
     """What the coordinator needs to (re)start its workers."""
 
     plan: Plan
-    target_dir: str
-    draft_dir: str | None
+    target: ModelSpec  # resolved once by the driver: precision, weights, EOS, context
+    draft: ModelSpec | None  # a draft model, as its worker loads it
     tree: TreeShape
     target_kernel: str = "mm"
-    draft_precision: str = "auto"
     vocab: DraftVocab | None = None  # the draft's ids it may not propose
     run_dir: str = "/tmp/dovetail-run"
     collective: str = "shm"  # how shards all-reduce: "shm" (shared memory) or "gloo"
-    feature_drafter: bool = False  # draft_dir is a Dovetail drafter: shards send it their features
+    drafter_dir: str | None = None  # a Dovetail feature drafter instead of a draft model: shards send it features
+    target_float_weights: str | None = None  # the drafter's embedding and head come from these
     draft_vocab: int = 0
+    draft_precision: str = "int8"  # the feature drafter's (fp32 or its own int8)
     gpu_share: float = 1.0  # of the GPU the draft asks Ray for (serving replicas share one GPU)
     max_batch: int = 1  # > 1: up to this many requests decode together, their trees verified in one forward
-    target_precision: str = "auto"
     step_timeout_s: float = 600.0  # a reply (prefill included) not back by then fails its request
-    context_length: int = 1 << 30
     node_id: str | None = None  # the Ray node every worker runs on (the engine's; its topology made the plan)
     text_proposers: tuple[str, ...] = ()  # model-free proposers, run here in the loop (no actor, no CPUs)
     combined: bool = True  # their trees (and the draft's) merge every step; False: one is chosen per step
     pinned_tree: bool = True  # ``tree`` every step; False: the cost model picks the depth (or none)
     cost_key: dict | None = None  # the measured cost curve's cache key
+
+    @property
+    def feature_drafter(self) -> bool:
+        return self.drafter_dir is not None
+
+    @property
+    def has_draft(self) -> bool:
+        return self.draft is not None or self.drafter_dir is not None
 
 
 @dataclass(eq=False)
@@ -91,7 +99,7 @@ class _Waiting:
 
 
 class Coordinator(Messaging):
-    def __init__(self, spec: WorkerSpec, eos_token_ids: list[int]):
+    def __init__(self, spec: WorkerSpec):
         self.spec = spec
         self.generation = 0
         self.run_dir = Path(spec.run_dir)
@@ -108,10 +116,11 @@ class Coordinator(Messaging):
         verifier = RemoteVerifier(self)
         setup = SpeculationSetup(spec.text_proposers, spec.combined, spec.tree if spec.pinned_tree else None,
                                  spec.cost_key, log.warning)
-        speculator = build_speculator(RemoteProposer(self) if spec.draft_dir else None, setup, verifier,
-                                      spec.context_length, reads_features=spec.feature_drafter, bets=True)
+        context = spec.target.context_length
+        speculator = build_speculator(RemoteProposer(self) if spec.has_draft else None, setup, verifier,
+                                      context, reads_features=spec.feature_drafter, bets=True)
         self.loop = DecodeLoop(speculator, verifier,
-                               eos_token_ids, spec.context_length, spec.max_batch, cancelled=self._cancelled,
+                               spec.target.eos_token_ids, context, spec.max_batch, cancelled=self._cancelled,
                                on_failure=self._fail_request,
                                prefill_together=not (spec.plan.draft and spec.plan.draft.shares_cpus))
         self._incoming: queue.Queue = queue.Queue()  # requests waiting to join the batch
@@ -141,18 +150,18 @@ class Coordinator(Messaging):
             address = ipc_address(self.run_dir, f"shard{shard.rank}-{gen}")
             channel = Channel(address, bind=True, send_timeout_ms=SEND_TIMEOUT_MS)
             actor = ray.remote(TargetShard).options(num_cpus=0, max_restarts=0, **env).remote(ShardSpec(
-                spec.target_dir, shard.rank, len(plan.shards), shard.cpus, shard.numa_node, group, address,
-                spec.target_kernel, spec.collective, spec.feature_drafter, spec.target_precision, spec.max_batch))
+                spec.target, shard.rank, len(plan.shards), shard.cpus, shard.numa_node, group, address,
+                spec.target_kernel, spec.collective, spec.feature_drafter, spec.max_batch))
             self.shards.append(Inbox(f"target shard {shard.rank}", channel, actor))
         self.draft: Inbox | None = None
-        if plan.draft is not None and spec.draft_dir is not None:
+        if plan.draft is not None and spec.has_draft:
             address = ipc_address(self.run_dir, f"draft-{gen}")
             channel = Channel(address, bind=True, send_timeout_ms=SEND_TIMEOUT_MS)
             d = plan.draft
             actor = ray.remote(DraftWorker).options(num_cpus=0, num_gpus=spec.gpu_share if d.device == "cuda" else 0,
                                                      max_restarts=0, **env).remote(DraftSpec(
-                spec.draft_dir, spec.tree, d.device, d.cpus, address, spec.draft_precision, spec.vocab,
-                spec.target_dir, spec.draft_vocab))
+                spec.tree, d.device, d.cpus, address, spec.draft, spec.vocab, spec.drafter_dir,
+                spec.target_float_weights, spec.draft_vocab, spec.draft_precision))
             self.draft = Inbox("draft", channel, actor)
         inboxes = self._inboxes()
         infos = ray.get([box.actor.ready.remote() for box in inboxes])

@@ -25,7 +25,6 @@ from dovetail.models.tree import DraftTree, TreeShape
 from dovetail.models.verification import SamplingParams
 from dovetail.protocol.messages import ArrayRef, Predraft, ProposeBatch, ProposeTree, StartRequest, TreeProposal
 from dovetail.protocol.shm import ShmArena
-from dovetail.store import is_drafter_dir
 
 
 class DraftWorker(ChannelWorker):
@@ -33,19 +32,17 @@ class DraftWorker(ChannelWorker):
 
     def __init__(self, spec: DraftSpec):
         self.placement = "cuda" if spec.device == "cuda" else pin_to(spec.cpus, None)
-        feature_drafter = is_drafter_dir(spec.model_dir)
-        # a GPU gets bf16 below: the kernels are CPU ones
-        precision = "fp32" if spec.device == "cuda" else spec.precision
+        feature_drafter = spec.drafter_dir is not None
         self.arena = ShmArena(1 << 20)
 
         def setup():
             with lean_loading():
                 if feature_drafter:
-                    model = load_drafter(spec.model_dir, spec.target_dir, draft_vocab=spec.draft_vocab,
-                                         precision=precision)
+                    model = load_drafter(spec.drafter_dir, spec.target_float_weights, draft_vocab=spec.draft_vocab,
+                                         precision="fp32" if spec.device == "cuda" else spec.drafter_precision)
                 else:
-                    model = load_causal_lm(spec.model_dir, precision=precision, role="draft")
-            if spec.device == "cuda":
+                    model = load_causal_lm(spec.model)
+            if spec.device == "cuda":  # bf16 there (the driver sent an fp32 spec: the kernels are CPU ones)
                 model = model.to("cuda", torch.bfloat16)
             if feature_drafter:
                 prototype = FeatureDraftProposer(CachedLM(model), spec.tree)

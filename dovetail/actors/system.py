@@ -25,13 +25,11 @@ from dovetail.speculation import Proposers, SpeculationSetup, stats_depth, tree_
 from dovetail.engine import Generates
 from dovetail.errors import UserError
 from dovetail.request import Request, check_request
-from dovetail.store import is_drafter_dir
-from dovetail.models.loading import FLOAT_DEFAULT
 from dovetail.models.lm_proposer import DraftVocab
-from dovetail.models.quantized import resolve_precision
+from dovetail.models.spec import ModelSpec
 from dovetail.placement import MiB, Plan, drafter_bytes, kv_budget, kv_bytes_per_token, make_plan, model_bytes
 from dovetail.protocol.shm import owned_name, remove_orphaned_segments, remove_orphans
-from dovetail.store import dovetail_home, float_weights
+from dovetail.store import dovetail_home, float_weights, with_weights
 from dovetail.topology import Topology, detect, parse_sockets
 
 log = logging.getLogger("dovetail")
@@ -134,36 +132,38 @@ class EventStream:
 
 
 class ActorEngine(Generates):
-    def __init__(self, target_dir: Path, draft_dir: Path | None, config, eos_token_ids: list[int],
-                 context_length: int, vocab: DraftVocab | None = None, say=lambda msg: None,
-                 partition: tuple[int, int] = (0, 1), setup: SpeculationSetup | None = None):
-        """``setup``: the model-free proposers and the cost model (default: the draft model alone,
-        with ``config``'s tree pinned, or chain:3)."""
-        self.config, self.context_length = config, context_length
+    def __init__(self, target: ModelSpec, draft: ModelSpec | None, config, vocab: DraftVocab | None = None,
+                 say=lambda msg: None, partition: tuple[int, int] = (0, 1), setup: SpeculationSetup | None = None,
+                 drafter_dir: Path | None = None):
+        """``target`` and ``draft`` as the driver resolved them (``store.describe_model``), or a
+        Dovetail feature drafter in ``drafter_dir`` instead of a draft model. ``setup``: the
+        model-free proposers and the cost model (default: the draft alone, with ``config``'s tree
+        pinned, or chain:3)."""
+        self.config, self.context_length = config, target.context_length
         topology = resolve_topology(config.sockets, partition)
-        feature_drafter = bool(draft_dir) and is_drafter_dir(draft_dir)
-        self.target_precision = resolve_precision(config.target_precision, target_dir, FLOAT_DEFAULT["target"])
-        self.draft_precision = config.draft_precision
+        self.target_precision = target.precision
+        self.draft_precision = draft.precision if draft is not None else config.draft_precision
         draft_bytes = None
-        if feature_drafter:  # its layers + the target's embedding and head
-            draft_bytes = drafter_bytes(draft_dir, target_dir)
-        elif draft_dir:
-            self.draft_precision = resolve_precision(config.draft_precision, draft_dir, FLOAT_DEFAULT["draft"])
-            draft_bytes = model_bytes(draft_dir, self.draft_precision)
+        if drafter_dir is not None:  # its layers + the target's embedding and head
+            draft_bytes = drafter_bytes(drafter_dir, target.folder)
+        elif draft is not None:
+            draft_bytes = model_bytes(draft.folder, draft.precision)
         self.max_batch = config.max_batch
         try:
-            self.plan: Plan = make_plan(topology, model_bytes(target_dir, self.target_precision), draft_bytes,
+            self.plan: Plan = make_plan(topology, model_bytes(target.folder, target.precision), draft_bytes,
                                         config.shards, draft_cpus=config.draft_cpus)
         except UserError as exc:  # on a cluster, say which machine could not hold it
             raise UserError(f"on node {platform.node()}: {exc}") from None
-        if self.target_precision != "native":  # float weights are made once, here, not by every shard
-            float_weights(target_dir)
-        if draft_dir and not feature_drafter and (self.draft_precision != "native" or self.plan.draft.device == "cuda"):
-            float_weights(draft_dir)
+        # the weights every worker loads from are made once, here, not by every shard
+        target = with_weights(target)
+        if draft is not None and self.plan.draft.device == "cuda":  # fp32 weights, bf16 there
+            draft = dataclasses.replace(draft, precision="fp32")
+        draft = with_weights(draft) if draft is not None else None
+        target_float = str(float_weights(target.folder)) if drafter_dir is not None else None
         say(self.plan.describe())
         # KV admission: the RAM each token of a request holds in the target (and a CPU draft)
-        self.kv_bytes_per_token = kv_bytes_per_token(target_dir) + (
-            kv_bytes_per_token(draft_dir) if draft_dir and self.plan.draft.device == "cpu" else 0)
+        self.kv_bytes_per_token = kv_bytes_per_token(target.folder) + (
+            kv_bytes_per_token(draft.folder) if draft is not None and self.plan.draft.device == "cpu" else 0)
         self.kv_budget_bytes = (config.kv_memory_mb * MiB if config.kv_memory_mb
                                 else kv_budget(self.plan, partition[1]))
         # betting needs the draft and the target to run at once: not when they take turns on the same CPUs
@@ -174,20 +174,20 @@ class ActorEngine(Generates):
         remove_orphans(runs, "", lambda path: shutil.rmtree(path, ignore_errors=True))  # of killed engines
         self.run_dir = private_dir(runs / owned_name(""))
         self.setup = setup or SpeculationSetup(shape=config.tree or DEFAULT_TREE)
-        self.tree_room = tree_room(Proposers("model" if draft_dir else None, self.setup.text), self.setup.shape)
-        spec = WorkerSpec(self.plan, str(target_dir), str(draft_dir) if draft_dir else None,
-                          self.setup.shape or DEFAULT_TREE,
-                          config.target_kernel, self.draft_precision, vocab, str(self.run_dir),
-                          shm_or_gloo(config.collective, say), feature_drafter=feature_drafter,
-                          draft_vocab=config.draft_vocab, gpu_share=1.0 / partition[1],
-                          max_batch=self.max_batch, target_precision=self.target_precision,
-                          context_length=context_length, node_id=self.node_id,
+        has_draft = draft is not None or drafter_dir is not None
+        self.tree_room = tree_room(Proposers("model" if has_draft else None, self.setup.text), self.setup.shape)
+        spec = WorkerSpec(self.plan, target, draft, self.setup.shape or DEFAULT_TREE,
+                          config.target_kernel, vocab, str(self.run_dir), shm_or_gloo(config.collective, say),
+                          drafter_dir=str(drafter_dir) if drafter_dir is not None else None,
+                          target_float_weights=target_float, draft_vocab=config.draft_vocab,
+                          draft_precision=config.draft_precision, gpu_share=1.0 / partition[1],
+                          max_batch=self.max_batch, node_id=self.node_id,
                           text_proposers=tuple(self.setup.text), combined=self.setup.combined,
                           pinned_tree=self.setup.shape is not None, cost_key=self.setup.cost_key)
         # one thread per request in the batch relays its tokens (+2: one waiting to join, shutdown)
         coordinator_actor = ray.remote(num_cpus=0, max_restarts=-1, concurrency_groups={"control": 1},
                                        max_concurrency=self.max_batch + 2, **on_node(self.node_id))(Coordinator)
-        self.coordinator = coordinator_actor.remote(spec, list(eos_token_ids))
+        self.coordinator = coordinator_actor.remote(spec)
         self.info = ray.get(self.coordinator.info.remote())
         for name, worker in self.info["workers"].items():
             say(f"{name}: pid {worker['pid']}, CPUs {worker['cpus']}, peak RSS {worker['peak_rss'] / 2**30:.2f} GiB")

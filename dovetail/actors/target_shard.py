@@ -34,7 +34,7 @@ class TargetShard(ChannelWorker):
         def setup():
             self.collective = _collective(spec.collective, spec.group, spec.world_size, rank)
             with lean_loading():
-                self.model = load_shard(spec.model_dir, self.collective, spec.kernel, spec.precision)
+                self.model = load_shard(spec.model, self.collective, spec.kernel)
             self.local = LocalVerifier(lambda: TargetVerifier(CachedLM(self.model, keep_hidden=spec.features)))
             self.local.start("warm-up", [0, 1], SamplingParams())  # every rank runs it: collectives pair up
             self.release("warm-up")

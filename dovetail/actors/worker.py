@@ -19,6 +19,7 @@ import torch
 
 from dovetail.models.tree import DraftTree, TreeShape
 from dovetail.models.lm_proposer import DraftVocab
+from dovetail.models.spec import ModelSpec
 from dovetail.protocol.channel import Channel
 from dovetail.protocol.messages import PROTOCOL_VERSION, ArrayRef, EndRequest, ErrorReport, Shutdown, Sync, Synced
 from dovetail.protocol.shm import ArenaReader, ShmArena
@@ -30,7 +31,7 @@ log = logging.getLogger("dovetail.actors")
 class ShardSpec:
     """What one target shard starts from (plain fields: it crosses a process boundary)."""
 
-    model_dir: str
+    model: ModelSpec
     rank: int
     world_size: int
     cpus: tuple[int, ...]
@@ -40,7 +41,6 @@ class ShardSpec:
     kernel: str = "mm"
     collective: str = "shm"
     features: bool = False  # hand the committed positions' features to a feature drafter (rank 0 sends them)
-    precision: str = "auto"
     max_batch: int = 1  # requests verified together (rank 0 keeps room for as many prompts' features)
 
 
@@ -48,15 +48,16 @@ class ShardSpec:
 class DraftSpec:
     """What the draft worker starts from."""
 
-    model_dir: str  # a draft model, or a Dovetail drafter folder (then ``target_dir`` is its target)
     tree: TreeShape
     device: str  # "cuda" or "cpu"
     cpus: tuple[int, ...]
     address: str
-    precision: str = "auto"
+    model: ModelSpec | None = None  # a draft model (fp32 for a GPU: the kernels are CPU ones)
     vocab: DraftVocab | None = None
-    target_dir: str | None = None
+    drafter_dir: str | None = None  # or a Dovetail feature drafter,
+    target_float_weights: str | None = None  # whose embedding and head are the target's
     draft_vocab: int = 0
+    drafter_precision: str = "int8"
 
 def current_node() -> str:
     """The Ray node this process runs on (its id)."""

@@ -30,7 +30,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel
 
 from dovetail.errors import UserError
-from dovetail.store import DRAFTER_SPEC_FILE, is_drafter_dir
+from dovetail.models.spec import DRAFTER_SPEC_FILE, is_drafter_dir
 
 FUSIONS = ("dgf", "fc")
 INITS = ("random", "target")
@@ -234,12 +234,11 @@ def read_spec(path: str | Path) -> tuple[DrafterSpec, dict]:
 
 def build_drafter(target_dir: str | Path, spec: DrafterSpec, vocab_ids=None, seed: int = 0,
                   frozen: tuple[torch.Tensor, torch.Tensor] | None = None) -> FeatureDrafter:
-    """A freshly initialised drafter for the target in ``target_dir`` (deterministic for a seed)."""
+    """A freshly initialised drafter for the target whose float weights are in ``target_dir``
+    (deterministic for a seed)."""
     config = AutoConfig.from_pretrained(target_dir)
     if frozen is None:
-        from dovetail.store import float_weights
-
-        frozen = frozen_target_tensors(float_weights(target_dir))
+        frozen = frozen_target_tensors(target_dir)
     embed, head = frozen
     torch.manual_seed(seed)
     model = FeatureDrafter(config, spec, embed, head, vocab_ids)
@@ -251,7 +250,8 @@ def build_drafter(target_dir: str | Path, spec: DrafterSpec, vocab_ids=None, see
 def load_drafter(drafter_dir: str | Path, target_dir: str | Path,
                  frozen: tuple[torch.Tensor, torch.Tensor] | None = None, draft_vocab: int = 0,
                  precision: str = "fp32") -> FeatureDrafter:
-    """Load a trained drafter; its embedding and head come from the target it was trained for.
+    """Load a trained drafter; its embedding and head come from the target it was trained for,
+    whose float weights are in ``target_dir``.
 
     ``draft_vocab``: keep only the N most frequent tokens of its training corpus in the head (the
     head is the target's frozen one, so a drafter trained on the full vocabulary can be cut at load
@@ -271,9 +271,7 @@ def load_drafter(drafter_dir: str | Path, target_dir: str | Path,
     if draft_vocab and (vocab_ids is None or draft_vocab < len(vocab_ids)):
         vocab_ids = frequent_ids(drafter_dir, draft_vocab, vocab_ids)
     if frozen is None:
-        from dovetail.store import float_weights
-
-        frozen = frozen_target_tensors(float_weights(target_dir))
+        frozen = frozen_target_tensors(target_dir)
     embed, head = frozen
     model = FeatureDrafter(config, spec, embed, head, vocab_ids)
     missing, unexpected = model.load_state_dict(tensors, strict=False)

@@ -1,9 +1,9 @@
-"""Loading model folders for the two roles, and checking that their tokenizers agree.
+"""Loading a described model (``models/spec.py``), and checking that two tokenizers agree.
 
 A packaged model runs its GGUF blocks natively (``models/quantized.py``); a float HF folder runs
 in fp32 as the target (exactly HF's numbers, with the fast small-block linear kernel) and int8 as
 the draft, which only has to propose good tokens, never exact ones (verification keeps the
-output lossless). Every precision can be asked for explicitly (``PRECISIONS``).
+output lossless). Every precision can be asked for explicitly (``spec.PRECISIONS``).
 """
 
 from __future__ import annotations
@@ -17,30 +17,22 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from dovetail.errors import UserError
 from dovetail.models.fast_linear import accelerate_linears
 from dovetail.models.lm_proposer import DraftVocab
-from dovetail.models.quantized import PRECISIONS, QUANTIZED, load_quantized, resolve_precision  # noqa: F401
-
-FLOAT_DEFAULT = {"target": "fp32", "draft": "int8"}  # what ``auto`` means for a float checkpoint
+from dovetail.models.quantized import load_quantized
+from dovetail.models.spec import QUANTIZED, ModelSpec
 
 
 def default_threads() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def load_causal_lm(path: str | Path, *, linear_kernel: str = "stock", precision: str = "fp32",
-                   role: str = "target"):
-    """A causal LM in eval mode at ``precision`` (see ``models/quantized.py``; ``auto``: native for a
-    GGUF folder, else ``FLOAT_DEFAULT[role]``). fp32 uses ``linear_kernel``."""
-    precision = resolve_precision(precision, path, FLOAT_DEFAULT[role])
-    if precision == "native":
-        return load_quantized(path, "native")
-    from dovetail.store import float_weights
-
-    path = float_weights(path)
-    if precision in QUANTIZED:
-        return load_quantized(path, precision)
-    config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).eval()
-    return accelerate_linears(model, linear_kernel)
+def load_causal_lm(model: ModelSpec, linear_kernel: str = "stock"):
+    """The causal LM ``model`` describes, in eval mode at its precision (``models/quantized.py``);
+    fp32 uses ``linear_kernel``."""
+    if model.precision in QUANTIZED:
+        return load_quantized(model.weights, model.precision)
+    config = AutoConfig.from_pretrained(model.weights)
+    lm = AutoModelForCausalLM.from_pretrained(model.weights, config=config, dtype=torch.float32).eval()
+    return accelerate_linears(lm, linear_kernel)
 
 
 def load_tokenizer(path: str | Path):
@@ -88,14 +80,20 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return _eos_ids(getattr(model.generation_config, "eos_token_id", None), tokenizer)
 
 
-def eos_token_ids_from_config(path: str | Path, tokenizer) -> list[int]:
-    """``eos_token_ids`` without loading the weights (reads generation_config.json)."""
+def eos_token_ids_from_config(path: str | Path, tokenizer=None) -> list[int]:
+    """``eos_token_ids`` without loading the weights (reads generation_config.json; the tokenizer,
+    loaded if not given, only where that names none)."""
     from transformers import GenerationConfig
 
     try:
         eos = GenerationConfig.from_pretrained(path).eos_token_id
     except OSError:  # no generation_config.json: HF falls back to the model config
         eos = getattr(AutoConfig.from_pretrained(path), "eos_token_id", None)
+    if eos is None and tokenizer is None:
+        try:
+            tokenizer = load_tokenizer(path)
+        except (OSError, ValueError):  # a bare weights folder (tests, shards): no EOS of its own
+            return []
     return _eos_ids(eos, tokenizer)
 
 

@@ -35,12 +35,10 @@ from gguf import GGML_QUANT_SIZES
 from dovetail.models.architectures import GGUF_NAMES, by_gguf_name
 from dovetail.models.gguf_index import GGUFIndex
 from dovetail.models.slices import Span, SliceReader, shard_spans, split_of, weight_files
-from dovetail.store import GGUF_NAME
+from dovetail.models.spec import GGUF_NAME, PRECISIONS
 from dovetail.kernels.packing import (SCHEMES, Decoded, PackedWeight, decode, encode, pack, packed_bytes,
                                       precision_format)
 
-PRECISIONS = ("auto", "native", "int8", "int4", "fp32")
-QUANTIZED = ("native", "int8", "int4")
 
 
 def gguf_file(path: str | Path) -> Path | None:

@@ -29,6 +29,7 @@ from dovetail.errors import UserError
 from dovetail.protocol.collectives import Collective
 from dovetail.models.fast_linear import accelerate_linears
 from dovetail.models.slices import SliceReader, shard_spans, split_of, weight_files
+from dovetail.models.spec import QUANTIZED, ModelSpec
 
 
 def check_shardable(config, world_size: int) -> None:
@@ -42,21 +43,15 @@ def check_shardable(config, world_size: int) -> None:
                         f"not divisible by {world_size}")
 
 
-def load_shard(path: str | Path, collective: Collective, linear_kernel: str = "mm",
-               precision: str = "fp32") -> nn.Module:
-    """Build this rank's shard of the model in ``path`` at ``precision``, reading only its slices."""
-    from dovetail.models.loading import FLOAT_DEFAULT
-    from dovetail.models.quantized import load_quantized, resolve_precision
-    from dovetail.store import float_weights
+def load_shard(spec: ModelSpec, collective: Collective, linear_kernel: str = "mm") -> nn.Module:
+    """Build this rank's shard of the model ``spec`` describes, reading only its slices."""
+    from dovetail.models.quantized import load_quantized
 
     n, r = collective.world_size, collective.rank
-    precision = resolve_precision(precision, path, FLOAT_DEFAULT["target"])
-    if precision == "native":
-        model = load_quantized(path, precision, r, n)
-    elif precision in ("int8", "int4"):
-        model = load_quantized(float_weights(path), precision, r, n)
+    if spec.precision in QUANTIZED:
+        model = load_quantized(spec.weights, spec.precision, r, n)
     else:
-        model = _load_float_shard(float_weights(path), r, n, linear_kernel)
+        model = _load_float_shard(Path(spec.weights), r, n, linear_kernel)
     if n > 1:
         vocab_lo = r * model.config.vocab_size // n
         for layer in model.model.layers:

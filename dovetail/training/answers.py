@@ -151,16 +151,17 @@ def grow_answers(corpus: AnswerCorpus, target: str, tokens: int, seed: int, max_
     Answers stop at ``max_new_tokens`` (at most half the context); requests whose prompt is over
     ``MAX_PROMPT_TOKENS`` or leaves no room for the answer are skipped."""
     from dovetail.errors import UserError
-    from dovetail.models.loading import eos_token_ids_from_config, load_causal_lm, load_tokenizer
-    from dovetail.store import resolve_model
+    from dovetail.models.loading import load_causal_lm, load_tokenizer
+    from dovetail.store import describe_model, resolve_model
 
     held = corpus.tokens()
     if held >= tokens:
         return held
     target_dir = resolve_model(target)
     tokenizer = load_tokenizer(target_dir)
-    model = load_causal_lm(target_dir)
-    eos = eos_token_ids_from_config(target_dir, tokenizer)
+    described = describe_model(target_dir, "fp32", tokenizer=tokenizer)
+    model = load_causal_lm(described)
+    eos = list(described.eos_token_ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     context = model.config.max_position_embeddings
     max_new_tokens = min(max_new_tokens, context // 2)

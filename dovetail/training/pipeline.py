@@ -87,13 +87,15 @@ def answer_windows(tokenizer, records: list[dict], tokens: int) -> Windows:
 def run_train_draft(target_dir: Path, target_name: str, out: Path, spec: DrafterSpec, settings: TrainSettings,
                     tokens: int, seq_len: int = 256, threads: int | None = None, say=None, corpus: str = "stdlib",
                     answer_tokens: int = 0, target: str | None = None) -> dict:
-    from dovetail.models.loading import eos_token_ids_from_config, load_causal_lm, load_tokenizer
+    from dovetail.models.loading import load_causal_lm, load_tokenizer
+    from dovetail.store import describe_model
 
     say = say or (lambda msg: print(f"[train-draft] {msg}", file=sys.stderr, flush=True))
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(target_dir)
+    described = describe_model(target_dir, "fp32", tokenizer=tokenizer)  # features come from the fp32 target
     windows = corpus_windows(tokenizer, corpus, tokens, answer_tokens, seq_len, settings.seed,
                              target or str(target_dir), target_name)
     code_tokens = windows.trained_tokens()
@@ -102,7 +104,7 @@ def run_train_draft(target_dir: Path, target_name: str, out: Path, spec: Drafter
         f"({code_tokens} trained tokens after the chat framing)")
     dump_dir = dovetail_home() / "features" / target_name / f"{corpus}-{code_tokens}-{width}-s{settings.seed}"
     if not (dump_dir / "dump.json").exists() or _incomplete(dump_dir):
-        target = load_causal_lm(target_dir)
+        target = load_causal_lm(described)
         dump = dump_features(target, windows, dump_dir, check_greedy=corpus == "answers")
         del target
     else:
@@ -115,13 +117,13 @@ def run_train_draft(target_dir: Path, target_name: str, out: Path, spec: Drafter
                         f"{dump.greedy_agreement:.1%} of its tokens are the target's argmax; remove "
                         f"{answer_corpus(target_name, settings.seed).path} (and {dump_dir}) to regenerate it")
 
-    embed, head = frozen_target_tensors(target_dir)
-    eos = eos_token_ids_from_config(target_dir, tokenizer)
+    embed, head = frozen_target_tensors(described.weights)
+    eos = list(described.eos_token_ids)
     vocab_ids = None
     if spec.draft_vocab:
         vocab_ids = frequent_vocab(dump, spec.draft_vocab, eos)
         say(f"draft vocabulary: {len(vocab_ids)} most frequent ids of {head.shape[0]}")
-    model = build_drafter(target_dir, spec, vocab_ids, seed=settings.seed, frozen=(embed, head))
+    model = build_drafter(described.weights, spec, vocab_ids, seed=settings.seed, frozen=(embed, head))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"drafter: {spec.fusion} fusion, {spec.layers} layer(s), {trainable / 1e6:.1f}M trainable parameters")
     report = train_drafter(model, dump, settings, out, full_head=head if vocab_ids is not None else None)

@@ -1,0 +1,39 @@
+"""One model as the driver resolved it, and the names that mark what a model folder holds.
+
+The driver (``api.Dovetail``, the actor system) resolves a model once: its folder, the precision
+it runs at (``auto`` decided), the folder its weights load from (the GGUF folder itself, or the
+float conversion made for fp32 / int8 / int4), its EOS ids and its context. Every process (the
+in-process engine, each target shard, the draft worker) receives this ``ModelSpec`` and loads from
+it; nothing under ``models/`` resolves a name, converts a file or asks the model store again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+GGUF_NAME = "model.gguf"  # the GGUF file in a model folder (a local file is linked under this name)
+DRAFTER_SPEC_FILE = "drafter.json"  # what marks a folder as a Dovetail drafter (models/drafter_net.py)
+PRECISIONS = ("auto", "native", "int8", "int4", "fp32")
+QUANTIZED = ("native", "int8", "int4")
+FLOAT_DEFAULT = {"target": "fp32", "draft": "int8"}  # what ``auto`` means for a float checkpoint
+
+
+def is_drafter_dir(path: str | Path) -> bool:
+    return (Path(path) / DRAFTER_SPEC_FILE).is_file()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved model (plain fields: it crosses process boundaries)."""
+
+    folder: str  # the model folder: a packaged or local GGUF view, or an HF folder
+    precision: str  # native, int8, int4 or fp32: never auto
+    weights: str  # where the weights load from: ``folder`` for native, else a float safetensors folder
+    eos_token_ids: tuple[int, ...] = ()
+    context_length: int = 1 << 30
+    vocab_size: int = 0
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS[1:]:
+            raise ValueError(f"a ModelSpec's precision must be resolved, got {self.precision!r}")
