@@ -142,7 +142,7 @@ def cmd_fetch(args) -> int:
 def cmd_models(args) -> int:
     """One line per model: name, architecture, block formats (most bytes first), file size, and
     whether the native kernels run it; then where it comes from."""
-    from dovetail.models.gguf_index import GGUFIndex
+    from dovetail.models.gguf_index import open_index
     from dovetail.models.quantized import gguf_file, gguf_formats, native_refusal
     from dovetail.store import ModelStore, model_name, resolve_model
 
@@ -154,7 +154,7 @@ def cmd_models(args) -> int:
             what = "HF folder" if folder is not None else "-"
         else:
             refusal = native_refusal(folder)
-            what = (f"{GGUFIndex(gguf).architecture}, {'+'.join(gguf_formats(folder))}, "
+            what = (f"{open_index(gguf).architecture}, {'+'.join(gguf_formats(folder))}, "
                     f"{gguf.stat().st_size / 1e9:.2f} GB, {'native' if refusal is None else 'not native'}")
             source += "" if refusal is None else f"\n{'':40s} {refusal}"
         print(f"{name:40s} {what}\n{'':40s} {source}")

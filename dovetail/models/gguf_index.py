@@ -5,7 +5,9 @@ the tensor data. The format constants still come from the ``gguf`` package."""
 
 from __future__ import annotations
 
+import functools
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +123,18 @@ class GGUFIndex:
                     self._value(buf, etype)
             return None
         raise ValueError(f"unknown GGUF value type {vtype}")
+
+
+def open_index(path: str | Path) -> GGUFIndex:
+    """The index of a GGUF file, parsed once per process while the file stays the same (start-up
+    asks for it from the precision check, the memory plan, the label and the loader)."""
+    stat = os.stat(path)
+    return _index(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _index(path: str, size: int, mtime_ns: int) -> GGUFIndex:
+    return GGUFIndex(path)
 
 
 def check_gguf(path: str | Path) -> GGUFIndex:

@@ -33,7 +33,7 @@ from dovetail.kernels import kernel_isa, ops
 from gguf import GGML_QUANT_SIZES
 
 from dovetail.models.architectures import GGUF_NAMES, by_gguf_name
-from dovetail.models.gguf_index import GGUFIndex
+from dovetail.models.gguf_index import open_index
 from dovetail.models.slices import Span, SliceReader, shard_spans, split_of, weight_files
 from dovetail.models.spec import GGUF_NAME, PRECISIONS
 from dovetail.kernels.packing import (SCHEMES, Decoded, PackedWeight, decode, encode, pack, packed_bytes,
@@ -52,7 +52,7 @@ def gguf_formats(path: str | Path) -> list[str]:
     from collections import Counter
 
     sizes: Counter = Counter()
-    for t in GGUFIndex(gguf_file(path)).tensors.values():
+    for t in open_index(gguf_file(path)).tensors.values():
         if len(t.shape) > 1:
             sizes[t.tensor_type.name] += int(t.n_bytes)
     return [name for name, _ in sizes.most_common()]
@@ -68,7 +68,7 @@ def native_bytes(gguf: str | Path) -> int:
     from math import prod
 
     total = 0
-    for t in GGUFIndex(gguf).tensors.values():
+    for t in open_index(gguf).tensors.values():
         if len(t.shape) > 1 and t.tensor_type in SCHEMES:
             total += packed_bytes(t.tensor_type, prod(t.shape[1:]), t.shape[0])
         else:
@@ -80,7 +80,7 @@ def native_refusal(path: str | Path) -> str | None:
     """Why a GGUF model folder cannot run natively (its architecture, or the first matrix in a
     format the kernels do not run), or None: one read of the file's index for both."""
     gguf = gguf_file(path)
-    index = GGUFIndex(gguf)
+    index = open_index(gguf)
     if index.architecture not in NATIVE_ARCHITECTURES:
         return (f"{gguf}: architecture {index.architecture!r} does not run natively yet (only "
                 f"{', '.join(NATIVE_ARCHITECTURES)}); precision fp32 runs it through transformers")
@@ -174,7 +174,7 @@ class GGUFSource:
     def __init__(self, path: Path, config):
         import gguf
 
-        index = GGUFIndex(path)
+        index = open_index(path)
         arch = index.architecture
         arch_id = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), None)
         self.family = by_gguf_name(arch)
