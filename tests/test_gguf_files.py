@@ -125,6 +125,17 @@ def _bad(tmp_path, kind):
     return path
 
 
+def test_a_partial_rotary_is_refused_not_run_wrong(tmp_path, isolated_home, capsys):
+    """Phi-4-mini's files rotate part of each head; transformers' GGUF reader drops that, so the
+    file would run wrong: refused in one line instead."""
+    path = tmp_path / "phi4-like.gguf"
+    write_gguf(tiny_model("phi3", seed=2, **SHAPE), path, FORMATS, default=QT.Q4_K, metadata=True,
+               edit=lambda w: w.add_rope_dimension_count(48))
+    code = main(["generate", "--target", str(path), "--no-draft", "--prompt", "abc", "--engine", "inprocess"])
+    assert code == 2
+    assert "covers 48 of each head's 64 dimensions" in _one_line_error(capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("kind,message", [
     ("not-gguf", "not a readable GGUF file"),
     ("truncated", "truncated: tensor"),

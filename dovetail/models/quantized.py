@@ -84,6 +84,13 @@ def native_refusal(path: str | Path) -> str | None:
     if index.architecture not in NATIVE_ARCHITECTURES:
         return (f"{gguf}: architecture {index.architecture!r} does not run natively yet (only "
                 f"{', '.join(NATIVE_ARCHITECTURES)}); precision fp32 runs it through transformers")
+    meta, arch = index.metadata, index.architecture
+    heads = meta.get(f"{arch}.attention.head_count")
+    head_dim = meta.get(f"{arch}.attention.key_length") or (heads and meta.get(f"{arch}.embedding_length", 0) // heads)
+    rotary = meta.get(f"{arch}.rope.dimension_count")
+    if rotary and head_dim and rotary < head_dim:  # transformers' GGUF reader drops this: it would run wrong
+        return (f"{gguf}: the rotary embedding covers {rotary} of each head's {head_dim} dimensions "
+                "(a partial rotary, as in Phi-4-mini), which does not run yet")
     for t in index.tensors.values():
         if len(t.shape) > 1 and t.tensor_type not in SCHEMES and t.tensor_type.name not in FLOAT_TYPES:
             return _unsupported_message(gguf, t.name, t.tensor_type.name)
