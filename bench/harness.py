@@ -85,7 +85,8 @@ def run_bench(args) -> int:
     from dovetail.models.lm_proposer import DraftProposer
     from dovetail.store import is_drafter_dir
     from dovetail.models.loading import load_causal_lm
-    from dovetail.store import AUTO_DRAFT, DEFAULT_DRAFT, DRAFTER_KEYWORD, describe_model, drafter_dir
+    from dovetail.describe import describe_model
+    from dovetail.store import AUTO_DRAFT, DEFAULT_DRAFT, DRAFTER_KEYWORD, drafter_dir
 
     if args.suite == "native":
         from bench.native import run_native_bench

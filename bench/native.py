@@ -282,7 +282,7 @@ def run_native_bench(args) -> int:
         import dataclasses
 
         from dovetail.actors.system import ActorEngine
-        from dovetail.store import describe_model
+        from dovetail.describe import describe_model
         from dovetail.models.lm_proposer import DraftVocab
 
         folder = random_q4_model(store, target_dir)

@@ -179,7 +179,7 @@ def batched_verify_ms(target_dir, prompts: list[list[int]], tree_size: int = 4, 
     from dovetail.models.cached_lm import CachedLM, forward_trees
     from dovetail.models.loading import load_causal_lm
     from dovetail.models.tree import DraftTree
-    from dovetail.store import describe_model
+    from dovetail.describe import describe_model
 
     model = load_causal_lm(describe_model(target_dir, precision), "mm")  # as the shards load it
     chain = DraftTree(np.arange(100, 100 + tree_size), np.arange(-1, tree_size - 1))
@@ -203,7 +203,7 @@ def batched_draft_ms(draft_dir, prompts: list[list[int]], shape: str, precision:
     from dovetail.models.lm_proposer import DraftProposer, propose_together
     from dovetail.models.loading import load_causal_lm
     from dovetail.models.tree import TreeShape
-    from dovetail.store import describe_model
+    from dovetail.describe import describe_model
 
     model = load_causal_lm(describe_model(draft_dir, precision, "draft"))
     committed = [prompt[-4:] for prompt in prompts]  # as if each had just committed these

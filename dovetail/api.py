@@ -31,7 +31,8 @@ from dovetail.models.target import TargetVerifier
 from dovetail.models.verification import SamplingParams
 from dovetail.config import DEFAULT_TREE
 from dovetail.speculation import SpeculationSetup
-from dovetail.store import AUTO_DRAFT, ModelStore, describe_model, float_weights, resolve_draft, resolve_model, with_weights
+from dovetail.describe import describe_model, with_weights
+from dovetail.store import AUTO_DRAFT, ModelStore, float_weights, resolve_draft, resolve_model
 
 
 def _log(msg: str) -> None:

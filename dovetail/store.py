@@ -33,7 +33,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from dovetail.errors import UserError
-from dovetail.models.spec import DRAFTER_SPEC_FILE, FLOAT_DEFAULT, GGUF_NAME, ModelSpec, is_drafter_dir  # noqa: F401
+from dovetail.models.spec import DRAFTER_SPEC_FILE, GGUF_NAME, is_drafter_dir  # noqa: F401
 
 MARKER = "dovetail-model.json"
 LAYOUT = 2  # models/<name>/ holds the GGUF itself (layout 1 held only an fp32 conversion)
@@ -339,35 +339,6 @@ def float_weights(path: str | Path, store: "ModelStore | None" = None) -> Path:
         if meta.get("name") in PACKAGED:
             return store.fetch_float(meta["name"])
     raise UserError(f"{path} has no float weights (safetensors); use precision 'native' for its GGUF file")
-
-
-def describe_model(folder: str | Path, precision: str = "auto", role: str = "target", tokenizer=None,
-                   weights: bool = True, store: "ModelStore | None" = None) -> ModelSpec:
-    """The ``ModelSpec`` of model folder ``folder`` (``resolve_model``'s result) at ``precision``
-    for ``role``: the one place a precision is resolved. ``weights``: also make the float weights
-    a non-native precision loads from (a GGUF folder's fp32 conversion, once); else ``weights``
-    is the folder, for a description made before the slow part (``with_weights`` completes it)."""
-    from transformers import AutoConfig
-
-    from dovetail.models.loading import eos_token_ids_from_config
-    from dovetail.models.quantized import resolve_precision
-
-    folder = Path(folder)
-    precision = resolve_precision(precision, folder, FLOAT_DEFAULT[role])
-    config = AutoConfig.from_pretrained(folder)
-    spec = ModelSpec(str(folder), precision, str(folder),
-                     tuple(eos_token_ids_from_config(folder, tokenizer)),
-                     int(getattr(config, "max_position_embeddings", 1 << 30)), int(config.vocab_size))
-    return with_weights(spec, store) if weights else spec
-
-
-def with_weights(spec: ModelSpec, store: "ModelStore | None" = None) -> ModelSpec:
-    """``spec`` with the folder its weights load from: the float weights for a non-native precision."""
-    if spec.precision == "native":
-        return spec
-    from dataclasses import replace
-
-    return replace(spec, weights=str(float_weights(spec.folder, store)))
 
 
 def save_gguf_as_hf(gguf: Path, out: Path, bar=None) -> None:

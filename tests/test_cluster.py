@@ -33,7 +33,7 @@ class _Driver:
         from dataclasses import replace
 
         from dovetail.actors.system import ActorEngine
-        from dovetail.store import describe_model
+        from dovetail.describe import describe_model
         from dovetail.actors.worker import current_node
         from dovetail.config import EngineConfig
 

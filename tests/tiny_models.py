@@ -189,10 +189,10 @@ def dequantized_copy(model, weights: dict):
 
 
 def described(folder, precision: str = "auto", role: str = "target", eos=None, context_length: int | None = None):
-    """``store.describe_model`` of ``folder``, its EOS ids and context set where a test pins them."""
+    """``describe.describe_model`` of ``folder``, its EOS ids and context set where a test pins them."""
     from dataclasses import replace
 
-    from dovetail.store import describe_model
+    from dovetail.describe import describe_model
 
     spec = describe_model(folder, precision, role)
     return replace(spec, eos_token_ids=spec.eos_token_ids if eos is None else tuple(eos),

@@ -29,7 +29,8 @@ from dovetail.models.lm_proposer import DraftVocab
 from dovetail.models.spec import ModelSpec
 from dovetail.placement import MiB, Plan, drafter_bytes, kv_budget, kv_bytes_per_token, make_plan, model_bytes
 from dovetail.protocol.shm import owned_name, remove_orphaned_segments, remove_orphans
-from dovetail.store import dovetail_home, float_weights, with_weights
+from dovetail.describe import with_weights
+from dovetail.store import dovetail_home, float_weights
 from dovetail.topology import Topology, detect, parse_sockets
 
 log = logging.getLogger("dovetail")
@@ -135,7 +136,7 @@ class ActorEngine(Generates):
     def __init__(self, target: ModelSpec, draft: ModelSpec | None, config, vocab: DraftVocab | None = None,
                  say=lambda msg: None, partition: tuple[int, int] = (0, 1), setup: SpeculationSetup | None = None,
                  drafter_dir: Path | None = None):
-        """``target`` and ``draft`` as the driver resolved them (``store.describe_model``), or a
+        """``target`` and ``draft`` as the driver resolved them (``describe.describe_model``), or a
         Dovetail feature drafter in ``drafter_dir`` instead of a draft model. ``setup``: the
         model-free proposers and the cost model (default: the draft alone, with ``config``'s tree
         pinned, or chain:3)."""

@@ -152,7 +152,8 @@ def grow_answers(corpus: AnswerCorpus, target: str, tokens: int, seed: int, max_
     ``MAX_PROMPT_TOKENS`` or leaves no room for the answer are skipped."""
     from dovetail.errors import UserError
     from dovetail.models.loading import load_causal_lm, load_tokenizer
-    from dovetail.store import describe_model, resolve_model
+    from dovetail.describe import describe_model
+    from dovetail.store import resolve_model
 
     held = corpus.tokens()
     if held >= tokens:

@@ -88,7 +88,7 @@ def run_train_draft(target_dir: Path, target_name: str, out: Path, spec: Drafter
                     tokens: int, seq_len: int = 256, threads: int | None = None, say=None, corpus: str = "stdlib",
                     answer_tokens: int = 0, target: str | None = None) -> dict:
     from dovetail.models.loading import load_causal_lm, load_tokenizer
-    from dovetail.store import describe_model
+    from dovetail.describe import describe_model
 
     say = say or (lambda msg: print(f"[train-draft] {msg}", file=sys.stderr, flush=True))
     if threads:

@@ -1,0 +1,40 @@
+"""Resolving a model once: the ``ModelSpec`` (``models/spec.py``) the driver hands every process.
+
+``store.py`` finds a model's folder; this decides how it runs (the precision, ``auto`` resolved),
+where its weights load from (a GGUF folder's fp32 conversion made here, once, before any worker
+starts), its EOS ids and its context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from transformers import AutoConfig
+
+from dovetail.models.loading import eos_token_ids_from_config
+from dovetail.models.quantized import resolve_precision
+from dovetail.models.spec import FLOAT_DEFAULT, ModelSpec
+from dovetail.store import ModelStore, float_weights
+
+
+def describe_model(folder: str | Path, precision: str = "auto", role: str = "target", tokenizer=None,
+                   weights: bool = True, store: ModelStore | None = None) -> ModelSpec:
+    """The ``ModelSpec`` of model folder ``folder`` (``resolve_model``'s result) at ``precision``
+    for ``role``: the one place a precision is resolved. ``weights``: also make the float weights
+    a non-native precision loads from (a GGUF folder's fp32 conversion, once); else ``weights``
+    is the folder, for a description made before the slow part (``with_weights`` completes it)."""
+    folder = Path(folder)
+    precision = resolve_precision(precision, folder, FLOAT_DEFAULT[role])
+    config = AutoConfig.from_pretrained(folder)
+    spec = ModelSpec(str(folder), precision, str(folder),
+                     tuple(eos_token_ids_from_config(folder, tokenizer)),
+                     int(getattr(config, "max_position_embeddings", 1 << 30)), int(config.vocab_size))
+    return with_weights(spec, store) if weights else spec
+
+
+def with_weights(spec: ModelSpec, store: ModelStore | None = None) -> ModelSpec:
+    """``spec`` with the folder its weights load from: the float weights for a non-native precision."""
+    if spec.precision == "native":
+        return spec
+    return replace(spec, weights=str(float_weights(spec.folder, store)))
