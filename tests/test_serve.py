@@ -128,7 +128,10 @@ def test_openai_client_completion_chat_and_stream(server, served):
                                         seed=3).choices[0].text for _ in range(2)]
     assert seeded[0] == seeded[1]
 
-    assert _metric(server["url"], "dovetail:request_success_total", 'finish_reason="length"') >= 5
+    deadline = time.monotonic() + 10  # records of requests another replica served arrive eventually
+    while _metric(server["url"], "dovetail:request_success_total", 'finish_reason="length"') < 5:
+        assert time.monotonic() < deadline, "fewer than 5 finished requests counted"
+        time.sleep(0.2)
     for _ in range(3):  # a finished request is in the very next /metrics of its replica, never a scrape later
         before = _metric(server["url"], "dovetail:request_success_total", 'finish_reason="length"')
         client.completions.create(model="target", prompt=prompt, max_tokens=4, temperature=0)
