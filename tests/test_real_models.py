@@ -108,9 +108,9 @@ def test_the_packaged_file_renamed_and_moved_runs_by_path_exactly(tmp_path):
     assert outputs[0] == outputs[1] == outputs[2]
 
 
-def test_smollm2_by_path_fp32_is_hf_greedy_and_native_agrees_mostly():
-    """SmolLM2-135M (llama, Q4_1) by its file: fp32 is token-identical to transformers' own greedy
-    decoding of the same GGUF; native (int8 activations) is measured against it, not asserted."""
+def _fp32_is_hf_greedy_by_path(packaged: str):
+    """Run packaged model ``packaged`` by its file path in fp32 and check it is token-identical to
+    transformers' own greedy decoding of the same GGUF; returns (the file, prompt ids, fp32 tokens)."""
     from transformers import AutoModelForCausalLM
 
     from dovetail.api import Dovetail
@@ -118,18 +118,31 @@ def test_smollm2_by_path_fp32_is_hf_greedy_and_native_agrees_mostly():
     from dovetail.store import ModelStore
     from tiny_models import hf_greedy
 
-    gguf = ModelStore().fetch("smollm2-135m-instruct") / "model.gguf"
-    prompt = "def fibonacci(n):"
+    gguf = ModelStore().fetch(packaged) / "model.gguf"
     with Dovetail(EngineConfig(target=str(gguf), draft=None, engine="inprocess", target_precision="fp32")) as dt:
-        ids = dt.tokenizer.encode(prompt)
+        ids = dt.tokenizer.encode("def fibonacci(n):")
         fp32 = dt.engine.generate(ids, 32).token_ids
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     assert fp32 == hf_greedy(hf, ids, 32, eos=None)[:len(fp32)]
+    return gguf, ids, fp32
+
+
+def _report_agreement(name: str, native: list[int], fp32: list[int]) -> None:
+    agree = next((i for i, (a, b) in enumerate(zip(native, fp32)) if a != b), len(fp32))
+    print(f"{name} native agrees with fp32 on the first {agree} of {len(fp32)} tokens")
+    assert agree >= 1
+
+
+def test_smollm2_by_path_fp32_is_hf_greedy_and_native_agrees_mostly():
+    """SmolLM2-135M (llama, Q4_1) by its file: fp32 is token-identical to transformers' own greedy
+    decoding of the same GGUF; native (int8 activations) is measured against it, not asserted."""
+    from dovetail.api import Dovetail
+    from dovetail.config import EngineConfig
+
+    gguf, ids, fp32 = _fp32_is_hf_greedy_by_path("smollm2-135m-instruct")
     with Dovetail(EngineConfig(target=str(gguf), draft=None, engine="inprocess")) as dt:
         native = dt.engine.generate(ids, 32).token_ids
-    agree = next((i for i, (a, b) in enumerate(zip(native, fp32)) if a != b), len(fp32))
-    print(f"SmolLM2 native agrees with fp32 on the first {agree} of {len(fp32)} tokens")
-    assert agree >= 1
+    _report_agreement("SmolLM2", native, fp32)
 
 
 def test_gemma3_by_path_fp32_is_hf_greedy_and_native_speculation_is_exact():
@@ -137,27 +150,16 @@ def test_gemma3_by_path_fp32_is_hf_greedy_and_native_speculation_is_exact():
     by its file: fp32 is token-identical to transformers' own greedy decoding of the same GGUF;
     native runs the lean forward, its agreement with fp32 is measured, and speculation (the model
     drafting for itself through a tree) is token-identical to native alone."""
-    from transformers import AutoModelForCausalLM
-
     from dovetail.api import Dovetail
     from dovetail.config import EngineConfig
     from dovetail.models import fast_forward
     from dovetail.models.quantized import load_quantized
-    from dovetail.store import ModelStore, resolve_model
-    from tiny_models import hf_greedy
+    from dovetail.store import resolve_model
 
-    gguf = ModelStore().fetch("gemma-3-270m") / "model.gguf"
-    prompt = "def fibonacci(n):"
-    with Dovetail(EngineConfig(target=str(gguf), draft=None, engine="inprocess", target_precision="fp32")) as dt:
-        ids = dt.tokenizer.encode(prompt)
-        fp32 = dt.engine.generate(ids, 32).token_ids
-    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
-    assert fp32 == hf_greedy(hf, ids, 32, eos=None)[:len(fp32)]
+    gguf, ids, fp32 = _fp32_is_hf_greedy_by_path("gemma-3-270m")
     assert fast_forward.supports(load_quantized(resolve_model(str(gguf)), "native"))
     with Dovetail(EngineConfig(target=str(gguf), draft=None, engine="inprocess")) as dt:
         native = dt.engine.generate(ids, 32).token_ids
     with Dovetail(EngineConfig(target=str(gguf), draft=str(gguf), engine="inprocess", tree="8,4,2")) as dt:
         assert dt.engine.generate(ids, 32).token_ids == native
-    agree = next((i for i, (a, b) in enumerate(zip(native, fp32)) if a != b), len(fp32))
-    print(f"Gemma-3-270M native agrees with fp32 on the first {agree} of {len(fp32)} tokens")
-    assert agree >= 1
+    _report_agreement("Gemma-3-270M", native, fp32)
