@@ -25,10 +25,10 @@ from dovetail.store import is_drafter_dir
 from dovetail.models.lm_proposer import DraftProposer, DraftVocab
 from dovetail.models.feature_proposer import FeatureDraftProposer
 from dovetail.models.loading import describe_draft_vocabulary, draft_vocabulary, encode_chat, load_causal_lm, load_tokenizer
-from dovetail.models.quantized import gguf_formats
+from dovetail.models.precision import gguf_formats
 from dovetail.models.spec import ModelSpec
 from dovetail.models.target import TargetVerifier
-from dovetail.models.verification import SamplingParams
+from dovetail.sampling import SamplingParams
 from dovetail.config import DEFAULT_TREE
 from dovetail.speculation import SpeculationSetup
 from dovetail.describe import describe_model, with_weights

@@ -48,7 +48,8 @@ def check_kernels() -> Outcome:
     from gguf import quants
 
     from dovetail.kernels import ops
-    from dovetail.kernels.packing import SUPPORTED, decode, pack, random_blocks
+    from dovetail.kernels.formats import SUPPORTED
+    from dovetail.kernels.packing import decode, pack, random_blocks
 
     paths = list(range(1, ops().best_isa() + 1))
     rows, cols, worst = 20, 512, 0.0
@@ -98,7 +99,8 @@ def check_sampling(dt, prompt: list[int], samples: int) -> Outcome:
     """Two sampled tokens (T = 1, top-k 4), the second through a speculative step, against the
     target's exact joint distribution (chi-square). Without a seed, a draft model samples its tree
     and verification rejects against the draft's own distribution."""
-    from dovetail.models.verification import SamplingParams, target_probs
+    from dovetail.models.verification import target_probs
+    from dovetail.sampling import SamplingParams
 
     params = SamplingParams(temperature=1.0, top_k=4)
     lm = dt.engine.target.lm

@@ -143,7 +143,7 @@ def cmd_models(args) -> int:
     """One line per model: name, architecture, block formats (most bytes first), file size, and
     whether the native kernels run it; then where it comes from."""
     from dovetail.models.gguf_index import open_index
-    from dovetail.models.quantized import gguf_file, gguf_formats, native_refusal
+    from dovetail.models.precision import gguf_file, gguf_formats, native_refusal
     from dovetail.store import ModelStore, model_name, resolve_model
 
     store = ModelStore()
@@ -213,7 +213,7 @@ def cmd_train_draft(args) -> int:
 def cmd_generate(args) -> int:
     from dovetail.api import Dovetail
     from dovetail.config import engine_config_from_args
-    from dovetail.models.verification import SamplingParams
+    from dovetail.sampling import SamplingParams
 
     params = SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:

@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields
 
 from dovetail.errors import UserError
-from dovetail.models.fast_linear import KERNELS
-from dovetail.models.loading import default_threads
-from dovetail.models.spec import PRECISIONS
+from dovetail.models.spec import LINEAR_KERNELS, PRECISIONS
 from dovetail.models.tree import TreeShape
 from dovetail.store import AUTO_DRAFT, DEFAULT_TARGET
+from dovetail.topology import default_threads
 
 # A draft proposer's tree when none is pinned for it: the shape that drafts a prototype's warm-up;
 # each step's shape is then the cost model's (dovetail/speculation).
@@ -44,7 +43,7 @@ class EngineConfig:
                                 off="--no-draft", off_help="target-only decoding (speculation off)")
     tree: TreeShape | None = _option(None, "pin the tree: TOTAL,DEPTH,TOP_K (e.g. 16,7,10) or chain:K (default "
                                      "'auto': the cost model picks the depth, or no speculation, every step)")
-    target_kernel: str = _option("mm", "fp32 targets only: the dense linear kernel", choices=KERNELS)
+    target_kernel: str = _option("mm", "fp32 targets only: the dense linear kernel", choices=LINEAR_KERNELS)
     target_precision: str = _option("auto", "native: the GGUF's own blocks (auto's choice for packaged models); "
                                     "int8/int4: quantized on load from float weights; fp32: dequantized floats "
                                     "(auto's choice for an HF float folder)", choices=PRECISIONS)
@@ -79,7 +78,7 @@ class EngineConfig:
             self.tree = parse_tree(self.tree)
         elif isinstance(self.tree, dict):  # as asdict() wrote it
             self.tree = TreeShape(**self.tree)
-        _one_of("target kernel", self.target_kernel, KERNELS)
+        _one_of("target kernel", self.target_kernel, LINEAR_KERNELS)
         _one_of("target precision", self.target_precision, PRECISIONS)
         _one_of("draft precision", self.draft_precision, PRECISIONS)
         _one_of("engine", self.engine, ENGINES)

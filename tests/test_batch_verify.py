@@ -11,7 +11,7 @@ from dovetail.models.cached_lm import CachedLM
 from dovetail.models.lm_proposer import DraftProposer, propose_together
 from dovetail.models.target import TargetVerifier, verify_batch
 from dovetail.models.tree import TreeShape
-from dovetail.models.verification import SamplingParams
+from dovetail.sampling import SamplingParams
 from tiny_models import hf_greedy, perturbed, tiny_model
 
 PROMPTS = [[5, 9, 14], list(range(3, 40)), [7] * 11, [20, 21, 22, 23, 24, 25, 26]]

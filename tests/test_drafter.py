@@ -12,7 +12,7 @@ from dovetail.models.drafter_net import DrafterSpec, FeatureDrafter, build_draft
 from dovetail.models.feature_proposer import FeatureDraftProposer
 from dovetail.models.target import TargetVerifier
 from dovetail.models.tree import TreeShape
-from dovetail.models.verification import SamplingParams
+from dovetail.sampling import SamplingParams
 from dovetail.training.pipeline import frequent_vocab
 from dovetail.training import trainer as trainer_module
 from dovetail.training.corpus import Windows

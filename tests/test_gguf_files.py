@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as QT
 from dovetail.api import Dovetail
 from dovetail.cli import main
 from dovetail.config import EngineConfig
-from dovetail.kernels.packing import SUPPORTED
+from dovetail.kernels.formats import SUPPORTED
 from dovetail.models.quantized import load_quantized
 from dovetail.store import ModelStore, resolve_model
 from test_cli import _one_line_error
@@ -172,7 +172,7 @@ def test_no_layer_is_ever_a_silent_float_layer(tmp_path, isolated_home):
 @pytest.mark.parametrize("arch", ["minicpm", "stablelm"])
 def test_an_architecture_not_yet_native_is_refused_natively_by_name(tmp_path, arch):
     from dovetail.errors import UserError
-    from dovetail.models.quantized import resolve_precision
+    from dovetail.models.precision import resolve_precision
 
     (tmp_path / "m").mkdir()
     write_gguf(tiny_model("qwen2", seed=2, **SHAPE), tmp_path / "m" / "model.gguf", FORMATS, default=QT.Q4_K, arch=arch)

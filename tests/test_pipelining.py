@@ -8,7 +8,7 @@ from dovetail.models.cached_lm import CachedLM
 from dovetail.models.lm_proposer import DraftProposer
 from dovetail.models.target import TargetVerifier
 from dovetail.models.tree import TreeShape
-from dovetail.models.verification import SamplingParams
+from dovetail.sampling import SamplingParams
 from tiny_models import hf_greedy, perturbed, tiny_model
 
 

@@ -10,9 +10,11 @@ from gguf import quants
 
 from dovetail.errors import UserError
 from dovetail.kernels import ops
-from dovetail.kernels.packing import ENCODABLE, SUPPORTED, decode, encode, pack, precision_format, random_blocks
+from dovetail.kernels.formats import SUPPORTED
+from dovetail.kernels.packing import ENCODABLE, decode, encode, pack, precision_format, random_blocks
 from dovetail.models.cached_lm import CachedLM
-from dovetail.models.quantized import QuantEmbedding, QuantLinear, load_quantized, resolve_precision
+from dovetail.models.precision import resolve_precision
+from dovetail.models.quantized import QuantEmbedding, QuantLinear, load_quantized
 from dovetail.models.tree import TreeShape
 from test_greedy_identity import make_engine, prompt
 from tiny_models import dequantized_copy, perturbed, tiny_model, tiny_tokenizer, write_gguf_folder
@@ -251,7 +253,7 @@ def test_batched_verification_matches_single_requests(tmp_path):
 def test_sampling_with_a_quantized_target_matches_its_distribution(tmp_path):
     """Lossless sampling holds for a quantized target: the joint of 3 sampled tokens fits the
     quantized target's own exact distribution (chi-square)."""
-    from dovetail.models.verification import SamplingParams
+    from dovetail.sampling import SamplingParams
     from test_sampling import PARAMS, chi_square_pvalue, exact_joint, sample_counts
 
     model = tiny_model("llama", seed=11, vocab_size=8, initializer_range=0.5, num_hidden_layers=1, eos_token_id=None)

@@ -10,7 +10,8 @@ from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWa
 
 from dovetail.errors import UserError
 from dovetail.models import verification
-from dovetail.models.verification import SamplingParams, target_probs
+from dovetail.models.verification import target_probs
+from dovetail.sampling import GREEDY_BELOW, SamplingParams
 from test_greedy_identity import make_engine
 from tiny_models import perturbed, tiny_model
 
@@ -229,5 +230,5 @@ def test_tiny_temperatures_decode_greedily(pair, temperature):
 
 def test_small_temperatures_give_finite_probabilities():
     logits = torch.tensor([[1e4, 0.0, -1e4, 3.0]])
-    probs = target_probs(logits, SamplingParams(verification.GREEDY_BELOW))
+    probs = target_probs(logits, SamplingParams(GREEDY_BELOW))
     assert torch.isfinite(probs).all() and probs[0, 0] == 1.0

@@ -15,12 +15,14 @@ from dovetail.models.cached_lm import CachedLM
 from dovetail.models.lm_proposer import DraftProposer
 from dovetail.models.target import TargetVerifier
 from dovetail.models.tree import DraftTree, TreeShape, merge_trees
-from dovetail.models.verification import SamplingParams
+from dovetail.sampling import SamplingParams
 from dovetail.request import Request
 from dovetail.speculation import SpeculationSetup, parse_proposers
 from dovetail.speculation.cost import Acceptance, Confidence, VerifyCurve, expected_tokens
 from dovetail.speculation.lookup import NgramProposer, SuffixCache, SuffixProposer, SuffixTrie
-from dovetail.speculation.speculator import PROBE_FIRST, Member, Speculator
+from dovetail.speculation.members import Member
+from dovetail.speculation.options import PROBE_FIRST
+from dovetail.speculation.speculator import Speculator
 from tiny_models import actor_engine, hf_greedy, perturbed, tiny_model
 
 EOS = 1

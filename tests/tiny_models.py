@@ -89,7 +89,8 @@ def write_gguf(model, path, formats: dict[str, "object"] | None = None, default=
     import gguf
     import numpy as np
 
-    from dovetail.kernels.packing import ENCODABLE, SCHEMES, encode, random_blocks
+    from dovetail.kernels.formats import SCHEMES
+    from dovetail.kernels.packing import ENCODABLE, encode, random_blocks
 
     from dovetail.models.architectures import of_config
 

@@ -99,6 +99,9 @@ class _Waiting:
 
 
 class Coordinator(Messaging):
+    """The actor: a scheduler thread steps the batch through the loop, whose adapters
+    (``actors/remote.py``) send and receive through it (it is their ``Link``)."""
+
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
         self.generation = 0

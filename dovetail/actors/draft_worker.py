@@ -22,9 +22,9 @@ from dovetail.models.feature_proposer import FeatureDraftProposer
 from dovetail.models.lm_proposer import DraftProposer
 from dovetail.models.loading import load_causal_lm
 from dovetail.models.tree import DraftTree, TreeShape
-from dovetail.models.verification import SamplingParams
 from dovetail.protocol.messages import ArrayRef, Predraft, ProposeBatch, ProposeTree, StartRequest, TreeProposal
 from dovetail.protocol.shm import ShmArena
+from dovetail.sampling import SamplingParams
 
 
 class DraftWorker(ChannelWorker):

@@ -39,9 +39,11 @@ class Inbox:
 
 
 class Messaging:
-    """The coordinator's side of the channels. Subclasses provide ``shards``, ``draft``,
-    ``poller``, ``spec.step_timeout_s``; one thread at a time uses them (zmq sockets are not
-    thread-safe)."""
+    """The coordinator's side of the channels: ``send`` and ``receive`` are what the loop's
+    adapters (``actors/remote.py``) call; the rest is how a failure is told apart and cleaned up.
+    Subclasses provide ``shards``, ``draft``, ``poller``, ``spec.step_timeout_s`` and
+    ``_failures`` (request id -> a worker's error report); one thread at a time uses them (zmq
+    sockets are not thread-safe)."""
 
     shards: list[Inbox]
     draft: Inbox | None
@@ -49,7 +51,7 @@ class Messaging:
     def _inboxes(self) -> list[Inbox]:
         return self.shards + ([self.draft] if self.draft else [])
 
-    def _send(self, box: Inbox, msg) -> None:
+    def send(self, box: Inbox, msg) -> None:
         """Send to a worker; raise ``WorkerFailure`` when any worker has died instead of blocking."""
         while True:
             try:
@@ -59,7 +61,7 @@ class Messaging:
             except (ProtocolError, OverflowError, TypeError, ValueError) as exc:  # say, a sampling value msgpack cannot hold
                 raise RequestFailure(getattr(msg, "request_id", ""), f"cannot send {msg.KIND}: {exc}") from None
 
-    def _recv(self, box: Inbox, kind: type, request_id: str, step: int):
+    def receive(self, box: Inbox, kind: type, request_id: str, step: int):
         """Wait for ``box``'s reply of type ``kind`` for this step. ``RequestFailure`` when a worker
         reported an error for this request or the step deadline passed; ``WorkerFailure`` when a
         worker died."""
@@ -101,8 +103,8 @@ class Messaging:
         loop answers (``WorkerFailure`` if one does not); drop its stray replies."""
         token = secrets.token_hex(4)
         for box in self._inboxes():
-            self._send(box, EndRequest(request_id))
-            self._send(box, Sync(token))
+            self.send(box, EndRequest(request_id))
+            self.send(box, Sync(token))
         for box in self._inboxes():
             self._wait(box, lambda m: isinstance(m, Synced) and m.token == token, "Sync answer", None, SYNC_DEADLINE_S)
         for box in self._inboxes():

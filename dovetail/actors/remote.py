@@ -1,7 +1,7 @@
 """The proposer and the verifier of ``dovetail/decode.py`` as messages to the draft and shard actors.
 
-The loop's calls become protocol messages on the coordinator's channels (``link``: its
-``Messaging``). The loop sees ``DraftTree``s: a proposal's arrays are read from the draft's
+The loop's calls become protocol messages on the coordinator's channels (a ``Link``: the
+coordinator itself). The loop sees ``DraftTree``s: a proposal's arrays are read from the draft's
 arena, a tree to verify is put in the coordinator's (a few hundred bytes each way); features stay
 in shared memory and only their references travel.
 A ``RequestFailure`` from the link (a worker's error report, a missed deadline) is that request's
@@ -11,15 +11,34 @@ alone; a ``WorkerFailure`` propagates to the coordinator.
 from __future__ import annotations
 
 import dataclasses
+from typing import Protocol
 
 import numpy as np
 
+from dovetail.actors.messaging import Inbox
 from dovetail.actors.worker import put_tree, read_tree
 from dovetail.decode import Drafting, Proposal, RequestFailure, Verdict
 from dovetail.local import Bets
 from dovetail.models.tree import DraftTree, TreeShape
 from dovetail.protocol.messages import (Accepted, ArrayRef, EndRequest, Predraft, ProposeBatch, ProposeTree,
                                         StartRequest, TreeProposal, VerifyBatch, VerifyTree)
+from dovetail.protocol.shm import ArenaReader, ShmArena
+
+
+class Link(Protocol):
+    """What the adapters use of the coordinator (``actors/coordinator.py``, its channels from
+    ``actors/messaging.py``): the workers' inboxes, its own arena for what it sends, a reader of
+    the workers' arenas, and deadline-aware ``send`` / ``receive``. The inboxes change when the
+    workers restart, so the adapters look them up on every call."""
+
+    draft: Inbox | None
+    shards: list[Inbox]
+    arena: ShmArena
+    views: ArenaReader
+
+    def send(self, box: Inbox, msg) -> None: ...
+
+    def receive(self, box: Inbox, kind: type, request_id: str, step: int): ...
 
 
 def array_bytes(ref: ArrayRef | None) -> int:
@@ -27,7 +46,7 @@ def array_bytes(ref: ArrayRef | None) -> int:
 
 
 class RemoteProposer:
-    def __init__(self, link):
+    def __init__(self, link: Link):
         self.link = link
         self.book = Bets()
 
@@ -39,7 +58,7 @@ class RemoteProposer:
     def start(self, request_id: str, prompt_ids: list[int], params=None) -> None:
         prompt = self.link.arena.put(np.asarray(prompt_ids, dtype=np.int32))
         sampling = dataclasses.asdict(params) if params is not None else {}
-        self.link._send(self.link.draft, StartRequest(request_id, prompt, sampling))
+        self.link.send(self.link.draft, StartRequest(request_id, prompt, sampling))
 
     def propose(self, items: list[Drafting]) -> list[Proposal | Exception]:
         if len(items) == 1:
@@ -48,28 +67,28 @@ class RemoteProposer:
         else:
             msg = ProposeBatch([i.request_id for i in items], [i.step for i in items], [i.new_tokens for i in items],
                                [i.features for i in items], [_fields(i.shape) for i in items])
-        self.link._send(self.link.draft, msg)
+        self.link.send(self.link.draft, msg)
         results: list[Proposal | Exception] = []
         for item in items:
             try:
-                results.append(self._proposal(self.link._recv(self.link.draft, TreeProposal, item.request_id,
-                                                              item.step)))
+                results.append(self._proposal(self.link.receive(self.link.draft, TreeProposal, item.request_id,
+                                                                item.step)))
             except RequestFailure as exc:
                 results.append(exc)
         return results
 
     def bet(self, request_id: str, step: int, shape: TreeShape) -> None:
         settled = self.book.take_settled(request_id)
-        self.link._send(self.link.draft, Predraft(request_id, step, settled.new_tokens if settled else [],
-                                                  settled.features if settled else None, _fields(shape)))
+        self.link.send(self.link.draft, Predraft(request_id, step, settled.new_tokens if settled else [],
+                                                 settled.features if settled else None, _fields(shape)))
 
     def collect_bet(self, request_id: str, step: int, outcome: Drafting) -> Proposal:
-        bet = self._proposal(self.link._recv(self.link.draft, TreeProposal, request_id, step))
+        bet = self._proposal(self.link.receive(self.link.draft, TreeProposal, request_id, step))
         return self.book.judge(request_id, bet, outcome)
 
     def end(self, request_id: str) -> None:
         self.book.end(request_id)
-        self.link._send(self.link.draft, EndRequest(request_id))
+        self.link.send(self.link.draft, EndRequest(request_id))
 
 
 def _fields(shape: TreeShape | None) -> list[float] | None:
@@ -81,12 +100,12 @@ def _verdict(reply: Accepted) -> Verdict:
 
 
 class RemoteVerifier:
-    def __init__(self, link):
+    def __init__(self, link: Link):
         self.link = link
 
     def _to_shards(self, msg) -> None:
         for box in self.link.shards:
-            self.link._send(box, msg)
+            self.link.send(box, msg)
 
     def start(self, request_id: str, prompt_ids: list[int], params) -> Verdict:
         prompt = self.link.arena.put(np.asarray(prompt_ids, dtype=np.int32))
@@ -104,7 +123,7 @@ class RemoteVerifier:
                                            for name in ("tokens", "parents", "q_tokens", "q_probs")}))
 
     def collect(self, request_id: str, step: int) -> Verdict:
-        return _verdict(self.link._recv(self.link.shards[0], Accepted, request_id, step))
+        return _verdict(self.link.receive(self.link.shards[0], Accepted, request_id, step))
 
     def end(self, request_id: str) -> None:
         self._to_shards(EndRequest(request_id))

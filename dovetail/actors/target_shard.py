@@ -15,9 +15,9 @@ from dovetail.models.cached_lm import CachedLM
 from dovetail.models.target import TargetVerifier
 from dovetail.protocol.collectives import LocalCollective, ShmCollective, TorchDistributedCollective
 from dovetail.models.tp import load_shard
-from dovetail.models.verification import SamplingParams
 from dovetail.protocol.messages import Accepted, StartRequest, VerifyBatch, VerifyTree
 from dovetail.protocol.shm import ShmArena
+from dovetail.sampling import SamplingParams
 
 GROUP_TIMEOUT = timedelta(seconds=60)  # a dead peer turns a collective into an error after this
 FEATURE_ROWS = 4096  # the most feature rows one message carries (a longer prompt sends its last ones)

@@ -6,6 +6,8 @@ AVX2 + FMA, AVX-512 VNNI -- each function compiled for its own instruction set, 
 one this CPU runs is picked when called (``best_isa``), so the cache can move between machines.
 ``csrc/ops.h`` maps the sources: one file per operator family, the kernel registry in
 ``registry.cpp``, the x86 kernels under ``x86/`` (a non-x86 CPU builds the portable path alone).
+The block formats are listed once, in ``formats.py``: each build writes them as ``formats.h``
+into its own folder, which the sources include.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ import time
 from pathlib import Path
 
 from dovetail.errors import UserError
+from dovetail.kernels.formats import c_header
 
 SOURCE_DIR = Path(__file__).with_name("csrc")
+FORMATS_HEADER = "formats.h"  # generated, in the build folder (kernels.h includes it)
 # -fopenmp: ATen's parallel_for is inline OpenMP, single-threaded without it. At run time the
 # libgomp that torch already loaded (same soname) serves it, so there is one thread pool.
 CFLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]
-LDFLAGS = ["-fopenmp"]
+LDFLAGS = ["-fopenmp"]  # passed as a copy: cpp_extension.load appends torch's libraries to its list
 _lock = threading.Lock()
 _ops = None
 
@@ -39,6 +43,7 @@ def build_id(extra_cflags: tuple[str, ...] = ()) -> str:
     for path in sorted(SOURCE_DIR.rglob("*")):
         if path.suffix in (".cpp", ".h"):
             digest.update(str(path.relative_to(SOURCE_DIR)).encode() + b"\0" + path.read_bytes())
+    digest.update(FORMATS_HEADER.encode() + b"\0" + c_header().encode())
     digest.update(" ".join(CFLAGS + list(extra_cflags) + LDFLAGS).encode())
     return f"kernels-{digest.hexdigest()[:12]}"
 
@@ -85,12 +90,13 @@ def compile_kernels(build: Path, extra_cflags: tuple[str, ...] = ()):
         print(f"[dovetail] compiling the quantized CPU kernels (once, about a minute) into {build}",
               file=sys.stderr, flush=True)
     build.mkdir(parents=True, exist_ok=True)
+    _write_if_changed(build / FORMATS_HEADER, c_header())
     t0 = time.perf_counter()
     try:
         module = cpp_extension.load(name="dovetail_kernels" + ("_" + build.name.replace("-", "_") if extra_cflags else ""),
                                     sources=[str(p) for p in sources()], build_directory=str(build),
-                                    extra_cflags=CFLAGS + list(extra_cflags), extra_ldflags=LDFLAGS,
-                                    extra_include_paths=[str(SOURCE_DIR)], verbose=False)
+                                    extra_cflags=CFLAGS + list(extra_cflags), extra_ldflags=list(LDFLAGS),
+                                    extra_include_paths=[str(SOURCE_DIR), str(build)], verbose=False)
     except (RuntimeError, OSError, ImportError) as exc:
         lines = str(exc).strip().splitlines()
         errors = [line.strip() for line in lines if "error:" in line or "Error:" in line]
@@ -100,6 +106,16 @@ def compile_kernels(build: Path, extra_cflags: tuple[str, ...] = ()):
         print(f"[dovetail] kernels built in {time.perf_counter() - t0:.0f}s "
               f"(this CPU: {module.kernel_path_name(0)})", file=sys.stderr, flush=True)
     return module
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Write ``text`` unless ``path`` holds it already: a newer header would make ninja rebuild
+    every source; a rename, so a concurrent build never reads half a file."""
+    if path.exists() and path.read_text() == text:
+        return
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    partial.write_text(text)
+    partial.replace(path)
 
 
 def _ninja_from_pip() -> bool:

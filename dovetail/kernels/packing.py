@@ -10,7 +10,8 @@ per-group float scales, ``w = S * q + M`` with
     M = Dm              (block formats with a float min: Q4_1, Q5_1)
 
 which is bit-exactly what ``gguf``'s own dequantisation computes. ``decode`` produces that form,
-``pack`` lays it out for the kernels (``csrc/kernels.h`` describes the byte layout).
+``pack`` lays it out for the kernels (``csrc/kernels.h`` describes the byte layout); each format's
+bits, groups and mode are in ``formats.py``.
 """
 
 from __future__ import annotations
@@ -23,34 +24,9 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 from gguf import quants as gguf_quants
 
-SYM_BLOCK, SYM_K, ASYM_K, ASYM_BLOCK = 0, 1, 2, 3
+from dovetail.kernels.formats import SCHEMES, Mode, Scheme
+
 TILE = 16  # output rows per tile
-
-
-@dataclass(frozen=True)
-class Scheme:
-    """How one GGUF format maps onto the kernel: value bits, group and super-block sizes, scales."""
-
-    bits: int
-    group: int  # inputs sharing one (S, M)
-    superblock: int  # inputs sharing one D (and Dm)
-    mode: int
-    zero: float = 0.0
-
-
-SCHEMES: dict[QT, Scheme] = {
-    QT.Q4_0: Scheme(4, 32, 32, SYM_BLOCK, 8.0),
-    QT.Q4_1: Scheme(4, 32, 32, ASYM_BLOCK),
-    QT.Q5_0: Scheme(5, 32, 32, SYM_BLOCK, 16.0),
-    QT.Q5_1: Scheme(5, 32, 32, ASYM_BLOCK),
-    QT.Q8_0: Scheme(8, 32, 32, SYM_BLOCK, 0.0),
-    QT.Q4_K: Scheme(4, 32, 256, ASYM_K),
-    QT.Q6_K: Scheme(6, 16, 256, SYM_K, 32.0),
-    QT.Q5_K: Scheme(5, 32, 256, ASYM_K),
-    QT.Q3_K: Scheme(4, 16, 256, SYM_K, 4.0),  # 3-bit values in nibbles: 0.58 bytes a weight for the file's 0.43
-    QT.Q2_K: Scheme(4, 16, 256, ASYM_K),  # 2-bit values in nibbles: 0.66 bytes a weight for the file's 0.33
-}
-SUPPORTED = tuple(SCHEMES)
 
 
 @dataclass
@@ -89,8 +65,8 @@ def packed_bytes(qtype: QT, rows: int, cols: int) -> int:
     s = SCHEMES[qtype]
     tiles_rows = -(-rows // TILE) * TILE
     values = tiles_rows * cols // 32 * (32 if s.bits == 8 else 16 + (s.bits - 4) * 4)
-    floats = tiles_rows * cols // s.superblock * 4 * (2 if s.mode in (ASYM_K, ASYM_BLOCK) else 1)
-    ints = tiles_rows * cols // s.group * ((s.mode == SYM_K) + 2 * (s.mode == ASYM_K))
+    floats = tiles_rows * cols // s.superblock * 4 * (2 if s.mode in (Mode.ASYM_K, Mode.ASYM_BLOCK) else 1)
+    ints = tiles_rows * cols // s.group * ((s.mode == Mode.SYM_K) + 2 * (s.mode == Mode.ASYM_K))
     return values + floats + ints
 
 

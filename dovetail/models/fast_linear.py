@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-KERNELS = ("stock", "mm", "mkldnn")
+from dovetail.models.spec import LINEAR_KERNELS
 
 
 def padded_rows(rows: int) -> int:
@@ -37,8 +37,8 @@ class FastLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, kernel: str):
         super().__init__()
-        if kernel not in KERNELS:
-            raise ValueError(f"unknown linear kernel {kernel!r}; choose from {KERNELS}")
+        if kernel not in LINEAR_KERNELS:
+            raise ValueError(f"unknown linear kernel {kernel!r}; choose from {LINEAR_KERNELS}")
         self.kernel = kernel
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach().float().contiguous()

@@ -26,7 +26,8 @@ import torch
 
 from dovetail.models.cached_lm import CachedLM, TreeBlock, extend_together, forward_blocks
 from dovetail.models.tree import DraftTree, TreeBuilder, TreeShape, drive, drive_together
-from dovetail.models.verification import DraftSampler, SamplingParams
+from dovetail.models.verification import DraftSampler
+from dovetail.sampling import SamplingParams
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ output lossless). Every precision can be asked for explicitly (``spec.PRECISIONS
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -19,10 +18,6 @@ from dovetail.models.fast_linear import accelerate_linears
 from dovetail.models.lm_proposer import DraftVocab
 from dovetail.models.quantized import load_quantized
 from dovetail.models.spec import QUANTIZED, ModelSpec
-
-
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 def load_causal_lm(model: ModelSpec, linear_kernel: str = "stock"):

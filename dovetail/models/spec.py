@@ -1,4 +1,5 @@
-"""One model as the driver resolved it, and the names that mark what a model folder holds.
+"""One model as the driver resolved it, the names that mark what a model folder holds, and the
+precisions and fp32 linear kernels a model may run with (plain names: the configuration checks them).
 
 The driver (``api.Dovetail``, the actor system) resolves a model once: its folder, the precision
 it runs at (``auto`` decided), the folder its weights load from (the GGUF folder itself, or the
@@ -17,6 +18,7 @@ DRAFTER_SPEC_FILE = "drafter.json"  # what marks a folder as a Dovetail drafter 
 PRECISIONS = ("auto", "native", "int8", "int4", "fp32")
 QUANTIZED = ("native", "int8", "int4")
 FLOAT_DEFAULT = {"target": "fp32", "draft": "int8"}  # what ``auto`` means for a float checkpoint
+LINEAR_KERNELS = ("stock", "mm", "mkldnn")  # an fp32 model's dense linears (models/fast_linear.py)
 
 
 def is_drafter_dir(path: str | Path) -> bool:

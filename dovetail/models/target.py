@@ -12,8 +12,8 @@ import torch
 
 from dovetail.models.cached_lm import CachedLM, forward_trees
 from dovetail.models.tree import DraftTree
-from dovetail.models.verification import (Acceptance, SamplingParams, accept_greedy, accept_sampling,
-                                          sample_token, target_probs)
+from dovetail.models.verification import Acceptance, accept_greedy, accept_sampling, sample_token, target_probs
+from dovetail.sampling import SamplingParams
 
 
 class TargetVerifier:

@@ -28,7 +28,7 @@ from ray import serve
 from dovetail.errors import EngineError, UserError
 from dovetail.request import RequestError, check_request
 from dovetail.models.loading import encode_messages
-from dovetail.models.verification import SamplingParams
+from dovetail.sampling import SamplingParams
 from dovetail.serve import edge, schema, side_calls, slots
 from dovetail.serve.metrics import device_seconds, round4
 from dovetail.serve.config import ServeConfig

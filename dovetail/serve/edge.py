@@ -16,7 +16,7 @@ import ray
 from fastapi import Request
 from pydantic import ValidationError
 
-from dovetail.models.verification import SamplingParams
+from dovetail.sampling import SamplingParams
 from dovetail.serve.schema import ApiError
 
 def replica_name() -> str:

@@ -3,6 +3,8 @@
     lookup.py      proposers without a model: ``ngram`` (prompt lookup), ``suffix`` (suffix decoding)
     cost.py        the verify cost curve, acceptance by depth, expected tokens per step
     calibrate.py   the curve and the draft's cost per level, measured once per machine and cached
+    options.py     what the speculator rates and keeps: options, request state, depth and width bounds
+    members.py     a proposer the speculator runs, and running them for a step
     speculator.py  the one proposer the decode loop sees: runs the members, chooses, learns
 
 ``--draft`` names the proposers: ``auto`` (the default: the draft model ``auto`` resolves to, plus
@@ -86,7 +88,8 @@ def build_speculator(model, setup: SpeculationSetup, verifier, context_length: i
     from dovetail.speculation.calibrate import measured_costs
     from dovetail.speculation.cost import VerifyCurve
     from dovetail.speculation.lookup import NgramProposer, SuffixCache, SuffixProposer
-    from dovetail.speculation.speculator import Member, Speculator
+    from dovetail.speculation.members import Member
+    from dovetail.speculation.speculator import Speculator
 
     members = []
     if model is not None:
@@ -120,7 +123,7 @@ def build_speculator(model, setup: SpeculationSetup, verifier, context_length: i
 
 def tree_room(proposers: Proposers, shape) -> int:
     """The most nodes one step's tree can have (KV admission counts them)."""
-    from dovetail.speculation.speculator import MAX_DEPTH, MODEL_WIDTHS, TEXT_SHAPE
+    from dovetail.speculation.options import MAX_DEPTH, MODEL_WIDTHS, TEXT_SHAPE
 
     if shape is not None:
         return shape.total_tokens * max(len(proposers.names), 1)
@@ -130,6 +133,6 @@ def tree_room(proposers: Proposers, shape) -> int:
 
 def stats_depth(shape) -> int:
     """How many positions ``acceptance_by_position`` reports."""
-    from dovetail.speculation.speculator import MAX_DEPTH
+    from dovetail.speculation.options import MAX_DEPTH
 
     return shape.depth if shape is not None else MAX_DEPTH

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dovetail.decode import Drafting
 from dovetail.models.tree import DraftTree, TreeShape
-from dovetail.models.verification import SamplingParams
+from dovetail.sampling import SamplingParams
 
 ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 DRAFT_BATCHES = (1, 2, 4, 8)

@@ -32,87 +32,16 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
-from dovetail.decode import Choice, Drafting, Proposal, Proposer, StepTimes, Verdict
+from dovetail.decode import Choice, Drafting, Proposal, StepTimes, Verdict
 from dovetail.models.tree import DraftTree, TreeShape, merge_trees
 from dovetail.speculation.cost import Acceptance, Confidence, Ema, VerifyCurve, blended, expected_tokens
+from dovetail.speculation.members import Member, propose_models, propose_text
+from dovetail.speculation.options import (MARGIN, MAX_DEPTH, MODEL_WIDTHS, PRIOR, PROBE_FIRST, PROBE_LAST, TEXT_SHAPE,
+                                          Option, RequestState)
 
 log = logging.getLogger("dovetail")
-
-MAX_DEPTH = 6  # the deepest chain the cost model considers
-TEXT_SHAPE = TreeShape(total_tokens=3 * MAX_DEPTH + 1, depth=MAX_DEPTH, top_k=3)  # what text proposers offer
-PROBE_FIRST, PROBE_LAST = 8, 128  # steps before a losing option is tried again (doubling)
-MODEL_WIDTHS = (1, 2)  # a lone draft model's tree: a chain, or two children under each expanded node
-PRIOR = {"model": 0.7, "wide": 0.8, "text": 0.5}  # acceptance before anything is seen (optimistic: it gets tried)
-MARGIN = 1.05  # a draft must be expected this much faster than the target alone: estimates err both ways,
-# and a draft chosen on a near tie loses about as often as it wins
-
-
-@dataclass
-class Member:
-    """A proposer the speculator runs. ``free``: model-free, told every step, its drafting costs
-    ~nothing; ``every_step``: must be told every step even when not chosen (a feature drafter
-    needs the target's features of each step); ``bets``: can draft the next tree during
-    verification (a model on its own cores or GPU)."""
-
-    name: str
-    proposer: Proposer
-    free: bool = False
-    every_step: bool = False
-    bets: bool = False
-    step_s: float = 0.0  # a model's measured seconds per tree level (its draft forward)
-    levels: VerifyCurve | None = None  # seconds per level by trees grown together (calibrated)
-
-    def level_s(self, trees: int) -> float:
-        """Seconds of one tree level grown for ``trees`` requests together (one forward)."""
-        if trees < 1:
-            return 0.0
-        return self.levels.base_at(trees) if self.levels is not None else trees * self.step_s
-
-
-@dataclass
-class RequestState:
-    context: int
-    pending: dict[str, list[int]]  # tokens a skipped model has not been told yet
-    acceptance: dict[tuple, Acceptance] = field(default_factory=dict)  # by arm (see Speculator.arms)
-    sampled: bool = False  # its draft model samples its trees (confidence is learnt apart)
-    current: Choice | None = None
-    catch_up_s: float = 0.0  # the current choice's predicted catch-up (not part of a draft's usual wait)
-    off_said: bool = False
-    # model-free arms proposed but not verified this step, with their trees: ``learn`` scores each
-    # against the committed tokens (greedy: exactly what verifying it would have accepted, as far
-    # as those tokens reach; sampled: the same chance at depth 1, as a fixed candidate set is accepted
-    # with the target's probability of it)
-    shadow: dict[tuple, DraftTree] = field(default_factory=dict)
-
-
-@dataclass
-class Option:
-    """One way to draft a step, rated: ``tokens`` expected over ``seconds`` of draft + verify."""
-
-    key: tuple[str, ...]
-    depth: int
-    rows: int
-    tokens: float
-    draft_s: float  # alone: the model-free proposers' time + the models' (measured wait, else calibrated)
-    free_s: float = 0.0  # the model-free part of draft_s
-    catch_up_s: float = 0.0  # the part of draft_s that feeds tokens a skipped model missed
-    tree: DraftTree | None = None  # a text option's tree, already grown
-    width: int = 1  # a model's children per expanded node (its node budget: width x depth)
-    cut_offs: tuple[float, float] = (0.0, 0.0)  # a lone model's (p_keep, p_grow), see TreeShape
-    probe: bool = False  # chosen to refresh what is known of it, not for its rate
-
-    @property
-    def arm(self) -> tuple[tuple[str, ...], int]:
-        """What acceptance is learnt for: the proposers and the model's width."""
-        return self.key, self.width
-
-    def models(self, members: dict) -> list[str]:
-        return [n for n in self.key if not members[n].free]
-
-    def model_shape(self) -> TreeShape:
-        return TreeShape(self.width * self.depth + 1, self.depth, self.width, *self.cut_offs)
 
 
 class Speculator:
@@ -177,10 +106,10 @@ class Speculator:
             state.context += len(item.new_tokens)
             for pending in state.pending.values():
                 pending.extend(int(t) for t in item.new_tokens)
-        text_trees = self._text_trees(items, failed)
+        text_trees = propose_text(self.members, self.states, items, self.shape, failed)
         text_s = time.perf_counter() - t0
         picks = self._choose([i for i in items if i.request_id not in failed], text_trees, text_s)
-        grown = self._run_models(items, picks, failed)
+        grown = propose_models(self.members, self.states, items, picks, self.shape, failed)
         out: list[Proposal | Exception] = []
         for item in items:
             rid = item.request_id
@@ -255,26 +184,6 @@ class Speculator:
         state.acceptance.setdefault(arm, Acceptance(self.max_depth, 0.0, 0.0)).observe(depth, accepted)
 
     # -- choosing ------------------------------------------------------------------------------
-    def _text_trees(self, items: list[Drafting], failed: dict) -> dict[tuple[str, str], DraftTree]:
-        """Every model-free proposer's deepest tree for every request (it also learns the tokens)."""
-        trees = {}
-        for member in self.members.values():
-            if not member.free:
-                continue
-            asks = [Drafting(i.request_id, i.step, self._take(i.request_id, member.name), None,
-                             self.shape or TEXT_SHAPE) for i in items]
-            for item, proposal in zip(items, member.proposer.propose(asks)):
-                if isinstance(proposal, Exception):
-                    failed[item.request_id] = proposal
-                else:
-                    trees[(item.request_id, member.name)] = proposal.tree
-        return trees
-
-    def _take(self, request_id: str, name: str) -> list[int]:
-        pending = self.states[request_id].pending
-        tokens, pending[name] = pending[name], []
-        return tokens
-
     def _choose(self, items: list[Drafting], text_trees: dict, text_s: float) -> dict[str, Option | None]:
         """Each request's option, rating the batch as a whole (``_batch_rate``): requests are
         decided in turn, each against what the ones before it chose (the rest count as the target
@@ -436,32 +345,6 @@ class Speculator:
         self.say(f"request {request_id}: speculation off: the best draft, {self._choice(best)} (proposer@depth), is "
                  f"expected to give {rate(best):.1f} tok/s against {rate(None):.1f} for the target alone; the cost "
                  f"model tries again now and then")
-
-    # -- running the chosen models -------------------------------------------------------------
-    def _run_models(self, items: list[Drafting], picks: dict, failed: dict) -> dict[tuple[str, str], Proposal]:
-        """Model proposers grow the trees chosen for them (a batch's together); one that must be
-        told every step is told when not chosen; one that is not chosen keeps its tokens pending."""
-        grown: dict[tuple[str, str], Proposal] = {}
-        for member in self.members.values():
-            if member.free:
-                continue
-            asks = []
-            for item in items:
-                option = picks.get(item.request_id)
-                chosen = option is not None and member.name in option.key
-                if item.request_id in failed or not (chosen or member.every_step):
-                    continue
-                shape = (self.shape or option.model_shape()) if chosen else None
-                asks.append(Drafting(item.request_id, item.step, self._take(item.request_id, member.name),
-                                     item.features, shape))
-            if not asks:
-                continue
-            for ask, proposal in zip(asks, member.proposer.propose(asks)):
-                if isinstance(proposal, Exception):
-                    failed[ask.request_id] = proposal
-                else:
-                    grown[(ask.request_id, member.name)] = proposal
-        return grown
 
     def _choice(self, option: Option | None) -> Choice | None:
         if option is None:

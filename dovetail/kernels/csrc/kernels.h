@@ -29,6 +29,11 @@
 #include <cstring>
 #include <vector>
 
+// enum Mode and DOVETAIL_FORMATS(X): X(value bits, group size, mode) per format, whose index in
+// the list is the format's column in the kernel table. Generated into the build folder from
+// dovetail/kernels/formats.py (kernels/__init__.py writes it), so Python and C++ share one list.
+#include "formats.h"
+
 #if (defined(__x86_64__) || defined(__i386__)) && !defined(DOVETAIL_NO_X86)
 #define DOVETAIL_X86 1  // the x86/ kernels are built; DOVETAIL_NO_X86 builds the portable path alone
 #else
@@ -40,21 +45,6 @@ namespace dovetail {
 // Kernel paths, in the order of preference (0 asks for the best this CPU runs).
 enum Isa { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };
 
-enum Mode { SYM_BLOCK = 0, SYM_K = 1, ASYM_K = 2, ASYM_BLOCK = 3 };
-
-// The block formats, as (value bits, group size, mode): the index in this list is the format's
-// column in the kernel table.
-#define DOVETAIL_FORMATS(X)            \
-  X(4, 32, SYM_BLOCK)  /* Q4_0 */      \
-  X(4, 32, ASYM_BLOCK) /* Q4_1 */      \
-  X(5, 32, SYM_BLOCK)  /* Q5_0 */      \
-  X(5, 32, ASYM_BLOCK) /* Q5_1 */      \
-  X(8, 32, SYM_BLOCK)  /* Q8_0 */      \
-  X(4, 32, ASYM_K)     /* Q4_K */      \
-  X(6, 16, SYM_K)      /* Q6_K */      \
-  X(5, 32, ASYM_K)     /* Q5_K */      \
-  X(4, 16, SYM_K)      /* Q3_K: 3-bit values held as nibbles */ \
-  X(4, 16, ASYM_K)     /* Q2_K: 2-bit values held as nibbles */
 #define DOVETAIL_COUNT(B, G, MODE) +1
 constexpr int N_FORMATS = 0 DOVETAIL_FORMATS(DOVETAIL_COUNT);
 #undef DOVETAIL_COUNT

@@ -1,0 +1,63 @@
+"""What the speculator rates and keeps: the options it chooses among each step, each request's
+state, and the constants that bound both (depths, tree widths, priors, the margin a draft must win
+by, the probing schedule)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dovetail.decode import Choice
+from dovetail.models.tree import DraftTree, TreeShape
+from dovetail.speculation.cost import Acceptance
+
+MAX_DEPTH = 6  # the deepest chain the cost model considers
+TEXT_SHAPE = TreeShape(total_tokens=3 * MAX_DEPTH + 1, depth=MAX_DEPTH, top_k=3)  # what text proposers offer
+PROBE_FIRST, PROBE_LAST = 8, 128  # steps before a losing option is tried again (doubling)
+MODEL_WIDTHS = (1, 2)  # a lone draft model's tree: a chain, or two children under each expanded node
+PRIOR = {"model": 0.7, "wide": 0.8, "text": 0.5}  # acceptance before anything is seen (optimistic: it gets tried)
+MARGIN = 1.05  # a draft must be expected this much faster than the target alone: estimates err both ways,
+# and a draft chosen on a near tie loses about as often as it wins
+
+
+@dataclass
+class RequestState:
+    context: int
+    pending: dict[str, list[int]]  # tokens a skipped model has not been told yet
+    acceptance: dict[tuple, Acceptance] = field(default_factory=dict)  # by arm (see Speculator.arms)
+    sampled: bool = False  # its draft model samples its trees (confidence is learnt apart)
+    current: Choice | None = None
+    catch_up_s: float = 0.0  # the current choice's predicted catch-up (not part of a draft's usual wait)
+    off_said: bool = False
+    # model-free arms proposed but not verified this step, with their trees: ``learn`` scores each
+    # against the committed tokens (greedy: exactly what verifying it would have accepted, as far
+    # as those tokens reach; sampled: the same chance at depth 1, as a fixed candidate set is accepted
+    # with the target's probability of it)
+    shadow: dict[tuple, DraftTree] = field(default_factory=dict)
+
+
+@dataclass
+class Option:
+    """One way to draft a step, rated: ``tokens`` expected over ``seconds`` of draft + verify."""
+
+    key: tuple[str, ...]
+    depth: int
+    rows: int
+    tokens: float
+    draft_s: float  # alone: the model-free proposers' time + the models' (measured wait, else calibrated)
+    free_s: float = 0.0  # the model-free part of draft_s
+    catch_up_s: float = 0.0  # the part of draft_s that feeds tokens a skipped model missed
+    tree: DraftTree | None = None  # a text option's tree, already grown
+    width: int = 1  # a model's children per expanded node (its node budget: width x depth)
+    cut_offs: tuple[float, float] = (0.0, 0.0)  # a lone model's (p_keep, p_grow), see TreeShape
+    probe: bool = False  # chosen to refresh what is known of it, not for its rate
+
+    @property
+    def arm(self) -> tuple[tuple[str, ...], int]:
+        """What acceptance is learnt for: the proposers and the model's width."""
+        return self.key, self.width
+
+    def models(self, members: dict) -> list[str]:
+        return [n for n in self.key if not members[n].free]
+
+    def model_shape(self) -> TreeShape:
+        return TreeShape(self.width * self.depth + 1, self.depth, self.width, *self.cut_offs)
