@@ -1,7 +1,10 @@
 """Dovetail's benchmarks, run from a checkout: ``python launch.py bench --suite ...``.
 
-    harness.py  the humaneval suite (HF baselines, Dovetail's trees) and shared helpers
+    __init__.py the command line and the suite table: each suite is ``bench/<suite>.py`` with ``run(args)``
+    common.py   what the suites share: machine info, HumanEval prompts, argument checks, reports
     native.py   Dovetail on the packaged GGUF files against llama.cpp on the same files
+    humaneval.py  fp32 HF baselines (target alone, assisted generation) against Dovetail's trees
+                and trained drafters, with HF's forward-cost curves
     actors.py   the actor system against the in-process engine
     serve.py    the HTTP server: TTFT, per-token overhead, concurrency, replicas and shards
     cluster.py  serving on a two-node Ray cluster made on this machine: 1 -> 2 nodes
@@ -12,16 +15,30 @@
     kernels.py  the target's forward cost, prefill and decoding at depth against the machine's
                 roof and llama.cpp on the same file
 
-This module stays light (no torch): ``launch.py`` imports it to build its command line.
+This module stays light (no torch): ``launch.py`` imports it to build its command line, and a
+suite's module is imported only when that suite runs.
 """
 
 from __future__ import annotations
 
+from importlib import import_module
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_TREES = ("chain:3", "chain:5", "4,2,2", "8,4,2")
 HELP = "benchmarks: Dovetail against llama.cpp and HF on the same files, the actors, the server"
+SUITES = {  # --suite name -> its help; the suite is the module bench/<name>.py, run by its run(args)
+    "native": "Dovetail on the packaged GGUF files vs llama.cpp on the same files (methods: llama,"
+              "dovetail_inprocess,dovetail_actors,curves,ttft and the slow fp32,7b)",
+    "humaneval": "fp32 methods side by side",
+    "actors": "the actor system vs the in-process engine",
+    "serve": "the HTTP server (TTFT, overhead per token, concurrency, replicas/shards scaling)",
+    "cluster": "serving on 1 then 2 nodes of a local two-node Ray cluster",
+    "workloads": "chat, code editing, long context, multi-turn and sampling against the target alone and llama.cpp",
+    "profile": "the target's forward by operator at 1-16 rows",
+    "kernels": "forward cost by tokens at 150/1k/4k context, prefill and the machine's roof, against llama.cpp",
+}
+DEFAULT_SUITE = "native"
 
 
 def add_bench_args(p) -> None:
@@ -33,17 +50,9 @@ def add_bench_args(p) -> None:
     p.add_argument("--trees", default=";".join(DEFAULT_TREES), help="';'-separated tree shapes for Dovetail runs")
     p.add_argument("--methods", default="target,hf_assisted,dovetail", help="comma-separated subset")
     p.add_argument("--no-curves", action="store_true", help="skip the forward-cost curves")
-    p.add_argument("--suite", choices=("native", "humaneval", "actors", "serve", "cluster", "workloads",
-                                        "profile", "kernels"),
-                   default="native",
-                   help="native (default): Dovetail on the packaged GGUF files vs llama.cpp on the same files "
-                        "(methods: llama,dovetail_inprocess,dovetail_actors,curves,ttft and the slow fp32,7b); "
-                        "humaneval: fp32 methods side by side; actors: the actor system vs the in-process engine; "
-                        "serve: the HTTP server (TTFT, overhead per token, concurrency, replicas/shards scaling); "
-                        "cluster: serving on 1 then 2 nodes of a local two-node Ray cluster; workloads: chat, "
-                        "code editing, long context, multi-turn and sampling against the target alone and llama.cpp; "
-                        "profile: the target's forward by operator at 1-16 rows; kernels: forward cost by "
-                        "tokens at 150/1k/4k context, prefill and the machine's roof, against llama.cpp")
+    p.add_argument("--suite", choices=tuple(SUITES), default=DEFAULT_SUITE,
+                   help="; ".join(f"{name}{' (default)' if name == DEFAULT_SUITE else ''}: {text}"
+                                  for name, text in SUITES.items()))
     p.add_argument("--workloads", default="", help="workloads suite: comma-separated subset (default: all)")
     p.add_argument("--context-tokens", type=int, default=4000, help="workloads suite: the long-context prompt's size")
     p.add_argument("--no-llama", action="store_true", help="workloads and kernels suites: skip llama.cpp's rows")
@@ -65,8 +74,6 @@ def add_bench_args(p) -> None:
                    help="also run the draft model's first tree and each drafter's first tree at this temperature")
 
 
-
 def run(args) -> int:
-    from bench.harness import run_bench
-
-    return run_bench(args)
+    args.name = args.name or args.suite
+    return import_module(f"bench.{args.suite}").run(args)

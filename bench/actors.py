@@ -19,19 +19,19 @@ import json
 import multiprocessing as mp
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-from bench.harness import humaneval_prompts, machine_info, write_report
+from bench.common import check_decoding_args, humaneval_prompts, machine_info, say, write_report
 
 
-def run_actor_bench(args) -> int:
+def run(args) -> int:
     from dovetail.api import Dovetail
     from dovetail.config import engine_config_from_args
 
+    check_decoding_args(args)
     base = engine_config_from_args(args)
     report = {"machine": machine_info(), "settings": {
         "target": base.target, "draft": base.draft, "tree": str(base.tree), "draft_precision": base.draft_precision,
@@ -39,7 +39,7 @@ def run_actor_bench(args) -> int:
     report["micro"] = {"message_round_trip_us": message_round_trip_us(),
                        "raw_zmq_round_trip_us": message_round_trip_us(raw=True),
                        "gloo_allreduce_us": allreduce_us("gloo"), "shm_allreduce_us": allreduce_us("shm")}
-    _say(f"micro: {report['micro']}")
+    say(f"micro: {report['micro']}")
 
     base.engine = "inprocess"
     dt = Dovetail(base).load()
@@ -69,7 +69,7 @@ def run_actor_bench(args) -> int:
     path = write_report(report, args)
     print(json.dumps({k: {kk: v.get(kk) for kk in ("tokens_per_s", "vs_inprocess", "overlap", "step_ms")}
                       for k, v in report["configs"].items()}, indent=1))
-    _say(f"wrote {path}")
+    say(f"wrote {path}")
     return 0
 
 
@@ -77,10 +77,6 @@ def _ray_get(ref):
     import ray
 
     return ray.get(ref)
-
-
-def _say(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 def _run(report, name, dt, prompts, reference, extra, **kw):
@@ -110,7 +106,7 @@ def _run(report, name, dt, prompts, reference, extra, **kw):
                             "draft_compute": round(1000 * total("draft_s") / max(steps, 1), 2),
                             "verify_compute": round(1000 * total("verify_s") / max(steps, 1), 2)}
     report["configs"][name] = entry
-    _say(f"{name}: {entry['tokens_per_s']:.2f} tok/s, steps {steps}, step ms {entry['step_ms']}"
+    say(f"{name}: {entry['tokens_per_s']:.2f} tok/s, steps {steps}, step ms {entry['step_ms']}"
          + (f", overlap {entry['overlap']}, bets {entry['bets_held']}, identical "
             f"{sum(entry['identical_to_inprocess'])}/{len(outs)}" if reference is not None else ""))
     return outs

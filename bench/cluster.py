@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 
-from bench.harness import humaneval_prompts, machine_info, write_report
+from bench.common import check_decoding_args, humaneval_prompts, machine_info, write_report
 from dovetail.errors import UserError
 
 
@@ -77,7 +77,7 @@ def _make_ray_default_temp_dir() -> None:
     os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
 
 
-def run_cluster_bench(args) -> int:
+def run(args) -> int:
     from ray import serve
 
     from bench.serve import measure
@@ -86,8 +86,7 @@ def run_cluster_bench(args) -> int:
     from dovetail.serve.server import free_port
     from dovetail.store import DEFAULT_DRAFT, resolve_model
 
-    if args.prompts < 1 or args.max_new_tokens < 1:
-        raise UserError("--prompts and --max-new-tokens must be >= 1")
+    check_decoding_args(args)
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         raise UserError("the cluster benchmark needs 2 CPUs (one per node)")

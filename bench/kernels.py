@@ -25,8 +25,9 @@ with a note. JSON and PNG: ``<--results-dir>/<name>.{json,png}``.
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
+
+from bench.common import machine_info, say, write_report
 
 DEPTHS = (150, 1000, 4000)
 ROWS = (1, 2, 4, 8, 16, 32)
@@ -34,10 +35,6 @@ PREFILL = (512, 1024, 4096)
 ROWS_7B = (1, 2, 3, 4, 8, 16, 32)  # 2-4: the verification blocks of chain:1-3
 PREFILL_7B = (512, 1024)  # 4,096 tokens of a 7B take minutes on a small machine, twice (llama.cpp too)
 ACCEPTANCE_ROW = "model chain:3 (former default)"  # in workloads-humaneval.json
-
-
-def _say(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 def measure_roof() -> dict:
@@ -80,7 +77,7 @@ def dovetail_prefill(lm, tokens: int) -> float:
 def _llama_failed(exc) -> str:
     note = (f"llama-bench failed (exit {exc.returncode}); its rows are skipped. On a CPU that lists AMX, "
             "LLAMA_NO_AMX=1 builds llama.cpp without its AMX matmul")
-    _say(note)
+    say(note)
     return note
 
 
@@ -97,13 +94,13 @@ def llama_rows(gguf, threads: int) -> dict:
             rows = llama_bench(bin_dir, gguf, threads, ["-p", ",".join(map(str, sizes)), "-n", "0", "-d", str(depth),
                                                         "-r", str(reps)])
             out["curve_ms"][depth] = {int(r["n_prompt"]): round(r["n_prompt"] / r["avg_ts"] * 1e3, 1) for r in rows}
-            _say(f"llama.cpp after {depth}: {out['curve_ms'][depth]}")
+            say(f"llama.cpp after {depth}: {out['curve_ms'][depth]}")
         rows = llama_bench(bin_dir, gguf, threads, ["-p", ",".join(map(str, PREFILL)), "-n", "0", "-r", "1"])
         out["prefill_tok_s"] = {int(r["n_prompt"]): round(r["avg_ts"], 1) for r in rows}
         for depth in DEPTHS[1:]:
             rows = llama_bench(bin_dir, gguf, threads, ["-p", "0", "-n", "32", "-d", str(depth), "-r", "1"])
             out["decode_tok_s"][depth] = round(rows[0]["avg_ts"], 1)
-        _say(f"llama.cpp prefill {out['prefill_tok_s']}, decode at depth {out['decode_tok_s']}")
+        say(f"llama.cpp prefill {out['prefill_tok_s']}, decode at depth {out['decode_tok_s']}")
     except subprocess.CalledProcessError as exc:  # a crash loses llama.cpp's rows, not the run
         out["note"] = _llama_failed(exc)
     return out
@@ -123,16 +120,16 @@ def seven_b_rows(args, like) -> dict:
     out = {"model": "Qwen2-7B shape, random Q4_K blocks", "curve_ms": {}, "prefill_tok_s": {}}
     lm = CachedLM(load_quantized(folder, "native"))
     out["curve_ms"][150] = forward_curve(lm.model, ROWS_7B, context=150, reps=max(1, args.reps // 2))
-    _say(f"7B after 150: {out['curve_ms'][150]}")
+    say(f"7B after 150: {out['curve_ms'][150]}")
     for tokens in PREFILL_7B:
         out["prefill_tok_s"][tokens] = dovetail_prefill(lm, tokens)
-        _say(f"7B prefill {tokens}: {out['prefill_tok_s'][tokens]} tok/s")
+        say(f"7B prefill {tokens}: {out['prefill_tok_s'][tokens]} tok/s")
     del lm
     draft = load_quantized(resolve_model(DEFAULT_DRAFT), "native")
     draft_ms = forward_curve(draft, (1,), context=150, reps=args.reps)[1]
     del draft
     out["projection"] = project_speculation(out["curve_ms"][150], draft_ms, args.results_dir)
-    _say(f"7B projection: {out['projection']}")
+    say(f"7B projection: {out['projection']}")
     bin_dir = None if args.no_llama else llama_cpp_bin()
     if bin_dir is not None:
         threads = torch.get_num_threads()
@@ -142,7 +139,7 @@ def seven_b_rows(args, like) -> dict:
             rows = llama_bench(bin_dir, folder / GGUF_NAME, threads,
                                ["-p", ",".join(map(str, PREFILL_7B)), "-n", "0", "-r", "1"])
             out["llama_cpp_prefill_tok_s"] = {int(r["n_prompt"]): round(r["avg_ts"], 1) for r in rows}
-            _say(f"llama.cpp 7B: {out['llama_cpp_curve_ms']}, prefill {out['llama_cpp_prefill_tok_s']}")
+            say(f"llama.cpp 7B: {out['llama_cpp_curve_ms']}, prefill {out['llama_cpp_prefill_tok_s']}")
         except subprocess.CalledProcessError as exc:
             out["llama_cpp_note"] = _llama_failed(exc)
     return out
@@ -175,20 +172,18 @@ def project_speculation(verify_ms: dict, draft_ms: float, results_dir) -> dict:
             "speedup": round(chains[best]["tok_s"] / alone, 2)}
 
 
-def run_kernels_bench(args) -> int:
+def run(args) -> int:
     import torch
 
-    from bench.harness import machine_info, write_report
     from bench.native import forward_curve
     from dovetail.kernels import kernel_path_name
     from dovetail.models.cached_lm import CachedLM
     from dovetail.models.quantized import load_quantized
     from dovetail.store import GGUF_NAME, resolve_model
 
-    args.name = args.name or "kernels"
     target_dir = resolve_model(args.target)
     roof = measure_roof()
-    _say(f"roof: {roof}")
+    say(f"roof: {roof}")
     lm = CachedLM(load_quantized(target_dir, "native"))
     weight_bytes, macs = _weights(lm.model)
     isa = kernel_path_name()
@@ -203,11 +198,11 @@ def run_kernels_bench(args) -> int:
     for depth in DEPTHS:
         curve = forward_curve(lm.model, ROWS, context=depth, reps=args.reps)
         report["dovetail"]["curve_ms"][depth] = curve
-        _say(f"Dovetail after {depth}: {curve} (x one token: "
+        say(f"Dovetail after {depth}: {curve} (x one token: "
              f"{ {n: round(ms / curve[1], 2) for n, ms in curve.items()} })")
     for tokens in PREFILL:
         report["dovetail"]["prefill_tok_s"][tokens] = dovetail_prefill(lm, tokens)
-        _say(f"Dovetail prefill {tokens}: {report['dovetail']['prefill_tok_s'][tokens]} tok/s")
+        say(f"Dovetail prefill {tokens}: {report['dovetail']['prefill_tok_s'][tokens]} tok/s")
     base = report["dovetail"]["curve_ms"][DEPTHS[0]]
     report["fractions_of_roof"] = {
         "one_token_of_read_roof": round(at_roof["one_token_weights_ms"] / base[1], 2),
@@ -221,7 +216,7 @@ def run_kernels_bench(args) -> int:
         report["7b"] = seven_b_rows(args, target_dir)
     path = write_report(report, args)
     _plot(report, path.with_suffix(".png"))
-    _say(f"wrote {path}")
+    say(f"wrote {path}")
     return 0
 
 

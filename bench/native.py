@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.common import humaneval_prompts, machine_info, result_path, say, write_report
 from dovetail.errors import UserError
 
 CURVE_TOKENS = (1, 2, 3, 4, 8, 16, 32)
@@ -36,18 +37,14 @@ SCRIPT = Path(__file__).resolve().parent / "build_llamacpp.sh"
 CHECKOUT = Path(__file__).resolve().parent.parent
 
 
-def _say(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
 def llama_cpp_bin() -> Path | None:
     """The llama.cpp binaries (built once, cached under DOVETAIL_HOME), or None with a note."""
     if not SCRIPT.exists():
-        _say("bench/build_llamacpp.sh is not here (installed package?): llama.cpp rows skipped")
+        say("bench/build_llamacpp.sh is not here (installed package?): llama.cpp rows skipped")
         return None
     proc = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True)
     if proc.returncode != 0:
-        _say(f"llama.cpp could not be built, its rows are skipped: {proc.stderr.strip().splitlines()[-1:]}")
+        say(f"llama.cpp could not be built, its rows are skipped: {proc.stderr.strip().splitlines()[-1:]}")
         return None
     return Path(proc.stdout.strip().splitlines()[-1])
 
@@ -103,7 +100,7 @@ def _dovetail_row(label, dt, prompts, max_new, speculate=True) -> dict:
         outputs.append(result.token_ids)
     row = {"method": label, "tokens": tokens, "decode_s": round(seconds, 2), "tok_s": round(tokens / seconds, 2),
            "tau": round(tokens / max(steps, 1), 2) if speculate else None}
-    _say(f"{label}: {row}")
+    say(f"{label}: {row}")
     return row, outputs
 
 
@@ -131,7 +128,7 @@ def random_q4_model(store, like: Path) -> Path:
     import gguf
     from transformers import AutoTokenizer, Qwen2Config
 
-    from dovetail.models.quantized import GGUF_NAME
+    from dovetail.models.spec import GGUF_NAME
 
     folder = store.root / "bench" / "qwen2-7b-random-q4"
     if (folder / GGUF_NAME).exists():
@@ -173,9 +170,8 @@ def random_q4_model(store, like: Path) -> Path:
     return folder
 
 
-def run_native_bench(args) -> int:
+def run(args) -> int:
     from dovetail.api import Dovetail
-    from bench.harness import humaneval_prompts, machine_info, result_path, write_report
     from dovetail.config import EngineConfig
     from dovetail.models.quantized import load_quantized
     from dovetail.store import DEFAULT_DRAFT, DEFAULT_TARGET, ModelStore
@@ -212,7 +208,7 @@ def run_native_bench(args) -> int:
                              ["-n", "0", "-p", ",".join(map(str, CURVE_TOKENS)), "-r", "3"])
             results["llama_cpp_forward_ms"] = {int(r["n_prompt"]): round(r["n_prompt"] / r["avg_ts"] * 1e3, 1)
                                                for r in pp}
-            _say(f"llama.cpp alone {results['rows'][-1]['tok_s']} tok/s; forward ms {results['llama_cpp_forward_ms']}")
+            say(f"llama.cpp alone {results['rows'][-1]['tok_s']} tok/s; forward ms {results['llama_cpp_forward_ms']}")
             tmp = store.root / "bench-prompt.txt"
             for n_draft in LLAMA_SPEC_DRAFTS:
                 runs = [llama_speculative(bin_dir, target_dir / "model.gguf", draft_dir / "model.gguf", text,
@@ -222,7 +218,7 @@ def run_native_bench(args) -> int:
                 results["rows"].append({"method": f"llama.cpp speculative, 0.5B draft, {n_draft} draft tokens",
                                         "tokens": tokens, "tok_s": round(tokens / secs, 2),
                                         "accept_rate": round(accepted / max(drafted, 1), 3)})
-                _say(f"{results['rows'][-1]}")
+                say(f"{results['rows'][-1]}")
             tmp.unlink(missing_ok=True)
 
     outputs = {}
@@ -237,7 +233,7 @@ def run_native_bench(args) -> int:
         if "curves" in methods:
             results["dovetail_forward_ms"] = forward_curve(dt.engine.target.lm.model)
             results["draft_forward_ms"] = forward_curve(dt.engine.draft.lm.model, (1, 2, 4))
-            _say(f"Dovetail target forward ms {results['dovetail_forward_ms']}")
+            say(f"Dovetail target forward ms {results['dovetail_forward_ms']}")
         dt.close()
     if "dovetail_actors" in methods:
         with Dovetail(EngineConfig(engine="actors"), verbose=False) as actors:
@@ -267,7 +263,7 @@ def run_native_bench(args) -> int:
             tokens += out.shape[1] - len(ids)
         results["rows"].append({"method": "HF generate, fp32 target alone", "tokens": tokens,
                                 "tok_s": round(tokens / secs, 2)})
-        _say(f"{results['rows'][-1]}")
+        say(f"{results['rows'][-1]}")
         if "native_alone" in outputs:
             same = [sum(1 for _ in _common_prefix(a, b)) / max(len(b), 1)
                     for a, b in zip(outputs["native_alone"], outputs["fp32_spec"])]
@@ -290,7 +286,7 @@ def run_native_bench(args) -> int:
         model = load_quantized(folder, "native")
         results["load_7b_s"] = round(time.perf_counter() - t0, 1)
         results["forward_7b_ms"] = forward_curve(model, reps=3)
-        _say(f"7B random Q4_K, 1 shard: forward ms {results['forward_7b_ms']}")
+        say(f"7B random Q4_K, 1 shard: forward ms {results['forward_7b_ms']}")
         del model
         for sockets in ("0", "0|1"):  # the actor system: load, then verify chain:3 blocks (target-only steps too)
             config = EngineConfig(target=str(folder), draft=str(draft_dir), sockets=sockets, draft_cpus="shared",
@@ -306,20 +302,19 @@ def run_native_bench(args) -> int:
                 results[key] = {"verify_ms_per_step": round(1e3 * result.stats.verify_s / max(result.stats.steps, 1), 1),
                                 "steps": result.stats.steps,
                                 "peak_rss_gib": {n: round(w["peak_rss"] / 2**30, 2) for n, w in workers.items()}}
-                _say(f"{key}: {results[key]}")
+                say(f"{key}: {results[key]}")
             finally:
                 engine.shutdown()
     if "ttft" in methods:
         results["ttft_generate_s"] = ttft_of_generate()
-        _say(f"time to first token of the README generate command: {results['ttft_generate_s']} s")
+        say(f"time to first token of the README generate command: {results['ttft_generate_s']} s")
     best = max((r["tok_s"] for r in results["rows"] if r["method"].startswith("llama.cpp")), default=None)
     for row in results["rows"]:
         if best:
             row["x_llama_cpp_best"] = round(row["tok_s"] / best, 2)
-    args.name = args.name or "native"
     path = write_report(results, args)
     _plot(results, result_path(args, ".png"))
-    _say(f"results in {path}")
+    say(f"results in {path}")
     print(json.dumps({r["method"]: r["tok_s"] for r in results["rows"]}))
     return 0
 

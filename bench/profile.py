@@ -23,9 +23,10 @@ is the cost over the 1-row forward, which is where the extra rows go. JSON:
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from collections import defaultdict
+
+from bench.common import machine_info, say, write_report
 
 ROWS = (1, 2, 4, 8, 16)
 PREFIX = 150
@@ -33,10 +34,6 @@ LONG_PREFIX = 4000
 CATEGORY = {"quantize_rows": "quantize activations", "rms_norm": "norms", "add_rms_norm_": "norms",
             "rope_": "rotary", "row_attention": "attention"}
 GLUE = "torch + Python"
-
-
-def _say(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 class TimedOps:
@@ -114,7 +111,7 @@ def profile_forward(lm, rows_list=ROWS, reps: int = 7, prefix: int = PREFIX) -> 
                 for key, seconds in timed.seconds.items():
                     samples[key].append(seconds)
             report[rows] = {key: round(1e3 * statistics.median(v), 3) for key, v in samples.items()}
-            _say(f"after {prefix} tokens, {rows} rows: total {report[rows]['total']} ms")
+            say(f"after {prefix} tokens, {rows} rows: total {report[rows]['total']} ms")
     finally:
         quantized.ops, lm.fast.ops = real_ops, real_fast_ops
     return _with_rates(report, linears)
@@ -139,10 +136,9 @@ def _with_rates(report: dict, linears: dict) -> dict:
     return out
 
 
-def run_profile_bench(args) -> int:
+def run(args) -> int:
     import torch
 
-    from bench.harness import machine_info, write_report
     from dovetail.kernels import kernel_path_name
     from dovetail.models.cached_lm import CachedLM
     from dovetail.models.quantized import load_quantized
@@ -152,7 +148,7 @@ def run_profile_bench(args) -> int:
     model = load_quantized(target_dir, "native")
     lm = CachedLM(model)
     if lm.fast is None:
-        _say("this target does not run the lean forward: nothing to profile by operator")
+        say("this target does not run the lean forward: nothing to profile by operator")
         return 1
     report = {"machine": machine_info(), "settings": {
         "target": args.target, "precision": "native", "isa": kernel_path_name(), "threads": torch.get_num_threads(),
@@ -164,7 +160,7 @@ def run_profile_bench(args) -> int:
     report["verify_cost_ratio"] = {  # a forward of n rows against one row, the figure verification pays
         name: {rows: round(by[rows]["total"]["ms"] / by["1"]["total"]["ms"], 2) for rows in by}
         for name, by in (("prefix_150", report["profile"]), ("prefix_4000", report["profile_long"]))}
-    _say(f"verify cost ratios: {report['verify_cost_ratio']}")
+    say(f"verify cost ratios: {report['verify_cost_ratio']}")
     path = write_report(report, args)
-    _say(f"wrote {path}")
+    say(f"wrote {path}")
     return 0

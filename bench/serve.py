@@ -28,8 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.harness import humaneval_prompts, machine_info, write_report
-from dovetail.errors import UserError
+from bench.common import check_decoding_args, humaneval_prompts, machine_info, write_report
 
 SPECULATION = "defaults, speculation on and off"
 CONFIGS = {  # name -> extra `launch.py serve` flags
@@ -225,16 +224,15 @@ def batched_draft_ms(draft_dir, prompts: list[list[int]], shape: str, precision:
                         lambda ps: propose_together(ps, committed[:len(ps)]), reps)
 
 
-def run_serve_bench(args) -> int:
+def run(args) -> int:
     from dovetail.config import DEFAULT_TREE
     from dovetail.serve.server import ServerProcess
     from dovetail.store import DEFAULT_DRAFT, resolve_model
     from dovetail.models.loading import load_tokenizer
-    from dovetail.models.quantized import resolve_precision
+    from dovetail.models.precision import resolve_precision
     from dovetail.models.spec import FLOAT_DEFAULT
 
-    if args.prompts < 1 or args.max_new_tokens < 1:
-        raise UserError("--prompts and --max-new-tokens must be >= 1")
+    check_decoding_args(args)
     draft = DEFAULT_DRAFT if args.draft == "auto" else args.draft  # the fastest draft on this machine (docs/benchmarks.md)
     model_args = ["--target", args.target, "--draft-precision", args.draft_precision]
     no_draft, tree = args.draft is None, str(args.tree) if args.tree else None

@@ -27,22 +27,17 @@ whether the output is token-identical to Dovetail's target alone. JSON and PNG g
 from __future__ import annotations
 
 import inspect
-import sys
 import tempfile
 import textwrap
 import time
 from pathlib import Path
 
-from bench.harness import humaneval_prompts, machine_info, write_report
+from bench.common import check_decoding_args, humaneval_prompts, machine_info, say, write_report
 
 LLAMA_TYPES = {"draft-simple n3": ["--spec-type", "draft-simple", "--spec-draft-n-max", "3"],
                "ngram-simple": ["--spec-type", "ngram-simple"],
                "ngram-map-k": ["--spec-type", "ngram-map-k"],
                "ngram-simple,ngram-map-k": ["--spec-type", "ngram-simple,ngram-map-k"]}
-
-
-def _say(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 def _edit_sources() -> list[str]:
@@ -112,7 +107,7 @@ def _engines(dt) -> dict:
         "target alone": (base, False),
         "default (cost model: model, ngram, suffix)": (base, True),
         "ngram+suffix (cost model)": (SpeculativeEngine(base.target, None, base.eos, setup=SpeculationSetup(
-            ("ngram", "suffix"), False, None, {**key, "draft": None}, _say)), True),
+            ("ngram", "suffix"), False, None, {**key, "draft": None}, say)), True),
         "model chain:3 (former default)": (chain3, True),
         SEEDED_ROW: (chain3, True),
     }
@@ -123,7 +118,7 @@ SEEDED_ROW = "model chain:3, top-1 draft (seeded)"  # sampled workloads only
 
 def _run(engine, speculate: bool, prompts: list[list[int]], max_new: int, temperature: float,
          seeded: bool = False) -> dict:
-    from dovetail.models.verification import SamplingParams
+    from dovetail.sampling import SamplingParams
     from dovetail.request import GenerationStats
 
     tokens, decode_s, outputs, merged = 0, 0.0, [], GenerationStats()
@@ -156,7 +151,8 @@ def expected_first_acceptance(dt, prompts: list[list[int]], outputs: list[list[i
     warped at each temperature (the texts themselves were sampled at the workload's)."""
     import torch
 
-    from dovetail.models.verification import SamplingParams, target_probs
+    from dovetail.models.verification import target_probs
+    from dovetail.sampling import SamplingParams
 
     target_lm, draft_lm = dt.engine.target.lm.fresh(), dt.engine.draft.lm.fresh()
     sums = {t: {"top-1 draft": 0.0, "sampled draft": 0.0} for t in ACCEPTANCE_TEMPERATURES}
@@ -248,13 +244,14 @@ def _llama_spec(bin_dir, dt, prompts, max_new, temperature, threads, extra) -> d
     return {"tok_s": round(tokens / seconds, 2), "tokens": tokens, "drafted": drafted, "accepted": accepted}
 
 
-def run_workloads_bench(args) -> int:
+def run(args) -> int:
     import torch
 
     from bench.native import llama_cpp_bin
     from dovetail.api import Dovetail
     from dovetail.config import engine_config_from_args
 
+    check_decoding_args(args)
     config = engine_config_from_args(args)
     config.engine = "inprocess"
     dt = Dovetail(config).load()
@@ -284,22 +281,22 @@ def run_workloads_bench(args) -> int:
             elif work["temperature"] == 0:
                 row["identical_to_target"] = outputs == reference
             entry["rows"][label] = row
-            _say(f"{name} / {label}: {row['tok_s']} tok/s, tau {row['tau']}, {row['choices']} "
+            say(f"{name} / {label}: {row['tok_s']} tok/s, tau {row['tau']}, {row['choices']} "
                  f"({time.perf_counter() - t:.0f}s)")
             write_report(report, args)
         if bin_dir is not None:
             for label, row in _llama_rows(bin_dir, dt, prompts, args.max_new_tokens, work["temperature"],
                                           threads).items():
                 entry["rows"][label] = row
-                _say(f"{name} / {label}: {row}")
+                say(f"{name} / {label}: {row}")
         if work["temperature"] and dt.engine.draft is not None:
             entry["expected_first_acceptance"] = expected_first_acceptance(dt, prompts, reference)
-            _say(f"{name} / expected first-token acceptance: {entry['expected_first_acceptance']}")
+            say(f"{name} / expected first-token acceptance: {entry['expected_first_acceptance']}")
         _ratios(entry)
         write_report(report, args)
     path = write_report(report, args)
     _plot(report, path.with_suffix(".png"))
-    _say(f"wrote {path} and {path.with_suffix('.png')}")
+    say(f"wrote {path} and {path.with_suffix('.png')}")
     dt.close()
     return 0
 

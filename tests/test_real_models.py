@@ -36,7 +36,7 @@ def native():
 
 @pytest.mark.parametrize("problem", [0, 1, 2])
 def test_native_pair_identical_to_the_native_target_alone(native, problem):
-    from bench.harness import humaneval_prompts
+    from bench.common import humaneval_prompts
 
     assert native.target_precision == "native" and native.draft_precision == "native"
     prompt = humaneval_prompts(native.tokenizer, problem + 1)[problem]
@@ -48,7 +48,7 @@ def test_native_pair_identical_to_the_native_target_alone(native, problem):
 
 def test_native_pair_through_the_actors_identical_to_in_process(native):
     from dovetail.api import Dovetail
-    from bench.harness import humaneval_prompts
+    from bench.common import humaneval_prompts
     from dovetail.config import EngineConfig
     from dovetail.store import DEFAULT_DRAFT
 
@@ -60,7 +60,7 @@ def test_native_pair_through_the_actors_identical_to_in_process(native):
 
 @pytest.mark.parametrize("problem", [0, 1, 2])
 def test_qwen_pair_identical_to_hf_greedy(dovetail, problem):
-    from bench.harness import humaneval_prompts
+    from bench.common import humaneval_prompts
     from dovetail.models.fast_linear import set_linear_kernel
 
     prompt = humaneval_prompts(dovetail.tokenizer, problem + 1)[problem]

@@ -1,4 +1,4 @@
-"""``python launch.py bench``: HumanEval greedy decoding, side by side in one run.
+"""``python launch.py bench --suite humaneval``: HumanEval greedy decoding, side by side in one run.
 
 Methods (same prompts, same target weights, one process, run one after another):
   target      target-only HF ``generate()`` (stock kernels): the baseline
@@ -13,10 +13,8 @@ Results go to ``<--results-dir>/<name>.json`` and ``.png``.
 from __future__ import annotations
 
 import json
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -25,26 +23,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from bench.common import check_decoding_args, humaneval_prompts, machine_info, say, write_report
 from dovetail.errors import UserError
-from dovetail.models.verification import SamplingParams
+from dovetail.sampling import SamplingParams
 
 CURVE_TOKENS = (1, 2, 3, 4, 5, 8, 16, 32)
-
-
-def machine_info() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
-        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
-    return {"cpu": cpu, "cores": len(__import__("os").sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__, "dtype": "float32"}
-
-
-def humaneval_prompts(tokenizer, count: int) -> list[list[int]]:
-    from dovetail.models.loading import encode_chat
-    from dovetail.store import humaneval_problems
-
-    return [encode_chat(tokenizer, f"Complete the following Python function.\n\n{problem['prompt']}")
-            for problem in humaneval_problems()[:count]]
 
 
 def _median_ms(fn, reps: int = 5) -> float:
@@ -76,56 +59,18 @@ def forward_curve(model, tokens=CURVE_TOKENS, context: int = 300) -> dict[int, f
     return curve
 
 
-def run_bench(args) -> int:
+def run(args) -> int:
     from dovetail.api import Dovetail
-    from dovetail.config import parse_tree
-    from dovetail.request import GenerationStats
+    from dovetail.config import engine_config_from_args
+    from dovetail.describe import describe_model
     from dovetail.models.cached_lm import CachedLM
     from dovetail.models.fast_linear import set_linear_kernel
     from dovetail.models.lm_proposer import DraftProposer
-    from dovetail.store import is_drafter_dir
     from dovetail.models.loading import load_causal_lm
-    from dovetail.describe import describe_model
-    from dovetail.store import AUTO_DRAFT, DEFAULT_DRAFT, DRAFTER_KEYWORD, drafter_dir
+    from dovetail.request import GenerationStats
+    from dovetail.store import AUTO_DRAFT, DEFAULT_DRAFT, DRAFTER_KEYWORD, drafter_dir, is_drafter_dir
 
-    if args.suite == "native":
-        from bench.native import run_native_bench
-
-        return run_native_bench(args)
-    if args.suite == "profile":
-        from bench.profile import run_profile_bench
-
-        args.name = args.name or args.suite
-        return run_profile_bench(args)
-    if args.suite == "kernels":
-        from bench.kernels import run_kernels_bench
-
-        return run_kernels_bench(args)
-    if args.prompts < 1 or args.max_new_tokens < 1:
-        raise UserError("--prompts and --max-new-tokens must be >= 1")
-    args.name = args.name or args.suite
-    methods = set(args.methods.split(","))
-    if methods - {"target", "hf_assisted", "dovetail"}:
-        raise UserError(f"unknown methods {sorted(methods - {'target', 'hf_assisted', 'dovetail'})}")
-    trees = [parse_tree(t) for t in args.trees.split(";") if t]
-    from dovetail.config import engine_config_from_args
-
-    if args.suite == "actors":
-        from bench.actors import run_actor_bench
-
-        return run_actor_bench(args)
-    if args.suite == "serve":
-        from bench.serve import run_serve_bench
-
-        return run_serve_bench(args)
-    if args.suite == "cluster":
-        from bench.cluster import run_cluster_bench
-
-        return run_cluster_bench(args)
-    if args.suite == "workloads":
-        from bench.workloads import run_workloads_bench
-
-        return run_workloads_bench(args)
+    methods, trees = check_decoding_args(args)
     config = engine_config_from_args(args)
     config.engine = "inprocess"  # this suite compares decoding loops inside one process
     if config.draft == AUTO_DRAFT:  # compare both: the draft model here, the trained drafter (if any) below
@@ -163,10 +108,9 @@ def run_bench(args) -> int:
             entry["identical_to_target"] = [o == r for o, r in zip(outs, reference)]
         entry.update(extra or {})
         report["methods"][name] = entry
-        print(f"[bench] {name}: {entry['tokens_per_s']:.2f} tok/s ({tokens} tokens, {seconds:.0f}s)"
-              + (f", identical {sum(entry['identical_to_target'])}/{len(outs)}" if "identical_to_target" in entry
-                 else ""),
-              file=sys.stderr, flush=True)
+        say(f"{name}: {entry['tokens_per_s']:.2f} tok/s ({tokens} tokens, {seconds:.0f}s)"
+            + (f", identical {sum(entry['identical_to_target'])}/{len(outs)}" if "identical_to_target" in entry
+               else ""))
         write_report(report, args)
 
     def run_dovetail(name, shape, params=SamplingParams(), draft=None):
@@ -221,13 +165,12 @@ def run_bench(args) -> int:
     _plot(report, path.with_suffix(".png"))
     print(json.dumps({k: {kk: v[kk] for kk in ("tokens_per_s", "vs_target", "vs_hf_assisted") if kk in v}
                       for k, v in report["methods"].items()}, indent=1))
-    print(f"[bench] wrote {path} and {path.with_suffix('.png')}", file=sys.stderr)
+    say(f"wrote {path} and {path.with_suffix('.png')}")
     return 0
 
 
 def _drafter_paths(text: str, target: str) -> list[Path]:
-    from dovetail.store import is_drafter_dir
-    from dovetail.store import DRAFTER_KEYWORD, resolve_draft
+    from dovetail.store import DRAFTER_KEYWORD, is_drafter_dir, resolve_draft
 
     paths = []
     for item in filter(None, text.split(";")):
@@ -284,11 +227,11 @@ def _curves(dt, target) -> dict:
     for kernel in ("stock", "mm"):
         set_linear_kernel(target, kernel)
         curves[f"target_{kernel}_ms"] = forward_curve(target)
-        print(f"[bench] target forward ms ({kernel}): {curves[f'target_{kernel}_ms']}", file=sys.stderr)
+        say(f"target forward ms ({kernel}): {curves[f'target_{kernel}_ms']}")
     set_linear_kernel(target, dt.config.target_kernel if dt.config.target_kernel != "mkldnn" else "stock")
     if dt.engine.draft:
         curves[f"draft_{dt.config.draft_precision}_ms"] = forward_curve(dt.engine.draft.lm.model, (1, 2, 4, 8, 10))
-        print(f"[bench] draft forward ms: {curves[f'draft_{dt.config.draft_precision}_ms']}", file=sys.stderr)
+        say(f"draft forward ms: {curves[f'draft_{dt.config.draft_precision}_ms']}")
     return curves
 
 
@@ -298,19 +241,6 @@ def _add_ratios(report: dict) -> None:
         for base in ("target", "hf_assisted"):
             if base in methods:
                 entry[f"vs_{base}"] = round(entry["tokens_per_s"] / methods[base]["tokens_per_s"], 3)
-
-
-def result_path(args, suffix: str = ".json") -> Path:
-    """``<--results-dir>/<--name><suffix>`` (the directory made if needed)."""
-    directory = Path(args.results_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory / f"{args.name}{suffix}"
-
-
-def write_report(report: dict, args) -> Path:
-    path = result_path(args)
-    path.write_text(json.dumps(report, indent=1) + "\n")
-    return path
 
 
 def _plot(report: dict, path: Path) -> None:
