@@ -233,7 +233,7 @@ def run(args) -> int:
     from dovetail.models.spec import FLOAT_DEFAULT
 
     check_decoding_args(args)
-    draft = DEFAULT_DRAFT if args.draft == "auto" else args.draft  # the fastest draft on this machine (docs/benchmarks.md)
+    draft = DEFAULT_DRAFT if args.draft == "auto" else args.draft  # the draft that measured fastest (docs/benchmarks.md)
     model_args = ["--target", args.target, "--draft-precision", args.draft_precision]
     no_draft, tree = args.draft is None, str(args.tree) if args.tree else None
     model_args += ["--no-draft"] if no_draft else ["--draft", draft]

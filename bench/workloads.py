@@ -10,11 +10,11 @@ Workloads (the packaged pair; greedy unless said):
 
 Sampled workloads pass no seed (as most API callers), so a draft model samples its trees and
 verification rejects against its q; the row "model chain:3, top-1 draft" gives each prompt a seed,
-which keeps the draft on its most likely tokens (the rule before sampled drafts), for comparison.
+which keeps the draft on its most likely tokens (top-1 drafting), for comparison.
 
 Dovetail configurations share one loaded target and draft: the target alone, the defaults (the
 cost model over the draft model, ``ngram`` and ``suffix``), the model-free proposers alone
-(cost model), and the former default (the draft model, chain:3 every step). llama.cpp runs on
+(cost model), and the draft model with chain:3 every step (no cost model). llama.cpp runs on
 the same GGUF files: plain decoding (``llama-bench`` tg at the prompt's depth), its draft model
 (``draft-simple``, n-max 3) and its model-free types (``ngram-simple``, ``ngram-map-k``, and the
 two chained), through ``llama-speculative-simple`` on the same prompt text.

@@ -21,7 +21,7 @@ def test_the_generated_header_is_the_python_table():
     assert modes == {m.name: m.value for m in Mode}
     # one column per (bits, group, mode), in SCHEMES' order: a format's column is its kernel
     expected = list(dict.fromkeys((s.bits, s.group, s.mode.name) for s in SCHEMES.values()))
-    assert columns == expected and len(columns) == len(SCHEMES)  # today's formats each have their own
+    assert columns == expected and len(columns) == len(SCHEMES)  # no two formats share a column
 
 
 def test_no_source_file_spells_the_formats():

@@ -173,5 +173,5 @@ def test_an_arena_dev_shm_has_no_room_for_is_refused_clearly(monkeypatch):
     monkeypatch.setattr(os, "statvfs", lambda path: Tiny())
     with pytest.raises(MemoryError, match="MiB free"):
         shm.ShmArena(1 << 20)
-    with shm.ShmArena(1 << 12) as small:  # what fits is made as before
+    with shm.ShmArena(1 << 12) as small:  # what fits is made as usual
         assert small.size >= 1 << 12

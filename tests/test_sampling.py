@@ -219,7 +219,7 @@ def test_same_seed_same_output(pair):
 @pytest.mark.parametrize("temperature", [5e-324, 1e-40, 1e-6])
 def test_tiny_temperatures_decode_greedily(pair, temperature):
     """Every temperature the API accepts is numerically safe: below GREEDY_BELOW it is greedy (a
-    plain ``logits / T`` overflowed to inf and NaN probabilities, and multinomial raised)."""
+    plain ``logits / T`` overflows to inf and NaN probabilities, and multinomial raises)."""
     from dovetail.models.tree import TreeShape
 
     params = SamplingParams(temperature, seed=1)

@@ -105,7 +105,7 @@ def lean_loading():
     Loading slice by slice otherwise leaves ~0.4 GiB of freed-but-kept heap per 1.5B shard; but
     mmap for every activation afterwards costs ~15% of step time, so the threshold is raised again
     once the weights are in, together with the trim threshold: a fixed mmap threshold freezes
-    glibc's trim threshold at 128 KiB, and trimming then re-faulting the heap each step cost ~7%."""
+    glibc's trim threshold at 128 KiB, and trimming then re-faulting the heap each step costs ~7%."""
     libc = ctypes.CDLL(None)
     mallopt = getattr(libc, "mallopt", None)
     if mallopt is not None:
@@ -158,7 +158,7 @@ class ChannelWorker:
 
         All compute stays on that one thread: each thread that runs an OpenMP region gets its own
         thread team, and with two teams in a process libgomp stops spinning between regions
-        (it counts more threads than CPUs), which made every quantized kernel call ~3x slower."""
+        (it counts more threads than CPUs), and every quantized kernel call runs about 3x slower."""
         self.channel = Channel(address, bind=False)
         self._arenas = ArenaReader()
         done, failure = threading.Event(), []

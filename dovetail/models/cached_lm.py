@@ -114,7 +114,7 @@ class CachedLM:
             kept.append(where[node])
         if self._pending_nodes:
             # Only the pending tail moves (a chain's accepted prefix is already in place): copying the
-            # whole cache every step cost as much as the attention over it.
+            # whole cache every step would cost as much as the attention over it.
             end = self.committed + len(kept)
             moved = kept != list(range(len(kept)))
             index = torch.tensor([self.committed + i for i in kept], dtype=torch.long, device=self.device)

@@ -1,7 +1,7 @@
 """The tensor index of a GGUF file, read fast: ``gguf.GGUFReader`` builds a numpy view of every
-metadata value, and a Qwen file's 151,936-entry tokenizer arrays make that 9-18 s of start-up
-here. This reads only the header, skips the metadata (keeping scalars and strings), and memory-maps
-the tensor data. The format constants still come from the ``gguf`` package."""
+metadata value, and a Qwen file's 151,936-entry tokenizer arrays make that 9-18 s of start-up.
+This reads only the header, skips the metadata (keeping scalars and strings), and memory-maps the
+tensor data. The format constants still come from the ``gguf`` package."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The KV cache every ``CachedLM`` keeps: transformers' ``DynamicCache`` with layers that append in
 place.
 
-``DynamicLayer.update`` concatenates, so each forward copied the whole cache of every layer: at
-4k tokens of context that moved as many bytes as the attention itself read. Here each layer's
+``DynamicLayer.update`` concatenates, so each forward would copy the whole cache of every layer: at
+4k tokens of context that moves as many bytes as the attention itself reads. Here each layer's
 keys and values are prefix views of buffers with room to spare (grown by half when full), so a
 forward writes only its new rows. Everything that reassigns ``keys``/``values`` (cropping, a
 commit's slicing, a batched forward's concatenation) keeps working: a layer whose tensors are no

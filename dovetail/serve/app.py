@@ -377,7 +377,7 @@ def build_app(args: dict | None = None):
     if config.replicas_per_node is None and ray.is_initialized():  # spread over the cluster's nodes
         config = config.model_copy(update={"replicas_per_node": config.node_slots(len(slots.cluster_nodes()))})
     # Serve must let every request the replica may hold through (the batch on the engine plus the
-    # queue, plus one to refuse): with fewer, Serve queued the excess itself and the 429 never fired.
+    # queue, plus one to refuse): with fewer, Serve queues the excess itself and the 429 never fires.
     # A replica reserves its share of a node's CPUs, which its engine's actors (num_cpus=0) pin.
     options = dict(max_ongoing_requests=config.max_queued_requests + config.engine.max_batch + 1,
                    ray_actor_options={"num_cpus": slots.replica_cpus(config.node_slots()),

@@ -80,8 +80,8 @@ def measured_costs(verifier, proposer=None, context_length: int = 1 << 30, key: 
 
 def monotone(curve: dict[int, float]) -> dict[int, float]:
     """A forward over more rows (or trees) never costs less than over fewer: a point above a larger
-    one's was slowed by something else on the machine, and is cut down to it. (One such spike in
-    the first curve made the cost model price speculation off until the per-step refresh caught up.)"""
+    one's was slowed by something else on the machine, and is cut down to it, so one spike cannot
+    price speculation off until the per-step refresh catches up."""
     out, low = {}, float("inf")
     for size in sorted(curve, reverse=True):
         low = min(low, curve[size])

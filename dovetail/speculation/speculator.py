@@ -66,7 +66,7 @@ class Speculator:
         self.acceptance = {(arm, sampled): Acceptance(self.max_depth, self._prior(arm))
                            for arm in self.arms for sampled in (False, True)}
         # probing, engine-wide by (arm, sampled): request-steps since the arm was used, and after how many
-        # it is tried again (a per-request schedule re-probed every arm in every short request)
+        # it is tried again (a per-request schedule would re-probe every arm in every short request)
         self.losing: dict[tuple, int] = {}
         self.probe_after: dict[tuple, int] = {}
         self.draft_wait: dict[tuple[tuple, int], Ema] = {}  # (arm, depth) -> the loop's wait for the draft

@@ -118,7 +118,7 @@ at::Tensor qmatmul_quantized(const at::Tensor& xq_in, const at::Tensor& xs_in, c
   // Rows go in passes whose int8 activations stay in a core's L2 (PASS_BYTES) while every tile of
   // the weight streams past them; within a pass, ROWS rows at a time keep their accumulators in L1.
   // One pass covers decoding and verification; a long prompt's rows would otherwise be re-read from
-  // memory for every tile (the down projection, 8960 inputs a row, ran at half its rate at 512 rows).
+  // memory for every tile (the down projection, 8960 inputs a row, would run at half its rate at 512 rows).
   constexpr int64_t ROWS = 64, PASS_BYTES = 512 * 1024;
   // One row (decoding) is unit-major as it stands: only blocks of rows are packed.
   at::Tensor xp_t = M > 1 ? at::empty_like(xq_t) : xq_t, sp_t = M > 1 ? at::empty_like(xs_t) : xs_t;

@@ -19,8 +19,8 @@ struct Unit512 {
 };
 
 // R rows of one unit. Every loop is unrolled (the pragmas) so partial sums stay in registers: left
-// to itself GCC kept the group loop of 16-input formats rolled and spilled them to the stack, which
-// made Q6_K about half as fast per multiply-add as Q4_K.
+// to itself GCC keeps the group loop of 16-input formats rolled and spills them to the stack, which
+// makes Q6_K about half as fast per multiply-add as Q4_K.
 template <int BITS, int GS, int MODE, int R>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 inline void rows_avx512(const int8_t* xq, const float* xs, float* acc, int32_t zi,

@@ -10,7 +10,7 @@ namespace dovetail::x86 {
 #define DOVETAIL_16(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15)
 static_assert(SPIN_CHAINS == 16, "the AVX-512 loop names its 16 accumulators");
 
-// Sixteen named accumulators (an array let the compiler shuffle registers between iterations).
+// Sixteen named accumulators (an array lets the compiler shuffle registers between iterations).
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 int32_t spin_avx512(int64_t iters) {
 #define DOVETAIL_DECL(i) __m512i acc##i = _mm512_set1_epi32(i);
