@@ -14,21 +14,13 @@ from dovetail.actors.system import _wait_for_exit
 from dovetail.config import EngineConfig
 from dovetail.request import Failed, Finished, Request, Tokens
 from dovetail.errors import EngineError
-from dovetail.sampling import SamplingParams
 from dovetail.protocol import messages as m
 from dovetail.protocol.shm import PREFIX, segment_names as _segments
+from dovetail.sampling import SamplingParams
 from test_sampling import PARAMS, PROMPT, chi_square_pvalue, exact_joint, sample_counts
 from tiny_models import actor_engine, hf_greedy, perturbed, tiny_model
 
 EOS = 1
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    before = _segments()
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir="/tmp/dovetail-test-ray", logging_level="WARNING")
-    yield before
-    ray.shutdown()
 
 
 def _save_pair(root, target, draft):
@@ -229,8 +221,8 @@ def test_batched_requests_are_exact_and_free_their_caches(ray_session, qwen_pair
         for i, prompt in enumerate(prompts):
             assert results[i].token_ids == hf_greedy(target, prompt, 40, eos=EOS), i
         assert results[4].stats.mean_accepted == 1.0 and results[0].stats.mean_accepted > 1.0
-        # a prompt whose greedy answer runs 220 tokens before EOS ([5, 6, 7] ended after 3: the
-        # request could finish before the cancel arrived, and the test was flaky)
+        # a prompt whose greedy answer runs 220 tokens before EOS, so the request is still decoding when
+        # the cancel arrives (a short answer, such as [5, 6, 7]'s 3 tokens, can finish first)
         long_prompt = [9, 8, 7, 6]
         full = len(hf_greedy(target, long_prompt, 400, eos=EOS))
         assert full > 100
@@ -448,7 +440,7 @@ def test_workers_at_another_protocol_version_are_refused_at_start(ray_session, q
 def test_socket_dirs_leave_room_for_rays_own_socket_paths(monkeypatch):
     """Ray puts "/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store" (64 bytes) under its
     temp dir, and a unix socket path holds 107: a home whose ``ray`` dir is 48 bytes long (a longer
-    TMPDIR under pytest) made every server start fail; such a dir moves to a short /tmp path."""
+    TMPDIR under pytest) would make every server start fail; such a dir moves to a short /tmp path."""
     import shutil
     from pathlib import Path
 

@@ -1,15 +1,10 @@
 """The CLI contract (DESIGN.md section 4): JSON output, and status 2 with one line on bad input."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from dovetail.cli import main
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -82,22 +77,20 @@ def test_chat_and_seeded_sampling(run):
     assert result["prompt_token_ids"][:1] == [2]  # "<s>" from the chat template is <unk> in this vocab
 
 
-def test_real_process_exit_status_and_single_error_line(isolated_home):
-    proc = subprocess.run([sys.executable, "launch.py", "generate", "--prompt", "x", "--top-p", "2"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+def test_real_process_exit_status_and_single_error_line(isolated_home, launch):
+    proc = launch("generate", "--prompt", "x", "--top-p", "2", timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == ["error: top_p must be in (0, 1], got 2.0"]
-    proc = subprocess.run([sys.executable, "launch.py", "generate"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    proc = launch("generate", timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_actor_engine_end_to_end_matches_in_process(tiny_model_dirs, isolated_home):
+def test_actor_engine_end_to_end_matches_in_process(tiny_model_dirs, isolated_home, launch):
     """The default engine (Ray actors, two virtual sockets) through a real launch.py process."""
-    base = [sys.executable, "launch.py", "generate", "--prompt", "w5 w9 w11", "--max-new-tokens", "16", "--json",
-            "--target", str(tiny_model_dirs["target"]), "--draft", str(tiny_model_dirs["draft"])]
-    actors = subprocess.run(base + ["--sockets", "0|1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    inproc = subprocess.run(base + ["--engine", "inprocess"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    base = ["generate", "--prompt", "w5 w9 w11", "--max-new-tokens", "16", "--json",
+            "--target", tiny_model_dirs["target"], "--draft", tiny_model_dirs["draft"]]
+    actors = launch(*base, "--sockets", "0|1")
+    inproc = launch(*base, "--engine", "inprocess")
     assert actors.returncode == 0, actors.stderr[-2000:]
     assert "placement plan" in actors.stderr and "target shard 1/2" in actors.stderr
     assert json.loads(actors.stdout)["token_ids"] == json.loads(inproc.stdout)["token_ids"]

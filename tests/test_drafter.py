@@ -58,7 +58,7 @@ def target():
 
 
 @pytest.fixture(scope="module")
-def dump(target, tmp_path_factory):
+def feature_dump(target, tmp_path_factory):
     return dump_features(target, greedy_windows(target, 48, 32, seed=0), tmp_path_factory.mktemp("dump"), batch=8)
 
 
@@ -66,9 +66,9 @@ SETTINGS = TrainSettings(steps=150, batch=8, lr=3e-3, warmup=10, eval_every=50, 
 
 
 @pytest.fixture(scope="module")
-def trained(target, dump, tmp_path_factory):
+def trained_drafter(target, feature_dump, tmp_path_factory):
     model = drafter_for(target)
-    report = train_drafter(model, dump, SETTINGS, tmp_path_factory.mktemp("train"))
+    report = train_drafter(model, feature_dump, SETTINGS, tmp_path_factory.mktemp("train"))
     return model, report
 
 
@@ -125,19 +125,19 @@ def test_reduced_vocabulary_maps_back_to_target_ids(target):
     assert model.head_weight.shape == (4, 64)
 
 
-def test_training_lowers_the_loss_and_raises_acceptance(target, dump, trained):
-    model, report = trained
+def test_training_lowers_the_loss_and_raises_acceptance(target, feature_dump, trained_drafter):
+    model, report = trained_drafter
     losses = [h["loss"] for h in report.history]
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
-    _, held_out = split_windows(len(dump.tokens), SETTINGS.held_out, SETTINGS.seed)
-    untrained = held_out_acceptance(drafter_for(target).eval(), dump, held_out)
+    _, held_out = split_windows(len(feature_dump.tokens), SETTINGS.held_out, SETTINGS.seed)
+    untrained = held_out_acceptance(drafter_for(target).eval(), feature_dump, held_out)
     assert report.acc1 > untrained[0] + 0.3 and report.acc2 > untrained[1] + 0.3, (report, untrained)
 
 
-def test_checkpoint_resume_is_exact(target, dump, tmp_path, monkeypatch):
+def test_checkpoint_resume_is_exact(target, feature_dump, tmp_path, monkeypatch):
     settings = TrainSettings(steps=12, batch=4, lr=1e-3, warmup=2, eval_every=6, checkpoint_every=5, seed=7)
     straight = drafter_for(target, seed=1)
-    train_drafter(straight, dump, settings, tmp_path / "straight")
+    train_drafter(straight, feature_dump, settings, tmp_path / "straight")
 
     save = trainer_module._save_checkpoint
 
@@ -149,20 +149,20 @@ def test_checkpoint_resume_is_exact(target, dump, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module, "_save_checkpoint", save_then_die)
     interrupted = drafter_for(target, seed=1)
     with pytest.raises(KeyboardInterrupt):
-        train_drafter(interrupted, dump, settings, tmp_path / "resumed")
+        train_drafter(interrupted, feature_dump, settings, tmp_path / "resumed")
     monkeypatch.setattr(trainer_module, "_save_checkpoint", save)
     resumed = drafter_for(target, seed=99)  # different init: everything must come from the checkpoint
-    report = train_drafter(resumed, dump, settings, tmp_path / "resumed")
+    report = train_drafter(resumed, feature_dump, settings, tmp_path / "resumed")
     assert report.steps == 12
     for name, value in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0, msg=name)
 
 
-def test_same_seed_same_drafter(target, dump, tmp_path):
+def test_same_seed_same_drafter(target, feature_dump, tmp_path):
     settings = TrainSettings(steps=6, batch=4, lr=1e-3, warmup=2, eval_every=6, checkpoint_every=6, seed=3)
     a, b = drafter_for(target, seed=5), drafter_for(target, seed=5)
-    train_drafter(a, dump, settings, tmp_path / "a")
-    train_drafter(b, dump, settings, tmp_path / "b")
+    train_drafter(a, feature_dump, settings, tmp_path / "a")
+    train_drafter(b, feature_dump, settings, tmp_path / "b")
     for name, value in a.state_dict().items():
         torch.testing.assert_close(b.state_dict()[name], value, rtol=0, atol=0, msg=name)
 
@@ -193,8 +193,8 @@ def test_padding_past_a_windows_span_changes_nothing(target, tmp_path):
     assert (report_a.acc1, report_a.acc2, report_a.acc3) == pytest.approx((report_b.acc1, report_b.acc2, report_b.acc3))
 
 
-def test_save_and_load_round_trip(target, trained, tmp_path):
-    model, _ = trained
+def test_save_and_load_round_trip(target, trained_drafter, tmp_path):
+    model, _ = trained_drafter
     model.save(tmp_path, {"hidden_size": 64})
     target.save_pretrained(tmp_path / "target")
     loaded = load_drafter(tmp_path, tmp_path / "target")
@@ -204,8 +204,8 @@ def test_save_and_load_round_trip(target, trained, tmp_path):
 
 
 @pytest.mark.parametrize("shape", ["chain:1", "chain:4", "8,4,2", "16,7,10"])
-def test_greedy_identical_to_target_with_the_feature_drafter(target, trained, shape):
-    model, _ = trained
+def test_greedy_identical_to_target_with_the_feature_drafter(target, trained_drafter, shape):
+    model, _ = trained_drafter
     engine = feature_engine(target, model, TreeShape.parse(shape))
     accepted = 0
     for length, seed in ((1, 0), (5, 1), (11, 2)):
@@ -218,13 +218,13 @@ def test_greedy_identical_to_target_with_the_feature_drafter(target, trained, sh
 
 @pytest.mark.parametrize("betting,max_batch", [(False, 3), (True, 1), (True, 3)],
                          ids=["batch", "betting", "batch+betting"])
-def test_feature_drafter_batched_and_betting_in_process(target, trained, betting, max_batch):
+def test_feature_drafter_batched_and_betting_in_process(target, trained_drafter, betting, max_batch):
     """The feature drafter in a batch of requests (each tree grown from its own request's
     features) and betting (the next tree grown from predicted features) stays the target's
     greedy output; one request of the batch runs without speculation; bets held and missed."""
     from dovetail.request import Request
 
-    model, _ = trained
+    model, _ = trained_drafter
     engine = feature_engine(target, model, TreeShape.parse("8,4,2"), betting=betting, max_batch=max_batch)
     prompts = [torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (1, 5, 11, 3)]
     requests = [Request(p, 30, speculate=i != 2) for i, p in enumerate(prompts)]
@@ -260,10 +260,10 @@ def test_sampling_with_a_betting_feature_drafter_is_lossless():
     assert chi_square_pvalue(counts, exact, n) > 1e-3
 
 
-def test_reduced_vocabulary_drafter_stays_exact(target, dump, trained):
-    ids = torch.as_tensor(frequent_vocab(dump, 40, [EOS]))
+def test_reduced_vocabulary_drafter_stays_exact(target, feature_dump, trained_drafter):
+    ids = torch.as_tensor(frequent_vocab(feature_dump, 40, [EOS]))
     assert EOS in ids.tolist() and len(ids) == 40
-    model, _ = trained
+    model, _ = trained_drafter
     reduced = drafter_for(target, DrafterSpec(draft_vocab=40), vocab_ids=ids)
     reduced.load_state_dict(model.state_dict())
     engine = feature_engine(target, reduced.eval(), TreeShape.parse("6,3,2"))
@@ -291,17 +291,17 @@ def test_sampling_with_the_feature_drafter_is_lossless():
     assert chi_square_pvalue(counts, exact, n) > 1e-3
 
 
-def test_int8_and_cut_head_at_load_time_stay_exact(target, dump, trained, tmp_path):
+def test_int8_and_cut_head_at_load_time_stay_exact(target, feature_dump, trained_drafter, tmp_path):
     """A drafter trained on the full vocabulary, loaded with its head cut to the corpus's most
     frequent tokens and int8 linears: faster drafts, same exact output."""
 
-    model, _ = trained
+    model, _ = trained_drafter
     model.save(tmp_path, {"hidden_size": 64, "eos_token_ids": [EOS]})
-    np.save(tmp_path / "token_counts.npy", dump.token_counts(VOCAB))
+    np.save(tmp_path / "token_counts.npy", feature_dump.token_counts(VOCAB))
     target.save_pretrained(tmp_path / "target")
     cut = load_drafter(tmp_path, tmp_path / "target", draft_vocab=30, precision="int8")
     assert cut.head_weight.shape[0] == 30 and EOS in cut.vocab_ids.tolist() and cut.int8_head is not None
-    counts = dump.token_counts(VOCAB)
+    counts = feature_dump.token_counts(VOCAB)
     kept = set(cut.vocab_ids.tolist()) - {EOS}
     assert min(counts[list(kept)]) >= max(np.delete(counts, list(kept | {EOS})))  # the most frequent ones
     engine = feature_engine(target, cut, TreeShape.parse("chain:4"))

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from dovetail.kernels import SOURCE_DIR, build_id, compile_kernels, kernel_cache, ops
+from dovetail.kernels import SOURCE_DIR, ops
 from dovetail.kernels.packing import decode, encode, pack
 
 ARCH_SPECIFIC = re.compile(r"immintrin|\b_mm\d*_|\b__m(128|256|512)|__builtin_cpu_|target\(\"")
@@ -27,9 +27,8 @@ def test_every_path_this_cpu_runs_is_registered_by_name():
     assert ops().kernel_path_name(0) == names[-1]
 
 
-def test_the_portable_build_alone_gives_the_bits_of_every_x86_path():
-    flags = ("-DDOVETAIL_NO_X86",)
-    portable = compile_kernels(kernel_cache() / build_id(flags), flags)
+def test_the_portable_build_alone_gives_the_bits_of_every_x86_path(portable_kernels):
+    portable = portable_kernels
     assert not portable.built_for_x86() and portable.best_isa() == 1 and portable.kernel_path_name() == "scalar"
     g = torch.Generator().manual_seed(0)
     for qtype, rows, cols in ((QT.Q4_K, 40, 512), (QT.Q6_K, 33, 256), (QT.Q8_0, 20, 96), (QT.Q5_0, 17, 64)):

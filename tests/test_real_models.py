@@ -78,14 +78,9 @@ def test_qwen_pair_identical_to_hf_greedy(dovetail, problem):
     assert result.stats.mean_accepted > 1.5  # the real draft does get blocks accepted
 
 
-def test_check_passes_on_the_packaged_pair():
+def test_check_passes_on_the_packaged_pair(launch):
     """``launch.py check`` with its defaults on the packaged pair: every check passes, in minutes."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    run = subprocess.run([sys.executable, "launch.py", "check"], cwd=Path(__file__).resolve().parent.parent,
-                         capture_output=True, text=True, timeout=1200)
+    run = launch("check", timeout=1200)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "all checks passed" in run.stdout and run.stdout.count("PASS  ") == 3
 

@@ -1,9 +1,6 @@
 """The HTTP server, for real: `launch.py serve` in a subprocess (Ray, Serve, the actor engine),
-spoken to over HTTP with the official openai client, httpx and hypothesis.
-
-Tiny random models with a 2048-token context; the target never picks EOS greedily (its EOS row
-is zeroed), so greedy requests run to max_tokens and long requests can be cut short.
-"""
+spoken to over HTTP with the official openai client, httpx and hypothesis. The served pair and the
+shared server are ``conftest.py``'s ``served`` and ``server``."""
 
 import json
 import os
@@ -23,44 +20,8 @@ import pytest
 import torch
 
 from dovetail.protocol.shm import segment_names as _segments
-from dovetail.serve.server import ServerProcess, free_port
-from tiny_models import VOCAB, hf_greedy, perturbed, tiny_model, tiny_tokenizer
-
-CHAT_TEMPLATE = "{% for m in messages %}<s> {{ m['content'] }} {% endfor %}"
-START_TIMEOUT_S = 180
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """(target model, tokenizer, folders) of the served pair."""
-    root = tmp_path_factory.mktemp("served")
-    tokenizer = tiny_tokenizer(VOCAB)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    target = tiny_model("llama", seed=21, max_position_embeddings=2048)
-    with torch.no_grad():
-        target.lm_head.weight[1].zero_()  # EOS (id 1) never wins greedily
-    draft = perturbed(target, 0.05, seed=22)
-    for name, model in (("target", target), ("draft", draft)):
-        model.generation_config.eos_token_id = 1
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-    return target, tokenizer, root
-
-
-@pytest.fixture(scope="module")
-def server(served, tmp_path_factory):
-    """A running `launch.py serve` on a free loopback port; its log file is in ``log``."""
-    _, _, root = served
-    home = tmp_path_factory.mktemp("home")
-    before = _segments()
-    args = ["--target", str(root / "target"), "--draft", str(root / "draft"), "--draft-precision", "fp32",
-            "--max-queued-requests", "48"]
-    proc = ServerProcess(args, home / "server.log", env={"DOVETAIL_HOME": str(home)}, timeout_s=START_TIMEOUT_S)
-    with proc:
-        yield {"url": proc.url, "proc": proc.proc, "log": proc.log_path}
-        assert proc.stop() == 0, "the server did not stop cleanly on SIGTERM"
-    assert _segments() <= before, "the server left shared-memory segments behind"
-
+from dovetail.serve.server import free_port
+from tiny_models import VOCAB, hf_greedy
 
 def _reference(served, prompt_ids, n):
     target, tokenizer, _ = served
@@ -487,23 +448,42 @@ def test_killed_shard_under_load_fails_only_its_batch(server, served):
 
 
 def test_admission_is_fifo_by_slots_and_kv_bytes_and_survives_cancellation():
+    """Each user holds its admission until the test releases it, so the order is decided by
+    events alone, never by how fast the machine runs the tasks."""
     import asyncio
 
     from dovetail.serve.edge import FifoAdmission
 
+    async def settle():
+        """Every task runs until it waits for something the test has not done yet."""
+        for _ in range(20):
+            await asyncio.sleep(0)
+
     async def scenario():
-        admission, order = FifoAdmission(slots=2, budget=100), []
+        admission, order, release = FifoAdmission(slots=2, budget=100), [], {}
 
-        async def user(name, cost, hold):
-            async with admission.take(cost):
-                order.append(name)
-                await asyncio.sleep(hold)
+        def user(name, cost):
+            release[name] = asyncio.Event()
 
-        first = [asyncio.create_task(user(n, 10, 0.05)) for n in ("a", "b")]
-        await asyncio.sleep(0.01)
-        waiting = [asyncio.create_task(user(n, 10, 0.01)) for n in ("c", "d", "e")]
-        await asyncio.sleep(0.01)
+            async def hold():
+                async with admission.take(cost):
+                    order.append(name)
+                    await release[name].wait()
+
+            return asyncio.create_task(hold())
+
+        def finish(*names):
+            for name in names:
+                release[name].set()
+
+        first = [user(n, 10) for n in ("a", "b")]
+        await settle()
+        waiting = [user(n, 10) for n in ("c", "d", "e")]
+        await settle()
+        assert order == ["a", "b"] and len(admission.waiters) == 3
         waiting[1].cancel()  # "d" leaves the queue (its client went away)
+        await settle()
+        finish("a", "b", "c", "e")
         await asyncio.gather(*first, waiting[0], waiting[2])
         assert order == ["a", "b", "c", "e"]
         assert admission.slots == 2 and admission.budget == 100 and not admission.waiters
@@ -511,21 +491,25 @@ def test_admission_is_fifo_by_slots_and_kv_bytes_and_survives_cancellation():
         # KV bytes: "big" (70) waits for "f" (40) to finish although a slot is free, and "g" (10),
         # which would fit, waits behind it (no overtaking); when "big" leaves, "g" goes at once.
         order.clear()
-        f = asyncio.create_task(user("f", 40, 0.05))
-        await asyncio.sleep(0.01)
-        big = asyncio.create_task(user("big", 70, 0.01))
-        g = asyncio.create_task(user("g", 10, 0.01))
-        await asyncio.sleep(0.01)
+        f = user("f", 40)
+        await settle()
+        big, g = user("big", 70), user("g", 10)
+        await settle()
         assert order == ["f"] and admission.slots == 1 and admission.budget == 60
+        finish("f")
+        await settle()
+        assert order == ["f", "big", "g"]  # both fit once "f" is gone, and "big" goes first
+        finish("big", "g")
         await asyncio.gather(f, big, g)
-        assert order == ["f", "big", "g"]
-        h = asyncio.create_task(user("h", 95, 0.05))
-        await asyncio.sleep(0.01)
-        big, g = asyncio.create_task(user("big", 70, 0.01)), asyncio.create_task(user("g", 5, 0.01))
-        await asyncio.sleep(0.01)
+        h = user("h", 95)
+        await settle()
+        big, g = user("big", 70), user("g", 5)
+        await settle()
+        assert order[-1] == "h" and len(admission.waiters) == 2
         big.cancel()
-        await asyncio.sleep(0.01)
+        await settle()
         assert order[-1] == "g" and not admission.waiters  # the cancelled head no longer holds "g" back
+        finish("h", "g")
         await asyncio.gather(h, g)
         assert admission.slots == 2 and admission.budget == 100
 
@@ -575,7 +559,7 @@ def _network_and_kv_checks(proc, port: int) -> None:
     assert results == [200, 200]
 
 
-def test_serve_run_with_the_shipped_yaml(served, tmp_path):
+def test_serve_run_with_the_shipped_yaml(served, serve_process, tmp_path):
     """`serve run deploy/serve.yaml` (Ray Serve's own CLI), the YAML pointed at the tiny models,
     opened to the network (``host: 0.0.0.0``) with an API key, a small queue and a 1 MiB KV budget
     (about 1000 tokens of these models' keys and values)."""
@@ -591,8 +575,8 @@ def test_serve_run_with_the_shipped_yaml(served, tmp_path):
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {"DOVETAIL_HOME": str(tmp_path / "home"), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # as the README says
-    with ServerProcess([], tmp_path / "serve-run.log", port=port, command=[sys.executable, "-c", "from ray.serve.scripts import cli; cli()", "run", str(path)],
-                       env=env, timeout_s=START_TIMEOUT_S) as proc:
+    serve_run = [sys.executable, "-c", "from ray.serve.scripts import cli; cli()", "run", str(path)]
+    with serve_process([], "serve-run", port=port, command=serve_run, env=env) as proc:
         _network_and_kv_checks(proc, port)
         body = {"prompt": "w5 w6", "max_tokens": 6, "temperature": 0}
         for headers in ({}, {"Authorization": "Bearer wrong-key"}, {"Authorization": "test-key"}):
@@ -605,7 +589,7 @@ def test_serve_run_with_the_shipped_yaml(served, tmp_path):
         assert response.status_code == 200
         # overload: 8 clients at once against a batch of 2 and a queue of 2 -> the excess gets 429s;
         # a 24 MB body meanwhile gets a 413; a stream already running keeps its pace and its text
-        statuses, gaps, streamed = [], [], {}
+        statuses, gaps, streamed, first_token = [], [], {}, threading.Event()
 
         def stream():
             body = {"prompt": "w7 w8", "max_tokens": 300, "temperature": 0, "stream": True}
@@ -617,6 +601,7 @@ def test_serve_run_with_the_shipped_yaml(served, tmp_path):
                         now = time.perf_counter()
                         gaps.append(now - last if last else 0.0)
                         last, text = now, text + json.loads(line[6:])["choices"][0]["text"]
+                        first_token.set()
                 streamed["text"] = text
 
         def client():
@@ -626,8 +611,7 @@ def test_serve_run_with_the_shipped_yaml(served, tmp_path):
 
         running = threading.Thread(target=stream)
         running.start()
-        while not gaps:
-            time.sleep(0.01)
+        assert first_token.wait(120), "the stream never started"
         clients = [threading.Thread(target=client) for _ in range(8)]
         for c in clients:
             c.start()
@@ -657,7 +641,7 @@ def _orphans(home: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_crash_matrix(served, tmp_path):
+def test_crash_matrix(served, serve_process, tmp_path):
     """SIGKILL the coordinator, shard 0, shard 1, the draft and the replica, 20 times in all, each at
     a random phase of a streaming request. The request in flight ends (an error is fine, a hang is
     not); the next request is exact; nothing of a dead process is left behind."""
@@ -669,8 +653,7 @@ def test_crash_matrix(served, tmp_path):
             "--sockets", "0|1"]
     rng, victims, outcomes = random.Random(0), ["Coordinator", "TargetShard", "TargetShard", "DraftWorker",
                                                  "ServeReplica"], []
-    with ServerProcess(args, tmp_path / "crash.log", env={"DOVETAIL_HOME": str(home)},
-                       timeout_s=START_TIMEOUT_S) as proc:
+    with serve_process(args, "crash", env={"DOVETAIL_HOME": str(home)}) as proc:
         url = proc.url
         for kill in range(20):
             victim = victims[kill % len(victims)]

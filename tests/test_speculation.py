@@ -15,8 +15,8 @@ from dovetail.models.cached_lm import CachedLM
 from dovetail.models.lm_proposer import DraftProposer
 from dovetail.models.target import TargetVerifier
 from dovetail.models.tree import DraftTree, TreeShape, merge_trees
-from dovetail.sampling import SamplingParams
 from dovetail.request import Request
+from dovetail.sampling import SamplingParams
 from dovetail.speculation import SpeculationSetup, parse_proposers
 from dovetail.speculation.cost import Acceptance, Confidence, VerifyCurve, expected_tokens
 from dovetail.speculation.lookup import NgramProposer, SuffixCache, SuffixProposer, SuffixTrie
@@ -487,7 +487,7 @@ def test_sampling_with_proposers_matches_target_distribution(text, model, combin
 
 
 # -- through the actors: the speculator runs in the coordinator, the draft model in its actor --------
-from test_actors import _concurrently, _live_requests, _save_pair, ray_session  # noqa: E402,F401
+from test_actors import _concurrently, _live_requests, _save_pair  # noqa: E402
 
 
 @pytest.mark.parametrize("text,combined,batch", [(("ngram", "suffix"), False, 1), (("suffix",), True, 3)],

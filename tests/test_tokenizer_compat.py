@@ -79,13 +79,10 @@ def test_control_tokens_typed_in_a_message_stay_text():
 
 
 def test_a_draft_whose_special_tokens_differ_runs_and_the_output_is_the_target_alone(tiny_model_dirs, tmp_path,
-                                                                                   isolated_home):
+                                                                                   isolated_home, launch):
     """End to end, in process and through the actors (the mask travels to the draft worker): the
     lenient draft is accepted, said so at start-up, and speculation stays token-identical."""
     import json
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from transformers import AutoModelForCausalLM
 
@@ -94,10 +91,9 @@ def test_a_draft_whose_special_tokens_differ_runs_and_the_output_is_the_target_a
     draft_dir = tmp_path / "draft"
     AutoModelForCausalLM.from_pretrained(tiny_model_dirs["draft"]).save_pretrained(draft_dir)
     _word_tokenizer(words, eos_token="<eos>", pad_token="<pad>").save_pretrained(draft_dir)
-    base = [sys.executable, "launch.py", "generate", "--prompt", "w5 w9 w11 w5 w9", "--max-new-tokens", "24", "--json",
-            "--target", str(tiny_model_dirs["target"]), "--tree", "chain:3"]
-    root = Path(__file__).resolve().parent.parent
-    runs = {name: subprocess.run(base + args, cwd=root, capture_output=True, text=True, timeout=300)
+    base = ["generate", "--prompt", "w5 w9 w11 w5 w9", "--max-new-tokens", "24", "--json",
+            "--target", tiny_model_dirs["target"], "--tree", "chain:3"]
+    runs = {name: launch(*base, *args)
             for name, args in (("alone", ["--no-draft", "--engine", "inprocess"]),
                                ("inprocess", ["--draft", str(draft_dir), "--engine", "inprocess"]),
                                ("actors", ["--draft", str(draft_dir), "--sockets", "0"]))}
