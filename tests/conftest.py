@@ -27,6 +27,14 @@ from tiny_models import VOCAB, perturbed, tiny_model, tiny_tokenizer  # noqa: E4
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT_TEMPLATE = "{% for m in messages %}<s> {{ m['content'] }} {% endfor %}"
+# the served pair's: the same text, and it refuses as real templates do (Gemma's on roles that do not
+# alternate; the Jinja sandbox on a message asking for unsafe attributes)
+SERVED_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if loop.index0 and m['role'] == messages[loop.index0 - 1]['role'] %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if m['content'] == 'unsafe' %}{{ m.__class__.__mro__ }}{% endif %}"
+    "<s> {{ m['content'] }} {% endfor %}")
 SERVER_START_TIMEOUT_S = 180
 # Ray's unix sockets live inside its temp dir, whose path must stay short (a long TMPDIR would not)
 RAY_TEMP_DIR = "/tmp/dovetail-test-ray"
@@ -81,7 +89,7 @@ def served(tmp_path_factory):
     so greedy requests run to max_tokens and long requests can be cut short."""
     root = tmp_path_factory.mktemp("served")
     tokenizer = tiny_tokenizer(VOCAB)
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = SERVED_CHAT_TEMPLATE
     target = tiny_model("llama", seed=21, max_position_embeddings=2048)
     with torch.no_grad():
         target.lm_head.weight[1].zero_()  # EOS (id 1) never wins greedily

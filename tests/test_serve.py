@@ -262,6 +262,26 @@ def test_chat_refusals_and_unknown_routes(server):
     assert missing.status_code == 404 and missing.json()["error"]["message"]
 
 
+def test_a_template_that_refuses_the_messages_is_a_400_and_restarts_nothing(server):
+    """The served template raises on roles that do not alternate and trips the Jinja sandbox on
+    'unsafe': each is the client's error (400, an OpenAI error body naming why), and the workers
+    keep serving."""
+    url = server["url"]
+    restarts = _metric(url, "dovetail_worker_restarts_total")
+    for messages, why in (([{"role": "user", "content": "w5"}, {"role": "user", "content": "w6"}],
+                           "roles must alternate"),
+                          ([{"role": "user", "content": "unsafe"}], "unsafe")):
+        response = httpx.post(url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 4}, timeout=30)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["message"].startswith("the chat template refused these messages") and why in error["message"]
+        assert error["param"] == "messages" and error["type"] == "invalid_request_error"
+    fine = httpx.post(url + "/v1/chat/completions", timeout=60,
+                      json={"messages": [{"role": "user", "content": "w5"}], "max_tokens": 4, "temperature": 0})
+    assert fine.status_code == 200
+    assert _metric(url, "dovetail_worker_restarts_total") == restarts
+
+
 def test_fuzzed_bodies_never_get_a_500(server):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st

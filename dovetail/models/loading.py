@@ -43,6 +43,18 @@ def encode_chat(tokenizer, message: str, opening: str = "") -> list[int]:
     return encode_messages(tokenizer, [{"role": "user", "content": message}], opening)
 
 
+def render_chat(tokenizer, messages: list[dict]) -> str:
+    """The template's text for ``messages``, ready for the assistant's answer. A template that
+    refuses the messages (its own ``raise_exception``, say roles that do not alternate), or that
+    the sandbox refuses to run, is the user's to fix: a ``UserError`` in one line, never a
+    traceback (the CLI exits 2, the server answers 400)."""
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # jinja2's TemplateError / SecurityError, or what a broken template raises
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"the chat template refused these messages: {detail}") from None
+
+
 def encode_messages(tokenizer, messages: list[dict], opening: str = "") -> list[int]:
     """Chat ``messages`` through the template, ready for the assistant's answer (then ``opening``).
 
@@ -51,14 +63,12 @@ def encode_messages(tokenizer, messages: list[dict], opening: str = "") -> list[
     text tokenize exactly as the whole rendered prompt would."""
     controls = [t for t in getattr(tokenizer, "added_tokens_encoder", {}) if t]
     if not any(c in m["content"] for m in messages for c in controls):
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tokenizer.encode(text + opening, add_special_tokens=False)
+        return tokenizer.encode(render_chat(tokenizer, messages) + opening, add_special_tokens=False)
     # render with a marker per message, then tokenize the template's parts and the messages' text apart
     import secrets
 
     marks = [f"\x00{secrets.token_hex(8)}\x00" for _ in messages]
-    text = tokenizer.apply_chat_template([{**m, "content": mark} for m, mark in zip(messages, marks)],
-                                         add_generation_prompt=True, tokenize=False) + opening
+    text = render_chat(tokenizer, [{**m, "content": mark} for m, mark in zip(messages, marks)]) + opening
     ids: list[int] = []
     for message, mark in zip(messages, marks):
         before, found, text = text.partition(mark)

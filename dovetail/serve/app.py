@@ -245,8 +245,8 @@ class DovetailServer:
                     for m in body.messages]
         try:
             return encode_messages(self.encoder, messages)
-        except Exception as exc:  # the template's own checks (e.g. role order) are the client's to fix
-            raise ApiError(400, f"the chat template refused these messages: {exc}", param="messages") from None
+        except UserError as exc:  # the template's own checks (e.g. role order) are the client's to fix
+            raise ApiError(400, str(exc), param="messages") from None
 
     # -- decoding --------------------------------------------------------------------------------
     async def _run(self, job: edge.Job):
