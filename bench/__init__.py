@@ -14,6 +14,7 @@
                 rotary, attention, glue) at 1-16 rows
     kernels.py  the target's forward cost, prefill and decoding at depth against the machine's
                 roof and llama.cpp on the same file
+    sampling.py warping and drawing one vocabulary row (temperature, top-k, top-p) against HF's warpers
 
 This module stays light (no torch): ``launch.py`` imports it to build its command line, and a
 suite's module is imported only when that suite runs.
@@ -37,6 +38,7 @@ SUITES = {  # --suite name -> its help; the suite is the module bench/<name>.py,
     "workloads": "chat, code editing, long context, multi-turn and sampling against the target alone and llama.cpp",
     "profile": "the target's forward by operator at 1-16 rows",
     "kernels": "forward cost by tokens at 150/1k/4k context, prefill and the machine's roof, against llama.cpp",
+    "sampling": "warping and drawing one 151,936-token row, by temperature, top-k and top-p, against HF's warpers",
 }
 DEFAULT_SUITE = "native"
 
@@ -61,7 +63,7 @@ def add_bench_args(p) -> None:
                         "and a projected speculative rate with the packaged draft")
     p.add_argument("--serve-configs", default="",
                    help="serve suite: ';'-separated substrings picking configurations (default: all)")
-    p.add_argument("--reps", type=int, default=7, help="profile and kernels suites: forwards per row count (medians)")
+    p.add_argument("--reps", type=int, default=7, help="profile, kernels and sampling suites: repetitions per point (medians)")
     p.add_argument("--name", default=None, help="results file stem (default: the suite)")
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help=f"where results go (default: {RESULTS_DIR})")
     p.add_argument("--drafters", default="",

@@ -12,7 +12,8 @@ import torch
 
 from dovetail.models.cached_lm import CachedLM, forward_trees
 from dovetail.models.tree import DraftTree
-from dovetail.models.verification import Acceptance, accept_greedy, accept_sampling, sample_token, target_probs
+from dovetail.models.verification import (Acceptance, WarpedRows, accept_greedy, accept_sampling, sample_token,
+                                          target_probs)
 from dovetail.sampling import SamplingParams
 
 
@@ -53,7 +54,7 @@ class TargetVerifier:
         else:
             # the root is the last committed token (its entry not computed yet): the first sampled
             # token's position is one past it
-            acceptance = accept_sampling(tree, target_probs(logits, self.params), self.seed, self.lm.committed + 1)
+            acceptance = accept_sampling(tree, WarpedRows(logits, self.params), self.seed, self.lm.committed + 1)
         if self.lm.keep_hidden:
             acceptance.features = self.lm.last_hidden[acceptance.path]
         self.lm.commit(acceptance.path)

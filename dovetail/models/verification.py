@@ -40,23 +40,89 @@ from dovetail.sampling import SamplingParams
 
 
 def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Warp logits [n, V] into sampling probabilities: temperature, then top-k, then top-p.
+    """Warp logits [n, V] into sampling probabilities: temperature, then top-k, then top-p (HF's
+    order), as float32 [n, V] with exact zeros where a filter removed a token.
 
-    The row max is subtracted before dividing, so a small temperature cannot overflow to inf
-    (and NaN probabilities); every accepted non-greedy temperature is >= ``sampling.GREEDY_BELOW``."""
-    logits = logits.float()
-    scores = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature
-    if params.top_k > 0 and params.top_k < scores.shape[-1]:
-        kth = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, -float("inf"))
-    if params.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, dim=-1, descending=False)
-        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-        remove_sorted = cumulative <= (1 - params.top_p)
-        remove_sorted[..., -1:] = False  # always keep the most likely token
-        remove = remove_sorted.scatter(-1, order, remove_sorted)
-        scores = scores.masked_fill(remove, -float("inf"))
-    return scores.softmax(dim=-1)
+    The row max is subtracted before dividing (inside the softmax), so a small temperature cannot
+    overflow to inf (and NaN probabilities); every accepted non-greedy temperature is >=
+    ``sampling.GREEDY_BELOW``. Neither filter sorts the row (``_kept``)."""
+    probs = (logits.float() / params.temperature).softmax(dim=-1)
+    top_k = params.top_k if 0 < params.top_k < probs.shape[-1] else 0
+    if top_k or params.top_p < 1.0:
+        for row in probs:
+            if top_k:
+                row.masked_fill_(~_kept(row, top_k, by_weight=False), 0.0)
+            if params.top_p < 1.0:
+                row.masked_fill_(~_kept(row, params.top_p * float(row.sum(dtype=torch.float64)), by_weight=True), 0.0)
+        probs /= probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+BUCKET_SHIFT = 18  # a non-negative float32's bits >> 18: its exponent and 5 mantissa bits (steps of 2-3%)
+BUCKETS = 1 << (31 - BUCKET_SHIFT)
+TOP_K_SELECT = 256  # up to this k, torch.topk finds the k-th value faster than the histogram
+PEAKED = 2.0 ** -8  # top-p first tries the tokens within this factor of the most likely one
+
+
+def _kept(probs: torch.Tensor, need: float, by_weight: bool) -> torch.Tensor:
+    """Which tokens of one row of probabilities a filter keeps (a bool mask).
+
+    Top-k (``need`` = k): every token at least as likely as the k-th most likely. Top-p
+    (``by_weight``), as HF's ``TopPLogitsWarper``: a token while the probability of the tokens more
+    likely than it is below ``need``, so the most likely token always stays (tokens of equal
+    probability, which HF splits by its sort's order, stay or go together).
+
+    No sort of the row: a non-negative float's bits rise with its value, so a histogram over their
+    top bits (``BUCKET_SHIFT``) finds the one bucket where the running count or probability, from
+    the most likely down, reaches ``need``. The buckets above it are all kept, those below all go,
+    and only that bucket is sorted."""
+    if not by_weight and need <= TOP_K_SELECT:
+        return probs >= torch.topk(probs, int(need)).values[-1]
+    if by_weight:  # a peaked row: the few tokens near the top often hold the mass already
+        inside = (probs > float(probs.max()) * PEAKED).nonzero().squeeze(1)
+        if float(probs[inside].sum(dtype=torch.float64)) >= need:
+            return _keep_by_weight(probs, inside, 0.0, need, torch.zeros_like(probs, dtype=torch.bool))
+    raw = probs.view(torch.int32) >> BUCKET_SHIFT  # rises with the probability
+    running = torch.bincount(raw, weights=probs if by_weight else None, minlength=BUCKETS).flip(0).cumsum(0)
+    b = min(int(torch.searchsorted(running, torch.tensor([need], dtype=running.dtype))), BUCKETS - 1)
+    before = float(running[b - 1]) if b else 0.0  # what the buckets above the boundary hold
+    bucket = BUCKETS - 1 - b
+    inside = (raw == bucket).nonzero().squeeze(1)
+    above = torch.tensor([(bucket + 1) << BUCKET_SHIFT], dtype=torch.int32).view(torch.float32)
+    keep = probs >= above  # every bucket above the boundary's
+    if by_weight:
+        return _keep_by_weight(probs, inside, before, need, keep)
+    values = torch.sort(probs[inside], descending=True).values
+    kth = values[min(int(need - before), len(values)) - 1]  # ties with the k-th stay
+    keep[inside[probs[inside] >= kth]] = True
+    return keep
+
+
+def _keep_by_weight(probs: torch.Tensor, inside: torch.Tensor, before: float, need: float,
+                    keep: torch.Tensor) -> torch.Tensor:
+    """Top-p's cut among the candidates ``inside``, ``before`` being the probability of the tokens
+    more likely than all of them (already set in ``keep``): a candidate stays while the
+    probability ranked strictly above it is below ``need``; tied candidates count once."""
+    values, order = torch.sort(probs[inside], descending=True)
+    w = values.double()
+    ahead = before + w.cumsum(0) - w
+    _, tie = torch.unique_consecutive(values, return_inverse=True)
+    ahead = torch.full((int(tie[-1]) + 1,), float("inf"), dtype=ahead.dtype).scatter_reduce(0, tie, ahead, "amin")[tie]
+    keep[inside[order][ahead < need]] = True
+    return keep
+
+
+class WarpedRows:
+    """``target_probs`` of one row of ``logits`` at a time, when first asked for: verifying a tree
+    visits only the accepted path's nodes, so the other rows are never warped."""
+
+    def __init__(self, logits: torch.Tensor, params: SamplingParams):
+        self.logits, self.params, self.rows = logits, params, {}
+
+    def __getitem__(self, node: int) -> torch.Tensor:
+        if node not in self.rows:
+            self.rows[node] = target_probs(self.logits[node:node + 1], self.params)[0]
+        return self.rows[node]
 
 
 @dataclass
@@ -87,9 +153,10 @@ def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> Acceptance:
     return Acceptance(path, [int(tree.tokens[n]) for n in path[1:]] + [best[node]])
 
 
-def accept_sampling(tree: DraftTree, probs: torch.Tensor, seed: int, position: int) -> Acceptance:
-    """``probs[n]``: the target's distribution after tree node n; ``position``: the sequence index
-    of the token sampled after the root (node n's follows at ``position + depth(n)``)."""
+def accept_sampling(tree: DraftTree, probs, seed: int, position: int) -> Acceptance:
+    """``probs[n]``: the target's distribution after tree node n (a tensor [n, V], or ``WarpedRows``
+    that warps only the rows the walk visits); ``position``: the sequence index of the token sampled
+    after the root (node n's follows at ``position + depth(n)``)."""
     path, node = [0], 0
     while True:
         at = position + len(path) - 1
@@ -122,9 +189,8 @@ def reject_against(p: torch.Tensor, proposal: tuple, children: list[int], tokens
     support = torch.as_tensor(q_tokens[held], dtype=torch.long)
     q = torch.as_tensor(q_probs[held], dtype=torch.float64)
     q = q / q.sum()
-    p = p.double()
-    r = p[support].clone()
-    off_support = float(p.sum()) - float(r.sum())
+    r = p[support].double()
+    off_support = float(p.sum(dtype=torch.float64)) - float(r.sum())
     where = {int(t): i for i, t in enumerate(support.tolist())}
     for i, (child, token) in enumerate(zip(children, tokens)):
         j = where.get(token)
@@ -142,7 +208,7 @@ def reject_against(p: torch.Tensor, proposal: tuple, children: list[int], tokens
             break
         q = q / q.sum()
     residual = p.clone()
-    residual[support] = r
+    residual[support] = r.to(residual.dtype)
     return None, sample_token(residual, seed, position)
 
 
@@ -181,9 +247,28 @@ def position_uniform(seed: int, position: int, stream: str = "") -> float:
     return (int.from_bytes(digest, "little") >> 11) / float(1 << 53)
 
 
+DRAW_BLOCK = 1024  # tokens a block: the draw sums blocks, then walks the one block the number falls in
+
+
 def sample_token(probs: torch.Tensor, seed: int, position: int) -> int:
-    """The token at ``position``: inverse CDF of ``probs`` at ``position_uniform(seed, position)``."""
-    cdf = probs.double().cumsum(0)
-    u = position_uniform(seed, position) * float(cdf[-1])
-    index = int(torch.searchsorted(cdf, torch.tensor([u], dtype=torch.float64), right=True))
-    return min(index, len(cdf) - 1)
+    """The token at ``position``: inverse CDF of ``probs`` (in token order) at
+    ``position_uniform(seed, position)``.
+
+    The CDF is never built over the whole row: the blocks' masses (summed in float64) locate the
+    block holding the number, and only that block is accumulated. A token of zero probability is
+    never drawn (the CDF does not rise at it)."""
+    probs = probs.reshape(-1)
+    vocab = probs.shape[0]
+    pad = -vocab % DRAW_BLOCK
+    blocks = torch.nn.functional.pad(probs, (0, pad)).view(-1, DRAW_BLOCK).sum(1, dtype=torch.float64).cumsum(0)
+    target = position_uniform(seed, position) * float(blocks[-1])
+    b = int(torch.searchsorted(blocks, torch.tensor([target], dtype=torch.float64), right=True))
+    if b >= len(blocks):  # the number rounded up to the total: the last block holding any mass
+        b = int((blocks < blocks[-1]).sum())
+    base = float(blocks[b - 1]) if b else 0.0
+    block = probs[b * DRAW_BLOCK:(b + 1) * DRAW_BLOCK]
+    cdf = block.double().cumsum(0) + base
+    index = int(torch.searchsorted(cdf, torch.tensor([target], dtype=torch.float64), right=True))
+    if index >= len(block):  # the block's own sum rounded a little above the walk: its last token that can be drawn
+        index = int(block.nonzero()[-1])
+    return b * DRAW_BLOCK + index
