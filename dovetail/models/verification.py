@@ -72,10 +72,11 @@ def _kept(probs: torch.Tensor, need: float, by_weight: bool) -> torch.Tensor:
     likely than it is below ``need``, so the most likely token always stays (tokens of equal
     probability, which HF splits by its sort's order, stay or go together).
 
-    No sort of the row: a non-negative float's bits rise with its value, so a histogram over their
-    top bits (``BUCKET_SHIFT``) finds the one bucket where the running count or probability, from
-    the most likely down, reaches ``need``. The buckets above it are all kept, those below all go,
-    and only that bucket is sorted."""
+    No sort of the row. A small k takes ``torch.topk``'s k-th value; top-p first tries the tokens
+    near the most likely one (``PEAKED``), enough when they hold ``need``. Otherwise a non-negative
+    float's bits rise with its value, so a histogram over their top bits (``BUCKET_SHIFT``) finds
+    the one bucket where the running count or probability, from the most likely down, reaches
+    ``need``: the buckets above it are all kept, those below all go, and only that bucket is sorted."""
     if not by_weight and need <= TOP_K_SELECT:
         return probs >= torch.topk(probs, int(need)).values[-1]
     if by_weight:  # a peaked row: the few tokens near the top often hold the mass already
@@ -92,9 +93,9 @@ def _kept(probs: torch.Tensor, need: float, by_weight: bool) -> torch.Tensor:
     keep = probs >= above  # every bucket above the boundary's
     if by_weight:
         return _keep_by_weight(probs, inside, before, need, keep)
-    values = torch.sort(probs[inside], descending=True).values
-    kth = values[min(int(need - before), len(values)) - 1]  # ties with the k-th stay
-    keep[inside[probs[inside] >= kth]] = True
+    candidates = probs[inside]
+    kth = torch.sort(candidates, descending=True).values[min(int(need - before), len(candidates)) - 1]
+    keep[inside[candidates >= kth]] = True  # ties with the k-th stay
     return keep
 
 
