@@ -2,22 +2,24 @@
 
 Per step, over the batch of live requests (one or more)::
 
-    trees  <- proposer.propose(requests without a held bet)   # it picks each one's proposers and tree
-    verifier.submit(every request's tree)                     # one target forward for the batch
-    proposer.bet(request)  for each betting request           # grows tree k+1 while k is verified
+    trees  <- speculator.propose(requests without a held bet)  # it picks each one's proposers and tree
+    verifier.submit(every request's tree)                      # one target forward for the batch
+    speculator.bet(request)  for each betting request          # grows tree k+1 while k is verified
     verdict <- verifier.collect(request); commit; stream       # accepted draft tokens + a bonus
-    bet     <- proposer.collect_bet(request, verdict)          # it judges its own guess
+    bet     <- speculator.collect_bet(request, verdict)        # it judges its own guess
     bet.held ? next tree = bet.tree : redraft next step
-    proposer.learn(request, tree, verdict, timings)            # its cost model learns
+    speculator.learn(request, tree, verdict, timings)          # its cost model learns
 
-A request without speculation, or whose proposal this step is the root alone (the cost model
-found no tree worth its cost), verifies a root-only tree: plain target decoding. The proposer
-owns its bets: ``collect_bet`` tells it the outcome, and it alone compares its guess. Betting, batching, per-request
-speculation and the feature drafter all compose: a proposer takes each request's features (or
-none) with its tokens, and ``_modes`` is the one place that decides what a request does.
+The speculator is a ``TreeSource`` (``dovetail/speculation``): it runs one or more ``Proposer``s
+and chooses among them. A request without speculation, or whose proposal this step is the root
+alone (the cost model found no tree worth its cost), verifies a root-only tree: plain target
+decoding. The speculator owns its bets: ``collect_bet`` tells it the outcome, and it alone
+compares its guess. Betting, batching, per-request speculation and the feature drafter all
+compose: a proposer takes each request's features (or none) with its tokens, and ``_modes`` is
+the one place that decides what a request does.
 
-The proposer and verifier are objects in this process (``dovetail/local.py``) or adapters that
-turn the same calls into messages to the actors (``dovetail/actors/remote.py``). A request's own
+The proposers and the verifier are objects in this process (``dovetail/local.py``) or adapters
+that turn the same calls into messages to the actors (``dovetail/actors/remote.py``). A request's own
 failure (``RequestFailure``) ends it alone; anything else propagates to the caller, which knows
 whether its workers need restarting.
 """
@@ -107,9 +109,9 @@ class Proposer(Protocol):
     def end(self, request_id: str) -> None: ...
 
 
-class Speculator(Protocol):
-    """What the loop drafts with (``dovetail/speculation``): it runs one or more ``Proposer``s,
-    picks each request's proposers and tree per step (or none), and learns from each step."""
+class TreeSource(Protocol):
+    """What the loop drafts with (``dovetail/speculation``'s ``Speculator``): each request's tree
+    per step (from the proposers it picks, or the root alone), bets, and learning from each step."""
 
     def start(self, request_id: str, prompt_ids: list[int], tenant: str = "", params=None) -> None:
         """``tenant``: whose earlier outputs the request may draft from (never another tenant's);
@@ -181,7 +183,7 @@ def _failure_message(request_id: str, exc: Exception) -> str:
 
 
 class DecodeLoop:
-    def __init__(self, proposer: Speculator | None, verifier: Verifier, eos_token_ids, context_length: int,
+    def __init__(self, speculator: TreeSource | None, verifier: Verifier, eos_token_ids, context_length: int,
                  max_batch: int = 1, betting: bool = False, cancelled: dict | None = None,
                  on_failure: Callable[[str, Exception], str] = _failure_message, prefill_together: bool = True):
         """``betting``: the default for requests that do not say; ``cancelled``: request ids to
@@ -191,7 +193,7 @@ class DecodeLoop:
         draft that takes turns with the target on the same CPUs)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.proposer, self.verifier = proposer, verifier
+        self.speculator, self.verifier = speculator, verifier
         self.eos, self.context_length = set(int(t) for t in eos_token_ids), context_length
         self.max_batch, self.betting = max_batch, betting
         self.cancelled = cancelled if cancelled is not None else {}
@@ -205,7 +207,7 @@ class DecodeLoop:
     def _modes(self, request: Request) -> tuple[bool, bool]:
         """Whether the request drafts and whether it bets: every combination of speculation,
         betting, batching and drafter works; betting needs a draft to bet with."""
-        drafts = self.proposer is not None and request.speculate
+        drafts = self.speculator is not None and request.speculate
         bets = drafts and (self.betting if request.pipeline is None else request.pipeline)
         return drafts, bets
 
@@ -226,10 +228,10 @@ class DecodeLoop:
         prompt = list(request.prompt_ids)
         try:
             if drafts and self.prefill_together:
-                self.proposer.start(lv.rid, prompt, request.tenant, request.params)
+                self.speculator.start(lv.rid, prompt, request.tenant, request.params)
             first = self.verifier.start(lv.rid, prompt, request.params)
             if drafts and not self.prefill_together:
-                self.proposer.start(lv.rid, prompt, request.tenant, request.params)
+                self.speculator.start(lv.rid, prompt, request.tenant, request.params)
         except RequestFailure as exc:
             return self._fail(lv, exc)
         lv.stats.prefill_s = time.perf_counter() - lv.t0
@@ -264,7 +266,7 @@ class DecodeLoop:
         betting = [lv for lv in batch if lv.bets and lv.tree.choice is not None and lv.tree.choice.bets]
         t_bet = time.perf_counter()
         for lv in betting:
-            self.proposer.bet(lv.rid, lv.step + 1)
+            self.speculator.bet(lv.rid, lv.step + 1)
         bet_call_s = (time.perf_counter() - t_bet) / max(len(betting), 1)  # in process: the bet's compute
         verdicts = []
         for lv, tree in zip(batch, trees):
@@ -280,7 +282,7 @@ class DecodeLoop:
         for lv, proposal, verdict in verdicts:
             if lv.drafts:
                 context = len(lv.request.prompt_ids) + len(lv.out.tokens) - len(verdict.tokens)
-                self.proposer.learn(lv.rid, proposal, verdict, StepTimes(verify_s, rows, context, lv.draft_wait_s))
+                self.speculator.learn(lv.rid, proposal, verdict, StepTimes(verify_s, rows, context, lv.draft_wait_s))
         for lv in betting:
             if lv in self.live:
                 self._settle_bet(lv, bet_call_s)
@@ -291,7 +293,7 @@ class DecodeLoop:
         if not drafting:
             return
         t = time.perf_counter()
-        proposals = self.proposer.propose([Drafting(lv.rid, lv.step, lv.new_tokens, lv.features) for lv in drafting])
+        proposals = self.speculator.propose([Drafting(lv.rid, lv.step, lv.new_tokens, lv.features) for lv in drafting])
         wait = time.perf_counter() - t
         for lv, proposal in zip(drafting, proposals):
             if isinstance(proposal, Exception):
@@ -310,7 +312,8 @@ class DecodeLoop:
     def _settle_bet(self, lv: Live, bet_call_s: float) -> None:
         t = time.perf_counter()
         try:
-            bet = self.proposer.collect_bet(lv.rid, lv.step + 1, Drafting(lv.rid, lv.step, lv.new_tokens, lv.features))
+            outcome = Drafting(lv.rid, lv.step, lv.new_tokens, lv.features)
+            bet = self.speculator.collect_bet(lv.rid, lv.step + 1, outcome)
         except RequestFailure as exc:
             return self._fail(lv, exc)
         wait = bet_call_s + time.perf_counter() - t
@@ -356,7 +359,7 @@ class DecodeLoop:
 
     def _end(self, lv: Live) -> None:
         if lv.drafts:
-            self.proposer.end(lv.rid)
+            self.speculator.end(lv.rid)
         self.verifier.end(lv.rid)
 
     def _fail(self, lv: Live, exc: Exception) -> None:

@@ -187,14 +187,14 @@ class LocalVerifier:
         with Timer() as t:
             if len(ready) == 1:  # one request: its own forward
                 try:
-                    acceptances = [ready[0][1].verify(ready[0][2])]
+                    accepted_paths = [ready[0][1].verify(ready[0][2])]
                 except Exception as exc:
-                    acceptances = [exc]
+                    accepted_paths = [exc]
             else:
-                acceptances = verify_batch([v for _, v, _ in ready], [tree for _, _, tree in ready])
-        for (rid, _, _), acceptance in zip(ready, acceptances):
-            self._results[rid] = acceptance if isinstance(acceptance, Exception) else Verdict(
-                acceptance.tokens, acceptance.path, *_features(acceptance.features), t.seconds / len(ready))
+                accepted_paths = verify_batch([v for _, v, _ in ready], [tree for _, _, tree in ready])
+        for (rid, _, _), accepted in zip(ready, accepted_paths):
+            self._results[rid] = accepted if isinstance(accepted, Exception) else Verdict(
+                accepted.tokens, accepted.path, *_features(accepted.features), t.seconds / len(ready))
 
     def end(self, request_id: str) -> None:
         self.states.pop(request_id, None)

@@ -238,7 +238,7 @@ def test_feature_drafter_batched_and_betting_in_process(target, trained_drafter,
         assert all(s.pipelined and s.bets == s.steps for s in drafted)
         held = sum(s.bets_held for s in drafted)
         assert 0 < held < sum(s.bets for s in drafted), "bets should both hold and miss"
-    assert engine.loop.live == [] and engine.loop.proposer.states == {} and engine.loop.verifier.states == {}
+    assert engine.loop.live == [] and engine.loop.speculator.states == {} and engine.loop.verifier.states == {}
 
 
 def test_sampling_with_a_betting_feature_drafter_is_lossless():

@@ -91,8 +91,8 @@ def test_padded_larger_draft_vocabulary_is_masked():
     engine = make_engine(target, draft, TreeShape(8, 3, 3), vocab=DraftVocab(VOCAB))
     p = prompt(6, 9)
     proposals = []
-    original = engine.loop.proposer.propose  # every tree the loop gets, for every request
-    engine.loop.proposer.propose = lambda items: proposals.extend(original(items)) or proposals[-len(items):]
+    original = engine.loop.speculator.propose  # every tree the loop gets, for every request
+    engine.loop.speculator.propose = lambda items: proposals.extend(original(items)) or proposals[-len(items):]
     assert engine.generate(p, 20).token_ids == hf_greedy(target, p, 20, eos=EOS)
     assert proposals and all(int(t.tree.tokens.max()) < VOCAB for t in proposals)
 

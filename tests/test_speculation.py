@@ -17,8 +17,8 @@ from dovetail.models.target import TargetVerifier
 from dovetail.models.tree import DraftTree, TreeShape, merge_trees
 from dovetail.request import Request
 from dovetail.sampling import SamplingParams
-from dovetail.speculation import SpeculationSetup, parse_proposers
-from dovetail.speculation.cost import Acceptance, Confidence, VerifyCurve, expected_tokens
+from dovetail.speculation import SpeculationSetup, parse_proposers, pricing
+from dovetail.speculation.cost import AcceptanceRates, Confidence, VerifyCurve, expected_tokens
 from dovetail.speculation.lookup import NgramProposer, SuffixCache, SuffixProposer, SuffixTrie
 from dovetail.speculation.members import Member
 from dovetail.speculation.options import PROBE_FIRST
@@ -147,7 +147,7 @@ def _speculator(curve_ms, acceptance, model_step_ms=None, text_acceptance=None):
     for key, rates in ((("model",), acceptance), (("ngram",), text_acceptance or acceptance)):
         for width in (1, 2):  # a wide model tree: as likely as the chain here, so never better
             if ((key, width), False) in spec.acceptance:
-                spec.acceptance[((key, width), False)] = Acceptance(6, list(rates), prior_weight=1e6)
+                spec.acceptance[((key, width), False)] = AcceptanceRates(6, list(rates), prior_weight=1e6)
     spec.start("r", [1, 2, 3])
     return spec
 
@@ -217,10 +217,11 @@ def test_a_skipped_models_catch_up_is_priced():
     spec = _speculator(curve, [0.8] * 6, model_step_ms=10, text_acceptance=[0.01] * 6)
     spec.members["model"].levels = VerifyCurve({1: 0.010, 2: 0.011, 4: 0.013, 8: 0.017})
     missed = list(range(100, 180))  # 80 tokens committed while the model was not run
-    options = spec._options("r", {("r", "ngram"): DraftTree([4], [-1])}, 0.0)
+    text = {("r", "ngram"): DraftTree([4], [-1])}
+    options = pricing.offer(spec._ask("r", text), spec.arms, spec._costs())
     usual = {(o.width, o.depth): o.draft_s for o in options if o.key == ("model",)}
     spec.states["r"].pending["model"].extend(missed)
-    options = spec._options("r", {("r", "ngram"): DraftTree([4], [-1])}, 0.0)
+    options = pricing.offer(spec._ask("r", text), spec.arms, spec._costs())
     extra = spec.members["model"].level_s(80) - spec.members["model"].level_s(1)
     assert extra == pytest.approx(0.017 + 72 * 0.001 - 0.010)
     for o in options:
@@ -288,7 +289,7 @@ def test_cost_model_picks_the_width_the_arithmetic_says():
     for curve, wide_wins in (({1: 40, 2: 41, 4: 42, 8: 44, 16: 50, 32: 70}, True),
                              ({1: 40, 2: 70, 4: 130, 8: 250, 16: 490, 32: 970}, False)):
         spec = _speculator(curve, [0.6] * 6, model_step_ms=2, text_acceptance=[0.01] * 6)
-        spec.acceptance[((("model",), 2), False)] = Acceptance(6, [0.9] * 6, prior_weight=1e6)
+        spec.acceptance[((("model",), 2), False)] = AcceptanceRates(6, [0.9] * 6, prior_weight=1e6)
         (proposal,) = spec.propose([Drafting("r", 1, [4])])
         width = proposal.choice.width if proposal.choice else 0
         assert (width == 2) == wide_wins, (curve, proposal.choice)
@@ -316,7 +317,7 @@ def test_cost_model_learns_the_curve_by_context():
 def test_speculator_learns_acceptance_and_switches_off_then_probes():
     curve = {1: 40, 2: 48, 4: 64, 8: 96, 16: 160, 32: 288}
     spec = _speculator(curve, [0.9] * 6)
-    spec.acceptance[((("ngram",), 1), False)] = Acceptance(6, 0.9, prior_weight=2)
+    spec.acceptance[((("ngram",), 1), False)] = AcceptanceRates(6, 0.9, prior_weight=2)
     chosen = []
     for step in range(1, 40):
         (proposal,) = spec.propose([Drafting("r", step, [4])])
@@ -342,7 +343,7 @@ def test_an_unverified_text_tree_is_judged_against_what_was_committed():
     curve = {1: 40, 2: 48, 4: 64, 8: 96, 16: 160, 32: 288}
     spec = _speculator(curve, [0.9] * 6)
     arm = (("ngram",), 1)
-    spec.acceptance[(arm, False)] = Acceptance(6, 0.9, prior_weight=2)
+    spec.acceptance[(arm, False)] = AcceptanceRates(6, 0.9, prior_weight=2)
 
     def step(n, committed):
         (proposal,) = spec.propose([Drafting("r", n, [4])])
@@ -358,7 +359,7 @@ def test_an_unverified_text_tree_is_judged_against_what_was_committed():
     off = [step(n := n + 1, [10]) for _ in range(3)]  # the text starts matching
     assert spec.acceptance[(arm, False)].rate(1) > low
     assert off[0] is None and any(c is not None for c in off), "matching text was not noticed before a probe"
-    assert spec.probe_after[(arm, False)] == PROBE_FIRST, "the comeback was a probe"
+    assert spec.probing.probe_after[(arm, False)] == PROBE_FIRST, "the comeback was a probe"
 
 
 def test_acceptance_and_probing_are_engine_wide_and_apart_for_sampled_requests():
@@ -367,7 +368,7 @@ def test_acceptance_and_probing_are_engine_wide_and_apart_for_sampled_requests()
     curve = {1: 40, 2: 48, 4: 64, 8: 96, 16: 160, 32: 288}
     spec = _speculator(curve, [0.9] * 6)
     arm = (("ngram",), 1)
-    spec.acceptance[(arm, True)] = Acceptance(6, 0.9, prior_weight=2)
+    spec.acceptance[(arm, True)] = AcceptanceRates(6, 0.9, prior_weight=2)
 
     def step(rid, n):
         (proposal,) = spec.propose([Drafting(rid, n, [4])])
@@ -434,7 +435,7 @@ def test_greedy_identity_with_every_proposer(pair, text, model, combined, shape,
 
 @pytest.mark.parametrize("betting", [False, True], ids=["no-bets", "bets"])
 @pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.8)], ids=["greedy", "sampled"])
-def test_a_wide_model_tree_when_the_cost_model_picks_it(pair, betting, params):
+def test_a_wide_model_tree_when_the_cost_model_picks_it(pair, betting, params, monkeypatch):
     """The model's width-2 arm made the likely winner (its acceptance high, the draft's cost
     ignored): its trees (two children per expanded node; sampled from q at T=0.8; cut by the
     draft's confidence) are chosen, verified and, greedy, still the target's own output."""
@@ -443,9 +444,10 @@ def test_a_wide_model_tree_when_the_cost_model_picks_it(pair, betting, params):
     speculator = engine.speculator
     assert (("model",), 2) in speculator.arms
     for sampled in (False, True):
-        speculator.acceptance[((("model",), 1), sampled)] = Acceptance(6, [0.2] * 6, prior_weight=1e6)
-        speculator.acceptance[((("model",), 2), sampled)] = Acceptance(6, [0.99] * 6, prior_weight=1e6)
-    speculator._draft_cost = lambda arm, name, depth: 0.0  # this tiny draft costs what its target does
+        speculator.acceptance[((("model",), 1), sampled)] = AcceptanceRates(6, [0.2] * 6, prior_weight=1e6)
+        speculator.acceptance[((("model",), 2), sampled)] = AcceptanceRates(6, [0.99] * 6, prior_weight=1e6)
+    # this tiny draft costs what its target does: its cost left out
+    monkeypatch.setattr(pricing, "draft_cost", lambda costs, arm, name, depth: 0.0)
     speculator.cut_offs = True  # trees cut by the draft's confidence (down to the root) stay exact
     chosen = set()
     for p in _repetitive_prompts():

@@ -2,8 +2,8 @@
 
 Only plain data goes in and out (token ids, tree arrays), so an actor can wrap it unchanged.
 For a feature drafter (``lm.keep_hidden``) it also hands out the last-layer features of what it
-committed: the prompt's after ``start``, and ``Acceptance.features`` (root + accepted path) after
-``verify`` -- one row per committed token, (accepted + 1) x hidden.
+committed: the prompt's after ``start``, and ``AcceptedPath.features`` (root + accepted path)
+after ``verify`` -- one row per committed token, (accepted + 1) x hidden.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 
 from dovetail.models.cached_lm import CachedLM, forward_trees
 from dovetail.models.tree import DraftTree
-from dovetail.models.verification import (Acceptance, WarpedRows, accept_greedy, accept_sampling, sample_token,
-                                          target_probs)
+from dovetail.models.verification import (AcceptedPath, WarpedRows, accept_greedy, accept_sampling,
+                                          sample_token, target_probs)
 from dovetail.sampling import SamplingParams
 
 
@@ -43,31 +43,31 @@ class TargetVerifier:
             return int(logits[-1].argmax())
         return sample_token(target_probs(logits[-1:], params)[0], self.seed, len(prompt_ids))
 
-    def verify(self, tree: DraftTree) -> Acceptance:
+    def verify(self, tree: DraftTree) -> AcceptedPath:
         """One forward over the whole tree (root = last committed token), accept, commit the path."""
         return self.accept(tree, self.lm.forward_tree(tree.tokens, tree.parents, range(len(tree)), self.lm.committed))
 
-    def accept(self, tree: DraftTree, logits: torch.Tensor) -> Acceptance:
+    def accept(self, tree: DraftTree, logits: torch.Tensor) -> AcceptedPath:
         """Accept a path of the tree whose pending entries and ``logits`` a forward left; commit it."""
         if self.params.greedy:
-            acceptance = accept_greedy(tree, logits)
+            accepted = accept_greedy(tree, logits)
         else:
             # the root is the last committed token (its entry not computed yet): the first sampled
             # token's position is one past it
-            acceptance = accept_sampling(tree, WarpedRows(logits, self.params), self.seed, self.lm.committed + 1)
+            accepted = accept_sampling(tree, WarpedRows(logits, self.params), self.seed, self.lm.committed + 1)
         if self.lm.keep_hidden:
-            acceptance.features = self.lm.last_hidden[acceptance.path]
-        self.lm.commit(acceptance.path)
-        return acceptance
+            accepted.features = self.lm.last_hidden[accepted.path]
+        self.lm.commit(accepted.path)
+        return accepted
 
 
-def verify_batch(verifiers: list[TargetVerifier], trees: list[DraftTree]) -> list[Acceptance | Exception]:
+def verify_batch(verifiers: list[TargetVerifier], trees: list[DraftTree]) -> list[AcceptedPath | Exception]:
     """Verify several requests' trees (one verifier per request, one model) in one forward.
 
-    Each request's acceptance, or the exception its own acceptance raised: one request's failure
+    Each request's accepted path, or the exception its own acceptance raised: one request's failure
     (say, in its sampling) must not fail the others of the batch."""
     logits = forward_trees([v.lm for v in verifiers], trees)
-    results: list[Acceptance | Exception] = []
+    results: list[AcceptedPath | Exception] = []
     for v, tree, rows in zip(verifiers, trees, logits):
         try:
             results.append(v.accept(tree, rows))

@@ -127,7 +127,7 @@ class WarpedRows:
 
 
 @dataclass
-class Acceptance:
+class AcceptedPath:
     """Result of verifying one tree: the accepted root-to-node path and the committed tokens
     (accepted draft tokens followed by the bonus token); for a feature drafter, the target's
     features at the path's nodes (one row per committed token)."""
@@ -141,7 +141,7 @@ class Acceptance:
         return len(self.path) - 1
 
 
-def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> Acceptance:
+def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> AcceptedPath:
     best = logits.argmax(dim=-1).tolist()
     path, node = [0], 0
     while True:
@@ -151,10 +151,10 @@ def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> Acceptance:
             break
         node = int(match[0])
         path.append(node)
-    return Acceptance(path, [int(tree.tokens[n]) for n in path[1:]] + [best[node]])
+    return AcceptedPath(path, [int(tree.tokens[n]) for n in path[1:]] + [best[node]])
 
 
-def accept_sampling(tree: DraftTree, probs, seed: int, position: int) -> Acceptance:
+def accept_sampling(tree: DraftTree, probs, seed: int, position: int) -> AcceptedPath:
     """``probs[n]``: the target's distribution after tree node n (a tensor [n, V], or ``WarpedRows``
     that warps only the rows the walk visits); ``position``: the sequence index of the token sampled
     after the root (node n's follows at ``position + depth(n)``)."""
@@ -171,7 +171,7 @@ def accept_sampling(tree: DraftTree, probs, seed: int, position: int) -> Accepta
             child, token = reject_against(probs[node], proposal, [int(c) for c in children],
                                           [int(tree.tokens[c]) for c in children], seed, at)
         if child is None:
-            return Acceptance(path, [int(tree.tokens[n]) for n in path[1:]] + [token])
+            return AcceptedPath(path, [int(tree.tokens[n]) for n in path[1:]] + [token])
         node = child
         path.append(node)
 

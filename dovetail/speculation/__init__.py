@@ -3,9 +3,10 @@
     lookup.py      proposers without a model: ``ngram`` (prompt lookup), ``suffix`` (suffix decoding)
     cost.py        the verify cost curve, acceptance by depth, expected tokens per step
     calibrate.py   the curve and the draft's cost per level, measured once per machine and cached
-    options.py     what the speculator rates and keeps: options, request state, depth and width bounds
+    options.py     what pricing rates and the speculator keeps: options, request state, depth and width bounds
     members.py     a proposer the speculator runs, and running them for a step
-    speculator.py  the one proposer the decode loop sees: runs the members, chooses, learns
+    pricing.py     the choice of each step, a pure function of the options, the curve and the rates
+    speculator.py  what the decode loop drafts with: bookkeeping, runs the members, asks pricing, learns
 
 ``--draft`` names the proposers: ``auto`` (the default: the draft model ``auto`` resolves to, plus
 ``ngram`` and ``suffix``, the cost model choosing one of them, or none, every step), one name, or

@@ -3,14 +3,14 @@
 * ``VerifyCurve``: seconds of one target forward by rows, measured at start-up (``calibrate``)
   and refreshed from every step the loop times, by context-length bucket, so that long prompts
   (attention) and kernel changes move it without any constant in the code.
-* ``Acceptance``: per proposer, the chance that a draft token at depth d is accepted once
+* ``AcceptanceRates``: per proposer, the chance that a draft token at depth d is accepted once
   depth d-1 was, decayed so that it follows the text; per request, with the proposer's
   engine-wide figure as its prior.
 * ``Confidence``: per draft model, how often a node is accepted against the draft's own
   cumulative probability of it, so that each tree can be cut where its nodes stop paying.
 * ``expected_tokens``: committed tokens per step for a chain of k such tokens (+ the bonus).
 
-A step's rate is expected tokens / (draft wait + verification); the speculator picks the
+A step's rate is expected tokens / (draft wait + verification); ``pricing.price`` picks the
 proposer and depth with the best rate, and "none" (the target alone: 1 token per one-row
 forward) is always one of the choices.
 """
@@ -111,7 +111,7 @@ class VerifyCurve:
         self.seen.setdefault((context_bucket(context), rows), Ema()).add(seconds)
 
 
-class Acceptance:
+class AcceptanceRates:
     """Conditional acceptance by depth (1-based) of one proposer: accepted / reached, decayed,
     starting from ``prior`` with the weight of ``prior_weight`` observations."""
 
@@ -175,7 +175,7 @@ class Confidence:
         return min(cut, self.TOP)
 
 
-def blended(own: Acceptance, prior: Acceptance, weight: float = 4.0) -> list[float]:
+def blended(own: AcceptanceRates, prior: AcceptanceRates, weight: float = 4.0) -> list[float]:
     """A request's rates, its own observations pulled towards the engine-wide ``prior`` as if
     that were ``weight`` observations."""
     out = []

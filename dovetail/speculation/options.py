@@ -1,4 +1,4 @@
-"""What the speculator rates and keeps: the options it chooses among each step, each request's
+"""What pricing rates and the speculator keeps: the options chosen among each step, each request's
 state, and the constants that bound both (depths, tree widths, priors, the margin a draft must win
 by, the probing schedule)."""
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from dovetail.decode import Choice
 from dovetail.models.tree import DraftTree, TreeShape
-from dovetail.speculation.cost import Acceptance
+from dovetail.speculation.cost import AcceptanceRates
 
 MAX_DEPTH = 6  # the deepest chain the cost model considers
 TEXT_SHAPE = TreeShape(total_tokens=3 * MAX_DEPTH + 1, depth=MAX_DEPTH, top_k=3)  # what text proposers offer
@@ -23,7 +23,7 @@ MARGIN = 1.05  # a draft must be expected this much faster than the target alone
 class RequestState:
     context: int
     pending: dict[str, list[int]]  # tokens a skipped model has not been told yet
-    acceptance: dict[tuple, Acceptance] = field(default_factory=dict)  # by arm (see Speculator.arms)
+    acceptance: dict[tuple, AcceptanceRates] = field(default_factory=dict)  # by arm (see Speculator.arms)
     sampled: bool = False  # its draft model samples its trees (confidence is learnt apart)
     current: Choice | None = None
     catch_up_s: float = 0.0  # the current choice's predicted catch-up (not part of a draft's usual wait)
