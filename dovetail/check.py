@@ -187,6 +187,7 @@ def run_check(config, samples: int = 150, new_tokens: int = 48, say=print) -> in
     """Every check in turn on ``config``'s models (in process); 0 when all passed, else 1."""
     from dovetail.api import Dovetail
     from dovetail.models.loading import encode_chat
+    from dovetail.speculation.learned import describe as describe_learned, learned_path
 
     t0 = time.perf_counter()
     outcomes = [_timed(check_kernels)]
@@ -199,6 +200,9 @@ def run_check(config, samples: int = 150, new_tokens: int = 48, say=print) -> in
                     lambda: check_sampling(dt, prompts[1], samples), lambda: check_costs(dt)):
             outcomes.append(_timed(run))
             say(outcomes[-1].line())
+        learnt = describe_learned(learned_path(dt.speculation_setup().cost_key))
+        say("learnt by earlier runs here (acceptance by depth, per proposer and temperature class): "
+            + ("\n  " + "\n  ".join(learnt) if learnt else "nothing yet"))
         outcomes.append(_timed(lambda: check_speed(dt, prompts[0], 2 * new_tokens)))
         say(outcomes[-1].line())
         failed = [o.name for o in outcomes if o.passed is False]

@@ -2,12 +2,14 @@
 choice follows from the arithmetic (expected tokens over draft + verify seconds, against one token
 per one-row forward for the target alone)."""
 
+import math
+
 import pytest
 
 from dovetail.models.tree import DraftTree, TreeShape
 from dovetail.speculation.cost import Ema, VerifyCurve, expected_tokens
 from dovetail.speculation.members import Member
-from dovetail.speculation.options import MARGIN, PROBE_FIRST
+from dovetail.speculation.options import MARGIN, PROBE_BUDGET, PROBE_FIRST
 from dovetail.speculation.pricing import Ask, Costs, Probing, batch_rate, choice_of, draft_cost, offer, price
 
 NGRAM = (("ngram",), 1)
@@ -69,7 +71,7 @@ def test_a_pinned_shape_speculates_even_when_nothing_is_accepted():
 def test_a_root_alone_offers_nothing_and_still_counts_towards_a_probe():
     decision = price([ngram_ask([0.9] * 6, chain(0))], [NGRAM], text_costs())
     assert decision.picks == {"r": None} and decision.lost == {}  # nothing was offered: nothing lost
-    assert decision.probing.losing[(NGRAM, False)] == 1
+    assert decision.probing.losing[(NGRAM, "greedy")] == 1
 
 
 def test_a_tie_goes_to_the_arm_offered_first():
@@ -110,13 +112,13 @@ def test_a_skipped_models_missed_tokens_are_priced():
 
 
 def test_a_losing_arm_is_probed_on_schedule_and_the_given_schedule_is_left_alone():
-    due = Probing({(NGRAM, False): PROBE_FIRST - 1}, {(NGRAM, False): PROBE_FIRST})
+    due = Probing({(NGRAM, "greedy"): PROBE_FIRST - 1}, {(NGRAM, "greedy"): PROBE_FIRST})
     decision = price([ngram_ask([0.0] * 6)], [NGRAM], text_costs(), due)
     assert decision.picks["r"].probe and decision.lost == {}
-    assert decision.probing.losing[(NGRAM, False)] == 0
-    assert decision.probing.probe_after[(NGRAM, False)] == 2 * PROBE_FIRST
-    assert due.losing == {(NGRAM, False): PROBE_FIRST - 1} and due.probe_after == {(NGRAM, False): PROBE_FIRST}
-    sampled = price([Ask("r", 10, {NGRAM: [0.0] * 6}, {"ngram": chain(6)}, sampled=True)], [NGRAM], text_costs(), due)
+    assert decision.probing.losing[(NGRAM, "greedy")] == 0
+    assert decision.probing.probe_after[(NGRAM, "greedy")] == 2 * PROBE_FIRST
+    assert due.losing == {(NGRAM, "greedy"): PROBE_FIRST - 1} and due.probe_after == {(NGRAM, "greedy"): PROBE_FIRST}
+    sampled = price([Ask("r", 10, {NGRAM: [0.0] * 6}, {"ngram": chain(6)}, heat="T<=1")], [NGRAM], text_costs(), due)
     assert sampled.picks["r"] is None  # a sampled request keeps its own schedule
 
 
@@ -146,3 +148,23 @@ def test_a_batch_shares_its_draft_model():
         decision = price(asks, [model], costs)
         assert {p.key if p else None for p in decision.picks.values()} == {expected}
         assert batch_rate(asks, decision.picks, costs) >= batch_rate(asks, {}, costs)
+
+
+def test_a_costly_probe_waits_until_its_loss_fits_the_budget():
+    """A losing draft that costs half a target forward is not probed at the schedule's first due
+    step: its expected loss (its draft and verify time, in one-row forwards, less its tokens) must
+    fit PROBE_BUDGET of the steps since the last probe; a free proposer's probe goes on schedule."""
+    model = (("model",), 1)
+    costs = Costs(VerifyCurve(FLAT), {"model": Member("model", None, step_s=0.5 * FLAT[1])})
+    ask = Ask("r", 10, {model: [0.0] * 6})
+    loss = (0.5 * FLAT[1] + FLAT[2]) / FLAT[1] - 1.0  # a depth-1 probe, never accepted
+    due = PROBE_FIRST
+    assert due * PROBE_BUDGET < loss
+    early = price([ask], [model], costs, Probing({(model, "greedy"): due - 1}, {(model, "greedy"): due}))
+    assert early.picks["r"] is None and early.probing.losing[(model, "greedy")] == due
+    affordable = math.ceil(loss / PROBE_BUDGET)
+    late = price([ask], [model], costs, Probing({(model, "greedy"): affordable - 1}, {(model, "greedy"): due}))
+    assert late.picks["r"].probe and late.picks["r"].depth == 1
+    free = price([ngram_ask([0.0] * 6)], [NGRAM], text_costs(),
+                 Probing({(NGRAM, "greedy"): due - 1}, {(NGRAM, "greedy"): due}))
+    assert free.picks["r"].probe

@@ -21,7 +21,8 @@ from dovetail.speculation import SpeculationSetup, parse_proposers, pricing
 from dovetail.speculation.cost import AcceptanceRates, Confidence, VerifyCurve, expected_tokens
 from dovetail.speculation.lookup import NgramProposer, SuffixCache, SuffixProposer, SuffixTrie
 from dovetail.speculation.members import Member
-from dovetail.speculation.options import PROBE_FIRST
+from dovetail.speculation.learned import describe as describe_learned
+from dovetail.speculation.options import HEATS, PRIOR, PROBE_FIRST
 from dovetail.speculation.speculator import Speculator
 from tiny_models import actor_engine, hf_greedy, perturbed, tiny_model
 
@@ -146,8 +147,8 @@ def _speculator(curve_ms, acceptance, model_step_ms=None, text_acceptance=None):
     spec = Speculator(members, options, VerifyCurve({r: ms / 1e3 for r, ms in curve_ms.items()}))
     for key, rates in ((("model",), acceptance), (("ngram",), text_acceptance or acceptance)):
         for width in (1, 2):  # a wide model tree: as likely as the chain here, so never better
-            if ((key, width), False) in spec.acceptance:
-                spec.acceptance[((key, width), False)] = AcceptanceRates(6, list(rates), prior_weight=1e6)
+            if (key, width) in spec.arms:
+                spec.acceptance[((key, width), "greedy")] = AcceptanceRates(6, list(rates), prior_weight=1e6)
     spec.start("r", [1, 2, 3])
     return spec
 
@@ -289,7 +290,7 @@ def test_cost_model_picks_the_width_the_arithmetic_says():
     for curve, wide_wins in (({1: 40, 2: 41, 4: 42, 8: 44, 16: 50, 32: 70}, True),
                              ({1: 40, 2: 70, 4: 130, 8: 250, 16: 490, 32: 970}, False)):
         spec = _speculator(curve, [0.6] * 6, model_step_ms=2, text_acceptance=[0.01] * 6)
-        spec.acceptance[((("model",), 2), False)] = AcceptanceRates(6, [0.9] * 6, prior_weight=1e6)
+        spec.acceptance[((("model",), 2), "greedy")] = AcceptanceRates(6, [0.9] * 6, prior_weight=1e6)
         (proposal,) = spec.propose([Drafting("r", 1, [4])])
         width = proposal.choice.width if proposal.choice else 0
         assert (width == 2) == wide_wins, (curve, proposal.choice)
@@ -317,7 +318,7 @@ def test_cost_model_learns_the_curve_by_context():
 def test_speculator_learns_acceptance_and_switches_off_then_probes():
     curve = {1: 40, 2: 48, 4: 64, 8: 96, 16: 160, 32: 288}
     spec = _speculator(curve, [0.9] * 6)
-    spec.acceptance[((("ngram",), 1), False)] = AcceptanceRates(6, 0.9, prior_weight=2)
+    spec.acceptance[((("ngram",), 1), "greedy")] = AcceptanceRates(6, 0.9, prior_weight=2)
     chosen = []
     for step in range(1, 40):
         (proposal,) = spec.propose([Drafting("r", step, [4])])
@@ -343,7 +344,7 @@ def test_an_unverified_text_tree_is_judged_against_what_was_committed():
     curve = {1: 40, 2: 48, 4: 64, 8: 96, 16: 160, 32: 288}
     spec = _speculator(curve, [0.9] * 6)
     arm = (("ngram",), 1)
-    spec.acceptance[(arm, False)] = AcceptanceRates(6, 0.9, prior_weight=2)
+    spec.acceptance[(arm, "greedy")] = AcceptanceRates(6, 0.9, prior_weight=2)
 
     def step(n, committed):
         (proposal,) = spec.propose([Drafting("r", n, [4])])
@@ -355,11 +356,11 @@ def test_an_unverified_text_tree_is_judged_against_what_was_committed():
     n = 0
     while step(n := n + 1, [5]) is not None:  # nothing matches: it switches off
         assert n < 20
-    low = spec.acceptance[(arm, False)].rate(1)
+    low = spec._engine_rates(arm, "greedy").rate(1)
     off = [step(n := n + 1, [10]) for _ in range(3)]  # the text starts matching
-    assert spec.acceptance[(arm, False)].rate(1) > low
+    assert spec._engine_rates(arm, "greedy").rate(1) > low
     assert off[0] is None and any(c is not None for c in off), "matching text was not noticed before a probe"
-    assert spec.probing.probe_after[(arm, False)] == PROBE_FIRST, "the comeback was a probe"
+    assert spec.probing.probe_after[(arm, "greedy")] == PROBE_FIRST, "the comeback was a probe"
 
 
 def test_acceptance_and_probing_are_engine_wide_and_apart_for_sampled_requests():
@@ -368,7 +369,7 @@ def test_acceptance_and_probing_are_engine_wide_and_apart_for_sampled_requests()
     curve = {1: 40, 2: 48, 4: 64, 8: 96, 16: 160, 32: 288}
     spec = _speculator(curve, [0.9] * 6)
     arm = (("ngram",), 1)
-    spec.acceptance[(arm, True)] = AcceptanceRates(6, 0.9, prior_weight=2)
+    spec.acceptance[(arm, "T<=1")] = AcceptanceRates(6, 0.9, prior_weight=2)
 
     def step(rid, n):
         (proposal,) = spec.propose([Drafting(rid, n, [4])])
@@ -379,11 +380,53 @@ def test_acceptance_and_probing_are_engine_wide_and_apart_for_sampled_requests()
     spec.start("s", [1, 2, 3], params=SamplingParams(temperature=1.0))
     first = [step("s", n) for n in range(1, 40)]  # nothing a sampled request drafts is accepted
     assert first[0] is not None and first[-1] is None
-    assert spec.acceptance[(arm, True)].rate(1) < 0.5 and spec.acceptance[(arm, False)].rate(1) == pytest.approx(0.9)
+    assert spec.acceptance[(arm, "T<=1")].rate(1) < 0.5 and spec._engine_rates(arm, "greedy").rate(1) == pytest.approx(0.9)
     spec.start("t", [1, 2, 3], params=SamplingParams(temperature=1.0))
     assert all(step("t", n) is None for n in range(1, 9)), "a new request re-probed at once"
     spec.start("g", [1, 2, 3])  # a greedy request still expects its own figure
     assert step("g", 1) is not None
+
+
+
+def test_what_the_engine_learnt_is_kept_for_the_next_process(tmp_path):
+    """A fresh speculator of the same configuration starts from the acceptance and probing schedule
+    an earlier one kept on disk, apart by temperature class, instead of from the optimistic prior;
+    an unreadable file is a fresh start, not an error."""
+    curve = {1: 40, 2: 48, 4: 64, 8: 96, 16: 160, 32: 288}
+    path = tmp_path / "costs" / "abc.learned.json"
+    arm = (("ngram",), 1)
+
+    def run(spec, rid, params, steps):
+        spec.start(rid, [1, 2, 3], params=params)
+        choices = []
+        for n in range(1, steps + 1):
+            (proposal,) = spec.propose([Drafting(rid, n, [4])])
+            rows = len(proposal.tree)
+            spec.learn(rid, proposal, Verdict([5], [0]), StepTimes(spec.curve.base_at(rows), rows, 10))
+            choices.append(proposal.choice)
+        spec.end(rid)
+        return choices
+
+    def fresh():
+        members = [Member("ngram", FixedText(range(10, 20)), free=True)]
+        return Speculator(members, [("ngram",)], VerifyCurve({r: ms / 1e3 for r, ms in curve.items()}),
+                          learned_at=path)
+
+    first = fresh()
+    hot = SamplingParams(temperature=1.5)
+    assert run(first, "a", hot, 40)[0] is not None  # the prior is optimistic: it drafts, and learns it loses
+    assert path.exists()
+    learnt = first.acceptance[(arm, "T>1")].rate(1)
+    assert learnt < 0.3
+    second = fresh()
+    assert second._engine_rates(arm, "T>1").rate(1) == pytest.approx(learnt, abs=1e-3)
+    assert second._engine_rates(arm, "greedy").rate(1) == pytest.approx(PRIOR["text"])  # nothing kept for greedy
+    assert second.probing.probe_after[(arm, "T>1")] == first.probing.probe_after[(arm, "T>1")] > PROBE_FIRST
+    assert all(c is None for c in run(second, "b", hot, PROBE_FIRST)), "a fresh process re-learnt by drafting"
+    (line,) = describe_learned(path)  # what `check` prints
+    assert line.startswith("ngram/1 @ T>1: accepted by depth 0.") and "a losing probe waits" in line
+    path.write_text("{not json")
+    assert fresh()._engine_rates(arm, "T>1").rate(1) == pytest.approx(PRIOR["text"])
 
 
 # -- the engine: identity with the target alone, whatever was chosen ------------------------------
@@ -443,9 +486,9 @@ def test_a_wide_model_tree_when_the_cost_model_picks_it(pair, betting, params, m
     engine = _engine(target, draft, betting=betting)
     speculator = engine.speculator
     assert (("model",), 2) in speculator.arms
-    for sampled in (False, True):
-        speculator.acceptance[((("model",), 1), sampled)] = AcceptanceRates(6, [0.2] * 6, prior_weight=1e6)
-        speculator.acceptance[((("model",), 2), sampled)] = AcceptanceRates(6, [0.99] * 6, prior_weight=1e6)
+    for heat in HEATS:
+        speculator.acceptance[((("model",), 1), heat)] = AcceptanceRates(6, [0.2] * 6, prior_weight=1e6)
+        speculator.acceptance[((("model",), 2), heat)] = AcceptanceRates(6, [0.99] * 6, prior_weight=1e6)
     # this tiny draft costs what its target does: its cost left out
     monkeypatch.setattr(pricing, "draft_cost", lambda costs, arm, name, depth: 0.0)
     speculator.cut_offs = True  # trees cut by the draft's confidence (down to the root) stay exact

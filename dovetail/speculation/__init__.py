@@ -3,6 +3,7 @@
     lookup.py      proposers without a model: ``ngram`` (prompt lookup), ``suffix`` (suffix decoding)
     cost.py        the verify cost curve, acceptance by depth, expected tokens per step
     calibrate.py   the curve and the draft's cost per level, measured once per machine and cached
+    learned.py     what the cost model learnt (acceptance, probing), kept beside the curve for the next process
     options.py     what pricing rates and the speculator keeps: options, request state, depth and width bounds
     members.py     a proposer the speculator runs, and running them for a step
     pricing.py     the choice of each step, a pure function of the options, the curve and the rates
@@ -88,6 +89,7 @@ def build_speculator(model, setup: SpeculationSetup, verifier, context_length: i
     from dovetail.models.tree import TreeShape
     from dovetail.speculation.calibrate import measured_costs
     from dovetail.speculation.cost import VerifyCurve
+    from dovetail.speculation.learned import learned_path
     from dovetail.speculation.lookup import NgramProposer, SuffixCache, SuffixProposer
     from dovetail.speculation.members import Member
     from dovetail.speculation.speculator import Speculator
@@ -119,7 +121,8 @@ def build_speculator(model, setup: SpeculationSetup, verifier, context_length: i
                 members[0].step_s, members[0].levels = levels[1], VerifyCurve(levels)
     if shape is not None and not isinstance(shape, TreeShape):
         raise TypeError(f"shape must be a TreeShape, got {shape!r}")
-    return Speculator(members, options, curve, shape, say=setup.say, cut_offs=setup.cut_offs)
+    learned_at = learned_path(setup.cost_key) if shape is None or len(options) > 1 else None
+    return Speculator(members, options, curve, shape, say=setup.say, cut_offs=setup.cut_offs, learned_at=learned_at)
 
 
 def tree_room(proposers: Proposers, shape) -> int:

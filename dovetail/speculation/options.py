@@ -13,8 +13,10 @@ from dovetail.speculation.cost import AcceptanceRates
 MAX_DEPTH = 6  # the deepest chain the cost model considers
 TEXT_SHAPE = TreeShape(total_tokens=3 * MAX_DEPTH + 1, depth=MAX_DEPTH, top_k=3)  # what text proposers offer
 PROBE_FIRST, PROBE_LAST = 8, 128  # steps before a losing option is tried again (doubling)
+PROBE_BUDGET = 0.03  # the share of the steps' time that probing losing options may cost, all of them together
 MODEL_WIDTHS = (1, 2)  # a lone draft model's tree: a chain, or two children under each expanded node
 PRIOR = {"model": 0.7, "wide": 0.8, "text": 0.5}  # acceptance before anything is seen (optimistic: it gets tried)
+GREEDY = "greedy"  # the temperature class of greedy requests (``temperature_class``)
 MARGIN = 1.05  # a draft must be expected this much faster than the target alone: estimates err both ways,
 # and a draft chosen on a near tie loses about as often as it wins
 
@@ -24,7 +26,7 @@ class RequestState:
     context: int
     pending: dict[str, list[int]]  # tokens a skipped model has not been told yet
     acceptance: dict[tuple, AcceptanceRates] = field(default_factory=dict)  # by arm (see Speculator.arms)
-    sampled: bool = False  # its draft model samples its trees (confidence is learnt apart)
+    heat: str = GREEDY  # its temperature class: acceptance, probing and confidence are learnt apart by it
     current: Choice | None = None
     catch_up_s: float = 0.0  # the current choice's predicted catch-up (not part of a draft's usual wait)
     off_said: bool = False
@@ -33,6 +35,20 @@ class RequestState:
     # as those tokens reach; sampled: the same chance at depth 1, as a fixed candidate set is accepted
     # with the target's probability of it)
     shadow: dict[tuple, DraftTree] = field(default_factory=dict)
+
+
+def temperature_class(params) -> str:
+    """What the engine learns acceptance apart by: greedy requests; sampled ones at T <= 1 and
+    hotter ones (a draft that pays at T = 0.8 can lose at T = 1.5, where the target's distribution
+    is flatter); and, sampled, whether the draft samples its trees or proposes its most likely
+    tokens (a request with a seed of its own)."""
+    if params is None or params.greedy:
+        return GREEDY
+    heat = "T>1" if params.temperature > 1.0 else "T<=1"
+    return heat if params.draft_samples else f"{heat} seeded"
+
+
+HEATS = (GREEDY, "T<=1", "T>1", "T<=1 seeded", "T>1 seeded")  # every class ``temperature_class`` gives
 
 
 @dataclass

@@ -21,7 +21,8 @@ from dovetail.decode import Choice
 from dovetail.models.tree import DraftTree, TreeShape, merge_trees
 from dovetail.speculation.cost import Confidence, Ema, VerifyCurve, expected_tokens
 from dovetail.speculation.members import Member
-from dovetail.speculation.options import MARGIN, MAX_DEPTH, PROBE_FIRST, PROBE_LAST, TEXT_SHAPE, Option
+from dovetail.speculation.options import (GREEDY, MARGIN, MAX_DEPTH, PROBE_BUDGET, PROBE_FIRST, PROBE_LAST, TEXT_SHAPE,
+                                         Option)
 
 Arm = tuple[tuple[str, ...], int]  # proposers and a lone model's width: what acceptance is learnt for
 
@@ -37,7 +38,7 @@ class Ask:
     rates: Mapping[Arm, list[float]]
     text: Mapping[str, DraftTree] = field(default_factory=dict)
     missed: Mapping[str, int] = field(default_factory=dict)
-    sampled: bool = False  # its draft samples: probing and confidence are kept apart
+    heat: str = GREEDY  # its temperature class (``options.temperature_class``): probing and confidence are kept apart
 
 
 @dataclass(frozen=True)
@@ -48,17 +49,17 @@ class Costs:
     curve: VerifyCurve
     members: Mapping[str, Member]
     waits: Mapping[tuple[Arm, int], Ema] = field(default_factory=dict)
-    confidence: Mapping[tuple[Arm, bool], Confidence] = field(default_factory=dict)
+    confidence: Mapping[tuple[Arm, str], Confidence] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Probing:
-    """When losing arms are tried again, engine-wide by (arm, sampled): request-steps since each
+    """When losing arms are tried again, engine-wide by (arm, temperature class): request-steps since each
     was used, and after how many it is tried (a per-request schedule would re-probe every arm in
     every short request)."""
 
-    losing: Mapping[tuple[Arm, bool], int] = field(default_factory=dict)
-    probe_after: Mapping[tuple[Arm, bool], int] = field(default_factory=dict)
+    losing: Mapping[tuple[Arm, str], int] = field(default_factory=dict)
+    probe_after: Mapping[tuple[Arm, str], int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def price(asks: Sequence[Ask], arms: Sequence[Arm], costs: Costs, probing: Probi
         loser = None
         if shape is None and best is not None and rate(best) <= MARGIN * rate(None):
             loser, best = best, None
-        best = _probe(losing, probe_after, arms, ask.sampled, best, options)
+        best = _probe(losing, probe_after, arms, ask.heat, best, options, costs.curve, ask.context)
         if best is None and loser is not None:
             lost[rid] = Lost(loser, rate(loser), rate(None))
         picks[rid] = best
@@ -204,7 +205,7 @@ def with_cut_offs(asks: Sequence[Ask], picks: dict[str, Option | None], costs: C
         option = picks.get(ask.request_id)
         if option is None or option.probe or len(option.key) != 1 or costs.members[option.key[0]].free:
             continue
-        confidence = costs.confidence.get((option.arm, ask.sampled))
+        confidence = costs.confidence.get((option.arm, ask.heat))
         if confidence is None:
             continue
         level_s = costs.members[option.key[0]].level_s(1)
@@ -230,22 +231,30 @@ def _best_alone(ask: Ask, options: list[Option], costs: Costs) -> Option | None:
     return max(options, key=lambda o: batch_rate([ask], {ask.request_id: o}, costs), default=None)
 
 
-def _probe(losing: dict, probe_after: dict, arms: Sequence[Arm], sampled: bool, best: Option | None,
-           options: list[Option]) -> Option | None:
-    """Now and then, an arm that keeps losing is tried anyway (its best depth), so its acceptance
-    and cost stay current. Counts request-steps in ``losing`` and ``probe_after`` (the caller's
-    copies), apart for greedy and sampled requests."""
+def _probe(losing: dict, probe_after: dict, arms: Sequence[Arm], heat: str, best: Option | None,
+           options: list[Option], curve: VerifyCurve, context: int) -> Option | None:
+    """Now and then, an arm that keeps losing is tried anyway (its cheapest depth per row), so its
+    acceptance and cost stay current. Counts request-steps in ``losing`` and ``probe_after`` (the
+    caller's copies), apart by temperature class. A probe is due after ``probe_after`` steps, and
+    never before its expected loss fits ``PROBE_BUDGET`` of the steps since the last one (shared
+    by every losing arm): a draft that costs half the target waits longer than a free one."""
     chosen = best.arm if best else None
     for arm in arms:
-        key = (arm, sampled)
+        key = (arm, heat)
         if arm == chosen:
             losing[key], probe_after[key] = 0, PROBE_FIRST
             continue
         losing[key] = losing.get(key, 0) + 1
         if losing[key] >= probe_after.setdefault(key, PROBE_FIRST):
             candidates = [o for o in options if o.arm == arm]
-            if candidates:
-                losing[key] = 0
-                probe_after[key] = min(2 * probe_after[key], PROBE_LAST)
-                return replace(max(candidates, key=lambda o: o.tokens / max(o.rows, 1)), probe=True)
+            if not candidates:
+                continue
+            probe = max(candidates, key=lambda o: o.tokens / max(o.rows, 1))
+            one_row = curve.at(1, context)
+            loss = (probe.draft_s + curve.at(probe.rows, context)) / one_row - probe.tokens  # in one-row steps
+            if losing[key] * PROBE_BUDGET < loss * max(len(arms) - 1, 1):
+                continue
+            losing[key] = 0
+            probe_after[key] = min(2 * probe_after[key], PROBE_LAST)
+            return replace(probe, probe=True)
     return best

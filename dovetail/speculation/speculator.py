@@ -19,8 +19,11 @@ Each step, per request:
    is noticed at once instead of at the next probe.
 
 Options that lose are tried again now and then (every 8 request-steps of the engine, doubling to
-128 while they keep losing), so a change in the text or the machine is noticed. ``shape`` pins the
-tree (``--tree``): then only the proposer is chosen, and never none.
+128 while they keep losing, and never more often than their expected loss fits 3% of the steps),
+so a change in the text or the machine is noticed. Acceptance and that schedule are learnt per
+temperature class (greedy, T <= 1, T > 1) and kept on disk beside the cost curve (``learned.py``),
+so a fresh process starts where the last one left off. ``shape`` pins the tree (``--tree``): then
+only the proposer is chosen, and never none.
 """
 
 from __future__ import annotations
@@ -29,12 +32,15 @@ import logging
 import math
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from dovetail.decode import Drafting, Proposal, StepTimes, Verdict
 from dovetail.models.tree import DraftTree, TreeShape, merge_trees
 from dovetail.speculation.cost import AcceptanceRates, Confidence, Ema, VerifyCurve, blended, expected_tokens
 from dovetail.speculation.members import Member, propose_models, propose_text
-from dovetail.speculation.options import MAX_DEPTH, MODEL_WIDTHS, PRIOR, RequestState
+from dovetail.speculation import learned
+from dovetail.speculation.learned import Keeper
+from dovetail.speculation.options import HEATS, MAX_DEPTH, MODEL_WIDTHS, PRIOR, RequestState, temperature_class
 from dovetail.speculation.pricing import Ask, Costs, Lost, Probing, choice_of, price, text_tree
 
 log = logging.getLogger("dovetail")
@@ -44,11 +50,12 @@ class Speculator:
     """Per-request bookkeeping and the engine's learnt figures around ``pricing.price``."""
 
     def __init__(self, members: list[Member], options: list[tuple[str, ...]], curve: VerifyCurve,
-                 shape: TreeShape | None = None, say=None, cut_offs: bool = False):
+                 shape: TreeShape | None = None, say=None, cut_offs: bool = False, learned_at: Path | None = None):
         """``options``: the proposer combinations to choose from (each merged under one root);
         ``curve``: the target's measured verify cost; ``shape``: a pinned tree; ``cut_offs``: cut
         a draft model's trees by its confidence (``pricing.with_cut_offs``; the confidence is
-        learnt either way)."""
+        learnt either way); ``learned_at``: where earlier engines of this configuration kept what
+        they learnt (``learned.py``), read now and written as this one learns."""
         self.members = {m.name: m for m in members}
         unknown = {n for key in options for n in key} - set(self.members)
         if unknown or not options:
@@ -59,11 +66,16 @@ class Speculator:
         self.max_depth = shape.depth if shape is not None else MAX_DEPTH
         # arms: an option's proposers and, for a lone draft model, its width (each learns its acceptance)
         self.arms = [(key, width) for key in self.options for width in self._widths(key)]
-        # engine-wide, by (arm, sampled): a draft's acceptance when the request samples is another
-        # matter than when it is greedy (a request's own figure is blended with the one that fits it)
-        self.acceptance = {(arm, sampled): AcceptanceRates(self.max_depth, self._prior(arm))
-                           for arm in self.arms for sampled in (False, True)}
-        self.probing = Probing()  # when losing arms are tried again (each step's pricing gives the next)
+        # engine-wide, by (arm, temperature class): a draft's acceptance at T = 1.5 is another matter
+        # than greedy (a request's own figure is blended with the one that fits it); made on first use
+        self.acceptance: dict[tuple[tuple, str], AcceptanceRates] = {}
+        self.keeper, stored = Keeper(learned_at), learned.load(learned_at)
+        self.stored = stored.get("acceptance", {})
+        self.observed: set[tuple[tuple, str]] = set()  # the keys this engine has seen steps of
+        names = {learned.key_name(arm, heat): (arm, heat) for arm in self.arms for heat in HEATS}
+        # when losing arms are tried again (each step's pricing gives the next), from where earlier engines left it
+        self.probing = Probing(probe_after={names[k]: n for k, n in stored.get("probe_after", {}).items()
+                                            if k in names})
         self.draft_wait: dict[tuple[tuple, int], Ema] = {}  # (arm, depth) -> the loop's wait for the draft
         self.confidence: dict[tuple[tuple, bool], Confidence] = {}  # (arm, sampled) -> by draft probability
         self.states: dict[str, RequestState] = {}
@@ -71,6 +83,16 @@ class Speculator:
     def _widths(self, key: tuple[str, ...]) -> tuple[int, ...]:
         lone_model = len(key) == 1 and not self.members[key[0]].free
         return MODEL_WIDTHS if lone_model and self.shape is None else (1,)
+
+    def _engine_rates(self, arm: tuple, heat: str) -> AcceptanceRates:
+        """The engine-wide figure of ``arm`` for a temperature class: what earlier engines stored,
+        else the prior."""
+        key = (arm, heat)
+        if key not in self.acceptance:
+            stored = self.stored.get(learned.key_name(arm, heat))
+            self.acceptance[key] = (learned.restored(stored, self.max_depth) if stored
+                                    else AcceptanceRates(self.max_depth, self._prior(arm)))
+        return self.acceptance[key]
 
     def _prior(self, arm: tuple[tuple[str, ...], int]) -> float:
         key, width = arm
@@ -81,7 +103,7 @@ class Speculator:
     # -- the loop's TreeSource protocol -----------------------------------------------------------
     def start(self, request_id: str, prompt_ids: list[int], tenant: str = "", params=None) -> None:
         self.states[request_id] = RequestState(len(prompt_ids), {n: [] for n in self.members},
-                                               sampled=params is not None and params.draft_samples)
+                                               heat=temperature_class(params))
         for member in self.members.values():
             if member.free:
                 member.proposer.start(request_id, prompt_ids, tenant)
@@ -92,6 +114,9 @@ class Speculator:
         self.states.pop(request_id, None)
         for member in self.members.values():
             member.proposer.end(request_id)
+        if self.observed and self.keeper.due():
+            self.keeper.save({k: v for k, v in self.acceptance.items() if k in self.observed},
+                             {k: n for k, n in self.probing.probe_after.items() if k in self.observed})
 
     def propose(self, items: list[Drafting]) -> list[Proposal | Exception]:
         t0 = time.perf_counter()
@@ -170,7 +195,7 @@ class Speculator:
         depth = proposal.choice.shape.depth
         accepted = len(verdict.path) - 1
         if proposal.tree.scores is not None and len(arm[0]) == 1:
-            confidence = self.confidence.setdefault((arm, state.sampled), Confidence())
+            confidence = self.confidence.setdefault((arm, state.heat), Confidence())
             on_path = set(verdict.path)
             for node in range(1, len(proposal.tree)):
                 confidence.observe(math.exp(float(proposal.tree.scores[node])), node in on_path)
@@ -180,7 +205,8 @@ class Speculator:
         self.draft_wait.setdefault((arm, proposal.choice.shape.depth), Ema()).add(usual_wait)
 
     def _observe(self, state: RequestState, arm: tuple, depth: int, accepted: int) -> None:
-        self.acceptance[(arm, state.sampled)].observe(depth, accepted)
+        self._engine_rates(arm, state.heat).observe(depth, accepted)
+        self.observed.add((arm, state.heat))
         state.acceptance.setdefault(arm, AcceptanceRates(self.max_depth, 0.0, 0.0)).observe(depth, accepted)
 
     # -- what pricing reads ---------------------------------------------------------------------
@@ -189,7 +215,7 @@ class Speculator:
         state = self.states[request_id]
         return Ask(request_id, state.context, {arm: self._rates(request_id, arm) for arm in self.arms},
                    {n: text_trees[(request_id, n)] for n, m in self.members.items() if m.free},
-                   {n: self._missed(state, n) for n, m in self.members.items() if not m.free}, state.sampled)
+                   {n: self._missed(state, n) for n, m in self.members.items() if not m.free}, state.heat)
 
     def _costs(self) -> Costs:
         return Costs(self.curve, self.members, self.draft_wait, self.confidence)
@@ -205,7 +231,7 @@ class Speculator:
     def _rates(self, request_id: str, arm: tuple) -> list[float]:
         state = self.states[request_id]
         own = state.acceptance.get(arm)
-        prior = self.acceptance[(arm, state.sampled)]
+        prior = self._engine_rates(arm, state.heat)
         return blended(own, prior) if own is not None else prior.rates()
 
     def _say_off(self, request_id: str, lost: Lost) -> None:
