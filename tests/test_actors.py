@@ -284,11 +284,13 @@ def _raw(engine, prompt, max_new, sampling=None, speculate=True):
     sampling = sampling or dict(temperature=0.0, top_p=1.0, top_k=0, seed=1)
     tokens = []
     request = Request(prompt, max_new, SamplingParams(**sampling), speculate, pipeline=True)
-    for ref in engine.coordinator.generate.options(num_returns="streaming").remote(request):
-        item = ray.get(ref)
+    feed = engine._feeds.open(request.request_id)
+    last = ray.get(engine.coordinator.run.remote(request, engine._feeds.address))
+    for item in feed:
         if isinstance(item, Tokens):
             tokens.extend(item.ids)
         else:
+            assert item == last  # the call returns the request's last event too
             return tokens, item
 
 

@@ -3,7 +3,8 @@
 Requests queue in arrival order; one scheduler thread admits up to ``max_batch`` of them and steps
 them together through ``dovetail/decode.py``'s loop, with ``actors/remote.py``'s adapters turning
 its calls into messages (``ProposeTree``/``ProposeBatch``, ``Predraft`` for bets, ``VerifyTree``/
-``VerifyBatch``). A request's ``generate`` call relays what the scheduler produces for it.
+``VerifyBatch``). A request's ``run`` call pushes what the scheduler produces for it to the process that
+submitted it (``actors/feed.py``) and returns its last event.
 
 Pipelined (betting) step::
 
@@ -29,10 +30,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import ray
 import zmq
 
+from dovetail.actors.feed import Publisher
 from dovetail.actors.messaging import SEND_TIMEOUT_MS, Inbox, Messaging, WorkerFailure
 from dovetail.actors.remote import RemoteProposer, RemoteVerifier
 from dovetail.decode import DecodeLoop
@@ -92,10 +95,21 @@ class WorkerSpec:
 
 @dataclass(eq=False)
 class _Waiting:
-    """A request and the queue its ``generate`` call relays."""
+    """A request, where its events go, and the end its ``run`` call waits for."""
 
     request: Request
-    events: queue.SimpleQueue
+    push: Callable[[object], None]
+    ended: threading.Event
+    last: object = None
+
+    def emit(self, event) -> None:
+        """Push one event; the last one (stamped with the worker group's generation, which counts
+        restarts) also ends the ``run`` call."""
+        if isinstance(event, (Finished, Failed)):
+            self.last = event
+        self.push(event)
+        if self.last is not None:
+            self.ended.set()
 
 
 class Coordinator(Messaging):
@@ -113,7 +127,8 @@ class Coordinator(Messaging):
         self._failures: dict[str, str] = {}  # request id -> the error a worker reported for it
         self._restarting = False
         self._lifecycle = threading.RLock()  # one worker-group restart at a time, from any thread
-        self._inflight: set[str] = set()  # requests between generate()'s start and end
+        self._inflight: set[str] = set()  # requests between run()'s start and end
+        self.feeds = Publisher()  # events to the processes that submitted the requests
         self._start_workers()
         self.views = ArenaReader()  # the draft's trees, read from its arena
         verifier = RemoteVerifier(self)
@@ -262,31 +277,33 @@ class Coordinator(Messaging):
         self._stopping.set()
         self._scheduler.join(timeout=60)  # let it finish its step: stopping the workers under it would fail the step
         self._stop_workers(graceful=True)
+        self.feeds.close()
         self.views.close()
         self.arena.close()
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     # -- requests ----------------------------------------------------------------------------
-    def generate(self, request: Request):
-        """Stream the request: ``Tokens`` per step, then ``Finished`` or ``Failed``. After a worker
-        failure the workers are restarted. ``cancel(request_id)`` stops it between steps."""
+    def run(self, request: Request, feed_address: str):
+        """Run the request, pushing its events to ``feed_address`` (``actors/feed.py``): ``Tokens``
+        per step, then ``Finished`` or ``Failed``, which this call also returns when the request
+        ends. After a worker failure the workers are restarted. ``cancel(request_id)`` stops it
+        between steps."""
         self._inflight.add(request.request_id)
-        waiting = _Waiting(request, queue.SimpleQueue())
+        waiting = _Waiting(request, self.feeds.emitter(feed_address, request.request_id), threading.Event())
         try:
             self._incoming.put(waiting)
-            while True:
-                event = waiting.events.get()
-                yield self._stamped(event)
-                if not isinstance(event, Tokens):
-                    return
+            waiting.ended.wait()
+            return waiting.last
         finally:
             self._inflight.discard(request.request_id)
 
-    def _stamped(self, event):
-        """A request's last event carries the worker group's generation (it counts restarts)."""
-        if isinstance(event, (Finished, Failed)):
-            event.generation = self.generation
-        return event
+    def _stamping(self, waiting: _Waiting):
+        """The loop's ``emit`` for a request: its last event carries the worker group's generation."""
+        def emit(event):
+            if isinstance(event, (Finished, Failed)):
+                event.generation = self.generation
+            waiting.emit(event)
+        return emit
 
     def _serve(self) -> None:
         """The scheduler thread: admit requests in arrival order, step the batch, until shutdown."""
@@ -322,9 +339,9 @@ class Coordinator(Messaging):
                 try:
                     self._recover_idle()
                 except Exception as exc:  # the group could not be restarted: answer this request
-                    waiting.events.put(Failed(f"request failed: restarting the workers failed: {exc}"))
+                    waiting.emit(Failed(f"request failed: restarting the workers failed: {exc}", self.generation))
                     continue
-            loop.admit(waiting.request, waiting.events.put)
+            loop.admit(waiting.request, self._stamping(waiting))
 
     def _recover(self, exc: WorkerFailure, request_ids: list[str]) -> str:
         """After a worker failure: restart the whole group; the error message for the requests."""

@@ -19,6 +19,7 @@ from pathlib import Path
 import ray
 
 from dovetail.actors.coordinator import Coordinator, WorkerSpec
+from dovetail.actors.feed import Feed, Subscriber
 from dovetail.actors.worker import current_node, on_node
 from dovetail.config import DEFAULT_TREE
 from dovetail.speculation import Proposers, SpeculationSetup, stats_depth, tree_room
@@ -117,20 +118,6 @@ def start_ray(address: str | None, topology: Topology) -> bool:
     return True
 
 
-class EventStream:
-    """A request's events from the coordinator: ``for`` (blocking) or ``async for`` (in a server)."""
-
-    def __init__(self, refs):
-        self.refs = refs
-
-    def __iter__(self):
-        for ref in self.refs:
-            yield ray.get(ref)
-
-    async def __aiter__(self):
-        async for ref in self.refs:
-            yield await ref
-
 
 class ActorEngine(Generates):
     def __init__(self, target: ModelSpec, draft: ModelSpec | None, config, vocab: DraftVocab | None = None,
@@ -141,6 +128,7 @@ class ActorEngine(Generates):
         model-free proposers and the cost model (default: the draft alone, with ``config``'s tree
         pinned, or chain:3)."""
         self.config, self.context_length = config, target.context_length
+        self._feeds: Subscriber | None = None
         topology = resolve_topology(config.sockets, partition)
         self.target_precision = target.precision
         self.draft_precision = draft.precision if draft is not None else config.draft_precision
@@ -174,6 +162,7 @@ class ActorEngine(Generates):
         runs = short_dir("run")
         remove_orphans(runs, "", lambda path: shutil.rmtree(path, ignore_errors=True))  # of killed engines
         self.run_dir = private_dir(runs / owned_name(""))
+        self._feeds = Subscriber(self.run_dir)  # where the coordinator pushes this process's requests' events
         self.setup = setup or SpeculationSetup(shape=config.tree or DEFAULT_TREE)
         has_draft = draft is not None or drafter_dir is not None
         self.tree_room = tree_room(Proposers("model" if has_draft else None, self.setup.text), self.setup.shape)
@@ -216,7 +205,7 @@ class ActorEngine(Generates):
                             f"{max_new_tokens} new tokens) but the engine's KV budget is "
                             f"{self.kv_budget_bytes / MiB:.1f} MiB: ask for fewer tokens, or raise --kv-memory-mb")
 
-    def submit(self, request: Request) -> EventStream:
+    def submit(self, request: Request) -> Feed:
         """Start a request; its events: ``Tokens`` per step, then ``Finished`` or ``Failed``.
         ``cancel(request.request_id)`` stops it."""
         check_request(request.prompt_ids, request.max_new_tokens, self.context_length)
@@ -224,7 +213,11 @@ class ActorEngine(Generates):
         pipeline = self.pipeline if request.pipeline is None else request.pipeline
         request = dataclasses.replace(request, prompt_ids=[int(t) for t in request.prompt_ids],
                                       params=request.params.seeded(), pipeline=pipeline)
-        return EventStream(self.coordinator.generate.options(num_returns="streaming").remote(request))
+        feed = self._feeds.open(request.request_id)
+        guard = self.coordinator.run.remote(request, self._feeds.address)
+        guard.future().add_done_callback(lambda done: done.exception() is not None and feed.fail(done.exception()))
+        return feed
+
 
     def cancel(self, request_id: str) -> None:
         """Stop a request after its current step; its workers free its KV caches."""
@@ -256,6 +249,8 @@ class ActorEngine(Generates):
         except Exception:
             pass
         self.coordinator = None
+        if self._feeds is not None:
+            self._feeds.close()
         _wait_for_exit([w["pid"] for w in workers.values()], timeout_s=10)
         if self._owns_ray:
             ray.shutdown()

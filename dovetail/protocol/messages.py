@@ -180,6 +180,21 @@ class Synced:
     token: str
 
 
+@message("request_event")
+class RequestEvent:
+    """Coordinator -> the process that submitted the request (``actors/feed.py``): one event of its
+    stream. ``event`` is "tokens" (``ids``: the tokens one step committed), "finished" (``stats``:
+    the ``GenerationStats`` fields) or "failed" (``error``)."""
+
+    request_id: str
+    event: str
+    ids: list[int] = field(default_factory=list)
+    stats: dict | None = None
+    cancelled: bool = False
+    error: str = ""
+    generation: int | None = None
+
+
 @message("shutdown")
 class Shutdown:
     reason: str = ""

@@ -6,8 +6,8 @@
 Each replica owns a complete actor engine (coordinator, draft, target shards) on its own share of
 the machine's sockets. Up to ``max_batch`` requests decode together on it (their trees verified
 in one target forward); the others wait in arrival order for a slot.
-Tokens stream as they are committed, one server-sent event per token; a client that goes away
-cancels its request, which frees its KV caches after the current step.
+Tokens stream as they are committed, one server-sent event per step (the tokens it committed); a
+client that goes away cancels its request, which frees its KV caches after the current step.
 """
 
 
@@ -287,16 +287,17 @@ class DovetailServer:
                     break
                 if assembler.stopped:
                     continue  # tokens of the step that hit a stop sequence: drained, not shown
+                job.first_token = job.first_token or time.perf_counter()
+                text = ""  # a step's tokens go out as one event: one wake-up per step for every process
                 for token in item.ids:
-                    job.first_token = job.first_token or time.perf_counter()
                     job.tokens.append(token)
-                    text = assembler.add(token)
-                    if text:
-                        job.text += text
-                        yield text
+                    text += assembler.add(token)
                     if assembler.stopped:
                         side_calls.side_call(self.engine.cancel, job.rid)  # ends after this step; drain to its stats
                         break
+                if text:
+                    job.text += text
+                    yield text
         finally:
             if not finished:  # the client went away (or a stop sequence and then an error)
                 side_calls.side_call(self.engine.cancel, job.rid)
