@@ -7,6 +7,8 @@
                 and trained drafters, with HF's forward-cost curves
     actors.py   the actor system against the in-process engine
     serve.py    the HTTP server: TTFT, per-token overhead, concurrency, replicas and shards
+    load.py     the HTTP server under 1-16 concurrent chat streams against llama.cpp's llama-server
+                (with and without its draft model) on the same GGUF file: tok/s, TTFT, ITL
     cluster.py  serving on a two-node Ray cluster made on this machine: 1 -> 2 nodes
     workloads.py  what users run (chat, code editing, 4k context, multi-turn, sampling): the cost
                 model's defaults against the target alone and llama.cpp's proposers
@@ -34,6 +36,7 @@ SUITES = {  # --suite name -> its help; the suite is the module bench/<name>.py,
     "humaneval": "fp32 methods side by side",
     "actors": "the actor system vs the in-process engine",
     "serve": "the HTTP server (TTFT, overhead per token, concurrency, replicas/shards scaling)",
+    "load": "the server under concurrent chat streams vs llama-server on the same GGUF (tok/s, TTFT, ITL)",
     "cluster": "serving on 1 then 2 nodes of a local two-node Ray cluster",
     "workloads": "chat, code editing, long context, multi-turn and sampling against the target alone and llama.cpp",
     "profile": "the target's forward by operator at 1-16 rows",
@@ -57,12 +60,21 @@ def add_bench_args(p) -> None:
                                   for name, text in SUITES.items()))
     p.add_argument("--workloads", default="", help="workloads suite: comma-separated subset (default: all)")
     p.add_argument("--context-tokens", type=int, default=4000, help="workloads suite: the long-context prompt's size")
-    p.add_argument("--no-llama", action="store_true", help="workloads and kernels suites: skip llama.cpp's rows")
+    p.add_argument("--no-llama", action="store_true", help="workloads, kernels and load suites: skip llama.cpp's rows")
     p.add_argument("--seven-b", action="store_true",
                    help="kernels suite: also a 7B-shaped random Q4_K file (made once, ~4.4 GB): its curve, prefill "
                         "and a projected speculative rate with the packaged draft")
     p.add_argument("--serve-configs", default="",
                    help="serve suite: ';'-separated substrings picking configurations (default: all)")
+    p.add_argument("--concurrency", default="1,2,4,8,16", help="load suite: comma-separated concurrent requests")
+    p.add_argument("--spec-concurrency", default="1",
+                   help="load suite: the concurrencies at which llama-server-draft runs (comma-separated)")
+    p.add_argument("--systems", default="",
+                   help="load suite: comma-separated subset of dovetail,dovetail-no-draft,llama-server,"
+                        "llama-server-draft (default: all)")
+    p.add_argument("--load-requests", type=int, default=8,
+                   help="load suite: requests per point, at least the concurrency (rounded up to a multiple of it)")
+    p.add_argument("--load-tokens", type=int, default=128, help="load suite: max_tokens of each request")
     p.add_argument("--reps", type=int, default=7, help="profile, kernels and sampling suites: repetitions per point (medians)")
     p.add_argument("--name", default=None, help="results file stem (default: the suite)")
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help=f"where results go (default: {RESULTS_DIR})")

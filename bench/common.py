@@ -33,12 +33,18 @@ def machine_info() -> dict:
             "transformers": transformers.__version__, "dtype": "float32"}
 
 
-def humaneval_prompts(tokenizer, count: int) -> list[list[int]]:
-    from dovetail.models.loading import encode_chat
+def humaneval_texts(count: int) -> list[str]:
+    """The first ``count`` HumanEval problems as chat messages' text."""
     from dovetail.store import humaneval_problems
 
-    return [encode_chat(tokenizer, f"Complete the following Python function.\n\n{problem['prompt']}")
+    return [f"Complete the following Python function.\n\n{problem['prompt']}"
             for problem in humaneval_problems()[:count]]
+
+
+def humaneval_prompts(tokenizer, count: int) -> list[list[int]]:
+    from dovetail.models.loading import encode_chat
+
+    return [encode_chat(tokenizer, text) for text in humaneval_texts(count)]
 
 
 def check_decoding_args(args) -> tuple[set[str], list]:

@@ -48,7 +48,7 @@ from dovetail.protocol.collectives import shm_collective_bytes
 from dovetail.protocol.messages import PROTOCOL_VERSION, Shutdown
 from dovetail.protocol.shm import ArenaReader, ShmArena, pid_alive, remove_orphaned_segments
 from dovetail.speculation import SpeculationSetup, build_speculator
-from dovetail.request import Failed, Finished, Request, Tokens
+from dovetail.request import Failed, Finished, Request
 
 log = logging.getLogger("dovetail.coordinator")
 
