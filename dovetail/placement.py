@@ -26,6 +26,10 @@ PROCESS_OVERHEAD = int(0.6 * GiB)  # torch + ray worker baseline per actor proce
 # verification more than overlapping the draft gains (bench/results/actors.json has both plans);
 # from 4 cores the target keeps >= 3/4 of its socket.
 CARVE_MIN_CPUS = 4
+# Keep one core off the target for the processes that wake on every step (the coordinator, the
+# server's replica and proxy) only on a socket this big: on fewer cores the target needs them all,
+# and those processes then take their turn on the target's cores.
+CONTROL_MIN_CPUS = 8
 KV_VALUE_BYTES = 4  # keys and values are kept in fp32
 KV_SHARE_OF_FREE = 0.8  # of the RAM a plan leaves free: the rest is headroom for activations and the OS
 
@@ -52,6 +56,7 @@ class Plan:
     draft: DraftPlacement | None
     topology: Topology
     free_bytes: int = 0  # RAM the plan leaves free when it was made (before any load)
+    control_cpus: tuple[int, ...] = ()  # the coordinator's and the server's (none: they float)
 
     def describe(self) -> str:
         lines = [f"placement plan ({self.topology.source}; {len(self.topology.sockets)} socket(s), "
@@ -65,7 +70,10 @@ class Plan:
             where = "GPU 0" if d.device == "cuda" else f"CPUs {_cpus(d.cpus)} ({len(d.cpus)} threads)"
             share = ", shares its CPUs with the target (no overlap possible)" if d.shares_cpus else ""
             lines.append(f"  draft: {where}, ~{d.memory_bytes / GiB:.1f} GiB{share}")
-        lines.append("  coordinator: no reserved CPU (waits on zmq)")
+        if self.control_cpus:
+            lines.append(f"  coordinator and server: CPU {_cpus(self.control_cpus)}, kept off the target's cores")
+        else:
+            lines.append("  coordinator and server: no reserved CPU (they wait on sockets and wake once a step)")
         return "\n".join(lines)
 
 
@@ -135,12 +143,13 @@ def make_plan(topology: Topology, target_bytes: int, draft_bytes: int | None, sh
             groups, draft = _reserve_draft_cpus(groups, parse_cpu_list(draft_cpus), draft_bytes)
         else:
             groups, draft = _carve_draft_cpu(groups, draft_bytes)
+    groups, control = _carve_control_cpu(groups)
     n = len(groups)
     per_shard = target_bytes // n + PROCESS_OVERHEAD
     placed = tuple(ShardPlacement(i, cpus, node, per_shard) for i, (cpus, node, _) in enumerate(groups))
     available = memory_available if memory_available is not None else available_memory()
     need = _check_memory(placed, draft, groups, available)
-    return Plan(placed, draft, topology, available - need)
+    return Plan(placed, draft, topology, available - need, control)
 
 
 def _shard_groups(sockets: tuple[Socket, ...], shards: int) -> list[tuple[tuple[int, ...], int | None, int | None]]:
@@ -175,6 +184,14 @@ def _carve_draft_cpu(groups, draft_bytes):
         groups[largest] = (cpus[:-1], node, mem)
         return groups, DraftPlacement("cpu", cpus[-1:], False, draft_bytes + PROCESS_OVERHEAD)
     return groups, DraftPlacement("cpu", groups[-1][0], True, draft_bytes + PROCESS_OVERHEAD)
+
+
+def _carve_control_cpu(groups):
+    """The last CPU of the first shard group, when that group can spare it (``CONTROL_MIN_CPUS``)."""
+    cpus, node, mem = groups[0]
+    if len(cpus) < CONTROL_MIN_CPUS:
+        return groups, ()
+    return [(cpus[:-1], node, mem), *groups[1:]], cpus[-1:]
 
 
 def _reserve_draft_cpus(groups, cpus: tuple[int, ...], draft_bytes):

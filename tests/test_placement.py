@@ -79,3 +79,14 @@ def test_kv_bytes_and_budget(tmp_path):
     plan = make_plan(Topology((Socket(0, (0, 1)),)), GiB, None, memory_available=6 * GiB)
     assert plan.free_bytes == 6 * GiB - plan.shards[0].memory_bytes
     assert kv_budget(plan, share=2) == int(plan.free_bytes * 0.8) // 2
+
+
+def test_a_big_socket_keeps_a_core_for_the_coordinator_and_server():
+    """On sockets of 8+ cores the processes that wake every step get a core of their own; on small
+    ones the target keeps every core."""
+    big = Topology((Socket(0, tuple(range(16)), 64 * GiB, 0),))
+    plan = make_plan(big, 6 * GiB, GiB, memory_available=100 * GiB)
+    assert plan.control_cpus == (14,) and plan.draft.cpus == (15,) and plan.shards[0].cpus == tuple(range(14))
+    assert "coordinator and server: CPU 14, kept off the target's cores" in plan.describe()
+    small = make_plan(TWO_SOCKETS, 6 * GiB, GiB, memory_available=100 * GiB)
+    assert small.control_cpus == () and "no reserved CPU" in small.describe()
