@@ -99,12 +99,29 @@ class Dovetail:
             vocab = self._draft_vocabulary(draft_model.config.vocab_size)
             draft = DraftProposer(CachedLM(draft_model), cfg.tree or DEFAULT_TREE, vocab)
         target = TargetVerifier(CachedLM(target_model, keep_hidden=self.feature_drafter))
-        self._engine = SpeculativeEngine(target, draft, self.eos_token_ids,
-                                         max_batch=cfg.max_batch, setup=self.speculation_setup())
+        self._engine = SpeculativeEngine(target, draft, self.eos_token_ids, max_batch=cfg.max_batch,
+                                         setup=self.speculation_setup(), kv_cap=self._kv_cap(),
+                                         prefill_chunk=cfg.prefill_chunk)
         self._engine.generate([0, 1], 2)  # warm up kernels and allocations before the first request
         self._say(f"target {cfg.target} ({self.precision_label('target')}); {self.speculation_label}; "
                   f"{cfg.threads} threads; loaded in {time.perf_counter() - t0:.1f}s")
+        self._say_batch()
         return self
+
+    def _kv_cap(self) -> int | None:
+        """In process: how many typical requests' KV caches fit --kv-memory-mb, or the RAM left free
+        after loading."""
+        from dovetail.batching import TYPICAL_REQUEST_TOKENS, kv_cap
+        from dovetail.placement import KV_SHARE_OF_FREE, MiB, available_memory, kv_bytes_per_token
+
+        per_token = kv_bytes_per_token(self.target.folder) + (
+            kv_bytes_per_token(self.draft.folder) if self.draft is not None else 0)
+        budget = self.config.kv_memory_mb * MiB if self.config.kv_memory_mb else available_memory() * KV_SHARE_OF_FREE
+        return kv_cap(int(budget), min(TYPICAL_REQUEST_TOKENS, self.context_length) * per_token)
+
+    def _say_batch(self) -> None:
+        info = self._engine.info
+        self._say(f"batches of up to {info['max_batch']} request(s): {info['max_batch_why']}")
 
     def _ready_weights(self) -> None:
         """Make the weights every process loads from (a GGUF folder's fp32 conversion, once), here in
@@ -191,8 +208,8 @@ class Dovetail:
                   + self.speculation_label
                   + ((", pipelining " + ("on" if self._engine.pipeline else
                                          "off (the draft shares the target's CPUs)" if cfg.pipeline else "off"))
-                     if self.draft_dir else "")
-                  + (f", batches of up to {self._engine.max_batch}" if self._engine.max_batch > 1 else ""))
+                     if self.draft_dir else ""))
+        self._say_batch()
         return self
 
     def close(self, graceful: bool = True) -> None:

@@ -58,7 +58,7 @@ def _add_generate_args(gen) -> None:
     from dovetail.config import add_engine_args
 
     gen.add_argument("--prompt", required=True)
-    add_engine_args(gen)
+    add_engine_args(gen, max_batch=1)  # one prompt: nothing to batch, no curve to measure for it
     gen.add_argument("--max-new-tokens", type=int, default=None,
                      help="stop after N new tokens (default: at the end of the answer, EOS, within the context)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -72,7 +72,7 @@ def _add_generate_args(gen) -> None:
 def _add_check_args(check) -> None:
     from dovetail.config import add_engine_args
 
-    add_engine_args(check)
+    add_engine_args(check, max_batch=1)  # one request at a time
     check.add_argument("--samples", type=_positive_int, default=150,
                        help="sampled pairs of tokens for the chi-square check (default 150)")
     check.add_argument("--new-tokens", type=_positive_int, default=48,
@@ -81,9 +81,8 @@ def _add_check_args(check) -> None:
 
 def _add_serve_args(srv) -> None:
     from dovetail.config import add_engine_args
-    from dovetail.serve.config import SERVE_MAX_BATCH
 
-    add_engine_args(srv, max_batch=SERVE_MAX_BATCH)
+    add_engine_args(srv)
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--replicas", type=_positive_int, default=1,

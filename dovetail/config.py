@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import MISSING, dataclass, field, fields
 
+from dovetail.batching import AUTO, MAX_AUTO_BATCH, MIN_GAIN
+from dovetail.decode import PREFILL_CHUNK
 from dovetail.errors import UserError
 from dovetail.models.spec import LINEAR_KERNELS, PRECISIONS
 from dovetail.models.tree import TreeShape
@@ -65,11 +68,16 @@ class EngineConfig:
     collective: str = _option("shm", "how target shards all-reduce: shared memory or gloo", choices=COLLECTIVES)
     draft_cpus: str = _option("auto", 'without a GPU: "auto" (a core of its own), "shared" (take turns with the '
                               'target) or a CPU list')
-    max_batch: int = _option(1, "actor engine: requests decoding together, their trees verified in one target "
-                             "forward (1: one at a time)")
-    kv_memory_mb: int | None = _option(None, "actor engine: MiB of KV cache its requests may hold at once; a "
-                                       "request is admitted only when its worst case (prompt + max tokens) fits "
-                                       "(default: 80%% of the RAM the plan leaves free)")
+    max_batch: int | str = _option(AUTO, "requests decoding together, their trees verified in one target "
+                                   "forward: 'auto' picks the largest batch where one request more still adds "
+                                   f">= {MIN_GAIN:.0%}% throughput on this machine's measured verify curve, within "
+                                   f"the KV memory (at most {MAX_AUTO_BATCH}); N: at most N (1: one at a time)")
+    prefill_chunk: int = _option(PREFILL_CHUNK, "a prompt joining running requests is prefilled this many tokens per step, "
+                                 "so the others keep streaming (0: whole prompts, at once)")
+    kv_memory_mb: int | None = _option(None, "MiB of KV cache the engine's requests may hold at once: the actor "
+                                       "engine admits a request only when its worst case (prompt + max tokens) "
+                                       "fits, and --max-batch auto fits requests of 2k tokens in it (default: 80%% "
+                                       "of the RAM the plan, or the loaded models, leave free)")
 
     def __post_init__(self):
         if self.tree == "auto":
@@ -86,9 +94,11 @@ class EngineConfig:
         from dovetail.speculation import parse_proposers
 
         self.proposers = parse_proposers(self.draft)
-        for name, low in (("draft_vocab", 0), ("threads", 1), ("max_batch", 1), ("shards", 1), ("kv_memory_mb", 1)):
+        self.max_batch = _batch(self.max_batch)
+        for name, low in (("draft_vocab", 0), ("threads", 1), ("max_batch", 1), ("shards", 1), ("kv_memory_mb", 1),
+                          ("prefill_chunk", 0)):
             value = getattr(self, name)
-            if value is not None and value < low:
+            if value is not None and value != AUTO and value < low:
                 raise UserError(f"{name} must be >= {low}, got {value}")
         if self.draft_cpus not in ("auto", "shared"):
             from dovetail.topology import parse_cpu_list
@@ -98,6 +108,16 @@ class EngineConfig:
             from dovetail.topology import parse_sockets
 
             parse_sockets(self.sockets)
+
+
+def _batch(value):
+    """``max_batch``: "auto" or a number (a YAML or a flag may give the number as text)."""
+    if value == AUTO or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"max_batch must be 'auto' or a number >= 1, got {value!r}") from None
 
 
 def _one_of(what: str, value, allowed) -> None:
@@ -122,7 +142,16 @@ def add_engine_args(parser, **defaults) -> None:
             parser.add_argument(off, dest=f.name, action="store_const", const=None, help=off_help)
 
 
+def _batch_flag(text: str):
+    try:
+        return _batch(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _scalar(annotation) -> type:
+    if "int" in str(annotation) and "str" in str(annotation):  # a number or "auto"
+        return _batch_flag
     return int if "int" in str(annotation) else str  # a tree stays text until EngineConfig parses it
 
 

@@ -9,6 +9,16 @@ Per step, over the batch of live requests (one or more)::
     bet     <- speculator.collect_bet(request, verdict)        # it judges its own guess
     bet.held ? next tree = bet.tree : redraft next step
     speculator.learn(request, tree, verdict, timings)          # its cost model learns
+    verifier.prefill(one chunk of a joining prompt)            # beside the batch: see below
+
+**Joining a running batch.** A request admitted while others decode has its prompt prefilled in
+chunks of ``prefill_chunk`` tokens, one chunk per step, after the batch's verification (a forward
+of its own), so the running streams keep their inter-token latency; it decodes from the step
+after its last chunk. With nothing else decoding, a prompt is prefilled whole at once (no latency
+to protect; one large forward is the fastest). The chunks leave the KV cache a whole prefill
+leaves, bit for bit: every row of the target's forward is computed on its own. A draft model
+still prefills the whole prompt at once (with the target's first chunk, or after its last when
+the two take turns on the same CPUs).
 
 The speculator is a ``TreeSource`` (``dovetail/speculation``): it runs one or more ``Proposer``s
 and chooses among them. A request without speculation, or whose proposal this step is the root
@@ -28,130 +38,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable
 
-from dovetail.models.tree import DraftTree, TreeShape
+from dovetail.models.tree import DraftTree
 from dovetail.request import Failed, Finished, GenerationStats, OutputBuffer, Request, Tokens
+from dovetail.steps import (Choice, Drafting, Proposal, Proposer, RequestFailure, StepTimes,  # noqa: F401
+                            TreeSource, Verdict, Verifier)
 
-
-class RequestFailure(RuntimeError):
-    """One request's own computation failed (or timed out); the workers are fine."""
-
-    def __init__(self, request_id: str, message: str):
-        super().__init__(message)
-        self.request_id = request_id
-
-
-@dataclass(frozen=True)
-class Choice:
-    """What a request speculates with in one step: which proposers grow its tree (their trees
-    merged under one root) and the tree's budget. ``bets``: its proposer may draft the next tree
-    while this one is verified."""
-
-    proposers: tuple[str, ...]
-    shape: TreeShape
-    bets: bool = False
-    width: int = 1  # a draft model's children per expanded node, as the cost model chose it
-
-    def __str__(self) -> str:
-        """``proposer@depth``, ``proposer*width@depth`` for a wide model tree (the cost model
-        chooses these; a text proposer's width is its data's)."""
-        return f"{'+'.join(self.proposers)}{f'*{self.width}' if self.width > 1 else ''}@{self.shape.depth}"
-
-
-@dataclass
-class Drafting:
-    """What a proposer learns about one request: the tokens committed since its last tree, and
-    for a feature drafter the target's features before each of them (None otherwise).
-    ``shape``: the tree to grow (the speculator's choice); None: no tree, only learn the tokens."""
-
-    request_id: str
-    step: int
-    new_tokens: list[int]
-    features: object = None
-    shape: TreeShape | None = None
-
-
-@dataclass
-class Proposal:
-    tree: DraftTree
-    compute_s: float = 0.0  # this request's share of the draft forwards
-    guess: list[int] | None = None  # a bet: the committed tokens it assumed
-    held: bool | None = None  # a bet, once told the outcome: whether its guess came true
-    choice: Choice | None = None  # what grew the tree (a speculator's pick; None: the root alone)
-    expected: float = 1.0  # the tokens the speculator expects this step to commit
-
-
-@dataclass
-class Verdict:
-    tokens: list[int]  # committed: accepted draft tokens + the bonus (the first token after prefill)
-    path: list[int]  # accepted tree nodes, root first (empty after prefill)
-    features: object = None  # for a feature drafter: the target's features before each token
-    feature_bytes: int = 0
-    compute_s: float = 0.0  # this request's share of the target forward
-
-
-class Proposer(Protocol):
-    def start(self, request_id: str, prompt_ids: list[int], params=None) -> None:
-        """``params``: the request's ``SamplingParams``, for a proposer that samples by them."""
-
-    def propose(self, items: list[Drafting]) -> list[Proposal | Exception]:
-        """Each request's next tree (or its own error), grown together where the draft can."""
-
-    def bet(self, request_id: str, step: int, shape: TreeShape) -> None:
-        """Start drafting tree ``step`` (of ``shape``) on a guess of the tree now under verification."""
-
-    def collect_bet(self, request_id: str, step: int, outcome: Drafting) -> Proposal:
-        """The bet on tree ``step``, told ``outcome`` (what the tree under verification committed):
-        ``held`` says whether the guess came true (the tree is then the next step's); if not, the
-        next ``propose`` redrafts from the outcome."""
-
-    def end(self, request_id: str) -> None: ...
-
-
-class TreeSource(Protocol):
-    """What the loop drafts with (``dovetail/speculation``'s ``Speculator``): each request's tree
-    per step (from the proposers it picks, or the root alone), bets, and learning from each step."""
-
-    def start(self, request_id: str, prompt_ids: list[int], tenant: str = "", params=None) -> None:
-        """``tenant``: whose earlier outputs the request may draft from (never another tenant's);
-        ``params``: its ``SamplingParams``."""
-
-    def propose(self, items: list[Drafting]) -> list[Proposal | Exception]:
-        """Each request's tree for this step (its ``choice`` says what grew it; None: the root alone)."""
-
-    def bet(self, request_id: str, step: int) -> None:
-        """For a request whose current proposal ``bets``: draft its next tree while this one is verified."""
-
-    def collect_bet(self, request_id: str, step: int, outcome: Drafting) -> Proposal:
-        """As ``Proposer.collect_bet``."""
-
-    def learn(self, request_id: str, proposal: Proposal | None, verdict: "Verdict", step: "StepTimes") -> None:
-        """What one step of the request cost and gave (``proposal``: what it verified)."""
-
-    def end(self, request_id: str) -> None: ...
-
-
-class Verifier(Protocol):
-    def start(self, request_id: str, prompt_ids: list[int], params) -> Verdict: ...
-
-    def submit(self, trees: list[tuple[str, int, object]]) -> None:
-        """Verify (request id, step, tree) for the batch, in one forward; ``collect`` each result."""
-
-    def collect(self, request_id: str, step: int) -> Verdict: ...
-
-    def end(self, request_id: str) -> None: ...
-
-
-@dataclass
-class StepTimes:
-    """One step, as the cost model learns it: the batch's verification (compute, rows, the
-    request's context), and the time the loop waited for the request's draft."""
-
-    verify_s: float
-    rows: int
-    context: int
-    draft_wait_s: float = 0.0
+# Tokens of a joining prompt prefilled per step while other requests decode. A running stream then
+# waits for one chunk per step instead of the whole prompt: on 2 vCPUs the 1.5B target prefills
+# ~80-100 tokens/s, so 256 tokens hold a step ~3 s where a 4k prompt held it ~70 s. Smaller chunks
+# shorten that pause (64: ~0.7 s) but add a step of the batch's verification per chunk to the
+# joining request's time to first token (~10% more for a 2k prompt at 64); --prefill-chunk tunes it.
+PREFILL_CHUNK = 256
 
 
 @dataclass(eq=False)
@@ -172,6 +71,8 @@ class Live:
     tree: Proposal | None = None  # this step's tree, drafted (a held bet: before the step began)
     draft_wait_s: float = 0.0  # this step's wait for the draft
     done: bool = False
+    unsent: list[int] = field(default_factory=list)  # a joining prompt's tokens not yet prefilled
+    prefilling: bool = False  # its prompt is not all in yet: it does not decode
 
     @property
     def rid(self) -> str:
@@ -185,14 +86,17 @@ def _failure_message(request_id: str, exc: Exception) -> str:
 class DecodeLoop:
     def __init__(self, speculator: TreeSource | None, verifier: Verifier, eos_token_ids, context_length: int,
                  max_batch: int = 1, betting: bool = False, cancelled: dict | None = None,
-                 on_failure: Callable[[str, Exception], str] = _failure_message, prefill_together: bool = True):
+                 on_failure: Callable[[str, Exception], str] = _failure_message, prefill_together: bool = True,
+                 prefill_chunk: int = PREFILL_CHUNK):
         """``betting``: the default for requests that do not say; ``cancelled``: request ids to
         stop between steps (the caller adds them); ``on_failure(request_id, exc)``: clean up after
         a request's own failure and say why it ended (it may raise if the workers are broken);
         ``prefill_together``: the draft prefills while the target does (False: after it, for a
-        draft that takes turns with the target on the same CPUs)."""
+        draft that takes turns with the target on the same CPUs); ``prefill_chunk``: tokens of a
+        joining prompt prefilled per step while others decode (0: whole prompts)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.prefill_chunk = prefill_chunk
         self.speculator, self.verifier = speculator, verifier
         self.eos, self.context_length = set(int(t) for t in eos_token_ids), context_length
         self.max_batch, self.betting = max_batch, betting
@@ -213,7 +117,8 @@ class DecodeLoop:
 
     # -- admission ----------------------------------------------------------------------------
     def admit(self, request: Request, emit: Callable[[object], None]) -> None:
-        """Prefill a request and add it to the batch (it may be done at once)."""
+        """Add a request to the batch: prefilled now (it may be done at once), or, with others
+        live and a prompt longer than a chunk, one chunk per step from the next one."""
         if self.room < 1:
             raise RuntimeError("the batch is full")
         drafts, bets = self._modes(request)
@@ -226,6 +131,14 @@ class DecodeLoop:
             return
         self.live.append(lv)
         prompt = list(request.prompt_ids)
+        if 0 < self.prefill_chunk < len(prompt) and len(self.live) > 1:
+            lv.unsent, lv.prefilling = prompt, True
+            if drafts and self.prefill_together:
+                try:
+                    self.speculator.start(lv.rid, prompt, request.tenant, request.params)
+                except RequestFailure as exc:
+                    self._fail(lv, exc)
+            return
         try:
             if drafts and self.prefill_together:
                 self.speculator.start(lv.rid, prompt, request.tenant, request.params)
@@ -234,6 +147,9 @@ class DecodeLoop:
                 self.speculator.start(lv.rid, prompt, request.tenant, request.params)
         except RequestFailure as exc:
             return self._fail(lv, exc)
+        self._first_token(lv, first)
+
+    def _first_token(self, lv: Live, first: Verdict) -> None:
         lv.stats.prefill_s = time.perf_counter() - lv.t0
         self._commit(lv, first)
         if lv.done:
@@ -251,18 +167,23 @@ class DecodeLoop:
 
     # -- one step ---------------------------------------------------------------------------
     def step(self) -> None:
-        """Draft, verify and commit one tree for every live request."""
+        """Draft, verify and commit one tree for every decoding request; prefill one chunk of the
+        oldest joining prompt (all of it when nothing decodes)."""
         for lv in [lv for lv in self.live if lv.rid in self.cancelled]:
             self._finish(lv, cancelled=True)
-        for lv in self.live:
+        decoding = [lv for lv in self.live if not lv.prefilling]
+        for lv in decoding:
             lv.step += 1
-        self._draft([lv for lv in self.live if lv.drafts and lv.tree is None])
-        batch = list(self.live)
-        if not batch:
-            return
+        self._draft([lv for lv in decoding if lv.drafts and lv.tree is None])
+        batch = [lv for lv in decoding if lv in self.live]
+        joining = next((lv for lv in self.live if lv.prefilling), None)
         t_send = time.perf_counter()
         trees = [lv.tree.tree if lv.tree is not None else DraftTree([lv.new_tokens[-1]], [-1]) for lv in batch]
-        self.verifier.submit([(lv.rid, lv.step, tree) for lv, tree in zip(batch, trees)])
+        if batch:
+            self.verifier.submit([(lv.rid, lv.step, tree) for lv, tree in zip(batch, trees)])
+        if joining is not None and not self._send_chunk(  # one chunk beside the batch; all when alone
+                joining, self.prefill_chunk if batch else len(joining.unsent)):
+            joining = None
         betting = [lv for lv in batch if lv.bets and lv.tree.choice is not None and lv.tree.choice.bets]
         t_bet = time.perf_counter()
         for lv in betting:
@@ -288,6 +209,31 @@ class DecodeLoop:
                 self._settle_bet(lv, bet_call_s)
         for lv in [lv for lv in batch if lv.done and lv in self.live]:
             self._finish(lv)
+        if joining is not None:
+            self._take_chunk(joining)
+
+    def _send_chunk(self, lv: Live, size: int) -> bool:
+        first = len(lv.unsent) == len(lv.request.prompt_ids)
+        chunk, lv.unsent = lv.unsent[:size], lv.unsent[size:]
+        try:
+            self.verifier.prefill(lv.rid, chunk, lv.request.params, first, not lv.unsent)
+        except RequestFailure as exc:
+            self._fail(lv, exc)
+            return False
+        return True
+
+    def _take_chunk(self, lv: Live) -> None:
+        """A chunk's verdict; after the last, the request decodes from the next step."""
+        try:
+            verdict = self.verifier.collect(lv.rid, 0)
+            if lv.unsent:
+                return
+            lv.prefilling = False
+            if lv.drafts and not self.prefill_together:
+                self.speculator.start(lv.rid, list(lv.request.prompt_ids), lv.request.tenant, lv.request.params)
+        except RequestFailure as exc:
+            return self._fail(lv, exc)
+        self._first_token(lv, verdict)
 
     def _draft(self, drafting: list[Live]) -> None:
         if not drafting:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Iterator, Protocol, runtime_checkable
 
-from dovetail.decode import DecodeLoop
+from dovetail.batching import BatchChoice, resolve
+from dovetail.decode import PREFILL_CHUNK, DecodeLoop
 from dovetail.local import LocalProposer, LocalVerifier
 from dovetail.speculation import SpeculationSetup, build_speculator, stats_depth
 from dovetail.models.target import TargetVerifier
@@ -43,10 +44,12 @@ class SpeculativeEngine(Generates):
     bet would cost draft time without hiding any: ``betting`` is off unless asked for."""
 
     def __init__(self, target: TargetVerifier, draft=None, eos_token_ids=(), betting: bool = False,
-                 max_batch: int = 1, setup: SpeculationSetup | None = None):
+                 max_batch: int | str = 1, setup: SpeculationSetup | None = None, kv_cap: int | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK):
         """``target`` and ``draft`` are prototypes: each request gets a fresh copy (its own KV cache).
         ``setup``: the model-free proposers and the cost model (default: the draft alone, its own
-        tree every step, as pinned by ``draft.shape``)."""
+        tree every step, as pinned by ``draft.shape``). ``max_batch``: a number, or "auto"
+        (``dovetail/batching.py``: from the verify curve, within ``kv_cap`` requests)."""
         self.target, self.draft = target, draft
         self.setup = setup or SpeculationSetup(shape=draft.shape if draft is not None else None)
         self.eos = set(int(t) for t in eos_token_ids)
@@ -55,9 +58,20 @@ class SpeculativeEngine(Generates):
         self.speculator = build_speculator(LocalProposer(draft.fresh) if draft is not None else None, self.setup,
                                            verifier, self.context_length,
                                            reads_features=draft is not None and draft.reads_features, bets=betting)
-        self.loop = DecodeLoop(self.speculator, verifier, self.eos, self.context_length, max_batch=max_batch,
-                               betting=betting)
+        self.batch: BatchChoice = resolve(max_batch, verifier, self.context_length, self.setup.cost_key, kv_cap,
+                                          self.setup.say or (lambda msg: None))
+        self.loop = DecodeLoop(self.speculator, verifier, self.eos, self.context_length, max_batch=self.batch.size,
+                               betting=betting, prefill_chunk=prefill_chunk)
         self._events: dict[str, list] = {}
+
+    @property
+    def max_batch(self) -> int:
+        return self.loop.max_batch
+
+    @property
+    def info(self) -> dict:
+        """What the engine runs with: its batch and why."""
+        return self.batch.as_dict()
 
     @property
     def depth(self) -> int:

@@ -149,6 +149,7 @@ class LocalVerifier:
         self.new_verifier = new_verifier
         self.states: dict[str, TargetVerifier] = {}
         self._submitted: list[tuple[str, int, DraftTree]] = []
+        self._chunks: dict[str, tuple] = {}  # request id -> a prompt chunk to prefill when collected
         self._results: dict[str, Verdict | Exception] = {}
 
     def start(self, request_id: str, prompt_ids: list[int], params) -> Verdict:
@@ -157,11 +158,31 @@ class LocalVerifier:
             first = verifier.start(prompt_ids, params)
         return Verdict([first], [], *_features(verifier.prompt_features), t.seconds)
 
+    def prefill(self, request_id: str, tokens: list[int], params, first: bool, final: bool) -> None:
+        """One chunk of a prompt, prefilled when ``collect(request_id, 0)`` asks for it (after the
+        batch's trees, which the running requests wait for)."""
+        self._chunks[request_id] = (list(tokens), params, first, final)
+
+    def _prefill_chunk(self, request_id: str) -> None:
+        tokens, params, first, final = self._chunks.pop(request_id)
+        try:
+            if first:
+                self.states[request_id] = self.new_verifier()
+            verifier = state_of(self.states, request_id)
+            with Timer() as t:
+                token = verifier.prefill(tokens, params, first, final)
+            self._results[request_id] = (Verdict([token], [], *_features(verifier.prompt_features), t.seconds)
+                                         if final else Verdict([], [], compute_s=t.seconds))
+        except Exception as exc:  # the request's own: it alone fails
+            self._results[request_id] = exc
+
     def submit(self, trees: list[tuple[str, int, DraftTree]]) -> None:
         self._submitted = list(trees)
 
     def collect(self, request_id: str, step: int) -> Verdict:
-        if self._submitted:
+        if step == 0 and request_id in self._chunks:
+            self._prefill_chunk(request_id)
+        elif self._submitted:
             self._verify_submitted()
         result = self._results.pop(request_id)
         if isinstance(result, Exception):
@@ -198,6 +219,7 @@ class LocalVerifier:
 
     def end(self, request_id: str) -> None:
         self.states.pop(request_id, None)
+        self._chunks.pop(request_id, None)
         self._results.pop(request_id, None)
 
 

@@ -185,9 +185,11 @@ def test_feature_drafter_batched_and_betting_through_the_actors(ray_session, fea
     """The feature drafter in a batch of 3 (each tree from its own request's features, sent in one
     ProposeBatch) while betting (Predraft carries the settled tokens' features): every request is
     the target's greedy output, one runs without speculation, bets both hold and miss, and every
-    worker drops every request's state."""
+    worker drops every request's state. Prompts joining the batch go in by chunks of 4 tokens
+    (``PrefillChunk``), their features gathered for the drafter."""
     target, target_dir, drafter_dir = feature_pair
-    config = EngineConfig(target=str(target_dir), draft=str(drafter_dir), tree="6,3,2", sockets="0", max_batch=3)
+    config = EngineConfig(target=str(target_dir), draft=str(drafter_dir), tree="6,3,2", sockets="0", max_batch=3,
+                          prefill_chunk=4)
     engine = actor_engine(target_dir, drafter_dir, config, [EOS])
     prompts = _prompts() + [[9, 8, 7, 6]]
     try:
@@ -210,10 +212,11 @@ def test_feature_drafter_batched_and_betting_through_the_actors(ray_session, fea
 def test_batched_requests_are_exact_and_free_their_caches(ray_session, qwen_pair, sockets):
     """Batch mode: six concurrent requests (more than the batch of 3) each get exactly the target's
     greedy output; one switches speculation off, one is cancelled; the batch verifies several
-    trees per forward and every worker drops every request's state at the end."""
+    trees per forward and every worker drops every request's state at the end. A prompt joining
+    the batch goes in by chunks of 4 tokens (``PrefillChunk``), one per step."""
     target, (target_dir, draft_dir) = qwen_pair
     config = EngineConfig(target=str(target_dir), draft=str(draft_dir), tree="chain:3", sockets=sockets,
-                          draft_precision="fp32", max_batch=3)
+                          draft_precision="fp32", max_batch=3, prefill_chunk=4)
     engine = actor_engine(target_dir, draft_dir, config, [EOS])
     prompts = _prompts() + [[9, 8, 7, 6], [50] * 12, list(range(10, 30))]
     try:
@@ -233,6 +236,8 @@ def test_batched_requests_are_exact_and_free_their_caches(ray_session, qwen_pair
         assert isinstance(first, Tokens) and first.ids and final.cancelled and final.stats.new_tokens < full
         live = _live_requests(engine)
         assert set(live.values()) == {0}, live
+        workers = ray.get(engine.coordinator.info.remote(refresh=True))["workers"]
+        assert all(w["prefill_chunks"] > 0 for name, w in workers.items() if name.startswith("target")), workers
     finally:
         engine.shutdown()
     assert _segments() <= ray_session

@@ -104,7 +104,7 @@ def test_no_command_serves_the_defaults_on_loopback(monkeypatch):
     monkeypatch.setattr(server, "run_server", lambda config: seen.setdefault("config", config) and 0)
     assert main([]) == 0
     config = seen["config"]
-    assert (config.host, config.port, config.engine.target, config.engine.max_batch) == ("127.0.0.1", 8000, DEFAULT_TARGET, 4)
+    assert (config.host, config.port, config.engine.target, config.engine.max_batch) == ("127.0.0.1", 8000, DEFAULT_TARGET, "auto")
 
 
 @pytest.mark.parametrize("args,message", [
@@ -150,7 +150,10 @@ def test_the_cli_exposes_every_engine_config_field(command):
     config = engine_config_from_args(args)
     assert (config.draft, str(config.tree), config.shards, config.pipeline, config.kv_memory_mb,
             config.target_precision) == (None, "8,4,2", 2, False, 64, "int8")
-    assert config.max_batch == (4 if command == "serve" else 1)
+    assert config.max_batch == ("auto" if command == "serve" else 1)  # one prompt at a time: nothing to batch
+    assert parser.parse_args([command, *base, "--max-batch", "3"]).max_batch == 3
+    with pytest.raises(SystemExit):
+        parser.parse_args([command, *base, "--max-batch", "many"])
     assert config.threads == EngineConfig().threads and config.target == EngineConfig().target
 
 
@@ -163,7 +166,7 @@ def test_serve_config_embeds_the_engine_config_flat_or_nested():
     nested = ServeConfig.parse({"engine": EngineConfig(target="t", tree="chain:5", max_batch=2), "port": 9000})
     assert flat.engine == nested.engine and flat.engine.engine == "actors" and flat.port == 9000
     assert ServeConfig.parse(flat.to_args()).engine == flat.engine  # what a replica receives reads back the same
-    assert ServeConfig.parse({}).engine.max_batch == 4
+    assert ServeConfig.parse({}).engine.max_batch == "auto" and ServeConfig.parse({"max_batch": "6"}).engine.max_batch == 6
     with pytest.raises(UserError, match="max_batch must be >= 1"):
         ServeConfig.parse({"max_batch": 0})
     with pytest.raises(UserError, match="serve runs the actor engine"):

@@ -27,6 +27,7 @@ def arena():
 def test_messages_round_trip(arena):
     ref = arena.put(np.arange(5, dtype=np.int64))
     for msg in (m.StartRequest("r1", ref, {"temperature": 0.5}), m.ProposeTree("r1", 3, [4, 5, 6]),
+                m.PrefillChunk("r1", ref, True, False, {"temperature": 0.5}), m.PrefillChunk("r1", ref, False, True),
                 m.ProposeBatch(["r1", "r2"], [3, 1], [[4, 5], [6]]),
                 m.TreeProposal("r1", 3, ref, ref), m.TreeProposal("r1", 3, ref, ref, q_tokens=ref, q_probs=ref),
                 m.VerifyBatch(["r1", "r2"], [3, 1], [ref, ref], [ref, ref], [None, ref], [None, ref]),

@@ -23,6 +23,7 @@ requests in flight fail.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import secrets
 import shutil
@@ -38,7 +39,8 @@ import zmq
 from dovetail.actors.feed import Publisher
 from dovetail.actors.messaging import SEND_TIMEOUT_MS, Inbox, Messaging, WorkerFailure
 from dovetail.actors.remote import RemoteProposer, RemoteVerifier
-from dovetail.decode import DecodeLoop
+from dovetail.batching import bound, resolve
+from dovetail.decode import PREFILL_CHUNK, DecodeLoop
 from dovetail.models.lm_proposer import DraftVocab
 from dovetail.models.spec import ModelSpec
 from dovetail.models.tree import TreeShape
@@ -76,7 +78,9 @@ class WorkerSpec:
     draft_vocab: int = 0
     draft_precision: str = "int8"  # the feature drafter's (fp32 or its own int8)
     gpu_share: float = 1.0  # of the GPU the draft asks Ray for (serving replicas share one GPU)
-    max_batch: int = 1  # > 1: up to this many requests decode together, their trees verified in one forward
+    max_batch: int | str = 1  # > 1: up to this many requests decode together, in one forward; "auto": see batching
+    kv_cap: int | None = None  # "auto": at most the requests of a typical size the KV budget holds
+    prefill_chunk: int = PREFILL_CHUNK  # a prompt joining running requests is prefilled this many tokens per step
     step_timeout_s: float = 600.0  # a reply (prefill included) not back by then fails its request
     node_id: str | None = None  # the Ray node every worker runs on (the engine's; its topology made the plan)
     text_proposers: tuple[str, ...] = ()  # model-free proposers, run here in the loop (no actor, no CPUs)
@@ -118,6 +122,8 @@ class Coordinator(Messaging):
 
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
+        if spec.plan.control_cpus:  # it wakes every step: off the target's cores when the plan keeps one
+            os.sched_setaffinity(0, spec.plan.control_cpus)
         self.generation = 0
         self.run_dir = Path(spec.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # made private by the driver (system.py)
@@ -137,10 +143,13 @@ class Coordinator(Messaging):
         context = spec.target.context_length
         speculator = build_speculator(RemoteProposer(self) if spec.has_draft else None, setup, verifier,
                                       context, reads_features=spec.feature_drafter, bets=True)
+        # after the cost model's measurement: "auto" reads the same cached curve
+        self.batch = resolve(spec.max_batch, verifier, context, spec.cost_key, spec.kv_cap, log.warning)
         self.loop = DecodeLoop(speculator, verifier,
-                               spec.target.eos_token_ids, context, spec.max_batch, cancelled=self._cancelled,
+                               spec.target.eos_token_ids, context, self.batch.size, cancelled=self._cancelled,
                                on_failure=self._fail_request,
-                               prefill_together=not (spec.plan.draft and spec.plan.draft.shares_cpus))
+                               prefill_together=not (spec.plan.draft and spec.plan.draft.shares_cpus),
+                               prefill_chunk=spec.prefill_chunk)
         self._incoming: queue.Queue = queue.Queue()  # requests waiting to join the batch
         self._stopping = threading.Event()
         self._scheduler = threading.Thread(target=self._serve, name="scheduler", daemon=True)
@@ -169,7 +178,7 @@ class Coordinator(Messaging):
             channel = Channel(address, bind=True, send_timeout_ms=SEND_TIMEOUT_MS)
             actor = ray.remote(TargetShard).options(num_cpus=0, max_restarts=0, **env).remote(ShardSpec(
                 spec.target, shard.rank, len(plan.shards), shard.cpus, shard.numa_node, group, address,
-                spec.target_kernel, spec.collective, spec.feature_drafter, spec.max_batch))
+                spec.target_kernel, spec.collective, spec.feature_drafter, bound(spec.max_batch, spec.kv_cap)))
             self.shards.append(Inbox(f"target shard {shard.rank}", channel, actor))
         self.draft: Inbox | None = None
         if plan.draft is not None and spec.has_draft:
@@ -230,7 +239,7 @@ class Coordinator(Messaging):
             boxes = self._inboxes()
             self.workers_info = dict(zip((b.name for b in boxes), ray.get([b.actor.ready.remote() for b in boxes])))
         return {"generation": self.generation, "workers": self.workers_info, "plan": self.spec.plan.describe(),
-                "node_id": ray.get_runtime_context().get_node_id()}
+                "node_id": ray.get_runtime_context().get_node_id(), **self.batch.as_dict()}
 
     @ray.method(concurrency_group="control")
     def ping(self) -> bool:

@@ -20,8 +20,8 @@ from dovetail.actors.worker import put_tree, read_tree
 from dovetail.decode import Drafting, Proposal, RequestFailure, Verdict
 from dovetail.local import Bets
 from dovetail.models.tree import DraftTree, TreeShape
-from dovetail.protocol.messages import (Accepted, ArrayRef, EndRequest, Predraft, ProposeBatch, ProposeTree,
-                                        StartRequest, TreeProposal, VerifyBatch, VerifyTree)
+from dovetail.protocol.messages import (Accepted, ArrayRef, EndRequest, Predraft, PrefillChunk, ProposeBatch,
+                                        ProposeTree, StartRequest, TreeProposal, VerifyBatch, VerifyTree)
 from dovetail.protocol.shm import ArenaReader, ShmArena
 
 
@@ -111,6 +111,10 @@ class RemoteVerifier:
         prompt = self.link.arena.put(np.asarray(prompt_ids, dtype=np.int32))
         self._to_shards(StartRequest(request_id, prompt, dataclasses.asdict(params)))
         return self.collect(request_id, 0)
+
+    def prefill(self, request_id: str, tokens: list[int], params, first: bool, final: bool) -> None:
+        chunk = self.link.arena.put(np.asarray(tokens, dtype=np.int32))
+        self._to_shards(PrefillChunk(request_id, chunk, first, final, dataclasses.asdict(params) if first else {}))
 
     def submit(self, trees: list[tuple[str, int, DraftTree]]) -> None:
         refs = [put_tree(self.link.arena, tree) for _, _, tree in trees]

@@ -21,6 +21,7 @@ import ray
 from dovetail.actors.coordinator import Coordinator, WorkerSpec
 from dovetail.actors.feed import Feed, Subscriber
 from dovetail.actors.worker import current_node, on_node
+from dovetail.batching import TYPICAL_REQUEST_TOKENS, bound, kv_cap
 from dovetail.config import DEFAULT_TREE
 from dovetail.speculation import Proposers, SpeculationSetup, stats_depth, tree_room
 from dovetail.engine import Generates
@@ -137,7 +138,6 @@ class ActorEngine(Generates):
             draft_bytes = drafter_bytes(drafter_dir, target.folder)
         elif draft is not None:
             draft_bytes = model_bytes(draft.folder, draft.precision)
-        self.max_batch = config.max_batch
         try:
             self.plan: Plan = make_plan(topology, model_bytes(target.folder, target.precision), draft_bytes,
                                         config.shards, draft_cpus=config.draft_cpus)
@@ -166,19 +166,25 @@ class ActorEngine(Generates):
         self.setup = setup or SpeculationSetup(shape=config.tree or DEFAULT_TREE)
         has_draft = draft is not None or drafter_dir is not None
         self.tree_room = tree_room(Proposers("model" if has_draft else None, self.setup.text), self.setup.shape)
+        # the batch: as given, or "auto", which the coordinator resolves on the measured curve within
+        # the requests of a typical size the KV budget holds; until then it is at most ``most``
+        kv = kv_cap(self.kv_budget_bytes, self.kv_bytes(min(TYPICAL_REQUEST_TOKENS, self.context_length), 0))
+        most = bound(config.max_batch, kv)
         spec = WorkerSpec(self.plan, target, draft, self.setup.shape or DEFAULT_TREE,
                           config.target_kernel, vocab, str(self.run_dir), shm_or_gloo(config.collective, say),
                           drafter_dir=str(drafter_dir) if drafter_dir is not None else None,
                           target_float_weights=target_float, draft_vocab=config.draft_vocab,
                           draft_precision=config.draft_precision, gpu_share=1.0 / partition[1],
-                          max_batch=self.max_batch, node_id=self.node_id,
+                          max_batch=config.max_batch, kv_cap=kv, prefill_chunk=config.prefill_chunk,
+                          node_id=self.node_id,
                           text_proposers=tuple(self.setup.text), combined=self.setup.combined,
                           pinned_tree=self.setup.shape is not None, cost_key=self.setup.cost_key)
         # one thread per request in the batch relays its tokens (+2: one waiting to join, shutdown)
         coordinator_actor = ray.remote(num_cpus=0, max_restarts=-1, concurrency_groups={"control": 1},
-                                       max_concurrency=self.max_batch + 2, **on_node(self.node_id))(Coordinator)
+                                       max_concurrency=most + 2, **on_node(self.node_id))(Coordinator)
         self.coordinator = coordinator_actor.remote(spec)
         self.info = ray.get(self.coordinator.info.remote())
+        self.max_batch = self.info["max_batch"]  # what the coordinator resolved (admission follows it)
         for name, worker in self.info["workers"].items():
             say(f"{name}: pid {worker['pid']}, CPUs {worker['cpus']}, peak RSS {worker['peak_rss'] / 2**30:.2f} GiB")
         atexit.register(self.shutdown)

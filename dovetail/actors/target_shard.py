@@ -15,7 +15,7 @@ from dovetail.models.cached_lm import CachedLM
 from dovetail.models.target import TargetVerifier
 from dovetail.protocol.collectives import LocalCollective, ShmCollective, TorchDistributedCollective
 from dovetail.models.tp import load_shard
-from dovetail.protocol.messages import Accepted, StartRequest, VerifyBatch, VerifyTree
+from dovetail.protocol.messages import Accepted, PrefillChunk, StartRequest, VerifyBatch, VerifyTree
 from dovetail.protocol.shm import ShmArena
 from dovetail.sampling import SamplingParams
 
@@ -24,12 +24,13 @@ FEATURE_ROWS = 4096  # the most feature rows one message carries (a longer promp
 
 
 class TargetShard(ChannelWorker):
-    handlers = {StartRequest: "start", VerifyTree: "verify", VerifyBatch: "verify_batch"}
+    handlers = {StartRequest: "start", PrefillChunk: "prefill", VerifyTree: "verify", VerifyBatch: "verify_batch"}
 
     def __init__(self, spec: ShardSpec):
         self.rank = rank = spec.rank
         self.memory_policy = pin_to(spec.cpus, spec.numa_node)  # before loading: first touch lands locally
         self.features = None
+        self.prefill_chunks = 0  # prompt chunks prefilled beside running requests (``ready`` reports it)
 
         def setup():
             self.collective = _collective(spec.collective, spec.group, spec.world_size, rank)
@@ -46,10 +47,19 @@ class TargetShard(ChannelWorker):
 
     def ready(self) -> dict:
         return {**self.common_info(), "live_requests": len(self.local.states), "memory_policy": self.memory_policy,
-                "collective": type(self.collective).__name__}
+                "collective": type(self.collective).__name__, "prefill_chunks": self.prefill_chunks}
 
     def start(self, msg: StartRequest) -> None:
         verdict = self.local.start(msg.request_id, self.view(msg.prompt).tolist(), SamplingParams(**msg.sampling))
+        if self.rank == 0:
+            self._reply(msg.request_id, 0, verdict)
+
+    def prefill(self, msg: PrefillChunk) -> None:
+        """One chunk of a prompt; every chunk is answered (its error reported, as any handler's)."""
+        params = SamplingParams(**msg.sampling) if msg.first else None
+        self.local.prefill(msg.request_id, self.view(msg.tokens).tolist(), params, msg.first, msg.final)
+        verdict = self.local.collect(msg.request_id, 0)
+        self.prefill_chunks += 1
         if self.rank == 0:
             self._reply(msg.request_id, 0, verdict)
 

@@ -23,6 +23,7 @@ class TargetVerifier:
         self.params = SamplingParams()
         self.seed: int | None = None
         self.prompt_features: torch.Tensor | None = None
+        self._prompt_features: list[torch.Tensor] = []  # a chunked prefill's, until its last chunk
 
     def fresh(self) -> "TargetVerifier":
         """A verifier for another request: its own KV cache over the same weights."""
@@ -34,14 +35,30 @@ class TargetVerifier:
 
     def start(self, prompt_ids: list[int], params: SamplingParams) -> int:
         """Prefill the prompt and return the first generated token."""
-        self.lm.reset()
-        self.params = params
-        self.seed = None if params.greedy else params.seeded().seed
-        logits = self.lm.extend(prompt_ids)
-        self.prompt_features = self.lm.last_hidden if self.lm.keep_hidden else None
-        if params.greedy:
+        return self.prefill(prompt_ids, params)
+
+    def prefill(self, tokens: list[int], params: SamplingParams | None = None, first: bool = True,
+                final: bool = True) -> int | None:
+        """Prefill the prompt whole, or one chunk of it (``first``: the request starts here, under
+        ``params``; ``final``: the prompt is then all in). The first generated token after the
+        final chunk, else None. Every row of a forward is computed on its own, so chunks leave the
+        cache (and the first token) a whole prefill leaves."""
+        if first:
+            self.lm.reset()
+            self.params = params
+            self.seed = None if params.greedy else params.seeded().seed
+            self._prompt_features = []
+        logits = self.lm.extend(tokens)
+        if self.lm.keep_hidden:
+            self._prompt_features.append(self.lm.last_hidden)
+        if not final:
+            return None
+        features, self._prompt_features = self._prompt_features, []
+        self.prompt_features = (features[0] if len(features) == 1 else torch.cat(features, dim=-2)) if features else None
+        if self.params.greedy:
             return int(logits[-1].argmax())
-        return sample_token(target_probs(logits[-1:], params)[0], self.seed, len(prompt_ids))
+        # the first sampled token's position is the prompt's length
+        return sample_token(target_probs(logits[-1:], self.params)[0], self.seed, self.lm.committed)
 
     def verify(self, tree: DraftTree) -> AcceptedPath:
         """One forward over the whole tree (root = last committed token), accept, commit the path."""

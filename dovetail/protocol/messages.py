@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4  # 4: PrefillChunk (a prompt prefilled in chunks)
 
 
 class ProtocolError(ValueError):
@@ -55,6 +55,20 @@ class StartRequest:
 
     request_id: str
     prompt: ArrayRef
+    sampling: dict = field(default_factory=dict)
+
+
+@message("prefill_chunk")
+class PrefillChunk:
+    """Coordinator -> every shard: prefill one chunk of a prompt (``first``: the request starts
+    with it, under ``sampling`` as in ``StartRequest``; ``final``: the prompt is then all in).
+    Shard rank 0 answers ``Accepted`` at step 0 for every chunk: with the first token after the
+    final one, with no tokens before it."""
+
+    request_id: str
+    tokens: ArrayRef
+    first: bool = True
+    final: bool = True
     sampling: dict = field(default_factory=dict)
 
 

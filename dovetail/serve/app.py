@@ -16,6 +16,7 @@ import copy
 import hmac
 import json
 import logging
+import os
 import re
 import secrets
 import time
@@ -25,6 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 import ray
 from ray import serve
 
+from dovetail import batching
 from dovetail.errors import EngineError, UserError
 from dovetail.request import RequestError, check_request
 from dovetail.models.loading import encode_messages
@@ -74,6 +76,8 @@ class DovetailServer:
         self.part = slots.claim_part(self.config.node_slots())  # this replica's share of its node
         self.dovetail = Dovetail(self.config.engine, partition=self.part).load()
         self.engine, self.tokenizer = self.dovetail.engine, self.dovetail.tokenizer
+        if self.engine.plan.control_cpus:  # it wakes every step: off the target's cores when the plan keeps one
+            os.sched_setaffinity(0, self.engine.plan.control_cpus)
         self.eos = set(self.dovetail.eos_token_ids)
         self.depth = self.engine.depth
         self.model_name = self.config.model_name
@@ -88,7 +92,7 @@ class DovetailServer:
         _configure_logging()
         log.info(json.dumps({"event": "replica_ready", "replica": self.replica, "model": self.model_name,
                              "part": f"{self.part[0] + 1}/{self.part[1]}", "node": self.engine.node_id,
-                             "plan": self.engine.plan.describe()}))
+                             "plan": self.engine.plan.describe(), "max_batch": self.engine.max_batch}))
 
     def __del__(self):
         dovetail = getattr(self, "dovetail", None)
@@ -127,7 +131,8 @@ class DovetailServer:
             return JSONResponse({"status": "unavailable", "waiting": self.waiting, "running": self.running},
                                 status_code=503)
         out = {"status": "ok", "waiting": self.waiting, "running": self.running, "replica": self.replica,
-               "node": self.engine.node_id, "part": f"{self.part[0] + 1}/{self.part[1]}"}
+               "node": self.engine.node_id, "part": f"{self.part[0] + 1}/{self.part[1]}",
+               "max_batch": self.engine.max_batch, "max_batch_why": self.engine.info.get("max_batch_why")}
         if workers:
             info = await self.engine.coordinator.info.remote(refresh=True)
             out["worker_requests"] = {name: w.get("live_requests") for name, w in info["workers"].items()}
@@ -379,8 +384,9 @@ def build_app(args: dict | None = None):
         config = config.model_copy(update={"replicas_per_node": config.node_slots(len(slots.cluster_nodes()))})
     # Serve must let every request the replica may hold through (the batch on the engine plus the
     # queue, plus one to refuse): with fewer, Serve queues the excess itself and the 429 never fires.
+    # (An "auto" batch is resolved in the replica; here it counts as the largest it can be.)
     # A replica reserves its share of a node's CPUs, which its engine's actors (num_cpus=0) pin.
-    options = dict(max_ongoing_requests=config.max_queued_requests + config.engine.max_batch + 1,
+    options = dict(max_ongoing_requests=config.max_queued_requests + batching.bound(config.engine.max_batch) + 1,
                    ray_actor_options={"num_cpus": slots.replica_cpus(config.node_slots()),
                                       "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1"}}})
     if config.autoscaling:

@@ -31,16 +31,13 @@ class Autoscaling(BaseModel):
         return self
 
 
-SERVE_MAX_BATCH = 4  # serve's default batch (an engine alone defaults to 1)
-
-
 class ServeConfig(BaseModel):
     """``engine`` (an ``EngineConfig``) plus the serving fields. The engine's fields may also be
     given flat, beside the serving ones, as a YAML's ``args`` does."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
-    engine: EngineConfig = Field(default_factory=lambda: EngineConfig(engine="actors", max_batch=SERVE_MAX_BATCH))
+    engine: EngineConfig = Field(default_factory=lambda: EngineConfig(engine="actors"))
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = Field(8000, ge=1, le=65535)
     served_model_name: str | None = None  # default: the target's name
@@ -68,7 +65,6 @@ class ServeConfig(BaseModel):
             given = None
         values = asdict(given) if isinstance(given, EngineConfig) else dict(given or {})
         values.update({k: data.pop(k) for k in list(data) if k in names})
-        values.setdefault("max_batch", SERVE_MAX_BATCH)
         try:
             data["engine"] = EngineConfig(**{**values, "engine": "actors"})
         except (UserError, TypeError) as exc:

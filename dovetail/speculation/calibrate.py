@@ -51,20 +51,24 @@ def measured_costs(verifier, proposer=None, context_length: int = 1 << 30, key: 
     """``{"verify": {rows: seconds}, "draft_level_s": {trees: seconds per level} | None}``, from
     the cache for ``key`` or measured now (``key=None``: always measured, never cached)."""
     path = cache_path(key) if key is not None else None
+    cached = None
     if path is not None and path.exists():
         try:
             data = json.loads(path.read_text())
             draft = data.get("draft_level_s")
-            return {"verify": {int(r): float(s) for r, s in data["verify"].items()},
-                    "draft_level_s": None if draft is None else {int(b): float(s) for b, s in draft.items()}}
+            cached = {"verify": {int(r): float(s) for r, s in data["verify"].items()},
+                      "draft_level_s": None if draft is None else {int(b): float(s) for b, s in draft.items()}}
         except (ValueError, KeyError, TypeError):
             pass  # unreadable: measure again
+    if cached is not None and (proposer is None or cached["draft_level_s"] is not None):
+        return cached
+    # (a cache without the draft's part: written for the verify curve alone, by auto batching)
     rows = [r for r in ROWS if PROMPT + (REPEATS + 2) * (r + 1) < context_length] or [1]
-    say(f"measuring the verify cost curve of this machine (rows {rows[0]}..{rows[-1]}"
-        + (", and the draft's cost per tree level for 1-8 trees" if proposer is not None else "")
-        + (f"; once, cached in {path.parent}" if path else "") + ")")
+    what = ([] if cached else [f"the verify cost curve of this machine (rows {rows[0]}..{rows[-1]})"]) + (
+        ["the draft's cost per tree level for 1-8 trees"] if proposer is not None else [])
+    say(f"measuring {' and '.join(what)}" + (f"; once, cached in {path.parent}" if path else ""))
     t = time.perf_counter()
-    costs = {"verify": monotone({r: _verify_seconds(verifier, r) for r in rows}),
+    costs = {"verify": cached["verify"] if cached else monotone({r: _verify_seconds(verifier, r) for r in rows}),
              "draft_level_s": monotone(_draft_level_seconds(proposer)) if proposer is not None else None}
     say(f"cost curve measured in {time.perf_counter() - t:.1f}s: "
         + ", ".join(f"{r} rows {s * 1e3:.1f} ms" for r, s in costs["verify"].items() if r in (1, 4, 16, 32))
