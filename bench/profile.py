@@ -13,7 +13,8 @@ attributed to:
   norms                    RMSNorm, fused with the residual add
   rotary, attention        the rotary embedding, the attention over the cache and the tree
   torch + Python           what is left of the forward's wall time: the embedding, SiLU, the KV
-                           cache update, the mask, Python between the calls
+                           cache update, the mask, Python between the calls (and what a native
+                           decoder layer does between the operators above)
 
 Each figure is the median over ``--reps`` forwards (default 7); ``extra_ms``
 is the cost over the 1-row forward, which is where the extra rows go. JSON:
@@ -34,6 +35,7 @@ LONG_PREFIX = 4000
 CATEGORY = {"quantize_rows": "quantize activations", "rms_norm": "norms", "add_rms_norm_": "norms",
             "rope_": "rotary", "row_attention": "attention"}
 GLUE = "torch + Python"
+LAYER = "decoder_layers"  # the native decoder (fast_forward): one call, timed by operator inside
 
 
 class TimedOps:
@@ -48,6 +50,8 @@ class TimedOps:
         fn = getattr(self._real, name)
 
         def timed(*args):
+            if name == LAYER:  # its operators are timed inside the call (take_layer_timings)
+                return fn(*args)
             t = time.perf_counter()
             out = fn(*args)
             elapsed = time.perf_counter() - t
@@ -57,6 +61,13 @@ class TimedOps:
             return out
 
         return timed
+
+    def take_layer_timings(self) -> None:
+        """Adds the native layers' operator times since the last take (linears by their label)."""
+        for inner, seconds in self._real.take_layer_timings().items():
+            key = (self._labels.get(int(inner.split("@")[1]), "linear ?") if inner.startswith("linear@")
+                   else CATEGORY.get(inner, inner))
+            self.seconds[key] += seconds
 
 
 def _linears(model) -> dict[str, dict]:
@@ -90,6 +101,7 @@ def profile_forward(lm, rows_list=ROWS, reps: int = 7, prefix: int = PREFIX) -> 
     timed = TimedOps(quantized.ops(), labels)
     real_ops, real_fast_ops = quantized.ops, lm.fast.ops
     quantized.ops, lm.fast.ops = (lambda: timed), timed
+    real_ops().set_layer_timing(True)
     try:
         lm.reset()
         lm.extend([1000 + i % 5000 for i in range(prefix)])
@@ -103,6 +115,7 @@ def profile_forward(lm, rows_list=ROWS, reps: int = 7, prefix: int = PREFIX) -> 
                 with torch.inference_mode():
                     lm.forward_tree(tokens, parents, range(rows), lm.committed)
                 total = time.perf_counter() - t
+                timed.take_layer_timings()
                 lm.commit([])  # drop the pending chain: every forward sees the same prefix
                 if rep == 0:
                     continue  # warm-up
@@ -114,6 +127,7 @@ def profile_forward(lm, rows_list=ROWS, reps: int = 7, prefix: int = PREFIX) -> 
             say(f"after {prefix} tokens, {rows} rows: total {report[rows]['total']} ms")
     finally:
         quantized.ops, lm.fast.ops = real_ops, real_fast_ops
+        real_ops().set_layer_timing(False)
     return _with_rates(report, linears)
 
 

@@ -45,3 +45,18 @@ def test_an_append_with_room_to_spare_copies_nothing():
 def test_the_cache_of_a_model_appends_in_place():
     cache = appending_cache(tiny_model("qwen2").config)
     assert cache.layers and all(isinstance(layer, AppendingLayer) for layer in cache.layers)
+
+
+def test_reserved_rows_are_written_in_place_and_survive_keeping_and_copying():
+    import copy
+
+    layer, like = AppendingLayer(), torch.empty(1, 2, 0, 8)
+    layer.update(*rows(4, 0))
+    n = layer.reserve(like, 3)  # what the native decoder layer does: room, then rows written into _k/_v
+    k, v = rows(3, 1)
+    layer._k[:, :, n:n + 3], layer._v[:, :, n:n + 3] = k, v
+    assert n == 4 and layer.get_seq_length() == 7 and torch.equal(layer.keys[:, :, 4:], k)
+    layer.keep(5)  # a commit keeps the first pending entry
+    assert layer.get_seq_length() == 5 and torch.equal(layer.values[:, :, 4], v[:, :, 0])
+    twin = copy.deepcopy(layer)
+    assert twin.reserve(like, 1) == 5 and torch.equal(twin.keys[:, :, :5], layer.keys)

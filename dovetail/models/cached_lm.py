@@ -26,7 +26,7 @@ from transformers import DynamicCache
 from dovetail.models import fast_forward
 from dovetail.models.architectures import sliding_window
 from dovetail.models.row_attention import windowed
-from dovetail.models.kv_cache import appending_cache
+from dovetail.models.kv_cache import AppendingLayer, appending_cache
 from dovetail.models.tree import ancestry_matrix
 
 
@@ -37,6 +37,8 @@ class CachedLM:
         self.last_hidden: torch.Tensor | None = None  # [n, H] of the last forward (see module doc)
         self.config = model.config
         self.dtype = model.dtype
+        # the layers' attention windows (None: full), read once: a config's attributes are slow to read
+        self.windows = frozenset(sliding_window(self.config, i) for i in range(self.config.num_hidden_layers))
         self.device = next(model.parameters()).device  # the draft may live on a GPU
         # quantized models run a lean forward of their own (same modules and cache)
         self.fast = fast_forward.FastForward(model) if fast_forward.supports(model) else None
@@ -122,7 +124,7 @@ class CachedLM:
                 if moved:
                     layer.keys[:, :, self.committed:end] = layer.keys.index_select(2, index)
                     layer.values[:, :, self.committed:end] = layer.values.index_select(2, index)
-                layer.keys, layer.values = layer.keys[:, :, :end], layer.values[:, :, :end]
+                layer.keep(end)
         self.committed += len(kept)
         self._pending_nodes = []
         return len(kept)
@@ -150,19 +152,19 @@ def additive_mask(allowed: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return mask.masked_fill_(torch.from_numpy(~allowed), torch.finfo(dtype).min)
 
 
-def layer_masks(config, allowed: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor,
-                dtype: torch.dtype, device) -> torch.Tensor | dict[str, torch.Tensor]:
-    """The additive mask a forward takes for ``allowed`` [queries, keys]: with sliding-window layers
-    the window is cut from it too, in one mask for every layer, or one per layer type where
-    sliding layers sit beside full ones (the form transformers' Gemma 3 takes)."""
+def layer_masks(windows: frozenset, allowed: torch.Tensor, query_positions: torch.Tensor,
+                key_positions: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The additive mask a forward takes for ``allowed`` [queries, keys], given the model's layers'
+    ``windows`` (``CachedLM.windows``): with sliding-window layers the window is cut from it too, in
+    one mask for every layer, or one per layer type where sliding layers sit beside full ones (the
+    form transformers' Gemma 3 takes)."""
     def additive(window: int | None) -> torch.Tensor:
         seen = allowed if window is None else windowed(allowed, query_positions, key_positions, window)
         return additive_mask(seen.numpy(), dtype).to(device)[None, None]
 
-    windows = {sliding_window(config, i) for i in range(config.num_hidden_layers)}
     if len(windows) == 1:
-        return additive(windows.pop())
-    return {"full_attention": additive(None), "sliding_attention": additive(config.sliding_window)}
+        return additive(next(iter(windows)))
+    return {"full_attention": additive(None), "sliding_attention": additive(max(w for w in windows if w))}
 
 
 @dataclass
@@ -218,7 +220,7 @@ def forward_blocks(lms: list[CachedLM], blocks: list[TreeBlock], features: torch
         positions.append(block.base_position + depth[new])
         row, col = row + len(new), col + context
     positions = torch.from_numpy(np.concatenate(positions))
-    mask = layer_masks(first.config, torch.from_numpy(allowed), positions, torch.from_numpy(key_positions),
+    mask = layer_masks(first.windows, torch.from_numpy(allowed), positions, torch.from_numpy(key_positions),
                        first.dtype, first.device)
     ids = torch.from_numpy(np.concatenate(ids)).to(first.device).view(1, -1)
     positions = positions.to(first.device).view(1, -1)
@@ -228,18 +230,16 @@ def forward_blocks(lms: list[CachedLM], blocks: list[TreeBlock], features: torch
         logits = first._forward(ids, positions, mask, keep, features)
         first._pending_nodes.extend(int(n) for n in nodes[0])
         return [logits]
-    scratch = DynamicCache()  # plain layers that keep every row (a sliding one would drop some)
-    for i in range(len(first.cache.layers)):
-        scratch.update(torch.cat([lm.cache.layers[i].keys for lm in lms], dim=2),
-                       torch.cat([lm.cache.layers[i].values for lm in lms], dim=2), i)
+    scratch = DynamicCache()  # appending layers keep every row (a sliding one would drop some)
+    scratch.layers = [AppendingLayer.joined([lm.cache.layers[i] for lm in lms], total_nodes)
+                      for i in range(len(first.cache.layers))]
     logits = first._forward(ids, positions, mask, keep, features, cache=scratch)
     hidden = first.last_hidden
     out, row = [], 0
     for i, (lm, new) in enumerate(zip(lms, nodes)):
         fresh = slice(total_context + row, total_context + row + len(new))
         for layer, merged in zip(lm.cache.layers, scratch.layers):
-            layer.keys = torch.cat([layer.keys, merged.keys[:, :, fresh]], dim=2)
-            layer.values = torch.cat([layer.values, merged.values[:, :, fresh]], dim=2)
+            layer.update(merged.keys[:, :, fresh], merged.values[:, :, fresh])  # appended in place
         lm._pending_nodes.extend(int(n) for n in new)
         if lm.keep_hidden:
             lm.last_hidden = hidden[row:row + len(new)]

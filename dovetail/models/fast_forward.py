@@ -13,8 +13,14 @@ so a token's logits are bit-identical whether it is decoded alone, in a tree or 
 is what lossless verification needs. The target's plain decoding runs this same forward. (It is not
 bit-identical to HF's forward of the same weights: the norm sums in another order.)
 
-Tensor parallelism works unchanged: o/down projections, the LM head and the embedding are called
-as modules, so a shard's all-reduce / all-gather wrappers (``tp.py``) run as they do under HF.
+The layers run in one C++ call (``decoder_layers``, ``kernels/csrc/layer.cpp``): the same
+operators in the same order on the same data as the per-operator path (``_layer_ops``), so the
+same bits, without the Python between them (some fifteen calls, views and module wrappers a
+layer); the new keys and values go straight into the cache's buffers (``AppendingLayer.reserve``).
+
+Tensor parallelism works unchanged: a shard's o/down projections, LM head and embedding are
+wrapped for their all-reduce / all-gather (``tp.py``), so its layers run operator by operator,
+calling those projections as modules (as does a forward into a cache of other layers).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch.nn.functional as F
 
 from dovetail.kernels import ops
 from dovetail.models.architectures import ACTIVATIONS, of_config, sliding_window
+from dovetail.models.kv_cache import AppendingLayer
 from dovetail.models.quantized import QuantLinear
 from dovetail.models.row_attention import visible_keys, windowed
 
@@ -60,6 +67,14 @@ def supports(model: torch.nn.Module) -> bool:
         if _quant(layer.self_attn.o_proj) is None or _quant(layer.mlp.down_proj) is None:
             return False
     return family.fused_qkv == family.fused_gate_up
+
+
+def _static(rotary) -> bool:
+    """Whether a rotary embedding's tables depend on the position alone (dynamic NTK and LongRoPE
+    scaling recompute them from the forward's longest position)."""
+    kinds = getattr(rotary, "rope_type", None)
+    kinds = kinds.values() if isinstance(kinds, dict) else [kinds]
+    return all(isinstance(k, str) and "dynamic" not in k and k != "longrope" for k in kinds)
 
 
 def _norm(module, offset: float) -> tuple[torch.Tensor, float]:
@@ -106,10 +121,54 @@ class FastForward:
                 heads = kv_heads * attn.num_key_value_groups
             else:
                 heads, kv_heads = p["q"].out_features // head_dim, p["k"].out_features // head_dim
-            p.update(heads=heads, kv_heads=kv_heads, q_rows=heads * head_dim, kv_rows=kv_heads * head_dim)
+            p.update(heads=heads, kv_heads=kv_heads, q_rows=heads * head_dim, kv_rows=kv_heads * head_dim,
+                     like=torch.empty(1, kv_heads, 0, head_dim))  # the shape of its cache rows
             self.layers.append(p)
+        self.rope_kinds = list(dict.fromkeys(p["rope"] for p in self.layers))
+        self.static_rope, self._tables = _static(self.rotary), {}
         first = self.layers[0]
         self.isa = (first["qkv"] if family.fused_qkv else first["q"]).isa
+        for i, p in enumerate(self.layers):
+            p["next"] = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.final
+        # the native decoder: every layer in one C++ call, unless a shard's o/down projections are
+        # wrapped for their all-reduce (those run as modules, layer by layer)
+        native = all(_quant(p[m]) is p[m] for p in self.layers for m in ("o", "down"))
+        self.decoder = self._native(act != "silu") if native else None
+        self.rope_of = [p["rope"] for p in self.layers]
+        self.seen_of = [(p["rope"], p["window"]) for p in self.layers]
+
+    def _native(self, gelu: bool):
+        """The layers as the C++ decoder of ``kernels/csrc/layer.cpp``."""
+        linear = lambda m: self.ops.QLinear(*m._weight_args)
+        layers = []
+        for p in self.layers:
+            qkv = [p["qkv"]] if "qkv" in p else [p["q"], p["k"], p["v"]]
+            gate_up = [p["gate_up"]] if "gate_up" in p else [p["gate"], p["up"]]
+            layers.append(self.ops.DecoderLayer(
+                [linear(m) for m in qkv], linear(p["o"]), [linear(m) for m in gate_up], linear(p["down"]), p["ln1"],
+                p.get("q_norm"), p.get("k_norm"), p.get("post_attn"), p["pre_mlp"], p.get("post_mlp"),
+                p["heads"], p["kv_heads"], p["head_dim"], p["scale"], gelu, self.isa))
+        return self.ops.Decoder(layers, self.final)
+
+    def _rotary(self, h: torch.Tensor, positions: torch.Tensor) -> dict:
+        """cos, sin [L, head_dim] at ``positions``, per rotary table. A static rotary embedding is
+        elementwise in the position, so its rows are computed for a range of positions once and
+        looked up after (the same bits); a dynamic one (its frequencies follow the forward's longest
+        position) runs for each forward."""
+        out = {}
+        top = int(positions.max()) + 1 if self.static_rope else 0
+        for kind in self.rope_kinds:
+            args = (kind,) if kind is not None else ()
+            if not self.static_rope:
+                cos, sin = self.rotary(h, positions.view(1, -1), *args)
+                out[kind] = cos[0].float().contiguous(), sin[0].float().contiguous()
+                continue
+            table = self._tables.get(kind)
+            if table is None or table[0].shape[0] < top:
+                cos, sin = self.rotary(h, torch.arange(max(1024, 2 * top)).view(1, -1), *args)
+                table = self._tables[kind] = cos[0].float().contiguous(), sin[0].float().contiguous()
+            out[kind] = table[0].index_select(0, positions), table[1].index_select(0, positions)
+        return out
 
     def _qkv(self, p, xq, xs):
         if "qkv" not in p:
@@ -148,39 +207,45 @@ class FastForward:
         o = self.ops
         length = ids.shape[-1]
         h = self.embed(ids.view(1, -1))  # [1, L, H]
-        tables = {}
-        for p in self.layers:
-            if p["rope"] not in tables:
-                args = (p["rope"],) if p["rope"] is not None else ()
-                cos, sin = self.rotary(h, positions.view(1, -1), *args)
-                tables[p["rope"]] = cos[0].float().contiguous(), sin[0].float().contiguous()
+        tables = self._rotary(h, positions.view(-1))
         h = h[0].float().contiguous()
         visible = self._visible(mask, positions.view(-1), length, cache.get_seq_length() + length)
         w, eps = self.layers[0]["ln1"]
         x = o.rms_norm(h, w, eps)
+        layers = cache.layers
+        if self.decoder is not None and len(layers) == len(self.layers) and all(
+                type(layer) is AppendingLayer for layer in layers):  # its keys and values go into the buffers
+            rows = [layer.reserve(p["like"], length) for layer, p in zip(layers, self.layers)]
+            return o.decoder_layers(self.decoder, 0, len(layers), h, x, [tables[r][0] for r in self.rope_of],
+                                    [tables[r][1] for r in self.rope_of], [layer._k for layer in layers],
+                                    [layer._v for layer in layers], rows, [visible[k] for k in self.seen_of])
         for i, p in enumerate(self.layers):
-            d = p["head_dim"]
             cos, sin = tables[p["rope"]]
-            xq, xs = o.quantize_rows(x, self.isa)
-            q, k, v = self._qkv(p, xq, xs)
-            if "q_norm" in p:  # per head, before the rotary embedding
-                q = o.rms_norm(q.view(length * p["heads"], d), *p["q_norm"]).view(length, -1)
-                k = o.rms_norm(k.view(length * p["kv_heads"], d), *p["k_norm"]).view(length, -1)
-            o.rope_(q, cos, sin)
-            o.rope_(k, cos, sin)
-            keys, values = cache.update(k.view(length, p["kv_heads"], d).transpose(0, 1)[None],
-                                        v.reshape(length, p["kv_heads"], d).transpose(0, 1)[None], i)
-            a = o.row_attention(q.view(length, p["heads"], d).transpose(0, 1), keys[0], values[0],
-                                visible[p["rope"], p["window"]], p["scale"], self.isa)
-            a = p["o"](a.view(length, -1))
-            if "post_attn" in p:
-                a = o.rms_norm(a, *p["post_attn"])
-            x = o.add_rms_norm_(h, a, *p["pre_mlp"])
-            xq, xs = o.quantize_rows(x, self.isa)
-            gate, up = self._gate_up(p, xq, xs)
-            m = p["down"](self.activation(gate).mul_(up))
-            if "post_mlp" in p:
-                m = o.rms_norm(m, *p["post_mlp"])
-            nxt = self.layers[i + 1]["ln1"] if i + 1 < len(self.layers) else self.final
-            x = o.add_rms_norm_(h, m, *nxt)
+            x = self._layer_ops(i, p, h, x, cos, sin, visible[p["rope"], p["window"]], cache)
         return x
+
+    def _layer_ops(self, i: int, p: dict, h, x, cos, sin, seen, cache) -> torch.Tensor:
+        """Layer ``i`` operator by operator (what the native decoder computes, ``decoder_layers``): h
+        is updated in place; returns the next layer's normed input."""
+        o, length, d = self.ops, x.shape[0], p["head_dim"]
+        xq, xs = o.quantize_rows(x, self.isa)
+        q, k, v = self._qkv(p, xq, xs)
+        if "q_norm" in p:  # per head, before the rotary embedding
+            q = o.rms_norm(q.view(length * p["heads"], d), *p["q_norm"]).view(length, -1)
+            k = o.rms_norm(k.view(length * p["kv_heads"], d), *p["k_norm"]).view(length, -1)
+        o.rope_(q, cos, sin)
+        o.rope_(k, cos, sin)
+        keys, values = cache.update(k.view(length, p["kv_heads"], d).transpose(0, 1)[None],
+                                    v.reshape(length, p["kv_heads"], d).transpose(0, 1)[None], i)
+        a = o.row_attention(q.view(length, p["heads"], d).transpose(0, 1), keys[0], values[0], seen, p["scale"],
+                            self.isa)
+        a = p["o"](a.view(length, -1))
+        if "post_attn" in p:
+            a = o.rms_norm(a, *p["post_attn"])
+        x = o.add_rms_norm_(h, a, *p["pre_mlp"])
+        xq, xs = o.quantize_rows(x, self.isa)
+        gate, up = self._gate_up(p, xq, xs)
+        m = p["down"](self.activation(gate).mul_(up))
+        if "post_mlp" in p:
+            m = o.rms_norm(m, *p["post_mlp"])
+        return o.add_rms_norm_(h, m, *p["next"])

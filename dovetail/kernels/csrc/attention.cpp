@@ -17,10 +17,10 @@ at::Tensor row_attention(const at::Tensor& q_in, const at::Tensor& k_in, const a
   // The cache's keys and values are views into buffers with room to spare (models/kv_cache.py):
   // rows must be contiguous, heads may lie any distance apart, so the cache is never copied here.
   const auto rows_contiguous = [](const at::Tensor& t) {
-    at::Tensor f = t.to(at::kFloat);
+    at::Tensor f = t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
     return f.stride(2) == 1 && (f.size(1) <= 1 || f.stride(1) == f.size(2)) ? f : f.contiguous();
   };
-  const at::Tensor q = q_in.to(at::kFloat).contiguous(), visible = visible_in.to(at::kByte).contiguous();
+  const at::Tensor q = as_contiguous(q_in), visible = as_contiguous(visible_in, at::kByte);
   at::Tensor k = rows_contiguous(k_in), v = rows_contiguous(v_in);
   const int64_t H = q.size(0), Lq = q.size(1), d = q.size(2), Hkv = k.size(0), Lk = k.size(1);
   TORCH_CHECK(H % Hkv == 0 && visible.size(0) == Lq && visible.size(1) == Lk && k.size(2) == d &&

@@ -109,7 +109,7 @@ at::Tensor qmatmul_quantized(const at::Tensor& xq_in, const at::Tensor& xs_in, c
   const TileFn tile = kernel_set(isa).tiles[w.format];
   at::Tensor bias;
   if (bias_in.has_value() && bias_in->defined()) {
-    bias = bias_in->to(at::kFloat).contiguous();
+    bias = as_contiguous(*bias_in);
     TORCH_CHECK(bias.numel() == N, "bias has the wrong size");
   }
   const float* pb = bias.defined() ? bias.data_ptr<float>() : nullptr;

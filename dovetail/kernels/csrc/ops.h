@@ -3,6 +3,7 @@
 //   quantize.cpp  activations to int8 blocks
 //   rowops.cpp    RMSNorm, the residual step, rotary embedding
 //   attention.cpp attention, each query row on its own
+//   layer.cpp     a whole decoder layer in one call, from the operators above
 //   repack.cpp    GGUF blocks -> the packed layout (load time)
 //   roof.cpp      the machine's int8 peak and read bandwidth (benchmarks)
 // Each picks its kernel through the registry (registry.cpp); `isa` 0 is the best path this CPU runs.
@@ -10,6 +11,9 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+
+#include <map>
+#include <string>
 
 #include "kernels.h"
 
@@ -24,6 +28,12 @@ inline void sync_thread_count() {
     at::init_num_threads();
     done = true;
   }
+}
+
+// `t` as a contiguous tensor of `type`: itself when it is one already. `to` and `contiguous` would
+// return it too, but through the dispatcher, a microsecond or so a call (some twenty a layer).
+inline at::Tensor as_contiguous(const at::Tensor& t, at::ScalarType type = at::kFloat) {
+  return t.scalar_type() == type && t.is_contiguous() ? t : t.to(type).contiguous();
 }
 
 Packed make_packed(const at::Tensor& q, const at::Tensor& D, const at::Tensor& Dm, const at::Tensor& sc,
@@ -50,5 +60,44 @@ at::Tensor decode_values(const at::Tensor& raw, int64_t type, int64_t N, int64_t
 at::Tensor pack_values(const at::Tensor& q, int64_t bits);
 double roof_int8_macs(int64_t isa, int64_t iters);
 double roof_read_bytes(const at::Tensor& buffer, int64_t reps);
+
+
+// A QuantLinear's kernel arguments (its _weight_args, in that order), held by a DecoderLayer.
+struct QLinear {
+  at::Tensor q, D, Dm, sc, mn;
+  int64_t N, bits, gs, sb, mode;
+  double z;
+  int64_t isa;
+  c10::optional<at::Tensor> bias;
+  at::Tensor operator()(const at::Tensor& xq, const at::Tensor& xs) const;  // forward_quantized
+  at::Tensor forward(const at::Tensor& x) const;                            // QuantLinear.forward
+};
+struct Norm {  // an RMSNorm's weight (as the kernel multiplies by it) and eps; no weight: absent
+  at::Tensor w;
+  double eps = 0;
+};
+// What a decoder layer computes with (models/fast_forward.py builds it once per layer).
+struct DecoderLayer {
+  std::vector<QLinear> qkv, gate_up;  // q, k, v or one fused qkv; gate, up or one fused gate_up
+  QLinear o, down;
+  Norm ln1, q_norm, k_norm, post_attn, pre_mlp, post_mlp;  // ln1, pre_mlp always; the others by family
+  int64_t heads, kv_heads, head_dim, isa;
+  double scale;
+  bool gelu;  // the MLP's activation: gelu (tanh approximation), else silu
+};
+struct Decoder {  // the layers, then the final norm
+  std::vector<DecoderLayer> layers;
+  Norm final;
+};
+// Layers [first, last) of the decoder on rows x (the first one's input norm applied): each adds its
+// attention and its MLP to h in place and writes its new keys/values into rows n .. n + L of its
+// KV buffers (the i-th entries of the lists are layer first + i's); returns the normed input of the
+// next layer (after the last layer: the final norm's output).
+at::Tensor decoder_layers(const Decoder& decoder, int64_t first, int64_t last, at::Tensor& h, const at::Tensor& x,
+                          const std::vector<at::Tensor>& cos, const std::vector<at::Tensor>& sin,
+                          const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
+                          const std::vector<int64_t>& n, const std::vector<at::Tensor>& visible);
+void set_layer_timing(bool on);                     // per-operator times inside decoder_layer (benchmarks)
+std::map<std::string, double> take_layer_timings();  // seconds by operator since the last take
 
 }  // namespace dovetail

@@ -37,7 +37,7 @@ void quantize_scalar(const float* x, int8_t* q8, float* s, int64_t b, int64_t e)
 std::vector<at::Tensor> quantize_rows(const at::Tensor& x_in, int64_t isa) {
   sync_thread_count();
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) % 32 == 0, "activations must be [M, K] with K a multiple of 32");
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const at::Tensor x = as_contiguous(x_in);
   const int64_t M = x.size(0), K = x.size(1), U = K / 32;
   auto xq = at::empty({M, K}, at::kChar);
   auto xs = at::empty({M, U, 4}, at::kFloat);

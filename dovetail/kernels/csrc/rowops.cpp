@@ -31,7 +31,7 @@ void rms_norm_rows(const float* x, const float* w, float* out, int64_t M, int64_
 
 // RMSNorm: w * x / sqrt(mean(x^2) + eps), rows of x [M, H].
 at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) {
-  const at::Tensor x = x_in.to(at::kFloat).contiguous(), w = w_in.to(at::kFloat).contiguous();
+  const at::Tensor x = as_contiguous(x_in), w = as_contiguous(w_in);
   const int64_t H = x.size(-1), M = x.numel() / H;
   TORCH_CHECK(w.numel() == H, "norm weight has the wrong size");
   auto out = at::empty_like(x);
@@ -42,7 +42,7 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) 
 // The residual step of a decoder layer: h += delta (in place), then RMSNorm(h).
 at::Tensor add_rms_norm_(at::Tensor& h, const at::Tensor& delta_in, const at::Tensor& w_in, double eps) {
   TORCH_CHECK(h.is_contiguous() && h.scalar_type() == at::kFloat, "h must be contiguous float32");
-  const at::Tensor delta = delta_in.to(at::kFloat).contiguous(), w = w_in.to(at::kFloat).contiguous();
+  const at::Tensor delta = as_contiguous(delta_in), w = as_contiguous(w_in);
   TORCH_CHECK(delta.numel() == h.numel(), "residual shapes differ");
   const int64_t H = h.size(-1), M = h.numel() / H;
   float* ph = h.data_ptr<float>();
@@ -57,7 +57,7 @@ at::Tensor add_rms_norm_(at::Tensor& h, const at::Tensor& delta_in, const at::Te
 // halves of each head rotate together): x * cos + rotate_half(x) * sin.
 void rope_(at::Tensor& x, const at::Tensor& cos_in, const at::Tensor& sin_in) {
   TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat && x.dim() == 2, "x must be [L, heads*d] float32");
-  const at::Tensor c = cos_in.to(at::kFloat).contiguous(), s = sin_in.to(at::kFloat).contiguous();
+  const at::Tensor c = as_contiguous(cos_in), s = as_contiguous(sin_in);
   const int64_t L = x.size(0), d = c.size(-1), half = d / 2, heads = x.size(1) / d;
   TORCH_CHECK(c.numel() == L * d && s.numel() == L * d && heads * d == x.size(1), "rotary shapes differ");
   float* px = x.data_ptr<float>();
