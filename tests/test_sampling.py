@@ -33,6 +33,61 @@ def test_warping_matches_hf_warpers(temperature, top_k, top_p):
     torch.testing.assert_close(got, expected)
 
 
+def hf_kept(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return torch.isfinite(scores)
+
+
+def vocabulary_rows(vocab: int = 151_936) -> dict[str, torch.Tensor]:
+    """Rows as wide as a real vocabulary: a few tokens far above a Gaussian body, the body alone
+    (top-p's cut then falls among thousands of tokens), and a body of many exact ties."""
+    g = torch.Generator().manual_seed(3)
+    body = torch.randn(vocab, generator=g) * 2
+    peaked = body.clone()
+    peaked[torch.randint(vocab, (8,), generator=g)] += torch.linspace(8, 16, 8)
+    tied = torch.randint(0, 40, (vocab,), generator=g).float() / 4  # 40 distinct values
+    return {"peaked": peaked, "flat": body, "tied": tied}
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.8, 0, 0.9), (0.8, 40, 1.0), (0.8, 40, 0.9), (1.5, 0, 0.95),
+                                                     (0.7, 0, 0.95), (1.0, 5000, 0.5), (1.0, 1, 1.0)])
+def test_the_filters_keep_what_hf_keeps_on_a_whole_vocabulary(temperature, top_k, top_p):
+    """The native filters find the cut with a histogram, never sorting the row: the same tokens as
+    HF's sorting warpers (ties apart: HF splits tokens of equal probability by its sort's order,
+    here they stay or go together), probabilities renormalised over them."""
+    for shape, logits in vocabulary_rows().items():
+        got = target_probs(logits[None], SamplingParams(temperature, top_p, top_k))[0]
+        expected = hf_kept(logits[None], temperature, top_k, top_p)[0]
+        kept = got > 0
+        if shape == "tied":  # a tie straddling the cut: every token of that value stays here
+            cut = float(logits[kept].min())
+            assert torch.equal(kept & (logits != cut), expected & (logits != cut)), shape
+            assert bool(kept[logits == cut].all()) and bool(expected[logits == cut].any()), shape
+        else:
+            assert torch.equal(kept, expected), shape
+        assert abs(float(got.sum(dtype=torch.float64)) - 1) < 1e-5
+
+
+def test_the_draw_is_the_inverse_cdf_in_token_order():
+    """``sample_token`` at a uniform number u is the first token whose running sum (token order,
+    float64) passes u x the total; zero-probability tokens are never drawn."""
+    probs = torch.rand(151_936, generator=torch.Generator().manual_seed(5)) ** 8
+    probs[::3] = 0.0
+    probs /= probs.sum()
+    cdf = probs.double().cumsum(0).numpy()
+    for seed in range(200):
+        u = verification.position_uniform(seed, 17)
+        token = verification.sample_token(probs, seed, 17)
+        assert probs[token] > 0
+        expected = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
+        # a different order of float64 sums may move a number sitting on a boundary by one token
+        assert token == expected or abs(cdf[min(token, expected)] - u * cdf[-1]) < 1e-12, (seed, token, expected)
+
+
 @pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.01), dict(top_k=-1),
                                  dict(temperature=float("nan"))])
 def test_bad_sampling_params_are_refused(bad):

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dovetail.kernels import ops
 from dovetail.models.tree import DraftTree
 from dovetail.sampling import SamplingParams
 
@@ -45,72 +46,14 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
     The row max is subtracted before dividing (inside the softmax), so a small temperature cannot
     overflow to inf (and NaN probabilities); every accepted non-greedy temperature is >=
-    ``sampling.GREEDY_BELOW``. Neither filter sorts the row (``_kept``)."""
+    ``sampling.GREEDY_BELOW``. The filters run natively (``filter_probs_``, kernels/csrc/sampling.cpp):
+    a histogram of the row finds the cut, so the row is never sorted."""
     probs = (logits.float() / params.temperature).softmax(dim=-1)
     top_k = params.top_k if 0 < params.top_k < probs.shape[-1] else 0
     if top_k or params.top_p < 1.0:
-        for row in probs:
-            if top_k:
-                row.masked_fill_(~_kept(row, top_k, by_weight=False), 0.0)
-            if params.top_p < 1.0:
-                row.masked_fill_(~_kept(row, params.top_p * float(row.sum(dtype=torch.float64)), by_weight=True), 0.0)
-        probs /= probs.sum(dim=-1, keepdim=True)
+        probs = probs.contiguous()
+        ops().filter_probs_(probs, top_k, params.top_p)
     return probs
-
-
-BUCKET_SHIFT = 18  # a non-negative float32's bits >> 18: its exponent and 5 mantissa bits (steps of 2-3%)
-BUCKETS = 1 << (31 - BUCKET_SHIFT)
-TOP_K_SELECT = 256  # up to this k, torch.topk finds the k-th value faster than the histogram
-PEAKED = 2.0 ** -8  # top-p first tries the tokens within this factor of the most likely one
-
-
-def _kept(probs: torch.Tensor, need: float, by_weight: bool) -> torch.Tensor:
-    """Which tokens of one row of probabilities a filter keeps (a bool mask).
-
-    Top-k (``need`` = k): every token at least as likely as the k-th most likely. Top-p
-    (``by_weight``), as HF's ``TopPLogitsWarper``: a token while the probability of the tokens more
-    likely than it is below ``need``, so the most likely token always stays (tokens of equal
-    probability, which HF splits by its sort's order, stay or go together).
-
-    No sort of the row. A small k takes ``torch.topk``'s k-th value; top-p first tries the tokens
-    near the most likely one (``PEAKED``), enough when they hold ``need``. Otherwise a non-negative
-    float's bits rise with its value, so a histogram over their top bits (``BUCKET_SHIFT``) finds
-    the one bucket where the running count or probability, from the most likely down, reaches
-    ``need``: the buckets above it are all kept, those below all go, and only that bucket is sorted."""
-    if not by_weight and need <= TOP_K_SELECT:
-        return probs >= torch.topk(probs, int(need)).values[-1]
-    if by_weight:  # a peaked row: the few tokens near the top often hold the mass already
-        inside = (probs > float(probs.max()) * PEAKED).nonzero().squeeze(1)
-        if float(probs[inside].sum(dtype=torch.float64)) >= need:
-            return _keep_by_weight(probs, inside, 0.0, need, torch.zeros_like(probs, dtype=torch.bool))
-    raw = probs.view(torch.int32) >> BUCKET_SHIFT  # rises with the probability
-    running = torch.bincount(raw, weights=probs if by_weight else None, minlength=BUCKETS).flip(0).cumsum(0)
-    b = min(int(torch.searchsorted(running, torch.tensor([need], dtype=running.dtype))), BUCKETS - 1)
-    before = float(running[b - 1]) if b else 0.0  # what the buckets above the boundary hold
-    bucket = BUCKETS - 1 - b
-    inside = (raw == bucket).nonzero().squeeze(1)
-    above = torch.tensor([(bucket + 1) << BUCKET_SHIFT], dtype=torch.int32).view(torch.float32)
-    keep = probs >= above  # every bucket above the boundary's
-    if by_weight:
-        return _keep_by_weight(probs, inside, before, need, keep)
-    candidates = probs[inside]
-    kth = torch.sort(candidates, descending=True).values[min(int(need - before), len(candidates)) - 1]
-    keep[inside[candidates >= kth]] = True  # ties with the k-th stay
-    return keep
-
-
-def _keep_by_weight(probs: torch.Tensor, inside: torch.Tensor, before: float, need: float,
-                    keep: torch.Tensor) -> torch.Tensor:
-    """Top-p's cut among the candidates ``inside``, ``before`` being the probability of the tokens
-    more likely than all of them (already set in ``keep``): a candidate stays while the
-    probability ranked strictly above it is below ``need``; tied candidates count once."""
-    values, order = torch.sort(probs[inside], descending=True)
-    w = values.double()
-    ahead = before + w.cumsum(0) - w
-    _, tie = torch.unique_consecutive(values, return_inverse=True)
-    ahead = torch.full((int(tie[-1]) + 1,), float("inf"), dtype=ahead.dtype).scatter_reduce(0, tie, ahead, "amin")[tie]
-    keep[inside[order][ahead < need]] = True
-    return keep
 
 
 class WarpedRows:
@@ -248,28 +191,9 @@ def position_uniform(seed: int, position: int, stream: str = "") -> float:
     return (int.from_bytes(digest, "little") >> 11) / float(1 << 53)
 
 
-DRAW_BLOCK = 1024  # tokens a block: the draw sums blocks, then walks the one block the number falls in
-
-
 def sample_token(probs: torch.Tensor, seed: int, position: int) -> int:
     """The token at ``position``: inverse CDF of ``probs`` (in token order) at
-    ``position_uniform(seed, position)``.
-
-    The CDF is never built over the whole row: the blocks' masses (summed in float64) locate the
-    block holding the number, and only that block is accumulated. A token of zero probability is
-    never drawn (the CDF does not rise at it)."""
-    probs = probs.reshape(-1)
-    vocab = probs.shape[0]
-    pad = -vocab % DRAW_BLOCK
-    blocks = torch.nn.functional.pad(probs, (0, pad)).view(-1, DRAW_BLOCK).sum(1, dtype=torch.float64).cumsum(0)
-    target = position_uniform(seed, position) * float(blocks[-1])
-    b = int(torch.searchsorted(blocks, torch.tensor([target], dtype=torch.float64), right=True))
-    if b >= len(blocks):  # the number rounded up to the total: the last block holding any mass
-        b = int((blocks < blocks[-1]).sum())
-    base = float(blocks[b - 1]) if b else 0.0
-    block = probs[b * DRAW_BLOCK:(b + 1) * DRAW_BLOCK]
-    cdf = block.double().cumsum(0) + base
-    index = int(torch.searchsorted(cdf, torch.tensor([target], dtype=torch.float64), right=True))
-    if index >= len(block):  # the block's own sum rounded a little above the walk: its last token that can be drawn
-        index = int(block.nonzero()[-1])
-    return b * DRAW_BLOCK + index
+    ``position_uniform(seed, position)``. Natively (``draw_token``): the blocks' masses locate the
+    block holding the number and only that block is accumulated, so the CDF is never built over
+    the whole row. A token of zero probability is never drawn (the CDF does not rise at it)."""
+    return int(ops().draw_token(probs.reshape(-1), position_uniform(seed, position)))

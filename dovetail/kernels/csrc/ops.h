@@ -4,6 +4,7 @@
 //   rowops.cpp    RMSNorm, the residual step, rotary embedding
 //   attention.cpp attention, each query row on its own
 //   layer.cpp     a whole decoder layer in one call, from the operators above
+//   sampling.cpp  top-k / top-p on a row of probabilities, the inverse-CDF draw
 //   repack.cpp    GGUF blocks -> the packed layout (load time)
 //   roof.cpp      the machine's int8 peak and read bandwidth (benchmarks)
 // Each picks its kernel through the registry (registry.cpp); `isa` 0 is the best path this CPU runs.
@@ -58,6 +59,9 @@ at::Tensor row_attention(const at::Tensor& q, const at::Tensor& k, const at::Ten
                             const at::Tensor& visible, double scale, int64_t isa);
 at::Tensor decode_values(const at::Tensor& raw, int64_t type, int64_t N, int64_t K);
 at::Tensor pack_values(const at::Tensor& q, int64_t bits);
+void filter_probs_(at::Tensor& probs, int64_t top_k, double top_p);
+int64_t draw_token(const at::Tensor& probs, double u);
+
 double roof_int8_macs(int64_t isa, int64_t iters);
 double roof_read_bytes(const at::Tensor& buffer, int64_t reps);
 
