@@ -135,16 +135,16 @@ class DecodeLoop:
             lv.unsent, lv.prefilling = prompt, True
             if drafts and self.prefill_together:
                 try:
-                    self.speculator.start(lv.rid, prompt, request.tenant, request.params)
+                    self.speculator.start(lv.rid, prompt, request.params, request.tenant)
                 except RequestFailure as exc:
                     self._fail(lv, exc)
             return
         try:
             if drafts and self.prefill_together:
-                self.speculator.start(lv.rid, prompt, request.tenant, request.params)
+                self.speculator.start(lv.rid, prompt, request.params, request.tenant)
             first = self.verifier.start(lv.rid, prompt, request.params)
             if drafts and not self.prefill_together:
-                self.speculator.start(lv.rid, prompt, request.tenant, request.params)
+                self.speculator.start(lv.rid, prompt, request.params, request.tenant)
         except RequestFailure as exc:
             return self._fail(lv, exc)
         self._first_token(lv, first)
@@ -230,7 +230,7 @@ class DecodeLoop:
                 return
             lv.prefilling = False
             if lv.drafts and not self.prefill_together:
-                self.speculator.start(lv.rid, list(lv.request.prompt_ids), lv.request.tenant, lv.request.params)
+                self.speculator.start(lv.rid, list(lv.request.prompt_ids), lv.request.params, lv.request.tenant)
         except RequestFailure as exc:
             return self._fail(lv, exc)
         self._first_token(lv, verdict)

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 
 from dovetail.decode import Drafting, Proposal, RequestFailure, Verdict
+from dovetail.models.lm_proposer import ModelProposer
+from dovetail.steps import guessed_right
 from dovetail.models.target import TargetVerifier, verify_batch
 from dovetail.models.tree import DraftTree
 
@@ -40,11 +42,6 @@ def _proposal(tree: DraftTree | None, seconds: float, guess: list[int] | None = 
     return Proposal(tree if tree is not None else DraftTree([root], [-1]), seconds, guess)
 
 
-def _feed_shape(item: Drafting):
-    """A model proposer's shape argument: no shape in the ``Drafting`` means feed only (False)."""
-    return False if item.shape is None else item.shape
-
-
 class Bets:
     """What an adapter keeps of its draft's bets: for each request, the outcome of a bet that
     held, which the draft must be told with the next bet (it still holds the tree it grew on the
@@ -54,7 +51,7 @@ class Bets:
         self.settled: dict[str, Drafting] = {}
 
     def judge(self, request_id: str, bet: Proposal, outcome: Drafting) -> Proposal:
-        held = bet.guess is not None and list(bet.guess) == list(outcome.new_tokens)
+        held = guessed_right(bet.guess, outcome.new_tokens)
         if held:
             self.settled[request_id] = outcome
         return replace(bet, held=held)
@@ -67,16 +64,17 @@ class Bets:
 
 
 class LocalProposer:
-    """Draft proposers (``DraftProposer`` or ``FeatureDraftProposer``), one per request."""
+    """Draft-model proposers (``lm_proposer.ModelProposer``s), one per request."""
 
-    def __init__(self, new_proposer: Callable[[], object]):
+    def __init__(self, new_proposer: Callable[[], ModelProposer]):
         self.new_proposer = new_proposer
         self.states: dict = {}
         self._bets: dict[str, Proposal] = {}
         self.book = Bets()
 
-    def start(self, request_id: str, prompt_ids: list[int], params=None) -> None:
-        """``params``: the request's ``SamplingParams`` (a draft model samples its trees by them)."""
+    def start(self, request_id: str, prompt_ids: list[int], params=None, tenant: str = "") -> None:
+        """``params``: the request's ``SamplingParams`` (a draft model samples its trees by them); a
+        model drafts from the request alone, whatever its ``tenant``."""
         proposer = self.states[request_id] = self.new_proposer()
         proposer.start(prompt_ids, params)
 
@@ -101,7 +99,7 @@ class LocalProposer:
                 with Timer() as t:
                     trees = type(proposers[0]).propose_many(proposers, [i.new_tokens for i, _ in fresh],
                                                             [i.features for i, _ in fresh],
-                                                            [_feed_shape(i) for i, _ in fresh])
+                                                            [i.shape for i, _ in fresh])
                 for (item, _), tree in zip(fresh, trees):
                     results[item.request_id] = _proposal(tree, t.seconds / len(fresh), root=item.new_tokens[-1])
             except Exception as exc:  # the shared forward failed: every request in it
@@ -109,10 +107,13 @@ class LocalProposer:
         return [results[item.request_id] for item in items]
 
     @staticmethod
-    def _resolve(proposer, item: Drafting) -> Proposal | Exception:
+    def _resolve(proposer: ModelProposer, item: Drafting) -> Proposal | Exception:
+        """The bet's outcome (a held bet's tree is this step's), then a new tree if it missed and
+        the item asks for one."""
         try:
             with Timer() as t:
-                tree, _ = proposer.resolve(item.new_tokens, item.features, _feed_shape(item))
+                held = proposer.settle(item.new_tokens, item.features)
+                tree = proposer.tree if held else (proposer.grow(item.shape) if item.shape is not None else None)
             return _proposal(tree, t.seconds, root=item.new_tokens[-1])
         except Exception as exc:
             return exc
@@ -126,10 +127,8 @@ class LocalProposer:
         draft actor calls this with what the coordinator's ``Bets`` kept)."""
         proposer = state_of(self.states, request_id)
         with Timer() as t:
-            if settled is not None:
-                _, held = proposer.resolve(settled.new_tokens, settled.features)
-                if not held:
-                    raise RuntimeError("a bet was settled that did not hold")
+            if settled is not None and not proposer.settle(settled.new_tokens, settled.features):
+                raise RuntimeError("a bet was settled that did not hold")
             guess, tree = proposer.predraft(shape)
         return _proposal(tree, t.seconds, guess)
 

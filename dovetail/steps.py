@@ -70,9 +70,16 @@ class Verdict:
     compute_s: float = 0.0  # this request's share of the target forward
 
 
+def guessed_right(guess: list[int] | None, committed: list[int]) -> bool:
+    """Whether a bet's guessed tokens are what the target committed: the one place a guess is
+    judged (the draft models' ``settle`` and the adapters' ``Bets``)."""
+    return guess is not None and [int(t) for t in guess] == [int(t) for t in committed]
+
+
 class Proposer(Protocol):
-    def start(self, request_id: str, prompt_ids: list[int], params=None) -> None:
-        """``params``: the request's ``SamplingParams``, for a proposer that samples by them."""
+    def start(self, request_id: str, prompt_ids: list[int], params=None, tenant: str = "") -> None:
+        """``params``: the request's ``SamplingParams``, for a proposer that samples by them;
+        ``tenant``: whose earlier outputs the request may draft from (never another tenant's)."""
 
     def propose(self, items: list[Drafting]) -> list[Proposal | Exception]:
         """Each request's next tree (or its own error), grown together where the draft can."""
@@ -92,9 +99,8 @@ class TreeSource(Protocol):
     """What the loop drafts with (``dovetail/speculation``'s ``Speculator``): each request's tree
     per step (from the proposers it picks, or the root alone), bets, and learning from each step."""
 
-    def start(self, request_id: str, prompt_ids: list[int], tenant: str = "", params=None) -> None:
-        """``tenant``: whose earlier outputs the request may draft from (never another tenant's);
-        ``params``: its ``SamplingParams``."""
+    def start(self, request_id: str, prompt_ids: list[int], params=None, tenant: str = "") -> None:
+        """As ``Proposer.start``."""
 
     def propose(self, items: list[Drafting]) -> list[Proposal | Exception]:
         """Each request's tree for this step (its ``choice`` says what grew it; None: the root alone)."""

@@ -1,4 +1,4 @@
-"""The draft's pipelining bet: predraft + resolve keep the output exact, hit or miss."""
+"""The draft's pipelining bet: predraft + settle / resolve keep the output exact, hit or miss."""
 
 import pytest
 import torch
@@ -33,3 +33,26 @@ def test_predraft_then_resolve_is_exact(shape):
             hits, misses = hits + held, misses + (not held)
         assert out.tokens == hf_greedy(target, prompt, 40, eos=1)
     assert hits and misses, "both outcomes of the bet must be exercised"
+
+
+def test_feed_then_grow_is_propose_and_a_missed_bet_is_fed():
+    """The one proposer interface: ``propose`` is ``feed`` then ``grow``; ``settle`` on a missed bet
+    leaves the draft as if it had been told the outcome without betting (the same next tree)."""
+    target = tiny_model("qwen2", seed=4)
+    model = CachedLM(perturbed(target, 0.05, seed=13))
+    shape = TreeShape.parse("8,4,2")
+    a, b = DraftProposer(model, shape), DraftProposer(model.fresh(), shape)
+    prompt = [5, 9, 17, 33, 2, 71]
+    a.start(prompt), b.start(prompt)
+    a.feed([40]), b.feed([40])
+    assert a.tree is None and not a.betting
+    first, again = a.grow(), b.grow()
+    assert first.tokens.tolist() == again.tokens.tolist() and first.parents.tolist() == again.parents.tolist()
+    guess, _ = a.predraft()
+    wrong = [3 if guess[0] != 3 else 4]  # no draft token accepted, another bonus: the bet misses
+    assert a.betting and not a.settle(wrong) and not a.betting
+    expected = b.propose(wrong)
+    got = a.grow()
+    assert got.tokens.tolist() == expected.tokens.tolist() and got.parents.tolist() == expected.parents.tolist()
+    guess, bet_tree = a.predraft()
+    assert a.settle(guess) and a.tree is bet_tree  # a held bet's tree is the next step's

@@ -123,7 +123,7 @@ class FixedText:
     def __init__(self, chain):
         self.chain = list(chain)
 
-    def start(self, request_id, prompt_ids, tenant=""):
+    def start(self, request_id, prompt_ids, params=None, tenant=""):
         pass
 
     def propose(self, items):

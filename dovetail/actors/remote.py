@@ -55,7 +55,8 @@ class RemoteProposer:
                          reply.scores)
         return Proposal(tree, reply.compute_s, reply.guess)
 
-    def start(self, request_id: str, prompt_ids: list[int], params=None) -> None:
+    def start(self, request_id: str, prompt_ids: list[int], params=None, tenant: str = "") -> None:
+        """As ``local.LocalProposer.start`` (a model drafts from the request alone, whatever its tenant)."""
         prompt = self.link.arena.put(np.asarray(prompt_ids, dtype=np.int32))
         sampling = dataclasses.asdict(params) if params is not None else {}
         self.link.send(self.link.draft, StartRequest(request_id, prompt, sampling))

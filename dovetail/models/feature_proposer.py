@@ -7,9 +7,9 @@ once, after prefill). The drafter drops the tree it drafted last time (its entri
 from *predicted* features), feeds the true pairs, and grows the next tree: a node's input is its
 parent's predicted feature and its own token, EAGLE style.
 
-Betting (``predraft``/``resolve``, as for the token draft): the next tree grows from the guessed
+Betting (``predraft``/``settle``, as for the token draft): the next tree grows from the guessed
 path with the path's *predicted* features standing in for the target's. When the bet holds, the
-true (token, feature) pairs replace those entries on the next ``propose``.
+true (token, feature) pairs replace those entries on the next ``feed``.
 """
 
 from __future__ import annotations
@@ -17,43 +17,35 @@ from __future__ import annotations
 import torch
 
 from dovetail.models.cached_lm import CachedLM
-from dovetail.models.lm_proposer import log_probs
+from dovetail.models.lm_proposer import ModelProposer, log_probs
 from dovetail.models.tree import DraftTree, TreeBuilder, TreeShape
+from dovetail.steps import guessed_right
 
 
-class FeatureDraftProposer:
+class FeatureDraftProposer(ModelProposer):
     reads_features = True  # it must see every step's features, so it is told every step
 
     def __init__(self, lm: CachedLM, shape: TreeShape):
-        self.lm = lm
-        self.set_shape(shape)
+        super().__init__(lm, shape)
         self._unpaired: list[int] = []
-        self._tree: DraftTree | None = None
-        self._grown_ids = None  # tree node -> its node id while growing (the pending entries' keys)
-        self._root_logits = None  # the current tree's root's (a bet on a tree cut to its root uses them)
         self._predicted: dict = {}  # grown node id -> its predicted feature
-        self._bet: tuple[int, list[int]] | None = None  # (cache mark, guessed tokens)
         self._redo_mark: int | None = None  # where the entries drafted from predicted features start
         self._redo: list[tuple[list[int], torch.Tensor]] = []  # true (tokens, features) to feed there
 
     def fresh(self) -> "FeatureDraftProposer":
         return FeatureDraftProposer(self.lm.fresh(), self.shape)
 
-    def set_shape(self, shape: TreeShape) -> None:
-        self.shape = shape
-        self.builder = TreeBuilder(shape)
-
     def start(self, prompt_ids: list[int], params=None) -> None:
-        """A new request. Prompt tokens 1.. pair with the prompt's features on the first ``propose``.
+        """A new request. Prompt tokens 1.. pair with the prompt's features on the first ``feed``.
         ``params`` are not used: this drafter proposes its top-k (fixed choices) at any temperature."""
+        super().start(prompt_ids, params)
         self.lm.reset()
         self._unpaired = list(prompt_ids[1:])
-        self._tree, self._bet, self._redo_mark, self._redo = None, None, None, []
+        self._redo_mark, self._redo = None, []
 
-    def propose(self, new_tokens: list[int], features: torch.Tensor, shape: TreeShape | None = None) -> DraftTree | None:
+    def feed(self, new_tokens: list[int], features: torch.Tensor = None) -> None:
         """``new_tokens``: tokens committed since the last call; ``features``: the target's features
-        at the positions before each of them (the prompt's, on the first call). ``shape``: this
-        tree's budget (default: the proposer's); ``False``: feed them, grow nothing."""
+        at the positions before each of them (the prompt's, on the first call)."""
         features = torch.as_tensor(features)
         tokens = self._unpaired + [int(t) for t in new_tokens]
         self._unpaired = []
@@ -66,28 +58,23 @@ class FeatureDraftProposer:
             features = torch.cat([f for _, f in self._redo] + [features])
             self._redo_mark, self._redo = None, []
         self.lm.commit([])  # last step's tree was drafted from predicted features: drop it
-        logits = self.lm.extend(tokens, features=features)
-        if shape is False:
-            self._tree = None
-            return None
-        return self._grow(int(tokens[-1]), logits, shape)
+        self._root = (int(tokens[-1]), self.lm.extend(tokens, features=features))
+        self._tree = None
 
     @staticmethod
     def propose_many(proposers: list["FeatureDraftProposer"], new_tokens: list[list[int]],
                      features: list[torch.Tensor], shapes=None) -> list[DraftTree | None]:
-        """One after another: each tree grows from its own request's features."""
-        shapes = shapes or [None] * len(proposers)
-        return [p.propose(t, f, shape) for p, t, f, shape in zip(proposers, new_tokens, features, shapes)]
-
-    @property
-    def betting(self) -> bool:
-        """True between ``predraft`` and ``resolve``."""
-        return self._bet is not None
+        """One after another: each tree grows from its own request's features (shape None: feed only)."""
+        shapes = shapes if shapes is not None else [p.shape for p in proposers]
+        out = []
+        for p, t, f, shape in zip(proposers, new_tokens, features, shapes):
+            out.append(p.propose(t, f, shape) if shape is not None else p.feed(t, f))
+        return out
 
     def predraft(self, shape: TreeShape | None = None) -> tuple[list[int], DraftTree]:
         """Bet that the draft's greedy path through its tree is accepted, plus its guess for the
         bonus token, and grow the next tree from there. The target's features of those tokens are
-        not known yet: the path's predicted ones stand in until ``resolve`` brings the true ones."""
+        not known yet: the path's predicted ones stand in until ``settle`` brings the true ones."""
         mark = self.lm.committed
         if self._tree is None:
             raise RuntimeError("predraft needs a tree to bet on: propose first")
@@ -103,18 +90,16 @@ class FeatureDraftProposer:
         self._bet = (mark, guess)
         return guess, self._grow(guess[-1], self.lm.extend(guess[-1:], features=feature[None]), shape)
 
-    def resolve(self, new_tokens: list[int], features: torch.Tensor,
-                shape: TreeShape | None = None) -> tuple[DraftTree, bool]:
-        """After ``predraft``: the tree that follows ``new_tokens`` and whether the bet held. A held
-        bet keeps its tree; its true features are fed with the next ``propose``."""
-        mark, guess = self._bet
-        self._bet = None
-        if [int(t) for t in new_tokens] == guess:
+    def settle(self, new_tokens: list[int], features: torch.Tensor = None) -> bool:
+        """A held bet keeps its tree; its true features are fed with the next ``feed``."""
+        (mark, guess), self._bet = self._bet, None
+        if guessed_right(guess, new_tokens):
             self._redo_mark = mark if self._redo_mark is None else self._redo_mark
             self._redo.append((list(guess), torch.as_tensor(features).clone()))
-            return self._tree, True
+            return True
         self.lm.rollback(mark)
-        return self.propose(new_tokens, features, shape), False
+        self.feed(new_tokens, features)
+        return False
 
     def _grow(self, root_token: int, root_logits: torch.Tensor, shape: TreeShape | None = None) -> DraftTree:
         """Grow the tree whose root was fed last: a node's input is its parent's predicted feature
@@ -132,7 +117,6 @@ class FeatureDraftProposer:
                 predicted[int(node)] = self.lm.last_hidden[i]
             return log_probs(logits)
 
-        builder = self.builder if shape is None else TreeBuilder(shape)
-        self._tree, self._grown_ids = builder.build(root_token, expand)
+        self._tree, self._grown_ids = TreeBuilder(shape or self.shape).build(root_token, expand)
         self._predicted = predicted
         return self._tree

@@ -6,8 +6,12 @@ and grows the next tree from the last token (the new root).
 
 Pipelining: while the target verifies the current tree, ``predraft()`` bets on its most likely
 outcome (the draft's own greedy path through the tree, all accepted, plus the draft's guess for
-the bonus token) and grows the next tree from there. ``resolve(new_tokens)`` then keeps that tree
-when the bet was right, or rolls the cache back to the longest correct prefix and redrafts.
+the bonus token) and grows the next tree from there. ``settle(new_tokens)`` then keeps that tree
+when the bet was right, or rolls the cache back to the longest correct prefix and feeds the rest
+(``resolve`` also regrows the tree).
+
+``ModelProposer`` is what the token draft and the feature drafter (``feature_proposer.py``) share:
+one interface and the state behind it.
 
 Sampling: for a request that samples (and gave no seed of its own), children are drawn from the
 draft's distribution at the request's temperature, top-k and top-p, and the tree carries that
@@ -28,6 +32,7 @@ from dovetail.models.cached_lm import CachedLM, TreeBlock, extend_together, forw
 from dovetail.models.tree import DraftTree, TreeBuilder, TreeShape, drive, drive_together
 from dovetail.models.verification import DraftSampler
 from dovetail.sampling import SamplingParams
+from dovetail.steps import guessed_right
 
 
 @dataclass(frozen=True)
@@ -52,53 +57,113 @@ class DraftVocab:
         return logits
 
 
-class DraftProposer:
+class ModelProposer:
+    """What every draft-model proposer is and keeps, one per request (``local.LocalProposer`` runs
+    them; ``DraftProposer`` reads tokens, ``FeatureDraftProposer`` the target's features too):
+
+    * ``start`` a request, then each step ``propose`` (``feed`` the committed tokens, then ``grow``
+      the next tree from the last of them) or only ``feed`` them;
+    * ``predraft``: bet on the tree under verification and grow the next one from the guess;
+      ``settle`` tells the bet's outcome (``steps.guessed_right`` judges it), ``resolve`` gives
+      the tree that follows it;
+    * ``propose_many``: several requests' ``propose`` or ``feed`` (shape None) at once.
+
+    The state they share: the model (``lm``, its own KV cache), the default tree ``shape``, the
+    current tree with its grown node ids (the pending cache entries' keys), the last fed root and
+    its logits, and an open bet."""
+
     reads_features = False
 
-    def __init__(self, lm: CachedLM, shape: TreeShape, vocab: DraftVocab | None = None):
+    def __init__(self, lm: CachedLM, shape: TreeShape):
         self.lm = lm
-        self.set_shape(shape)
-        self.vocab = vocab or DraftVocab()
+        self.shape = shape
         self._tree: DraftTree | None = None
         self._grown_ids: np.ndarray | None = None
-        self._bet: tuple[int, list[int], DraftTree] | None = None  # (cache mark, guessed tokens, tree)
-        self._root_logits: torch.Tensor | None = None  # the current tree's root's (its first level's)
-        self.sampler: DraftSampler | None = None
+        self._root: tuple[int, torch.Tensor] | None = None  # the last fed token and its logits
+        self._root_logits: torch.Tensor | None = None  # the current tree's root's (a bet on a tree cut to its root)
+        self._bet: tuple[int, list[int]] | None = None  # (cache mark, guessed tokens)
 
-    def fresh(self) -> "DraftProposer":
+    def fresh(self) -> "ModelProposer":
         """A proposer for another request: its own KV cache over the same weights."""
-        return DraftProposer(self.lm.fresh(), self.shape, self.vocab)
+        raise NotImplementedError
 
     def set_shape(self, shape: TreeShape) -> None:
         """Change the tree budget (takes effect from the next request)."""
         self.shape = shape
 
-    def start(self, prompt_ids: list[int], params: SamplingParams | None = None) -> None:
-        """``params``: the request's sampling; its trees are sampled when ``params.draft_samples``."""
-        self.lm.reset()
-        self.lm.extend(prompt_ids)
-        self._tree = self._grown_ids = self._bet = None
-        self.sampler = DraftSampler(params) if params is not None and params.draft_samples else None
-
-    def propose(self, new_tokens: list[int], features=None, shape: TreeShape | None = None) -> DraftTree | None:
-        """``new_tokens``: every token committed since the last call (accepted ones, then the bonus).
-        ``features`` are for a feature drafter; this draft reads tokens only. ``shape``: this
-        tree's budget (default: the proposer's); ``False``: feed the tokens, grow nothing."""
-        logits = self.lm.extend(self._to_feed(new_tokens))[-1:]
-        if shape is False:
-            self._tree = self._grown_ids = None
-            return None
-        return self._grow(int(new_tokens[-1]), logits, shape)
-
     @property
     def betting(self) -> bool:
-        """True between ``predraft`` and ``resolve``."""
+        """True between ``predraft`` and ``settle`` / ``resolve``."""
         return self._bet is not None
 
-    def predraft(self, shape: TreeShape | None = None) -> tuple[list[int], DraftTree]:
-        """Bet on the current tree's outcome and grow the next tree (of ``shape``) from it (see module doc).
+    @property
+    def tree(self) -> DraftTree | None:
+        """The tree grown last (a held bet's is the next step's)."""
+        return self._tree
 
-        Returns the guessed committed tokens and the tree; ``resolve`` must follow."""
+    def start(self, prompt_ids: list[int], params: SamplingParams | None = None) -> None:
+        self._tree = self._grown_ids = self._root = self._bet = None
+
+    def feed(self, new_tokens: list[int], features=None) -> None:
+        """Learn the tokens committed since the last call (accepted ones, then the bonus) and grow
+        nothing; ``features``: the target's before each of them (a feature drafter's)."""
+        raise NotImplementedError
+
+    def grow(self, shape: TreeShape | None = None) -> DraftTree:
+        """The next tree (of ``shape``, default the proposer's) from the last token fed."""
+        root_token, logits = self._root
+        return self._grow(root_token, logits, shape)
+
+    def propose(self, new_tokens: list[int], features=None, shape: TreeShape | None = None) -> DraftTree:
+        """``feed``, then ``grow``."""
+        self.feed(new_tokens, features)
+        return self.grow(shape)
+
+    def predraft(self, shape: TreeShape | None = None) -> tuple[list[int], DraftTree]:
+        """Bet on the current tree's outcome and grow the next tree (of ``shape``) from it.
+        Returns the guessed committed tokens and the tree; ``settle`` or ``resolve`` must follow."""
+        raise NotImplementedError
+
+    def settle(self, new_tokens: list[int], features=None) -> bool:
+        """After ``predraft``, what the tree under verification committed: whether the bet held.
+        When it held, the bet's tree is ``tree``; when not, the tokens are fed and a tree must be
+        grown again."""
+        raise NotImplementedError
+
+    def resolve(self, new_tokens: list[int], features=None, shape: TreeShape | None = None) -> tuple[DraftTree, bool]:
+        """``settle``, then the tree that follows ``new_tokens`` (the bet's when it held) and whether it held."""
+        held = self.settle(new_tokens, features)
+        return (self._tree if held else self.grow(shape)), held
+
+    def _grow(self, root_token: int, root_logits: torch.Tensor, shape: TreeShape | None = None) -> DraftTree:
+        raise NotImplementedError
+
+
+class DraftProposer(ModelProposer):
+    """A draft LM that reads tokens only (see the module doc)."""
+
+    def __init__(self, lm: CachedLM, shape: TreeShape, vocab: DraftVocab | None = None):
+        super().__init__(lm, shape)
+        self.vocab = vocab or DraftVocab()
+        self.sampler: DraftSampler | None = None
+
+    def fresh(self) -> "DraftProposer":
+        return DraftProposer(self.lm.fresh(), self.shape, self.vocab)
+
+    def start(self, prompt_ids: list[int], params: SamplingParams | None = None) -> None:
+        """``params``: the request's sampling; its trees are sampled when ``params.draft_samples``."""
+        super().start(prompt_ids, params)
+        self.lm.reset()
+        self.lm.extend(prompt_ids)
+        self.sampler = DraftSampler(params) if params is not None and params.draft_samples else None
+
+    def feed(self, new_tokens: list[int], features=None) -> None:
+        """``features`` are for a feature drafter; this draft reads tokens only."""
+        logits = self.lm.extend(self._to_feed(new_tokens))[-1:]
+        self._tree = self._grown_ids = None
+        self._root = (int(new_tokens[-1]), logits)
+
+    def predraft(self, shape: TreeShape | None = None) -> tuple[list[int], DraftTree]:
         mark = self.lm.committed
         path = self._best_path_tokens()
         reused = self._keep_accepted_entries(path)  # keeps at most len(path)-1: the leaf is fed for its logits
@@ -106,20 +171,19 @@ class DraftProposer:
         bonus = int(self._log_probs(leaf_logits).argmax())
         guess = path + [bonus]
         tree = self._grow(bonus, self.lm.extend([bonus])[-1:], shape)
-        self._bet = (mark, guess, tree)
+        self._bet = (mark, guess)
         return guess, tree
 
-    def resolve(self, new_tokens: list[int], features=None, shape: TreeShape | None = None) -> tuple[DraftTree, bool]:
-        """After ``predraft``: the tree (of ``shape``) that follows ``new_tokens`` and whether the bet held."""
-        mark, guess, tree = self._bet
-        self._bet = None
-        if list(new_tokens) == guess:
-            return tree, True
+    def settle(self, new_tokens: list[int], features=None) -> bool:
+        (mark, guess), self._bet = self._bet, None
+        if guessed_right(guess, new_tokens):
+            return True
         same = next((i for i, (a, b) in enumerate(zip(new_tokens, guess)) if a != b), min(len(new_tokens), len(guess)))
         same = min(same, len(new_tokens) - 1)  # the root (last new token) is fed again for its logits
         self.lm.rollback(mark + same)
         self._tree = self._grown_ids = None
-        return self.propose(list(new_tokens[same:]), shape=shape), False
+        self.feed(list(new_tokens[same:]))
+        return False
 
     @staticmethod
     def propose_many(proposers: list["DraftProposer"], new_tokens: list[list[int]], features=None,
@@ -179,15 +243,17 @@ def propose_together(proposers: list[DraftProposer], new_tokens: list[list[int]]
                      shapes: list | None = None) -> list[DraftTree | None]:
     """``propose`` for several requests at once, one draft forward per tree level for all of them
     (their caches side by side, as the target verifies a batch): the weights stream once per level
-    instead of once per request and level. Same trees as proposing one after another. A request
-    whose shape is ``False`` only feeds its tokens (no tree: None)."""
+    instead of once per request and level. Same trees as proposing one after another. ``shapes``:
+    each request's tree (default: every proposer's own); a shape of None only feeds that request's
+    tokens (no tree: None)."""
     if any(p.betting for p in proposers):
         raise RuntimeError("a proposer with an open bet cannot propose in a batch")
-    shapes = shapes or [None] * len(proposers)
+    shapes = shapes if shapes is not None else [p.shape for p in proposers]
     root_logits = extend_together([p.lm for p in proposers], [p._to_feed(t) for p, t in zip(proposers, new_tokens)])
-    growing = [i for i, shape in enumerate(shapes) if shape is not False]
+    growing = [i for i, shape in enumerate(shapes) if shape is not None]
     for i in set(range(len(proposers))) - set(growing):
         proposers[i]._tree = proposers[i]._grown_ids = None
+        proposers[i]._root = (int(new_tokens[i][-1]), root_logits[i])
     growths = [proposers[i]._growth(int(new_tokens[i][-1]), root_logits[i], shapes[i]) for i in growing]
     trees = drive_together(growths, lambda asked: forward_blocks([proposers[growing[i]].lm for i, _ in asked],
                                                                  [block for _, block in asked]))

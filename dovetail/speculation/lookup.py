@@ -27,12 +27,11 @@ class TextProposer:
     """What both model-free proposers share: a history per request, a tree per ``Drafting``, no bets
     (drafting costs microseconds: there is nothing to hide behind verification)."""
 
-    hides_behind_verification = False
-
     def __init__(self):
         self.histories: dict[str, list[int]] = {}
 
-    def start(self, request_id: str, prompt_ids: list[int], tenant: str = "") -> None:
+    def start(self, request_id: str, prompt_ids: list[int], params=None, tenant: str = "") -> None:
+        """``params`` are not used: the proposals are functions of the tokens alone."""
         self.histories[request_id] = []
         self._observe(request_id, [int(t) for t in prompt_ids])
 
@@ -80,9 +79,9 @@ class NgramProposer(TextProposer):
         self.min_n, self.max_n = min_n, max_n
         self.indexes: dict[str, dict[tuple[int, ...], list[int]]] = {}
 
-    def start(self, request_id: str, prompt_ids: list[int], tenant: str = "") -> None:
+    def start(self, request_id: str, prompt_ids: list[int], params=None, tenant: str = "") -> None:
         self.indexes[request_id] = {}
-        super().start(request_id, prompt_ids)
+        super().start(request_id, prompt_ids, params, tenant)
 
     def end(self, request_id: str) -> None:
         self.indexes.pop(request_id, None)
@@ -243,11 +242,11 @@ class SuffixProposer(TextProposer):
         self.tenants: dict[str, str] = {}
         self.outputs_from: dict[str, int] = {}
 
-    def start(self, request_id: str, prompt_ids: list[int], tenant: str = "") -> None:
+    def start(self, request_id: str, prompt_ids: list[int], params=None, tenant: str = "") -> None:
         self.tries[request_id] = SuffixTrie(self.depth)
         self.tenants[request_id] = tenant
         self.outputs_from[request_id] = len(prompt_ids)
-        super().start(request_id, prompt_ids, tenant)
+        super().start(request_id, prompt_ids, params, tenant)
 
     def end(self, request_id: str) -> None:
         history = self.histories.get(request_id)

@@ -101,14 +101,11 @@ class Speculator:
         return PRIOR["wide"] if width > 1 else PRIOR["model"]
 
     # -- the loop's TreeSource protocol -----------------------------------------------------------
-    def start(self, request_id: str, prompt_ids: list[int], tenant: str = "", params=None) -> None:
+    def start(self, request_id: str, prompt_ids: list[int], params=None, tenant: str = "") -> None:
         self.states[request_id] = RequestState(len(prompt_ids), {n: [] for n in self.members},
                                                heat=temperature_class(params))
         for member in self.members.values():
-            if member.free:
-                member.proposer.start(request_id, prompt_ids, tenant)
-            else:
-                member.proposer.start(request_id, prompt_ids, params)
+            member.proposer.start(request_id, prompt_ids, params, tenant)
 
     def end(self, request_id: str) -> None:
         self.states.pop(request_id, None)
