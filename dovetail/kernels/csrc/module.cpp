@@ -56,13 +56,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_prefetch_bytes", &set_prefetch_bytes, "software prefetch distance (benchmarks)");
   m.def("roof_int8_macs", &dovetail::roof_int8_macs, "int8 multiply-adds per second of a kernel path (benchmarks)");
   m.def("roof_read_bytes", &dovetail::roof_read_bytes, "bytes per second the threads stream from a buffer (benchmarks)");
-  py::class_<dovetail::QLinear>(m, "QLinear", "a QuantLinear's kernel arguments (its _weight_args)")
+  // module_local: a second build in the same process (tests load the portable one beside it) has its own
+  py::class_<dovetail::QLinear>(m, "QLinear", py::module_local(), "a QuantLinear's kernel arguments (its _weight_args)")
       .def(py::init(&make_linear));
-  py::class_<dovetail::DecoderLayer>(m, "DecoderLayer", "a decoder layer's weights, norms and shape")
+  py::class_<dovetail::DecoderLayer>(m, "DecoderLayer", py::module_local(), "a decoder layer's weights, norms and shape")
       .def(py::init(&make_layer), py::arg("qkv"), py::arg("o"), py::arg("gate_up"), py::arg("down"), py::arg("ln1"),
            py::arg("q_norm"), py::arg("k_norm"), py::arg("post_attn"), py::arg("pre_mlp"), py::arg("post_mlp"),
            py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("scale"), py::arg("gelu"), py::arg("isa"));
-  py::class_<dovetail::Decoder>(m, "Decoder", "a decoder's layers and its final norm")
+  py::class_<dovetail::Decoder>(m, "Decoder", py::module_local(), "a decoder's layers and its final norm")
       .def(py::init(&make_decoder), py::arg("layers"), py::arg("final"));
   m.def("decoder_layers", &dovetail::decoder_layers,
         "layers [first, last) of a decoder (h updated in place, their KV rows written), one call");
