@@ -144,7 +144,7 @@ float top_p_cut(const float* p, int64_t V, double top_p, double& kept) {
   for (int64_t i = 0; i < V; ++i)
     if (p[i] > 0.f && std::max<int64_t>(bucket_of(p[i]) - low, 0) == b) inside.push_back(p[i]);
   if (inside.empty()) {  // rounding left the mass short of `need` in the buckets: keep every nonzero token
-    kept = before;
+    kept = sum_from(p, V, 0.f);
     return std::numeric_limits<float>::denorm_min();
   }
   std::sort(inside.begin(), inside.end(), std::greater<float>());
