@@ -15,9 +15,9 @@ import torch
 
 from dovetail.decode import Drafting, Proposal, RequestFailure, Verdict
 from dovetail.models.lm_proposer import ModelProposer
-from dovetail.steps import guessed_right
 from dovetail.models.target import TargetVerifier, verify_batch
 from dovetail.models.tree import DraftTree
+from dovetail.steps import guessed_right
 
 
 class Timer:

@@ -82,7 +82,7 @@ class FeatureDraftProposer(ModelProposer):
         grown = [int(self._grown_ids[n]) for n in path]
         kept = self.lm.commit(grown[:-1])  # the leaf is fed below, for its logits
         feature = self._predicted[grown[kept - 1]] if kept else self._predicted[0]
-        logits = self._root_logits  # stays the root's when the tree was cut to its root
+        logits = self._root[1]  # stays the root's when the tree was cut to its root
         for n in path[kept:]:
             logits = self.lm.extend([int(self._tree.tokens[n])], features=feature[None])
             feature = self.lm.last_hidden[-1]
@@ -104,7 +104,7 @@ class FeatureDraftProposer(ModelProposer):
     def _grow(self, root_token: int, root_logits: torch.Tensor, shape: TreeShape | None = None) -> DraftTree:
         """Grow the tree whose root was fed last: a node's input is its parent's predicted feature
         and its own token."""
-        self._root_logits = root_logits[-1:]
+        self._root = (root_token, root_logits[-1:])
         predicted = {0: self.lm.last_hidden[-1]}  # node -> its predicted feature (input of its children)
         base = self.lm.committed - 1
 

@@ -32,30 +32,28 @@ def _prefix_of(t, buffer: torch.Tensor | None) -> bool:
 class AppendingLayer(DynamicLayer):
     _k: torch.Tensor | None = None  # the buffers
     _v: torch.Tensor | None = None
-    _kb = _vb = False  # whether keys / values are the first _kn / _vn rows of the buffers,
-    _kn = _vn = 0
-    _kx = _vx = None  # else what was assigned from outside (a tensor, or None)
+    _kn: int | None = None  # keys / values are the first _kn / _vn rows of the buffers,
+    _vn: int | None = None
+    _kx = _vx = None  # or (None) what was assigned from outside (a tensor, or None)
 
     @property
     def keys(self):
-        return self._k.narrow(-2, 0, self._kn) if self._kb else self._kx
+        return self._k.narrow(-2, 0, self._kn) if self._kn is not None else self._kx
 
     @keys.setter
     def keys(self, t):
-        self._kb = _prefix_of(t, self._k)
-        self._kn, self._kx = (t.shape[-2], None) if self._kb else (0, t)
+        self._kn, self._kx = (t.shape[-2], None) if _prefix_of(t, self._k) else (None, t)
 
     @property
     def values(self):
-        return self._v.narrow(-2, 0, self._vn) if self._vb else self._vx
+        return self._v.narrow(-2, 0, self._vn) if self._vn is not None else self._vx
 
     @values.setter
     def values(self, t):
-        self._vb = _prefix_of(t, self._v)
-        self._vn, self._vx = (t.shape[-2], None) if self._vb else (0, t)
+        self._vn, self._vx = (t.shape[-2], None) if _prefix_of(t, self._v) else (None, t)
 
     def get_seq_length(self) -> int:
-        return self._kn if self._kb else super().get_seq_length()
+        return self._kn if self._kn is not None else super().get_seq_length()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         n = self.reserve(key_states, key_states.shape[-2])
@@ -68,21 +66,20 @@ class AppendingLayer(DynamicLayer):
         """Room for ``length`` more rows shaped like ``like`` ([..., heads, rows, head_dim]): keys
         and values grow over them and the row they start at is returned; the caller writes them into
         the buffers ``_k`` and ``_v`` (``update``, or the native decoder layer of ``fast_forward``)."""
-        if self._kb and self._vb and self._kn == self._vn and self._kn + length <= self._k.shape[-2]:
+        if self._kn is not None and self._kn == self._vn and self._kn + length <= self._k.shape[-2]:
             n = self._kn
         else:
             if not self.is_initialized:
                 self.lazy_initialization(like, like)
             n = self.keys.shape[-2] if self.keys.numel() else 0
             self._move(n, n + length, like)
-        self._kb = self._vb = True
         self._kn = self._vn = n + length
         self._kx = self._vx = None
         return n
 
     def keep(self, rows: int) -> None:
         """Keep the first ``rows`` entries (what slicing keys and values to them does)."""
-        if self._kb and self._vb:
+        if self._kn is not None and self._vn is not None:
             self._kn = self._vn = rows
         else:
             self.keys, self.values = self.keys[..., :rows, :], self.values[..., :rows, :]

@@ -79,8 +79,9 @@ class ModelProposer:
         self.shape = shape
         self._tree: DraftTree | None = None
         self._grown_ids: np.ndarray | None = None
-        self._root: tuple[int, torch.Tensor] | None = None  # the last fed token and its logits
-        self._root_logits: torch.Tensor | None = None  # the current tree's root's (a bet on a tree cut to its root)
+        # the last root: the token fed last (or the current tree's root) and its logits (a bet on a
+        # tree cut to its root bets on them)
+        self._root: tuple[int, torch.Tensor] | None = None
         self._bet: tuple[int, list[int]] | None = None  # (cache mark, guessed tokens)
 
     def fresh(self) -> "ModelProposer":
@@ -167,7 +168,7 @@ class DraftProposer(ModelProposer):
         mark = self.lm.committed
         path = self._best_path_tokens()
         reused = self._keep_accepted_entries(path)  # keeps at most len(path)-1: the leaf is fed for its logits
-        leaf_logits = self.lm.extend(path[reused:])[-1:] if path else self._root_logits  # a tree cut to its root
+        leaf_logits = self.lm.extend(path[reused:])[-1:] if path else self._root[1]  # a tree cut to its root
         bonus = int(self._log_probs(leaf_logits).argmax())
         guess = path + [bonus]
         tree = self._grow(bonus, self.lm.extend([bonus])[-1:], shape)
@@ -203,7 +204,7 @@ class DraftProposer(ModelProposer):
         draft forward it needs (a ``TreeBlock``) and is sent its logits; returns the tree. The
         root's logits are already known."""
         base = self.lm.committed - 1  # the root is the last committed entry; its children sit one later
-        self._root_logits = root_logits
+        self._root = (root_token, root_logits)
         steps = TreeBuilder(shape or self.shape, self.sampler).grow(root_token)
         try:
             frontier, tokens, parents = next(steps)

@@ -115,12 +115,12 @@ constexpr size_t FEW = 4096;         // ... and sorts them when there are no mor
 
 // The least probable token top-p keeps of row p (HF's TopPLogitsWarper: a token stays while the
 // tokens more likely than it hold less than top_p of the row; the most likely always stays), and
-// what the kept tokens hold. A peaked row's mass sits in a few tokens near the top: those are
+// what the kept tokens hold (`total`: what the whole row holds). A peaked row's mass sits in a few tokens near the top: those are
 // gathered and sorted. Otherwise a histogram over the buckets finds the one bucket where the
 // running mass, from the most likely down, reaches the cut, and only that bucket is sorted.
-float top_p_cut(const float* p, int64_t V, double top_p, double& kept) {
+float top_p_cut(const float* p, int64_t V, double top_p, double total, double& kept) {
   const float top = max_of(p, V);
-  const double need = top_p * sum_from(p, V, 0.f);
+  const double need = top_p * total;
   std::vector<float> near;
   for (int64_t i = next_above(p, 0, V, top * PEAKED); i < V && near.size() <= FEW; i = next_above(p, i + 1, V, top * PEAKED))
     near.push_back(p[i]);
@@ -144,7 +144,7 @@ float top_p_cut(const float* p, int64_t V, double top_p, double& kept) {
   for (int64_t i = 0; i < V; ++i)
     if (p[i] > 0.f && std::max<int64_t>(bucket_of(p[i]) - low, 0) == b) inside.push_back(p[i]);
   if (inside.empty()) {  // rounding left the mass short of `need` in the buckets: keep every nonzero token
-    kept = sum_from(p, V, 0.f);
+    kept = total;
     return std::numeric_limits<float>::denorm_min();
   }
   std::sort(inside.begin(), inside.end(), std::greater<float>());
@@ -162,14 +162,13 @@ void filter_probs_(at::Tensor& probs, int64_t top_k, double top_p) {
   const int64_t n = probs.size(0), V = probs.size(1);
   for (int64_t r = 0; r < n; ++r) {
     float* p = probs.data_ptr<float>() + r * V;
-    float cut = 0;
-    double kept = 0;
-    if (top_k > 0 && top_k < V) {
-      cut = kth_largest(p, V, top_k);
-      kept = sum_from(p, V, cut);
-      if (top_p < 1.0) keep_from(p, V, cut, 1.f);  // top-p then sees only what top-k kept
+    const bool by_count = top_k > 0 && top_k < V;
+    float cut = by_count ? kth_largest(p, V, top_k) : 0.f;
+    double kept = sum_from(p, V, cut);  // what the row holds after top-k
+    if (top_p < 1.0) {
+      if (by_count) keep_from(p, V, cut, 1.f);  // top-p then sees only what top-k kept
+      cut = top_p_cut(p, V, top_p, kept, kept);
     }
-    if (top_p < 1.0) cut = top_p_cut(p, V, top_p, kept);
     keep_from(p, V, cut, (float)kept);
   }
 }
