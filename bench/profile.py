@@ -17,7 +17,11 @@ attributed to:
                            decoder layer does between the operators above)
 
 Each figure is the median over ``--reps`` forwards (default 7); ``extra_ms``
-is the cost over the 1-row forward, which is where the extra rows go. JSON:
+is the cost over the 1-row forward, which is where the extra rows go.
+
+``pages``: the same target loaded twice in one process, its packed weights on huge pages (the
+default, ``kernels/arena.py``) and on 4 KiB pages (``DOVETAIL_HUGE_PAGES=0``), decoding one token
+at a time in alternating rounds, so the two medians share the host's noise. JSON:
 ``<--results-dir>/<name>.json``.
 """
 
@@ -26,6 +30,8 @@ from __future__ import annotations
 import statistics
 import time
 from collections import defaultdict
+
+import numpy as np
 
 from bench.common import machine_info, say, write_report
 
@@ -91,7 +97,6 @@ def _linears(model) -> dict[str, dict]:
 def profile_forward(lm, rows_list=ROWS, reps: int = 7, prefix: int = PREFIX) -> dict:
     """Per-operator medians (ms) of ``lm``'s forward over chains of each row count, after a
     ``prefix``-token context."""
-    import numpy as np
     import torch
 
     from dovetail.models import quantized
@@ -129,6 +134,43 @@ def profile_forward(lm, rows_list=ROWS, reps: int = 7, prefix: int = PREFIX) -> 
         quantized.ops, lm.fast.ops = real_ops, real_fast_ops
         real_ops().set_layer_timing(False)
     return _with_rates(report, linears)
+
+
+def compare_pages(lm, target_dir, reps: int, rounds: int = 8) -> dict:
+    """One-token forwards (after ``PREFIX`` tokens) of ``lm`` against a copy of its target whose
+    weights are on 4 KiB pages, in alternating rounds of ``reps`` tokens: medians in ms."""
+    import os
+
+    import torch
+
+    from dovetail.kernels.arena import huge_page_bytes
+    from dovetail.models.cached_lm import CachedLM
+    from dovetail.models.quantized import load_quantized
+
+    held = huge_page_bytes()
+    os.environ["DOVETAIL_HUGE_PAGES"] = "0"
+    try:
+        small = CachedLM(load_quantized(target_dir, "native"))
+    finally:
+        os.environ.pop("DOVETAIL_HUGE_PAGES")
+    times: dict[str, list[float]] = {"huge pages": [], "4 KiB pages": []}
+    with torch.inference_mode():
+        for model in (lm, small):
+            model.reset()
+            model.extend([1000 + i % 5000 for i in range(PREFIX)])
+        for _ in range(rounds):
+            for label, model in (("huge pages", lm), ("4 KiB pages", small)):
+                for i in range(reps):
+                    t = time.perf_counter()
+                    model.forward_tree(np.array([2000 + i]), np.array([-1]), range(1), model.committed)
+                    times[label].append(time.perf_counter() - t)
+                    model.commit([])
+    out = {label: round(1e3 * statistics.median(v), 2) for label, v in times.items()}
+    out["speedup"] = round(out["4 KiB pages"] / out["huge pages"], 3)
+    out["process_mb_on_huge_pages"] = None if held is None else round(held / 2**20)
+    say(f"one token: {out['huge pages']} ms on huge pages, {out['4 KiB pages']} ms on 4 KiB pages "
+        f"({out['speedup']}x)")
+    return out
 
 
 def _with_rates(report: dict, linears: dict) -> dict:
@@ -170,6 +212,7 @@ def run(args) -> int:
         "note": "medians per operator; 'torch + Python' is the forward's wall time minus the timed kernels; "
                 "'profile' is after a 150-token prefix, 'profile_long' after 4,000 (attention's share)"},
         "profile": profile_forward(lm, ROWS, args.reps)}
+    report["pages"] = compare_pages(lm, target_dir, args.reps)
     report["profile_long"] = profile_forward(lm, ROWS, max(3, args.reps // 2), prefix=LONG_PREFIX)
     report["verify_cost_ratio"] = {  # a forward of n rows against one row, the figure verification pays
         name: {rows: round(by[rows]["total"]["ms"] / by["1"]["total"]["ms"], 2) for rows in by}

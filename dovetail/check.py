@@ -141,6 +141,7 @@ def chi_square_pvalue(counts: dict, probs: dict, n: int) -> float:
 
 def check_costs(dt) -> Outcome:
     """The target's forward by rows and the draft's per tree level, measured now (not cached)."""
+    from dovetail.kernels import arena
     from dovetail.local import LocalProposer, LocalVerifier
     from dovetail.speculation.calibrate import measured_costs
 
@@ -154,6 +155,7 @@ def check_costs(dt) -> Outcome:
               "rows (" + " / ".join(f"{verify[r] / verify[1]:.2f}" for r in shown) + "x one token)")
     if costs["draft_level_s"]:
         detail += f"; the draft {costs['draft_level_s'][1] * 1e3:.1f} ms a tree level"
+    detail += "; " + arena.describe()
     return Outcome("cost curve", None, detail)
 
 

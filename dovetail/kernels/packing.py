@@ -24,6 +24,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 from gguf import quants as gguf_quants
 
+from dovetail.kernels.arena import WeightArena
 from dovetail.kernels.formats import SCHEMES, Mode, Scheme
 
 TILE = 16  # output rows per tile
@@ -177,8 +178,9 @@ def _tiles(a: np.ndarray | None, dtype) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(out.reshape(t, TILE, g).transpose(0, 2, 1)))
 
 
-def pack(dec: Decoded) -> PackedWeight:
-    """Integer form -> tile layout: chunks of 16 rows x 4 inputs, nibbles and bit planes (in C++)."""
+def pack(dec: Decoded, arena: WeightArena | None = None) -> PackedWeight:
+    """Integer form -> tile layout: chunks of 16 rows x 4 inputs, nibbles and bit planes (in C++).
+    With an ``arena``, the packed tensors live in it (on huge pages: ``arena.py``)."""
     from dovetail.kernels import ops
 
     n, k = dec.q.shape
@@ -186,8 +188,11 @@ def pack(dec: Decoded) -> PackedWeight:
     if k % s.superblock:
         raise ValueError(f"{dec.qtype.name}: {k} inputs is not a multiple of {s.superblock}")
     packed = ops().pack_values(torch.from_numpy(np.ascontiguousarray(dec.q).view(np.uint8)), s.bits)
-    return PackedWeight(packed, _tiles(dec.D, np.float32), _tiles(dec.Dm, np.float32), _tiles(dec.sc, np.int8),
-                        _tiles(dec.mn, np.int8), n, k, dec.qtype)
+    tensors = (packed, _tiles(dec.D, np.float32), _tiles(dec.Dm, np.float32), _tiles(dec.sc, np.int8),
+               _tiles(dec.mn, np.int8))
+    if arena is not None:
+        tensors = tuple(arena.place(t) for t in tensors)
+    return PackedWeight(*tensors, n, k, dec.qtype)
 
 
 # -- float -> GGUF blocks (round to nearest) ------------------------------------------------------

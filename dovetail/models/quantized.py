@@ -37,6 +37,7 @@ from dovetail.models.gguf_index import open_index
 from dovetail.models.precision import FLOAT_TYPES, gguf_file, unsupported_message
 from dovetail.models.slices import Span, SliceReader, shard_spans, split_of, weight_files
 from dovetail.kernels.formats import SCHEMES
+from dovetail.kernels.arena import WeightArena
 from dovetail.kernels.packing import Decoded, PackedWeight, decode, encode, pack, precision_format
 
 
@@ -275,6 +276,7 @@ def load_quantized(path: str | Path, precision: str, rank: int = 0, world: int =
     with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers real
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    arena = WeightArena()  # the packed weights on huge pages, freed with the model
 
     def quant_linear(weight_name: str, bias: torch.Tensor | None) -> nn.Module:
         rows, cols = split_of(weight_name, spans)
@@ -289,7 +291,7 @@ def load_quantized(path: str | Path, precision: str, rank: int = 0, world: int =
             if bias is not None:
                 dense.bias = nn.Parameter(bias, requires_grad=False)
             return FastLinear(dense, "mm")
-        return QuantLinear(pack(source.decoded(weight_name, rows, cols)), bias)
+        return QuantLinear(pack(source.decoded(weight_name, rows, cols), arena), bias)
 
     for name, linear in linears:
         weight_name = f"{name}.weight"
