@@ -15,7 +15,8 @@ import time
 import torch
 from transformers import AutoConfig
 
-from dovetail.config import EngineConfig
+from dovetail.batching import AUTO
+from dovetail.config import EngineConfig, drafter_vocab
 from dovetail.engine import SpeculativeEngine
 from dovetail.request import GenerationResult, Request, RequestError, check_request, collect
 from dovetail.errors import UserError
@@ -26,12 +27,13 @@ from dovetail.models.lm_proposer import DraftProposer, DraftVocab
 from dovetail.models.feature_proposer import FeatureDraftProposer
 from dovetail.models.loading import describe_draft_vocabulary, draft_vocabulary, encode_chat, load_causal_lm, load_tokenizer
 from dovetail.models.precision import gguf_formats
-from dovetail.models.spec import ModelSpec
+from dovetail.models.draft_head import DEFAULT_CUT
+from dovetail.models.spec import QUANTIZED, ModelSpec
 from dovetail.models.target import TargetVerifier
 from dovetail.sampling import SamplingParams
 from dovetail.config import DEFAULT_TREE
 from dovetail.speculation import SpeculationSetup
-from dovetail.describe import describe_model, with_weights
+from dovetail.describe import describe_model, with_head_cut, with_weights
 from dovetail.store import AUTO_DRAFT, ModelStore, float_weights, resolve_draft, resolve_model
 
 
@@ -64,6 +66,8 @@ class Dovetail:
         self.draft: ModelSpec | None = (describe_model(self.draft_dir, self.config.draft_precision, "draft",
                                                        weights=False, store=store)
                                         if self.draft_dir is not None and not self.feature_drafter else None)
+        if self.draft is not None and self.config.draft_vocab not in (AUTO, 0) and self.draft.precision not in QUANTIZED:
+            raise UserError(f"--draft-vocab cuts a quantized draft's head; this draft runs in {self.draft.precision}")
         self.store = store
         self._engine: SpeculativeEngine | None = None
         self._loading = threading.Lock()
@@ -81,6 +85,8 @@ class Dovetail:
     def _load(self) -> "Dovetail":
         if self._engine is not None:
             return self
+        if self.draft is not None:
+            self.draft = with_head_cut(self.draft, self.draft_head_tokens, self.target_dir.name, self._say)
         if self.engine_kind() == "actors":
             return self._load_actors()
         cfg = self.config
@@ -92,7 +98,7 @@ class Dovetail:
         if self.feature_drafter:
             frozen = shared_frozen_tensors(target_model) if self.target_precision == "fp32" else None
             drafter = load_drafter(self.draft_dir, self.target_float_weights, frozen=frozen,
-                                   draft_vocab=cfg.draft_vocab, precision=cfg.draft_precision)
+                                   draft_vocab=drafter_vocab(self.config), precision=cfg.draft_precision)
             draft = FeatureDraftProposer(CachedLM(drafter), cfg.tree or DEFAULT_TREE)
         elif self.draft is not None:
             draft_model = load_causal_lm(self.draft)
@@ -154,6 +160,16 @@ class Dovetail:
         self._say(describe_draft_vocabulary(vocab))
         return vocab
 
+    @property
+    def draft_head_tokens(self) -> int:
+        """How many tokens the draft model's head keeps (0: all): ``--draft-vocab``, whose ``auto``
+        cuts a quantized draft's large vocabulary to ``DEFAULT_CUT``."""
+        if self.draft is None:
+            return 0
+        if self.config.draft_vocab == AUTO:
+            return DEFAULT_CUT if self.draft.precision in QUANTIZED and self.draft.vocab_size > 2 * DEFAULT_CUT else 0
+        return self.config.draft_vocab
+
     def speculation_setup(self) -> SpeculationSetup:
         """The proposers besides the draft model, and the cost model's cache key: the curve it
         measures depends on the machine, the models, their precision, the kernels and threads."""
@@ -162,7 +178,7 @@ class Dovetail:
         cfg = self.config
         key = {"target": str(self.target_dir), "target_precision": self.target_precision,
                "draft": str(self.draft_dir), "draft_precision": self.draft_precision,
-               "kernels": build_id(), "engine": self.engine_kind(), "threads": cfg.threads, "shards": cfg.shards,
+               "draft_vocab": self.draft_head_tokens or drafter_vocab(self.config), "kernels": build_id(), "engine": self.engine_kind(), "threads": cfg.threads, "shards": cfg.shards,
                "sockets": cfg.sockets, "partition": list(self.partition), "draft_cpus": cfg.draft_cpus}
         return SpeculationSetup(self.proposers.text, self.proposers.combined, cfg.tree, key, self._say)
 
@@ -228,11 +244,12 @@ class Dovetail:
     def draft_label(self) -> str:
         """Which draft proposes: the Dovetail feature drafter (and its folder) or a draft model."""
         if self.feature_drafter:
-            vocab = f", head cut to {self.config.draft_vocab} tokens" if self.config.draft_vocab else ""
+            vocab = f", head cut to {drafter_vocab(self.config)} tokens" if drafter_vocab(self.config) else ""
             precision = "fp32" if self.config.draft_precision == "fp32" else "int8"
             return f"Dovetail drafter {self.draft_dir} ({precision}{vocab})"
         name = self.draft_dir.name if self.proposers.model == AUTO_DRAFT else self.proposers.model
-        return f"{name} ({self.precision_label('draft')})"
+        cut = self.draft_head_tokens
+        return f"{name} ({self.precision_label('draft')}" + (f", head cut to {cut:,} tokens)" if cut else ")")
 
     def precision_label(self, role: str) -> str:
         """What runs, in words: ``native GGUF (Q4_K, Q6_K), avx512-vnni kernels`` or ``fp32, mm linears``."""

@@ -8,6 +8,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from dovetail.batching import AUTO, MAX_AUTO_BATCH, MIN_GAIN
 from dovetail.decode import PREFILL_CHUNK
 from dovetail.errors import UserError
+from dovetail.models.draft_head import DEFAULT_CUT
 from dovetail.models.spec import LINEAR_KERNELS, PRECISIONS
 from dovetail.models.tree import TreeShape
 from dovetail.store import AUTO_DRAFT, DEFAULT_TARGET
@@ -52,8 +53,11 @@ class EngineConfig:
                                     "(auto's choice for an HF float folder)", choices=PRECISIONS)
     draft_precision: str = _option("auto", "as --target-precision (auto: native for packaged models, int8 for an "
                                    "HF float folder)", choices=PRECISIONS)
-    draft_vocab: int = _option(0, "Dovetail drafter only: cut its head to the corpus's N most frequent tokens "
-                               "(0: as trained)")
+    draft_vocab: int | str = _option(AUTO, "cut the draft's LM head to the N tokens most frequent in text Dovetail "
+                                     "ships (its target's answers, Python source), so a draft level reads fewer "
+                                     "bytes; the output never changes. 'auto': a draft model's head to "
+                                     f"{DEFAULT_CUT} tokens when its vocabulary is over twice that, a Dovetail "
+                                     "drafter's as trained; 0: the whole vocabulary")
     threads: int = _option(help="torch threads of the in-process engine (default: all CPUs; the actor engine "
                            "follows its plan)", factory=default_threads)
     engine: str = _option("auto", "actors: the Ray actor system; inprocess: one process, no Ray; auto: actors "
@@ -94,8 +98,9 @@ class EngineConfig:
         from dovetail.speculation import parse_proposers
 
         self.proposers = parse_proposers(self.draft)
-        self.max_batch = _batch(self.max_batch)
-        for name, low in (("draft_vocab", 0), ("threads", 1), ("max_batch", 1), ("shards", 1), ("kv_memory_mb", 1),
+        self.max_batch = _auto_or_number(self.max_batch, "max_batch", 1)
+        self.draft_vocab = _auto_or_number(self.draft_vocab, "draft_vocab", 0)
+        for name, low in (("threads", 1), ("max_batch", 1), ("shards", 1), ("kv_memory_mb", 1),
                           ("prefill_chunk", 0)):
             value = getattr(self, name)
             if value is not None and value != AUTO and value < low:
@@ -110,14 +115,24 @@ class EngineConfig:
             parse_sockets(self.sockets)
 
 
-def _batch(value):
-    """``max_batch``: "auto" or a number (a YAML or a flag may give the number as text)."""
+def drafter_vocab(config: EngineConfig) -> int:
+    """The Dovetail drafter's head: ``--draft-vocab`` tokens, or as trained (0, what ``auto`` means
+    for it)."""
+    return 0 if config.draft_vocab == AUTO else config.draft_vocab
+
+
+def _auto_or_number(value, name: str, low: int):
+    """An option that is "auto" or a number >= ``low`` (a YAML or a flag may give the number as text)."""
     if value == AUTO or (isinstance(value, int) and not isinstance(value, bool)):
-        return value
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise UserError(f"max_batch must be 'auto' or a number >= 1, got {value!r}") from None
+        number = value
+    else:
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = None
+    if number is None or (number != AUTO and number < low):
+        raise UserError(f"{name} must be 'auto' or a number >= {low}, got {value!r}")
+    return number
 
 
 def _one_of(what: str, value, allowed) -> None:
@@ -142,16 +157,17 @@ def add_engine_args(parser, **defaults) -> None:
             parser.add_argument(off, dest=f.name, action="store_const", const=None, help=off_help)
 
 
-def _batch_flag(text: str):
+def _auto_or_number_flag(text: str):
+    """A flag's "auto" or number (its bounds are checked by ``EngineConfig``, with the option's name)."""
     try:
-        return _batch(text)
+        return _auto_or_number(text, "the value", low=-(1 << 62))
     except UserError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _scalar(annotation) -> type:
     if "int" in str(annotation) and "str" in str(annotation):  # a number or "auto"
-        return _batch_flag
+        return _auto_or_number_flag
     return int if "int" in str(annotation) else str  # a tree stays text until EngineConfig parses it
 
 

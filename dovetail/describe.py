@@ -33,6 +33,20 @@ def describe_model(folder: str | Path, precision: str = "auto", role: str = "tar
     return with_weights(spec, store) if weights else spec
 
 
+def with_head_cut(spec: ModelSpec, tokens: int, target_name: str = "", say=None) -> ModelSpec:
+    """``spec`` (a draft model) with its LM head cut to its ``tokens`` most frequent tokens
+    (``models/draft_head.py``: counted once, kept beside the model); 0, or a vocabulary no larger,
+    keeps the whole head."""
+    from dovetail.models.draft_head import ensure_cut
+    from dovetail.models.loading import load_tokenizer
+
+    if not tokens or tokens >= spec.vocab_size:
+        return replace(spec, head_cut="")
+    path = ensure_cut(spec.folder, load_tokenizer(spec.folder), spec.vocab_size, tokens, spec.eos_token_ids,
+                      target_name, say)
+    return replace(spec, head_cut=str(path))
+
+
 def with_weights(spec: ModelSpec, store: ModelStore | None = None) -> ModelSpec:
     """``spec`` with the folder its weights load from: the float weights for a non-native precision."""
     if spec.precision == "native":

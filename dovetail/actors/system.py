@@ -22,7 +22,7 @@ from dovetail.actors.coordinator import Coordinator, WorkerSpec
 from dovetail.actors.feed import Feed, Subscriber
 from dovetail.actors.worker import current_node, on_node
 from dovetail.batching import TYPICAL_REQUEST_TOKENS, bound, kv_cap
-from dovetail.config import DEFAULT_TREE
+from dovetail.config import DEFAULT_TREE, drafter_vocab
 from dovetail.speculation import Proposers, SpeculationSetup, stats_depth, tree_room
 from dovetail.engine import Generates
 from dovetail.errors import UserError
@@ -173,7 +173,7 @@ class ActorEngine(Generates):
         spec = WorkerSpec(self.plan, target, draft, self.setup.shape or DEFAULT_TREE,
                           config.target_kernel, vocab, str(self.run_dir), shm_or_gloo(config.collective, say),
                           drafter_dir=str(drafter_dir) if drafter_dir is not None else None,
-                          target_float_weights=target_float, draft_vocab=config.draft_vocab,
+                          target_float_weights=target_float, draft_vocab=drafter_vocab(config),
                           draft_precision=config.draft_precision, gpu_share=1.0 / partition[1],
                           max_batch=config.max_batch, kv_cap=kv, prefill_chunk=config.prefill_chunk,
                           node_id=self.node_id,

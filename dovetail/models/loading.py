@@ -24,7 +24,9 @@ def load_causal_lm(model: ModelSpec, linear_kernel: str = "stock"):
     """The causal LM ``model`` describes, in eval mode at its precision (``models/quantized.py``);
     fp32 uses ``linear_kernel``."""
     if model.precision in QUANTIZED:
-        return load_quantized(model.weights, model.precision)
+        from dovetail.models.draft_head import read_cut
+
+        return load_quantized(model.weights, model.precision, head_ids=read_cut(model.head_cut) if model.head_cut else None)
     config = AutoConfig.from_pretrained(model.weights)
     lm = AutoModelForCausalLM.from_pretrained(model.weights, config=config, dtype=torch.float32).eval()
     return accelerate_linears(lm, linear_kernel)

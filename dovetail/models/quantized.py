@@ -266,9 +266,13 @@ def shard_ranges(config, source, rank: int, world: int) -> dict[str, list[Span]]
     return spans
 
 
-def load_quantized(path: str | Path, precision: str, rank: int = 0, world: int = 1) -> nn.Module:
+def load_quantized(path: str | Path, precision: str, rank: int = 0, world: int = 1,
+                   head_ids: np.ndarray | None = None) -> nn.Module:
     """The causal LM in ``path`` with quantized linears and embedding: all of it (``world=1``) or
-    shard ``rank`` of ``world`` (tensor-parallel slices; the caller adds the collectives)."""
+    shard ``rank`` of ``world`` (tensor-parallel slices; the caller adds the collectives).
+    ``head_ids``: keep only these rows of the LM head (a draft's cut head, ``draft_head.py``)."""
+    if head_ids is not None and world > 1:
+        raise ValueError("a cut head is for a draft model, which is never sharded")
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
     source = open_source(path, precision, config)
@@ -301,8 +305,8 @@ def load_quantized(path: str | Path, precision: str, rank: int = 0, world: int =
             bias = source.dense(f"{name}.bias", rows)
             if rank > 0 and re.search(r"\.(o_proj|down_proj)$", name):
                 bias = torch.zeros_like(bias)  # a row-parallel bias is added once, not once per shard
-        if name == "lm_head" and not source.has(weight_name):  # a tied head: share the embedding's blocks
-            continue
+        if name == "lm_head" and (head_ids is not None or not source.has(weight_name)):
+            continue  # a tied head shares the embedding's blocks; a cut one is made below
         module = quant_linear(weight_name, bias)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -311,7 +315,15 @@ def load_quantized(path: str | Path, precision: str, rank: int = 0, world: int =
     if not isinstance(table, QuantLinear):
         raise UserError(f"{path}: the token embedding is not in a quantized format")
     model.model.embed_tokens = QuantEmbedding(table, getattr(model.model.embed_tokens, "embed_scale", None))
-    if not source.has("lm_head.weight"):
+    if head_ids is not None:
+        from dovetail.models.draft_head import CutHead
+
+        head_name = "lm_head.weight" if source.has("lm_head.weight") else embed_name
+        if source.format_of(head_name) is None:
+            raise UserError(f"{path}: a cut head needs a quantized LM head")
+        model.lm_head = CutHead(QuantLinear(pack(source.decoded(head_name, None, None).take_rows_index(head_ids),
+                                                 arena)), head_ids, config.vocab_size)
+    elif not source.has("lm_head.weight"):
         model.lm_head = table
     for name, param in list(model.named_parameters()):  # norms (and anything else left on meta)
         if param.device.type != "meta":

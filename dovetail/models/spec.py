@@ -35,6 +35,7 @@ class ModelSpec:
     eos_token_ids: tuple[int, ...] = ()
     context_length: int = 1 << 30
     vocab_size: int = 0
+    head_cut: str = ""  # a draft's cut LM head: the file of the token ids it keeps (models/draft_head.py)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS[1:]:

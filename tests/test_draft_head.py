@@ -1,0 +1,114 @@
+"""A draft whose LM head is cut to its most frequent tokens (models/draft_head.py): the kept
+tokens' logits are the whole head's, bit for bit, every other token is never proposed, and the
+output stays the target's own, greedy and sampled."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dovetail.config import EngineConfig
+from dovetail.errors import UserError
+from dovetail.models.cached_lm import CachedLM
+from dovetail.models.draft_head import CutHead, choose_ids, count_tokens, ensure_cut, read_cut
+from dovetail.models.quantized import load_quantized
+from dovetail.models.tree import TreeShape
+from dovetail.sampling import SamplingParams
+from test_greedy_identity import make_engine, prompt
+from test_quantized import gguf_model
+from tiny_models import perturbed, tiny_model, tiny_tokenizer
+
+
+def test_the_cut_keeps_eos_then_the_most_counted_then_the_lowest_ids():
+    counts = np.array([0, 5, 0, 9, 0, 1, 0, 0, 0, 0])
+    ids = choose_ids(counts, 5, always=[8])
+    assert ids.tolist() == [0, 1, 3, 5, 8]  # 8 always; 3 (9), 1 (5), 5 (1) counted; then the lowest, 0
+    assert choose_ids(counts, 2, always=[8]).tolist() == [3, 8]
+    assert choose_ids(counts, 20).tolist() == list(range(10))  # more than the vocabulary: all of it
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_cut_head_gives_the_whole_heads_logits_on_its_tokens(tmp_path, tied):
+    _, folder, _ = gguf_model(tmp_path, "qwen2", seed=6, tie_word_embeddings=tied)
+    ids = np.array([0, 3, 4, 10, 17, 31, 40, 63])
+    whole, cut = load_quantized(folder, "native"), load_quantized(folder, "native", head_ids=ids)
+    assert isinstance(cut.lm_head, CutHead) and cut.lm_head.kept.out_features == len(ids)
+    p = prompt(9, 2)
+    a, b = CachedLM(whole).extend(p, logits_to_keep=0), CachedLM(cut).extend(p, logits_to_keep=0)
+    assert b.shape == a.shape
+    assert torch.equal(b[:, ids], a[:, ids])
+    outside = np.setdiff1d(np.arange(a.shape[1]), ids)
+    assert torch.all(b[:, outside] == -float("inf"))
+
+
+def test_greedy_output_with_a_cut_draft_head_is_the_target_alone(tmp_path):
+    model, folder, _ = gguf_model(tmp_path, "qwen2", seed=4)
+    target = load_quantized(folder, "native")
+    perturbed(model, 0.05, seed=9).save_pretrained(tmp_path / "draft")
+    # the cut keeps half the vocabulary: the target's own choices often fall outside it
+    draft = load_quantized(tmp_path / "draft", "int4", head_ids=np.arange(0, 64, 2))
+    shape = TreeShape.parse("6,3,2")
+    alone, engine = make_engine(target, None, shape), make_engine(target, draft, shape)
+    accepted, outside = False, False
+    for length in (1, 7, 23):
+        p = prompt(length, length)
+        expected = alone.generate(p, 40).token_ids
+        result = engine.generate(p, 40)
+        assert result.token_ids == expected
+        accepted |= any(a > 0 for a in result.stats.accepted_per_step)
+        outside |= any(t % 2 for t in expected)
+    assert accepted and outside, "neither acceptance nor a token outside the cut was exercised"
+
+
+def test_sampling_with_a_cut_draft_head_matches_the_targets_distribution(tmp_path):
+    """The draft samples from q renormalised over its cut; verification's rejection rule takes that
+    q, so the joint of 3 sampled tokens still fits the target's exact distribution (chi-square)."""
+    from test_sampling import PARAMS, chi_square_pvalue, exact_joint, sample_counts
+
+    model = tiny_model("llama", seed=11, vocab_size=8, initializer_range=0.5, num_hidden_layers=1, eos_token_id=None)
+    model.save_pretrained(tmp_path / "target")
+    target = load_quantized(tmp_path / "target", "int4")
+    perturbed(model, 0.6, seed=12).save_pretrained(tmp_path / "draft")
+    draft = load_quantized(tmp_path / "draft", "int4", head_ids=np.array([0, 2, 3, 5, 6]))
+    params = SamplingParams(**PARAMS)
+    engine = make_engine(target, draft, TreeShape.parse("6,2,3"), eos=-1)
+    n = 2500
+    assert chi_square_pvalue(sample_counts(engine, params, n, seeded=False), exact_joint(target, params), n) > 1e-3
+
+
+def test_the_cut_is_counted_once_and_kept_beside_the_model(tmp_path, monkeypatch):
+    import dovetail.models.draft_head as draft_head
+
+    monkeypatch.setattr(draft_head, "CODE_TOKENS", 2000)
+    tok = tiny_tokenizer()
+    calls = []
+    real = draft_head.count_tokens
+    monkeypatch.setattr(draft_head, "count_tokens", lambda *a: calls.append(a) or real(*a))
+    path = ensure_cut(tmp_path, tok, 64, 16, [1])
+    assert path.parent == tmp_path and path.name.startswith("draft-head-16-")
+    record = json.loads(path.read_text())
+    assert record["tokens"] == 16 and len(record["ids"]) == 16 and 1 in record["ids"]
+    assert record["sources"]  # the text it came from, and how much of it
+    assert ensure_cut(tmp_path, tok, 64, 16, [1]) == path and len(calls) == 1
+    assert read_cut(path).tolist() == sorted(record["ids"])
+
+
+def test_counting_reads_the_shipped_answers_and_python_source(monkeypatch):
+    import dovetail.models.draft_head as draft_head
+
+    monkeypatch.setattr(draft_head, "CODE_TOKENS", 1000)
+
+    counts, sources = count_tokens(tiny_tokenizer(), 64, "no-such-target")
+    assert list(sources) == ["Python standard library"] and counts.sum() == sources["Python standard library"]
+
+
+@pytest.mark.parametrize("value,expected", [("auto", "auto"), ("0", 0), (16384, 16384), ("32768", 32768)])
+def test_draft_vocab_takes_auto_or_a_number(value, expected):
+    assert EngineConfig(draft=None, draft_vocab=value).draft_vocab == expected
+
+
+@pytest.mark.parametrize("value", [-1, "many", "1.5"])
+def test_a_bad_draft_vocab_is_refused_by_name(value):
+    with pytest.raises(UserError, match="draft_vocab"):
+        EngineConfig(draft=None, draft_vocab=value)
