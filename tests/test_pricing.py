@@ -9,7 +9,7 @@ import pytest
 from dovetail.models.tree import DraftTree, TreeShape
 from dovetail.speculation.cost import Ema, VerifyCurve, expected_tokens
 from dovetail.speculation.members import Member
-from dovetail.speculation.options import MARGIN, PROBE_BUDGET, PROBE_FIRST
+from dovetail.speculation.options import CATCH_UP_STEPS, MARGIN, PROBE_BUDGET, PROBE_FIRST
 from dovetail.speculation.pricing import Ask, Costs, Probing, batch_rate, choice_of, draft_cost, offer, price
 
 NGRAM = (("ngram",), 1)
@@ -108,7 +108,8 @@ def test_a_skipped_models_missed_tokens_are_priced():
     costs = Costs(VerifyCurve(FLAT), {"model": member})
     (usual,) = offer(Ask("r", 10, {model: [0.9] * 6}), [model], costs, shape=TreeShape.chain(2))
     (late,) = offer(Ask("r", 10, {model: [0.9] * 6}, missed={"model": 8}), [model], costs, shape=TreeShape.chain(2))
-    assert late.catch_up_s == pytest.approx(0.007) and late.draft_s == pytest.approx(usual.draft_s + 0.007)
+    assert late.catch_up_s == pytest.approx(0.007)
+    assert late.draft_s == pytest.approx(usual.draft_s + 0.007 / CATCH_UP_STEPS)  # paid once, serves the steps after
 
 
 def test_a_losing_arm_is_probed_on_schedule_and_the_given_schedule_is_left_alone():

@@ -22,7 +22,7 @@ from dovetail.speculation.cost import AcceptanceRates, Confidence, VerifyCurve, 
 from dovetail.speculation.lookup import NgramProposer, SuffixCache, SuffixProposer, SuffixTrie
 from dovetail.speculation.members import Member
 from dovetail.speculation.learned import describe as describe_learned
-from dovetail.speculation.options import HEATS, PRIOR, PROBE_FIRST
+from dovetail.speculation.options import CATCH_UP_STEPS, HEATS, PRIOR, PROBE_FIRST
 from dovetail.speculation.speculator import Speculator
 from tiny_models import actor_engine, hf_greedy, perturbed, tiny_model
 
@@ -212,8 +212,9 @@ def test_a_batch_shares_its_draft_model():
 
 def test_a_skipped_models_catch_up_is_priced():
     """A model not run last step feeds every token it missed in its next first forward: those rows
-    (its level curve at that many rows, less the usual one) are part of that option's cost, and
-    tip the choice when they outweigh its gain; once run, its next step costs the usual again."""
+    (its level curve at that many rows, less the usual one) are part of that option's cost, spread
+    over the steps the caught-up model then serves (``CATCH_UP_STEPS``), and tip the choice when
+    they outweigh its gain over those steps; once run, its next step costs the usual again."""
     curve = {1: 40, 2: 42, 4: 46, 8: 54, 16: 70, 32: 102}
     spec = _speculator(curve, [0.8] * 6, model_step_ms=10, text_acceptance=[0.01] * 6)
     spec.members["model"].levels = VerifyCurve({1: 0.010, 2: 0.011, 4: 0.013, 8: 0.017})
@@ -227,16 +228,18 @@ def test_a_skipped_models_catch_up_is_priced():
     assert extra == pytest.approx(0.017 + 72 * 0.001 - 0.010)
     for o in options:
         if o.key == ("model",):
-            assert o.catch_up_s == pytest.approx(extra) and o.draft_s == pytest.approx(usual[(o.width, o.depth)] + extra)
-    # the same model, chosen with a one-token catch-up, is not worth an 80-token one
-    spec.states["r"].pending["model"].clear()
-    (proposal,) = spec.propose([Drafting("r", 1, [4])])
-    assert proposal.choice.proposers == ("model",)
-    spec.start("fresh", [1, 2, 3])
-    (skipped,) = spec.propose([Drafting("fresh", 1, missed)])
-    assert skipped.choice is None or skipped.choice.proposers != ("model",), skipped.choice
-    (again,) = spec.propose([Drafting("r", 2, [5, 6])])  # run last step: no catch-up
-    assert again.choice.proposers == ("model",) and spec.states["r"].catch_up_s == 0.0
+            assert o.catch_up_s == pytest.approx(extra)
+            assert o.draft_s == pytest.approx(usual[(o.width, o.depth)] + extra / CATCH_UP_STEPS)
+    # an 80-token catch-up (79 ms) is worth the model's gain over the next steps ...
+    spec.start("late", [1, 2, 3])
+    (late,) = spec.propose([Drafting("late", 1, missed)])
+    assert late.choice is not None and late.choice.proposers == ("model",), late.choice
+    # ... a 1,000-token one (1 s) is not
+    spec.start("far", [1, 2, 3])
+    (far,) = spec.propose([Drafting("far", 1, list(range(100, 1100)))])
+    assert far.choice is None or far.choice.proposers != ("model",), far.choice
+    (again,) = spec.propose([Drafting("late", 2, [5, 6])])  # run last step: no catch-up
+    assert again.choice.proposers == ("model",) and spec.states["late"].catch_up_s == 0.0
 
 
 def test_confidence_cuts_where_nodes_stop_paying():

@@ -17,6 +17,11 @@ PROBE_BUDGET = 0.03  # the share of the steps' time that probing losing options 
 MODEL_WIDTHS = (1, 2)  # a lone draft model's tree: a chain, or two children under each expanded node
 PRIOR = {"model": 0.7, "wide": 0.8, "text": 0.5}  # acceptance before anything is seen (optimistic: it gets tried)
 GREEDY = "greedy"  # the temperature class of greedy requests (``temperature_class``)
+# A skipped model's catch-up (feeding the tokens it missed) is paid once and lets it draft the
+# steps after it: an option prices it over this many steps. Priced whole into one step, it grows
+# with every step the model sits out, so a model that lost a few steps to the text proposers
+# would never be chosen again however well it drafts.
+CATCH_UP_STEPS = 8
 MARGIN = 1.05  # a draft must be expected this much faster than the target alone: estimates err both ways,
 # and a draft chosen on a near tie loses about as often as it wins
 
@@ -61,7 +66,7 @@ class Option:
     tokens: float
     draft_s: float  # alone: the model-free proposers' time + the models' (measured wait, else calibrated)
     free_s: float = 0.0  # the model-free part of draft_s
-    catch_up_s: float = 0.0  # the part of draft_s that feeds tokens a skipped model missed
+    catch_up_s: float = 0.0  # feeding the tokens a skipped model missed (draft_s holds 1 / CATCH_UP_STEPS of it)
     tree: DraftTree | None = None  # a text option's tree, already grown
     width: int = 1  # a model's children per expanded node (its node budget: width x depth)
     cut_offs: tuple[float, float] = (0.0, 0.0)  # a lone model's (p_keep, p_grow), see TreeShape

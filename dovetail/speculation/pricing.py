@@ -21,7 +21,7 @@ from dovetail.decode import Choice
 from dovetail.models.tree import DraftTree, TreeShape, merge_trees
 from dovetail.speculation.cost import Confidence, Ema, VerifyCurve, expected_tokens
 from dovetail.speculation.members import Member
-from dovetail.speculation.options import (GREEDY, MARGIN, MAX_DEPTH, PROBE_BUDGET, PROBE_FIRST, PROBE_LAST, TEXT_SHAPE,
+from dovetail.speculation.options import (CATCH_UP_STEPS, GREEDY, MARGIN, MAX_DEPTH, PROBE_BUDGET, PROBE_FIRST, PROBE_LAST, TEXT_SHAPE,
                                          Option)
 
 Arm = tuple[tuple[str, ...], int]  # proposers and a lone model's width: what acceptance is learnt for
@@ -136,7 +136,7 @@ def offer(ask: Ask, arms: Sequence[Arm], costs: Costs, text_s: float = 0.0,
             model_rows = (shape.total_tokens - 1 if shape is not None else width * depth) if models else 0
             free_s = text_s if free else 0.0
             catch_up = sum(catch_up_s(members[n], ask.missed.get(n, 0)) for n in models)
-            draft_s = free_s + catch_up + sum(draft_cost(costs, (key, width), n, depth) for n in models)
+            draft_s = free_s + catch_up / CATCH_UP_STEPS + sum(draft_cost(costs, (key, width), n, depth) for n in models)
             out.append(Option(key, depth, 1 + text_rows + model_rows, expected_tokens(rates, depth), draft_s,
                               free_s, catch_up, text, width))
     return out
@@ -154,7 +154,7 @@ def batch_rate(asks: Sequence[Ask], picks: Mapping[str, Option | None], costs: C
     if len(asks) == 1:
         draft = chosen[0].draft_s if chosen[0] else 0.0
     else:
-        draft = sum(o.free_s + o.catch_up_s for o in chosen if o) + sum(
+        draft = sum(o.free_s + o.catch_up_s / CATCH_UP_STEPS for o in chosen if o) + sum(
             batch_draft_s(member, [(o.depth, o.width) for o in chosen if o and name in o.models(costs.members)])
             for name, member in costs.members.items() if not member.free)
     return tokens / (costs.curve.at(rows, context) + draft)
@@ -178,7 +178,7 @@ def draft_cost(costs: Costs, arm: Arm, name: str, depth: int) -> float:
 
 def catch_up_s(member: Member, missed: int) -> float:
     """What a model's next tree costs beyond its usual wait when its first forward feeds ``missed``
-    tokens (one row each) instead of the last one."""
+    tokens (one row each) instead of the last one (an option prices it over ``CATCH_UP_STEPS``)."""
     return max(0.0, member.level_s(missed) - member.level_s(1)) if missed > 1 else 0.0
 
 
