@@ -41,7 +41,7 @@ SUITES = {  # --suite name -> its help; the suite is the module bench/<name>.py,
     "workloads": "chat, code editing, long context, multi-turn and sampling against the target alone and llama.cpp",
     "profile": "the target's forward by operator at 1-16 rows",
     "kernels": "forward cost by tokens at 150/1k/4k context, prefill and the machine's roof, against llama.cpp",
-    "draft": "the draft's cost against its acceptance, by head cut (--draft-vocab): whole, 16k, 32k, 48k tokens",
+    "draft": "the draft's cost against its acceptance, by head cut (--draft-vocab: whole, 16k, 32k, 48k) and precision (q4)",
     "sampling": "warping and drawing one 151,936-token row, by temperature, top-k and top-p, against HF's warpers",
 }
 DEFAULT_SUITE = "native"

@@ -1,8 +1,9 @@
 """``python launch.py bench --suite draft``: what a draft level costs against what it proposes well,
 by the draft's head cut (``--draft-vocab``) and its weights' precision.
 
-For each draft variant (the packaged 0.5B with its whole head, and cut to 16k, 32k and 48k tokens,
-``models/draft_head.py``), beside the same loaded target:
+For each draft variant (the packaged 0.5B with its whole head, cut to 16k, 32k and 48k tokens,
+``models/draft_head.py``, and cut to 32k with its wider blocks re-encoded to 4 bits, precision
+``q4``), beside the same loaded target:
 
   cost        the draft's one-token forward (a chain's tree level) after 150 tokens, and the
               target's, in alternating rounds so they share the host's noise: ms and the ratio
@@ -20,12 +21,14 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import replace
 
 import numpy as np
 
 from bench.common import humaneval_prompts, machine_info, say, write_report
 
-CUTS = (0, 16384, 32768, 49152)
+# (precision, head cut): the whole head, three cuts, and the draft re-encoded to 4-bit blocks
+VARIANTS = (("native", 0), ("native", 16384), ("native", 32768), ("native", 49152), ("q4", 32768))
 CHAT = ["Write a short poem about the sea at night.",
         "Tell me a story about a fox who learns to fly, in one paragraph.",
         "Describe a city of the future in five sentences.",
@@ -90,23 +93,26 @@ def run(args) -> int:
         code = humaneval_prompts(tok, args.prompts)
         plain = {name: [base.generate(ids, args.max_new_tokens, speculate=False).token_ids for ids in prompts]
                  for name, prompts in (("chat", chat), ("code", code))}
-        drafts, lms = {}, {"target": base.target.lm.fresh()}
-        for cut in CUTS:
-            spec = with_head_cut(dt.draft, cut, dt.target_dir.name, say)
+        drafts, lms, load_s = {}, {"target": base.target.lm.fresh()}, {}
+        for precision, cut in VARIANTS:
+            spec = with_head_cut(replace(dt.draft, precision=precision), cut, dt.target_dir.name, say)
+            t = time.perf_counter()
             lm = CachedLM(load_causal_lm(spec))
-            drafts[cut] = DraftProposer(lm, TreeShape.chain(3), base.draft.vocab)
-            lms[cut] = lm.fresh()
+            label = (f"cut {cut}" if cut else "whole head") + (f", {precision}" if precision != "native" else "")
+            load_s[label] = round(time.perf_counter() - t, 1)
+            drafts[label] = DraftProposer(lm, TreeShape.chain(3), base.draft.vocab)
+            lms[label] = lm.fresh()
         costs = _one_token_ms(lms, args.reps)
         say(f"one-token forward (ms): {costs}")
-        for cut, draft in drafts.items():
+        for label, draft in drafts.items():
             engine = SpeculativeEngine(base.target, draft, base.eos, setup=SpeculationSetup(shape=TreeShape.chain(3)))
-            row = {"draft_ms": costs[cut], "target_ms": costs["target"],
-                   "draft_over_target": round(costs[cut] / costs["target"], 3)}
+            row = {"draft_ms": costs[label], "target_ms": costs["target"],
+                   "draft_over_target": round(costs[label] / costs["target"], 3), "load_s": load_s[label],
+                   "draft_mb": round(sum(m.nbytes for m in draft.lm.model.modules() if hasattr(m, "q")) / 1e6)}
             row["chat_greedy"], chat_out = _acceptance(engine, chat, 0.0, args.max_new_tokens)
             row["chat_t0.8"], _ = _acceptance(engine, chat, 0.8, args.max_new_tokens)
             row["code_greedy"], code_out = _acceptance(engine, code, 0.0, args.max_new_tokens)
             row["greedy_identical"] = chat_out == plain["chat"] and code_out == plain["code"]
-            label = f"cut {cut}" if cut else "whole head"
             report["variants"][label] = row
             say(f"{label}: c = {row['draft_over_target']}, chat greedy {row['chat_greedy']['by_position']}, "
                 f"T=0.8 {row['chat_t0.8']['by_position']}, code {row['code_greedy']['by_position']}, "

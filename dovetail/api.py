@@ -27,8 +27,7 @@ from dovetail.models.lm_proposer import DraftProposer, DraftVocab
 from dovetail.models.feature_proposer import FeatureDraftProposer
 from dovetail.models.loading import describe_draft_vocabulary, draft_vocabulary, encode_chat, load_causal_lm, load_tokenizer
 from dovetail.models.precision import gguf_formats
-from dovetail.models.draft_head import DEFAULT_CUT
-from dovetail.models.spec import QUANTIZED, ModelSpec
+from dovetail.models.spec import DEFAULT_CUT, QUANTIZED, ModelSpec
 from dovetail.models.target import TargetVerifier
 from dovetail.sampling import SamplingParams
 from dovetail.config import DEFAULT_TREE
@@ -258,6 +257,9 @@ class Dovetail:
             return "fp32, " + (f"{self.config.target_kernel} linears" if role == "target" else "dense")
         from dovetail.kernels import kernel_path_name
 
+        if precision == "q4":
+            return (f"GGUF ({', '.join(gguf_formats(getattr(self, f'{role}_dir')))}) re-encoded to 4-bit blocks at "
+                    f"load, {kernel_path_name()} kernels")
         if precision == "native":
             return f"native GGUF ({', '.join(gguf_formats(getattr(self, f'{role}_dir')))}), {kernel_path_name()} kernels"
         return f"{precision} quantized on load, {kernel_path_name()} kernels"

@@ -8,8 +8,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from dovetail.batching import AUTO, MAX_AUTO_BATCH, MIN_GAIN
 from dovetail.decode import PREFILL_CHUNK
 from dovetail.errors import UserError
-from dovetail.models.draft_head import DEFAULT_CUT
-from dovetail.models.spec import LINEAR_KERNELS, PRECISIONS
+from dovetail.models.spec import DEFAULT_CUT, LINEAR_KERNELS, PRECISIONS
 from dovetail.models.tree import TreeShape
 from dovetail.store import AUTO_DRAFT, DEFAULT_TARGET
 from dovetail.topology import default_threads
@@ -49,7 +48,9 @@ class EngineConfig:
                                      "'auto': the cost model picks the depth, or no speculation, every step)")
     target_kernel: str = _option("mm", "fp32 targets only: the dense linear kernel", choices=LINEAR_KERNELS)
     target_precision: str = _option("auto", "native: the GGUF's own blocks (auto's choice for packaged models); "
-                                    "int8/int4: quantized on load from float weights; fp32: dequantized floats "
+                                    "q4: the GGUF's blocks wider than 4 bits re-encoded to Q4_0/Q4_K at load (for a draft: "
+                                    "fewer bytes a level, only acceptance changes); int8/int4: quantized on load from float "
+                                    "weights; fp32: dequantized floats "
                                     "(auto's choice for an HF float folder)", choices=PRECISIONS)
     draft_precision: str = _option("auto", "as --target-precision (auto: native for packaged models, int8 for an "
                                    "HF float folder)", choices=PRECISIONS)
@@ -98,9 +99,9 @@ class EngineConfig:
         from dovetail.speculation import parse_proposers
 
         self.proposers = parse_proposers(self.draft)
-        self.max_batch = _auto_or_number(self.max_batch, "max_batch", 1)
-        self.draft_vocab = _auto_or_number(self.draft_vocab, "draft_vocab", 0)
-        for name, low in (("threads", 1), ("max_batch", 1), ("shards", 1), ("kv_memory_mb", 1),
+        self.max_batch = _auto_or_number(self.max_batch, "max_batch")
+        self.draft_vocab = _auto_or_number(self.draft_vocab, "draft_vocab")
+        for name, low in (("draft_vocab", 0), ("threads", 1), ("max_batch", 1), ("shards", 1), ("kv_memory_mb", 1),
                           ("prefill_chunk", 0)):
             value = getattr(self, name)
             if value is not None and value != AUTO and value < low:
@@ -121,18 +122,15 @@ def drafter_vocab(config: EngineConfig) -> int:
     return 0 if config.draft_vocab == AUTO else config.draft_vocab
 
 
-def _auto_or_number(value, name: str, low: int):
-    """An option that is "auto" or a number >= ``low`` (a YAML or a flag may give the number as text)."""
+def _auto_or_number(value, name: str):
+    """An option that is "auto" or a number (a YAML or a flag may give the number as text); its
+    bounds are checked with the other numbers'."""
     if value == AUTO or (isinstance(value, int) and not isinstance(value, bool)):
-        number = value
-    else:
-        try:
-            number = int(value)
-        except (TypeError, ValueError):
-            number = None
-    if number is None or (number != AUTO and number < low):
-        raise UserError(f"{name} must be 'auto' or a number >= {low}, got {value!r}")
-    return number
+        return value
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be 'auto' or a number, got {value!r}") from None
 
 
 def _one_of(what: str, value, allowed) -> None:
@@ -160,7 +158,7 @@ def add_engine_args(parser, **defaults) -> None:
 def _auto_or_number_flag(text: str):
     """A flag's "auto" or number (its bounds are checked by ``EngineConfig``, with the option's name)."""
     try:
-        return _auto_or_number(text, "the value", low=-(1 << 62))
+        return _auto_or_number(text, "the value")
     except UserError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

@@ -14,7 +14,7 @@ from transformers import AutoConfig
 
 from dovetail.models.loading import eos_token_ids_from_config
 from dovetail.models.precision import resolve_precision
-from dovetail.models.spec import FLOAT_DEFAULT, ModelSpec
+from dovetail.models.spec import FLOAT_DEFAULT, GGUF_PRECISIONS, ModelSpec
 from dovetail.store import ModelStore, float_weights
 
 
@@ -37,8 +37,8 @@ def with_head_cut(spec: ModelSpec, tokens: int, target_name: str = "", say=None)
     """``spec`` (a draft model) with its LM head cut to its ``tokens`` most frequent tokens
     (``models/draft_head.py``: counted once, kept beside the model); 0, or a vocabulary no larger,
     keeps the whole head."""
-    from dovetail.models.draft_head import ensure_cut
     from dovetail.models.loading import load_tokenizer
+    from dovetail.training.vocab import ensure_cut
 
     if not tokens or tokens >= spec.vocab_size:
         return replace(spec, head_cut="")
@@ -49,6 +49,6 @@ def with_head_cut(spec: ModelSpec, tokens: int, target_name: str = "", say=None)
 
 def with_weights(spec: ModelSpec, store: ModelStore | None = None) -> ModelSpec:
     """``spec`` with the folder its weights load from: the float weights for a non-native precision."""
-    if spec.precision == "native":
+    if spec.precision in GGUF_PRECISIONS:
         return spec
     return replace(spec, weights=str(float_weights(spec.folder, store)))

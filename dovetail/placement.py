@@ -93,7 +93,7 @@ def model_bytes(path: str | Path, precision: str = "auto") -> int:
 
     path = Path(path)
     gguf = gguf_file(path)
-    if gguf is not None and precision in ("auto", "native"):
+    if gguf is not None and precision in ("auto", "native", "q4"):  # q4: at most the file's own blocks
         return native_bytes(gguf)
     if gguf is not None and not any(path.glob("*.safetensors")):  # its float conversion
         path = path / "fp32"

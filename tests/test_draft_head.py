@@ -1,6 +1,7 @@
-"""A draft whose LM head is cut to its most frequent tokens (models/draft_head.py): the kept
+"""A cheaper draft. Its LM head cut to its most frequent tokens (models/draft_head.py): the kept
 tokens' logits are the whole head's, bit for bit, every other token is never proposed, and the
-output stays the target's own, greedy and sampled."""
+output stays the target's own, greedy and sampled. Its wider blocks re-encoded to 4 bits at load
+(precision q4): fewer bytes, the same output."""
 
 import json
 
@@ -11,8 +12,9 @@ import torch
 from dovetail.config import EngineConfig
 from dovetail.errors import UserError
 from dovetail.models.cached_lm import CachedLM
-from dovetail.models.draft_head import CutHead, choose_ids, count_tokens, ensure_cut, read_cut
-from dovetail.models.quantized import load_quantized
+from dovetail.models.draft_head import CutHead, read_cut
+from dovetail.training.vocab import choose_ids, count_tokens, ensure_cut
+from dovetail.models.quantized import QuantLinear, load_quantized
 from dovetail.models.tree import TreeShape
 from dovetail.sampling import SamplingParams
 from test_greedy_identity import make_engine, prompt
@@ -63,13 +65,13 @@ def test_greedy_output_with_a_cut_draft_head_is_the_target_alone(tmp_path):
 
 def test_sampling_with_a_cut_draft_head_matches_the_targets_distribution(tmp_path):
     """The draft samples from q renormalised over its cut; verification's rejection rule takes that
-    q, so the joint of 3 sampled tokens still fits the target's exact distribution (chi-square)."""
+    q, so the joint of 3 sampled tokens still fits the target's exact distribution (chi-square;
+    the target is test_sampling's fp32 one, whose exact joint comes from the very forward the
+    engine runs: top-p's edge would turn a quantized forward's last-bit differences into cells)."""
     from test_sampling import PARAMS, chi_square_pvalue, exact_joint, sample_counts
 
-    model = tiny_model("llama", seed=11, vocab_size=8, initializer_range=0.5, num_hidden_layers=1, eos_token_id=None)
-    model.save_pretrained(tmp_path / "target")
-    target = load_quantized(tmp_path / "target", "int4")
-    perturbed(model, 0.6, seed=12).save_pretrained(tmp_path / "draft")
+    target = tiny_model("llama", seed=11, vocab_size=8, initializer_range=0.5, num_hidden_layers=1, eos_token_id=None)
+    perturbed(target, 0.6, seed=12).save_pretrained(tmp_path / "draft")
     draft = load_quantized(tmp_path / "draft", "int4", head_ids=np.array([0, 2, 3, 5, 6]))
     params = SamplingParams(**PARAMS)
     engine = make_engine(target, draft, TreeShape.parse("6,2,3"), eos=-1)
@@ -78,7 +80,7 @@ def test_sampling_with_a_cut_draft_head_matches_the_targets_distribution(tmp_pat
 
 
 def test_the_cut_is_counted_once_and_kept_beside_the_model(tmp_path, monkeypatch):
-    import dovetail.models.draft_head as draft_head
+    import dovetail.training.vocab as draft_head
 
     monkeypatch.setattr(draft_head, "CODE_TOKENS", 2000)
     tok = tiny_tokenizer()
@@ -95,7 +97,7 @@ def test_the_cut_is_counted_once_and_kept_beside_the_model(tmp_path, monkeypatch
 
 
 def test_counting_reads_the_shipped_answers_and_python_source(monkeypatch):
-    import dovetail.models.draft_head as draft_head
+    import dovetail.training.vocab as draft_head
 
     monkeypatch.setattr(draft_head, "CODE_TOKENS", 1000)
 
@@ -112,3 +114,39 @@ def test_draft_vocab_takes_auto_or_a_number(value, expected):
 def test_a_bad_draft_vocab_is_refused_by_name(value):
     with pytest.raises(UserError, match="draft_vocab"):
         EngineConfig(draft=None, draft_vocab=value)
+
+
+def test_a_q4_draft_re_encodes_its_wider_blocks_and_keeps_the_output(tmp_path):
+    """``q4``: matrices wider than 4 bits (here Q6_K, Q5_0, Q8_0) are re-encoded to Q4_K or Q4_0,
+    4-bit ones and the embedding keep their blocks; the weights stay close to the file's, and
+    the target's output is unchanged with it as the draft."""
+    from test_quantized import FORMATS
+
+    model, folder, _ = gguf_model(tmp_path, "qwen2", seed=8, tie_word_embeddings=False)
+    native, light = load_quantized(folder, "native"), load_quantized(folder, "q4")
+    kinds = {name: (m.qtype.name, getattr(light.get_submodule(name), "qtype").name)
+             for name, m in native.named_modules() if isinstance(m, QuantLinear)}
+    assert kinds["model.layers.0.mlp.down_proj"] == ("Q6_K", "Q4_K")  # 768 inputs: 3 super-blocks
+    assert kinds["model.layers.0.self_attn.v_proj"] == ("Q5_0", "Q4_K")
+    assert kinds["model.layers.0.self_attn.q_proj"] == ("Q8_0", "Q4_K")  # the writer's default
+    assert kinds["model.layers.0.mlp.gate_proj"] == ("Q4_K", "Q4_K")
+    assert native.model.embed_tokens.table.qtype == light.model.embed_tokens.table.qtype
+    assert sum(m.nbytes for m in light.modules() if isinstance(m, QuantLinear)) < \
+        sum(m.nbytes for m in native.modules() if isinstance(m, QuantLinear))
+    a, b = native.lm_head.dequantize(), light.lm_head.dequantize()
+    assert (a - b).abs().max() < 0.2 * a.abs().max()  # 4-bit rounding of the same weights
+    shape = TreeShape.parse("6,3,2")
+    alone, engine = make_engine(native, None, shape), make_engine(native, light, shape)
+    for length in (3, 17):
+        p = prompt(length, length + 1)
+        result = engine.generate(p, 30)
+        assert result.token_ids == alone.generate(p, 30).token_ids
+        assert any(a > 0 for a in result.stats.accepted_per_step)
+
+
+def test_q4_needs_a_gguf_file(tmp_path):
+    from dovetail.models.precision import resolve_precision
+
+    tiny_model("llama", seed=1).save_pretrained(tmp_path / "hf")
+    with pytest.raises(UserError, match="'q4' needs a GGUF model"):
+        resolve_precision("q4", tmp_path / "hf", "int8")

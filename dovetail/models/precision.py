@@ -11,7 +11,7 @@ from dovetail.kernels.formats import SCHEMES
 from dovetail.kernels.packing import packed_bytes
 from dovetail.models.architectures import GGUF_NAMES
 from dovetail.models.gguf_index import open_index
-from dovetail.models.spec import GGUF_NAME, PRECISIONS
+from dovetail.models.spec import GGUF_NAME, GGUF_PRECISIONS, PRECISIONS
 
 
 def gguf_file(path: str | Path) -> Path | None:
@@ -84,9 +84,9 @@ def resolve_precision(precision: str, path: str | Path, float_default: str) -> s
     has_gguf = gguf_file(path) is not None
     if precision == "auto":
         precision = "native" if has_gguf else float_default
-    if precision == "native" and not has_gguf:
-        raise UserError(f"precision 'native' needs a GGUF model ({path} has no {GGUF_NAME}); "
+    if precision in GGUF_PRECISIONS and not has_gguf:
+        raise UserError(f"precision '{precision}' needs a GGUF model ({path} has no {GGUF_NAME}); "
                         "use int8, int4 or fp32 for a float checkpoint")
-    if precision == "native" and (reason := native_refusal(path)) is not None:
+    if precision in GGUF_PRECISIONS and (reason := native_refusal(path)) is not None:
         raise UserError(reason)
     return precision

@@ -41,6 +41,9 @@ from dovetail.kernels.arena import WeightArena
 from dovetail.kernels.packing import Decoded, PackedWeight, decode, encode, pack, precision_format
 
 
+EMBED_NAME = "model.embed_tokens.weight"
+
+
 class QuantLinear(nn.Module):
     """``y = x @ W.T + b`` with W in the kernel's packed layout (inference only)."""
 
@@ -225,9 +228,37 @@ class FloatSource:
             reader.close()
 
 
+class Q4Source(GGUFSource):
+    """A GGUF's matrices in formats wider than 4 bits (Q5_0, Q6_K, Q8_0, ...) re-encoded at load
+    (the ``q4`` precision): dequantized exactly, then rounded to Q4_K (inputs a multiple of 256)
+    or Q4_0. For a draft, whose weights move only acceptance, never the output: a level then
+    streams fewer bytes. The token embedding, read a row at a time, keeps its own blocks."""
+
+    def _reencoded(self, name: str):
+        """The 4-bit format ``name`` is re-encoded to, or None where it keeps its own."""
+        qtype = super().format_of(name)
+        if qtype is None or SCHEMES[qtype].bits <= 4 or name == EMBED_NAME:
+            return None
+        return precision_format("int4", int(self._tensor(name).shape[0]))
+
+    def format_of(self, name: str):
+        return self._reencoded(name) or super().format_of(name)
+
+    def decoded(self, name: str, rows: list[Span] | None, cols: Span | None) -> Decoded:
+        qtype = self._reencoded(name)
+        if qtype is None:
+            return super().decoded(name, rows, cols)
+        w = self.dense(name, rows).numpy()
+        if cols is not None:
+            w = w[:, cols[0]:cols[1]]
+        return decode(encode(np.ascontiguousarray(w), qtype), qtype, *w.shape)
+
+
 def open_source(path: Path, precision: str, config):
     if precision == "native":
         return GGUFSource(gguf_file(path), config)
+    if precision == "q4":
+        return Q4Source(gguf_file(path), config)
     return FloatSource(path, precision)
 
 
@@ -310,7 +341,7 @@ def load_quantized(path: str | Path, precision: str, rank: int = 0, world: int =
         module = quant_linear(weight_name, bias)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, module)
-    embed_name = "model.embed_tokens.weight"
+    embed_name = EMBED_NAME
     table = quant_linear(embed_name, None)
     if not isinstance(table, QuantLinear):
         raise UserError(f"{path}: the token embedding is not in a quantized format")

@@ -15,9 +15,14 @@ from pathlib import Path
 
 GGUF_NAME = "model.gguf"  # the GGUF file in a model folder (a local file is linked under this name)
 DRAFTER_SPEC_FILE = "drafter.json"  # what marks a folder as a Dovetail drafter (models/drafter_net.py)
-PRECISIONS = ("auto", "native", "int8", "int4", "fp32")
-QUANTIZED = ("native", "int8", "int4")
+PRECISIONS = ("auto", "native", "q4", "int8", "int4", "fp32")
+QUANTIZED = ("native", "q4", "int8", "int4")
+GGUF_PRECISIONS = ("native", "q4")  # run from a GGUF file's own blocks (q4: its wider ones re-encoded at load)
 FLOAT_DEFAULT = {"target": "fp32", "draft": "int8"}  # what ``auto`` means for a float checkpoint
+# N when a draft model's head is cut by default (``--draft-vocab auto``, models/draft_head.py):
+# chosen by measuring draft cost against acceptance (docs/benchmarks.md, "The draft: a cut head").
+# A vocabulary at most twice this is kept whole: the bytes saved would not pay for the tokens lost.
+DEFAULT_CUT = 32768
 LINEAR_KERNELS = ("stock", "mm", "mkldnn")  # an fp32 model's dense linears (models/fast_linear.py)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dovetail.models.loading import encode_chat
-from dovetail.training.corpus import stdlib_files
+from dovetail.training.corpus import PACKAGED, stdlib_files
 
 MIN_DOCSTRING_CHARS = 60
 MAX_PROMPT_TOKENS = 192  # longer requests (10% of them: long docstrings) are skipped
@@ -104,7 +104,6 @@ class AnswerCorpus:
             self.path.write_text(text, encoding="utf-8")
 
 
-PACKAGED = Path(__file__).resolve().parent / "corpora"  # answers shipped with Dovetail: <target>/answers-s<seed>.jsonl
 
 
 def answer_corpus(target_name: str, seed: int) -> AnswerCorpus:

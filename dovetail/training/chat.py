@@ -18,7 +18,7 @@ import json
 import sys
 import time
 
-from dovetail.training.answers import PACKAGED
+from dovetail.training.corpus import PACKAGED
 
 FORMS = ["Explain {} to a curious teenager in a short paragraph.",
          "Write a short story, in one paragraph, about {}.",

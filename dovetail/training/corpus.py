@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dovetail.models.loading import encode_chat
 
+PACKAGED = Path(__file__).resolve().parent / "corpora"  # text shipped with Dovetail, per target: answers-s<seed>.jsonl, chat-s<seed>.jsonl
 SKIP_PARTS = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
 USER_REQUEST = "Write the following Python module."
 
