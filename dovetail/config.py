@@ -52,7 +52,7 @@ class EngineConfig:
                                     "fewer bytes a level, only acceptance changes); int8/int4: quantized on load from float "
                                     "weights; fp32: dequantized floats "
                                     "(auto's choice for an HF float folder)", choices=PRECISIONS)
-    draft_precision: str = _option("auto", "as --target-precision (auto: native for packaged models, int8 for an "
+    draft_precision: str = _option("auto", "as --target-precision (auto: q4 for a GGUF draft, int8 for an "
                                    "HF float folder)", choices=PRECISIONS)
     draft_vocab: int | str = _option(AUTO, "cut the draft's LM head to the N tokens most frequent in text Dovetail "
                                      "ships (its target's answers, Python source), so a draft level reads fewer "

@@ -14,7 +14,7 @@ from transformers import AutoConfig
 
 from dovetail.models.loading import eos_token_ids_from_config
 from dovetail.models.precision import resolve_precision
-from dovetail.models.spec import FLOAT_DEFAULT, GGUF_PRECISIONS, ModelSpec
+from dovetail.models.spec import FLOAT_DEFAULT, GGUF_DEFAULT, GGUF_PRECISIONS, ModelSpec
 from dovetail.store import ModelStore, float_weights
 
 
@@ -25,7 +25,7 @@ def describe_model(folder: str | Path, precision: str = "auto", role: str = "tar
     a non-native precision loads from (a GGUF folder's fp32 conversion, once); else ``weights``
     is the folder, for a description made before the slow part (``with_weights`` completes it)."""
     folder = Path(folder)
-    precision = resolve_precision(precision, folder, FLOAT_DEFAULT[role])
+    precision = resolve_precision(precision, folder, FLOAT_DEFAULT[role], GGUF_DEFAULT[role])
     config = AutoConfig.from_pretrained(folder)
     spec = ModelSpec(str(folder), precision, str(folder),
                      tuple(eos_token_ids_from_config(folder, tokenizer)),

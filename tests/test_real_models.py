@@ -38,7 +38,7 @@ def native():
 def test_native_pair_identical_to_the_native_target_alone(native, problem):
     from bench.common import humaneval_prompts
 
-    assert native.target_precision == "native" and native.draft_precision == "native"
+    assert native.target_precision == "native" and native.draft_precision == "q4"
     prompt = humaneval_prompts(native.tokenizer, problem + 1)[problem]
     alone = native.generate_ids(prompt, 96, speculate=False)
     result = native.generate_ids(prompt, 96)

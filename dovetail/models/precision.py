@@ -76,14 +76,14 @@ def unsupported_message(gguf: Path, tensor: str, fmt: str) -> str:
             f"(they run {supported}); precision fp32 runs it dequantized")
 
 
-def resolve_precision(precision: str, path: str | Path, float_default: str) -> str:
-    """``auto`` -> ``native`` for a GGUF folder, else ``float_default``; ``native`` needs a GGUF
-    whose every matrix is in a block format the kernels run (never a silent float layer)."""
+def resolve_precision(precision: str, path: str | Path, float_default: str, gguf_default: str = "native") -> str:
+    """``auto`` -> ``gguf_default`` for a GGUF folder, else ``float_default``; ``native`` and ``q4``
+    need a GGUF whose every matrix is in a block format the kernels run (never a silent float layer)."""
     if precision not in PRECISIONS:
         raise UserError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     has_gguf = gguf_file(path) is not None
     if precision == "auto":
-        precision = "native" if has_gguf else float_default
+        precision = gguf_default if has_gguf else float_default
     if precision in GGUF_PRECISIONS and not has_gguf:
         raise UserError(f"precision '{precision}' needs a GGUF model ({path} has no {GGUF_NAME}); "
                         "use int8, int4 or fp32 for a float checkpoint")

@@ -19,6 +19,10 @@ PRECISIONS = ("auto", "native", "q4", "int8", "int4", "fp32")
 QUANTIZED = ("native", "q4", "int8", "int4")
 GGUF_PRECISIONS = ("native", "q4")  # run from a GGUF file's own blocks (q4: its wider ones re-encoded at load)
 FLOAT_DEFAULT = {"target": "fp32", "draft": "int8"}  # what ``auto`` means for a float checkpoint
+# ... and for a GGUF file: a target runs its own blocks; a draft, whose weights move only
+# acceptance, its wider blocks re-encoded to 4 bits (a cheaper level, the same acceptance:
+# docs/benchmarks.md, "The draft: a cut head")
+GGUF_DEFAULT = {"target": "native", "draft": "q4"}
 # N when a draft model's head is cut by default (``--draft-vocab auto``, models/draft_head.py):
 # chosen by measuring draft cost against acceptance (docs/benchmarks.md, "The draft: a cut head").
 # A vocabulary at most twice this is kept whole: the bytes saved would not pay for the tokens lost.
