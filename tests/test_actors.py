@@ -5,6 +5,7 @@ One Ray instance serves the module; each engine is a coordinator + draft + shard
 
 import os
 import signal
+import time
 
 import pytest
 import ray
@@ -65,9 +66,17 @@ def _concurrently(fn, n: int) -> dict:
     return results
 
 
-def _live_requests(engine) -> dict:
-    workers = ray.get(engine.coordinator.info.remote(refresh=True))["workers"]
-    return {name: w["live_requests"] for name, w in workers.items()}
+def _live_requests(engine, settle_s: float = 5.0) -> dict:
+    """Requests each worker still holds state for. A request's end reaches every worker as a
+    message of its own, after the caller has its last event: wait up to ``settle_s`` for the
+    workers to read it (a worker that never frees a request still fails)."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        workers = ray.get(engine.coordinator.info.remote(refresh=True))["workers"]
+        live = {name: w["live_requests"] for name, w in workers.items()}
+        if not any(live.values()) or time.monotonic() > deadline:
+            return live
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("sockets,tree", [("0", "chain:3"), ("0|1", "8,4,2")], ids=["1-shard-chain", "2-shards-tree"])
