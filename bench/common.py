@@ -1,5 +1,6 @@
 """What the suites share: the machine they ran on, the HumanEval prompts, the argument checks of the
-suites that decode them, where a report goes, and the progress line.
+suites that decode them, one-token forwards timed side by side, where a report goes, and the
+progress line.
 
 It imports no suite, so every suite can import it without closing a cycle.
 """
@@ -31,6 +32,31 @@ def machine_info() -> dict:
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "dtype": "float32"}
+
+
+def one_token_ms(lms: dict, reps: int, rounds: int, prefix: int = 150) -> dict:
+    """Median one-token forward (ms) of each CachedLM in ``lms`` after ``prefix`` tokens: ``rounds``
+    rounds of ``reps`` forwards each, the models taking turns, so every median shares the host's
+    noise. Each forward is dropped again (the context stays ``prefix`` tokens)."""
+    import statistics
+    import time
+
+    import numpy as np
+    import torch
+
+    times = {name: [] for name in lms}
+    with torch.inference_mode():
+        for lm in lms.values():
+            lm.reset()
+            lm.extend([1000 + i for i in range(prefix)])
+        for _ in range(rounds):
+            for name, lm in lms.items():
+                for i in range(reps):
+                    t = time.perf_counter()
+                    lm.forward_tree(np.array([2000 + i]), np.array([-1]), range(1), lm.committed)
+                    times[name].append(time.perf_counter() - t)
+                    lm.commit([])
+    return {name: round(1e3 * statistics.median(v), 2) for name, v in times.items()}
 
 
 def humaneval_texts(count: int) -> list[str]:

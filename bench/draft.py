@@ -19,13 +19,10 @@ For each draft variant (the packaged 0.5B with its whole head, cut to 16k, 32k a
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import replace
 
-import numpy as np
-
-from bench.common import humaneval_prompts, machine_info, say, write_report
+from bench.common import humaneval_prompts, machine_info, one_token_ms, say, write_report
 
 # (precision, head cut): the whole head, three cuts, and the draft re-encoded to 4-bit blocks
 VARIANTS = (("native", 0), ("native", 16384), ("native", 32768), ("native", 49152), ("q4", 32768))
@@ -36,25 +33,6 @@ CHAT = ["Write a short poem about the sea at night.",
         "Give me three tips for a job interview.",
         "What is the difference between weather and climate?"]
 ROUNDS = 6
-
-
-def _one_token_ms(lms: dict, reps: int) -> dict:
-    """Median one-token forward (ms) of each CachedLM after 150 tokens, in alternating rounds."""
-    import torch
-
-    times = {name: [] for name in lms}
-    with torch.inference_mode():
-        for lm in lms.values():
-            lm.reset()
-            lm.extend([1000 + i for i in range(150)])
-        for _ in range(ROUNDS):
-            for name, lm in lms.items():
-                for i in range(reps):
-                    t = time.perf_counter()
-                    lm.forward_tree(np.array([2000 + i]), np.array([-1]), range(1), lm.committed)
-                    times[name].append(time.perf_counter() - t)
-                    lm.commit([])
-    return {name: round(1e3 * statistics.median(v), 2) for name, v in times.items()}
 
 
 def _acceptance(engine, prompts, temperature: float, max_new: int) -> tuple[dict, list]:
@@ -102,7 +80,7 @@ def run(args) -> int:
             load_s[label] = round(time.perf_counter() - t, 1)
             drafts[label] = DraftProposer(lm, TreeShape.chain(3), base.draft.vocab)
             lms[label] = lm.fresh()
-        costs = _one_token_ms(lms, args.reps)
+        costs = one_token_ms(lms, args.reps, ROUNDS)
         say(f"one-token forward (ms): {costs}")
         for label, draft in drafts.items():
             engine = SpeculativeEngine(base.target, draft, base.eos, setup=SpeculationSetup(shape=TreeShape.chain(3)))

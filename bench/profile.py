@@ -33,7 +33,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from bench.common import machine_info, say, write_report
+from bench.common import machine_info, one_token_ms, say, write_report
 
 ROWS = (1, 2, 4, 8, 16)
 PREFIX = 150
@@ -141,8 +141,6 @@ def compare_pages(lm, target_dir, reps: int, rounds: int = 8) -> dict:
     weights are on 4 KiB pages, in alternating rounds of ``reps`` tokens: medians in ms."""
     import os
 
-    import torch
-
     from dovetail.kernels.arena import huge_page_bytes
     from dovetail.models.cached_lm import CachedLM
     from dovetail.models.quantized import load_quantized
@@ -153,19 +151,7 @@ def compare_pages(lm, target_dir, reps: int, rounds: int = 8) -> dict:
         small = CachedLM(load_quantized(target_dir, "native"))
     finally:
         os.environ.pop("DOVETAIL_HUGE_PAGES")
-    times: dict[str, list[float]] = {"huge pages": [], "4 KiB pages": []}
-    with torch.inference_mode():
-        for model in (lm, small):
-            model.reset()
-            model.extend([1000 + i % 5000 for i in range(PREFIX)])
-        for _ in range(rounds):
-            for label, model in (("huge pages", lm), ("4 KiB pages", small)):
-                for i in range(reps):
-                    t = time.perf_counter()
-                    model.forward_tree(np.array([2000 + i]), np.array([-1]), range(1), model.committed)
-                    times[label].append(time.perf_counter() - t)
-                    model.commit([])
-    out = {label: round(1e3 * statistics.median(v), 2) for label, v in times.items()}
+    out = one_token_ms({"huge pages": lm, "4 KiB pages": small}, reps, rounds, PREFIX)
     out["speedup"] = round(out["4 KiB pages"] / out["huge pages"], 3)
     out["process_mb_on_huge_pages"] = None if held is None else round(held / 2**20)
     say(f"one token: {out['huge pages']} ms on huge pages, {out['4 KiB pages']} ms on 4 KiB pages "

@@ -27,7 +27,7 @@ from dovetail.models.lm_proposer import DraftProposer, DraftVocab
 from dovetail.models.feature_proposer import FeatureDraftProposer
 from dovetail.models.loading import describe_draft_vocabulary, draft_vocabulary, encode_chat, load_causal_lm, load_tokenizer
 from dovetail.models.precision import gguf_formats
-from dovetail.models.spec import DEFAULT_CUT, QUANTIZED, ModelSpec
+from dovetail.models.spec import DEFAULT_CUT, GGUF_PRECISIONS, QUANTIZED, ModelSpec
 from dovetail.models.target import TargetVerifier
 from dovetail.sampling import SamplingParams
 from dovetail.config import DEFAULT_TREE
@@ -177,7 +177,8 @@ class Dovetail:
         cfg = self.config
         key = {"target": str(self.target_dir), "target_precision": self.target_precision,
                "draft": str(self.draft_dir), "draft_precision": self.draft_precision,
-               "draft_vocab": self.draft_head_tokens or drafter_vocab(self.config), "kernels": build_id(), "engine": self.engine_kind(), "threads": cfg.threads, "shards": cfg.shards,
+               "draft_vocab": self.draft_head_tokens or drafter_vocab(cfg), "kernels": build_id(),
+               "engine": self.engine_kind(), "threads": cfg.threads, "shards": cfg.shards,
                "sockets": cfg.sockets, "partition": list(self.partition), "draft_cpus": cfg.draft_cpus}
         return SpeculationSetup(self.proposers.text, self.proposers.combined, cfg.tree, key, self._say)
 
@@ -243,7 +244,8 @@ class Dovetail:
     def draft_label(self) -> str:
         """Which draft proposes: the Dovetail feature drafter (and its folder) or a draft model."""
         if self.feature_drafter:
-            vocab = f", head cut to {drafter_vocab(self.config)} tokens" if drafter_vocab(self.config) else ""
+            cut = drafter_vocab(self.config)
+            vocab = f", head cut to {cut} tokens" if cut else ""
             precision = "fp32" if self.config.draft_precision == "fp32" else "int8"
             return f"Dovetail drafter {self.draft_dir} ({precision}{vocab})"
         name = self.draft_dir.name if self.proposers.model == AUTO_DRAFT else self.proposers.model
@@ -257,11 +259,11 @@ class Dovetail:
             return "fp32, " + (f"{self.config.target_kernel} linears" if role == "target" else "dense")
         from dovetail.kernels import kernel_path_name
 
-        if precision == "q4":
-            return (f"GGUF ({', '.join(gguf_formats(getattr(self, f'{role}_dir')))}) re-encoded to 4-bit blocks at "
-                    f"load, {kernel_path_name()} kernels")
-        if precision == "native":
-            return f"native GGUF ({', '.join(gguf_formats(getattr(self, f'{role}_dir')))}), {kernel_path_name()} kernels"
+        if precision in GGUF_PRECISIONS:
+            formats = ", ".join(gguf_formats(getattr(self, f"{role}_dir")))
+            blocks = f"native GGUF ({formats})" if precision == "native" else \
+                f"GGUF ({formats}) re-encoded to 4-bit blocks at load"
+            return f"{blocks}, {kernel_path_name()} kernels"
         return f"{precision} quantized on load, {kernel_path_name()} kernels"
 
     @property

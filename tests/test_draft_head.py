@@ -13,21 +13,22 @@ from dovetail.config import EngineConfig
 from dovetail.errors import UserError
 from dovetail.models.cached_lm import CachedLM
 from dovetail.models.draft_head import CutHead, read_cut
-from dovetail.training.vocab import choose_ids, count_tokens, ensure_cut
+from dovetail.models.drafter_net import top_ids
+from dovetail.training.vocab import count_tokens, ensure_cut
 from dovetail.models.quantized import QuantLinear, load_quantized
 from dovetail.models.tree import TreeShape
 from dovetail.sampling import SamplingParams
-from test_greedy_identity import make_engine, prompt
+from test_greedy_identity import accepted, make_engine, prompt, speculation_equals_alone
 from test_quantized import gguf_model
 from tiny_models import perturbed, tiny_model, tiny_tokenizer
 
 
 def test_the_cut_keeps_eos_then_the_most_counted_then_the_lowest_ids():
     counts = np.array([0, 5, 0, 9, 0, 1, 0, 0, 0, 0])
-    ids = choose_ids(counts, 5, always=[8])
+    ids = top_ids(counts, 5, always=[8])
     assert ids.tolist() == [0, 1, 3, 5, 8]  # 8 always; 3 (9), 1 (5), 5 (1) counted; then the lowest, 0
-    assert choose_ids(counts, 2, always=[8]).tolist() == [3, 8]
-    assert choose_ids(counts, 20).tolist() == list(range(10))  # more than the vocabulary: all of it
+    assert top_ids(counts, 2, always=[8]).tolist() == [3, 8]
+    assert top_ids(counts, 20).tolist() == list(range(10))  # more than the vocabulary: all of it
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -50,17 +51,9 @@ def test_greedy_output_with_a_cut_draft_head_is_the_target_alone(tmp_path):
     perturbed(model, 0.05, seed=9).save_pretrained(tmp_path / "draft")
     # the cut keeps half the vocabulary: the target's own choices often fall outside it
     draft = load_quantized(tmp_path / "draft", "int4", head_ids=np.arange(0, 64, 2))
-    shape = TreeShape.parse("6,3,2")
-    alone, engine = make_engine(target, None, shape), make_engine(target, draft, shape)
-    accepted, outside = False, False
-    for length in (1, 7, 23):
-        p = prompt(length, length)
-        expected = alone.generate(p, 40).token_ids
-        result = engine.generate(p, 40)
-        assert result.token_ids == expected
-        accepted |= any(a > 0 for a in result.stats.accepted_per_step)
-        outside |= any(t % 2 for t in expected)
-    assert accepted and outside, "neither acceptance nor a token outside the cut was exercised"
+    results = speculation_equals_alone(target, draft, TreeShape.parse("6,3,2"), [prompt(n, n) for n in (1, 7, 23)])
+    outside = any(t % 2 for r in results for t in r.token_ids)
+    assert any(map(accepted, results)) and outside, "neither acceptance nor a token outside the cut was exercised"
 
 
 def test_sampling_with_a_cut_draft_head_matches_the_targets_distribution(tmp_path):
@@ -135,13 +128,8 @@ def test_a_q4_draft_re_encodes_its_wider_blocks_and_keeps_the_output(tmp_path):
         sum(m.nbytes for m in native.modules() if isinstance(m, QuantLinear))
     a, b = native.lm_head.dequantize(), light.lm_head.dequantize()
     assert (a - b).abs().max() < 0.2 * a.abs().max()  # 4-bit rounding of the same weights
-    shape = TreeShape.parse("6,3,2")
-    alone, engine = make_engine(native, None, shape), make_engine(native, light, shape)
-    for length in (3, 17):
-        p = prompt(length, length + 1)
-        result = engine.generate(p, 30)
-        assert result.token_ids == alone.generate(p, 30).token_ids
-        assert any(a > 0 for a in result.stats.accepted_per_step)
+    results = speculation_equals_alone(native, light, TreeShape.parse("6,3,2"), [prompt(n, n + 1) for n in (3, 17)], 30)
+    assert all(map(accepted, results))
 
 
 def test_q4_needs_a_gguf_file(tmp_path):

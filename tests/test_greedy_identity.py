@@ -20,6 +20,24 @@ def make_engine(target, draft, shape, eos=EOS, vocab=None, **loop_options):
     return SpeculativeEngine(TargetVerifier(CachedLM(target)), proposer, [eos], **loop_options)
 
 
+def speculation_equals_alone(target, draft, shape, prompts, new_tokens=40) -> list:
+    """Each prompt decoded greedily by ``target`` alone and with ``draft`` speculating in ``shape``:
+    asserts the same tokens, and returns the speculative results (their stats say what was accepted)."""
+    alone, engine = make_engine(target, None, shape), make_engine(target, draft, shape)
+    results = []
+    for p in prompts:
+        expected = alone.generate(p, new_tokens).token_ids
+        result = engine.generate(p, new_tokens)
+        assert result.token_ids == expected
+        results.append(result)
+    return results
+
+
+def accepted(result) -> bool:
+    """Whether any draft token of ``result`` was accepted."""
+    return any(a > 0 for a in result.stats.accepted_per_step)
+
+
 def prompt(length, seed):
     return torch.randint(3, VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 

@@ -341,15 +341,14 @@ def load_quantized(path: str | Path, precision: str, rank: int = 0, world: int =
         module = quant_linear(weight_name, bias)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, module)
-    embed_name = EMBED_NAME
-    table = quant_linear(embed_name, None)
+    table = quant_linear(EMBED_NAME, None)
     if not isinstance(table, QuantLinear):
         raise UserError(f"{path}: the token embedding is not in a quantized format")
     model.model.embed_tokens = QuantEmbedding(table, getattr(model.model.embed_tokens, "embed_scale", None))
     if head_ids is not None:
         from dovetail.models.draft_head import CutHead
 
-        head_name = "lm_head.weight" if source.has("lm_head.weight") else embed_name
+        head_name = "lm_head.weight" if source.has("lm_head.weight") else EMBED_NAME
         if source.format_of(head_name) is None:
             raise UserError(f"{path}: a cut head needs a quantized LM head")
         model.lm_head = CutHead(QuantLinear(pack(source.decoded(head_name, None, None).take_rows_index(head_ids),

@@ -104,8 +104,6 @@ class AnswerCorpus:
             self.path.write_text(text, encoding="utf-8")
 
 
-
-
 def answer_corpus(target_name: str, seed: int) -> AnswerCorpus:
     """Where a target's answers for ``seed`` live (under ``$DOVETAIL_HOME/corpora``). On first use
     they start from the packaged answers for that target and seed, if Dovetail ships some (the

@@ -4,7 +4,7 @@ A draft's cut head (``models/draft_head.py``) keeps the tokens most frequent in 
 code alone it misses the words of ordinary chat (a story's " shore", a letter's "Dear"), and the
 draft can never propose those. This makes that text once, from the target itself, greedy:
 
-    python -m dovetail.training.chat [--target NAME] [--tokens-per-answer 160]
+    python -m dovetail.training.chat [--target NAME] [--tokens-per-answer 128]
 
 and writes ``training/corpora/<target>/chat-s0.jsonl`` (``{"request", "answer_ids"}`` per line,
 as the code answers), which Dovetail ships for the packaged target. Requests are made from a few
@@ -45,7 +45,7 @@ def requests() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="qwen2.5-coder-1.5b-instruct")
-    parser.add_argument("--tokens-per-answer", type=int, default=160)
+    parser.add_argument("--tokens-per-answer", type=int, default=128)
     args = parser.parse_args(argv)
     from dovetail.api import Dovetail
     from dovetail.config import EngineConfig

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dovetail.models.drafter_net import top_ids
 from dovetail.training.corpus import PACKAGED, stdlib_files
 
 CODE_TOKENS = 400_000  # of Python's standard library, counted once per cut file
@@ -45,16 +46,6 @@ def shipped_answers(target_name: str) -> list[Path]:
     return sorted(PACKAGED.glob(f"{target_name}/*.jsonl")) if target_name else []
 
 
-def choose_ids(counts: np.ndarray, n: int, always=()) -> np.ndarray:
-    """``always``, then the most counted ids, then the lowest uncounted ids: ``n`` in all, sorted."""
-    counted = np.flatnonzero(counts > 0)
-    counted = counted[np.argsort(-counts[counted], kind="stable")]
-    rest = np.flatnonzero(counts == 0)
-    order = np.concatenate([np.asarray(list(always), dtype=np.int64), counted, rest])
-    _, first = np.unique(order, return_index=True)
-    return np.sort(order[np.sort(first)][:n])
-
-
 def cut_file(folder: str | Path, n: int, sources: str) -> Path:
     tag = hashlib.sha256(sources.encode()).hexdigest()[:10]
     return Path(folder) / f"draft-head-{n}-{tag}.json"
@@ -71,7 +62,8 @@ def ensure_cut(folder: str | Path, tokenizer, vocab: int, n: int, eos_ids, targe
     if say:
         say(f"counting tokens for the draft's cut head ({n:,} tokens; once, kept in {path.parent})")
     counts, sources = count_tokens(tokenizer, vocab, target_name if answers else "")
-    ids = choose_ids(counts, n, [int(e) for e in eos_ids if 0 <= int(e) < vocab])
+    # EOS, then the most counted ids, then the uncounted ones lowest first (a stable sort keeps id order)
+    ids = top_ids(counts, n, [int(e) for e in eos_ids if 0 <= int(e) < vocab])
     record = {"tokens": n, "vocab": vocab, "sources": sources,
               "fill": "ids the text never shows, lowest first (a BPE vocabulary's merge order)",
               "covered": round(float(counts[ids].sum() / max(counts.sum(), 1)), 5), "ids": ids.tolist()}
