@@ -37,13 +37,11 @@ def with_head_cut(spec: ModelSpec, tokens: int, target_name: str = "", say=None)
     """``spec`` (a draft model) with its LM head cut to its ``tokens`` most frequent tokens
     (``models/draft_head.py``: counted once, kept beside the model); 0, or a vocabulary no larger,
     keeps the whole head."""
-    from dovetail.models.loading import load_tokenizer
     from dovetail.training.vocab import ensure_cut
 
     if not tokens or tokens >= spec.vocab_size:
         return replace(spec, head_cut="")
-    path = ensure_cut(spec.folder, load_tokenizer(spec.folder), spec.vocab_size, tokens, spec.eos_token_ids,
-                      target_name, say)
+    path = ensure_cut(spec.folder, spec.vocab_size, tokens, spec.eos_token_ids, target_name, say)
     return replace(spec, head_cut=str(path))
 
 

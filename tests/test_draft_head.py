@@ -73,26 +73,26 @@ def test_sampling_with_a_cut_draft_head_matches_the_targets_distribution(tmp_pat
 
 
 def test_the_cut_is_counted_once_and_kept_beside_the_model(tmp_path, monkeypatch):
-    import dovetail.training.vocab as draft_head
+    import dovetail.training.vocab as vocab
 
-    monkeypatch.setattr(draft_head, "CODE_TOKENS", 2000)
-    tok = tiny_tokenizer()
+    monkeypatch.setattr(vocab, "CODE_TOKENS", 2000)
+    tiny_tokenizer().save_pretrained(tmp_path)  # the draft's folder holds its tokenizer
     calls = []
-    real = draft_head.count_tokens
-    monkeypatch.setattr(draft_head, "count_tokens", lambda *a: calls.append(a) or real(*a))
-    path = ensure_cut(tmp_path, tok, 64, 16, [1])
+    real = vocab.count_tokens
+    monkeypatch.setattr(vocab, "count_tokens", lambda *a: calls.append(a) or real(*a))
+    path = ensure_cut(tmp_path, 64, 16, [1])
     assert path.parent == tmp_path and path.name.startswith("draft-head-16-")
     record = json.loads(path.read_text())
     assert record["tokens"] == 16 and len(record["ids"]) == 16 and 1 in record["ids"]
     assert record["sources"]  # the text it came from, and how much of it
-    assert ensure_cut(tmp_path, tok, 64, 16, [1]) == path and len(calls) == 1
+    assert ensure_cut(tmp_path, 64, 16, [1]) == path and len(calls) == 1
     assert read_cut(path).tolist() == sorted(record["ids"])
 
 
 def test_counting_reads_the_shipped_answers_and_python_source(monkeypatch):
-    import dovetail.training.vocab as draft_head
+    import dovetail.training.vocab as vocab
 
-    monkeypatch.setattr(draft_head, "CODE_TOKENS", 1000)
+    monkeypatch.setattr(vocab, "CODE_TOKENS", 1000)
 
     counts, sources = count_tokens(tiny_tokenizer(), 64, "no-such-target")
     assert list(sources) == ["Python standard library"] and counts.sum() == sources["Python standard library"]

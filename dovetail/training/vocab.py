@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from dovetail.models.drafter_net import top_ids
+from dovetail.models.loading import load_tokenizer
 from dovetail.training.corpus import PACKAGED, stdlib_files
 
 CODE_TOKENS = 400_000  # of Python's standard library, counted once per cut file
@@ -51,9 +52,9 @@ def cut_file(folder: str | Path, n: int, sources: str) -> Path:
     return Path(folder) / f"draft-head-{n}-{tag}.json"
 
 
-def ensure_cut(folder: str | Path, tokenizer, vocab: int, n: int, eos_ids, target_name: str = "",
-               say=None) -> Path:
-    """The cut of ``n`` tokens for the draft in ``folder`` (made once, then read from there)."""
+def ensure_cut(folder: str | Path, vocab: int, n: int, eos_ids, target_name: str = "", say=None) -> Path:
+    """The cut of ``n`` tokens for the draft in ``folder`` (made once, with the folder's tokenizer;
+    then read from there, so a start with a cut already made loads no tokenizer for it)."""
     answers = shipped_answers(target_name)
     key = f"answers:{target_name}:{','.join(p.name for p in answers)};stdlib:{CODE_TOKENS}"
     path = cut_file(folder, n, key)
@@ -61,7 +62,7 @@ def ensure_cut(folder: str | Path, tokenizer, vocab: int, n: int, eos_ids, targe
         return path
     if say:
         say(f"counting tokens for the draft's cut head ({n:,} tokens; once, kept in {path.parent})")
-    counts, sources = count_tokens(tokenizer, vocab, target_name if answers else "")
+    counts, sources = count_tokens(load_tokenizer(folder), vocab, target_name if answers else "")
     # EOS, then the most counted ids, then the uncounted ones lowest first (a stable sort keeps id order)
     ids = top_ids(counts, n, [int(e) for e in eos_ids if 0 <= int(e) < vocab])
     record = {"tokens": n, "vocab": vocab, "sources": sources,
