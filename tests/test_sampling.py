@@ -207,6 +207,7 @@ def test_recursive_rejection_over_sampled_siblings_is_exact(siblings):
     from dovetail.models.tree import DraftTree
 
     sampler = verification.DraftSampler(SamplingParams(temperature=1.0))
+    sampler.generator.manual_seed(siblings)  # the draft's draws too are reproducible: a failure can be rerun
     n, counts, accepted = 6000, np.zeros(len(P_ONE)), 0
     probs = torch.tensor(P_ONE).repeat(siblings + 1, 1)
     for seed in range(n):
