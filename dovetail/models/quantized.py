@@ -19,7 +19,9 @@ super-block boundaries, so an intermediate size that is not a multiple of ``256 
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -170,21 +172,25 @@ class GGUFSource:
 
     def decoded(self, name: str, rows: list[Span] | None, cols: Span | None) -> Decoded:
         t = self._tensor(name)
-        n_cols, n_rows = int(t.shape[0]), int(t.shape[1])
-        raw = np.asarray(t.data).reshape(n_rows, -1)
-        order = self._row_order(name, n_rows)
+        raw = np.asarray(t.data).reshape(int(t.shape[1]), -1)
+        order = self._row_order(name, len(raw))
         if order is not None:
             raw = raw[order]
-        if rows is not None:
-            raw = np.concatenate([raw[lo:hi] for lo, hi in rows])
-            n_rows = len(raw)
-        per, size = GGML_QUANT_SIZES[t.tensor_type]
-        if cols is not None:  # whole blocks only: the caller split on super-block boundaries
-            raw = raw.reshape(n_rows, n_cols // per, size)[:, cols[0] // per:cols[1] // per].reshape(n_rows, -1)
-            n_cols = cols[1] - cols[0]
-        decoded = decode(raw, t.tensor_type, n_rows, n_cols)
+        decoded = decode_blocks(raw, t.tensor_type, int(t.shape[0]), rows, cols)
         self.index.release(t)
         return decoded
+
+
+def decode_blocks(raw: np.ndarray, qtype, n_cols: int, rows: list[Span] | None, cols: Span | None) -> Decoded:
+    """Rows ``rows`` and columns ``cols`` of a weight held as GGUF blocks ``raw`` [rows, bytes],
+    in integer form. Columns are cut on whole blocks (the caller split on super-block boundaries)."""
+    if rows is not None:
+        raw = np.concatenate([raw[lo:hi] for lo, hi in rows])
+    per, size = GGML_QUANT_SIZES[qtype]
+    if cols is not None:
+        raw = raw.reshape(len(raw), n_cols // per, size)[:, cols[0] // per:cols[1] // per].reshape(len(raw), -1)
+        n_cols = cols[1] - cols[0]
+    return decode(np.ascontiguousarray(raw), qtype, len(raw), n_cols)
 
 
 class FloatSource:
@@ -232,7 +238,38 @@ class Q4Source(GGUFSource):
     """A GGUF's matrices in formats wider than 4 bits (Q5_0, Q6_K, Q8_0, ...) re-encoded at load
     (the ``q4`` precision): dequantized exactly, then rounded to Q4_K (inputs a multiple of 256)
     or Q4_0. For a draft, whose weights move only acceptance, never the output: a level then
-    streams fewer bytes. The token embedding, read a row at a time, keeps its own blocks."""
+    streams fewer bytes. The token embedding, read a row at a time, keeps its own blocks.
+
+    Re-encoding takes seconds (numpy), so each matrix's new blocks are kept on disk the first
+    time (``reencoded_cache``: keyed by the file, its size and time, and the encoder's source) and
+    read back at every later start."""
+
+    def __init__(self, path: Path, config):
+        super().__init__(path, config)
+        self.cache = reencoded_cache(path)
+        self._announced = False
+
+    def _reencoded_blocks(self, name: str, qtype) -> np.ndarray:
+        """The whole matrix ``name`` as ``qtype`` blocks [rows, bytes], from the cache or made now."""
+        path = self.cache / f"{name}.{qtype.name}.npy"
+        try:
+            return np.load(path)
+        except (OSError, ValueError):
+            pass
+        if not self._announced:
+            self._announced = True
+            print(f"[dovetail] re-encoding {self.index.path.name}'s matrices wider than 4 bits to 4 bits "
+                  f"(once; kept in {self.cache})", file=sys.stderr, flush=True)
+        blocks = encode(np.ascontiguousarray(self.dense(name).numpy()), qtype)
+        try:
+            self.cache.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+            with open(partial, "wb") as f:
+                np.save(f, blocks)
+            partial.replace(path)  # a concurrent start never reads half a file
+        except OSError:  # a read-only cache: re-encode at every start
+            pass
+        return blocks
 
     def _reencoded(self, name: str):
         """The 4-bit format ``name`` is re-encoded to, or None where it keeps its own."""
@@ -248,10 +285,23 @@ class Q4Source(GGUFSource):
         qtype = self._reencoded(name)
         if qtype is None:
             return super().decoded(name, rows, cols)
-        w = self.dense(name, rows).numpy()
-        if cols is not None:
-            w = w[:, cols[0]:cols[1]]
-        return decode(encode(np.ascontiguousarray(w), qtype), qtype, *w.shape)
+        # blocks lie within a row and encode alone, so cutting the whole matrix's blocks equals
+        # encoding the cut (columns: on the 4-bit format's super-blocks, which shard_ranges keeps)
+        return decode_blocks(self._reencoded_blocks(name, qtype), qtype, int(self._tensor(name).shape[0]), rows, cols)
+
+
+def reencoded_cache(gguf_path: Path) -> Path:
+    """Where ``Q4Source`` keeps a file's re-encoded matrices: one folder per file version and
+    encoder version (a changed file or encoder gets a new folder, never stale blocks)."""
+    import hashlib
+
+    from dovetail.kernels import packing
+    from dovetail.store import dovetail_home
+
+    stat = Path(gguf_path).stat()
+    digest = hashlib.sha256(f"{Path(gguf_path).resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode()
+                            + Path(packing.__file__).read_bytes()).hexdigest()[:16]
+    return dovetail_home() / "reencoded" / f"{Path(gguf_path).parent.name}-{Path(gguf_path).stem}-{digest}"
 
 
 def open_source(path: Path, precision: str, config):
