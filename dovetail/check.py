@@ -20,6 +20,9 @@ CHECK_PROMPTS = ("Write a Python function that returns the n-th Fibonacci number
                  "Write a Python class for a stack with push, pop and peek, and a short example.")
 KERNEL_ROWS = (1, 3, 8, 16)
 P_VALUE_FLOOR = 1e-3  # a correct sampler fails the chi-square test this rarely
+PAYS = 1.05  # speculation pays: at least this many times the target alone's decode speed
+# the ways to run a GGUF draft model that check_draft_variants races: (precision, head cut)
+DRAFT_VARIANTS = (("q4", True), ("native", True), ("native", False))
 
 
 @dataclass
@@ -28,17 +31,18 @@ class Outcome:
     passed: bool | None  # None: measured, nothing to pass or fail
     detail: str
     seconds: float = 0.0
-    value: float | None = None  # the speed check: speculative over target-alone tok/s
+    value: float | str | None = None  # speed: speculative over target-alone tok/s; draft variants: the flags
 
     def line(self) -> str:
         mark = {True: "PASS", False: "FAIL", None: "    "}[self.passed]
         return f"{mark}  {self.name}: {self.detail} ({self.seconds:.0f} s)"
 
 
-def _timed(run) -> Outcome:
+def _timed(run) -> Outcome | None:
     t0 = time.perf_counter()
     outcome = run()
-    outcome.seconds = time.perf_counter() - t0
+    if outcome is not None:  # None: a check that does not apply here
+        outcome.seconds = time.perf_counter() - t0
     return outcome
 
 
@@ -108,6 +112,9 @@ def check_sampling(dt, prompt: list[int], samples: int) -> Outcome:
     with torch.inference_mode():
         first = target_probs(lm.fresh().extend(prompt)[-1:], params)[0].double()
         for t1 in torch.nonzero(first).flatten().tolist():
+            if t1 in dt.eos_token_ids:  # the request ends there: a pair of one token
+                exact[(t1,)] = float(first[t1])
+                continue
             second = target_probs(lm.fresh().extend(prompt + [t1])[-1:], params)[0].double()
             for t2 in torch.nonzero(second).flatten().tolist():
                 exact[(t1, t2)] = float(first[t1] * second[t2])
@@ -159,6 +166,58 @@ def check_costs(dt) -> Outcome:
     return Outcome("cost curve", None, detail)
 
 
+def check_draft_variants(dt, prompts: list[list[int]], new_tokens: int) -> Outcome | None:
+    """Each way to run a GGUF draft model here -- its wider blocks re-encoded to 4 bits (``q4``)
+    or as the file has them (``native``), its head cut to the most frequent tokens or whole --
+    timed (a tree level against the target's one-row forward, as the cost model measures them)
+    and raced: the draft pinned to a chain of 2 against the target alone, greedy, alternating on
+    the check's prompts. ``value`` is the cheapest variant (by a level's cost) that paid, as its
+    flags, or None when none did; None for a draft that is not a GGUF file."""
+    from dovetail.describe import describe_model, with_head_cut
+    from dovetail.engine import SpeculativeEngine
+    from dovetail.local import LocalProposer, LocalVerifier
+    from dovetail.models.cached_lm import CachedLM
+    from dovetail.models.lm_proposer import DraftProposer
+    from dovetail.models.loading import load_causal_lm
+    from dovetail.models.spec import DEFAULT_CUT, GGUF_PRECISIONS
+    from dovetail.models.tree import TreeShape
+    from dovetail.speculation import SpeculationSetup
+    from dovetail.speculation.calibrate import draft_level, verify_seconds
+
+    base = dt.engine
+    if base.draft is None or base.draft.reads_features or dt.draft_precision not in GGUF_PRECISIONS:
+        return None
+    forward_s = verify_seconds(LocalVerifier(base.target.fresh), 1)
+    alone = [base.generate(p, new_tokens, speculate=False) for p in prompts]  # warm
+    rows, best = [], None
+    for precision, cut in DRAFT_VARIANTS:
+        spec = describe_model(dt.draft_dir, precision, "draft", weights=False)
+        spec = with_head_cut(spec, DEFAULT_CUT if cut and spec.vocab_size > 2 * DEFAULT_CUT else 0, dt.target_dir.name)
+        draft = DraftProposer(CachedLM(load_causal_lm(spec)), TreeShape.chain(2), base.draft.vocab)
+        level = draft_level(LocalProposer(draft.fresh), 1)
+        engine = SpeculativeEngine(base.target, draft, base.eos, setup=SpeculationSetup(shape=TreeShape.chain(2)))
+        decode = {"alone": 0.0, "draft": 0.0}
+        tokens = accepted = steps = 0
+        for prompt in prompts:
+            for label, run in (("alone", lambda: base.generate(prompt, new_tokens, speculate=False)),
+                               ("draft", lambda: engine.generate(prompt, new_tokens))):
+                stats = run().stats
+                decode[label] += stats.total_s - stats.prefill_s
+                if label == "draft":
+                    tokens += stats.new_tokens
+                    accepted += sum(stats.accepted_per_step)
+                    steps += len(stats.accepted_per_step)
+        ratio = decode["alone"] / max(decode["draft"], 1e-9)
+        flags = f"--draft-precision {precision}" + ("" if cut else " --draft-vocab 0")
+        rows.append(f"{flags}: a level {level * 1e3:.1f} ms = {level / forward_s:.2f} of the target's forward, "
+                    f"{accepted / max(steps, 1):.2f} of 2 drafted tokens accepted a step, {ratio:.2f}x the target alone")
+        if ratio >= PAYS and (best is None or level < best[1]):
+            best = (flags, level)
+        del engine, draft
+    del alone
+    return Outcome("draft variants", None, "; ".join(rows), value=best[0] if best else None)
+
+
 def check_speed(dt, prompt: list[int], new_tokens: int) -> Outcome:
     """Decode tok/s (prefill excluded) with the defaults and with the target alone, same prompt."""
     rates = {}
@@ -207,21 +266,27 @@ def run_check(config, samples: int = 150, new_tokens: int = 48, say=print) -> in
             + ("\n  " + "\n  ".join(learnt) if learnt else "nothing yet"))
         outcomes.append(_timed(lambda: check_speed(dt, prompts[0], 2 * new_tokens)))
         say(outcomes[-1].line())
+        speed = outcomes[-1].value
+        variants = _timed(lambda: check_draft_variants(dt, prompts, new_tokens))
+        if variants is not None:
+            say(variants.line())
         failed = [o.name for o in outcomes if o.passed is False]
         say(f"{'FAILED: ' + ', '.join(failed) if failed else 'all checks passed'} "
             f"({time.perf_counter() - t0:.0f} s)")
-        say("recommended here: " + _recommendation(dt, outcomes[-1].value))
+        say("recommended here: " + _recommendation(dt, speed, variants.value if variants else None))
     return 1 if failed else 0
 
 
-def _recommendation(dt, ratio: float) -> str:
+def _recommendation(dt, ratio: float, draft_flags: str | None = None) -> str:
     cfg = dt.config
     engine = dt.engine_kind()
     parts = [f"--engine {engine}", f"--threads {cfg.threads}" if engine == "inprocess" else "",
              f"--target-precision {dt.target_precision}"]
+    if draft_flags:
+        parts.append(draft_flags + " (the cheapest draft variant that paid here)")
     if cfg.draft is None:
         parts.append("--no-draft (as given)")
-    elif ratio >= 1.05:
+    elif ratio >= PAYS:
         parts.append(f"--draft {cfg.draft} (speculation paid {ratio:.2f}x here)")
     else:
         parts.append(f"--draft {cfg.draft}: it cost as much as it saved here ({ratio:.2f}x); the cost model keeps it "

@@ -46,3 +46,25 @@ def test_the_chi_square_test_tells_a_fair_sampler_from_a_skewed_one():
     counts = {"a": 44, "b": 36, "c": 20}
     assert chi_square_pvalue(counts, probs, 100) == pytest.approx(
         stats.chisquare([44, 36, 20], [50, 30, 20]).pvalue, rel=1e-9)
+
+
+def test_check_races_the_ways_to_run_a_gguf_draft(tmp_path, isolated_home, capsys):
+    """A GGUF draft is timed and raced as ``q4`` and ``native``, its head cut and whole, and the
+    recommendation names a variant only when one paid."""
+    from test_quantized import gguf_model
+
+    _, target, _ = gguf_model(tmp_path / "target", "llama", seed=1)  # (its tiny tokenizer loads as itself)
+    _, draft, _ = gguf_model(tmp_path / "draft", "llama", seed=1, num_hidden_layers=1)
+    code = main(["check", "--target", str(target), "--draft", str(draft), "--threads", "1", "--samples", "40",
+                 "--new-tokens", "8"])
+    captured = capsys.readouterr()
+    out = captured.out
+    assert code == 0, out + captured.err[-2000:]
+    line = next(line for line in out.splitlines() if "draft variants:" in line)
+    for flags in ("--draft-precision q4: a level", "--draft-precision native: a level",
+                  "--draft-precision native --draft-vocab 0: a level"):
+        assert flags in line, line
+    assert line.count("x the target alone") == 3
+    recommended = next(line for line in out.splitlines() if line.startswith("recommended here:"))
+    paid = [float(x.split("x the target alone")[0].rsplit(" ", 1)[-1]) for x in line.split("; --draft")]
+    assert ("(the cheapest draft variant that paid here)" in recommended) == (max(paid) >= 1.05), (line, recommended)

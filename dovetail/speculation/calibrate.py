@@ -68,7 +68,7 @@ def measured_costs(verifier, proposer=None, context_length: int = 1 << 30, key: 
         ["the draft's cost per tree level for 1-8 trees"] if proposer is not None else [])
     say(f"measuring {' and '.join(what)}" + (f"; once, cached in {path.parent}" if path else ""))
     t = time.perf_counter()
-    costs = {"verify": cached["verify"] if cached else monotone({r: _verify_seconds(verifier, r) for r in rows}),
+    costs = {"verify": cached["verify"] if cached else monotone({r: verify_seconds(verifier, r) for r in rows}),
              "draft_level_s": monotone(_draft_level_seconds(proposer)) if proposer is not None else None}
     say(f"cost curve measured in {time.perf_counter() - t:.1f}s: "
         + ", ".join(f"{r} rows {s * 1e3:.1f} ms" for r, s in costs["verify"].items() if r in (1, 4, 16, 32))
@@ -102,7 +102,7 @@ def _probe_prompt() -> list[int]:
     return [_probe_token(3 * i) for i in range(PROMPT)]
 
 
-def _verify_seconds(verifier, rows: int) -> float:
+def verify_seconds(verifier, rows: int) -> float:
     """The fastest compute of a forward over a chain of ``rows`` nodes (after one warm-up), in a
     probe request of its own: noise from other processes only ever adds time."""
     rid = f"calibrate-{rows}-{os.getpid()}"
@@ -124,10 +124,10 @@ def _verify_seconds(verifier, rows: int) -> float:
 def _draft_level_seconds(proposer) -> dict[int, float]:
     """A draft model's compute per tree level with 1, 2, 4 and 8 trees grown together (one
     forward per level for all): chains of 2 levels, the fastest of ``REPEATS``."""
-    return {trees: _draft_level(proposer, trees) for trees in DRAFT_BATCHES}
+    return {trees: draft_level(proposer, trees) for trees in DRAFT_BATCHES}
 
 
-def _draft_level(proposer, trees: int) -> float:
+def draft_level(proposer, trees: int) -> float:
     rids = [f"calibrate-draft-{trees}-{i}-{os.getpid()}" for i in range(trees)]
     for rid in rids:
         proposer.start(rid, _probe_prompt())
