@@ -182,19 +182,19 @@ def check_draft_variants(dt, prompts: list[list[int]], new_tokens: int) -> Outco
     from dovetail.models.spec import DEFAULT_CUT, GGUF_PRECISIONS
     from dovetail.models.tree import TreeShape
     from dovetail.speculation import SpeculationSetup
-    from dovetail.speculation.calibrate import draft_level, verify_seconds
+    from dovetail.speculation.calibrate import measure
 
     base = dt.engine
     if base.draft is None or base.draft.reads_features or dt.draft_precision not in GGUF_PRECISIONS:
         return None
-    forward_s = verify_seconds(LocalVerifier(base.target.fresh), 1)
     alone = [base.generate(p, new_tokens, speculate=False) for p in prompts]  # warm
     rows, best = [], None
     for precision, cut in DRAFT_VARIANTS:
         spec = describe_model(dt.draft_dir, precision, "draft", weights=False)
         spec = with_head_cut(spec, DEFAULT_CUT if cut and spec.vocab_size > 2 * DEFAULT_CUT else 0, dt.target_dir.name)
         draft = DraftProposer(CachedLM(load_causal_lm(spec)), TreeShape.chain(2), base.draft.vocab)
-        level = draft_level(LocalProposer(draft.fresh), 1)
+        forward, level = measure(LocalVerifier(base.target.fresh), [1], LocalProposer(draft.fresh), [1])
+        forward_s, level = forward[1], level[1]
         engine = SpeculativeEngine(base.target, draft, base.eos, setup=SpeculationSetup(shape=TreeShape.chain(2)))
         decode = {"alone": 0.0, "draft": 0.0}
         tokens = accepted = steps = 0

@@ -20,7 +20,7 @@ ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 DRAFT_BATCHES = (1, 2, 4, 8)
 REPEATS = 3
 PROMPT = 8  # tokens of the probe request's prompt
-FORMAT = 3  # of the cache files (3: fastest of the repeats, monotone curves)
+FORMAT = 4  # of the cache files (4: every size measured in the same rounds; 3: fastest of the repeats, monotone)
 
 
 def machine_fingerprint() -> dict:
@@ -68,8 +68,9 @@ def measured_costs(verifier, proposer=None, context_length: int = 1 << 30, key: 
         ["the draft's cost per tree level for 1-8 trees"] if proposer is not None else [])
     say(f"measuring {' and '.join(what)}" + (f"; once, cached in {path.parent}" if path else ""))
     t = time.perf_counter()
-    costs = {"verify": cached["verify"] if cached else monotone({r: verify_seconds(verifier, r) for r in rows}),
-             "draft_level_s": monotone(_draft_level_seconds(proposer)) if proposer is not None else None}
+    verify, draft = measure(verifier, [] if cached else rows, proposer, DRAFT_BATCHES if proposer is not None else ())
+    costs = {"verify": cached["verify"] if cached else monotone(verify),
+             "draft_level_s": monotone(draft) if proposer is not None else None}
     say(f"cost curve measured in {time.perf_counter() - t:.1f}s: "
         + ", ".join(f"{r} rows {s * 1e3:.1f} ms" for r, s in costs["verify"].items() if r in (1, 4, 16, 32))
         + ("; draft per level: " + ", ".join(f"{b} trees {s * 1e3:.1f} ms" for b, s in costs["draft_level_s"].items())
@@ -102,46 +103,71 @@ def _probe_prompt() -> list[int]:
     return [_probe_token(3 * i) for i in range(PROMPT)]
 
 
-def verify_seconds(verifier, rows: int) -> float:
-    """The fastest compute of a forward over a chain of ``rows`` nodes (after one warm-up), in a
-    probe request of its own: noise from other processes only ever adds time."""
-    rid = f"calibrate-{rows}-{os.getpid()}"
-    first = verifier.start(rid, _probe_prompt(), SamplingParams())
-    last, times = first.tokens[-1], []
+class _VerifyProbe:
+    """A probe request of its own that verifies chains of ``rows`` nodes, one forward a step."""
+
+    def __init__(self, verifier, rows: int):
+        self.verifier, self.rows, self.rid = verifier, rows, f"calibrate-{rows}-{os.getpid()}"
+        self.last = verifier.start(self.rid, _probe_prompt(), SamplingParams()).tokens[-1]
+
+    def step(self, step: int) -> float:
+        chain = DraftTree([self.last] + [_probe_token(step + i) for i in range(self.rows - 1)],
+                          list(range(-1, self.rows - 1)))
+        self.verifier.submit([(self.rid, step, chain)])
+        verdict = self.verifier.collect(self.rid, step)
+        self.last = verdict.tokens[-1]
+        return verdict.compute_s
+
+    def end(self) -> None:
+        self.verifier.end(self.rid)
+
+
+class _DraftProbe:
+    """``trees`` probe requests whose chains of 2 levels the draft grows together: a step's
+    seconds are per level."""
+
+    def __init__(self, proposer, trees: int):
+        self.proposer, self.last = proposer, _probe_prompt()[-1]
+        self.rids = [f"calibrate-draft-{trees}-{i}-{os.getpid()}" for i in range(trees)]
+        for rid in self.rids:
+            proposer.start(rid, _probe_prompt())
+
+    def step(self, step: int) -> float:
+        proposals = self.proposer.propose([Drafting(rid, step, [self.last], None, TreeShape.chain(2))
+                                           for rid in self.rids])
+        for proposal in proposals:
+            if isinstance(proposal, Exception):
+                raise proposal
+        self.last = _probe_token(self.last + step)
+        return sum(p.compute_s for p in proposals) / 2
+
+    def end(self) -> None:
+        for rid in self.rids:
+            self.proposer.end(rid)
+
+
+def _fastest_in_rounds(probes: dict) -> dict:
+    """Each probe's fastest step over ``REPEATS`` rounds (after one warm-up round), every round
+    stepping every probe once. Noise from other processes only ever adds time, and a burst of it
+    then slows one round of every size alike instead of all the repeats of one size: the ratios
+    the cost model prices with (rows against one row, a draft level against a forward) stay true."""
+    best = {name: float("inf") for name in probes}
     try:
         for step in range(1, REPEATS + 2):
-            chain = DraftTree([last] + [_probe_token(step + i) for i in range(rows - 1)], list(range(-1, rows - 1)))
-            verifier.submit([(rid, step, chain)])
-            verdict = verifier.collect(rid, step)
-            last = verdict.tokens[-1]
-            if step > 1:
-                times.append(verdict.compute_s)
+            for name, probe in probes.items():
+                seconds = probe.step(step)
+                if step > 1:
+                    best[name] = min(best[name], seconds)
     finally:
-        verifier.end(rid)
-    return min(times)
+        for probe in probes.values():
+            probe.end()
+    return best
 
 
-def _draft_level_seconds(proposer) -> dict[int, float]:
-    """A draft model's compute per tree level with 1, 2, 4 and 8 trees grown together (one
-    forward per level for all): chains of 2 levels, the fastest of ``REPEATS``."""
-    return {trees: draft_level(proposer, trees) for trees in DRAFT_BATCHES}
-
-
-def draft_level(proposer, trees: int) -> float:
-    rids = [f"calibrate-draft-{trees}-{i}-{os.getpid()}" for i in range(trees)]
-    for rid in rids:
-        proposer.start(rid, _probe_prompt())
-    times, last = [], _probe_prompt()[-1]
-    try:
-        for step in range(1, REPEATS + 2):
-            proposals = proposer.propose([Drafting(rid, step, [last], None, TreeShape.chain(2)) for rid in rids])
-            for proposal in proposals:
-                if isinstance(proposal, Exception):
-                    raise proposal
-            last = _probe_token(last + step)
-            if step > 1:
-                times.append(sum(p.compute_s for p in proposals) / 2)
-    finally:
-        for rid in rids:
-            proposer.end(rid)
-    return min(times)
+def measure(verifier=None, rows=(), proposer=None, trees=()) -> tuple[dict[int, float], dict[int, float]]:
+    """The fastest forward over chains of each of ``rows`` nodes and the draft's fastest level
+    for each count of ``trees``, measured together in rounds (``_fastest_in_rounds``)."""
+    probes = {("verify", r): _VerifyProbe(verifier, r) for r in rows}
+    probes.update({("draft", t): _DraftProbe(proposer, t) for t in trees})
+    best = _fastest_in_rounds(probes)
+    return ({r: best[("verify", r)] for r in rows}, {t: best[("draft", t)] for t in trees})
