@@ -135,26 +135,26 @@ def test_a_q4_draft_re_encodes_its_wider_blocks_and_keeps_the_output(tmp_path, i
 def test_q4_blocks_are_made_once_and_read_back(tmp_path, isolated_home, monkeypatch):
     """The re-encoded blocks are kept on disk: a second load encodes nothing and packs the same
     weights; a changed file gets a folder of its own."""
-    from dovetail.models import quantized
+    from dovetail.models import weight_sources
 
     _, folder, _ = gguf_model(tmp_path, "qwen2", seed=8, tie_word_embeddings=False)
     first = load_quantized(folder, "q4")
-    cache = quantized.reencoded_cache(quantized.gguf_file(folder))
+    cache = weight_sources.reencoded_cache(weight_sources.gguf_file(folder))
     kept = sorted(p.name for p in cache.glob("*.npy"))
     assert "model.layers.0.mlp.down_proj.weight.Q4_K.npy" in kept and not list(cache.glob("*.partial"))
 
     def no_encoding(*args, **kwargs):
         raise AssertionError("re-encoded although the blocks were kept")
 
-    monkeypatch.setattr(quantized, "encode", no_encoding)
+    monkeypatch.setattr(weight_sources, "encode", no_encoding)
     second = load_quantized(folder, "q4")
     for name, m in first.named_modules():
         if isinstance(m, QuantLinear):
             other = second.get_submodule(name)
             assert all(torch.equal(getattr(m, b), getattr(other, b)) for b in ("q", "D"))
-    gguf = quantized.gguf_file(folder)
+    gguf = weight_sources.gguf_file(folder)
     gguf.write_bytes(gguf.read_bytes())  # the same bytes, a new modification time
-    assert quantized.reencoded_cache(gguf) != cache
+    assert weight_sources.reencoded_cache(gguf) != cache
 
 
 def test_q4_needs_a_gguf_file(tmp_path):
