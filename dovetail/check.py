@@ -187,7 +187,8 @@ def check_draft_variants(dt, prompts: list[list[int]], new_tokens: int) -> Outco
     base = dt.engine
     if base.draft is None or base.draft.reads_features or dt.draft_precision not in GGUF_PRECISIONS:
         return None
-    alone = [base.generate(p, new_tokens, speculate=False) for p in prompts]  # warm
+    for prompt in prompts:  # warm the target's caches for these prompts' lengths
+        base.generate(prompt, new_tokens, speculate=False)
     rows, best = [], None
     for precision, cut in DRAFT_VARIANTS:
         spec = describe_model(dt.draft_dir, precision, "draft", weights=False)
@@ -196,15 +197,14 @@ def check_draft_variants(dt, prompts: list[list[int]], new_tokens: int) -> Outco
         forward, level = measure(LocalVerifier(base.target.fresh), [1], LocalProposer(draft.fresh), [1])
         forward_s, level = forward[1], level[1]
         engine = SpeculativeEngine(base.target, draft, base.eos, setup=SpeculationSetup(shape=TreeShape.chain(2)))
-        decode = {"alone": 0.0, "draft": 0.0}
-        tokens = accepted = steps = 0
+        decode = {"alone": 0.0, "draft": 0.0}  # greedy: both decode the same tokens
+        accepted = steps = 0
         for prompt in prompts:
-            for label, run in (("alone", lambda: base.generate(prompt, new_tokens, speculate=False)),
-                               ("draft", lambda: engine.generate(prompt, new_tokens))):
-                stats = run().stats
+            for label in ("alone", "draft"):
+                stats = (base.generate(prompt, new_tokens, speculate=False) if label == "alone"
+                         else engine.generate(prompt, new_tokens)).stats
                 decode[label] += stats.total_s - stats.prefill_s
                 if label == "draft":
-                    tokens += stats.new_tokens
                     accepted += sum(stats.accepted_per_step)
                     steps += len(stats.accepted_per_step)
         ratio = decode["alone"] / max(decode["draft"], 1e-9)
@@ -213,8 +213,7 @@ def check_draft_variants(dt, prompts: list[list[int]], new_tokens: int) -> Outco
                     f"{accepted / max(steps, 1):.2f} of 2 drafted tokens accepted a step, {ratio:.2f}x the target alone")
         if ratio >= PAYS and (best is None or level < best[1]):
             best = (flags, level)
-        del engine, draft
-    del alone
+        del engine, draft  # one variant's weights in memory at a time
     return Outcome("draft variants", None, "; ".join(rows), value=best[0] if best else None)
 
 
