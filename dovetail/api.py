@@ -27,7 +27,7 @@ from dovetail.models.lm_proposer import DraftProposer, DraftVocab
 from dovetail.models.feature_proposer import FeatureDraftProposer
 from dovetail.models.loading import describe_draft_vocabulary, draft_vocabulary, encode_chat, load_causal_lm, load_tokenizer
 from dovetail.models.precision import gguf_formats
-from dovetail.models.spec import DEFAULT_CUT, GGUF_PRECISIONS, QUANTIZED, ModelSpec
+from dovetail.models.spec import GGUF_PRECISIONS, QUANTIZED, ModelSpec
 from dovetail.models.target import TargetVerifier
 from dovetail.sampling import SamplingParams
 from dovetail.config import DEFAULT_TREE
@@ -166,7 +166,7 @@ class Dovetail:
         if self.draft is None:
             return 0
         if self.config.draft_vocab == AUTO:
-            return DEFAULT_CUT if self.draft.precision in QUANTIZED and self.draft.vocab_size > 2 * DEFAULT_CUT else 0
+            return self.draft.default_head_cut
         return self.config.draft_vocab
 
     def speculation_setup(self) -> SpeculationSetup:

@@ -179,7 +179,7 @@ def check_draft_variants(dt, prompts: list[list[int]], new_tokens: int) -> Outco
     from dovetail.models.cached_lm import CachedLM
     from dovetail.models.lm_proposer import DraftProposer
     from dovetail.models.loading import load_causal_lm
-    from dovetail.models.spec import DEFAULT_CUT, GGUF_PRECISIONS
+    from dovetail.models.spec import GGUF_PRECISIONS
     from dovetail.models.tree import TreeShape
     from dovetail.speculation import SpeculationSetup
     from dovetail.speculation.calibrate import measure
@@ -192,7 +192,7 @@ def check_draft_variants(dt, prompts: list[list[int]], new_tokens: int) -> Outco
     rows, best = [], None
     for precision, cut in DRAFT_VARIANTS:
         spec = describe_model(dt.draft_dir, precision, "draft", weights=False)
-        spec = with_head_cut(spec, DEFAULT_CUT if cut and spec.vocab_size > 2 * DEFAULT_CUT else 0, dt.target_dir.name)
+        spec = with_head_cut(spec, spec.default_head_cut if cut else 0, dt.target_dir.name)
         draft = DraftProposer(CachedLM(load_causal_lm(spec)), TreeShape.chain(2), base.draft.vocab)
         forward, level = measure(LocalVerifier(base.target.fresh), [1], LocalProposer(draft.fresh), [1])
         forward_s, level = forward[1], level[1]

@@ -49,3 +49,9 @@ class ModelSpec:
     def __post_init__(self):
         if self.precision not in PRECISIONS[1:]:
             raise ValueError(f"a ModelSpec's precision must be resolved, got {self.precision!r}")
+
+    @property
+    def default_head_cut(self) -> int:
+        """How many tokens ``--draft-vocab auto`` keeps of this draft model's head (0: all):
+        ``DEFAULT_CUT`` for a quantized draft whose vocabulary is over twice that."""
+        return DEFAULT_CUT if self.precision in QUANTIZED and self.vocab_size > 2 * DEFAULT_CUT else 0

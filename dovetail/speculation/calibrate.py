@@ -152,22 +152,25 @@ def _fastest_in_rounds(probes: dict) -> dict:
     then slows one round of every size alike instead of all the repeats of one size: the ratios
     the cost model prices with (rows against one row, a draft level against a forward) stay true."""
     best = {name: float("inf") for name in probes}
-    try:
-        for step in range(1, REPEATS + 2):
-            for name, probe in probes.items():
-                seconds = probe.step(step)
-                if step > 1:
-                    best[name] = min(best[name], seconds)
-    finally:
-        for probe in probes.values():
-            probe.end()
+    for step in range(1, REPEATS + 2):
+        for name, probe in probes.items():
+            seconds = probe.step(step)
+            if step > 1:
+                best[name] = min(best[name], seconds)
     return best
 
 
 def measure(verifier=None, rows=(), proposer=None, trees=()) -> tuple[dict[int, float], dict[int, float]]:
     """The fastest forward over chains of each of ``rows`` nodes and the draft's fastest level
     for each count of ``trees``, measured together in rounds (``_fastest_in_rounds``)."""
-    probes = {("verify", r): _VerifyProbe(verifier, r) for r in rows}
-    probes.update({("draft", t): _DraftProbe(proposer, t) for t in trees})
-    best = _fastest_in_rounds(probes)
+    probes = {}
+    try:  # every probe request started is ended, even when a later one fails to start
+        for r in rows:
+            probes[("verify", r)] = _VerifyProbe(verifier, r)
+        for t in trees:
+            probes[("draft", t)] = _DraftProbe(proposer, t)
+        best = _fastest_in_rounds(probes)
+    finally:
+        for probe in probes.values():
+            probe.end()
     return ({r: best[("verify", r)] for r in rows}, {t: best[("draft", t)] for t in trees})
