@@ -43,3 +43,11 @@ def test_the_portable_build_alone_gives_the_bits_of_every_x86_path(portable_kern
     want = portable.row_attention(q, k, v, visible, 0.2)
     for isa in range(1, ops().best_isa() + 1):
         assert torch.equal(ops().row_attention(q, k, v, visible, 0.2, isa), want)
+    probs = (torch.randn(3, 5003, generator=g) * 3).softmax(-1)  # a length no kernel's block divides
+    for top_k, top_p in ((0, 0.9), (40, 1.0), (300, 0.7)):
+        want = probs.clone()
+        portable.filter_probs_(want, top_k, top_p)
+        for isa in range(1, ops().best_isa() + 1):
+            got = probs.clone()
+            ops().filter_probs_(got, top_k, top_p, isa)
+            assert torch.equal(got, want), (top_k, top_p, isa)

@@ -148,6 +148,10 @@ using AttendFn = void (*)(DOVETAIL_ATTEND_ARGS);
 // The roof probe: `iters` rounds of SPIN_CHAINS independent int8 multiply-add instructions.
 using SpinFn = int32_t (*)(int64_t iters);
 constexpr int SPIN_CHAINS = 16;
+// Sampling (sampling.cpp): the indices i, ascending, with lo <= p[i] < hi written to `at`, stopping
+// once more than `limit` are found (`at` holds limit + 16: a block's finds are written whole);
+// returns how many were written. A row's few candidates are found without testing every token.
+using FindFn = int64_t (*)(const float* p, int64_t V, float lo, float hi, int32_t* at, int64_t limit);
 
 // Every kernel of one path. A path's kernels give the same bits as every other path's.
 struct KernelSet {
@@ -158,6 +162,7 @@ struct KernelSet {
   AttendFn attend;
   SpinFn spin;           // null where the path has no int8 instruction to probe
   int64_t spin_macs;     // int8 multiply-adds of one spin instruction
+  FindFn find_range;
 };
 
 int best_isa();                          // the best path this CPU runs (detected once)

@@ -44,7 +44,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &dovetail::rms_norm, "RMSNorm of each row");
   m.def("add_rms_norm_", &dovetail::add_rms_norm_, "h += delta in place, then RMSNorm(h)");
   m.def("rope_", &dovetail::rope_, "rotary embedding in place (HF half-rotation convention)");
-  m.def("filter_probs_", &dovetail::filter_probs_, "top-k, then top-p, on rows of probabilities in place, renormalised");
+  m.def("filter_probs_", &dovetail::filter_probs_, "top-k, then top-p, on rows of probabilities in place, renormalised",
+        py::arg("probs"), py::arg("top_k"), py::arg("top_p"), py::arg("isa") = 0);
   m.def("draw_token", &dovetail::draw_token, "the inverse CDF of a row of probabilities at u x its sum");
   m.def("dequantize_rows", &dovetail::dequantize_rows, "rows of a packed weight as float32");
   m.def("best_isa", &cpu_best_isa, "1 scalar, 2 AVX2+FMA, 3 AVX-512 VNNI");

@@ -59,7 +59,7 @@ at::Tensor row_attention(const at::Tensor& q, const at::Tensor& k, const at::Ten
                             const at::Tensor& visible, double scale, int64_t isa);
 at::Tensor decode_values(const at::Tensor& raw, int64_t type, int64_t N, int64_t K);
 at::Tensor pack_values(const at::Tensor& q, int64_t bits);
-void filter_probs_(at::Tensor& probs, int64_t top_k, double top_p);
+void filter_probs_(at::Tensor& probs, int64_t top_k, double top_p, int64_t isa);
 int64_t draw_token(const at::Tensor& probs, double u);
 
 double roof_int8_macs(int64_t isa, int64_t iters);

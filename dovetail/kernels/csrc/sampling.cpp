@@ -3,12 +3,14 @@
 // without a float64 copy of it. A row of 152k tokens then costs a fraction of a millisecond to
 // warp and draw, where a full sort alone costs ten or more.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <limits>
 #include <vector>
 
 #include "ops.h"
+#include "portable.h"
 
 namespace dovetail {
 namespace {
@@ -18,6 +20,7 @@ namespace {
 // SPAN buckets down from the most likely token's (32 octaves); what lies below them shares one.
 constexpr int BUCKET_SHIFT = 16;
 constexpr int64_t SPAN = 32 << 7;
+constexpr float INF = std::numeric_limits<float>::infinity();
 
 inline uint32_t bucket_of(float v) {
   uint32_t bits;
@@ -62,33 +65,44 @@ ROW_PASS void keep_from(float* p, int64_t V, float cut, float total) {
   }
 }
 
-// the first index from i on whose value is above thr (V if none), testing 16 values at a time
-ROW_PASS int64_t next_above(const float* p, int64_t i, int64_t V, float thr) {
-  for (; i + 16 <= V; i += 16) {
-    float m = p[i];
-    for (int t = 1; t < 16; ++t) m = m > p[i + t] ? m : p[i + t];
-    if (m > thr) break;
+// Appends to `out` the values v of row p with lo <= v < hi, in token order, stopping once more than
+// `limit` are found.
+void gather_range(FindFn find, const float* p, int64_t V, float lo, float hi, std::vector<float>& out, size_t limit) {
+  thread_local std::vector<int32_t> at;
+  const int64_t cap = (int64_t)std::min<size_t>(limit, (size_t)V);
+  at.resize((size_t)cap + 16);
+  const int64_t n = find(p, V, lo, hi, at.data(), cap);
+  for (int64_t j = 0; j < n; ++j) out.push_back(p[at[j]]);
+}
+
+// index[i] = p[i]'s bucket less `low`, or 0 below it: one vectorised pass ahead of the histogram's
+// scattered adds, which cannot be
+ROW_PASS void bucket_indices(const float* p, int64_t V, int32_t low, int32_t* index) {
+  for (int64_t i = 0; i < V; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, p + i, sizeof bits);
+    const int32_t j = (int32_t)(bits >> BUCKET_SHIFT) - low;
+    index[i] = j > 0 ? j : 0;
   }
-  for (; i < V; ++i)
-    if (p[i] > thr) return i;
-  return V;
 }
 
 // The k-th largest value of row p (ties counted), in one pass: values above a running threshold
 // go into a buffer; when it fills, its k-th largest becomes the threshold and what is below goes.
-// The threshold never passes the true k-th value, and every value above it is in the buffer.
-float kth_largest(const float* p, int64_t V, int64_t k) {
+// The threshold never passes the true k-th value, and every value above it is in the buffer. The
+// row is searched a chunk at a time, each chunk for the values above the threshold as it stands.
+float kth_largest(FindFn find, const float* p, int64_t V, int64_t k) {
+  constexpr int64_t CHUNK = 4096;
   const size_t cap = 2 * (size_t)k + 256;
   std::vector<float> buf;
-  buf.reserve(cap);
+  buf.reserve(cap + CHUNK);
   float thr = -1.f;  // below every probability
   const auto nth = [&] {
     std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.end(), std::greater<float>());
     return buf[k - 1];
   };
-  for (int64_t i = next_above(p, 0, V, thr); i < V; i = next_above(p, i + 1, V, thr)) {
-    buf.push_back(p[i]);
-    if (buf.size() == cap) {
+  for (int64_t i = 0; i < V; i += CHUNK) {
+    gather_range(find, p + i, std::min(CHUNK, V - i), std::nextafter(thr, INF), INF, buf, CHUNK);
+    if (buf.size() >= cap) {
       thr = nth();
       buf.erase(std::remove_if(buf.begin(), buf.end(), [&](float v) { return v <= thr; }), buf.end());
     }
@@ -118,12 +132,11 @@ constexpr size_t FEW = 4096;         // ... and sorts them when there are no mor
 // what the kept tokens hold (`total`: what the whole row holds). A peaked row's mass sits in a few tokens near the top: those are
 // gathered and sorted. Otherwise a histogram over the buckets finds the one bucket where the
 // running mass, from the most likely down, reaches the cut, and only that bucket is sorted.
-float top_p_cut(const float* p, int64_t V, double top_p, double total, double& kept) {
+float top_p_cut(FindFn find, const float* p, int64_t V, double top_p, double total, double& kept) {
   const float top = max_of(p, V);
   const double need = top_p * total;
   std::vector<float> near;
-  for (int64_t i = next_above(p, 0, V, top * PEAKED); i < V && near.size() <= FEW; i = next_above(p, i + 1, V, top * PEAKED))
-    near.push_back(p[i]);
+  gather_range(find, p, V, std::nextafter(top * PEAKED, INF), INF, near, FEW);
   if (near.size() <= FEW) {
     double held = 0;
     for (float v : near) held += v;
@@ -133,16 +146,26 @@ float top_p_cut(const float* p, int64_t V, double top_p, double total, double& k
     }
   }
   // bucket j holds the tokens SPAN - 1 - j buckets below the top one's; bucket 0 everything lower
-  const int64_t high = bucket_of(top), low = high - (SPAN - 1);
+  // (zeros too, which add nothing)
+  const int32_t high = (int32_t)bucket_of(top), low = high - (int32_t)(SPAN - 1);
+  thread_local std::vector<int32_t> index;
+  index.resize((size_t)V);
+  bucket_indices(p, V, low, index.data());
   std::vector<double> hist(SPAN, 0.0);
-  for (int64_t i = 0; i < V; ++i)
-    if (p[i] > 0.f) hist[std::max<int64_t>(bucket_of(p[i]) - low, 0)] += (double)p[i];  // zeros: filtered already
+  for (int64_t i = 0; i < V; ++i) hist[index[i]] += (double)p[i];
   int64_t b = SPAN - 1;
   double before = 0;  // what the buckets above b hold
   for (; b > 0 && before + hist[b] < need; --b) before += hist[b];
+  // bucket b's values as a range: [the least float of its bits, the least of the next bucket's)
+  const auto first_of = [](int64_t bucket) {
+    const uint32_t bits = bucket > 0 ? (uint32_t)bucket << BUCKET_SHIFT : 0u;
+    float v;
+    std::memcpy(&v, &bits, sizeof v);
+    return v;
+  };
+  const float lo = std::max(b ? first_of(low + b) : 0.f, std::numeric_limits<float>::denorm_min());  // zeros: filtered
   std::vector<float> inside;
-  for (int64_t i = 0; i < V; ++i)
-    if (p[i] > 0.f && std::max<int64_t>(bucket_of(p[i]) - low, 0) == b) inside.push_back(p[i]);
+  gather_range(find, p, V, lo, first_of(low + b + 1), inside, (size_t)V);
   if (inside.empty()) {  // rounding left the mass short of `need` in the buckets: keep every nonzero token
     kept = total;
     return std::numeric_limits<float>::denorm_min();
@@ -155,22 +178,31 @@ float top_p_cut(const float* p, int64_t V, double top_p, double total, double& k
 
 // Top-k, then top-p (HF's order), on each row of probs [n, V] in place: the tokens each filter
 // drops become 0 and the row is divided by what it kept, so it sums to 1 again. top_k 0: no top-k;
-// top_p 1: no top-p. Tokens of equal probability stay or go together.
-void filter_probs_(at::Tensor& probs, int64_t top_k, double top_p) {
+// top_p 1: no top-p. Tokens of equal probability stay or go together. isa: the kernel path (0: the
+// best); every path keeps the same tokens.
+void filter_probs_(at::Tensor& probs, int64_t top_k, double top_p, int64_t isa) {
   TORCH_CHECK(probs.dim() == 2 && probs.is_contiguous() && probs.scalar_type() == at::kFloat,
               "probs must be contiguous float32 [n, V]");
   const int64_t n = probs.size(0), V = probs.size(1);
+  const FindFn find = kernel_set(isa).find_range;
   for (int64_t r = 0; r < n; ++r) {
     float* p = probs.data_ptr<float>() + r * V;
     const bool by_count = top_k > 0 && top_k < V;
-    float cut = by_count ? kth_largest(p, V, top_k) : 0.f;
+    float cut = by_count ? kth_largest(find, p, V, top_k) : 0.f;
     double kept = sum_from(p, V, cut);  // what the row holds after top-k
     if (top_p < 1.0) {
       if (by_count) keep_from(p, V, cut, 1.f);  // top-p then sees only what top-k kept
-      cut = top_p_cut(p, V, top_p, kept, kept);
+      cut = top_p_cut(find, p, V, top_p, kept, kept);
     }
     keep_from(p, V, cut, (float)kept);
   }
+}
+
+int64_t find_range_scalar(const float* p, int64_t V, float lo, float hi, int32_t* at, int64_t limit) {
+  int64_t n = 0;
+  for (int64_t i = 0; i < V && n <= limit; ++i)
+    if (p[i] >= lo && p[i] < hi) at[n++] = (int32_t)i;
+  return n;
 }
 
 // The inverse CDF of one row of probabilities (in token order) at u * the row's sum, u in [0, 1).

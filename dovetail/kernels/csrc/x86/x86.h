@@ -13,6 +13,7 @@ extern const TileFn AVX2_TILES[N_FORMATS];    // matmul_avx2.cpp
 extern const TileFn AVX512_TILES[N_FORMATS];  // matmul_avx512.cpp
 void quantize_avx2(const float* x, int8_t* q8, float* s, int64_t b, int64_t e);  // quantize_x86.cpp
 void attend_avx2(DOVETAIL_ATTEND_ARGS);    // attention_avx2.cpp
+int64_t find_range_avx2(const float* p, int64_t V, float lo, float hi, int32_t* at, int64_t limit);  // sampling_x86.cpp
 void attend_avx512(DOVETAIL_ATTEND_ARGS);  // attention_avx512.cpp
 int32_t spin_avx2(int64_t iters);                                                  // roof_x86.cpp
 int32_t spin_avx512(int64_t iters);
