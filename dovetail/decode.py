@@ -11,11 +11,14 @@ Per step, over the batch of live requests (one or more)::
     speculator.learn(request, tree, verdict, timings)          # its cost model learns
     verifier.prefill(one chunk of a joining prompt)            # beside the batch: see below
 
-**Joining a running batch.** A request admitted while others decode has its prompt prefilled in
-chunks of ``prefill_chunk`` tokens, one chunk per step, after the batch's verification (a forward
-of its own), so the running streams keep their inter-token latency; it decodes from the step
-after its last chunk. With nothing else decoding, a prompt is prefilled whole at once (no latency
-to protect; one large forward is the fastest). The chunks leave the KV cache a whole prefill
+**Joining a running batch.** A request admitted while others stream (they have decoded a step)
+has its prompt prefilled in chunks of ``prefill_chunk`` tokens, one chunk per step, after the
+batch's verification (a forward of its own), so the running streams keep their inter-token
+latency; it decodes from the step after its last chunk. A short prompt is one such chunk: never a
+whole prefill between two of their tokens. With nothing streaming, prompts are prefilled whole at
+once (no latency to protect; one large forward is the fastest), and the first tokens of requests
+admitted together go out together when the next step begins: a burst's first request does not
+stream one token and then wait for the others' prefills. The chunks leave the KV cache a whole prefill
 leaves, bit for bit: every row of the target's forward is computed on its own. A draft model
 still prefills the whole prompt at once (with the target's first chunk, or after its last when
 the two take turns on the same CPUs).
@@ -103,6 +106,7 @@ class DecodeLoop:
         self.cancelled = cancelled if cancelled is not None else {}
         self.on_failure, self.prefill_together = on_failure, prefill_together
         self.live: list[Live] = []
+        self._held: list[tuple[Live, Verdict]] = []  # prefilled whole; first tokens not yet streamed
 
     @property
     def room(self) -> int:
@@ -131,7 +135,7 @@ class DecodeLoop:
             return
         self.live.append(lv)
         prompt = list(request.prompt_ids)
-        if 0 < self.prefill_chunk < len(prompt) and len(self.live) > 1:
+        if 0 < self.prefill_chunk and any(other.step > 0 for other in self.live):  # others stream
             lv.unsent, lv.prefilling = prompt, True
             if drafts and self.prefill_together:
                 try:
@@ -147,13 +151,19 @@ class DecodeLoop:
                 self.speculator.start(lv.rid, prompt, request.params, request.tenant)
         except RequestFailure as exc:
             return self._fail(lv, exc)
-        self._first_token(lv, first)
+        lv.stats.prefill_s = time.perf_counter() - lv.t0
+        self._held.append((lv, first))  # streamed when the next step begins, with the rest of its burst
 
     def _first_token(self, lv: Live, first: Verdict) -> None:
-        lv.stats.prefill_s = time.perf_counter() - lv.t0
         self._commit(lv, first)
         if lv.done:
             self._finish(lv)
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, []
+        for lv, first in held:
+            if lv in self.live:  # not cancelled or failed since
+                self._first_token(lv, first)
 
     def run(self, requests: list[Request], emit_for: Callable[[Request], Callable]) -> None:
         """Decode ``requests`` to the end in this thread, up to ``max_batch`` at a time."""
@@ -171,6 +181,7 @@ class DecodeLoop:
         oldest joining prompt (all of it when nothing decodes)."""
         for lv in [lv for lv in self.live if lv.rid in self.cancelled]:
             self._finish(lv, cancelled=True)
+        self._release_held()
         decoding = [lv for lv in self.live if not lv.prefilling]
         for lv in decoding:
             lv.step += 1
@@ -233,6 +244,7 @@ class DecodeLoop:
                 self.speculator.start(lv.rid, list(lv.request.prompt_ids), lv.request.params, lv.request.tenant)
         except RequestFailure as exc:
             return self._fail(lv, exc)
+        lv.stats.prefill_s = time.perf_counter() - lv.t0
         self._first_token(lv, verdict)
 
     def _draft(self, drafting: list[Live]) -> None:
@@ -322,6 +334,7 @@ class DecodeLoop:
 
     def fail_all(self, message: str) -> None:
         """The workers failed under the batch: every live request ends with ``message``."""
+        self._held = []
         for lv in list(self.live):
             self.live.remove(lv)
             self.cancelled.pop(lv.rid, None)

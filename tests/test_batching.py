@@ -158,21 +158,57 @@ def test_a_long_prompt_joins_in_chunks_while_the_running_request_streams(pair, d
 
 
 def test_a_joining_prompt_goes_in_whole_once_nothing_else_decodes_and_a_cancel_frees_it(pair):
+    """b (60 tokens) and c join while a streams: b's first chunk goes beside a's last step, the
+    rest at once when nothing else decodes; c, cancelled while it waits, is never prefilled."""
     target = pair[0]
     alone = make_engine(target, None, TreeShape.chain(1))
     engine = make_engine(target, None, TreeShape.chain(1), max_batch=3, prefill_chunk=8)
-    log, events = [], {}
+    log, events = [], {name: [] for name in "abc"}
     _logged(engine, log)
     loop = engine.loop
     pa, pb, pc = prompt(4, 5), prompt(60, 6), prompt(30, 7)
-    for name, p, n in (("a", pa, 2), ("b", pb, 10), ("c", pc, 10)):
-        events[name] = []
-        loop.admit(Request(p, n, request_id=name), events[name].append)
+    loop.admit(Request(pa, 3, request_id="a"), events["a"].append)
+    loop.step()  # a streams its second token
+    for name, p in (("b", pb), ("c", pc)):
+        loop.admit(Request(p, 10, request_id=name), events[name].append)
     loop.cancelled["c"] = True  # cancelled while its prompt waits to go in
     while loop.live:
         loop.step()
-    # a finishes after its first step: b's first chunk went beside it, the rest at once
-    assert [(e[1], e[2]) for e in log] == [("b", 8), ("b", 52)]
+    assert [(e[1], e[2]) for e in log] == [("b", 8), ("b", 52)]  # a finished with b's first chunk
     assert collect(events["b"]).token_ids == alone.generate(pb, 10).token_ids
     assert isinstance(events["c"][-1], Finished) and events["c"][-1].cancelled
+    assert loop.verifier.states == {}
+
+
+def test_a_burst_goes_in_together_and_a_short_prompt_joins_as_a_chunk(pair):
+    """Requests admitted together at an idle loop are prefilled whole, and their first tokens go out
+    together when the next step begins (the first does not stream a token and then wait for the
+    others' prefills). A prompt shorter than a chunk that arrives while they stream goes in as one
+    chunk beside a step, never as a prefill between two of their tokens. Outputs stay each
+    prompt's own."""
+    target = pair[0]
+    alone = make_engine(target, None, TreeShape.chain(1))
+    engine = make_engine(target, None, TreeShape.chain(1), max_batch=3, prefill_chunk=8)
+    log, events = [], {name: [] for name in "abc"}
+    _logged(engine, log)
+    loop = engine.loop
+    prompts = {"a": prompt(12, 1), "b": prompt(20, 2), "c": prompt(5, 3)}
+
+    def emit(name):
+        return lambda event: (events[name].append(event), log.append((name, type(event).__name__)))
+
+    for name in "ab":
+        loop.admit(Request(prompts[name], 6, request_id=name), emit(name))
+    assert log == []  # both prefilled, nothing streamed yet
+    loop.step()
+    assert log[:2] == [("a", "Tokens"), ("b", "Tokens")]  # the first tokens, together, then the step's
+    loop.admit(Request(prompts["c"], 6, request_id="c"), emit("c"))
+    assert log[-1][0] != "c" and not [e for e in log if e[0] == "chunk"]  # not prefilled in admit
+    loop.step()
+    chunk = log.index(("chunk", "c", 5))
+    assert log[chunk + 1:] == [("a", "Tokens"), ("b", "Tokens"), ("c", "Tokens")]  # beside a step
+    while loop.live:
+        loop.step()
+    for name, p in prompts.items():
+        assert collect(events[name]).token_ids == alone.generate(p, 6).token_ids, name
     assert loop.verifier.states == {}
