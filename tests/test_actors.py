@@ -470,3 +470,44 @@ def test_socket_dirs_leave_room_for_rays_own_socket_paths(monkeypatch):
         assert len(str(short_dir("ray")) + session) <= 107
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_a_draft_that_takes_turns_finishes_its_prefill_before_the_target_is_sent_work():
+    """On shared CPUs the draft's prefill is sent without waiting, but the shards get no compute
+    until the draft has answered a Sync (or a later reply showed it caught up): the two never
+    prefill at once. EndRequest needs no turn."""
+    import numpy as np
+
+    from dovetail.actors.remote import DraftTurns, RemoteProposer, RemoteVerifier
+    from dovetail.models.tree import DraftTree
+    from dovetail.sampling import SamplingParams
+
+    class Arena:
+        def put(self, array):
+            return m.ArrayRef("seg", 0, str(np.asarray(array).dtype), list(np.shape(array)))
+
+    class Link:
+        draft, shards, arena = "draft", ["shard"], Arena()
+
+        def __init__(self):
+            self.log = []
+
+        def send(self, box, msg):
+            self.log.append((box, msg.KIND))
+
+        def settle(self, box):
+            self.log.append((box, "settled"))
+
+    link = Link()
+    turns = DraftTurns(link)
+    proposer, verifier = RemoteProposer(link, turns), RemoteVerifier(link, turns)
+    proposer.start("a", [1, 2, 3], SamplingParams())
+    verifier.prefill("b", [4, 5], SamplingParams(), True, True)
+    verifier.submit([("a", 1, DraftTree([3], [-1]))])  # already caught up: no second Sync
+    verifier.end("a")
+    assert link.log == [("draft", "start"), ("draft", "settled"), ("shard", "prefill_chunk"), ("shard", "verify"),
+                        ("shard", "end")]
+    proposer.start("c", [1], SamplingParams())
+    turns.caught_up()  # a proposal came back: the draft handled the start before it
+    verifier.submit([("c", 1, DraftTree([1], [-1]))])
+    assert link.log[-2:] == [("draft", "start"), ("shard", "verify")]

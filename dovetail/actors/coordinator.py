@@ -38,7 +38,7 @@ import zmq
 
 from dovetail.actors.feed import Publisher
 from dovetail.actors.messaging import SEND_TIMEOUT_MS, Inbox, Messaging, WorkerFailure
-from dovetail.actors.remote import RemoteProposer, RemoteVerifier
+from dovetail.actors.remote import DraftTurns, RemoteProposer, RemoteVerifier
 from dovetail.batching import bound, resolve
 from dovetail.decode import PREFILL_CHUNK, DecodeLoop
 from dovetail.models.lm_proposer import DraftVocab
@@ -137,18 +137,20 @@ class Coordinator(Messaging):
         self.feeds = Publisher()  # events to the processes that submitted the requests
         self._start_workers()
         self.views = ArenaReader()  # the draft's trees, read from its arena
-        verifier = RemoteVerifier(self)
+        takes_turns = bool(spec.plan.draft and spec.plan.draft.shares_cpus)  # draft and target on the same CPUs
+        turns = DraftTurns(self) if takes_turns and spec.has_draft else None
+        verifier = RemoteVerifier(self, turns)
         setup = SpeculationSetup(spec.text_proposers, spec.combined, spec.tree if spec.pinned_tree else None,
                                  spec.cost_key, log.warning)
         context = spec.target.context_length
-        speculator = build_speculator(RemoteProposer(self) if spec.has_draft else None, setup, verifier,
+        speculator = build_speculator(RemoteProposer(self, turns) if spec.has_draft else None, setup, verifier,
                                       context, reads_features=spec.feature_drafter, bets=True)
         # after the cost model's measurement: "auto" reads the same cached curve
         self.batch = resolve(spec.max_batch, verifier, context, spec.cost_key, spec.kv_cap, log.warning)
         self.loop = DecodeLoop(speculator, verifier,
                                spec.target.eos_token_ids, context, self.batch.size, cancelled=self._cancelled,
                                on_failure=self._fail_request,
-                               prefill_together=not (spec.plan.draft and spec.plan.draft.shares_cpus),
+                               prefill_together=not takes_turns,
                                prefill_chunk=spec.prefill_chunk)
         self._incoming: queue.Queue = queue.Queue()  # requests waiting to join the batch
         self._stopping = threading.Event()

@@ -68,6 +68,15 @@ class Messaging:
         return self._wait(box, lambda m: isinstance(m, kind) and m.request_id == request_id and m.step == step,
                           f"{kind.KIND} (step {step})", request_id, self.spec.step_timeout_s)
 
+    def settle(self, box: Inbox) -> None:
+        """Wait until ``box``'s worker has handled every message sent to it so far (a ``Sync``
+        round trip; ``WorkerFailure`` if it does not answer within the step deadline). A request's
+        own error it reported meanwhile stays for that request's next reply."""
+        token = secrets.token_hex(4)
+        self.send(box, Sync(token))
+        self._wait(box, lambda m: isinstance(m, Synced) and m.token == token, "Sync answer", None,
+                   self.spec.step_timeout_s)
+
     def _wait(self, box: Inbox, match, what: str, request_id: str | None, timeout_s: float):
         deadline = time.monotonic() + timeout_s
         while True:

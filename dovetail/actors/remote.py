@@ -40,14 +40,38 @@ class Link(Protocol):
 
     def receive(self, box: Inbox, kind: type, request_id: str, step: int): ...
 
+    def settle(self, box: Inbox) -> None: ...
+
 
 def array_bytes(ref: ArrayRef | None) -> int:
     return 0 if ref is None else np.dtype(ref.dtype).itemsize * int(np.prod(ref.shape))
 
 
-class RemoteProposer:
+class DraftTurns:
+    """A draft that computes on the target's CPUs takes turns with it: a prompt's draft prefill is
+    sent without waiting (the first token goes out meanwhile), but the target is sent no work
+    until the draft has finished it. Both at once, each runs several times slower: their thread
+    teams fight for the same cores (a burst of eight prompts took 5.6 s to prefill instead of 4.6)."""
+
     def __init__(self, link: Link):
-        self.link = link
+        self.link, self.pending = link, False
+
+    def started(self) -> None:
+        self.pending = True
+
+    def caught_up(self) -> None:
+        """The draft answered a later message, so it has handled every earlier one."""
+        self.pending = False
+
+    def wait(self) -> None:
+        if self.pending:
+            self.link.settle(self.link.draft)
+            self.pending = False
+
+
+class RemoteProposer:
+    def __init__(self, link: Link, turns: DraftTurns | None = None):
+        self.link, self.turns = link, turns
         self.book = Bets()
 
     def _proposal(self, reply: TreeProposal) -> Proposal:
@@ -60,6 +84,8 @@ class RemoteProposer:
         prompt = self.link.arena.put(np.asarray(prompt_ids, dtype=np.int32))
         sampling = dataclasses.asdict(params) if params is not None else {}
         self.link.send(self.link.draft, StartRequest(request_id, prompt, sampling))
+        if self.turns:
+            self.turns.started()
 
     def propose(self, items: list[Drafting]) -> list[Proposal | Exception]:
         if len(items) == 1:
@@ -76,6 +102,8 @@ class RemoteProposer:
                                                                 item.step)))
             except RequestFailure as exc:
                 results.append(exc)
+        if self.turns:
+            self.turns.caught_up()
         return results
 
     def bet(self, request_id: str, step: int, shape: TreeShape) -> None:
@@ -101,29 +129,35 @@ def _verdict(reply: Accepted) -> Verdict:
 
 
 class RemoteVerifier:
-    def __init__(self, link: Link):
-        self.link = link
+    def __init__(self, link: Link, turns: DraftTurns | None = None):
+        self.link, self.turns = link, turns
 
     def _to_shards(self, msg) -> None:
         for box in self.link.shards:
             self.link.send(box, msg)
 
+    def _compute(self, msg) -> None:
+        """Work for the shards: after the draft's, when the two take turns."""
+        if self.turns:
+            self.turns.wait()
+        self._to_shards(msg)
+
     def start(self, request_id: str, prompt_ids: list[int], params) -> Verdict:
         prompt = self.link.arena.put(np.asarray(prompt_ids, dtype=np.int32))
-        self._to_shards(StartRequest(request_id, prompt, dataclasses.asdict(params)))
+        self._compute(StartRequest(request_id, prompt, dataclasses.asdict(params)))
         return self.collect(request_id, 0)
 
     def prefill(self, request_id: str, tokens: list[int], params, first: bool, final: bool) -> None:
         chunk = self.link.arena.put(np.asarray(tokens, dtype=np.int32))
-        self._to_shards(PrefillChunk(request_id, chunk, first, final, dataclasses.asdict(params) if first else {}))
+        self._compute(PrefillChunk(request_id, chunk, first, final, dataclasses.asdict(params) if first else {}))
 
     def submit(self, trees: list[tuple[str, int, DraftTree]]) -> None:
         refs = [put_tree(self.link.arena, tree) for _, _, tree in trees]
         if len(trees) == 1:
             ((rid, step, _),), (ref,) = trees, refs
-            self._to_shards(VerifyTree(rid, step, **ref))
+            self._compute(VerifyTree(rid, step, **ref))
         else:
-            self._to_shards(VerifyBatch([rid for rid, _, _ in trees], [step for _, step, _ in trees],
+            self._compute(VerifyBatch([rid for rid, _, _ in trees], [step for _, step, _ in trees],
                                         **{name: [r.get(name) for r in refs]
                                            for name in ("tokens", "parents", "q_tokens", "q_probs")}))
 
