@@ -17,6 +17,7 @@ from transformers import AutoConfig
 
 from dovetail.batching import AUTO
 from dovetail.config import EngineConfig, drafter_vocab
+from dovetail.decode import freeze_loaded_heap
 from dovetail.engine import SpeculativeEngine
 from dovetail.request import GenerationResult, Request, RequestError, check_request, collect
 from dovetail.errors import UserError
@@ -108,6 +109,7 @@ class Dovetail:
                                          setup=self.speculation_setup(), kv_cap=self._kv_cap(),
                                          prefill_chunk=cfg.prefill_chunk)
         self._engine.generate([0, 1], 2)  # warm up kernels and allocations before the first request
+        freeze_loaded_heap()
         self._say(f"target {cfg.target} ({self.precision_label('target')}); {self.speculation_label}; "
                   f"{cfg.threads} threads; loaded in {time.perf_counter() - t0:.1f}s")
         self._say_batch()
@@ -226,6 +228,7 @@ class Dovetail:
                                          "off (the draft shares the target's CPUs)" if cfg.pipeline else "off"))
                      if self.draft_dir else ""))
         self._say_batch()
+        freeze_loaded_heap()  # this process forwards every token of its requests
         return self
 
     def close(self, graceful: bool = True) -> None:

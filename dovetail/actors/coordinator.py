@@ -40,7 +40,7 @@ from dovetail.actors.feed import Publisher
 from dovetail.actors.messaging import SEND_TIMEOUT_MS, Inbox, Messaging, WorkerFailure
 from dovetail.actors.remote import DraftTurns, RemoteProposer, RemoteVerifier
 from dovetail.batching import bound, resolve
-from dovetail.decode import PREFILL_CHUNK, DecodeLoop
+from dovetail.decode import PREFILL_CHUNK, DecodeLoop, freeze_loaded_heap
 from dovetail.models.lm_proposer import DraftVocab
 from dovetail.models.spec import ModelSpec
 from dovetail.models.tree import TreeShape
@@ -155,6 +155,7 @@ class Coordinator(Messaging):
         self._incoming: queue.Queue = queue.Queue()  # requests waiting to join the batch
         self._stopping = threading.Event()
         self._scheduler = threading.Thread(target=self._serve, name="scheduler", daemon=True)
+        freeze_loaded_heap()
         self._scheduler.start()
 
     # -- worker lifecycle --------------------------------------------------------------------

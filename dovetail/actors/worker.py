@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dovetail.decode import freeze_loaded_heap
 from dovetail.models.tree import DraftTree, TreeShape
 from dovetail.models.lm_proposer import DraftVocab
 from dovetail.models.spec import ModelSpec
@@ -167,6 +168,7 @@ class ChannelWorker:
             try:
                 if setup is not None:
                     setup()
+                freeze_loaded_heap()
             except BaseException as exc:  # handed to __init__, which raises it in Ray's thread
                 failure.append(exc)
                 return
