@@ -126,26 +126,37 @@ class NgramProposer(TextProposer):
 
 
 class SuffixTrie:
-    """Occurrence counts of every substring of up to ``depth`` tokens of the sequences fed to it, as
-    nested ``[count, children]`` nodes. ``feed`` continues the current sequence in O(depth) per
-    token (it keeps the nodes of the suffixes that end at its last token); ``remove`` undoes a
-    whole sequence's ``add``."""
+    """Occurrence counts of every substring of up to ``depth`` tokens of the sequences fed to it.
+    ``feed`` continues the current sequence in O(depth) per token (it keeps the nodes of the
+    suffixes that end at its last token); ``remove`` undoes a whole sequence's ``add``.
+
+    Nodes are integers (the root is 0) and live in dicts of integers alone: the children of each
+    node (token -> node) and every node's count. CPython's garbage collector does not track such
+    dicts, so a server's cache of recent outputs (millions of nodes) adds nothing to a full
+    collection's walk; as nested lists and dicts it grew every collection by seconds."""
+
+    ROOT = 0
 
     def __init__(self, depth: int):
         if depth < 2:
             raise ValueError(f"a suffix trie needs depth >= 2, got {depth}")
         self.depth = depth
-        self.root: list = [0, {}]
-        self._open: list = []  # nodes of the suffixes (1 .. depth-1 tokens) ending at the last token
+        self.kids: dict[int, dict[int, int]] = {self.ROOT: {}}  # node -> {token: child}
+        self.counts: dict[int, int] = {self.ROOT: 0}
+        self._next = 1
+        self._open: list[int] = []  # nodes of the suffixes (1 .. depth-1 tokens) ending at the last token
 
     def feed(self, tokens: list[int]) -> None:
+        kids, counts = self.kids, self.counts
         for token in tokens:
             grown = []
-            for node in [self.root] + self._open:
-                child = node[1].get(token)
+            for node in [self.ROOT] + self._open:
+                child = kids[node].get(token)
                 if child is None:
-                    child = node[1][token] = [0, {}]
-                child[0] += 1
+                    child = kids[node][token] = self._next
+                    kids[child], counts[child] = {}, 0
+                    self._next += 1
+                counts[child] += 1
                 grown.append(child)
             self._open = grown[:self.depth - 1]
 
@@ -157,43 +168,54 @@ class SuffixTrie:
 
     def remove(self, tokens: list[int]) -> None:
         for start in range(len(tokens)):
-            node = self.root
+            node = self.ROOT
             for token in tokens[start:start + self.depth]:
-                child = node[1][token]
-                child[0] -= 1
-                if child[0] <= 0:  # its last occurrence: gone with everything below it
-                    del node[1][token]
+                child = self.kids[node][token]
+                self.counts[child] -= 1
+                if self.counts[child] <= 0:  # its last occurrence: gone with everything below it
+                    del self.kids[node][token]
+                    self._drop(child)
                     break
                 node = child
 
-    def match(self, context: list[int], longest: int):
+    def _drop(self, node: int) -> None:
+        below = [node]
+        while below:
+            gone = below.pop()
+            below.extend(self.kids.pop(gone).values())
+            del self.counts[gone]
+
+    def match(self, context: list[int], longest: int) -> tuple[int | None, int]:
         """The node of the longest suffix of ``context`` (at most ``longest`` tokens) that was
         followed by something, and its length; (None, 0) when none was."""
         for m in range(min(longest, len(context), self.depth - 1), 0, -1):
-            node = self.root
+            node = self.ROOT
             for token in context[len(context) - m:]:
-                node = node[1].get(token)
+                node = self.kids[node].get(token)
                 if node is None:
                     break
             else:
-                if node[1]:
+                if self.kids[node]:
                     return node, m
         return None, 0
 
+    def continuations(self, node: int):
+        """``expand`` for ``tree_from_continuations`` below ``node``: children by frequency."""
 
-def _continuations(node):
-    """``expand`` for ``tree_from_continuations`` below a trie node: children by frequency."""
+        def expand(path):
+            here = node
+            for token in path:
+                here = self.kids[here].get(token)
+                if here is None:
+                    return []
+            total = sum(self.counts[child] for child in self.kids[here].values())
+            return [(t, self.counts[child] / total) for t, child in self.kids[here].items()] if total else []
 
-    def expand(path):
-        here = node
-        for token in path:
-            here = here[1].get(token)
-            if here is None:
-                return []
-        total = sum(child[0] for child in here[1].values())
-        return [(t, child[0] / total) for t, child in here[1].items()] if total else []
+        return expand
 
-    return expand
+    def as_nested(self, node: int = ROOT) -> list:
+        """The trie below ``node`` as nested ``[count, {token: ...}]`` (tests, debugging)."""
+        return [self.counts[node], {t: self.as_nested(child) for t, child in self.kids[node].items()}]
 
 
 class SuffixCache:
@@ -222,8 +244,9 @@ class SuffixCache:
                 self.tokens -= len(old)
 
     def match(self, tenant: str, context: list[int], longest: int):
+        """As ``SuffixTrie.match`` in the tenant's trie, with that trie: (trie, node, length)."""
         trie = self.tries.get(tenant)
-        return (None, 0) if trie is None else trie.match(context, longest)
+        return (None, None, 0) if trie is None else (trie, *trie.match(context, longest))
 
 
 class SuffixProposer(TextProposer):
@@ -261,9 +284,10 @@ class SuffixProposer(TextProposer):
         self.tries[request_id].feed(tokens)
 
     def _draft(self, request_id: str, history: list[int], shape: TreeShape) -> DraftTree:
-        own, own_len = self.tries[request_id].match(history, self.longest_match)
-        shared, shared_len = self.cache.match(self.tenants[request_id], history, self.longest_match)
-        node = own if own_len >= shared_len else shared
+        own_trie = self.tries[request_id]
+        own, own_len = own_trie.match(history, self.longest_match)
+        shared_trie, shared, shared_len = self.cache.match(self.tenants[request_id], history, self.longest_match)
+        trie, node = (own_trie, own) if own_len >= shared_len else (shared_trie, shared)
         if node is None:
             return DraftTree([history[-1]], [-1])
-        return tree_from_continuations(history[-1], _continuations(node), shape, self.min_prob)
+        return tree_from_continuations(history[-1], trie.continuations(node), shape, self.min_prob)
