@@ -228,7 +228,6 @@ class Dovetail:
                                          "off (the draft shares the target's CPUs)" if cfg.pipeline else "off"))
                      if self.draft_dir else ""))
         self._say_batch()
-        freeze_loaded_heap()  # this process forwards every token of its requests
         return self
 
     def close(self, graceful: bool = True) -> None:

@@ -61,8 +61,8 @@ def freeze_loaded_heap() -> None:
     """Put every object alive now (models, tokenizer, module tables: ~420k objects once a process
     has loaded) out of the garbage collector's reach. A full collection otherwise walks all of them
     and paused a step for 200-250 ms every dozen seconds of decoding, once per stream's p99
-    inter-token latency. Each process that steps the loop, or computes for it, calls this once
-    loaded; what it allocates later is collected as before."""
+    inter-token latency. Each process that steps the loop (in process, the coordinator) or computes
+    for it (the workers) calls this once loaded; what it allocates later is collected as before."""
     gc.collect()
     gc.freeze()
 
