@@ -118,6 +118,20 @@ def _logged(engine, log):
     engine.loop.verifier.prefill = logging_prefill
 
 
+def _logged_loop(target, names: str, draft=None, shape=TreeShape.chain(1), **options):
+    """The target alone (what each output must equal), and a loop in chunks of 8 whose prefill
+    chunks and streamed events go into ``log``; ``emit(name)`` streams into ``events[name]`` too."""
+    alone = make_engine(target, None, TreeShape.chain(1))
+    engine = make_engine(target, draft, shape, prefill_chunk=8, **options)
+    log, events = [], {name: [] for name in names}
+    _logged(engine, log)
+
+    def emit(name):
+        return lambda event: (events[name].append(event), log.append((name, type(event).__name__)))
+
+    return alone, engine.loop, log, events, emit
+
+
 @pytest.mark.parametrize("draft,betting,together", [(False, False, True), (True, False, True), (True, True, True),
                                                     (True, False, False)],
                          ids=["plain", "speculating", "betting", "draft-after-target"])
@@ -126,18 +140,10 @@ def test_a_long_prompt_joins_in_chunks_while_the_running_request_streams(pair, d
     tokens streamed between them; b decodes after its last chunk; both outputs are each prompt's
     own greedy output decoded alone."""
     target, draft_model = pair
-    alone = make_engine(target, None, TreeShape.chain(1))
-    engine = make_engine(target, draft_model if draft else None, TreeShape(8, 4, 2), betting=betting,
-                         max_batch=2, prefill_chunk=8)
-    engine.loop.prefill_together = together
+    alone, loop, log, events, emit = _logged_loop(target, "ab", draft_model if draft else None, TreeShape(8, 4, 2),
+                                                  betting=betting, max_batch=2)
+    loop.prefill_together = together
     pa, pb = prompt(5, 1), prompt(45, 2)
-    log, events = [], {"a": [], "b": []}
-    _logged(engine, log)
-    loop = engine.loop
-
-    def emit(name):
-        return lambda event: (events[name].append(event), log.append((name, type(event).__name__)))
-
     loop.admit(Request(pa, 60, request_id="a"), emit("a"))
     loop.step()
     assert not [e for e in log if e[0] == "chunk"]  # alone: the whole prompt at once
@@ -160,12 +166,7 @@ def test_a_long_prompt_joins_in_chunks_while_the_running_request_streams(pair, d
 def test_a_joining_prompt_goes_in_whole_once_nothing_else_decodes_and_a_cancel_frees_it(pair):
     """b (60 tokens) and c join while a streams: b's first chunk goes beside a's last step, the
     rest at once when nothing else decodes; c, cancelled while it waits, is never prefilled."""
-    target = pair[0]
-    alone = make_engine(target, None, TreeShape.chain(1))
-    engine = make_engine(target, None, TreeShape.chain(1), max_batch=3, prefill_chunk=8)
-    log, events = [], {name: [] for name in "abc"}
-    _logged(engine, log)
-    loop = engine.loop
+    alone, loop, log, events, _ = _logged_loop(pair[0], "abc", max_batch=3)
     pa, pb, pc = prompt(4, 5), prompt(60, 6), prompt(30, 7)
     loop.admit(Request(pa, 3, request_id="a"), events["a"].append)
     loop.step()  # a streams its second token
@@ -186,17 +187,8 @@ def test_a_burst_goes_in_together_and_a_short_prompt_joins_as_a_chunk(pair):
     others' prefills). A prompt shorter than a chunk that arrives while they stream goes in as one
     chunk beside a step, never as a prefill between two of their tokens. Outputs stay each
     prompt's own."""
-    target = pair[0]
-    alone = make_engine(target, None, TreeShape.chain(1))
-    engine = make_engine(target, None, TreeShape.chain(1), max_batch=3, prefill_chunk=8)
-    log, events = [], {name: [] for name in "abc"}
-    _logged(engine, log)
-    loop = engine.loop
+    alone, loop, log, events, emit = _logged_loop(pair[0], "abc", max_batch=3)
     prompts = {"a": prompt(12, 1), "b": prompt(20, 2), "c": prompt(5, 3)}
-
-    def emit(name):
-        return lambda event: (events[name].append(event), log.append((name, type(event).__name__)))
-
     for name in "ab":
         loop.admit(Request(prompts[name], 6, request_id=name), emit(name))
     assert log == []  # both prefilled, nothing streamed yet

@@ -76,7 +76,7 @@ void gather_range(FindFn find, const float* p, int64_t V, float lo, float hi, st
 }
 
 // index[i] = p[i]'s bucket less `low`, or 0 below it: one vectorised pass ahead of the histogram's
-// scattered adds, which cannot be
+// scattered adds, which do not vectorise
 ROW_PASS void bucket_indices(const float* p, int64_t V, int32_t low, int32_t* index) {
   for (int64_t i = 0; i < V; ++i) {
     uint32_t bits;
